@@ -1,0 +1,215 @@
+"""llmquant's folder format: ``model.safetensors`` + ``llmquant.json`` manifest + ``config.json`` + tokenizer.
+
+The safetensors file holds every tensor exactly as stored in memory (packed codes, scales, zero points,
+float weights); a weight shared by two modules (tied embeddings) is stored once and listed under
+``aliases``. The manifest records the llmquant version, the base model, each quantized layer's scheme
+and each tensor's shape, dtype and sha256, which ``load`` checks before building anything. Saving writes
+to a temporary folder beside the target and renames it at the end, so an interrupted save never leaves a
+folder that looks complete, and an existing folder is replaced only as a whole. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError
+from ..modules import QuantLinear, replace_module
+from ..schemes import QuantScheme
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "llmquant.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _sha256(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+def _tensors_and_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype, tuple(t.stride())) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def _quant_layers(model: nn.Module) -> dict[str, dict]:
+    return {
+        name: {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+            "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None,
+            "scheme": m.scheme.to_dict(),
+            "activation": None if m.activation_scheme is None else m.activation_scheme.to_dict(),
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+    }
+
+
+def save(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None) -> Path:
+    """Save a (quantized or float) model with its tokenizer to ``folder``; returns the folder."""
+    from safetensors.torch import save_file
+
+    out = Path(folder).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tensors, aliases = _tensors_and_aliases(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "llmquant"})
+        cfg = getattr(model, "config", None)
+        if cfg is not None:
+            cfg.to_json_file(str(tmp / "config.json"))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(str(tmp))
+            except Exception as e:  # a generation config that does not validate is not worth failing a save
+                log.warning("generation config not saved: %s", e)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        qcfg = getattr(model, "llmquant_config", None)
+        manifest = {
+            "format": "llmquant",
+            "format_version": FORMAT_VERSION,
+            "llmquant_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base_model": base_model or getattr(model, "llmquant_source", None),
+            "model_class": type(model).__name__,
+            "model_type": getattr(cfg, "model_type", None),
+            "config": None if qcfg is None else qcfg.to_dict(),
+            "quantized_layers": _quant_layers(model),
+            "aliases": aliases,
+            "tensors": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "sha256": _sha256(v)}
+                for k, v in tensors.items()
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s", out)
+    return out
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise ModelNotFoundError(f"{str(p)!r} is not a folder saved by llmquant")
+    m = p / MANIFEST
+    if not m.is_file():
+        raise ModelNotFoundError(f"{str(p)!r} has no {MANIFEST}: not a folder saved by llmquant")
+    try:
+        manifest = json.loads(m.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{m} is not valid JSON ({e}); the save is damaged, quantize again") from None
+    if manifest.get("format") != "llmquant" or manifest.get("format_version") != FORMAT_VERSION:
+        raise CorruptFileError(f"{m} is not an llmquant manifest of format version {FORMAT_VERSION}")
+    return manifest
+
+
+def _read_tensors(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = folder / WEIGHTS
+    if not f.is_file():
+        raise CorruptFileError(f"{f} is missing; the save is incomplete, quantize again")
+    try:
+        tensors = load_file(str(f))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); quantize again") from None
+    expected = manifest.get("tensors", {})
+    if set(expected) != set(tensors):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise CorruptFileError(f"{f} does not match {MANIFEST}: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, meta in expected.items():
+        t = tensors[k]
+        if list(t.shape) != meta["shape"] or str(t.dtype).replace("torch.", "") != meta["dtype"]:
+            raise CorruptFileError(
+                f"tensor {k}: file has {list(t.shape)} {t.dtype}, manifest says {meta['shape']} {meta['dtype']}"
+            )
+        if _sha256(t) != meta["sha256"]:
+            raise CorruptFileError(f"tensor {k} fails its sha256 check: the file was modified or damaged")
+    return tensors
+
+
+def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """Rebuild a model saved by :func:`save`: ``(model, tokenizer)`` with bit-identical weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(folder).expanduser()
+    manifest = read_manifest(p)
+    tensors = _read_tensors(p, manifest)
+    try:
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(f"{p / 'config.json'} cannot be read ({str(e).splitlines()[0]})") from None
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, layer in manifest["quantized_layers"].items():
+        q = QuantLinear(
+            layer["in_features"],
+            layer["out_features"],
+            QuantScheme.from_dict(layer["scheme"]),
+            bias=layer["bias"],
+            activation_scheme=None if layer["activation"] is None else QuantScheme.from_dict(layer["activation"]),
+            bias_dtype=getattr(torch, layer["bias_dtype"]) if layer.get("bias_dtype") else torch.float32,
+        )
+        try:
+            replace_module(model, name, q)
+        except AttributeError:
+            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
+    state = dict(tensors)
+    for alias, src in manifest.get("aliases", {}).items():
+        state[alias] = tensors[src]
+    # match float dtypes of the saved tensors (a bf16-saved model stays bf16)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CorruptFileError(f"saved tensors do not fit the model config: {str(e).splitlines()[0]}") from None
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in manifest.get("aliases", {}):
+        model.tie_weights()
+    if manifest.get("config"):
+        from ..schemes import QuantConfig
+
+        model.llmquant_config = QuantConfig.from_dict(manifest["config"])
+    model.llmquant_source = manifest.get("base_model")
+    model.eval().to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer

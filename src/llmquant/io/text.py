@@ -1,0 +1,93 @@
+"""Text sources and the standard token windows.
+
+Default text: CPython's ``pydoc_data.topics``, joined as ``"\\n\\n".join(topics[k] for k in sorted(topics))``.
+Evaluation windows are the first ``n`` non-overlapping windows from the start; calibration / training
+windows are taken from the end of the text backwards and never overlap the first ``EVAL_RESERVED_WINDOWS``
+evaluation windows (the "full" protocol), so calibration never sees evaluation text.
+User text: ``.txt`` files, or ``.jsonl`` files with a ``text`` field per line.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import TextError
+
+EVAL_RESERVED_WINDOWS = 40  # the "full" evaluation protocol: 40 x 512 tokens from the start
+DEFAULT_SEQ_LEN = 512
+
+
+def default_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text(path: str | Path | None) -> str:
+    """The default text (None) or a user's .txt / .jsonl file."""
+    if path is None:
+        return default_text()
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TextError(f"text file {str(p)!r} does not exist")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TextError(f"text file {str(p)!r} is not UTF-8 text") from None
+    if p.suffix == ".jsonl":
+        parts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TextError(f"{p.name} line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise TextError(f'{p.name} line {i}: expected an object with a string "text" field')
+            parts.append(obj["text"])
+        raw = "\n\n".join(parts)
+    if not raw.strip():
+        raise TextError(f"text file {str(p)!r} is empty; give a file with text to evaluate or calibrate on")
+    return raw
+
+
+@lru_cache(maxsize=8)
+def _tokenize_cached(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids of ``text`` (cached per tokenizer and text)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sequence length is longer than the model maximum": we window it
+        return _tokenize_cached(tokenizer, text)
+
+
+def eval_windows(ids: torch.Tensor, n: int, seq_len: int = DEFAULT_SEQ_LEN) -> torch.Tensor:
+    """The first ``n`` non-overlapping windows (n, seq_len); fewer if the text is short (at least one)."""
+    avail = ids.numel() // seq_len
+    if avail < 1:
+        raise TextError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; give more text")
+    n = min(n, avail)
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def calib_windows(ids: torch.Tensor, n: int, seq_len: int = DEFAULT_SEQ_LEN) -> torch.Tensor:
+    """``n`` windows from the end of the text backwards, never overlapping the reserved evaluation range."""
+    reserved = min(EVAL_RESERVED_WINDOWS, ids.numel() // seq_len // 2) * seq_len
+    avail = (ids.numel() - reserved) // seq_len
+    if avail < n:
+        raise TextError(
+            f"the text holds room for {avail} calibration windows of {seq_len} tokens after the evaluation "
+            f"range, {n} asked; give more text or fewer/shorter windows"
+        )
+    end = ids.numel()
+    wins = [ids[end - (i + 1) * seq_len : end - i * seq_len] for i in range(n)]
+    return torch.stack(wins)

@@ -1,0 +1,64 @@
+"""Kernel dispatch: for each quantized format, the fastest correct path on the device at hand.
+
+Each kernel declares which formats it supports, what numerics it has and how to prepare its run-time
+state from a module's packed weights. ``select`` walks a preference list per device and takes the first
+kernel that supports the format. The CPU order comes from ``benchmarks/bench_kernels.py`` (see
+BENCHMARKS.md): on this 2-core x86 CPU with torch 2.13, fbgemm's fp16-weight GEMM beats fp32 at both
+batch 1 and 512 tokens, while ``torch._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are many
+times slower than fp32, so they are not candidates. The reference path (dequantize, then ``F.linear``)
+is what every kernel is tested against.
+
+``LLMQUANT_KERNEL=<name>`` in the environment, or :func:`set_kernel`, forces one kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from .base import KERNELS, Kernel, register
+from . import reference as _reference  # noqa: F401  (registers)
+from . import fbgemm as _fbgemm  # noqa: F401  (registers)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: Preference by device type; the first kernel that supports a format wins.
+PREFERENCE: dict[str, list[str]] = {
+    "cpu": ["fbgemm_fp16", "dequant_cached"],
+    "cuda": ["dequant_cached"],
+}
+DEFAULT_PREFERENCE = ["dequant_cached"]
+
+
+def select(module, device: "torch.device") -> Kernel:
+    """The kernel a QuantLinear on ``device`` runs with."""
+    forced = getattr(module, "kernel_override", None) or os.environ.get("LLMQUANT_KERNEL")
+    if forced:
+        if forced not in KERNELS:
+            from ..errors import LLMQuantError
+
+            raise LLMQuantError(f"unknown kernel {forced!r}; known: {', '.join(KERNELS)}")
+        k = KERNELS[forced]
+        if k.supports(module, device):
+            return k
+    for name in PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
+        k = KERNELS[name]
+        if k.supports(module, device):
+            return k
+    return KERNELS["reference"]
+
+
+def set_kernel(model, name: str | None) -> None:
+    """Force kernel ``name`` (or the automatic choice with None) on every QuantLinear of ``model``."""
+    if name is not None and name not in KERNELS:
+        from ..errors import LLMQuantError
+
+        raise LLMQuantError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
+    for m in model.modules():
+        if hasattr(m, "kernel_override"):
+            m.kernel_override = name
+            m.reset_kernel()
+
+
+__all__ = ["KERNELS", "Kernel", "PREFERENCE", "register", "select", "set_kernel"]

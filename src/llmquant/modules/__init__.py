@@ -1,0 +1,6 @@
+"""Quantized modules and module selection."""
+
+from .quant_linear import QuantLinear
+from .selection import matches, select_linears, replace_module
+
+__all__ = ["QuantLinear", "matches", "select_linears", "replace_module"]

@@ -1,0 +1,148 @@
+"""QuantLinear: a linear layer holding packed integer weights, scales and zero points.
+
+Stored state (what ``state_dict`` and the saved file hold):
+``qweight``  uint8, the unsigned codes ``q - qmin`` packed densely (see :mod:`llmquant.packing`);
+``scale``    (out_features, groups) in the scheme's scale dtype;
+``zero``     (out_features, groups), asymmetric schemes only: uint8 for integer zero points (stored as
+             ``z - qmin``), the scale dtype for float ones;
+``bias``     float, when the original had one.
+The forward runs through the kernel :mod:`llmquant.kernels` selects for the device and format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from ..packing import pack, packed_numel, unpack
+from ..schemes import QuantScheme, dequantize
+from ..schemes.primitives import scale_torch_dtype
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = False,
+        activation_scheme: QuantScheme | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scheme = scheme
+        self.activation_scheme = activation_scheme
+        rows = 1 if scheme.granularity == "tensor" else out_features
+        groups = scheme.num_groups(in_features)
+        sdt = scale_torch_dtype(scheme)
+        self.register_buffer("qweight", torch.zeros(packed_numel(in_features * out_features, scheme.bits), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(rows, groups, dtype=sdt))
+        if scheme.symmetric:
+            self.zero = None
+        else:
+            zdt = torch.uint8 if scheme.zero_point == "int" else sdt
+            self.register_buffer("zero", torch.zeros(rows, groups, dtype=zdt))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
+        else:
+            self.bias = None
+        self.kernel_override: str | None = None
+        self._kernel = None
+        self._kernel_state = None
+        self._kernel_key = None
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_quantized(
+        cls,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        scheme: QuantScheme,
+        bias: torch.Tensor | None = None,
+        activation_scheme: QuantScheme | None = None,
+    ) -> "QuantLinear":
+        """Build from integer codes ``q`` (out, in) in [qmin, qmax] and their qparams."""
+        out_features, in_features = q.shape
+        m = cls(in_features, out_features, scheme, bias=bias is not None, activation_scheme=activation_scheme,
+                bias_dtype=bias.dtype if bias is not None else torch.float32)
+        m.qweight = pack((q.to(torch.int16) - scheme.qmin).to(torch.uint8).cpu(), scheme.bits)
+        m.scale = scale.detach().to(scale_torch_dtype(scheme)).reshape(m.scale.shape).cpu().clone()
+        if zero is not None:
+            if scheme.zero_point == "int":
+                m.zero = (zero.to(torch.int16) - scheme.qmin).to(torch.uint8).reshape(m.zero.shape).cpu().clone()
+            else:
+                m.zero = zero.detach().to(scale_torch_dtype(scheme)).reshape(m.zero.shape).cpu().clone()
+        if bias is not None:
+            m.bias = bias.detach().cpu().clone()
+        return m
+
+    # ---- views of the stored weights -----------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Signed integer codes q (int16, out x in)."""
+        u = unpack(self.qweight, self.scheme.bits, self.in_features * self.out_features)
+        return (u.to(torch.int16) + self.scheme.qmin).reshape(self.out_features, self.in_features)
+
+    def zero_point(self) -> torch.Tensor | None:
+        """Zero points in the integer domain (float tensor), or None for symmetric schemes."""
+        if self.zero is None:
+            return None
+        if self.scheme.zero_point == "int":
+            return self.zero.to(torch.int16) + self.scheme.qmin
+        return self.zero
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        q = self.codes()
+        if device is not None:
+            q = q.to(device)
+        z = self.zero_point()
+        return dequantize(
+            q, self.scale.to(q.device), None if z is None else z.to(q.device), self.scheme, dtype=dtype
+        )
+
+    @property
+    def weight_bits(self) -> float:
+        """Stored bits per weight, scales and zero points included."""
+        nbytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
+        return 8 * nbytes / (self.in_features * self.out_features)
+
+    def packed_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero, self.bias) if t is not None)
+
+    # ---- compute -----------------------------------------------------------------------------
+    @property
+    def kernel(self):
+        return kernels.select(self, self.qweight.device)
+
+    def reset_kernel(self) -> None:
+        self._kernel = self._kernel_state = self._kernel_key = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half() ... invalidate prepared state
+        self.reset_kernel()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.reset_kernel()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype, self.kernel_override)
+        if self._kernel_key != key:
+            self._kernel = kernels.select(self, x.device)
+            self._kernel_state = self._kernel.prepare(self, x.device, x.dtype)
+            self._kernel_key = key
+        return self._kernel.run(self, self._kernel_state, x)
+
+    def __getstate__(self):  # deepcopy / pickle: drop opaque kernel state, it is rebuilt on use
+        state = self.__dict__.copy()
+        state["_kernel"] = state["_kernel_state"] = state["_kernel_key"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
+            f"bias={self.bias is not None}"
+        )

@@ -1,0 +1,31 @@
+"""Quantization schemes (what to quantize and how) and the math primitives on tensors."""
+
+from .scheme import PRESETS, QuantConfig, QuantScheme, resolve_config, resolve_scheme
+from .primitives import (
+    dequantize,
+    fake_quantize,
+    compute_qparams,
+    quantize_to_int,
+    expand_groups,
+    sqnr_db,
+    check_finite,
+    minmax,
+    qparams_from_minmax,
+)
+
+__all__ = [
+    "PRESETS",
+    "QuantConfig",
+    "QuantScheme",
+    "resolve_config",
+    "resolve_scheme",
+    "compute_qparams",
+    "quantize_to_int",
+    "dequantize",
+    "fake_quantize",
+    "expand_groups",
+    "sqnr_db",
+    "check_finite",
+    "minmax",
+    "qparams_from_minmax",
+]

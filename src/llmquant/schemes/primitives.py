@@ -1,0 +1,132 @@
+"""Quantization primitives on tensors: qparams, quantize, dequantize, fake-quantize, SQNR.
+
+Affine quantization: ``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = (q - z) * s``.
+Symmetric schemes use ``z = 0`` and ``s = max|x| / qmax``; asymmetric ones ``s = (max - min) / (qmax - qmin)``
+with ``z = qmin - min / s`` (rounded for integer zero points, kept as a float for a float minimum, as in
+GGUF Q4_1). Reductions run over the last dimension: per group of ``group_size`` values (the last group
+may be shorter when the width is not a multiple), per row ("channel" for weights, "token" for
+activations), or over the whole tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidWeightsError
+from .scheme import QuantScheme
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EPS = 1e-10
+
+
+def scale_torch_dtype(scheme: QuantScheme) -> torch.dtype:
+    return _DTYPES[scheme.scale_dtype]
+
+
+def _grouped(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """View ``x`` (..., K) as (rows, groups, group_len); a ragged last group is padded by repeating its
+    last value, which changes neither its min nor its max."""
+    k = x.shape[-1]
+    if scheme.granularity == "tensor":
+        return x.reshape(1, 1, -1)
+    rows = x.reshape(-1, k)
+    if scheme.granularity in ("channel", "token"):
+        return rows.unsqueeze(1)
+    gs = scheme.group_size
+    g = -(-k // gs)
+    pad = g * gs - k
+    if pad:
+        rows = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
+    return rows.reshape(rows.shape[0], g, gs)
+
+
+def minmax(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) min and max of ``x`` under the scheme's granularity; shapes (rows, groups)."""
+    xg = _grouped(x.float(), scheme)
+    return xg.amin(dim=-1), xg.amax(dim=-1)
+
+
+def qparams_from_minmax(
+    xmin: torch.Tensor, xmax: torch.Tensor, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point from ranges. Zero is None for symmetric schemes."""
+    sdt = scale_torch_dtype(scheme)
+    if scheme.symmetric:
+        amax = torch.maximum(xmin.abs(), xmax.abs())
+        scale = (amax / scheme.qmax).clamp(min=EPS).to(sdt)
+        return scale, None
+    if scheme.zero_point == "int":
+        # keep 0 representable so the integer zero point stays inside the grid
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+    scale = ((xmax - xmin) / (scheme.qmax - scheme.qmin)).clamp(min=EPS).to(sdt)
+    zero = scheme.qmin - xmin / scale.float()
+    if scheme.zero_point == "int":
+        zero = zero.round().clamp(scheme.qmin, scheme.qmax).to(torch.int16)
+    else:
+        zero = zero.to(sdt)
+    return scale, zero
+
+
+def compute_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max (round-to-nearest) qparams; shapes (rows, groups) or (1, 1) for per-tensor."""
+    xmin, xmax = minmax(x, scheme)
+    return qparams_from_minmax(xmin, xmax, scheme)
+
+
+def expand_groups(p: torch.Tensor, k: int, scheme: QuantScheme) -> torch.Tensor:
+    """Broadcast per-(row, group) parameters to (rows, k)."""
+    if scheme.granularity == "group":
+        return p.repeat_interleave(scheme.group_size, dim=1)[:, :k]
+    return p  # (rows, 1) or (1, 1) broadcasts
+
+
+def quantize_to_int(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
+) -> torch.Tensor:
+    """Integer codes (int16, values in [qmin, qmax]) of ``x`` with the given qparams, shaped like x."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).float() if scheme.granularity != "tensor" else x.reshape(1, -1).float()
+    s = expand_groups(scale.float(), rows.shape[-1], scheme)
+    q = rows / s
+    if zero is not None:
+        q = q + expand_groups(zero.float(), rows.shape[-1], scheme)
+    q = q.round().clamp(scheme.qmin, scheme.qmax).to(torch.int16)
+    return q.reshape(x.shape)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    scheme: QuantScheme,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(q - zero) * scale`` broadcast over groups; returns ``dtype``, shaped like q."""
+    k = q.shape[-1]
+    rows = q.reshape(-1, k) if scheme.granularity != "tensor" else q.reshape(1, -1)
+    x = rows.float()
+    if zero is not None:
+        x = x - expand_groups(zero.float(), x.shape[-1], scheme)
+    x = x * expand_groups(scale.float(), x.shape[-1], scheme)
+    return x.reshape(q.shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Quantize then dequantize with min-max qparams (no gradient trick; see QAT for that)."""
+    scale, zero = compute_qparams(x, scheme)
+    return dequantize(quantize_to_int(x, scale, zero, scheme), scale, zero, scheme, x.dtype)
+
+
+def check_finite(w: torch.Tensor, name: str = "weight") -> None:
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise InvalidWeightsError(f"{name} holds {bad} NaN/Inf value(s); fix the model before quantizing it")
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(||ref||^2 / ||ref - approx||^2)."""
+    ref, approx = ref.double(), approx.double()
+    noise = (ref - approx).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

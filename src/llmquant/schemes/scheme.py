@@ -1,0 +1,212 @@
+"""QuantScheme (how one tensor is quantized), QuantConfig (which modules, with which schemes) and presets.
+
+Both are frozen dataclasses that round-trip through JSON and carry a ``version``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from ..errors import SchemeError
+
+SCHEME_VERSION = 1
+GRANULARITIES = ("tensor", "channel", "group", "token")
+ZERO_POINT_KINDS = ("int", "float")
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one tensor (a weight, or an activation) is quantized.
+
+    Values are stored as integers ``q`` in ``[qmin, qmax]`` with ``x ~= (q - zero) * scale``.
+    """
+
+    bits: int = 4  # 2..8 integer bits per value
+    symmetric: bool = True  # symmetric: zero = 0 and the grid is [-(2^(b-1)-1), 2^(b-1)-1]
+    granularity: str = "group"  # "tensor" | "channel" (one scale per output row) | "group" | "token"
+    group_size: int | None = 128  # values per scale along the input dim; the last group may be ragged
+    zero_point: str = "int"  # asymmetric only: "int" (rounded zero) or "float" (a float minimum, as GGUF Q4_1)
+    scale_dtype: str = "float32"  # dtype scales (and float zeros) are stored in
+    dynamic: bool = False  # activations only: qparams computed from each input at run time
+    version: int = SCHEME_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise SchemeError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise SchemeError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "group":
+            if self.group_size is None or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise SchemeError(f"group size must be an integer >= 1, got {self.group_size!r}")
+        elif self.group_size is not None:
+            object.__setattr__(self, "group_size", None)
+        if self.zero_point not in ZERO_POINT_KINDS:
+            raise SchemeError(f"zero_point must be one of {ZERO_POINT_KINDS}, got {self.zero_point!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise SchemeError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        if self.version != SCHEME_VERSION:
+            raise SchemeError(f"scheme version {self.version} is not supported (this llmquant reads {SCHEME_VERSION})")
+
+    # ---- integer grid -------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def name(self) -> str:
+        """Short readable name such as ``int4-g128-asym``."""
+        g = {"tensor": "-tensor", "channel": "-ch", "token": "-tok"}.get(self.granularity, f"-g{self.group_size}")
+        s = "" if self.symmetric else ("-asym" if self.zero_point == "int" else "-asymf")
+        return f"int{self.bits}{g}{s}"
+
+    def num_groups(self, in_features: int) -> int:
+        if self.granularity == "group":
+            return -(-in_features // self.group_size)
+        return 1
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        """Average stored bits per weight, scales and zero points included."""
+        n = out_features * in_features
+        scale_bits = {"float32": 32, "float16": 16, "bfloat16": 16}[self.scale_dtype]
+        if self.granularity == "tensor":
+            nscales = 1
+        else:
+            nscales = out_features * self.num_groups(in_features)
+        zbits = 0 if self.symmetric else (self.bits if self.zero_point == "int" else scale_bits)
+        return (n * self.bits + nscales * (scale_bits + zbits)) / n
+
+    # ---- serialization ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantScheme":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise SchemeError(f"unknown scheme fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "QuantScheme":
+        return cls.from_dict(json.loads(s))
+
+
+def _w(bits: int, gs: int | None = None, sym: bool = True, **kw: Any) -> QuantScheme:
+    gran = "group" if gs else "channel"
+    return QuantScheme(bits=bits, symmetric=sym, granularity=gran, group_size=gs, **kw)
+
+
+#: Named weight schemes. ``W8`` is int8 per output channel; ``W4G64`` int4 in groups of 64, and so on.
+PRESETS: dict[str, QuantScheme] = {
+    "W8": _w(8),
+    "W8G128": _w(8, 128),
+    "W4": _w(4),
+    "W4G32": _w(4, 32),
+    "W4G64": _w(4, 64),
+    "W4G128": _w(4, 128),
+    "W4G32A": _w(4, 32, sym=False),
+    "W4G64A": _w(4, 64, sym=False),
+    "W4G128A": _w(4, 128, sym=False),
+    "W3G32": _w(3, 32),
+    "W3G64": _w(3, 64),
+    "W3G128": _w(3, 128),
+    "W2G32": _w(2, 32, sym=False),
+    "W2G64": _w(2, 64, sym=False),
+    # llama.cpp block grids this scheme family reproduces: Q8_0 (int8 sym, blocks of 32, fp16 scale)
+    # and Q4_1 (int4, blocks of 32, fp16 scale and fp16 float minimum).
+    "gguf:Q8_0": _w(8, 32, scale_dtype="float16"),
+    "gguf:Q4_1": _w(4, 32, sym=False, zero_point="float", scale_dtype="float16"),
+}
+
+
+def resolve_scheme(spec: "QuantScheme | str | Mapping[str, Any]") -> QuantScheme:
+    """A scheme from a QuantScheme, a preset name (case-insensitive) or a dict."""
+    if isinstance(spec, QuantScheme):
+        return spec
+    if isinstance(spec, Mapping):
+        return QuantScheme.from_dict(spec)
+    if isinstance(spec, str):
+        for k, v in PRESETS.items():
+            if k.lower() == spec.lower():
+                return v
+        raise SchemeError(f"unknown scheme preset {spec!r}; known presets: {', '.join(PRESETS)}")
+    raise SchemeError(f"cannot make a scheme from {type(spec).__name__}")
+
+
+CONFIG_VERSION = 1
+DEFAULT_IGNORE = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which modules to quantize and how.
+
+    ``targets`` and ``ignore`` hold exact module names or ``re:`` regexes (full match). An empty
+    ``targets`` means every ``nn.Linear``. Embeddings are never touched (they are not Linear), and
+    ``lm_head`` is ignored by default; remove it from ``ignore`` to quantize it (a tied lm_head is
+    then untied: the embedding stays in float).
+    """
+
+    weight: QuantScheme = field(default_factory=lambda: PRESETS["W4G128"])
+    activation: QuantScheme | None = None  # None: weight-only
+    method: str = "rtn"
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", resolve_scheme(self.weight))
+        if self.activation is not None:
+            object.__setattr__(self, "activation", resolve_scheme(self.activation))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.version != CONFIG_VERSION:
+            raise SchemeError(f"config version {self.version} is not supported (this llmquant reads {CONFIG_VERSION})")
+
+    def with_(self, **kw: Any) -> "QuantConfig":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight": self.weight.to_dict(),
+            "activation": None if self.activation is None else self.activation.to_dict(),
+            "method": self.method,
+            "targets": list(self.targets),
+            "ignore": list(self.ignore),
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        d["weight"] = QuantScheme.from_dict(d["weight"])
+        if d.get("activation") is not None:
+            d["activation"] = QuantScheme.from_dict(d["activation"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "QuantConfig":
+        return cls.from_dict(json.loads(s))
+
+
+def resolve_config(spec: "QuantConfig | QuantScheme | str | Mapping[str, Any]") -> QuantConfig:
+    """A QuantConfig from a config, a scheme, a preset name or a dict of either."""
+    if isinstance(spec, QuantConfig):
+        return spec
+    if isinstance(spec, Mapping) and "weight" in spec:
+        return QuantConfig.from_dict(spec)
+    return QuantConfig(weight=resolve_scheme(spec))

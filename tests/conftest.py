@@ -1,0 +1,56 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def default_model_and_tokenizer():
+    import llmquant
+
+    return llmquant.load_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_and_tokenizer):
+    return default_model_and_tokenizer[1]
+
+
+def make_tiny_llama(vocab_size=49152, hidden=72, seed=0, tie=True, layers=2):
+    """A tiny random Llama: width 72 is not a multiple of 32/64/128, so groups are ragged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=160,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger than the 0.02-std init, so quantization error is visible in logits
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return m
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    """A local Hugging Face folder holding a tiny model and the default tokenizer."""
+    m = make_tiny_llama()
+    d = tmp_path / "tiny"
+    m.save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))
+    return d

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from llmquant.packing import pack, packed_numel, unpack
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("shape", [(1,), (7,), (13, 5), (3, 1001), (576, 192)])
+def test_round_trip_exact(bits, shape):
+    g = torch.Generator().manual_seed(bits * 1000 + sum(shape))
+    codes = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.int64).to(torch.uint8)
+    p = pack(codes, bits)
+    assert p.dtype == torch.uint8
+    assert p.numel() == packed_numel(codes.numel(), bits)
+    out = unpack(p, bits, codes.numel()).reshape(shape)
+    assert torch.equal(out, codes)
+
+
+def test_dense_sizes():
+    n = 576 * 1536
+    assert packed_numel(n, 8) == n
+    assert packed_numel(n, 4) == n // 2
+    assert packed_numel(n, 3) == n * 3 // 8
+    assert packed_numel(n, 2) == n // 4
+    assert packed_numel(3, 3) == 2  # 9 bits
+
+
+def test_extremes_survive():
+    for bits in range(1, 9):
+        codes = torch.tensor([0, 2**bits - 1] * 5, dtype=torch.uint8)
+        assert torch.equal(unpack(pack(codes, bits), bits, codes.numel()), codes)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.tensor([16]), 4)
+    with pytest.raises(ValueError, match="bits"):
+        pack(torch.tensor([1]), 9)
+    with pytest.raises(ValueError, match="cannot hold"):
+        unpack(torch.zeros(3, dtype=torch.uint8), 4, 100)
