@@ -125,7 +125,7 @@ def check_finite(w: torch.Tensor, name: str = "weight") -> None:
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(||ref||^2 / ||ref - approx||^2)."""
-    ref, approx = ref.double(), approx.double()
+    ref, approx = ref.detach().double(), approx.detach().double()
     noise = (ref - approx).pow(2).sum()
     if noise == 0:
         return float("inf")

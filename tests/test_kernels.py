@@ -1,0 +1,93 @@
+"""Kernel error (a kernel vs the float module holding the dequantized weight) separately from
+quantization error (the quantized module vs the original, by SQNR)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmquant import kernels
+from llmquant.algorithms import rtn_quantize
+from llmquant.modules import QuantLinear
+from llmquant.schemes import PRESETS, QuantScheme, sqnr_db
+
+SCHEMES = [
+    PRESETS["W8"],
+    PRESETS["W4G128"],
+    PRESETS["W4G32A"],
+    PRESETS["W3G32"],
+    PRESETS["W2G32"],
+    PRESETS["gguf:Q4_1"],
+    QuantScheme(bits=8, granularity="tensor"),
+    QuantScheme(bits=6, symmetric=False, granularity="channel"),
+]
+
+
+def _module(scheme, k=200, n=96, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    q, s, z = rtn_quantize(lin.weight, scheme)
+    return lin, QuantLinear.from_quantized(q, s, z, scheme, bias=lin.bias)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("kernel", ["reference", "dequant_cached", "fbgemm_fp16"])
+@pytest.mark.parametrize("shape", [(1, 200), (3, 7, 200), (512, 200)])
+def test_kernel_matches_dequantized_reference(scheme, kernel, shape):
+    lin, ql = _module(scheme)
+    ref = nn.Linear(200, 96)
+    with torch.no_grad():
+        ref.weight.copy_(ql.dequantize_weight())
+        ref.bias.copy_(lin.bias)
+    ql.kernel_override = kernel
+    x = torch.randn(*shape)
+    y, yr = ql(x), ref(x)
+    assert y.shape == yr.shape and y.dtype == x.dtype
+    exact = kernel != "fbgemm_fp16" or scheme.granularity in ("channel", "tensor") and scheme.zero_point == "int"
+    # fp16 weights: at most 2^-11 relative error per weight; exact integer codes otherwise
+    tol = 1e-4 if exact else 2e-3
+    assert (y - yr).abs().max() <= tol * yr.abs().max()
+
+
+def test_automatic_choice_on_cpu():
+    _, ql = _module(PRESETS["W8"])
+    expected = "fbgemm_fp16" if torch.backends.quantized.supported_engines.count("fbgemm") else "dequant_cached"
+    ql(torch.randn(2, 200))
+    assert ql._kernel.name == expected
+
+
+@pytest.mark.parametrize("bits,bound", [(8, 38.0), (4, 16.0), (3, 10.0)])
+def test_quantization_error_sqnr_random(bits, bound):
+    """Per-channel/g64 RTN on Gaussian weights: SQNR near the 6 dB/bit rule, above a stated floor."""
+    scheme = PRESETS["W8"] if bits == 8 else QuantScheme(bits=bits, granularity="group", group_size=64)
+    lin, ql = _module(scheme, k=576, n=256, bias=False, seed=bits)
+    assert sqnr_db(lin.weight, ql.dequantize_weight()) > bound
+    x = torch.randn(16, 576)
+    assert sqnr_db(lin(x), ql(x)) > bound - 1
+
+
+def test_set_kernel_and_unknown():
+    from llmquant.errors import LLMQuantError
+
+    _, ql = _module(PRESETS["W4G64"])
+    m = nn.Sequential(ql)
+    kernels.set_kernel(m, "reference")
+    m(torch.randn(1, 200))
+    assert ql._kernel.name == "reference"
+    with pytest.raises(LLMQuantError, match="unknown kernel"):
+        kernels.set_kernel(m, "nope")
+
+
+def test_deepcopy_and_to_reset_state():
+    import copy
+
+    _, ql = _module(PRESETS["W8"])
+    x = torch.randn(2, 200)
+    y = ql(x)
+    ql2 = copy.deepcopy(ql)
+    assert torch.equal(ql2(x), y)
+    ql.to(torch.float32)
+    assert ql._kernel is None

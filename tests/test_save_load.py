@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+import llmquant
+from llmquant.errors import CorruptFileError, ModelNotFoundError, OutputExistsError
+from llmquant.modules import QuantLinear
+
+from conftest import make_tiny_llama
+
+
+def _logits(m, n=40):
+    with torch.no_grad():
+        return m(torch.arange(n)[None] * 7 % 1000).logits
+
+
+@pytest.mark.parametrize("preset", ["W8", "W4G32A", "W3G32", "W2G32", "gguf:Q4_1"])
+def test_save_load_bit_identical(tmp_path, preset, tokenizer):
+    m = make_tiny_llama()
+    llmquant.quantize(m, preset, progress=False)
+    before = _logits(m)
+    llmquant.save(m, tokenizer, tmp_path / "q")
+    m2, tok2 = llmquant.load(tmp_path / "q")
+    assert torch.equal(_logits(m2), before)
+    assert tok2 is not None and len(tok2) == len(tokenizer)
+    # same modules, same packed bytes
+    for (n1, a), (n2, b) in zip(m.named_modules(), m2.named_modules()):
+        assert n1 == n2 and type(a) is type(b)
+        if isinstance(a, QuantLinear):
+            assert torch.equal(a.qweight, b.qweight) and a.scheme == b.scheme
+    # the tied embedding stayed tied and in float
+    assert m2.lm_head.weight is m2.model.embed_tokens.weight
+    assert not any(k.startswith("lm_head") for k in json.loads((tmp_path / "q" / "llmquant.json").read_text())["tensors"])
+    assert not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_bias_and_untied_lm_head(tmp_path):
+    m = make_tiny_llama(tie=False)
+    cfg = llmquant.QuantConfig(weight="W4G64", ignore=())  # lm_head quantized too
+    s = llmquant.quantize(m, cfg, progress=False)
+    assert "lm_head" in [l.name for l in s.layers]
+    before = _logits(m)
+    llmquant.save(m, None, tmp_path / "q")
+    m2, tok = llmquant.load(tmp_path / "q")
+    assert tok is None
+    assert torch.equal(_logits(m2), before)
+
+
+def test_quantizing_tied_lm_head_unties_it(tmp_path):
+    m = make_tiny_llama(tie=True)
+    emb = m.model.embed_tokens.weight.detach().clone()
+    s = llmquant.quantize(m, llmquant.QuantConfig(weight="W8", ignore=()), progress=False)
+    assert s.untied_lm_head and isinstance(m.lm_head, QuantLinear)
+    assert torch.equal(m.model.embed_tokens.weight, emb)
+    before = _logits(m)
+    llmquant.save(m, None, tmp_path / "q")
+    assert torch.equal(_logits(llmquant.load(tmp_path / "q")[0]), before)
+
+
+def _saved(tmp_path):
+    m = make_tiny_llama()
+    llmquant.quantize(m, "W4G64", progress=False)
+    d = tmp_path / "q"
+    llmquant.save(m, None, d)
+    return d
+
+
+def test_truncated_safetensors(tmp_path):
+    d = _saved(tmp_path)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match="truncated or corrupt"):
+        llmquant.load(d)
+
+
+def test_flipped_byte_fails_sha(tmp_path):
+    d = _saved(tmp_path)
+    f = d / "model.safetensors"
+    b = bytearray(f.read_bytes())
+    b[-10] ^= 0xFF
+    f.write_bytes(bytes(b))
+    with pytest.raises(CorruptFileError, match="sha256"):
+        llmquant.load(d)
+
+
+def test_manifest_shape_mismatch(tmp_path):
+    d = _saved(tmp_path)
+    man = json.loads((d / "llmquant.json").read_text())
+    k = next(iter(man["tensors"]))
+    man["tensors"][k]["shape"] = [1, 2, 3]
+    (d / "llmquant.json").write_text(json.dumps(man))
+    with pytest.raises(CorruptFileError, match="manifest says"):
+        llmquant.load(d)
+
+
+def test_missing_manifest_and_folder(tmp_path):
+    d = _saved(tmp_path)
+    (d / "llmquant.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="llmquant.json"):
+        llmquant.load(d)
+    with pytest.raises(ModelNotFoundError):
+        llmquant.load(tmp_path / "nowhere")
+
+
+def test_existing_output_never_half_overwritten(tmp_path):
+    d = _saved(tmp_path)
+    snapshot = {p.name: p.read_bytes() for p in d.iterdir()}
+    m = make_tiny_llama(seed=1)
+    with pytest.raises(OutputExistsError):
+        llmquant.save(m, None, d)
+
+    class Boom:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        llmquant.save(m, Boom(), d, overwrite=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == snapshot
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    llmquant.save(m, None, d, overwrite=True)  # an overwrite asked for replaces the whole folder
+    assert (d / "llmquant.json").read_bytes() != snapshot["llmquant.json"]
