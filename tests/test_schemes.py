@@ -42,7 +42,9 @@ def test_unknown_things():
 
 def test_grid_and_names():
     s = QuantScheme(bits=4, symmetric=True, granularity="group", group_size=64)
-    assert (s.qmin, s.qmax, s.name) == (-7, 7, "int4-g64")
+    assert (s.qmin, s.qmax, s.name) == (-8, 7, "int4-g64")
+    r = QuantScheme(bits=8, granularity="group", group_size=32, restricted_range=True)
+    assert (r.qmin, r.qmax, r.name) == (-127, 127, "int8-g32-r")
     a = QuantScheme(bits=3, symmetric=False, granularity="channel")
     assert (a.qmin, a.qmax, a.name, a.group_size) == (0, 7, "int3-ch-asym", None)
     # 4 bits + one fp32 scale per 64 weights
@@ -63,7 +65,7 @@ def test_ragged_groups_error_bounded(k, gs):
         err = (dequantize(q, scale, zero, s) - w).abs()
         from llmquant.schemes import expand_groups
 
-        assert (err <= expand_groups(scale, k, s) / 2 + 1e-6).all()
+        assert (err <= expand_groups(scale, k, s) / 2 * (1 + 1e-5) + 1e-6).all()
         if k > gs:  # groups before the outlier's group keep a small step
             assert scale[:, 0].max() < scale[:, -1].min()
 

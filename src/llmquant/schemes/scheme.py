@@ -25,12 +25,13 @@ class QuantScheme:
     """
 
     bits: int = 4  # 2..8 integer bits per value
-    symmetric: bool = True  # symmetric: zero = 0 and the grid is [-(2^(b-1)-1), 2^(b-1)-1]
+    symmetric: bool = True  # symmetric: zero = 0, grid [-2^(b-1), 2^(b-1)-1], scale = max|x| / (2^b - 1) * 2
     granularity: str = "group"  # "tensor" | "channel" (one scale per output row) | "group" | "token"
     group_size: int | None = 128  # values per scale along the input dim; the last group may be ragged
     zero_point: str = "int"  # asymmetric only: "int" (rounded zero) or "float" (a float minimum, as GGUF Q4_1)
     scale_dtype: str = "float32"  # dtype scales (and float zeros) are stored in
     dynamic: bool = False  # activations only: qparams computed from each input at run time
+    restricted_range: bool = False  # symmetric only: grid [-(2^(b-1)-1), 2^(b-1)-1], scale = max|x| / qmax (Q8_0)
     version: int = SCHEME_VERSION
 
     def __post_init__(self) -> None:
@@ -47,13 +48,17 @@ class QuantScheme:
             raise SchemeError(f"zero_point must be one of {ZERO_POINT_KINDS}, got {self.zero_point!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise SchemeError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        if self.restricted_range and not self.symmetric:
+            raise SchemeError("restricted_range applies to symmetric schemes only")
         if self.version != SCHEME_VERSION:
             raise SchemeError(f"scheme version {self.version} is not supported (this llmquant reads {SCHEME_VERSION})")
 
     # ---- integer grid -------------------------------------------------------------------
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1) - 1) if self.restricted_range else -(2 ** (self.bits - 1))
 
     @property
     def qmax(self) -> int:
@@ -63,7 +68,7 @@ class QuantScheme:
     def name(self) -> str:
         """Short readable name such as ``int4-g128-asym``."""
         g = {"tensor": "-tensor", "channel": "-ch", "token": "-tok"}.get(self.granularity, f"-g{self.group_size}")
-        s = "" if self.symmetric else ("-asym" if self.zero_point == "int" else "-asymf")
+        s = ("-r" if self.restricted_range else "") if self.symmetric else ("-asym" if self.zero_point == "int" else "-asymf")
         return f"int{self.bits}{g}{s}"
 
     def num_groups(self, in_features: int) -> int:
@@ -125,7 +130,7 @@ PRESETS: dict[str, QuantScheme] = {
     "W2G64": _w(2, 64, sym=False),
     # llama.cpp block grids this scheme family reproduces: Q8_0 (int8 sym, blocks of 32, fp16 scale)
     # and Q4_1 (int4, blocks of 32, fp16 scale and fp16 float minimum).
-    "gguf:Q8_0": _w(8, 32, scale_dtype="float16"),
+    "gguf:Q8_0": _w(8, 32, scale_dtype="float16", restricted_range=True),
     "gguf:Q4_1": _w(4, 32, sym=False, zero_point="float", scale_dtype="float16"),
 }
 
