@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING
 from .base import KERNELS, Kernel, register
 from . import reference as _reference  # noqa: F401  (registers)
 from . import fbgemm as _fbgemm  # noqa: F401  (registers)
+from . import int8 as _int8  # noqa: F401  (registers)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 #: Preference by device type; the first kernel that supports a format wins.
 PREFERENCE: dict[str, list[str]] = {
-    "cpu": ["fbgemm_fp16", "dequant_cached"],
-    "cuda": ["dequant_cached"],
+    "cpu": ["int8_int_mm", "fbgemm_fp16", "dequant_cached"],
+    "cuda": ["int8_int_mm", "dequant_cached"],
 }
 DEFAULT_PREFERENCE = ["dequant_cached"]
 

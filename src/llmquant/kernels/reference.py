@@ -5,30 +5,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..schemes import compute_qparams, dequantize, quantize_to_int
 from .base import Kernel, register
+
+
+def fake_quant_input(module, x: torch.Tensor) -> torch.Tensor:
+    """The input as the module's activation scheme sees it (quantized and dequantized); as is if weight-only."""
+    a = module.activation_scheme
+    if a is None:
+        return x
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    if a.dynamic:
+        scale, zero = compute_qparams(x2, a)
+    else:
+        scale, zero = module.input_scale, getattr(module, "input_zero", None)
+    q = quantize_to_int(x2, scale, zero, a)
+    return dequantize(q, scale, zero, a).reshape(shape).to(x.dtype)
 
 
 class Reference(Kernel):
     """Dequantizes at every call; slow, allocation-heavy, and the ground truth for tests."""
 
     name = "reference"
-    numerics = "weight-only: x @ dequant(W)^T in the activation dtype"
+    numerics = "x_hat @ dequant(W)^T in the activation dtype (x_hat: x fake-quantized when activations are)"
     runtime_bytes_per_weight = 0.0
 
     def supports(self, module, device) -> bool:
-        return module.activation_scheme is None
+        return True
 
     def run(self, module, state, x):
         w = module.dequantize_weight(dtype=x.dtype, device=x.device)
         b = None if module.bias is None else module.bias.to(x.dtype)
-        return F.linear(x, w, b)
+        return F.linear(fake_quant_input(module, x), w, b)
 
 
 class DequantCached(Reference):
     """Dequantizes once into the activation dtype and keeps it: float speed, float memory."""
 
     name = "dequant_cached"
-    numerics = "weight-only: x @ dequant(W)^T, W dequantized once to the activation dtype"
+    numerics = "x_hat @ dequant(W)^T, W dequantized once to the activation dtype"
     runtime_bytes_per_weight = 4.0
 
     def prepare(self, module, device, dtype):
@@ -36,7 +52,7 @@ class DequantCached(Reference):
 
     def run(self, module, state, x):
         b = None if module.bias is None else module.bias.to(x.dtype)
-        return F.linear(x, state.to(x.dtype), b)
+        return F.linear(fake_quant_input(module, x), state.to(x.dtype), b)
 
 
 register(Reference())

@@ -45,6 +45,15 @@ class QuantLinear(nn.Module):
         else:
             zdt = torch.uint8 if scheme.zero_point == "int" else sdt
             self.register_buffer("zero", torch.zeros(rows, groups, dtype=zdt))
+        if activation_scheme is not None and not activation_scheme.dynamic:
+            if activation_scheme.granularity != "tensor":
+                from ..errors import SchemeError
+
+                raise SchemeError("static (calibrated) activation scales are per tensor; use dynamic for per token")
+            # calibrated per-tensor input qparams (static activation quantization)
+            self.register_buffer("input_scale", torch.ones(1, 1, dtype=torch.float32))
+            if not activation_scheme.symmetric:
+                self.register_buffer("input_zero", torch.zeros(1, 1, dtype=torch.float32))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
         else:
@@ -64,8 +73,11 @@ class QuantLinear(nn.Module):
         scheme: QuantScheme,
         bias: torch.Tensor | None = None,
         activation_scheme: QuantScheme | None = None,
+        input_scale: torch.Tensor | None = None,
+        input_zero: torch.Tensor | None = None,
     ) -> "QuantLinear":
-        """Build from integer codes ``q`` (out, in) in [qmin, qmax] and their qparams."""
+        """Build from integer codes ``q`` (out, in) in [qmin, qmax] and their qparams; ``input_scale`` /
+        ``input_zero`` are the calibrated per-tensor activation qparams of a static activation scheme."""
         out_features, in_features = q.shape
         m = cls(in_features, out_features, scheme, bias=bias is not None, activation_scheme=activation_scheme,
                 bias_dtype=bias.dtype if bias is not None else torch.float32)
@@ -78,6 +90,10 @@ class QuantLinear(nn.Module):
                 m.zero = zero.detach().to(scale_torch_dtype(scheme)).reshape(m.zero.shape).cpu().clone()
         if bias is not None:
             m.bias = bias.detach().cpu().clone()
+        if input_scale is not None:
+            m.input_scale = input_scale.detach().float().reshape(1, 1).cpu().clone()
+        if input_zero is not None:
+            m.input_zero = input_zero.detach().float().reshape(1, 1).cpu().clone()
         return m
 
     # ---- views of the stored weights -----------------------------------------------------------
