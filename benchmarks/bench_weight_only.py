@@ -32,7 +32,7 @@ def folder_bytes(p: Path) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (speed is reported with it)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/weight_only")

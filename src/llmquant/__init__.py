@@ -21,6 +21,7 @@ from .modules import QuantLinear
 from .flows import QuantSummary, quantize
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
+from .report import compare
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -53,6 +54,7 @@ def save(model, tokenizer, folder, *, overwrite=False):
 
 __all__ = [
     "__version__",
+    "compare",
     "EvalResult",
     "LLMQuantError",
     "PRESETS",

@@ -176,6 +176,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .report import compare, format_table
+    from .report.render import detail_rows, recommendations, vs_rows
+
+    result = compare(args.model, profile=args.profile, strategies=args.strategies.split(","), out_dir=args.output)
+    print(format_table(vs_rows(result["rows"])))
+    print()
+    print(format_table(detail_rows(result["rows"])))
+    print()
+    for line in recommendations(result["rows"]):
+        print("- " + line)
+    print(f"\nreport written to {args.output}/report.md, report.json, report.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -213,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("folder")
     i.add_argument("--json", action="store_true", help="print the manifest")
     i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("compare", help="PTQ, QAT, dynamic and mixed precision side by side; writes a report")
+    c.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    c.add_argument("--profile", default="quick", choices=["quick", "full"])
+    c.add_argument("--strategies", default="ptq,qat,dynamic,mixed")
+    c.add_argument("-o", "--output", default="runs/compare", help="report folder")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="quantize the default model at a few schemes and compare")
     d.add_argument("--model")

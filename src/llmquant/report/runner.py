@@ -1,0 +1,221 @@
+"""``llmquant compare``: the same model through each strategy, measured side by side in one run.
+
+Every figure comes from this run: the fp32 baseline is evaluated and timed first, then each candidate is
+built (quantized, calibrated or trained) while its wall time, CPU seconds and peak memory are recorded,
+then evaluated (perplexity, KL vs fp32, top-1) and timed (prefill/decode). A candidate that raises is
+recorded as failed with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..bench import measure_speed
+from ..errors import LLMQuantError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much work a comparison does. ``quick`` fits in about 15 minutes on 2 cores."""
+
+    name: str
+    eval_windows: int  # 512-token evaluation windows (from the start of the text)
+    calib_samples: int  # 512-token calibration windows (from the end of the text)
+    qat_steps: int  # QAT optimizer steps
+    sensitivity_samples: int  # windows for per-layer sensitivity
+    prefill_len: int
+    new_tokens: int
+    speed_repeats: int
+
+
+PROFILES = {
+    "quick": Profile("quick", eval_windows=4, calib_samples=16, qat_steps=40, sensitivity_samples=2,
+                     prefill_len=256, new_tokens=32, speed_repeats=1),
+    "full": Profile("full", eval_windows=40, calib_samples=64, qat_steps=300, sensitivity_samples=8,
+                    prefill_len=512, new_tokens=128, speed_repeats=3),
+}
+
+
+@dataclass
+class Context:
+    """What every candidate builder gets."""
+
+    model_path: str | None
+    profile: Profile
+    reference: Any
+    tokenizer: Any
+    load: Callable[[], Any]  # a fresh float copy of the model
+    shared: dict = field(default_factory=dict)  # results one candidate leaves for others / the report
+
+
+@dataclass(frozen=True)
+class Candidate:
+    strategy: str  # "fp32", "PTQ", "QAT", "Dynamic", "Mixed"
+    label: str
+    build: Callable[[Context], tuple[Any, dict]]  # -> (model, info: steps, data, notes)
+    profiles: tuple[str, ...] = ("quick", "full")
+
+
+class _PeakRSS:
+    """Samples this process's resident memory in a thread; peak above the starting value, in MB."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def __enter__(self):
+        self.start = self.peak = self.rss()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 1e6
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.start) / 1e6
+
+
+def environment() -> dict:
+    import transformers
+
+    from .. import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "llmquant": __version__,
+        "commit": commit,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu: float, mem: _PeakRSS) -> dict:
+    import llmquant
+
+    p = ctx.profile
+    res = llmquant.evaluate(model, reference=ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows, progress=False)
+    sp = measure_speed(model, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
+    return {
+        "strategy": cand.strategy,
+        "label": cand.label,
+        "status": "ok",
+        "perplexity": res.perplexity,
+        "kl": res.kl,
+        "top1": res.top1,
+        "size_bytes": info.get("size_bytes", res.size["total_bytes"]),
+        "bits_per_weight": info.get("bits_per_weight", res.size["bits_per_weight_model"]),
+        "prefill_tok_s": sp.prefill_tokens_per_s,
+        "decode_tok_s": sp.decode_tokens_per_s,
+        "build_wall_s": wall,
+        "build_cpu_s": cpu,
+        "build_peak_rss_mb": mem.peak_mb,
+        "build_rss_increase_mb": mem.delta_mb,
+        "steps": info.get("steps", []),
+        "data": info.get("data", "none"),
+        "notes": info.get("notes", ""),
+        "kernel": info.get("kernel", ""),
+    }
+
+
+def run_compare(
+    candidates: list[Candidate],
+    *,
+    model_path: str | None = None,
+    profile: str = "quick",
+    strategies: tuple[str, ...] = ("ptq", "qat", "dynamic", "mixed"),
+    progress: bool = True,
+) -> dict:
+    """Run every candidate of the chosen strategies; returns {"env", "profile", "rows", "shared"}."""
+    import llmquant
+
+    if profile not in PROFILES:
+        raise LLMQuantError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    known = {c.strategy.lower() for c in candidates} - {"fp32"}
+    bad = [s for s in strategies if s.lower() not in known]
+    if bad:
+        raise LLMQuantError(f"unknown strategies {bad}; choose from {', '.join(sorted(known))}")
+    prof = PROFILES[profile]
+    ref, tok = llmquant.load_model(model_path)
+    ctx = Context(model_path, prof, ref, tok, load=lambda: llmquant.load_model(model_path)[0])
+    chosen = [c for c in candidates if profile in c.profiles and (c.strategy == "fp32" or c.strategy.lower() in strategies)]
+    rows: list[dict] = []
+    bar = tqdm(chosen, desc="compare", unit="config", disable=not progress)
+    for cand in bar:
+        bar.set_postfix_str(f"{cand.strategy}: {cand.label}")
+        log.info("compare: %s / %s", cand.strategy, cand.label)
+        gc.collect()
+        try:
+            with _PeakRSS() as mem:
+                t0, c0 = time.perf_counter(), time.process_time()
+                model, info = cand.build(ctx)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            rows.append(_measure(ctx, cand, model, info, wall, cpu, mem))
+        except Exception as e:  # noqa: BLE001 - a failing strategy is reported, the run goes on
+            log.warning("%s failed: %s", cand.label, e)
+            rows.append({
+                "strategy": cand.strategy, "label": cand.label, "status": "failed",
+                "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3),
+            })
+        finally:
+            model = None  # noqa: F841
+            gc.collect()
+    return {"env": environment(), "profile": prof.__dict__, "rows": rows, "shared": ctx.shared}
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.write_text(json.dumps(result, indent=1, default=str))
