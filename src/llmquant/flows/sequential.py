@@ -5,7 +5,8 @@ mask, position embeddings...) are captured for the calibration windows. Then, fo
 forward pass with hooks gathers each linear's input statistics (and the float outputs), the algorithm
 quantizes the layer's linears, they are replaced by QuantLinear, and the calibration data runs through the
 quantized layer to give the inputs of layer i + 1 and the layer's output error (relative MSE against the
-float layer on the same inputs). Peak memory: the model plus two copies of one layer's activations.
+float layer on the same inputs, over the first ``ERROR_WINDOWS`` windows). Peak memory: the model plus one
+layer's activations for the calibration set (and the float outputs of ``ERROR_WINDOWS`` windows).
 
 With ``CalibSpec(sequential=False)``, or for a model with no decoder layers (any ``nn.Module``), one float
 pass over the whole model gathers the statistics of every linear at once ("whole-model" calibration).
@@ -30,6 +31,10 @@ from .ptq import QuantSummary, _untie_if_needed, make_quant_linear
 from .stats import StatsCollector
 
 log = logging.getLogger(__name__)
+
+#: a layer's output error (relative MSE against the float layer) is measured on the first this many
+#: calibration windows: keeping every window's float output would double the activation memory
+ERROR_WINDOWS = 16
 
 
 @dataclass
@@ -163,6 +168,16 @@ def _install(model, results, chosen, cfg, summary) -> None:
         qlin, row = make_quant_linear(n, chosen[n], q, scale, zero, cfg, weight=w)
         summary.layers.append(row)
         replace_module(model, n, qlin)
+        del chosen[n]  # drop the float linear: its memory goes as soon as the model lets go of it
+
+
+def _simulate(chosen, results, cfg) -> None:
+    """Give the float linears their dequantized weights (what the quantized layer computes), in place."""
+    from ..schemes import dequantize
+
+    for n, (q, scale, zero, _) in results.items():
+        lin = chosen[n]
+        lin.weight.data = dequantize(q, scale, zero, cfg.weight).to(lin.weight.dtype).to(lin.weight.device)
 
 
 def _sequential(model, found, chosen, cfg, pairs, batches, kw, summary, progress) -> None:
@@ -175,26 +190,32 @@ def _sequential(model, found, chosen, cfg, pairs, batches, kw, summary, progress
         layer, prefix = layers[i], f"{path}.{i}"
         lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
         inside |= set(lin)
-        ys = []
+        ys = []  # float outputs, kept for the first ERROR_WINDOWS windows only (memory)
         with StatsCollector(lin) as col:
             for x, k in zip(xs, kwargs):
-                ys.append(_run(layer, x, k))
-                _check(ys[-1], f"{prefix} (float)")
+                y = _run(layer, x, k)
+                _check(y, f"{prefix} (float)")
+                ys.append(y if sum(t.shape[0] for t in ys if t is not None) < ERROR_WINDOWS else None)
+                del y
         results = quantize_block(layer, prefix, lin, col, cfg, pairs)
         del col
-        _install(model, results, chosen, cfg, summary)
+        _simulate(chosen, results, cfg)  # propagate through x @ dequant(W)^T, then swap in the QuantLinears
         num = den = 0.0
         for j, (x, k) in enumerate(zip(xs, kwargs)):
             yq = _run(layer, x, k)
             _check(yq, f"{prefix} (quantized)")
-            num += float((yq.float() - ys[j].float()).pow(2).sum())
-            den += float(ys[j].float().pow(2).sum())
+            if ys[j] is not None:
+                num += float((yq.float() - ys[j].float()).pow(2).sum())
+                den += float(ys[j].float().pow(2).sum())
             xs[j] = yq  # the next layer sees the quantized layer's outputs
             ys[j] = None
+        _install(model, results, chosen, cfg, summary)
+        nlin = len(lin)
+        del results, lin
         err = num / max(den, 1e-30)
         summary.layer_errors.append(err)
         bar.set_postfix(layer=i, rel_mse=f"{err:.2e}", s=f"{time.perf_counter() - t:.1f}")
-        log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, len(lin), err, time.perf_counter() - t)
+        log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, nlin, err, time.perf_counter() - t)
     rest = {n: m for n, m in chosen.items() if n not in inside}
     if rest:
         log.warning("%s are outside the decoder layers: quantized with RTN", sorted(rest))

@@ -86,7 +86,7 @@ class CalibSpec(_Params):
     source: str | None = None  # None: the default text (windows from its end); or a .txt / .jsonl path
     samples: int = 64  # calibration windows
     seq_len: int = 512  # tokens per window
-    batch_size: int = 8  # windows per forward pass
+    batch_size: int = 4  # windows per forward pass (memory: activations of one batch inside a layer)
     sequential: bool = True  # layer by layer, feeding quantized outputs on; False: one float pass for all
     version: int = PARAMS_VERSION
 
