@@ -35,7 +35,8 @@ def quantize_block(
         w = linears[n].weight.detach().float()
         out[n] = (*rtn_quantize(w, cfg.weight, name=n), w)
     if cfg.method == "gptq":
-        out.update(_gptq(linears, col, cfg))
+        scales = _awq_fold(block, prefix, linears, col, cfg, pairs, cfg.method_params.awq_grid) if cfg.method_params.awq_scales else {}
+        out.update(_gptq(linears, col, cfg, scales))
     elif cfg.method == "awq":
         out.update(_awq(block, prefix, linears, col, cfg, pairs))
     else:
@@ -46,7 +47,7 @@ def quantize_block(
     return out
 
 
-def _gptq(linears, col: StatsCollector, cfg: QuantConfig) -> Result:
+def _gptq(linears, col: StatsCollector, cfg: QuantConfig, scales: dict) -> Result:
     p = cfg.method_params
     out: Result = {}
     for owner, names in col.groups().items():
@@ -55,8 +56,12 @@ def _gptq(linears, col: StatsCollector, cfg: QuantConfig) -> Result:
             continue
         # linears sharing an input share H: their rows are independent problems, solved in one call
         ws = [linears[n].weight.detach().float() for n in names]
+        h = col.stats[owner].hessian
+        if names[0] in scales:  # AWQ scales folded first: the inputs are X / s
+            sc = scales[names[0]].to(h.device)
+            h = h / sc.unsqueeze(0) / sc.unsqueeze(1)
         q, scale, zero = gptq_quantize(
-            torch.cat(ws, 0), col.stats[owner].hessian, cfg.weight,
+            torch.cat(ws, 0), h, cfg.weight,
             damp=p.damp, block_size=p.block_size, act_order=p.act_order, name="+".join(names),
         )
         r = 0
@@ -73,26 +78,7 @@ def _rel(prefix: str, name: str) -> str:
 
 def _awq(block, prefix, linears, col: StatsCollector, cfg: QuantConfig, pairs) -> Result:
     p = cfg.method_params
-    rel = {_rel(prefix, n): n for n in linears}
-    scales: dict[str, torch.Tensor] = {}  # full linear name -> the input scale folded into it
-    for src, dsts in pairs:
-        names = [rel[d] for d in dsts if d in rel]
-        if not names or any(n not in col.owner for n in names):
-            continue
-        if len(names) != len(dsts):
-            log.warning("AWQ pair %s -> %s: only %s are quantized; pair skipped", src, dsts, names)
-            continue
-        st = col.of(names[0])
-        s, alpha, losses = awq_search_scale([linears[n].weight for n in names], st.gram, st.absmean,
-                                            cfg.weight, grid=p.grid)
-        log.debug("AWQ %s%s -> %s: alpha %.2f, loss %.4g (RTN %.4g)", prefix and prefix + ".", src, dsts, alpha,
-                  losses[alpha], losses[0.0])
-        source = block.get_submodule(src)
-        bias = getattr(source, "bias", None)
-        with torch.no_grad():
-            fold_scale(source.weight.data, None if bias is None else bias.data, [linears[n].weight.data for n in names], s)
-        for n in names:
-            scales[n] = s
+    scales = _awq_fold(block, prefix, linears, col, cfg, pairs, p.grid)
     out: Result = {}
     for n, m in linears.items():
         if n not in col.owner:
@@ -104,3 +90,28 @@ def _awq(block, prefix, linears, col: StatsCollector, cfg: QuantConfig, pairs) -
         w = m.weight.detach().float()
         out[n] = (*awq_clip_quantize(w, g, cfg.weight, grid=p.clip_grid, max_shrink=p.max_shrink, clip=p.clip), w)
     return out
+
+
+def _awq_fold(block, prefix, linears, col: StatsCollector, cfg: QuantConfig, pairs, grid: int) -> dict[str, torch.Tensor]:
+    """AWQ's scale search for each (source, linears) pair, folded in place; full linear name -> its scale."""
+    rel = {_rel(prefix, n): n for n in linears}
+    scales: dict[str, torch.Tensor] = {}  # full linear name -> the input scale folded into it
+    for src, dsts in pairs:
+        names = [rel[d] for d in dsts if d in rel]
+        if not names or any(n not in col.owner for n in names):
+            continue
+        if len(names) != len(dsts):
+            log.warning("AWQ pair %s -> %s: only %s are quantized; pair skipped", src, dsts, names)
+            continue
+        st = col.of(names[0])
+        s, alpha, losses = awq_search_scale([linears[n].weight for n in names], st.gram, st.absmean,
+                                            cfg.weight, grid=grid)
+        log.debug("AWQ %s%s -> %s: alpha %.2f, loss %.4g (RTN %.4g)", prefix and prefix + ".", src, dsts, alpha,
+                  losses[alpha], losses[0.0])
+        source = block.get_submodule(src)
+        bias = getattr(source, "bias", None)
+        with torch.no_grad():
+            fold_scale(source.weight.data, None if bias is None else bias.data, [linears[n].weight.data for n in names], s)
+        for n in names:
+            scales[n] = s
+    return scales

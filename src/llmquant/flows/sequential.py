@@ -78,8 +78,9 @@ def _decoder_layers(model: nn.Module, arch) -> tuple[str, nn.ModuleList] | None:
 
 def awq_pairs(model: nn.Module, cfg: QuantConfig, arch) -> tuple:
     p = cfg.method_params
-    n2l = p.norm_to_linears if p.norm_to_linears is not None else (arch.norm_to_linears if arch else None)
-    l2l = p.linear_to_linears if p.linear_to_linears is not None else (arch.linear_to_linears if arch else ())
+    n2l, l2l = getattr(p, "norm_to_linears", None), getattr(p, "linear_to_linears", None)
+    n2l = n2l if n2l is not None else (arch.norm_to_linears if arch else None)
+    l2l = l2l if l2l is not None else (arch.linear_to_linears if arch else ())
     if not n2l:
         mt = getattr(getattr(model, "config", None), "model_type", None)
         raise UnsupportedArchitectureError(
@@ -141,7 +142,8 @@ def quantize_calibrated(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor,
         raise CalibrationError("calibration data must be a tensor of token ids (windows, seq_len) or of inputs (n, ...)")
     spec = cfg.calibration or CalibSpec()
     arch = arch_for(model)
-    pairs = awq_pairs(model, cfg, arch) if cfg.method == "awq" else ()
+    uses_awq = cfg.method == "awq" or getattr(cfg.method_params, "awq_scales", False)
+    pairs = awq_pairs(model, cfg, arch) if uses_awq else ()
     chosen = dict(select_linears(model, cfg.targets, cfg.ignore))
     t0 = time.perf_counter()
     summary = CalibratedSummary(method=cfg.method, config=cfg.to_dict())

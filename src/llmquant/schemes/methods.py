@@ -38,6 +38,8 @@ class GPTQParams(_Params):
     damp: float = 0.01  # dampening added to H's diagonal, as a fraction of its mean diagonal
     block_size: int = 128  # columns per lazy batch update
     act_order: bool = False  # quantize columns by decreasing H diagonal (output format unchanged)
+    awq_scales: bool = False  # fold AWQ's activation-aware scales in first, then run GPTQ on the scaled weights
+    awq_grid: int = 20  # alpha values tried for those scales
     version: int = PARAMS_VERSION
 
     def __post_init__(self) -> None:
