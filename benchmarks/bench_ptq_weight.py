@@ -43,7 +43,14 @@ def run_one(method: str, scheme: str, args) -> dict:
     model, tok = llmquant.load_model()
     rss_loaded = _rss_mb()
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
-    cfg = QuantConfig(weight=scheme, method=method, calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
+    base, *opts = method.split("-")  # variants: gptq-ao (act_order), gptq-awq (AWQ scales first), gptq-ao-awq
+    params = None
+    if base == "gptq" and opts:
+        from llmquant import GPTQParams
+
+        params = GPTQParams(act_order="ao" in opts, awq_scales="awq" in opts)
+    cfg = QuantConfig(weight=scheme, method=base, method_params=params,
+                      calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
     t0, c0 = time.perf_counter(), _cpu_s()
     summary = llmquant.quantize(model, cfg, progress=False)
     seconds, cpu = time.perf_counter() - t0, _cpu_s() - c0
