@@ -16,9 +16,10 @@ __version__ = "0.1.0"
 import logging as _logging
 
 from .errors import LLMQuantError
-from .schemes import PRESETS, QuantConfig, QuantScheme
+from .schemes import AWQParams, CalibSpec, GPTQParams, PRESETS, QuantConfig, QuantScheme
 from .modules import QuantLinear
-from .flows import QuantSummary, quantize
+from .flows import QuantSummary
+from .flows import quantize as _flow_quantize
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 from .report import compare
@@ -40,6 +41,29 @@ def load_model(path=None, *, dtype=None):
     return model, tok
 
 
+def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True):
+    """Quantize ``model``'s linears in place; returns a summary. See :func:`llmquant.flows.quantize`.
+
+    Calibrated methods (``QuantConfig(method="gptq" | "awq")``) take ``calib``: None for the calibration
+    in ``config.calibration`` (default: 64 x 512 tokens from the end of the default text), a path to a
+    .txt / .jsonl file, or a tensor of token ids (windows, seq_len) / float inputs.
+    """
+    from pathlib import Path
+
+    from .schemes import METHOD_PARAMS, resolve_config
+
+    cfg = resolve_config(config)
+    if cfg.method in METHOD_PARAMS and (calib is None or isinstance(calib, (str, Path))):
+        spec = cfg.calibration or CalibSpec()
+        if calib is not None:
+            spec = spec.__class__(**{**spec.to_dict(), "source": str(calib)})
+        tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
+        ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        calib = _io.calibration_windows(tok, spec.source, spec.samples, spec.seq_len, max_len=ctx)
+        cfg = cfg.with_(calibration=spec)
+    return _flow_quantize(model, cfg, calib=calib, progress=progress)
+
+
 def load(folder, *, device="cpu"):
     """``(model, tokenizer)`` from a folder written by :func:`save`; logits are bit-identical to the saved model's."""
     model, tok = _io.load(folder, device=device)
@@ -55,6 +79,9 @@ def save(model, tokenizer, folder, *, overwrite=False):
 __all__ = [
     "__version__",
     "compare",
+    "AWQParams",
+    "CalibSpec",
+    "GPTQParams",
     "EvalResult",
     "LLMQuantError",
     "PRESETS",

@@ -41,6 +41,18 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise OutputExistsError(f"{out!r} exists and is not empty; choose another -o or pass --overwrite")
 
 
+def _calibrated_kwargs(args) -> dict:
+    """method_params / calibration for calibrated methods (gptq, awq) from --act-order, --calib..."""
+    from .schemes import CalibSpec, GPTQParams
+
+    if args.method == "rtn":
+        return {}
+    calib = CalibSpec(source=None if args.calib in (None, "default") else args.calib,
+                      samples=args.calib_samples, seq_len=args.seq_len)
+    params = GPTQParams(act_order=args.act_order) if args.method == "gptq" else None
+    return {"method_params": params, "calibration": calib}
+
+
 def cmd_quantize(args) -> int:
     import llmquant
     from .report import format_table
@@ -52,6 +64,7 @@ def cmd_quantize(args) -> int:
         method=args.method,
         targets=tuple(args.targets or ()),
         ignore=tuple(args.ignore) if args.ignore is not None else ("lm_head",),
+        **_calibrated_kwargs(args),
     )
     _check_out(args.output, args.overwrite)
     model, tok = llmquant.load_model(args.model)
@@ -201,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights and save it")
     q.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="quantization algorithm")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"], help="quantization algorithm")
+    q.add_argument("--calib", default="default", help="gptq/awq calibration text: .txt/.jsonl file, or 'default'")
+    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (gptq/awq)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (gptq/awq)")
+    q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     q.add_argument("--scheme", help="a preset: W8, W4G64, W4G128, W3G32, ... (instead of --bits etc.)")
     q.add_argument("--bits", type=int, help="2..8 (default 4)")
     q.add_argument("--group-size", type=int, help="values per scale; omit for per-channel with --bits 8")

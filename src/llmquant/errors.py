@@ -35,3 +35,12 @@ class OutputExistsError(LLMQuantError, FileExistsError):
 
 class SelectionError(LLMQuantError, ValueError):
     """A targets/ignore selection matched nothing or named a module that does not exist."""
+
+
+class CalibrationError(LLMQuantError, ValueError):
+    """Calibration data or activations are unusable (too little text, a window longer than the model's
+    context, NaN/Inf in activations)."""
+
+
+class UnsupportedArchitectureError(LLMQuantError, ValueError):
+    """An algorithm needs per-architecture facts (e.g. which norm feeds which linears) llmquant lacks."""

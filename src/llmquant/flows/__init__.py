@@ -1,5 +1,6 @@
 """Flows: orchestration of algorithms over a model (which modules, in which order, with what data)."""
 
 from .ptq import QuantSummary, quantize
+from .sequential import CalibratedSummary, quantize_calibrated
 
-__all__ = ["QuantSummary", "quantize"]
+__all__ = ["CalibratedSummary", "QuantSummary", "quantize", "quantize_calibrated"]

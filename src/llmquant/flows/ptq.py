@@ -14,7 +14,7 @@ from ..algorithms import ALGORITHMS
 from ..errors import SchemeError
 from ..models import tied_lm_head
 from ..modules import QuantLinear, replace_module, select_linears
-from ..schemes import QuantConfig, resolve_config, sqnr_db
+from ..schemes import METHOD_PARAMS, QuantConfig, resolve_config, sqnr_db
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,41 @@ def _untie_if_needed(model: nn.Module, names: list[str]) -> bool:
     return True
 
 
+def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None) -> tuple[QuantLinear, LayerSummary]:
+    """The QuantLinear for codes/qparams of ``lin`` and its summary row; ``weight``: the float weight the
+    codes approximate when it is not ``lin.weight`` (e.g. AWQ-scaled), for the SQNR."""
+    w = lin.weight if weight is None else weight
+    qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation)
+    qlin.to(lin.weight.device)
+    deq = qlin.dequantize_weight(dtype=torch.float32, device=lin.weight.device)
+    row = LayerSummary(
+        name=name,
+        shape=tuple(w.shape),
+        scheme=cfg.weight.name,
+        bits_per_weight=qlin.weight_bits,
+        packed_bytes=qlin.packed_bytes(),
+        float_bytes=w.numel() * lin.weight.element_size() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size()),
+        sqnr_db=sqnr_db(w.float(), deq),
+        kernel=qlin.kernel.name,
+    )
+    return qlin, row
+
+
 @torch.no_grad()
-def quantize(model: nn.Module, config="W4G128", *, progress: bool = True) -> QuantSummary:
+def quantize(model: nn.Module, config="W4G128", *, calib: torch.Tensor | None = None, progress: bool = True) -> QuantSummary:
     """Quantize the weights of ``model``'s selected linears in place and return a summary.
 
     ``config`` is a :class:`QuantConfig`, a :class:`QuantScheme`, a preset name (``"W4G64"``) or a dict.
-    Only data-free methods run here (``rtn``); calibrated methods go through their own entry points.
+    Calibrated methods (``gptq``, ``awq``) need ``calib``: token ids (windows, seq_len) or float inputs
+    (``llmquant.quantize`` makes them from text); see :mod:`llmquant.flows.sequential`.
     """
     cfg: QuantConfig = resolve_config(config)
+    if cfg.method in METHOD_PARAMS:
+        from .sequential import quantize_calibrated
+
+        if calib is None:
+            raise SchemeError(f"method {cfg.method!r} needs calibration data: pass calib= (token ids or inputs)")
+        return quantize_calibrated(model, cfg, calib, progress=progress)
     if cfg.method not in ALGORITHMS:
         raise SchemeError(f"method {cfg.method!r} is not a data-free method; known here: {', '.join(ALGORITHMS)}")
     algo = ALGORITHMS[cfg.method]
@@ -115,23 +142,9 @@ def quantize(model: nn.Module, config="W4G128", *, progress: bool = True) -> Qua
     summary = QuantSummary(method=cfg.method, config=cfg.to_dict())
     summary.untied_lm_head = _untie_if_needed(model, [n for n, _ in chosen])
     for name, lin in tqdm(chosen, desc=f"quantize ({cfg.method}, {cfg.weight.name})", disable=not progress, leave=False):
-        w = lin.weight
-        q, scale, zero = algo(w, cfg.weight, name=name)
-        qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation)
-        qlin.to(w.device)
-        deq = qlin.dequantize_weight(dtype=torch.float32, device=w.device)
-        summary.layers.append(
-            LayerSummary(
-                name=name,
-                shape=tuple(w.shape),
-                scheme=cfg.weight.name,
-                bits_per_weight=qlin.weight_bits,
-                packed_bytes=qlin.packed_bytes(),
-                float_bytes=w.numel() * w.element_size() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size()),
-                sqnr_db=sqnr_db(w.float(), deq),
-                kernel=qlin.kernel.name,
-            )
-        )
+        q, scale, zero = algo(lin.weight, cfg.weight, name=name)
+        qlin, row = make_quant_linear(name, lin, q, scale, zero, cfg)
+        summary.layers.append(row)
         replace_module(model, name, qlin)
     summary.seconds = time.perf_counter() - t0
     log.info("%s", summary)

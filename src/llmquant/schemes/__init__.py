@@ -1,6 +1,7 @@
 """Quantization schemes (what to quantize and how) and the math primitives on tensors."""
 
 from .scheme import PRESETS, QuantConfig, QuantScheme, resolve_config, resolve_scheme
+from .methods import AWQParams, CalibSpec, GPTQParams, METHOD_PARAMS
 from .primitives import (
     dequantize,
     fake_quantize,
@@ -14,6 +15,10 @@ from .primitives import (
 )
 
 __all__ = [
+    "AWQParams",
+    "CalibSpec",
+    "GPTQParams",
+    "METHOD_PARAMS",
     "PRESETS",
     "QuantConfig",
     "QuantScheme",

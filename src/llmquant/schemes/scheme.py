@@ -169,6 +169,9 @@ class QuantConfig:
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     version: int = CONFIG_VERSION
+    # calibrated methods: their knobs (GPTQParams / AWQParams; defaults when None) and calibration data
+    method_params: Any = None
+    calibration: Any = None  # CalibSpec; None: the defaults (64 x 512 tokens from the end of the default text)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", resolve_scheme(self.weight))
@@ -176,6 +179,10 @@ class QuantConfig:
             object.__setattr__(self, "activation", resolve_scheme(self.activation))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        from .methods import resolve_calib, resolve_method_params
+
+        object.__setattr__(self, "method_params", resolve_method_params(self.method, self.method_params))
+        object.__setattr__(self, "calibration", resolve_calib(self.calibration))
         if self.version != CONFIG_VERSION:
             raise SchemeError(f"config version {self.version} is not supported (this llmquant reads {CONFIG_VERSION})")
 
@@ -190,6 +197,8 @@ class QuantConfig:
             "targets": list(self.targets),
             "ignore": list(self.ignore),
             "version": self.version,
+            "method_params": None if self.method_params is None else self.method_params.to_dict(),
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
 
     @classmethod

@@ -1,0 +1,136 @@
+"""RTN vs GPTQ vs AWQ weight-only PTQ on the default model (SmolLM2-135M-Instruct), fp32 in the same run.
+
+Calibration: ``--calib-samples`` x ``--seq-len`` tokens from the end of the default text (disjoint from the
+evaluation windows at its start). Evaluation: the first ``--windows`` 512-token windows of the default text.
+Each configuration runs in its own process, so its peak RSS (measured right after quantizing, before the
+reference model is loaded for KL) is its own. Writes benchmarks/results/ptq_weight.{json,md}.
+
+    flock /work/wt/bench.lock python benchmarks/bench_ptq_weight.py --windows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCHEMES = ["W4G64", "W4G128", "W3G32"]
+METHODS = ["rtn", "gptq", "awq"]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_one(method: str, scheme: str, args) -> dict:
+    import torch
+
+    import llmquant
+    from llmquant import CalibSpec, QuantConfig
+
+    torch.set_num_threads(args.threads)
+    model, tok = llmquant.load_model()
+    rss_loaded = _rss_mb()
+    fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
+    base, *opts = method.split("-")  # variants: gptq-ao (act_order), gptq-awq (AWQ scales first), gptq-ao-awq
+    params = None
+    if base == "gptq" and opts:
+        from llmquant import GPTQParams
+
+        params = GPTQParams(act_order="ao" in opts, awq_scales="awq" in opts)
+    cfg = QuantConfig(weight=scheme, method=base, method_params=params,
+                      calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
+    t0, c0 = time.perf_counter(), _cpu_s()
+    summary = llmquant.quantize(model, cfg, progress=False)
+    seconds, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    peak = _rss_mb()
+    ref, _ = llmquant.load_model()
+    res = llmquant.evaluate(model, reference=ref, tokenizer=tok, windows=args.windows, progress=False)
+    return {
+        "method": method, "scheme": scheme, "perplexity": res.perplexity, "kl": res.kl, "top1": res.top1,
+        "quantize_s": seconds, "quantize_cpu_s": cpu, "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded, "fp32_model_mb": fp32_mb,
+        "layer_errors": getattr(summary, "layer_errors", None), "bits_per_weight": summary.bits_per_weight,
+    }
+
+
+def run_fp32(args) -> dict:
+    import torch
+
+    import llmquant
+
+    torch.set_num_threads(args.threads)
+    model, tok = llmquant.load_model()
+    res = llmquant.evaluate(model, tokenizer=tok, windows=args.windows, progress=False)
+    return {"method": "fp32", "scheme": "-", "perplexity": res.perplexity, "kl": 0.0, "top1": 1.0,
+            "quantize_s": 0.0, "quantize_cpu_s": 0.0, "peak_rss_mb": _rss_mb(), "eval_s": res.seconds}
+
+
+def table(rows: list[dict], fp32_ppl: float) -> str:
+    head = ("| method | scheme | perplexity | ppl / fp32 | KL | top-1 | quantize s (wall) | quantize s (CPU) | peak RSS MB |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['method']} | {r['scheme']} | {r['perplexity']:.3f} | {r['perplexity'] / fp32_ppl:.2f} | {r['kl']:.4f} | "
+        f"{r['top1']:.3f} | {r['quantize_s']:.1f} | {r['quantize_cpu_s']:.1f} | {r['peak_rss_mb']:.0f} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default="ptq_weight")
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "SCHEME"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        m, s = args.one
+        print(json.dumps(run_fp32(args) if m == "fp32" else run_one(m, s, args)))
+        return 0
+    RESULTS.mkdir(exist_ok=True)
+    jobs = [("fp32", "-")] + [(m, s) for s in args.schemes.split(",") for m in args.methods.split(",")]
+    rows = []
+    base = [sys.executable, __file__, "--windows", str(args.windows), "--calib-samples", str(args.calib_samples),
+            "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+    for m, s in jobs:
+        out = subprocess.run(base + ["--one", m, s], capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{m} {s} failed")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        (RESULTS / f"{args.out}.partial.json").write_text(json.dumps(rows, indent=1))
+        print(f"{m:5s} {s:7s} ppl {r['perplexity']:.3f} KL {r['kl']:.4f} top1 {r['top1']:.3f} "
+              f"{r['quantize_s']:.1f}s peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    fp32 = rows[0]["perplexity"]
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
+        "windows": args.windows, "calibration": f"{args.calib_samples} x {args.seq_len} tokens from the end of the default text",
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = (f"{meta['date']}, `{meta['command']}`; eval {args.windows} x 512-token windows; calibration {meta['calibration']}; "
+          f"torch threads {args.threads}.\n\n" + table(rows, fp32))
+    (RESULTS / f"{args.out}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""GPTQ: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (ICLR 2023), arXiv:2210.17323.
+
+Minimizes the layer output error ``||W X - Q X||^2`` one column (input channel) at a time, with the
+Hessian ``H = 2 X X^T`` of that objective. Quantizing column ``j`` to ``q_j`` moves the still-unquantized
+columns by the optimal-brain-surgeon update
+
+    delta W[:, j:] = -(w_j - q_j) / [H^-1]_jj * [H^-1]_{j, j:}
+
+using rows of the upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), so the inverse is never
+updated. Columns are processed in blocks: updates inside a block are applied at once, the rest of the
+matrix gets the block's accumulated error in one matrix product ("lazy batch updates"). ``H`` is dampened
+by ``damp * mean(diag H)`` before the inverse. With ``act_order`` columns go by decreasing ``diag H``;
+the permutation is undone at the end, and groups stay contiguous in the original column order, so the
+output (codes, scale, zero) has exactly the format of :func:`llmquant.algorithms.rtn_quantize`. A group's
+qparams are computed (min-max, as RTN) when the loop reaches the first of its columns, from the group's
+weights as updated so far; the last group may be ragged when the group size does not divide the width.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import CalibrationError, SchemeError
+from ..schemes import QuantScheme, check_finite, compute_qparams
+from ..schemes.primitives import scale_torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
+    """``2 X X^T / n`` from inputs ``x`` (..., in_features); the flows accumulate it over batches instead."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return (2 * x.T @ x / x.shape[0]).float()
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of the dampened ``H^-1``; more dampening is tried if H is too ill-conditioned."""
+    mean_diag = float(h.diagonal().mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(6):
+        d = damp * (10**attempt) if damp > 0 else (0.0 if attempt == 0 else 1e-4 * 10**attempt)
+        try:
+            lower = torch.linalg.cholesky(h + d * mean_diag * eye)
+            hinv = torch.cholesky_inverse(lower)
+            upper = torch.linalg.cholesky(hinv, upper=True)
+            if attempt:
+                log.warning("%s: Hessian needed dampening %.3g (asked %.3g) to be invertible", name, d, damp)
+            return upper
+        except torch.linalg.LinAlgError:
+            continue
+    raise CalibrationError(f"{name}: the calibration Hessian is not invertible even with heavy dampening; "
+                           "give more (or more varied) calibration text")
+
+
+def _column_qparams(scale: torch.Tensor, zero: torch.Tensor | None, col: int, scheme: QuantScheme):
+    """(rows,) scale and zero (or None) that apply to column ``col``."""
+    g = col // scheme.group_size if scheme.granularity == "group" else 0
+    s = scale[:, g].float()
+    z = None if zero is None else zero[:, g].float()
+    return s, z
+
+
+def _quant_col(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme):
+    """Codes and dequantized values of one column, exactly as quantize_to_int / dequantize compute them."""
+    q = w / s
+    if z is not None:
+        q = q + z
+    q = q.round().clamp(scheme.qmin, scheme.qmax)
+    deq = (q - z) * s if z is not None else q * s
+    return q, deq
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    name: str = "weight",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Integer codes (int16, shaped like ``weight``), scale and zero point (None if symmetric), as RTN.
+
+    ``hessian``: (in, in), ``2 X X^T / n`` of the layer's calibration inputs.
+    """
+    with _few_threads(weight.device):
+        return _gptq(weight, hessian, scheme, damp, block_size, act_order, name)
+
+
+def _gptq(weight, hessian, scheme, damp, block_size, act_order, name):
+    w = weight.detach().float().clone()
+    check_finite(w, name)
+    rows, cols = w.shape
+    if hessian.shape != (cols, cols):
+        raise SchemeError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input features")
+    if not torch.isfinite(hessian).all():
+        raise CalibrationError(f"{name}: the calibration statistics hold NaN/Inf; check the calibration inputs")
+    if scheme.granularity == "tensor":
+        raise SchemeError("GPTQ needs per-channel or grouped weight scales, not per-tensor")
+    h = hessian.detach().float().clone().to(w.device)
+    dead = h.diagonal() == 0  # inputs that were always zero: their columns do not affect the output
+    h[dead, dead] = 1.0
+
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    u = _inverse_cholesky(h, damp, name)
+    del h
+
+    grouped = scheme.granularity == "group"
+    ngroups = scheme.num_groups(cols)
+    sdt = scale_torch_dtype(scheme)
+    if grouped:
+        scale = torch.zeros(rows, ngroups, dtype=sdt, device=w.device)
+        zero = None if scheme.symmetric else torch.zeros(rows, ngroups, dtype=torch.int16 if scheme.zero_point == "int" else sdt, device=w.device)
+        done = [False] * ngroups
+        # original column index at each processing position, and each group's processing positions
+        orig = perm if perm is not None else torch.arange(cols, device=w.device)
+        pos_of = torch.empty(cols, dtype=torch.long, device=w.device)
+        pos_of[orig] = torch.arange(cols, device=w.device)
+        orig_list = orig.tolist()
+    else:  # per channel: one scale per row, from the whole (permuted columns do not matter) matrix
+        scale, zero = compute_qparams(w, scheme)
+    # work on W^T so that a column is a contiguous row of memory
+    wt = w.T.contiguous()
+    del w
+    qcodes = _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list if grouped else None,
+                          pos_of if grouped else None, done if grouped else None)
+    qcodes = qcodes.T
+    if perm is not None:
+        qcodes = qcodes[:, torch.argsort(perm)]
+    return qcodes.contiguous(), scale, zero
+
+
+@contextmanager
+def _few_threads(device):
+    """GPTQ's loop is thousands of small ops: on CPU, thread hand-offs cost more than they save (5-20x
+    slower on a loaded 2-core machine), so it runs on one thread."""
+    n = torch.get_num_threads()
+    if device.type == "cpu" and n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done):
+    """GPTQ's loop over columns (rows of ``wt``), in blocks with lazy batch updates; returns codes (cols, rows)."""
+    cols, rows = wt.shape
+    qcodes = torch.zeros(cols, rows, dtype=torch.int16, device=wt.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = wt[i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            col = orig_list[j] if grouped else j
+            if grouped:
+                g = col // scheme.group_size
+                if not done[g]:  # first column of this group reached: its qparams from current weights
+                    members = pos_of[g * scheme.group_size : min((g + 1) * scheme.group_size, cols)]
+                    cur = _current_columns(wt, w1, err1, u, members, i1, i2, i)
+                    s_g, z_g = compute_qparams(cur, scheme)
+                    scale[:, g] = s_g[:, 0]
+                    if zero is not None:
+                        zero[:, g] = z_g[:, 0]
+                    done[g] = True
+            s, z = _column_qparams(scale, zero, col, scheme)
+            wc = w1[i]
+            q, deq = _quant_col(wc, s, z, scheme)
+            qcodes[j] = q.to(torch.int16)
+            e = (wc - deq).div_(u1[i, i])
+            if i + 1 < i2 - i1:
+                w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
+            err1[i] = e
+        if i2 < cols:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
+    return qcodes
+
+
+def _current_columns(wt, w1, err1, u, members, i1, i2, i):
+    """Current (updated) values, as (rows, len(members)), of the columns at processing positions ``members``
+    while column ``i1 + i`` of the block ``[i1, i2)`` is next (all layouts transposed: a row per column).
+    Block columns live in ``w1``; later ones still owe the updates of the block's first ``i`` columns."""
+    out = torch.empty(members.numel(), wt.shape[1], dtype=wt.dtype, device=wt.device)
+    inside = (members >= i1) & (members < i2)
+    if inside.any():
+        out[inside] = w1[members[inside] - i1]
+    later = members >= i2
+    if later.any():
+        m = members[later]
+        out[later] = wt[m] - u[i1 : i1 + i, m].T @ err1[:i] if i else wt[m]
+    return out.T

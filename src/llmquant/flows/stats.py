@@ -1,0 +1,95 @@
+"""Per-linear input statistics gathered with forward pre-hooks: ``X^T X``, ``sum |X|`` and a token count.
+
+Linears fed by the very same tensor (q/k/v after a norm, gate/up) share one accumulator, so each distinct
+input's Gram matrix is computed once. NaN/Inf in an input raises :class:`CalibrationError`.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+
+from ..errors import CalibrationError
+
+
+class InputStats:
+    def __init__(self, k: int, device) -> None:
+        self.xtx = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.abs_sum = torch.zeros(k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, name: str) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x2).all():
+            raise CalibrationError(f"NaN/Inf in the calibration inputs of {name}: the model overflows on the "
+                                   "calibration text (try float32, or other calibration text)")
+        self.xtx.addmm_(x2.T, x2)
+        self.abs_sum += x2.abs().sum(0)
+        self.n += x2.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's ``H = 2 X X^T / n``."""
+        return self.xtx * (2.0 / max(self.n, 1))
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """``X^T X / n``: the mean squared output error of a weight error D is ``sum((D G) * D)``."""
+        return self.xtx / max(self.n, 1)
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n, 1)
+
+
+class StatsCollector:
+    """Context manager: hooks on ``linears`` (name -> module) accumulate their inputs' statistics.
+
+    ``owner[name]`` is the linear whose accumulator ``name`` shares; ``stats[owner]`` holds it.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        self.linears = linears
+        self.owner: dict[str, str] = {}
+        self.stats: dict[str, InputStats] = {}
+        self._recent: list[tuple[weakref.ref, str]] = []
+        self._handles = []
+
+    def _hook(self, name: str):
+        def pre(mod, args):
+            x = args[0]
+            own = self.owner.get(name)
+            if own is None:  # first call: is this the tensor another linear just saw?
+                own = next((o for ref, o in self._recent if ref() is x), name)
+                self.owner[name] = own
+                if own == name:
+                    self.stats[name] = InputStats(x.shape[-1], x.device)
+                    self._recent = [(r, o) for r, o in self._recent if r() is not None][-8:]
+                    self._recent.append((weakref.ref(x), name))
+            if own == name:
+                self.stats[name].add(x, name)
+
+        return pre
+
+    def of(self, name: str) -> InputStats:
+        return self.stats[self.owner[name]]
+
+    def __enter__(self) -> "StatsCollector":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._recent = []
+
+    def groups(self) -> dict[str, list[str]]:
+        """owner -> the linears sharing its input, in the order of ``linears``."""
+        out: dict[str, list[str]] = {}
+        for n in self.linears:
+            if n in self.owner:
+                out.setdefault(self.owner[n], []).append(n)
+        return out
