@@ -19,6 +19,7 @@ from .errors import LLMQuantError
 from .schemes import PRESETS, QuantConfig, QuantScheme
 from .modules import QuantLinear
 from .flows import QuantSummary, quantize
+from .flows import calibrate, convert, prepare, quantize_static
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 
@@ -60,6 +61,10 @@ __all__ = [
     "QuantLinear",
     "QuantScheme",
     "QuantSummary",
+    "calibrate",
+    "convert",
+    "prepare",
+    "quantize_static",
     "evaluate",
     "load",
     "load_model",

@@ -35,3 +35,12 @@ class OutputExistsError(LLMQuantError, FileExistsError):
 
 class SelectionError(LLMQuantError, ValueError):
     """A targets/ignore selection matched nothing or named a module that does not exist."""
+
+
+class CalibrationError(LLMQuantError, ValueError):
+    """Calibration cannot run or went wrong: bad sample count or sequence length, NaN/Inf activations,
+    observers that saw no data."""
+
+
+class MappingError(LLMQuantError, ValueError):
+    """No norm -> linear mapping is known for this architecture (SmoothQuant, AWQ); pass one."""

@@ -168,6 +168,10 @@ class QuantConfig:
     method: str = "rtn"
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    # calibrated flows (prepare/convert): observers by registry name, "name" or "name:arg" ("percentile:99.9")
+    observer: str = "minmax"  # activation observer (static activation scales)
+    weight_observer: str = "minmax"  # weight observer (per-channel / group ranges)
+    smooth_alpha: float | None = None  # SmoothQuant migration strength a; None: no smoothing
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -176,6 +180,11 @@ class QuantConfig:
             object.__setattr__(self, "activation", resolve_scheme(self.activation))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        for f in ("observer", "weight_observer"):
+            if not isinstance(getattr(self, f), str) or not getattr(self, f):
+                raise SchemeError(f"{f} must be an observer name such as 'minmax', got {getattr(self, f)!r}")
+        if self.smooth_alpha is not None and not (isinstance(self.smooth_alpha, (int, float)) and 0 <= self.smooth_alpha <= 1):
+            raise SchemeError(f"smooth_alpha must be in [0, 1] (or None), got {self.smooth_alpha!r}")
         if self.version != CONFIG_VERSION:
             raise SchemeError(f"config version {self.version} is not supported (this llmquant reads {CONFIG_VERSION})")
 
@@ -189,6 +198,9 @@ class QuantConfig:
             "method": self.method,
             "targets": list(self.targets),
             "ignore": list(self.ignore),
+            "observer": self.observer,
+            "weight_observer": self.weight_observer,
+            "smooth_alpha": self.smooth_alpha,
             "version": self.version,
         }
 
