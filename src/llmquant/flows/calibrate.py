@@ -72,15 +72,18 @@ def _remove_observer_hooks(lin: nn.Module) -> None:
             del lin._forward_pre_hooks[k]
 
 
-def unprepare(model: nn.Module) -> nn.Module:
-    """Remove the observers ``prepare`` attached, leaving the float model as it was."""
-    for _, m in model.named_modules():
-        if hasattr(m, WEIGHT_OBSERVER):
+def unprepare(model: nn.Module, targets: tuple[str, ...] = ()) -> nn.Module:
+    """Remove the observers ``prepare`` attached (from the modules ``targets`` selects, names or ``re:``, or
+    from all), leaving those float modules as they were."""
+    from ..modules import matches
+
+    for name, m in model.named_modules():
+        if hasattr(m, WEIGHT_OBSERVER) and (not targets or matches(name, targets)):
             _remove_observer_hooks(m)
             for k in (WEIGHT_OBSERVER, INPUT_OBSERVER):
                 if hasattr(m, k):
                     delattr(m, k)
-    if hasattr(model, "llmquant_prepared"):
+    if not targets and hasattr(model, "llmquant_prepared"):
         del model.llmquant_prepared
     return model
 
