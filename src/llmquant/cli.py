@@ -55,7 +55,13 @@ def cmd_quantize(args) -> int:
     )
     _check_out(args.output, args.overwrite)
     model, tok = llmquant.load_model(args.model)
-    summary = llmquant.quantize(model, cfg)
+    if args.method in CALIBRATED_STATIC:
+        scheme = _static_weight_scheme(args)
+        cfg = _static_config(args, cfg.with_(weight=scheme))
+        summary = llmquant.quantize_static(model, cfg, tok, _calib_text(args.calib), samples=args.calib_samples,
+                                           seq_len=args.seq_len)
+    else:
+        summary = llmquant.quantize(model, cfg)
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
     rows = [
         {
@@ -72,6 +78,28 @@ def cmd_quantize(args) -> int:
     print(format_table(rows))
     print(f"saved to {args.output}")
     return 0
+
+
+# ---- calibrated static W8A8 (issue 3) -----------------------------------------------------------------
+CALIBRATED_STATIC = ("static", "smoothquant")
+
+
+def _static_weight_scheme(args):
+    """int8 per channel unless the user named a weight scheme."""
+    explicit = args.scheme or args.bits is not None or args.group_size is not None or args.asym or args.granularity
+    return _scheme_from_args(args) if explicit else __import__("llmquant").PRESETS["W8"]
+
+
+def _static_config(args, cfg):
+    from .schemes import QuantScheme
+
+    act = QuantScheme(bits=8, granularity="tensor", dynamic=False)
+    alpha = args.alpha if args.method == "smoothquant" else None
+    return cfg.with_(activation=act, observer=args.observer, smooth_alpha=alpha)
+
+
+def _calib_text(calib: str | None):
+    return None if calib in (None, "default") else Path(calib)
 
 
 def _reference_for(manifest_source: str | None):
@@ -186,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights and save it")
     q.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="quantization algorithm")
+    q.add_argument("--method", default="rtn", choices=["rtn", "static", "smoothquant"],
+                   help="rtn (weights only); static: W8A8 with calibrated per-tensor activation scales; "
+                        "smoothquant: SmoothQuant, then static W8A8")
     q.add_argument("--scheme", help="a preset: W8, W4G64, W4G128, W3G32, ... (instead of --bits etc.)")
     q.add_argument("--bits", type=int, help="2..8 (default 4)")
     q.add_argument("--group-size", type=int, help="values per scale; omit for per-channel with --bits 8")
@@ -194,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
     q.add_argument("--targets", nargs="*", help="module names or re:regex to quantize (default: all Linear)")
     q.add_argument("--ignore", nargs="*", help="module names or re:regex to leave alone (default: lm_head)")
+    q.add_argument("--observer", default="mse", help="activation observer for static/smoothquant: minmax, "
+                   "moving_average, percentile[:p], mse, histogram (default mse)")
+    q.add_argument("--calib", help="calibration text: a .txt/.jsonl file, or 'default' (pydoc topics, from the end)")
+    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant migration strength (default 0.8)")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     q.set_defaults(func=cmd_quantize)
