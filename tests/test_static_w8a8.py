@@ -200,3 +200,38 @@ def test_convert_errors():
     with pytest.raises(CalibrationError, match="saw no data"):
         llmquant.convert(m)
     assert all(type(mod) is not QuantLinear for mod in m.modules())  # nothing replaced
+
+
+def test_alpha_search_beats_no_smoothing_on_outlier_channels():
+    from llmquant.algorithms.smoothquant import _rtn_int8_rows, search_alpha
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [5, 40]] *= 60  # outlier input channels
+    lin = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=g) * 0.1)
+
+    def fq(v):  # per-tensor int8, min-max
+        s = v.abs().max() / 127.5
+        return (v / s).round().clamp(-128, 127) * s
+
+    best, errs = search_alpha(x, x.abs().amax(0), [lin], (0.2, 0.5, 0.8), fq)
+    w = lin.weight.detach()
+    plain = float((fq(x) @ _rtn_int8_rows(w).t() - x @ w.t()).pow(2).sum())
+    assert best in (0.2, 0.5, 0.8) and min(errs) == errs[(0.2, 0.5, 0.8).index(best)]
+    assert min(errs) < 0.3 * plain
+
+
+def test_smooth_with_alpha_search_keeps_the_float_model():
+    m = make_tiny_llama(layers=1)
+    ids = torch.randint(0, 1000, (2, 32))
+    with torch.no_grad():
+        ref = m(ids).logits
+    stats = SmoothingStats(m, smoothing_pairs(m), keep_samples=1)
+    with torch.no_grad():
+        m(ids)
+    smooth(m, stats, "search", observer="minmax")
+    assert set(stats.chosen_alphas.values()) <= {0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9} and len(stats.chosen_alphas) == 3
+    with torch.no_grad():
+        assert (m(ids).logits - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -64,3 +64,27 @@ def apply_smoothing(source: nn.Module, linears: list[nn.Module], s: torch.Tensor
     for m in linears:
         w = in_major_weight(m)
         w.mul_(s.to(w.dtype)[None, :])
+
+
+def _rtn_int8_rows(w: torch.Tensor) -> torch.Tensor:
+    """int8 per-output-channel fake quantization (full signed grid, as the W8 preset)."""
+    s = (w.abs().amax(dim=1, keepdim=True) / 127.5).clamp(min=1e-10)
+    return (w / s).round().clamp(-128, 127) * s
+
+
+@torch.no_grad()
+def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, linears: list[nn.Module], alphas, act_fake_quant) -> tuple[float, list[float]]:
+    """The alpha whose smoothing gives the smallest output error ``sum_i ||X W_i^T - Q(X/s) Q(W_i s)^T||^2`` on
+    the sample ``x`` (tokens, K), with int8 per-channel weights and ``act_fake_quant`` (a function of the
+    smoothed activations, e.g. an observer's per-tensor rule) for the inputs. Returns (best, errors)."""
+    x = x.float()
+    ws = [in_major_weight(m).float() for m in linears]
+    w_absmax = torch.cat([w.abs() for w in ws]).amax(dim=0)
+    ref = [x @ w.t() for w in ws]
+    errs = []
+    for a in alphas:
+        s = smoothing_factors(act_absmax.to(x.device), w_absmax, a)
+        xq = act_fake_quant(x / s)
+        errs.append(sum(float((xq @ _rtn_int8_rows(w * s).t() - r).pow(2).sum()) for w, r in zip(ws, ref)))
+    best = min(range(len(errs)), key=errs.__getitem__)
+    return float(alphas[best]), errs

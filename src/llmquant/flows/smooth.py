@@ -55,16 +55,26 @@ def smoothing_pairs(model: nn.Module, arch: ArchSpec | None = None, *, linear_pa
 
 
 class SmoothingStats:
-    """Per-input-channel extremes of each pair's input, observed on its first consuming linear."""
+    """Per-input-channel extremes of each pair's input, observed on its first consuming linear; with
+    ``keep_samples`` the first that many calls' inputs are kept too (for the per-layer alpha search)."""
 
-    def __init__(self, model: nn.Module, pairs: list[SmoothPair]) -> None:
+    def __init__(self, model: nn.Module, pairs: list[SmoothPair], keep_samples: int = 0) -> None:
         self.pairs = pairs
         self.observers: dict[str, MinMaxObserver] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {p.source: [] for p in pairs}
         self._handles = []
         for p in pairs:
             obs = MinMaxObserver(_STATS_SCHEME, ch_axis=-1, label=p.targets[0])
             self.observers[p.source] = obs
             self._handles.append(model.get_submodule(p.targets[0]).register_forward_pre_hook(obs.hook))
+            if keep_samples:
+                keep = self.samples[p.source]
+
+                def hook(mod, args, keep=keep):
+                    if len(keep) < keep_samples:
+                        keep.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+
+                self._handles.append(model.get_submodule(p.targets[0]).register_forward_pre_hook(hook))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -76,15 +86,43 @@ class SmoothingStats:
         return torch.maximum(lo.abs(), hi.abs()).reshape(-1)
 
 
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
 @torch.no_grad()
-def smooth(model: nn.Module, stats: SmoothingStats, alpha: float = 0.5) -> dict[str, torch.Tensor]:
-    """Fold SmoothQuant factors for every pair of ``stats`` into ``model`` in place; returns them by source."""
+def smooth(model: nn.Module, stats: SmoothingStats, alpha: float | str = 0.5, *, observer: str = "mse",
+           grid=ALPHA_GRID) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant factors for every pair of ``stats`` into ``model`` in place; returns them by source.
+
+    ``alpha="search"`` picks, per pair, the alpha of ``grid`` with the smallest int8 output error of the
+    consuming linears on the kept samples (``SmoothingStats(keep_samples=...)``), activations quantized per
+    tensor with ``observer``'s rule; the choices are in ``stats.chosen_alphas`` afterwards.
+    """
+    from ..algorithms.smoothquant import search_alpha
+    from ..observers import make_observer
+
     stats.remove()
     factors = {}
+    stats.chosen_alphas = {}
     for p in stats.pairs:
         targets = [model.get_submodule(t) for t in p.targets]
-        s = smoothing_factors(stats.absmax(p.source).to(targets[0].weight.device), weight_absmax(targets), alpha)
+        a = alpha
+        if alpha == "search":
+            sample = stats.samples.get(p.source)
+            if not sample:
+                raise MappingError("alpha='search' needs samples: gather stats with SmoothingStats(..., keep_samples=1)")
+            x = torch.cat(sample)
+
+            def fq(v):
+                o = make_observer(observer, _STATS_SCHEME)
+                o(v)
+                sc, z = o.calculate_qparams()
+                return (v / sc).round().clamp(_STATS_SCHEME.qmin, _STATS_SCHEME.qmax) * sc
+
+            a, _ = search_alpha(x, stats.absmax(p.source), targets, grid, fq)
+            stats.chosen_alphas[p.source] = a
+        s = smoothing_factors(stats.absmax(p.source).to(targets[0].weight.device), weight_absmax(targets), a)
         apply_smoothing(model.get_submodule(p.source), targets, s)
         factors[p.source] = s
-    log.info("SmoothQuant (alpha %.2f) folded into %d sources", alpha, len(factors))
+    log.info("SmoothQuant (alpha %s) folded into %d sources", alpha, len(factors))
     return factors
