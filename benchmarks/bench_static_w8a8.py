@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--observers", default="minmax,percentile,mse,histogram")
-    ap.add_argument("--alphas", default="0.5,0.8", help="SmoothQuant migration strengths to run")
+    ap.add_argument("--alphas", default="0.8", help="SmoothQuant migration strengths to run ('search': per layer)")
+    ap.add_argument("--search-observer", default="mse", help="activation rule used by the per-layer alpha search")
     ap.add_argument("--dynamic-fallback", default="re:.*down_proj",
                     help="also run the best SmoothQuant setting with these layers' activations per-token dynamic "
                          "('' to skip)")
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     observers = args.observers.split(",")
-    alphas = [float(a) for a in args.alphas.split(",") if a]
+    alphas = [a if a == "search" else float(a) for a in args.alphas.split(",") if a]
 
     ref, tok = llmquant.load_model()
     fp32_mb = sum(p.numel() * p.element_size() for p in ref.parameters()) / 1e6
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
 
     # pass 1: the float model's activations (histograms for static scales + SmoothQuant's channel extremes)
     m0 = copy.deepcopy(ref)
-    stats = SmoothingStats(m0, smoothing_pairs(m0))
+    stats = SmoothingStats(m0, smoothing_pairs(m0), keep_samples=int("search" in alphas))
     pass1 = run_pass(m0)
     stats.remove()
     print(f"pass 1 {pass1:.1f}s", file=sys.stderr)
@@ -147,7 +148,10 @@ def main(argv=None) -> int:
     for alpha in alphas:
         m1 = copy.deepcopy(ref)
         t0 = time.perf_counter()
-        smooth(m1, stats, alpha)
+        smooth(m1, stats, alpha, observer=args.search_observer)
+        if alpha == "search":
+            chosen = list(stats.chosen_alphas.values())
+            meta["searched alphas (per pair: counts)"] = {a: chosen.count(a) for a in sorted(set(chosen))}
         t_smooth = time.perf_counter() - t0
         pass2 = run_pass(m1)
         b = evaluate_all(m1, f"SmoothQuant a={alpha} + static W8A8", pass1 + t_smooth + pass2)

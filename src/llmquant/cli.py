@@ -94,8 +94,19 @@ def _static_config(args, cfg):
     from .schemes import QuantScheme
 
     act = QuantScheme(bits=8, granularity="tensor", dynamic=False)
-    alpha = args.alpha if args.method == "smoothquant" else None
+    alpha = None
+    if args.method == "smoothquant":
+        alpha = "search" if args.alpha == "search" else _float_alpha(args.alpha)
     return cfg.with_(activation=act, observer=args.observer, smooth_alpha=alpha)
+
+
+def _float_alpha(v: str) -> float:
+    from .errors import SchemeError
+
+    try:
+        return float(v)
+    except ValueError:
+        raise SchemeError(f"--alpha takes a number in [0, 1] or 'search', got {v!r}") from None
 
 
 def _calib_text(calib: str | None):
@@ -229,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="calibration text: a .txt/.jsonl file, or 'default' (pydoc topics, from the end)")
     q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    q.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant migration strength (default 0.8)")
+    q.add_argument("--alpha", default="0.8", help="SmoothQuant migration strength in [0, 1], or 'search' for a "
+                   "per-layer choice by output error (default 0.8)")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     q.set_defaults(func=cmd_quantize)

@@ -212,12 +212,12 @@ def quantize_static(model: nn.Module, config, tokenizer=None, text: str | Path |
     t0 = time.perf_counter()
     wins = calibration_windows(model, tokenizer, text, samples=samples, seq_len=seq_len)
     if cfg.smooth_alpha is not None:
-        stats = SmoothingStats(model, smoothing_pairs(model, arch))
+        stats = SmoothingStats(model, smoothing_pairs(model, arch), keep_samples=int(cfg.smooth_alpha == "search"))
         try:
             calibrate(model, windows=wins, progress=progress)
         finally:
             stats.remove()
-        smooth(model, stats, cfg.smooth_alpha)
+        smooth(model, stats, cfg.smooth_alpha, observer=cfg.observer)
     prepare(model, cfg)
     try:
         calibrate(model, windows=wins, progress=progress)

@@ -171,7 +171,7 @@ class QuantConfig:
     # calibrated flows (prepare/convert): observers by registry name, "name" or "name:arg" ("percentile:99.9")
     observer: str = "minmax"  # activation observer (static activation scales)
     weight_observer: str = "minmax"  # weight observer (per-channel / group ranges)
-    smooth_alpha: float | None = None  # SmoothQuant migration strength a; None: no smoothing
+    smooth_alpha: float | str | None = None  # SmoothQuant strength a in [0, 1], "search" (per layer), None: none
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -183,8 +183,9 @@ class QuantConfig:
         for f in ("observer", "weight_observer"):
             if not isinstance(getattr(self, f), str) or not getattr(self, f):
                 raise SchemeError(f"{f} must be an observer name such as 'minmax', got {getattr(self, f)!r}")
-        if self.smooth_alpha is not None and not (isinstance(self.smooth_alpha, (int, float)) and 0 <= self.smooth_alpha <= 1):
-            raise SchemeError(f"smooth_alpha must be in [0, 1] (or None), got {self.smooth_alpha!r}")
+        a = self.smooth_alpha
+        if a is not None and a != "search" and not (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1):
+            raise SchemeError(f"smooth_alpha must be in [0, 1], 'search' or None, got {a!r}")
         if self.version != CONFIG_VERSION:
             raise SchemeError(f"config version {self.version} is not supported (this llmquant reads {CONFIG_VERSION})")
 
