@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dynamic-fallback", default="re:.*down_proj",
                     help="also run the best SmoothQuant setting with these layers' activations per-token dynamic "
                          "('' to skip)")
+    ap.add_argument("--plain-observers", default=None,
+                    help="observers for the rows without SmoothQuant (default: --observers; '' skips them)")
+    ap.add_argument("--no-dynamic", action="store_true", help="skip the per-token dynamic W8A8 row")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -119,9 +122,9 @@ def main(argv=None) -> int:
         calibrate(model, windows=wins)
         return time.perf_counter() - t0
 
-    def evaluate_all(prepared, method, base_s):
+    def evaluate_all(prepared, method, base_s, obs_list=None):
         best = None
-        for obs in observers:
+        for obs in observers if obs_list is None else obs_list:
             m = copy.deepcopy(prepared)
             t0 = time.perf_counter()
             convert(m, observer=obs, progress=False)
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
     pass1 = run_pass(m0)
     stats.remove()
     print(f"pass 1 {pass1:.1f}s", file=sys.stderr)
-    evaluate_all(m0, "static W8A8", pass1)
+    plain = observers if args.plain_observers is None else [o for o in args.plain_observers.split(",") if o]
+    evaluate_all(m0, "static W8A8", pass1, plain)
     del m0
 
     best_sq = None
@@ -178,6 +182,9 @@ def main(argv=None) -> int:
         del m, m1
 
     # per-token dynamic W8A8 (no calibration) for reference
+    if args.no_dynamic:
+        print(write(final=True))
+        return 0
     m = copy.deepcopy(ref)
     t0 = time.perf_counter()
     llmquant.quantize(m, QuantConfig(weight="W8", activation=QuantScheme(bits=8, granularity="token", dynamic=True)),
