@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--search-observer", default="mse", help="activation rule used by the per-layer alpha search")
     ap.add_argument("--dynamic-fallback", default="re:.*down_proj",
                     help="also run the best SmoothQuant setting with these layers' activations per-token dynamic "
-                         "('' to skip)")
+                         "(several sets separated by ';', '' to skip)")
     ap.add_argument("--plain-observers", default=None,
                     help="observers for the rows without SmoothQuant (default: --observers; '' skips them)")
     ap.add_argument("--no-dynamic", action="store_true", help="skip the per-token dynamic W8A8 row")
@@ -164,22 +164,22 @@ def main(argv=None) -> int:
         else:
             del m1
 
-    if args.dynamic_fallback and best_sq is not None:
+    for fallback in [f for f in args.dynamic_fallback.split(";") if f] if best_sq is not None else []:
         # the best SmoothQuant setting, with the fallback layers' activations quantized per token at run time
         r, obs, alpha, m1 = best_sq
         m = copy.deepcopy(m1)
         t0 = time.perf_counter()
-        unprepare(m, (args.dynamic_fallback,))
+        unprepare(m, (fallback,))
         convert(m, observer=obs, progress=False)
         dyn = QuantConfig(weight="W8", activation=QuantScheme(bits=8, granularity="token", dynamic=True),
-                          targets=(args.dynamic_fallback,))
+                          targets=(fallback,))
         n_fb = len(llmquant.quantize(m, dyn, progress=False).layers)
-        rows.append({"method": f"SmoothQuant a={alpha} + static W8A8, {n_fb} x {args.dynamic_fallback[3:]} dynamic",
+        rows.append({"method": f"SmoothQuant a={alpha} + static W8A8, {n_fb} x {fallback[3:]} dynamic per-token",
                      "observer": obs, **score(m, ev, ref_lp),
                      "quantize s": r["quantize s"] + time.perf_counter() - t0, "peak RSS MB": rss_mb()})
         print(format_table(rows[-1:]), file=sys.stderr)
         write()
-        del m, m1
+        del m
 
     # per-token dynamic W8A8 (no calibration) for reference
     if args.no_dynamic:
