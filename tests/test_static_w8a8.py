@@ -235,3 +235,14 @@ def test_smooth_with_alpha_search_keeps_the_float_model():
     assert set(stats.chosen_alphas.values()) <= {0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9} and len(stats.chosen_alphas) == 3
     with torch.no_grad():
         assert (m(ids).logits - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_convert_rederives_with_another_argument():
+    m = mlp()
+    llmquant.prepare(m, STATIC.with_(observer="percentile:99.99", ignore=()))
+    with torch.no_grad():
+        m(torch.rand(64, 784))
+    m2 = copy.deepcopy(m)
+    llmquant.convert(m, progress=False)
+    llmquant.convert(m2, observer="percentile:90", progress=False)
+    assert m2[3].input_scale.item() < m[3].input_scale.item()

@@ -99,7 +99,8 @@ def convert(model: nn.Module, *, observer: str | None = None, progress: bool = T
     cfg: QuantConfig | None = getattr(model, "llmquant_prepared", None)
     if cfg is None:
         raise CalibrationError("the model is not prepared: call llmquant.prepare(model, config) and run calibration data first")
-    if observer is not None:
+    rederive = observer is not None and observer != cfg.observer
+    if rederive:
         parse_spec(observer)
         cfg = cfg.with_(observer=observer)
     chosen = [(n, m) for n, m in model.named_modules() if hasattr(m, WEIGHT_OBSERVER)]
@@ -109,7 +110,7 @@ def convert(model: nn.Module, *, observer: str | None = None, progress: bool = T
     for name, lin in chosen:
         if static:
             obs = getattr(lin, INPUT_OBSERVER)
-            if observer is not None and obs.name != parse_spec(observer)[0]:
+            if rederive:
                 if not isinstance(obs, HistogramObserver):
                     raise CalibrationError(f"statistics of a {obs.name} observer cannot be read as {observer!r}; "
                                            "prepare with a histogram-family observer (percentile, mse, histogram)")
