@@ -97,7 +97,9 @@ def _static_config(args, cfg):
     alpha = None
     if args.method == "smoothquant":
         alpha = "search" if args.alpha == "search" else _float_alpha(args.alpha)
-    return cfg.with_(activation=act, observer=args.observer, smooth_alpha=alpha)
+    # measured defaults (BENCHMARKS.md): MSE clipping without smoothing, min-max after SmoothQuant
+    observer = args.observer or ("minmax" if args.method == "smoothquant" else "mse")
+    return cfg.with_(activation=act, observer=observer, smooth_alpha=alpha)
 
 
 def _float_alpha(v: str) -> float:
@@ -235,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
     q.add_argument("--targets", nargs="*", help="module names or re:regex to quantize (default: all Linear)")
     q.add_argument("--ignore", nargs="*", help="module names or re:regex to leave alone (default: lm_head)")
-    q.add_argument("--observer", default="mse", help="activation observer for static/smoothquant: minmax, "
-                   "moving_average, percentile[:p], mse, histogram (default mse)")
+    q.add_argument("--observer", help="activation observer for static/smoothquant: minmax, moving_average, "
+                   "percentile[:p], mse, histogram (default: mse for static, minmax for smoothquant)")
     q.add_argument("--calib", help="calibration text: a .txt/.jsonl file, or 'default' (pydoc topics, from the end)")
     q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
