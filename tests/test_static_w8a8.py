@@ -246,3 +246,38 @@ def test_convert_rederives_with_another_argument():
     llmquant.convert(m, progress=False)
     llmquant.convert(m2, observer="percentile:90", progress=False)
     assert m2[3].input_scale.item() < m[3].input_scale.item()
+
+
+def _tiny(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "gpt2":  # Conv1D weights (in, out), LayerNorm with bias
+        cfg = tf.GPT2Config(vocab_size=500, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+        return tf.GPT2LMHeadModel(cfg).eval()
+    if kind == "opt":
+        cfg = tf.OPTConfig(vocab_size=500, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64, word_embed_proj_dim=48)
+        return tf.OPTForCausalLM(cfg).eval()
+    cfg = tf.Qwen2Config(vocab_size=500, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return tf.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "qwen2"])
+def test_smoothquant_other_architectures_unchanged(kind):
+    m = _tiny(kind)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ("ln" in n or "norm" in n or "layer_norm" in n) and p.dim() == 1:
+                p.uniform_(0.5, 3.0)  # non-trivial norm weights and biases
+    ids = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        ref = m(ids).logits
+    stats = SmoothingStats(m, smoothing_pairs(m))
+    with torch.no_grad():
+        m(ids)
+    smooth(m, stats, 0.5)
+    with torch.no_grad():
+        out = m(ids).logits
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
