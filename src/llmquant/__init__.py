@@ -20,6 +20,7 @@ from .schemes import AWQParams, CalibSpec, GPTQParams, PRESETS, QuantConfig, Qua
 from .modules import QuantLinear
 from .flows import QuantSummary
 from .flows import quantize as _flow_quantize
+from .flows import calibrate, convert, prepare, quantize_static
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 from .report import compare
@@ -89,6 +90,10 @@ __all__ = [
     "QuantLinear",
     "QuantScheme",
     "QuantSummary",
+    "calibrate",
+    "convert",
+    "prepare",
+    "quantize_static",
     "evaluate",
     "load",
     "load_model",

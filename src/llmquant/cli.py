@@ -45,7 +45,7 @@ def _calibrated_kwargs(args) -> dict:
     """method_params / calibration for calibrated methods (gptq, awq) from --act-order, --calib..."""
     from .schemes import CalibSpec, GPTQParams
 
-    if args.method == "rtn":
+    if args.method not in ("gptq", "awq"):
         return {}
     calib = CalibSpec(source=None if args.calib in (None, "default") else args.calib,
                       samples=args.calib_samples, seq_len=args.seq_len)
@@ -68,7 +68,13 @@ def cmd_quantize(args) -> int:
     )
     _check_out(args.output, args.overwrite)
     model, tok = llmquant.load_model(args.model)
-    summary = llmquant.quantize(model, cfg)
+    if args.method in CALIBRATED_STATIC:
+        scheme = _static_weight_scheme(args)
+        cfg = _static_config(args, cfg.with_(weight=scheme))
+        summary = llmquant.quantize_static(model, cfg, tok, _calib_text(args.calib), samples=args.calib_samples,
+                                           seq_len=args.seq_len)
+    else:
+        summary = llmquant.quantize(model, cfg)
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
     rows = [
         {
@@ -85,6 +91,41 @@ def cmd_quantize(args) -> int:
     print(format_table(rows))
     print(f"saved to {args.output}")
     return 0
+
+
+# ---- calibrated static W8A8 (issue 3) -----------------------------------------------------------------
+CALIBRATED_STATIC = ("static", "smoothquant")
+
+
+def _static_weight_scheme(args):
+    """int8 per channel unless the user named a weight scheme."""
+    explicit = args.scheme or args.bits is not None or args.group_size is not None or args.asym or args.granularity
+    return _scheme_from_args(args) if explicit else __import__("llmquant").PRESETS["W8"]
+
+
+def _static_config(args, cfg):
+    from .schemes import QuantScheme
+
+    act = QuantScheme(bits=8, granularity="tensor", dynamic=False)
+    alpha = None
+    if args.method == "smoothquant":
+        alpha = "search" if args.alpha == "search" else _float_alpha(args.alpha)
+    # measured defaults (BENCHMARKS.md): MSE clipping without smoothing, min-max after SmoothQuant
+    observer = args.observer or ("minmax" if args.method == "smoothquant" else "mse")
+    return cfg.with_(activation=act, observer=observer, smooth_alpha=alpha)
+
+
+def _float_alpha(v: str) -> float:
+    from .errors import SchemeError
+
+    try:
+        return float(v)
+    except ValueError:
+        raise SchemeError(f"--alpha takes a number in [0, 1] or 'search', got {v!r}") from None
+
+
+def _calib_text(calib: str | None):
+    return None if calib in (None, "default") else Path(calib)
 
 
 def _reference_for(manifest_source: str | None):
@@ -214,10 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights and save it")
     q.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"], help="quantization algorithm")
-    q.add_argument("--calib", default="default", help="gptq/awq calibration text: .txt/.jsonl file, or 'default'")
-    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows (gptq/awq)")
-    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (gptq/awq)")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "static", "smoothquant"],
+                   help="rtn (weights only); gptq/awq (weights only, calibrated); static: W8A8 with calibrated "
+                        "per-tensor activation scales; smoothquant: SmoothQuant, then static W8A8")
+    q.add_argument("--calib", default="default", help="calibration text: .txt/.jsonl file, or 'default'")
+    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     q.add_argument("--scheme", help="a preset: W8, W4G64, W4G128, W3G32, ... (instead of --bits etc.)")
     q.add_argument("--bits", type=int, help="2..8 (default 4)")
@@ -226,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
     q.add_argument("--targets", nargs="*", help="module names or re:regex to quantize (default: all Linear)")
     q.add_argument("--ignore", nargs="*", help="module names or re:regex to leave alone (default: lm_head)")
+    q.add_argument("--observer", help="activation observer for static/smoothquant: minmax, moving_average, "
+                   "percentile[:p], mse, histogram (default: mse for static, minmax for smoothquant)")
+    q.add_argument("--alpha", default="0.8", help="SmoothQuant migration strength in [0, 1], or 'search' for a "
+                   "per-layer choice by output error (default 0.8)")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     q.set_defaults(func=cmd_quantize)

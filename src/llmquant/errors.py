@@ -44,3 +44,7 @@ class CalibrationError(LLMQuantError, ValueError):
 
 class UnsupportedArchitectureError(LLMQuantError, ValueError):
     """An algorithm needs per-architecture facts (e.g. which norm feeds which linears) llmquant lacks."""
+
+
+# SmoothQuant's name for the same condition
+MappingError = UnsupportedArchitectureError

@@ -168,6 +168,10 @@ class QuantConfig:
     method: str = "rtn"
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    # calibrated flows (prepare/convert): observers by registry name, "name" or "name:arg" ("percentile:99.9")
+    observer: str = "minmax"  # activation observer (static activation scales)
+    weight_observer: str = "minmax"  # weight observer (per-channel / group ranges)
+    smooth_alpha: float | str | None = None  # SmoothQuant strength a in [0, 1], "search" (per layer), None: none
     version: int = CONFIG_VERSION
     # calibrated methods: their knobs (GPTQParams / AWQParams; defaults when None) and calibration data
     method_params: Any = None
@@ -183,6 +187,12 @@ class QuantConfig:
 
         object.__setattr__(self, "method_params", resolve_method_params(self.method, self.method_params))
         object.__setattr__(self, "calibration", resolve_calib(self.calibration))
+        for f in ("observer", "weight_observer"):
+            if not isinstance(getattr(self, f), str) or not getattr(self, f):
+                raise SchemeError(f"{f} must be an observer name such as 'minmax', got {getattr(self, f)!r}")
+        a = self.smooth_alpha
+        if a is not None and a != "search" and not (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1):
+            raise SchemeError(f"smooth_alpha must be in [0, 1], 'search' or None, got {a!r}")
         if self.version != CONFIG_VERSION:
             raise SchemeError(f"config version {self.version} is not supported (this llmquant reads {CONFIG_VERSION})")
 
@@ -196,6 +206,9 @@ class QuantConfig:
             "method": self.method,
             "targets": list(self.targets),
             "ignore": list(self.ignore),
+            "observer": self.observer,
+            "weight_observer": self.weight_observer,
+            "smooth_alpha": self.smooth_alpha,
             "version": self.version,
             "method_params": None if self.method_params is None else self.method_params.to_dict(),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),

@@ -1,0 +1,230 @@
+"""Calibrated post-training quantization, PyTorch style: ``prepare`` -> run data -> ``convert``.
+
+    cfg = QuantConfig(weight="W8", activation=QuantScheme(bits=8, granularity="tensor"), observer="mse")
+    prepare(model, cfg)                 # observers on the selected linears' inputs (and weights)
+    for x in data: model(x)             # or: calibrate(model, tokenizer, text, samples=64, seq_len=512)
+    convert(model)                      # QuantLinear with int8 weights and a calibrated input scale
+
+Works on any module holding ``nn.Linear`` layers (a plain MLP as in PyTorch's eager-mode example, or a
+Hugging Face causal LM). ``quantize_static`` does the whole job on text, with SmoothQuant first when the
+config asks for it. Calibration text comes from the end of the text (:func:`llmquant.io.calib_windows`),
+disjoint from the evaluation windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..errors import CalibrationError, SchemeError, TextError
+from ..io.text import DEFAULT_SEQ_LEN, calib_windows, read_text, tokenize
+from ..modules import QuantLinear, replace_module, select_linears
+from ..observers import HistogramObserver, Observer, make_observer, parse_spec
+from ..schemes import QuantConfig, check_finite, quantize_to_int, resolve_config, sqnr_db
+from .ptq import LayerSummary, QuantSummary, _untie_if_needed
+
+log = logging.getLogger(__name__)
+
+INPUT_OBSERVER = "llmquant_input_observer"
+WEIGHT_OBSERVER = "llmquant_weight_observer"
+
+
+def _check_config(cfg: QuantConfig) -> None:
+    parse_spec(cfg.observer), parse_spec(cfg.weight_observer)  # unknown names raise SchemeError
+    a = cfg.activation
+    if a is not None and not a.dynamic and a.granularity != "tensor":
+        raise SchemeError("static (calibrated) activation scales are per tensor: use granularity 'tensor', "
+                          "or dynamic=True for per-token scales")
+
+
+def prepare(model: nn.Module, config) -> nn.Module:
+    """Attach observers to the selected linears of ``model`` (in place; returns it).
+
+    Each selected ``nn.Linear`` gets a weight observer and, for a static activation scheme, an input
+    observer run as a forward pre-hook. Observers hold no state-dict entries and do not change outputs.
+    """
+    cfg = resolve_config(config)
+    _check_config(cfg)
+    if getattr(model, "llmquant_prepared", None) is not None:
+        raise CalibrationError("the model is already prepared; convert it (or prepare a fresh copy)")
+    chosen = select_linears(model, cfg.targets, cfg.ignore)
+    static = cfg.activation is not None and not cfg.activation.dynamic
+    for name, lin in chosen:
+        setattr(lin, WEIGHT_OBSERVER, make_observer(cfg.weight_observer, cfg.weight, label=name))
+        if static:
+            obs = make_observer(cfg.observer, cfg.activation, label=name)
+            setattr(lin, INPUT_OBSERVER, obs)
+            lin.register_forward_pre_hook(obs.hook)  # a bound method: deepcopy rebinds it to the copy
+    model.llmquant_prepared = cfg
+    log.info("prepared %d linears (%s observer%s)", len(chosen), cfg.observer if static else "no input",
+             f", weights {cfg.weight_observer}")
+    return model
+
+
+def _remove_observer_hooks(lin: nn.Module) -> None:
+    for k, h in list(lin._forward_pre_hooks.items()):
+        if isinstance(getattr(h, "__self__", None), Observer):
+            del lin._forward_pre_hooks[k]
+
+
+def unprepare(model: nn.Module, targets: tuple[str, ...] = ()) -> nn.Module:
+    """Remove the observers ``prepare`` attached (from the modules ``targets`` selects, names or ``re:``, or
+    from all), leaving those float modules as they were."""
+    from ..modules import matches
+
+    for name, m in model.named_modules():
+        if hasattr(m, WEIGHT_OBSERVER) and (not targets or matches(name, targets)):
+            _remove_observer_hooks(m)
+            for k in (WEIGHT_OBSERVER, INPUT_OBSERVER):
+                if hasattr(m, k):
+                    delattr(m, k)
+    if not targets and hasattr(model, "llmquant_prepared"):
+        del model.llmquant_prepared
+    return model
+
+
+@torch.no_grad()
+def convert(model: nn.Module, *, observer: str | None = None, progress: bool = True) -> QuantSummary:
+    """Replace each prepared linear by a :class:`QuantLinear` (in place) and return a summary.
+
+    ``observer`` turns the collected statistics into ranges with another rule than the prepared one: a
+    histogram-family observer (percentile, mse, histogram) can be read as any of them, or as min-max, so
+    one calibration pass serves several choices.
+    """
+    cfg: QuantConfig | None = getattr(model, "llmquant_prepared", None)
+    if cfg is None:
+        raise CalibrationError("the model is not prepared: call llmquant.prepare(model, config) and run calibration data first")
+    rederive = observer is not None and observer != cfg.observer
+    if rederive:
+        parse_spec(observer)
+        cfg = cfg.with_(observer=observer)
+    chosen = [(n, m) for n, m in model.named_modules() if hasattr(m, WEIGHT_OBSERVER)]
+    static = cfg.activation is not None and not cfg.activation.dynamic
+    # check every input observer first, so a missing calibration fails before anything is replaced
+    in_obs = {}
+    for name, lin in chosen:
+        if static:
+            obs = getattr(lin, INPUT_OBSERVER)
+            if rederive:
+                if not isinstance(obs, HistogramObserver):
+                    raise CalibrationError(f"statistics of a {obs.name} observer cannot be read as {observer!r}; "
+                                           "prepare with a histogram-family observer (percentile, mse, histogram)")
+                obs = obs.derive(observer)
+            in_obs[name] = obs.calculate_qparams()
+    t0 = time.perf_counter()
+    summary = QuantSummary(method=cfg.method, config=cfg.to_dict())
+    summary.untied_lm_head = _untie_if_needed(model, [n for n, _ in chosen])
+    for name, lin in tqdm(chosen, desc=f"convert ({cfg.observer})", disable=not progress, leave=False):
+        w = lin.weight.detach()
+        check_finite(w, name)
+        wobs = getattr(lin, WEIGHT_OBSERVER)
+        wobs.observe(w)
+        scale, zero = wobs.calculate_qparams()
+        q = quantize_to_int(w, scale, zero, cfg.weight)
+        in_scale, in_zero = in_obs.get(name, (None, None))
+        qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation,
+                                          input_scale=in_scale, input_zero=in_zero).to(w.device)
+        _remove_observer_hooks(lin)
+        summary.layers.append(LayerSummary(
+            name=name, shape=tuple(w.shape), scheme=cfg.weight.name, bits_per_weight=qlin.weight_bits,
+            packed_bytes=qlin.packed_bytes(),
+            float_bytes=w.numel() * w.element_size() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size()),
+            sqnr_db=sqnr_db(w.float(), qlin.dequantize_weight(dtype=torch.float32, device=w.device)),
+            kernel=qlin.kernel.name,
+        ))
+        replace_module(model, name, qlin)
+    summary.seconds = time.perf_counter() - t0
+    del model.llmquant_prepared
+    model.llmquant_config = cfg
+    log.info("%s", summary)
+    return summary
+
+
+# ---- calibration on text ------------------------------------------------------------------------------
+def _context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for k in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def calibration_windows(model: nn.Module, tokenizer=None, text: str | Path | None = None, *, samples: int = 64,
+                        seq_len: int = DEFAULT_SEQ_LEN) -> torch.Tensor:
+    """(samples, seq_len) token ids from the end of ``text`` (None: the default text; a Path: a file; a str:
+    the text itself), checked against the model's context and the text's length."""
+    if not isinstance(samples, int) or samples < 1:
+        raise CalibrationError(f"the number of calibration samples must be a positive integer, got {samples!r}")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise CalibrationError(f"the calibration sequence length must be an integer >= 2, got {seq_len!r}")
+    ctx = _context_length(model)
+    if ctx is not None and seq_len > ctx:
+        raise CalibrationError(f"seq_len {seq_len} is longer than the model's context ({ctx} tokens); use at most {ctx}")
+    tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
+    if tokenizer is None:
+        raise TextError("a tokenizer is needed to calibrate on text: pass tokenizer=, or load the model with llmquant")
+    raw = read_text(text) if (text is None or isinstance(text, Path)) else text
+    if not raw.strip():
+        raise TextError("the calibration text is empty; give text representative of the model's use")
+    return calib_windows(tokenize(tokenizer, raw), samples, seq_len)
+
+
+def _runner(model: nn.Module) -> nn.Module:
+    """The base model (no LM head: a fifth of the work on small models) when every hooked module is in it."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        return model
+    inside = {id(m) for m in base.modules()}
+    hooked = [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks]
+    return base if all(id(m) in inside for m in hooked) else model
+
+
+@torch.inference_mode()
+def calibrate(model: nn.Module, tokenizer=None, text: str | Path | None = None, *, samples: int = 64,
+              seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 1, windows: torch.Tensor | None = None,
+              progress: bool = True) -> int:
+    """Run calibration windows through ``model`` (prepared, or carrying other statistics hooks); returns the
+    number of tokens seen. ``windows`` (samples, seq_len) skips tokenization."""
+    if windows is None:
+        windows = calibration_windows(model, tokenizer, text, samples=samples, seq_len=seq_len)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    run = _runner(model)
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc="calibrate", disable=not progress, leave=False):
+        run(windows[i : i + batch_size].to(dev))
+    return windows.numel()
+
+
+def quantize_static(model: nn.Module, config, tokenizer=None, text: str | Path | None = None, *, samples: int = 64,
+                    seq_len: int = DEFAULT_SEQ_LEN, arch=None, progress: bool = True) -> QuantSummary:
+    """SmoothQuant (when ``config.smooth_alpha`` is set), prepare, calibrate on text, convert; in place.
+
+    Everything that can be checked is checked before the first pass, and nothing is written to disk.
+    """
+    from .smooth import SmoothingStats, smooth, smoothing_pairs
+
+    cfg = resolve_config(config)
+    _check_config(cfg)
+    t0 = time.perf_counter()
+    wins = calibration_windows(model, tokenizer, text, samples=samples, seq_len=seq_len)
+    if cfg.smooth_alpha is not None:
+        stats = SmoothingStats(model, smoothing_pairs(model, arch), keep_samples=int(cfg.smooth_alpha == "search"))
+        try:
+            calibrate(model, windows=wins, progress=progress)
+        finally:
+            stats.remove()
+        smooth(model, stats, cfg.smooth_alpha, observer=cfg.observer)
+    prepare(model, cfg)
+    try:
+        calibrate(model, windows=wins, progress=progress)
+    except BaseException:
+        unprepare(model)
+        raise
+    summary = convert(model, progress=progress)
+    summary.seconds = time.perf_counter() - t0
+    return summary
