@@ -19,6 +19,7 @@ from .errors import LLMQuantError
 from .schemes import PRESETS, QuantConfig, QuantScheme
 from .modules import QuantLinear
 from .flows import QuantSummary, quantize
+from .flows import quantize_dynamic
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 
@@ -65,5 +66,6 @@ __all__ = [
     "load_model",
     "model_size",
     "quantize",
+    "quantize_dynamic",
     "save",
 ]
