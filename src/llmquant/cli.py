@@ -46,6 +46,8 @@ def cmd_quantize(args) -> int:
     from .report import format_table
     from .schemes import QuantConfig
 
+    if args.method == "dynamic":
+        return _quantize_dynamic(args)
     scheme = _scheme_from_args(args)
     cfg = QuantConfig(
         weight=scheme,
@@ -70,6 +72,44 @@ def cmd_quantize(args) -> int:
         }
     ]
     print(format_table(rows))
+    print(f"saved to {args.output}")
+    return 0
+
+
+def _quantize_dynamic(args) -> int:
+    """``quantize --method dynamic``: int8 activations quantized at run time (see llmquant.quantize_dynamic)."""
+    import llmquant
+    from .errors import SchemeError
+    from .report import format_table
+
+    if args.scheme or args.bits is not None or args.group_size is not None or args.granularity or args.asym:
+        raise SchemeError(
+            "--method dynamic takes --weight-bits 8|4, --act-granularity token|tensor, --act-asym and "
+            "--outlier-threshold, not --scheme/--bits/--group-size/--granularity/--asym"
+        )
+    _check_out(args.output, args.overwrite)
+    model, tok = llmquant.load_model(args.model)
+    summary = llmquant.quantize_dynamic(
+        model,
+        targets=args.targets or None,
+        act_granularity=args.act_granularity,
+        symmetric=not args.act_asym,
+        weight_bits=args.weight_bits,
+        outlier_threshold=args.outlier_threshold,
+        ignore=tuple(args.ignore) if args.ignore is not None else ("lm_head",),
+    )
+    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
+    row = {
+        "layers": len(summary.layers),
+        "weights": summary.layers[0].scheme if summary.layers else "-",
+        "bits/w": summary.bits_per_weight,
+        "fp32 MB": summary.float_bytes / 1e6,
+        "packed MB": summary.packed_bytes / 1e6,
+        "weight SQNR dB": summary.mean_sqnr_db,
+        "kernel": ",".join(summary.kernels),
+        "seconds": summary.seconds,
+    }
+    print(format_table([row]))
     print(f"saved to {args.output}")
     return 0
 
@@ -186,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights and save it")
     q.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="quantization algorithm")
+    q.add_argument("--method", default="rtn", choices=["rtn", "dynamic"], help="quantization algorithm")
     q.add_argument("--scheme", help="a preset: W8, W4G64, W4G128, W3G32, ... (instead of --bits etc.)")
     q.add_argument("--bits", type=int, help="2..8 (default 4)")
     q.add_argument("--group-size", type=int, help="values per scale; omit for per-channel with --bits 8")
@@ -194,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
     q.add_argument("--targets", nargs="*", help="module names or re:regex to quantize (default: all Linear)")
     q.add_argument("--ignore", nargs="*", help="module names or re:regex to leave alone (default: lm_head)")
+    q.add_argument("--act-granularity", choices=["token", "tensor"], default="token",
+                   help="dynamic: activation scale per token (default) or per tensor")
+    q.add_argument("--act-asym", action="store_true", help="dynamic: asymmetric int8 activations")
+    q.add_argument("--weight-bits", type=int, choices=[8, 4], default=8,
+                   help="dynamic: int8 per-channel (default) or int4 g128 weights")
+    q.add_argument("--outlier-threshold", type=float,
+                   help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     q.set_defaults(func=cmd_quantize)

@@ -35,3 +35,7 @@ class OutputExistsError(LLMQuantError, FileExistsError):
 
 class SelectionError(LLMQuantError, ValueError):
     """A targets/ignore selection matched nothing or named a module that does not exist."""
+
+
+class UnsupportedError(LLMQuantError):
+    """The operation is not supported for this model or module (e.g. saving PyTorch's dynamic LSTM/GRU)."""

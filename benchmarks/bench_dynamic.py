@@ -1,0 +1,221 @@
+"""Dynamic quantization on the default model, one run: accuracy and speed against fp32 measured alongside.
+
+Rows: fp32; PyTorch's own ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``
+exactly as its docs show it (lm_head included, fbgemm's per-tensor 7-bit activations); llmquant dynamic
+W8A8 per token (symmetric / asymmetric), per tensor, with LLM.int8() outliers, W4A8 (int4 g128, reference
+path), the W8 weight-only product (to separate weight from activation error) and static W8A8 per tensor with
+min-max scales from 4 calibration windows (calibrated here, only to measure the cost of computing scales at
+run time: same kernel as dynamic per tensor).
+
+Accuracy (no lock): perplexity, KL(p_fp32 || p_q) and top-1 agreement on the first N 512-token windows of
+the default text. Speed (under ``flock /work/wt/bench.lock``, the script takes the lock itself): prefill of
+512 tokens and greedy decode of 32 tokens after a 32-token prompt, each model once per round, rounds
+interleaved so load changes hit every model alike; the median over rounds and the ratio to fp32 of the same
+round are reported.
+
+    PYTHONPATH=src python benchmarks/bench_dynamic.py [--windows 8] [--rounds 5] [--skip-speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import json
+import math
+import statistics
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llmquant
+from llmquant import kernels
+from llmquant.io import calib_windows, default_text, eval_windows, tokenize
+from llmquant.modules import QuantLinear, replace_module
+from llmquant.algorithms import rtn_quantize
+from llmquant.schemes import PRESETS, QuantScheme
+
+LOCK = "/work/wt/bench.lock"
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def torch_ao_dynamic(m):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
+
+
+def static_w8a8(m, ids_calib):
+    """Per-tensor symmetric static W8A8: input amax of each Linear (lm_head excluded) over calibration windows."""
+    amax, hooks = {}, []
+    lins = [(n, l) for n, l in m.named_modules() if isinstance(l, nn.Linear) and n != "lm_head"]
+    for n, l in lins:
+        hooks.append(l.register_forward_pre_hook(lambda mod, a, n=n: amax.__setitem__(n, max(amax.get(n, 0.0), float(a[0].abs().max())))))
+    with torch.no_grad():
+        for w in ids_calib:
+            m(w.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    act = QuantScheme(bits=8, granularity="tensor")
+    for n, l in lins:
+        q, s, z = rtn_quantize(l.weight, PRESETS["W8"])
+        ql = QuantLinear.from_quantized(q, s, z, PRESETS["W8"], bias=l.bias, activation_scheme=act,
+                                        input_scale=torch.tensor(amax[n] / 127.5))
+        replace_module(m, n, ql)
+    return m
+
+
+def build(ref):
+    dyn = lambda **kw: (lambda m: (llmquant.quantize_dynamic(m, progress=False, **kw), m)[1])
+    cfgs = {
+        "fp32": lambda m: m,
+        "torch.ao quantize_dynamic (docs)": torch_ao_dynamic,
+        "W8 weight-only (fbgemm fp16)": lambda m: (llmquant.quantize(m, "W8", progress=False), m)[1],
+        "W8A8 per-token sym": dyn(),
+        "W8A8 per-token asym": dyn(symmetric=False),
+        "W8A8 per-tensor sym": dyn(act_granularity="tensor"),
+        "W8A8 per-token + outliers (t=6)": dyn(outlier_threshold=6.0),
+        "W4A8 g128 per-token (reference path)": dyn(weight_bits=4),
+    }
+    return {k: f(copy.deepcopy(ref)).eval() for k, f in cfgs.items()}
+
+
+@torch.inference_mode()
+def accuracy(models, ids):
+    acc = {k: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for k in models}
+    n = 0
+    for i, w in enumerate(ids):
+        x = w.unsqueeze(0)
+        ref_logp = F.log_softmax(models["fp32"](x).logits[0, :-1].float(), -1)
+        target = x[0, 1:]
+        n += target.numel()
+        for k, m in models.items():
+            logp = ref_logp if k == "fp32" else F.log_softmax(m(x).logits[0, :-1].float(), -1)
+            acc[k]["nll"] += float(F.nll_loss(logp, target, reduction="sum"))
+            acc[k]["kl"] += float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
+            acc[k]["agree"] += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+        print(f"  accuracy window {i + 1}/{len(ids)}", file=sys.stderr, flush=True)
+    return {k: {"perplexity": math.exp(v["nll"] / n), "kl": v["kl"] / n, "top1": v["agree"] / n} for k, v in acc.items()}
+
+
+@torch.inference_mode()
+def prefill_s(m, ids):
+    t = time.perf_counter()
+    m(ids)
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def decode_s(m, prompt, steps):
+    out = m(prompt, use_cache=True)
+    pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = m(nxt, past_key_values=pkv, use_cache=True)
+        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t
+
+
+def speed(models, ids, rounds, steps=32):
+    prompt = ids[:, :32]
+    for m in models.values():  # warm up: kernels prepared, allocator settled
+        prefill_s(m, ids[:, :64])
+        decode_s(m, prompt, 2)
+    pre = {k: [] for k in models}
+    dec = {k: [] for k in models}
+    for r in range(rounds):
+        for k, m in models.items():
+            pre[k].append(prefill_s(m, ids))
+            dec[k].append(decode_s(m, prompt, steps))
+        print(f"  speed round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    res = {}
+    for k in models:
+        pr = [pre["fp32"][i] / pre[k][i] for i in range(rounds)]
+        dr = [dec["fp32"][i] / dec[k][i] for i in range(rounds)]
+        res[k] = {
+            "prefill_tok_s": ids.shape[1] / statistics.median(pre[k]),
+            "prefill_x_fp32": statistics.median(pr),
+            "decode_tok_s": steps / statistics.median(dec[k]),
+            "decode_x_fp32": statistics.median(dr),
+            "prefill_s_all": pre[k],
+            "decode_s_all": dec[k],
+        }
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    ref, tok = llmquant.load_model()
+    ref.eval()
+    ids_all = tokenize(tok, default_text())
+    models = build(ref)
+    models["static W8A8 per-tensor (min-max, 4 calib windows)"] = static_w8a8(copy.deepcopy(ref), calib_windows(ids_all, 4)).eval()
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": "PYTHONPATH=src python benchmarks/bench_dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rows": {k: {} for k in models},
+    }
+    if not args.skip_accuracy:
+        for k, v in accuracy(models, eval_windows(ids_all, args.windows)).items():
+            result["rows"][k].update(v)
+    if not args.skip_speed:
+        ids = eval_windows(ids_all, 1)[:, :512]
+        timed = dict(models)
+        alt = copy.deepcopy(models["W8A8 per-token sym"])
+        kernels.set_kernel(alt, "int8_int_mm")
+        timed["W8A8 per-token sym [forced int8_int_mm]"] = alt
+        result["rows"].setdefault("W8A8 per-token sym [forced int8_int_mm]", {})
+        with open(LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for k, v in speed(timed, ids, args.rounds).items():
+                result["rows"][k].update(v)
+        d = result["rows"]
+        # run-time cost of computing activation scales: dynamic vs static per tensor, the same kernel
+        dyn, st = d["W8A8 per-tensor sym"], d["static W8A8 per-tensor (min-max, 4 calib windows)"]
+        result["scale_overhead"] = {
+            "prefill": statistics.median(dyn["prefill_s_all"]) / statistics.median(st["prefill_s_all"]) - 1,
+            "decode": statistics.median(dyn["decode_s_all"]) / statistics.median(st["decode_s_all"]) - 1,
+        }
+    result["kernels"] = {k: sorted({m._kernel.name for m in mod.modules() if isinstance(m, QuantLinear) and m._kernel})
+                         for k, mod in models.items()}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "dynamic.json").write_text(json.dumps(result, indent=1))
+    md = to_markdown(result)
+    (OUT / "dynamic.md").write_text(md)
+    print(md)
+
+
+def to_markdown(r) -> str:
+    lines = [f"{r['date']}, torch {r['torch']}, {r['threads']} threads: `{r['command']}`", "",
+             "| model | ppl | KL | top-1 | prefill tok/s (512) | x fp32 | decode tok/s | x fp32 | kernels |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, p: "-" if v is None else f"{v:.{p}f}"
+    for k, v in r["rows"].items():
+        lines.append(
+            f"| {k} | {f(v.get('perplexity'), 2)} | {f(v.get('kl'), 4)} | {f(v.get('top1'), 3)} | "
+            f"{f(v.get('prefill_tok_s'), 0)} | {f(v.get('prefill_x_fp32'), 2)} | {f(v.get('decode_tok_s'), 1)} | "
+            f"{f(v.get('decode_x_fp32'), 2)} | {', '.join(r['kernels'].get(k, [])) or '-'} |"
+        )
+    if "scale_overhead" in r:
+        o = r["scale_overhead"]
+        lines += ["", f"Run-time cost of computing activation scales (dynamic vs static per-tensor W8A8, same kernel): "
+                  f"prefill {100 * o['prefill']:+.1f}%, decode {100 * o['decode']:+.1f}%"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
