@@ -1,6 +1,7 @@
 """Dynamic quantization on the default model, one run: accuracy and speed against fp32 measured alongside.
 
-Rows: fp32; PyTorch's own ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``
+llmquant's dynamic rows use its defaults (int8 weights per output channel with a zero point, symmetric
+activations) unless the row says otherwise. Rows: fp32; PyTorch's own ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``
 exactly as its docs show it (lm_head included, fbgemm's per-tensor 7-bit activations); llmquant dynamic
 W8A8 per token (symmetric / asymmetric), per tensor, with LLM.int8() outliers, W4A8 (int4 g128, reference
 path), the W8 weight-only product (to separate weight from activation error) and static W8A8 per tensor with
@@ -8,19 +9,21 @@ min-max scales from 4 calibration windows (calibrated here, only to measure the 
 run time: same kernel as dynamic per tensor).
 
 Accuracy (no lock): perplexity, KL(p_fp32 || p_q) and top-1 agreement on the first N 512-token windows of
-the default text. Speed (under ``flock /work/wt/bench.lock``, the script takes the lock itself): prefill of
+the default text. Speed (run it under ``flock /work/wt/bench.lock``): prefill of
 512 tokens and greedy decode of 32 tokens after a 32-token prompt, each model once per round, rounds
 interleaved so load changes hit every model alike; the median over rounds and the ratio to fp32 of the same
 round are reported.
 
-    PYTHONPATH=src python benchmarks/bench_dynamic.py [--windows 8] [--rounds 5] [--skip-speed]
+    PYTHONPATH=src python benchmarks/bench_dynamic.py --skip-speed                          # accuracy
+    PYTHONPATH=src flock /work/wt/bench.lock python benchmarks/bench_dynamic.py --skip-accuracy  # speed
+
+Each run updates benchmarks/results/dynamic.json (rows merged by name) and rewrites dynamic.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
 import json
 import math
 import statistics
@@ -41,8 +44,8 @@ from llmquant.modules import QuantLinear, replace_module
 from llmquant.algorithms import rtn_quantize
 from llmquant.schemes import PRESETS, QuantScheme
 
-LOCK = "/work/wt/bench.lock"
 OUT = Path(__file__).resolve().parent / "results"
+W8_ASYM = QuantScheme(bits=8, granularity="channel", symmetric=False)
 
 
 def torch_ao_dynamic(m):
@@ -76,8 +79,10 @@ def build(ref):
     cfgs = {
         "fp32": lambda m: m,
         "torch.ao quantize_dynamic (docs)": torch_ao_dynamic,
-        "W8 weight-only (fbgemm fp16)": lambda m: (llmquant.quantize(m, "W8", progress=False), m)[1],
+        "W8 weight-only sym (fbgemm fp16)": lambda m: (llmquant.quantize(m, "W8", progress=False), m)[1],
+        "W8 weight-only asym (fbgemm fp16)": lambda m: (llmquant.quantize(m, W8_ASYM, progress=False), m)[1],
         "W8A8 per-token sym": dyn(),
+        "W8A8 per-token sym, symmetric weights": dyn(weight_symmetric=True),
         "W8A8 per-token asym": dyn(symmetric=False),
         "W8A8 per-tensor sym": dyn(act_granularity="tensor"),
         "W8A8 per-token + outliers (t=6)": dyn(outlier_threshold=6.0),
@@ -179,10 +184,8 @@ def main(argv=None):
         kernels.set_kernel(alt, "int8_int_mm")
         timed["W8A8 per-token sym [forced int8_int_mm]"] = alt
         result["rows"].setdefault("W8A8 per-token sym [forced int8_int_mm]", {})
-        with open(LOCK, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for k, v in speed(timed, ids, args.rounds).items():
-                result["rows"][k].update(v)
+        for k, v in speed(timed, ids, args.rounds).items():
+            result["rows"][k].update(v)
         d = result["rows"]
         # run-time cost of computing activation scales: dynamic vs static per tensor, the same kernel
         dyn, st = d["W8A8 per-tensor sym"], d["static W8A8 per-tensor (min-max, 4 calib windows)"]
@@ -193,14 +196,30 @@ def main(argv=None):
     result["kernels"] = {k: sorted({m._kernel.name for m in mod.modules() if isinstance(m, QuantLinear) and m._kernel})
                          for k, mod in models.items()}
     OUT.mkdir(parents=True, exist_ok=True)
+    result = merge(OUT / "dynamic.json", result, "accuracy" if args.skip_speed else "speed" if args.skip_accuracy else "all")
     (OUT / "dynamic.json").write_text(json.dumps(result, indent=1))
     md = to_markdown(result)
     (OUT / "dynamic.md").write_text(md)
     print(md)
 
 
+def merge(path: Path, new: dict, part: str) -> dict:
+    """Fold ``new`` into the results already in ``path`` (rows by name), noting which command made which part."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    out = {**old, **{k: v for k, v in new.items() if k != "rows"}}
+    out.setdefault("commands", {})[part] = {"command": new["command"], "date": new["date"]}
+    rows = old.get("rows", {})
+    for k, v in new["rows"].items():
+        rows.setdefault(k, {}).update(v)
+    out["rows"] = rows
+    out["kernels"] = {**old.get("kernels", {}), **{k: v for k, v in new["kernels"].items() if v}}
+    return out
+
+
 def to_markdown(r) -> str:
-    lines = [f"{r['date']}, torch {r['torch']}, {r['threads']} threads: `{r['command']}`", "",
+    lines = [f"torch {r['torch']}, {r['threads']} threads."]
+    lines += [f"- {part}: {c['date']}: `{c['command']}`" for part, c in r.get("commands", {}).items()]
+    lines += ["",
              "| model | ppl | KL | top-1 | prefill tok/s (512) | x fp32 | decode tok/s | x fp32 | kernels |",
              "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p: "-" if v is None else f"{v:.{p}f}"

@@ -74,6 +74,8 @@ ACTS = [
     dict(act_granularity="tensor", symmetric=False),
     dict(outlier_threshold=2.5),
     dict(outlier_threshold=2.5, symmetric=False),
+    dict(weight_symmetric=True),
+    dict(weight_symmetric=True, symmetric=False, outlier_threshold=2.5),
 ]
 
 
@@ -97,7 +99,8 @@ def test_reference_is_the_int8_product():
     a = ql.activation_scheme
     s, _ = compute_qparams(x, a)
     qx = quantize_to_int(x, s, None, a).double()
-    exact = (qx @ ql.codes().double().t()) * s.double() * ql.scale.double().reshape(1, -1)
+    wq = ql.codes().double() - ql.zero_point().double()  # asymmetric weights by default
+    exact = (qx @ wq.t()) * s.double() * ql.scale.double().reshape(1, -1)
     assert torch.allclose(_run(ql, x, "reference").double(), exact, rtol=1e-5, atol=1e-6)
 
 

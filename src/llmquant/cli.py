@@ -95,6 +95,7 @@ def _quantize_dynamic(args) -> int:
         act_granularity=args.act_granularity,
         symmetric=not args.act_asym,
         weight_bits=args.weight_bits,
+        weight_symmetric=args.weight_sym,
         outlier_threshold=args.outlier_threshold,
         ignore=tuple(args.ignore) if args.ignore is not None else ("lm_head",),
     )
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-asym", action="store_true", help="dynamic: asymmetric int8 activations")
     q.add_argument("--weight-bits", type=int, choices=[8, 4], default=8,
                    help="dynamic: int8 per-channel (default) or int4 g128 weights")
+    q.add_argument("--weight-sym", action="store_true",
+                   help="dynamic: symmetric weights (default: a zero point per output channel)")
     q.add_argument("--outlier-threshold", type=float,
                    help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
     q.add_argument("-o", "--output", required=True, help="output folder")

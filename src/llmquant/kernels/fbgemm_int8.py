@@ -7,8 +7,8 @@ rounding (``x * (1 / s)``) disagrees with the reference's ``x / s`` exactly wher
 full signed grid the largest |x| of each token sits on a tie (``127.5``), so the codes of the largest value
 could differ by one. So llmquant computes the int8 codes itself (the reference's operations, bit for bit),
 passes them as integer-valued floats with ``s = 1, z = 128`` (fbgemm's quantize is then exact), and applies
-the per-token (or per-tensor) activation scale, the asymmetric zero-point correction and the bias on the
-fp32 output in one ``torch.addcmul``. The result equals the reference up to float rounding of the rescale,
+the per-token (or per-tensor) activation scale and the bias on the fp32 output in one ``torch.addcmul``
+(asymmetric activations or weights add one ``addcmul`` each for their zero-point corrections). The result equals the reference up to float rounding of the rescale,
 for per-token and per-tensor, symmetric and asymmetric, dynamic and static schemes, at every batch size.
 
 This is not ``quantized::linear_dynamic`` (fbgemm's own dynamic path, which chooses asymmetric per-tensor
@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from .base import Kernel, register
-from .int8 import activation_qparams, int8_codes, outlier_product, split_outliers, supports_w8a8
+from .int8 import activation_qparams, int8_codes, outlier_product, split_outliers, supports_w8a8, w8_state
 
 
 def _available() -> bool:
@@ -64,13 +64,13 @@ class FbgemmInt8(Kernel):
         return _AVAILABLE and device.type == "cpu" and supports_w8a8(module)
 
     def prepare(self, module, device, dtype):
-        codes = module.codes()
-        w_scale = module.scale.float().reshape(1, -1).expand(1, module.out_features).contiguous()
-        # asymmetric activations: sum_k (u_k - z) w_k = sum_k (u_k - 128) w_k + (128 - z) sum_k w_k
-        rs_ws = codes.sum(dim=1, dtype=torch.int32).float().reshape(1, -1) * w_scale
+        st = w8_state(module, torch.device("cpu"))
         bias = None if module.bias is None else module.bias.float()
-        return {"packed": fbgemm_pack(codes, module.scale, None), "w_t": None, "w_scale": w_scale, "rs_ws": rs_ws,
-                "bias": bias}
+        bz_ws = None if st.w_zero is None else st.w_zero.float() * st.w_scale
+        packed = fbgemm_pack(st.w_t.t(), module.scale, None)
+        # the int8 codes are kept only for LLM.int8() outlier columns
+        keep = st if module.activation_scheme.outlier_threshold is not None else None
+        return {"packed": packed, "rs_ws": st.row_sum.float() * st.w_scale, "bz_ws": bz_ws, "bias": bias, "w8": keep}
 
     def run(self, module, state, x):
         a = module.activation_scheme
@@ -79,14 +79,19 @@ class FbgemmInt8(Kernel):
         x_rest, cols, x_cols = split_outliers(x2, a.outlier_threshold)
         xs, xz = activation_qparams(module, x_rest)
         c = int8_codes(x_rest, a, xs, xz, as_float=True).contiguous()
+        # fbgemm: sum_k c_x c_w * s_w; then the affine corrections of int_mm_w8a8, in float
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(c, 1.0, 128, state["packed"])
-        if xz is not None:
-            y = torch.addcmul(y, 128 - xz, state["rs_ws"])
+        shift = None if xz is None else 128 - xz
+        if shift is not None:
+            y = torch.addcmul(y, shift, state["rs_ws"])
+        if state["bz_ws"] is not None:
+            csum = c.sum(dim=1, keepdim=True)
+            if shift is not None:
+                csum = csum + shift * c.shape[1]
+            y = torch.addcmul(y, csum, state["bz_ws"], value=-1)
         y = y * xs if state["bias"] is None else torch.addcmul(state["bias"], y, xs)
         if cols is not None:
-            if state["w_t"] is None:  # int8 (K, N) codes for the outlier columns, made on first use
-                state["w_t"] = module.codes().t().contiguous().to(torch.int8)
-            y = y + outlier_product(x_cols, cols, state["w_t"], state["w_scale"])
+            y = y + outlier_product(x_cols, cols, state["w8"])
         return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 

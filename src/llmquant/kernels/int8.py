@@ -1,4 +1,5 @@
-"""int8 x int8 -> int32 GEMM for W8A8 modules (weights int8 per output channel, activations int8).
+"""int8 x int8 -> int32 GEMM for W8A8 modules (weights int8 per output channel, symmetric or with an
+integer zero point per channel; activations int8).
 
 Activations are quantized per token (dynamic), per tensor (dynamic) or with a calibrated per-tensor scale
 (static). The integer product runs through ``torch._int_mm`` (CPU: any shape; CUDA: M > 16 and K, N
@@ -19,6 +20,8 @@ operations in the same order), so the only difference from the reference is floa
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -94,7 +97,7 @@ def supports_w8a8(module) -> bool:
         a is not None
         and a.bits == 8
         and w.bits == 8
-        and w.symmetric
+        and (w.symmetric or w.zero_point == "int")
         and w.granularity in ("channel", "tensor")
         and a.granularity in ("token", "tensor")
     )
@@ -111,26 +114,57 @@ def split_outliers(x2: torch.Tensor, threshold: float | None):
     return x2.index_fill(1, cols, 0.0), cols, x2.index_select(1, cols)
 
 
-def outlier_product(x_cols: torch.Tensor, cols: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """Float product of the outlier columns with the dequantized weight columns: (M, |O|) @ (|O|, N)."""
-    return x_cols @ (w_t.index_select(0, cols).float() * w_scale)
+@dataclass
+class W8State:
+    """Run-time int8 weight: ``w_t`` (K, N) int8 codes ``c_w`` (asymmetric codes ``u - 128``), so that
+    ``W_hat = (c_w - b) * s_w``; ``row_sum`` = sum_k c_w (1, N) int32; ``w_zero`` = b (1, N) int32 or None."""
+
+    w_t: torch.Tensor
+    w_scale: torch.Tensor
+    row_sum: torch.Tensor
+    w_zero: torch.Tensor | None
 
 
-def w8_state(module, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(w_t, w_scale, row_sum)``: int8 codes transposed (K, N), per-channel scales (1, N), code row sums."""
+def w8_state(module, device) -> W8State:
     codes = module.codes().to(device)
-    w_t = codes.t().contiguous().to(torch.int8)
-    w_scale = module.scale.float().reshape(1, -1).expand(1, module.out_features).contiguous().to(device)
-    row_sum = codes.sum(dim=1, dtype=torch.int32).reshape(1, -1).to(device)
-    return w_t, w_scale, row_sum
+    z = module.zero_point()
+    w_zero = None
+    if z is not None:  # asymmetric: codes u in [0, 255], u - z = (u - 128) - (z - 128)
+        codes = codes - 128
+        w_zero = (z.to(torch.int32) - 128).reshape(1, -1).expand(1, module.out_features).contiguous().to(device)
+    return W8State(
+        w_t=codes.t().contiguous().to(torch.int8),
+        w_scale=module.scale.float().reshape(1, -1).expand(1, module.out_features).contiguous().to(device),
+        row_sum=codes.sum(dim=1, dtype=torch.int32).reshape(1, -1).to(device),
+        w_zero=w_zero,
+    )
 
 
-def int_mm_w8a8(x2, a, xs, xz, w_t, w_scale, row_sum, bias) -> torch.Tensor:
-    """``y = s_x s_w (Q(x) Q(W)^T) + b`` through ``torch._int_mm`` with activation qparams ``xs``/``xz``."""
-    acc = int_mm(int8_codes(x2, a, xs, xz), w_t)
-    if xz is not None:  # (u - z) = (u - 128) + (128 - z): correct with the weight row sums
-        acc = acc + ((128 - xz).to(torch.int32) * row_sum)
-    scale = xs * w_scale  # (M, 1) x (1, N) outer product
+def outlier_product(x_cols: torch.Tensor, cols: torch.Tensor, st: W8State) -> torch.Tensor:
+    """Float product of the outlier columns with the dequantized weight columns: (M, |O|) @ (|O|, N)."""
+    w = st.w_t.index_select(0, cols).float()
+    if st.w_zero is not None:
+        w = w - st.w_zero
+    return x_cols @ (w * st.w_scale)
+
+
+def int_mm_w8a8(x2, a, xs, xz, st: W8State, bias) -> torch.Tensor:
+    """``y = s_x s_w (Q(x) Q(W)^T) + b`` through ``torch._int_mm`` with activation qparams ``xs``/``xz``.
+
+    With activation codes ``c_x = u_x - 128`` (``a = 128 - z_x``, 0 if symmetric) and weight codes ``c_w``
+    (``b = z_w - 128``, 0 if symmetric): ``sum_k (c_x + a)(c_w - b) = c_x . c_w + a sum c_w - b sum (c_x + a)``.
+    """
+    c = int8_codes(x2, a, xs, xz)
+    acc = int_mm(c, st.w_t)
+    shift = None if xz is None else (128 - xz).to(torch.int32)  # (M, 1) or (1, 1)
+    if shift is not None:
+        acc = acc + shift * st.row_sum
+    if st.w_zero is not None:
+        csum = c.sum(dim=1, keepdim=True, dtype=torch.int32)
+        if shift is not None:
+            csum = csum + shift * c.shape[1]
+        acc = acc - csum * st.w_zero
+    scale = xs * st.w_scale  # (M, 1) x (1, N) outer product
     if bias is None:
         return acc * scale
     return torch.addcmul(bias.float(), acc, scale)  # int32 -> float, rescale and bias in one pass
@@ -148,15 +182,14 @@ class Int8IntMM(Kernel):
         return w8_state(module, device)
 
     def run(self, module, state, x):
-        w_t, w_scale, row_sum = state
         a = module.activation_scheme
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         x_rest, cols, x_cols = split_outliers(x2, a.outlier_threshold)
         xs, xz = activation_qparams(module, x_rest)
-        y = int_mm_w8a8(x_rest, a, xs, xz, w_t, w_scale, row_sum, module.bias)
+        y = int_mm_w8a8(x_rest, a, xs, xz, state, module.bias)
         if cols is not None:
-            y = y + outlier_product(x_cols, cols, w_t, w_scale)
+            y = y + outlier_product(x_cols, cols, state)
         return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
