@@ -67,8 +67,8 @@ def static_w8a8(m, ids_calib):
         h.remove()
     act = QuantScheme(bits=8, granularity="tensor")
     for n, l in lins:
-        q, s, z = rtn_quantize(l.weight, PRESETS["W8"])
-        ql = QuantLinear.from_quantized(q, s, z, PRESETS["W8"], bias=l.bias, activation_scheme=act,
+        q, s, z = rtn_quantize(l.weight, W8_ASYM)  # the weights of llmquant's dynamic default
+        ql = QuantLinear.from_quantized(q, s, z, W8_ASYM, bias=l.bias, activation_scheme=act,
                                         input_scale=torch.tensor(amax[n] / 127.5))
         replace_module(m, n, ql)
     return m
