@@ -10,9 +10,9 @@ run time: same kernel as dynamic per tensor).
 
 Accuracy (no lock): perplexity, KL(p_fp32 || p_q) and top-1 agreement on the first N 512-token windows of
 the default text. Speed (run it under ``flock /work/wt/bench.lock``): prefill of
-512 tokens and greedy decode of 32 tokens after a 32-token prompt, each model once per round, rounds
-interleaved so load changes hit every model alike; the median over rounds and the ratio to fp32 of the same
-round are reported.
+512 tokens and greedy decode of 32 tokens after a 32-token prompt, each model alternating with fp32 inside
+every round so load changes hit both alike; the median over rounds of the times and of the ratio to fp32 are
+reported. One quantized model is in memory at a time (the machine is shared).
 
     PYTHONPATH=src python benchmarks/bench_dynamic.py --skip-speed                          # accuracy
     PYTHONPATH=src flock /work/wt/bench.lock python benchmarks/bench_dynamic.py --skip-accuracy  # speed
@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -74,9 +76,9 @@ def static_w8a8(m, ids_calib):
     return m
 
 
-def build(ref):
+def configs(ids_all):
     dyn = lambda **kw: (lambda m: (llmquant.quantize_dynamic(m, progress=False, **kw), m)[1])
-    cfgs = {
+    return {
         "fp32": lambda m: m,
         "torch.ao quantize_dynamic (docs)": torch_ao_dynamic,
         "W8 weight-only sym (fbgemm fp16)": lambda m: (llmquant.quantize(m, "W8", progress=False), m)[1],
@@ -87,26 +89,37 @@ def build(ref):
         "W8A8 per-tensor sym": dyn(act_granularity="tensor"),
         "W8A8 per-token + outliers (t=6)": dyn(outlier_threshold=6.0),
         "W4A8 g128 per-token (reference path)": dyn(weight_bits=4),
+        "static W8A8 per-tensor (min-max, 4 calib windows)": lambda m: static_w8a8(m, calib_windows(ids_all, 4)),
+        "W8A8 per-token sym [forced int8_int_mm]": lambda m: (dyn()(m), kernels.set_kernel(m, "int8_int_mm"), m)[2],
     }
-    return {k: f(copy.deepcopy(ref)).eval() for k, f in cfgs.items()}
 
 
 @torch.inference_mode()
-def accuracy(models, ids):
-    acc = {k: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for k in models}
-    n = 0
+def reference_logps(ref, ids, cache: Path):
+    """log p_fp32 of each window, computed once and kept on disk (8 x 100 MB) so that only one quantized
+    model needs to be in memory at a time."""
+    paths = []
     for i, w in enumerate(ids):
+        p = cache / f"ref_{i}.pt"
+        torch.save(F.log_softmax(ref(w.unsqueeze(0)).logits[0, :-1].float(), -1), p)
+        paths.append(p)
+    return paths
+
+
+@torch.inference_mode()
+def accuracy(m, ids, ref_paths):
+    nll = kl = agree = 0.0
+    n = 0
+    for w, rp in zip(ids, ref_paths):
         x = w.unsqueeze(0)
-        ref_logp = F.log_softmax(models["fp32"](x).logits[0, :-1].float(), -1)
+        ref_logp = torch.load(rp)
+        logp = F.log_softmax(m(x).logits[0, :-1].float(), -1)
         target = x[0, 1:]
         n += target.numel()
-        for k, m in models.items():
-            logp = ref_logp if k == "fp32" else F.log_softmax(m(x).logits[0, :-1].float(), -1)
-            acc[k]["nll"] += float(F.nll_loss(logp, target, reduction="sum"))
-            acc[k]["kl"] += float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
-            acc[k]["agree"] += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
-        print(f"  accuracy window {i + 1}/{len(ids)}", file=sys.stderr, flush=True)
-    return {k: {"perplexity": math.exp(v["nll"] / n), "kl": v["kl"] / n, "top1": v["agree"] / n} for k, v in acc.items()}
+        nll += float(F.nll_loss(logp, target, reduction="sum"))
+        kl += float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
+        agree += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+    return {"perplexity": math.exp(nll / n), "kl": kl / n, "top1": agree / n}
 
 
 @torch.inference_mode()
@@ -127,31 +140,28 @@ def decode_s(m, prompt, steps):
     return time.perf_counter() - t
 
 
-def speed(models, ids, rounds, steps=32):
+def speed(ref, m, ids, rounds, steps=32):
+    """Prefill and decode times of ``m`` and of fp32 ``ref``, alternating within each round."""
     prompt = ids[:, :32]
-    for m in models.values():  # warm up: kernels prepared, allocator settled
-        prefill_s(m, ids[:, :64])
-        decode_s(m, prompt, 2)
-    pre = {k: [] for k in models}
-    dec = {k: [] for k in models}
-    for r in range(rounds):
-        for k, m in models.items():
-            pre[k].append(prefill_s(m, ids))
-            dec[k].append(decode_s(m, prompt, steps))
-        print(f"  speed round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-    res = {}
-    for k in models:
-        pr = [pre["fp32"][i] / pre[k][i] for i in range(rounds)]
-        dr = [dec["fp32"][i] / dec[k][i] for i in range(rounds)]
-        res[k] = {
-            "prefill_tok_s": ids.shape[1] / statistics.median(pre[k]),
-            "prefill_x_fp32": statistics.median(pr),
-            "decode_tok_s": steps / statistics.median(dec[k]),
-            "decode_x_fp32": statistics.median(dr),
-            "prefill_s_all": pre[k],
-            "decode_s_all": dec[k],
-        }
-    return res
+    for mm in (ref, m):  # warm up: kernels prepared, allocator settled
+        prefill_s(mm, ids[:, :64])
+        decode_s(mm, prompt, 2)
+    t = {"pre": [], "pre_ref": [], "dec": [], "dec_ref": []}
+    for _ in range(rounds):
+        t["pre_ref"].append(prefill_s(ref, ids))
+        t["pre"].append(prefill_s(m, ids))
+        t["dec_ref"].append(decode_s(ref, prompt, steps))
+        t["dec"].append(decode_s(m, prompt, steps))
+    med = statistics.median
+    return {
+        "prefill_tok_s": ids.shape[1] / med(t["pre"]),
+        "prefill_x_fp32": med([a / b for a, b in zip(t["pre_ref"], t["pre"])]),
+        "decode_tok_s": steps / med(t["dec"]),
+        "decode_x_fp32": med([a / b for a, b in zip(t["dec_ref"], t["dec"])]),
+        "fp32_prefill_tok_s": ids.shape[1] / med(t["pre_ref"]),
+        "fp32_decode_tok_s": steps / med(t["dec_ref"]),
+        "times_s": t,
+    }
 
 
 def main(argv=None):
@@ -160,41 +170,48 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--only", nargs="*", help="row names to run (default: all)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     ref, tok = llmquant.load_model()
     ref.eval()
     ids_all = tokenize(tok, default_text())
-    models = build(ref)
-    models["static W8A8 per-tensor (min-max, 4 calib windows)"] = static_w8a8(copy.deepcopy(ref), calib_windows(ids_all, 4)).eval()
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": "PYTHONPATH=src python benchmarks/bench_dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "rows": {k: {} for k in models},
+        "rows": {},
+        "kernels": {},
     }
-    if not args.skip_accuracy:
-        for k, v in accuracy(models, eval_windows(ids_all, args.windows)).items():
-            result["rows"][k].update(v)
+    eval_ids = eval_windows(ids_all, args.windows)
+    speed_ids = eval_windows(ids_all, 1)[:, :512]
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_paths = None if args.skip_accuracy else reference_logps(ref, eval_ids, Path(tmp))
+        for name, make in configs(ids_all).items():
+            if args.only and name not in args.only:
+                continue
+            if args.skip_speed and "forced" in name:
+                continue  # same numerics as the row it forces a kernel on
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            m = make(copy.deepcopy(ref)).eval() if name != "fp32" else ref
+            row = result["rows"].setdefault(name, {})
+            if not args.skip_accuracy:
+                row.update(accuracy(m, eval_ids, ref_paths))
+            if not args.skip_speed:
+                row.update(speed(ref, m, speed_ids, args.rounds))
+            result["kernels"][name] = sorted({q._kernel.name for q in m.modules() if isinstance(q, QuantLinear) and q._kernel})
+            print(f"  {row.get('kl')} {row.get('prefill_x_fp32')} {row.get('decode_x_fp32')}", file=sys.stderr, flush=True)
+            del m
+            gc.collect()
     if not args.skip_speed:
-        ids = eval_windows(ids_all, 1)[:, :512]
-        timed = dict(models)
-        alt = copy.deepcopy(models["W8A8 per-token sym"])
-        kernels.set_kernel(alt, "int8_int_mm")
-        timed["W8A8 per-token sym [forced int8_int_mm]"] = alt
-        result["rows"].setdefault("W8A8 per-token sym [forced int8_int_mm]", {})
-        for k, v in speed(timed, ids, args.rounds).items():
-            result["rows"][k].update(v)
         d = result["rows"]
-        # run-time cost of computing activation scales: dynamic vs static per tensor, the same kernel
-        dyn, st = d["W8A8 per-tensor sym"], d["static W8A8 per-tensor (min-max, 4 calib windows)"]
-        result["scale_overhead"] = {
-            "prefill": statistics.median(dyn["prefill_s_all"]) / statistics.median(st["prefill_s_all"]) - 1,
-            "decode": statistics.median(dyn["decode_s_all"]) / statistics.median(st["decode_s_all"]) - 1,
-        }
-    result["kernels"] = {k: sorted({m._kernel.name for m in mod.modules() if isinstance(m, QuantLinear) and m._kernel})
-                         for k, mod in models.items()}
+        dyn, st = d.get("W8A8 per-tensor sym"), d.get("static W8A8 per-tensor (min-max, 4 calib windows)")
+        if dyn and st:  # run-time cost of computing activation scales: dynamic vs static per tensor, same kernel
+            result["scale_overhead"] = {
+                "prefill": st["prefill_tok_s"] / dyn["prefill_tok_s"] - 1,
+                "decode": st["decode_tok_s"] / dyn["decode_tok_s"] - 1,
+            }
     OUT.mkdir(parents=True, exist_ok=True)
     result = merge(OUT / "dynamic.json", result, "accuracy" if args.skip_speed else "speed" if args.skip_accuracy else "all")
     (OUT / "dynamic.json").write_text(json.dumps(result, indent=1))
@@ -225,14 +242,15 @@ def to_markdown(r) -> str:
     f = lambda v, p: "-" if v is None else f"{v:.{p}f}"
     for k, v in r["rows"].items():
         lines.append(
-            f"| {k} | {f(v.get('perplexity'), 2)} | {f(v.get('kl'), 4)} | {f(v.get('top1'), 3)} | "
+            f"| {k} | {f(v.get('perplexity'), 2)} | {f(v.get('kl'), 5)} | {f(v.get('top1'), 3)} | "
             f"{f(v.get('prefill_tok_s'), 0)} | {f(v.get('prefill_x_fp32'), 2)} | {f(v.get('decode_tok_s'), 1)} | "
             f"{f(v.get('decode_x_fp32'), 2)} | {', '.join(r['kernels'].get(k, [])) or '-'} |"
         )
     if "scale_overhead" in r:
         o = r["scale_overhead"]
-        lines += ["", f"Run-time cost of computing activation scales (dynamic vs static per-tensor W8A8, same kernel): "
-                  f"prefill {100 * o['prefill']:+.1f}%, decode {100 * o['decode']:+.1f}%"]
+        lines += ["", "Run-time cost of computing activation scales (static per-tensor W8A8 vs dynamic per-tensor, same "
+                  f"weights, same kernel): static is {100 * o['prefill']:+.1f}% faster in prefill, "
+                  f"{100 * o['decode']:+.1f}% in decode (tokens/s, medians; noise on this shared machine is several %)."]
     return "\n".join(lines) + "\n"
 
 

@@ -98,7 +98,11 @@ def _select(model: nn.Module, targets, ignore: tuple[str, ...]) -> list[tuple[st
     types, names = _split_targets(targets)
     chosen: dict[str, nn.Module] = {}
     if types:
-        chosen.update(select_linears(model, (), ignore, types=types))
+        try:
+            chosen.update(select_linears(model, (), ignore, types=types))
+        except SelectionError:
+            if not names:  # with names too, a type that matches nothing is fine as long as a name matches
+                raise
     if names:
         chosen.update(select_linears(model, names, ignore, types=SUPPORTED_TYPES))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -109,8 +113,6 @@ def _quantize_rnn(mod: nn.Module) -> nn.Module:
     from torch.ao.nn.quantized import dynamic as nnqd
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
-    if getattr(mod, "proj_size", 0):
-        raise SchemeError("PyTorch's dynamic LSTM does not support proj_size; leave this module out with ignore")
     mod.qconfig = per_channel_dynamic_qconfig
     cls = nnqd.LSTM if isinstance(mod, nn.LSTM) else nnqd.GRU
     try:
@@ -183,6 +185,9 @@ def quantize_dynamic(
             f"LSTM/GRU weights are int8 only (PyTorch's dynamic RNN kernels), but weight_bits={weight_bits}: "
             f"pass weight_bits=8 or leave {rnns} out with ignore"
         )
+    projected = [n for n, m in chosen if getattr(m, "proj_size", 0)]
+    if projected:
+        raise SchemeError(f"PyTorch's dynamic LSTM does not support proj_size: leave {projected} out with ignore")
     from ..algorithms import rtn_quantize
 
     t0 = time.perf_counter()
