@@ -4,7 +4,7 @@ llmquant's dynamic rows use its defaults (int8 weights per output channel with a
 activations) unless the row says otherwise. Rows: fp32; PyTorch's own ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``
 exactly as its docs show it (lm_head included, fbgemm's per-tensor 7-bit activations); llmquant dynamic
 W8A8 per token (symmetric / asymmetric), per tensor, with LLM.int8() outliers, W4A8 (int4 g128, reference
-path), the W8 weight-only product (to separate weight from activation error) and static W8A8 per tensor with
+path), per-token with a 64-wide Hadamard rotation (``rotation=64``), the W8 weight-only product (to separate weight from activation error) and static W8A8 per tensor with
 min-max scales from 4 calibration windows (calibrated here, only to measure the cost of computing scales at
 run time: same kernel as dynamic per tensor).
 
@@ -89,6 +89,9 @@ def configs(ids_all):
         "W8A8 per-tensor sym": dyn(act_granularity="tensor"),
         "W8A8 per-token + outliers (t=6)": dyn(outlier_threshold=6.0),
         "W4A8 g128 per-token (reference path)": dyn(weight_bits=4),
+        "W8A8 per-token sym + rotation 64": dyn(rotation=64),
+        "W8A8 per-token asym + rotation 64": dyn(symmetric=False, rotation=64),
+        "W8A8 per-token + outliers (t=6) + rotation 64": dyn(outlier_threshold=6.0, rotation=64),
         "static W8A8 per-tensor (min-max, 4 calib windows)": lambda m: static_w8a8(m, calib_windows(ids_all, 4)),
         "W8A8 per-token sym [forced int8_int_mm]": lambda m: (dyn()(m), kernels.set_kernel(m, "int8_int_mm"), m)[2],
     }

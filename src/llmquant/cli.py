@@ -84,8 +84,8 @@ def _quantize_dynamic(args) -> int:
 
     if args.scheme or args.bits is not None or args.group_size is not None or args.granularity or args.asym:
         raise SchemeError(
-            "--method dynamic takes --weight-bits 8|4, --act-granularity token|tensor, --act-asym and "
-            "--outlier-threshold, not --scheme/--bits/--group-size/--granularity/--asym"
+            "--method dynamic takes --weight-bits 8|4, --act-granularity token|tensor, --act-asym, --weight-sym, "
+            "--outlier-threshold and --rotation, not --scheme/--bits/--group-size/--granularity/--asym"
         )
     _check_out(args.output, args.overwrite)
     model, tok = llmquant.load_model(args.model)
@@ -97,6 +97,7 @@ def _quantize_dynamic(args) -> int:
         weight_bits=args.weight_bits,
         weight_symmetric=args.weight_sym,
         outlier_threshold=args.outlier_threshold,
+        rotation=args.rotation,
         ignore=tuple(args.ignore) if args.ignore is not None else ("lm_head",),
     )
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic: symmetric weights (default: a zero point per output channel)")
     q.add_argument("--outlier-threshold", type=float,
                    help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
+    q.add_argument("--rotation", type=int,
+                   help="dynamic: Hadamard block size (e.g. 64) rotating each Linear's input and weights")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     q.set_defaults(func=cmd_quantize)

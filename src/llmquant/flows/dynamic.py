@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -32,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ..errors import SchemeError, SelectionError
 from ..modules import QuantLinear, replace_module, select_linears
-from ..schemes import PRESETS, QuantConfig, QuantScheme, sqnr_db
+from ..schemes import QuantConfig, QuantScheme, sqnr_db
+from ..schemes.primitives import rotate_blocks
 from .ptq import LayerSummary, QuantSummary, _untie_if_needed
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def dynamic_schemes(
     group_size: int = 128,
     outlier_threshold: float | None = None,
     weight_symmetric: bool = False,
+    rotation: int | None = None,
 ) -> tuple[QuantScheme, QuantScheme]:
     """``(weight_scheme, activation_scheme)`` for dynamic W8A8 / W4A8."""
     if weight_bits == 8:
@@ -68,7 +71,8 @@ def dynamic_schemes(
     if act_granularity not in ("token", "tensor"):
         raise SchemeError(f"act_granularity must be 'token' or 'tensor', got {act_granularity!r}")
     a = QuantScheme(
-        bits=8, symmetric=symmetric, granularity=act_granularity, dynamic=True, outlier_threshold=outlier_threshold
+        bits=8, symmetric=symmetric, granularity=act_granularity, dynamic=True, outlier_threshold=outlier_threshold,
+        rotation=rotation,
     )
     return w, a
 
@@ -159,6 +163,7 @@ def quantize_dynamic(
     weight_symmetric: bool = False,
     group_size: int = 128,
     outlier_threshold: float | None = None,
+    rotation: int | None = None,
     ignore: Iterable[str] = ("lm_head",),
     progress: bool = True,
 ) -> QuantSummary:
@@ -171,11 +176,15 @@ def quantize_dynamic(
     groups of ``group_size``); ``weight_symmetric``: False (default) gives each output channel an integer
     zero point, which on the default model lowers the W8 weight-only KL by about a quarter (0.0022 against
     0.0029 on 2 windows) for one extra code sum per token; ``outlier_threshold``: LLM.int8()'s float path for input columns holding a
-    ``|x| >= t`` (6.0 in the paper), None for none.
+    ``|x| >= t`` (6.0 in the paper), None for none; ``rotation``: a Hadamard block size (e.g. 64) to
+    rotate each Linear's input and weight rows by, ``y = Q(x R) Q(W R)^T`` with ``R = diag(H_b, ...)``
+    orthonormal (QuaRot, Ashkboos et al. 2024, applied per Linear and online): exact in float, it spreads
+    an outlier channel over its block, at the cost of one small batched matmul per Linear (layers whose
+    width is not a multiple of the block are left unrotated).
     """
     _dtype_name(dtype)
     wscheme, ascheme = dynamic_schemes(
-        weight_bits, act_granularity, symmetric, group_size, outlier_threshold, weight_symmetric
+        weight_bits, act_granularity, symmetric, group_size, outlier_threshold, weight_symmetric, rotation
     )
     ignore = tuple(ignore)
     chosen = _select(model, targets, ignore)
@@ -202,16 +211,22 @@ def quantize_dynamic(
             summary.layers.append(_rnn_summary(name, mod, qmod))
             replace_module(model, name, qmod)
             continue
-        w = mod.weight
+        w, a = mod.weight, ascheme
+        if rotation is not None:
+            if mod.in_features % rotation:
+                a = replace(ascheme, rotation=None)
+                log.info("%s: width %d is not a multiple of %d, left unrotated", name, mod.in_features, rotation)
+            else:
+                w = rotate_blocks(w.detach().float(), rotation).to(w.dtype)
         q, scale, zero = rtn_quantize(w, wscheme, name=name)
-        qlin = QuantLinear.from_quantized(q, scale, zero, wscheme, bias=mod.bias, activation_scheme=ascheme)
+        qlin = QuantLinear.from_quantized(q, scale, zero, wscheme, bias=mod.bias, activation_scheme=a)
         qlin.to(w.device)
         bias_bytes = 0 if mod.bias is None else mod.bias.numel() * mod.bias.element_size()
         summary.layers.append(
             LayerSummary(
                 name=name,
                 shape=tuple(w.shape),
-                scheme=f"{wscheme.name} x {ascheme.name}-dyn",
+                scheme=f"{wscheme.name} x {a.name}-dyn" + (f"-rot{a.rotation}" if a.rotation else ""),
                 bits_per_weight=qlin.weight_bits,
                 packed_bytes=qlin.packed_bytes(),
                 float_bytes=w.numel() * w.element_size() + bias_bytes,

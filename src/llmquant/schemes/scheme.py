@@ -34,6 +34,9 @@ class QuantScheme:
     restricted_range: bool = False  # symmetric only: grid [-(2^(b-1)-1), 2^(b-1)-1], scale = max|x| / qmax (Q8_0)
     # dynamic activations only (LLM.int8()): input columns holding any |x| >= this stay in float
     outlier_threshold: float | None = None
+    # dynamic activations only: the input is multiplied by a block-diagonal orthonormal Hadamard matrix
+    # of this block size before quantization (the stored weights are rotated alike; QuaRot-style)
+    rotation: int | None = None
     version: int = SCHEME_VERSION
 
     def __post_init__(self) -> None:
@@ -59,6 +62,12 @@ class QuantScheme:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
                 raise SchemeError(f"outlier_threshold must be a positive number, got {self.outlier_threshold!r}")
             object.__setattr__(self, "outlier_threshold", float(self.outlier_threshold))
+        if self.rotation is not None:
+            r = self.rotation
+            if not self.dynamic:
+                raise SchemeError("rotation applies to dynamic activation schemes only")
+            if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r & (r - 1):
+                raise SchemeError(f"rotation must be a power of two >= 2 (a Hadamard block size), got {r!r}")
         if self.version != SCHEME_VERSION:
             raise SchemeError(f"scheme version {self.version} is not supported (this llmquant reads {SCHEME_VERSION})")
 
