@@ -21,6 +21,7 @@ from .modules import QuantLinear
 from .flows import QuantSummary
 from .flows import quantize as _flow_quantize
 from .flows import calibrate, convert, prepare, quantize_static
+from .flows import quantize_dynamic
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 from .report import compare
@@ -99,5 +100,6 @@ __all__ = [
     "load_model",
     "model_size",
     "quantize",
+    "quantize_dynamic",
     "save",
 ]

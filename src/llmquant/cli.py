@@ -58,6 +58,8 @@ def cmd_quantize(args) -> int:
     from .report import format_table
     from .schemes import QuantConfig
 
+    if args.method == "dynamic":
+        return _quantize_dynamic(args)
     scheme = _scheme_from_args(args)
     cfg = QuantConfig(
         weight=scheme,
@@ -126,6 +128,46 @@ def _float_alpha(v: str) -> float:
 
 def _calib_text(calib: str | None):
     return None if calib in (None, "default") else Path(calib)
+
+
+def _quantize_dynamic(args) -> int:
+    """``quantize --method dynamic``: int8 activations quantized at run time (see llmquant.quantize_dynamic)."""
+    import llmquant
+    from .errors import SchemeError
+    from .report import format_table
+
+    if args.scheme or args.bits is not None or args.group_size is not None or args.granularity or args.asym:
+        raise SchemeError(
+            "--method dynamic takes --weight-bits 8|4, --act-granularity token|tensor, --act-asym, --weight-sym, "
+            "--outlier-threshold and --rotation, not --scheme/--bits/--group-size/--granularity/--asym"
+        )
+    _check_out(args.output, args.overwrite)
+    model, tok = llmquant.load_model(args.model)
+    summary = llmquant.quantize_dynamic(
+        model,
+        targets=args.targets or None,
+        act_granularity=args.act_granularity,
+        symmetric=not args.act_asym,
+        weight_bits=args.weight_bits,
+        weight_symmetric=args.weight_sym,
+        outlier_threshold=args.outlier_threshold,
+        rotation=args.rotation,
+        ignore=tuple(args.ignore) if args.ignore is not None else ("lm_head",),
+    )
+    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
+    row = {
+        "layers": len(summary.layers),
+        "weights": summary.layers[0].scheme if summary.layers else "-",
+        "bits/w": summary.bits_per_weight,
+        "fp32 MB": summary.float_bytes / 1e6,
+        "packed MB": summary.packed_bytes / 1e6,
+        "weight SQNR dB": summary.mean_sqnr_db,
+        "kernel": ",".join(summary.kernels),
+        "seconds": summary.seconds,
+    }
+    print(format_table([row]))
+    print(f"saved to {args.output}")
+    return 0
 
 
 def _reference_for(manifest_source: str | None):
@@ -255,9 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights and save it")
     q.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "static", "smoothquant"],
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "static", "smoothquant", "dynamic"],
                    help="rtn (weights only); gptq/awq (weights only, calibrated); static: W8A8 with calibrated "
-                        "per-tensor activation scales; smoothquant: SmoothQuant, then static W8A8")
+                        "per-tensor activation scales; smoothquant: SmoothQuant, then static W8A8; dynamic: per-token int8 activations at run time")
     q.add_argument("--calib", default="default", help="calibration text: .txt/.jsonl file, or 'default'")
     q.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
@@ -273,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "percentile[:p], mse, histogram (default: mse for static, minmax for smoothquant)")
     q.add_argument("--alpha", default="0.8", help="SmoothQuant migration strength in [0, 1], or 'search' for a "
                    "per-layer choice by output error (default 0.8)")
+    q.add_argument("--act-granularity", choices=["token", "tensor"], default="token",
+                   help="dynamic: activation scale per token (default) or per tensor")
+    q.add_argument("--act-asym", action="store_true", help="dynamic: asymmetric int8 activations")
+    q.add_argument("--weight-bits", type=int, choices=[8, 4], default=8,
+                   help="dynamic: int8 per-channel (default) or int4 g128 weights")
+    q.add_argument("--weight-sym", action="store_true",
+                   help="dynamic: symmetric weights (default: a zero point per output channel)")
+    q.add_argument("--outlier-threshold", type=float,
+                   help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
+    q.add_argument("--rotation", type=int,
+                   help="dynamic: Hadamard block size (e.g. 64) rotating each Linear's input and weights")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     q.set_defaults(func=cmd_quantize)

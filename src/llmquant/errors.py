@@ -48,3 +48,5 @@ class UnsupportedArchitectureError(LLMQuantError, ValueError):
 
 # SmoothQuant's name for the same condition
 MappingError = UnsupportedArchitectureError
+class UnsupportedError(LLMQuantError):
+    """The operation is not supported for this model or module (e.g. saving PyTorch's dynamic LSTM/GRU)."""

@@ -3,6 +3,7 @@
 from .ptq import QuantSummary, quantize
 from .sequential import CalibratedSummary, quantize_calibrated
 from .calibrate import calibrate, calibration_windows, convert, prepare, quantize_static, unprepare
+from .dynamic import quantize_dynamic
 
 __all__ = ["CalibratedSummary", "QuantSummary", "quantize", "quantize_calibrated", "prepare", "convert", "calibrate",
-           "calibration_windows", "quantize_static", "unprepare"]
+           "calibration_windows", "quantize_static", "unprepare", "quantize_dynamic"]

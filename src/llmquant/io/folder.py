@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError
+from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, UnsupportedError
 from ..modules import QuantLinear, replace_module
 from ..schemes import QuantScheme
 
@@ -73,6 +73,12 @@ def save(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: b
     """Save a (quantized or float) model with its tokenizer to ``folder``; returns the folder."""
     from safetensors.torch import save_file
 
+    foreign = [n for n, m in model.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    if foreign:
+        raise UnsupportedError(
+            f"cannot save {foreign[:3]}: PyTorch's dynamically quantized LSTM/GRU modules have no place in "
+            "llmquant's folder format; save the float model and run quantize_dynamic again after loading it"
+        )
     out = Path(folder).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite")

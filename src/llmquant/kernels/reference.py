@@ -16,12 +16,20 @@ def fake_quant_input(module, x: torch.Tensor) -> torch.Tensor:
         return x
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
+    cols = None
+    if a.outlier_threshold is not None:  # LLM.int8(): columns with any |x| >= t stay in float
+        cols = (x2.abs() >= a.outlier_threshold).any(dim=0)
+        x_cols = x2[:, cols]
+        x2 = x2.masked_fill(cols, 0.0)
     if a.dynamic:
         scale, zero = compute_qparams(x2, a)
     else:
         scale, zero = module.input_scale, getattr(module, "input_zero", None)
     q = quantize_to_int(x2, scale, zero, a)
-    return dequantize(q, scale, zero, a).reshape(shape).to(x.dtype)
+    x_hat = dequantize(q, scale, zero, a)
+    if cols is not None:
+        x_hat[:, cols] = x_cols
+    return x_hat.reshape(shape).to(x.dtype)
 
 
 class Reference(Kernel):

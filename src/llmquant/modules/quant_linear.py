@@ -17,6 +17,7 @@ import torch.nn as nn
 from .. import kernels
 from ..packing import pack, packed_numel, unpack
 from ..schemes import QuantScheme, dequantize
+from ..schemes.primitives import hadamard, rotate_blocks
 from ..schemes.primitives import scale_torch_dtype
 
 
@@ -62,6 +63,7 @@ class QuantLinear(nn.Module):
         self._kernel = None
         self._kernel_state = None
         self._kernel_key = None
+        self._rotation = None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -150,6 +152,10 @@ class QuantLinear(nn.Module):
             self._kernel = kernels.select(self, x.device)
             self._kernel_state = self._kernel.prepare(self, x.device, x.dtype)
             self._kernel_key = key
+            a = self.activation_scheme
+            self._rotation = None if a is None or a.rotation is None else hadamard(a.rotation, torch.float32, x.device)
+        if self._rotation is not None:  # the stored weights are rotated alike (see QuantScheme.rotation)
+            x = rotate_blocks(x, self._rotation.shape[0], self._rotation)
         return self._kernel.run(self, self._kernel_state, x)
 
     def __getstate__(self):  # deepcopy / pickle: drop opaque kernel state, it is rebuilt on use

@@ -133,3 +133,21 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(ref.pow(2).sum() / noise))
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of size ``n`` (a power of two): ``H H^T = I``."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(dtype=dtype, device=device)
+
+
+def rotate_blocks(x: torch.Tensor, block: int, h: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., K) times the block-diagonal Hadamard matrix ``diag(H_b, ..., H_b)`` (K a multiple of b).
+    Since it is orthonormal, ``(x R)(W R)^T = x W^T``: rotating a linear's input and weight rows alike leaves
+    the float product unchanged while spreading an outlier channel over its block."""
+    if h is None:
+        h = hadamard(block, x.dtype, x.device)
+    shape = x.shape
+    return (x.reshape(*shape[:-1], shape[-1] // block, block) @ h.to(x.dtype)).reshape(shape)

@@ -32,6 +32,11 @@ class QuantScheme:
     scale_dtype: str = "float32"  # dtype scales (and float zeros) are stored in
     dynamic: bool = False  # activations only: qparams computed from each input at run time
     restricted_range: bool = False  # symmetric only: grid [-(2^(b-1)-1), 2^(b-1)-1], scale = max|x| / qmax (Q8_0)
+    # dynamic activations only (LLM.int8()): input columns holding any |x| >= this stay in float
+    outlier_threshold: float | None = None
+    # dynamic activations only: the input is multiplied by a block-diagonal orthonormal Hadamard matrix
+    # of this block size before quantization (the stored weights are rotated alike; QuaRot-style)
+    rotation: int | None = None
     version: int = SCHEME_VERSION
 
     def __post_init__(self) -> None:
@@ -50,6 +55,19 @@ class QuantScheme:
             raise SchemeError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
         if self.restricted_range and not self.symmetric:
             raise SchemeError("restricted_range applies to symmetric schemes only")
+        if self.outlier_threshold is not None:
+            if not self.dynamic:
+                raise SchemeError("outlier_threshold applies to dynamic activation schemes only")
+            t = self.outlier_threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+                raise SchemeError(f"outlier_threshold must be a positive number, got {self.outlier_threshold!r}")
+            object.__setattr__(self, "outlier_threshold", float(self.outlier_threshold))
+        if self.rotation is not None:
+            r = self.rotation
+            if not self.dynamic:
+                raise SchemeError("rotation applies to dynamic activation schemes only")
+            if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r & (r - 1):
+                raise SchemeError(f"rotation must be a power of two >= 2 (a Hadamard block size), got {r!r}")
         if self.version != SCHEME_VERSION:
             raise SchemeError(f"scheme version {self.version} is not supported (this llmquant reads {SCHEME_VERSION})")
 

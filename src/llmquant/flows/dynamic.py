@@ -1,0 +1,241 @@
+"""Dynamic quantization: weights quantized ahead of time, activation qparams computed from each input.
+
+``quantize_dynamic(model, targets={nn.Linear}, dtype="int8")`` follows ``torch.ao.quantization.quantize_dynamic``:
+``targets`` is a set of module types and/or names (exact, or ``re:`` full-match regexes); every selected
+``nn.Linear`` becomes a :class:`~llmquant.modules.QuantLinear` with int8 per-output-channel weights
+(asymmetric by default, symmetric as an option; grouped int4 with ``weight_bits=4``) and a dynamic int8 activation scheme, per token by default:
+``s_m = max_k |x_mk| / 127.5`` for each row ``m`` of the input at each call (symmetric), or
+``s_m = (max_k x_mk - min_k x_mk) / 255`` with an integer zero point (asymmetric), so
+``y_m = s_m * s_w * (Q(x_m) . Q(w))`` with an int32 dot product. ``outlier_threshold`` adds LLM.int8()'s
+decomposition (Dettmers et al. 2022): input columns holding any ``|x| >= t`` are multiplied in float.
+``nn.LSTM``/``nn.GRU`` are delegated to PyTorch's dynamic RNN modules (``torch.ao.nn.quantized.dynamic``),
+with int8 per-channel weights and fbgemm's per-tensor dynamic activations.
+
+Numerics per path (see :mod:`llmquant.kernels`): W8A8 runs an int8 x int8 -> int32 GEMM (fbgemm with
+llmquant's qparams at one token or per tensor, ``torch._int_mm`` per token otherwise); W4A8 has no fast
+CPU kernel in PyTorch (``aten._dyn_quant_matmul_4bit`` is a scalar reference loop off Arm, about 100x
+slower than fp32 here), so it runs the reference path: the activation is fake-quantized per token and
+multiplied with the int4 weight dequantized once to float, which is numerically the W4A8 product up to
+float summation order, at float speed and float run-time memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import replace
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..errors import SchemeError, SelectionError
+from ..modules import QuantLinear, replace_module, select_linears
+from ..schemes import QuantConfig, QuantScheme, sqnr_db
+from ..schemes.primitives import rotate_blocks
+from .ptq import LayerSummary, QuantSummary, _untie_if_needed
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, nn.LSTM, nn.GRU)
+_DTYPES = ("int8",)
+
+
+def _dtype_name(dtype) -> str:
+    if dtype is torch.qint8 or dtype == "int8" or dtype is torch.int8:
+        return "int8"
+    raise SchemeError(
+        f"dtype {dtype!r} is not supported by quantize_dynamic; use 'int8' (int8 activations; weights int8, "
+        "or int4 with weight_bits=4)"
+    )
+
+
+def dynamic_schemes(
+    weight_bits: int = 8,
+    act_granularity: str = "token",
+    symmetric: bool = True,
+    group_size: int = 128,
+    outlier_threshold: float | None = None,
+    weight_symmetric: bool = False,
+    rotation: int | None = None,
+) -> tuple[QuantScheme, QuantScheme]:
+    """``(weight_scheme, activation_scheme)`` for dynamic W8A8 / W4A8."""
+    if weight_bits == 8:
+        w = QuantScheme(bits=8, granularity="channel", symmetric=weight_symmetric)
+    elif weight_bits == 4:
+        w = QuantScheme(bits=4, granularity="group", group_size=group_size, symmetric=weight_symmetric)
+    else:
+        raise SchemeError(f"weight_bits must be 8 or 4 for dynamic quantization, got {weight_bits!r}")
+    if act_granularity not in ("token", "tensor"):
+        raise SchemeError(f"act_granularity must be 'token' or 'tensor', got {act_granularity!r}")
+    a = QuantScheme(
+        bits=8, symmetric=symmetric, granularity=act_granularity, dynamic=True, outlier_threshold=outlier_threshold,
+        rotation=rotation,
+    )
+    return w, a
+
+
+def _split_targets(targets) -> tuple[tuple[type, ...], tuple[str, ...]]:
+    if targets is None:
+        return (nn.Linear,), ()
+    if isinstance(targets, (str, type)):
+        targets = [targets]
+    types, names = [], []
+    for t in targets:
+        if isinstance(t, type):
+            if not issubclass(t, SUPPORTED_TYPES):
+                raise SelectionError(
+                    f"quantize_dynamic cannot quantize {t.__name__}; supported module types: "
+                    f"{', '.join(c.__name__ for c in SUPPORTED_TYPES)}"
+                )
+            types.append(t)
+        elif isinstance(t, str):
+            names.append(t)
+        else:
+            raise SelectionError(f"targets hold module types, names or 're:' patterns, not {type(t).__name__}")
+    return tuple(types), tuple(names)
+
+
+def _select(model: nn.Module, targets, ignore: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    types, names = _split_targets(targets)
+    chosen: dict[str, nn.Module] = {}
+    if types:
+        try:
+            chosen.update(select_linears(model, (), ignore, types=types))
+        except SelectionError:
+            if not names:  # with names too, a type that matches nothing is fine as long as a name matches
+                raise
+    if names:
+        chosen.update(select_linears(model, names, ignore, types=SUPPORTED_TYPES))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(chosen.items(), key=lambda kv: order[kv[0]])
+
+
+def _quantize_rnn(mod: nn.Module) -> nn.Module:
+    from torch.ao.nn.quantized import dynamic as nnqd
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    mod.qconfig = per_channel_dynamic_qconfig
+    cls = nnqd.LSTM if isinstance(mod, nn.LSTM) else nnqd.GRU
+    try:
+        with warnings.catch_warnings():  # torch.ao's quantized tensors are deprecated as a user API
+            warnings.simplefilter("ignore")
+            return cls.from_float(mod)
+    finally:
+        del mod.qconfig
+
+
+def _rnn_summary(name: str, mod: nn.Module, qmod: nn.Module) -> LayerSummary:
+    weights = qmod._weight_bias()["weight"]
+    n = deq_sq = err = 0.0
+    packed = 0
+    for k, qw in weights.items():
+        w = getattr(mod, k).detach().float()
+        d = qw.dequantize().float()
+        n += w.numel()
+        deq_sq += w.pow(2).sum().item()
+        err += (w - d).pow(2).sum().item()
+        packed += w.numel() + 4 * (qw.q_per_channel_scales().numel() if qw.qscheme() != torch.per_tensor_affine else 1)
+    float_bytes = sum(p.numel() * p.element_size() for p in mod.parameters())
+    return LayerSummary(
+        name=name,
+        shape=(mod.hidden_size * (4 if isinstance(mod, nn.LSTM) else 3), mod.input_size + mod.hidden_size),
+        scheme=f"int8-ch {type(mod).__name__} (torch.ao dynamic)",
+        bits_per_weight=8 * packed / max(n, 1),
+        packed_bytes=int(packed),
+        float_bytes=float_bytes,
+        sqnr_db=float("inf") if err == 0 else 10 * torch.log10(torch.tensor(deq_sq / err)).item(),
+        kernel="torch.ao.nn.quantized.dynamic",
+    )
+
+
+@torch.no_grad()
+def quantize_dynamic(
+    model: nn.Module,
+    targets: Iterable | None = None,
+    dtype="int8",
+    *,
+    act_granularity: str = "token",
+    symmetric: bool = True,
+    weight_bits: int = 8,
+    weight_symmetric: bool = False,
+    group_size: int = 128,
+    outlier_threshold: float | None = None,
+    rotation: int | None = None,
+    ignore: Iterable[str] = ("lm_head",),
+    progress: bool = True,
+) -> QuantSummary:
+    """Dynamically quantize ``model`` in place and return a summary.
+
+    ``targets``: module types (``nn.Linear``, ``nn.LSTM``, ``nn.GRU``) and/or module names / ``re:`` patterns
+    (default ``{nn.Linear}``); ``ignore``: names or patterns left in float (``lm_head`` by default).
+    ``act_granularity``: ``"token"`` (a scale per row, default) or ``"tensor"``; ``symmetric``: symmetric
+    (default) or asymmetric int8 activations; ``weight_bits``: 8 (int8 per output channel) or 4 (int4 in
+    groups of ``group_size``); ``weight_symmetric``: False (default) gives each output channel an integer
+    zero point, which on the default model lowers the W8 weight-only KL by about a quarter (0.0022 against
+    0.0029 on 2 windows) for one extra code sum per token; ``outlier_threshold``: LLM.int8()'s float path for input columns holding a
+    ``|x| >= t`` (6.0 in the paper), None for none; ``rotation``: a Hadamard block size (e.g. 64) to
+    rotate each Linear's input and weight rows by, ``y = Q(x R) Q(W R)^T`` with ``R = diag(H_b, ...)``
+    orthonormal (QuaRot, Ashkboos et al. 2024, applied per Linear and online): exact in float, it spreads
+    an outlier channel over its block, at the cost of one small batched matmul per Linear (layers whose
+    width is not a multiple of the block are left unrotated).
+    """
+    _dtype_name(dtype)
+    wscheme, ascheme = dynamic_schemes(
+        weight_bits, act_granularity, symmetric, group_size, outlier_threshold, weight_symmetric, rotation
+    )
+    ignore = tuple(ignore)
+    chosen = _select(model, targets, ignore)
+    rnns = [n for n, m in chosen if isinstance(m, (nn.LSTM, nn.GRU))]
+    if rnns and weight_bits != 8:
+        raise SchemeError(
+            f"LSTM/GRU weights are int8 only (PyTorch's dynamic RNN kernels), but weight_bits={weight_bits}: "
+            f"pass weight_bits=8 or leave {rnns} out with ignore"
+        )
+    projected = [n for n, m in chosen if getattr(m, "proj_size", 0)]
+    if projected:
+        raise SchemeError(f"PyTorch's dynamic LSTM does not support proj_size: leave {projected} out with ignore")
+    from ..algorithms import rtn_quantize
+
+    t0 = time.perf_counter()
+    _, names = _split_targets(targets)
+    cfg = QuantConfig(weight=wscheme, activation=ascheme, method="dynamic", targets=names, ignore=ignore)
+    summary = QuantSummary(method="dynamic", config=cfg.to_dict())
+    summary.untied_lm_head = _untie_if_needed(model, [n for n, _ in chosen])
+    desc = f"quantize_dynamic (W{weight_bits}A8 {ascheme.name})"
+    for name, mod in tqdm(chosen, desc=desc, disable=not progress, leave=False):
+        if isinstance(mod, (nn.LSTM, nn.GRU)):
+            qmod = _quantize_rnn(mod)
+            summary.layers.append(_rnn_summary(name, mod, qmod))
+            replace_module(model, name, qmod)
+            continue
+        w, a = mod.weight, ascheme
+        if rotation is not None:
+            if mod.in_features % rotation:
+                a = replace(ascheme, rotation=None)
+                log.info("%s: width %d is not a multiple of %d, left unrotated", name, mod.in_features, rotation)
+            else:
+                w = rotate_blocks(w.detach().float(), rotation).to(w.dtype)
+        q, scale, zero = rtn_quantize(w, wscheme, name=name)
+        qlin = QuantLinear.from_quantized(q, scale, zero, wscheme, bias=mod.bias, activation_scheme=a)
+        qlin.to(w.device)
+        bias_bytes = 0 if mod.bias is None else mod.bias.numel() * mod.bias.element_size()
+        summary.layers.append(
+            LayerSummary(
+                name=name,
+                shape=tuple(w.shape),
+                scheme=f"{wscheme.name} x {a.name}-dyn" + (f"-rot{a.rotation}" if a.rotation else ""),
+                bits_per_weight=qlin.weight_bits,
+                packed_bytes=qlin.packed_bytes(),
+                float_bytes=w.numel() * w.element_size() + bias_bytes,
+                sqnr_db=sqnr_db(w.float(), qlin.dequantize_weight(device=w.device)),
+                kernel=qlin.kernel.name,
+            )
+        )
+        replace_module(model, name, qlin)
+    summary.seconds = time.perf_counter() - t0
+    log.info("%s", summary)
+    model.llmquant_config = cfg
+    return summary
