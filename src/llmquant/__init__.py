@@ -19,6 +19,7 @@ from .errors import LLMQuantError
 from .schemes import PRESETS, QuantConfig, QuantScheme
 from .modules import QuantLinear
 from .flows import QuantSummary, quantize
+from .flows import QATResult, convert_qat, prepare_qat, train_qat  # QAT (issue 5)
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 
@@ -64,6 +65,10 @@ __all__ = [
     "load",
     "load_model",
     "model_size",
+    "prepare_qat",
+    "convert_qat",
+    "train_qat",
+    "QATResult",
     "quantize",
     "save",
 ]

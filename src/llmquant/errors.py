@@ -35,3 +35,11 @@ class OutputExistsError(LLMQuantError, FileExistsError):
 
 class SelectionError(LLMQuantError, ValueError):
     """A targets/ignore selection matched nothing or named a module that does not exist."""
+
+
+class TrainingDivergedError(LLMQuantError):
+    """QAT stopped because the loss (or its gradient) became NaN/Inf or exploded."""
+
+
+class CheckpointError(LLMQuantError):
+    """A QAT checkpoint is missing, damaged, or was written by a run with other settings."""
