@@ -13,6 +13,15 @@ from llmquant.schemes import PRESETS, QuantScheme, compute_qparams, dequantize, 
 from conftest import make_tiny_llama
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster on one thread (no OpenMP spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_ste_round_and_grad_scale():
     x = torch.tensor([-1.6, -0.5, 0.2, 0.5, 1.49, 2.51], requires_grad=True)
     y = ste_round(x)

@@ -227,9 +227,8 @@ def train_qat(
 
     dev = next(p.device for p in model.parameters())
     if gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise SchemeError("this model has no gradient_checkpointing_enable(); train without gradient checkpointing")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable, _ = _checkpointing_methods(model)
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     losses = list(history["losses"])
     first = losses[0] if losses else None
@@ -251,7 +250,7 @@ def train_qat(
                         t_logp = F.log_softmax(_logits(teacher, ids).float(), dim=-1)
                 lval = distill_loss(_logits(model, ids), ids, t_logp, loss) / grad_accum
                 if not torch.isfinite(lval):
-                    _diverged(f"the loss became {float(lval)} at step {step + 1}", last_saved)
+                    _diverged(f"the loss became {float(lval.detach())} at step {step + 1}", last_saved)
                 lval.backward()
                 step_loss += float(lval.detach())
                 tokens += ids.numel()
@@ -281,7 +280,7 @@ def train_qat(
     finally:
         bar.close()
         if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            _checkpointing_methods(model)[1]()
         model.eval()
     seconds = time.perf_counter() - t0
     res = QATResult(
@@ -294,6 +293,15 @@ def train_qat(
     if convert:
         res.summary = convert_qat(model, progress=progress).to_dict()
     return res
+
+
+def _checkpointing_methods(model):
+    """(enable, disable) of a Hugging Face model's gradient (activation) checkpointing."""
+    for on, off in (("activation_checkpointing_enable", "activation_checkpointing_disable"),
+                    ("gradient_checkpointing_enable", "gradient_checkpointing_disable")):
+        if hasattr(model, on) and hasattr(model, off):
+            return getattr(model, on), getattr(model, off)
+    raise SchemeError("this model has no gradient checkpointing support; train without it")
 
 
 def _diverged(what: str, last_saved) -> None:
