@@ -227,8 +227,7 @@ def train_qat(
 
     dev = next(p.device for p in model.parameters())
     if gradient_checkpointing:
-        enable, _ = _checkpointing_methods(model)
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing_methods(model)[0]()
     model.train()
     losses = list(history["losses"])
     first = losses[0] if losses else None
@@ -296,11 +295,14 @@ def train_qat(
 
 
 def _checkpointing_methods(model):
-    """(enable, disable) of a Hugging Face model's gradient (activation) checkpointing."""
-    for on, off in (("activation_checkpointing_enable", "activation_checkpointing_disable"),
-                    ("gradient_checkpointing_enable", "gradient_checkpointing_disable")):
-        if hasattr(model, on) and hasattr(model, off):
-            return getattr(model, on), getattr(model, off)
+    """(enable, disable) of a Hugging Face model's gradient (activation) checkpointing, non-reentrant."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        return (lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw),
+                model.activation_checkpointing_disable)
+    if hasattr(model, "gradient_checkpointing_enable"):
+        return (lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw),
+                model.gradient_checkpointing_disable)
     raise SchemeError("this model has no gradient checkpointing support; train without it")
 
 
