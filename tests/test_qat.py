@@ -60,6 +60,36 @@ def test_ste_gradients_match_analytic():
     assert z.grad.item() == pytest.approx(-2.0)
 
 
+@pytest.mark.parametrize("preset", ["W3G32", "W4G64A", "W8", "gguf:Q4_1"])
+def test_fused_node_matches_plain_autograd(preset):
+    """The one-node fake quantizer gives the gradients autograd derives for the plain STE expression
+    (ragged groups: width 72)."""
+    sch = PRESETS[preset]
+    torch.manual_seed(1)
+    w = torch.randn(6, 72)
+    scale, zero = compute_qparams(w, sch)
+    scale = scale.float() * 0.8  # some values clip
+    zero = None if zero is None else zero.float() + 0.3
+    leaves = [t.clone().requires_grad_(True) for t in (w, scale) + (() if zero is None else (zero,))]
+    out = fake_quant_ste(leaves[0], leaves[1], leaves[2] if zero is not None else None, sch)
+    up = torch.randn_like(out)
+    (out * up).sum().backward()
+    ref = [t.clone().requires_grad_(True) for t in (w, scale) + (() if zero is None else (zero,))]
+    sfull = ref[1].repeat_interleave(sch.group_size, 1)[:, :72] if sch.group_size else ref[1]
+    v = ref[0] / sfull
+    if zero is not None:
+        zfull = ref[2].repeat_interleave(sch.group_size, 1)[:, :72] if sch.group_size else ref[2]
+        v = v + zfull
+    q = ste_round(torch.clamp(v, sch.qmin, sch.qmax))
+    if zero is not None:
+        q = q - zfull
+    expect = q * sfull
+    assert torch.equal(out.detach(), expect.detach())
+    (expect * up).sum().backward()
+    for a, b in zip(leaves, ref):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_lsq_gradient_scale_on_its_own():
     """A learned quantizer's step gradient is the plain STE gradient times 1/sqrt(N * qmax)."""
     sch = PRESETS["W4G32"]

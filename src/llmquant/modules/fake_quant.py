@@ -48,27 +48,78 @@ def ste_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x + (x.to(dtype).float() - x).detach()
 
 
+def _reduce_groups(g: torch.Tensor, shape: torch.Size, scheme: QuantScheme) -> torch.Tensor:
+    """Sum a per-value gradient (rows, K) back onto the (rows, groups) or (1, 1) qparams it came from."""
+    if scheme.granularity == "tensor":
+        return g.sum().reshape(1, 1)
+    if scheme.granularity != "group":
+        return g.sum(dim=1, keepdim=True)
+    rows, k = g.shape
+    gs = scheme.group_size
+    pad = shape[1] * gs - k
+    if pad:
+        g = torch.cat([g, g.new_zeros(rows, pad)], dim=1)
+    return g.reshape(rows, shape[1], gs).sum(-1)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """The STE/LSQ fake quantizer as one autograd node: it saves only its inputs (the float values are
+    usually a weight parameter, so nothing new) instead of the several weight-sized intermediates that
+    autograd would keep for the same expression, and recomputes the masks in backward."""
+
+    @staticmethod
+    def forward(ctx, rows, scale, zero, scheme):
+        k = rows.shape[-1]
+        s = expand_groups(scale, k, scheme)
+        v = rows / s
+        if zero is not None:
+            z = expand_groups(zero, k, scheme)
+            v = v + z
+        q = torch.round(torch.clamp(v, scheme.qmin, scheme.qmax))
+        if zero is not None:
+            q = q - z
+        ctx.scheme = scheme
+        ctx.save_for_backward(rows, scale, zero)
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, scale, zero = ctx.saved_tensors
+        sch = ctx.scheme
+        k = rows.shape[-1]
+        s = expand_groups(scale, k, sch)
+        v = rows / s
+        z = None
+        if zero is not None:
+            z = expand_groups(zero, k, sch)
+            v = v + z
+        lo, hi = v < sch.qmin, v > sch.qmax
+        inside = ~(lo | hi)
+        gx = grad * inside if ctx.needs_input_grad[0] else None
+        gs = gz = None
+        if ctx.needs_input_grad[1]:
+            # d/ds: round(v) - v inside, (bound - z) outside (LSQ, eq. 3, with the zero point)
+            ds = torch.where(inside, torch.round(v) - v, torch.where(lo, float(sch.qmin), float(sch.qmax)) - (0 if z is None else z))
+            gs = _reduce_groups(grad * ds, scale.shape, sch)
+        if zero is not None and ctx.needs_input_grad[2]:
+            gz = _reduce_groups(grad * (~inside) * (-s), zero.shape, sch)  # d/dz: 0 inside, -s where clipped
+        return gx, gs, gz, None
+
+
 def fake_quant_ste(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme
 ) -> torch.Tensor:
     """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` over rows of ``x`` (..., K) with STE rounding.
 
     ``scale`` / ``zero`` are (rows, groups) or (1, 1) as :func:`llmquant.schemes.compute_qparams` returns,
-    already in their effective (rounded) values; gradients flow to ``x``, ``scale`` and ``zero``.
+    already in their effective (rounded) values; gradients flow to ``x``, ``scale`` and ``zero``. The
+    values are bit-identical to RTN's ``dequantize(quantize_to_int(...))`` (same operations, same order;
+    clipping before rounding gives the same codes, the bounds being integers).
     """
     shape = x.shape
     k = shape[-1]
     rows = x.reshape(-1, k).float() if scheme.granularity != "tensor" else x.reshape(1, -1).float()
-    s = expand_groups(scale, rows.shape[-1], scheme)
-    v = rows / s
-    if zero is not None:
-        z = expand_groups(zero, rows.shape[-1], scheme)
-        v = v + z
-    # clip, then round (LSQ's order; the same values as RTN's round-then-clip, as the bounds are integers)
-    q = ste_round(torch.clamp(v, scheme.qmin, scheme.qmax))
-    if zero is not None:
-        q = q - z
-    return (q * s).reshape(shape)
+    return _FakeQuant.apply(rows, scale.float(), None if zero is None else zero.float(), scheme).reshape(shape)
 
 
 class FakeQuantizer(nn.Module):
