@@ -46,8 +46,16 @@ def child(job: dict) -> dict:
             llmquant.quantize(model, job["scheme"], progress=False)
             out["quantize_s"] = time.perf_counter() - t0
         else:  # qat
+            if job.get("eval_init"):  # the starting point alone (0 steps), converted like the trained model
+                init_model, _ = llmquant.load_model()
+                llmquant.prepare_qat(init_model, job["scheme"], init=job["init"], progress=False)
+                llmquant.convert_qat(init_model, progress=False)
+                e0 = llmquant.evaluate(init_model, reference=ref, tokenizer=tok, windows=job["windows"], progress=False)
+                out.update(init_kl=e0.kl, init_perplexity=e0.perplexity, init_top1=e0.top1)
+                del init_model
             r = llmquant.train_qat(
-                model, config=job["scheme"], steps=job["steps"], lr=job["lr"], seq_len=job["seq_len"],
+                model, config=job["scheme"], steps=job["steps"], lr=job["lr"], lr_qparams=job["lr_qparams"],
+                warmup=job["warmup"], init=job["init"], seq_len=job["seq_len"],
                 batch=job["batch"], grad_accum=job["grad_accum"], max_seconds=job["minutes"] * 60,
                 lora_rank=job["lora_rank"], gradient_checkpointing=job["grad_ckpt"],
                 learn_scales=not job["frozen_scales"], progress=False,
@@ -81,8 +89,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", default="W3G32,W4G64,W2G32")
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget per scheme")
-    ap.add_argument("--steps", type=int, default=400, help="step cap (the time budget usually ends first)")
+    ap.add_argument("--steps", type=int, default=60, help="step cap (the time budget usually ends first)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr-qparams", type=float, default=2e-4, help="learning rate of the LSQ step sizes / zeros")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--init", default="mse", help="rtn (min-max) or mse (least-squares clipping)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -93,13 +104,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job (1: the machine is shared)")
     ap.add_argument("--lora-memory", action="store_true", help="peak RSS of a few steps: full vs LoRA vs checkpointing")
     ap.add_argument("--no-rtn", action="store_true")
+    ap.add_argument("--eval-init", default="W3G32", help="schemes whose QAT starting point (0 steps) is evaluated too")
     ap.add_argument("--out", default=str(HERE / "results" / "qat"))
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return
-    base = dict(windows=args.windows, threads=args.threads, steps=args.steps, lr=args.lr, seq_len=args.seq_len,
+    base = dict(windows=args.windows, threads=args.threads, steps=args.steps, lr=args.lr, lr_qparams=args.lr_qparams,
+                warmup=args.warmup, init=args.init, seq_len=args.seq_len,
                 batch=args.batch, grad_accum=args.grad_accum, minutes=args.minutes, lora_rank=args.lora_rank,
                 grad_ckpt=args.grad_ckpt, frozen_scales=args.frozen_scales)
     rows = []
@@ -115,19 +128,26 @@ def main() -> None:
     else:
         rows.append(run_job(dict(base, kind="fp32")))
         print(json.dumps(rows[-1]), flush=True)
+        write(args, rows, base, t0)
         for s in args.schemes.split(","):
             if not args.no_rtn:
                 rows.append(run_job(dict(base, kind="rtn", scheme=s)))
                 print(json.dumps(rows[-1]), flush=True)
-            rows.append(run_job(dict(base, kind="qat", scheme=s)))
+            rows.append(run_job(dict(base, kind="qat", scheme=s, eval_init=s in args.eval_init.split(","))))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+            write(args, rows, base, t0)
+    if args.lora_memory:
+        write(args, rows, base, t0)
+
+
+def write(args, rows, base, t0) -> None:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv[1:], "settings": base,
             "wall_s": time.time() - t0, "machine": f"{os.cpu_count()} CPUs (shared)"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    print(markdown(rows, meta), flush=True)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -142,6 +162,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         return "\n".join(lines) + "\n"
     lines += ["| model | steps | train min | tokens/s | KL | KL / RTN | perplexity | ppl / fp32 | top-1 | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = list(rows)
+    for r in list(rows):
+        if r["job"] == "qat" and "init_kl" in r:
+            rows.insert(rows.index(r), {"job": f"{meta['settings'].get('init', '')}-init (0 steps)", "scheme": r["scheme"],
+                                        "kl": r["init_kl"], "perplexity": r["init_perplexity"], "top1": r["init_top1"],
+                                        "peak_rss_mb": float("nan")})
     for r in rows:
         name = "fp32" if r["job"] == "fp32" else f"{r['job']} {r['scheme']}"
         k_rtn = ""

@@ -4,7 +4,10 @@
 As in PyTorch's eager QAT (``torch.ao.quantization.prepare_qat`` / ``convert``), a user with their own
 training loop only needs these two calls; :func:`llmquant.train_qat` is the loop for everyone else.
 
-Initialisation: the weight qparams start from min-max of each weight (RTN's). Two hooks take better
+Initialisation: the weight qparams start from min-max of each weight (RTN's, ``init="rtn"``) or from
+the least-squares clipping of each group (``init="mse"``, see :func:`llmquant.modules.fake_quant.mse_qparams`,
+which also moves each group's largest value off the rounding boundary where RTN's symmetric grid puts it:
+STE updates flip such values at the first step). Two hooks take better
 starting points (e.g. GPTQ's) without changes here: ``init=`` a callable with the signature of the
 entries of :data:`llmquant.algorithms.ALGORITHMS` (``(weight, scheme, name) -> (q, scale, zero)``), whose
 dequantized codes become the starting weights; or a model that already holds ``QuantLinear``s (from any
@@ -36,8 +39,8 @@ InitFn = Callable[[torch.Tensor, object, str], tuple]
 def _resolve_init(init: "str | InitFn") -> InitFn | None:
     if callable(init):
         return init
-    if init in ("rtn", "minmax", None):
-        return None  # min-max inside FakeQuantLinear.from_linear: the same qparams as RTN
+    if init in ("rtn", "minmax", "mse", None):
+        return None  # an observer inside FakeQuantLinear.from_linear (min-max: the same qparams as RTN)
     if init in ALGORITHMS:
         return ALGORITHMS[init]
     raise SchemeError(f"unknown QAT init {init!r}; give 'rtn', a name in {sorted(ALGORITHMS)}, or a callable")
@@ -79,7 +82,8 @@ def prepare_qat(
                     start.bias.copy_(lin.bias)
             fq = FakeQuantLinear.from_linear(start, cfg.weight, cfg.activation, init_qparams=(scale, zero), **opts)
         else:
-            fq = FakeQuantLinear.from_linear(lin, cfg.weight, cfg.activation, **opts)
+            observer = "mse" if init == "mse" else "minmax"
+            fq = FakeQuantLinear.from_linear(lin, cfg.weight, cfg.activation, observer=observer, **opts)
         replace_module(model, name, fq)
     model.llmquant_qat = {"config": cfg.to_dict(), **opts, "init": init if isinstance(init, str) else "custom"}
     log.info("prepare_qat: %d linears fake-quantized at %s", len(chosen), cfg.weight.name)

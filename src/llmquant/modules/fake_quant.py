@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..schemes import QuantScheme, compute_qparams, expand_groups
+from ..schemes import QuantScheme, compute_qparams, dequantize, expand_groups, minmax, qparams_from_minmax, quantize_to_int
 from ..schemes.primitives import EPS, scale_torch_dtype
 
 
@@ -60,6 +60,33 @@ def _reduce_groups(g: torch.Tensor, shape: torch.Size, scheme: QuantScheme) -> t
     if pad:
         g = torch.cat([g, g.new_zeros(rows, pad)], dim=1)
     return g.reshape(rows, shape[1], gs).sum(-1)
+
+
+@torch.no_grad()
+def mse_qparams(x: torch.Tensor, scheme: QuantScheme, shrinks: int = 16, lowest: float = 0.5):
+    """Per-(row, group) qparams of the range ``[a * min, a * max]`` whose round trip has the least squared
+    error, ``a`` on a grid from 1 down to ``lowest`` (the MSE observer of e.g. torchao / llm-compressor).
+
+    With a = 1 this is RTN; on the full signed grid RTN puts each group's largest-magnitude value exactly on
+    a rounding boundary (``max|x| / s = (qmax - qmin) / 2``), so the slightest change of weight or step
+    flips it: a knife edge for QAT. Shrinking moves it off the edge (and clips outliers when that pays)."""
+    x = x.detach().float()
+    xmin, xmax = minmax(x, scheme)
+    best = best_s = best_z = None
+    for a in torch.linspace(1.0, lowest, shrinks).tolist():
+        s, z = qparams_from_minmax(xmin * a, xmax * a, scheme)
+        err = (x - dequantize(quantize_to_int(x, s, z, scheme), s, z, scheme)).pow(2)
+        rows = err.reshape(-1, x.shape[-1]) if scheme.granularity != "tensor" else err.reshape(1, -1)
+        e = _reduce_groups(rows, s.shape, scheme)
+        if best is None:
+            best, best_s, best_z = e, s.clone(), None if z is None else z.clone()
+            continue
+        better = e < best
+        best = torch.where(better, e, best)
+        best_s = torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -149,10 +176,14 @@ class FakeQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                  zero: torch.Tensor | None = None) -> None:
-        """Set the qparams from min-max of ``x`` (RTN's) or from given ``scale`` / ``zero`` (e.g. GPTQ's)."""
+                  zero: torch.Tensor | None = None, observer: str = "minmax") -> None:
+        """Set the qparams from ``x`` by an observer (``minmax``: RTN's; ``mse``: :func:`mse_qparams`) or
+        from given ``scale`` / ``zero`` (e.g. GPTQ's)."""
         if scale is None:
-            scale, zero = compute_qparams(x.detach(), self.scheme)
+            if observer == "mse":
+                scale, zero = mse_qparams(x, self.scheme)
+            else:
+                scale, zero = compute_qparams(x.detach(), self.scheme)
         self.scale.copy_(scale.float().reshape(self.scale.shape))
         if self.zero is not None:
             self.zero.copy_(zero.float().reshape(self.zero.shape))
@@ -246,8 +277,10 @@ class FakeQuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, scheme: QuantScheme, activation_scheme: QuantScheme | None = None,
                     *, learn_scales: bool = True, lora_rank: int = 0, lora_alpha: float | None = None,
-                    init_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> "FakeQuantLinear":
-        """Wrap ``lin``'s weight; qparams from min-max of it (RTN's), or ``init_qparams`` = (scale, zero)."""
+                    init_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                    observer: str = "minmax") -> "FakeQuantLinear":
+        """Wrap ``lin``'s weight; qparams from the ``observer`` (``minmax``: RTN's, or ``mse``) on it, or
+        ``init_qparams`` = (scale, zero)."""
         m = cls(lin.in_features, lin.out_features, scheme, bias=lin.bias is not None,
                 activation_scheme=activation_scheme, learn_scales=learn_scales, lora_rank=lora_rank,
                 lora_alpha=lora_alpha)
@@ -257,7 +290,7 @@ class FakeQuantLinear(nn.Module):
             if lin.bias is not None:
                 m.bias.copy_(lin.bias.float())
         if init_qparams is None:
-            m.weight_quantizer.init_from(m.weight)
+            m.weight_quantizer.init_from(m.weight, observer=observer)
         else:
             m.weight_quantizer.init_from(scale=init_qparams[0], zero=init_qparams[1])
         return m
