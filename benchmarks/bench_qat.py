@@ -120,7 +120,7 @@ def main() -> None:
     if args.lora_memory:
         for s in args.schemes.split(","):
             for rank, ck in ((0, False), (16, False), (0, True), (16, True)):
-                job = dict(base, kind="qat", scheme=s, steps=3, minutes=1e9, lora_rank=rank, grad_ckpt=ck, eval=False)
+                job = dict(base, kind="qat", scheme=s, steps=args.steps, minutes=1e9, lora_rank=rank, grad_ckpt=ck, eval=False)
                 r = run_job(job)
                 r.update(lora_rank=rank, grad_ckpt=ck)
                 rows.append(r)

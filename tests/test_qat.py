@@ -222,3 +222,24 @@ def test_init_hooks_callable_and_prequantized():
     llmquant.prepare_qat(p, "W4G64A", progress=False)
     assert isinstance(p.model.layers[1].self_attn.q_proj, FakeQuantLinear)
     assert torch.equal(p.model.layers[1].self_attn.q_proj.quantized_weight().detach(), deq)
+
+
+@pytest.mark.parametrize("preset", ["W3G32", "W2G32", "W4G64A"])
+def test_mse_init_never_worse_than_rtn(preset):
+    """The MSE observer picks, per group, the clipping with the least round-trip error (a = 1 is RTN)."""
+    from llmquant.modules.fake_quant import _reduce_groups, mse_qparams
+
+    sch = PRESETS[preset]
+    torch.manual_seed(2)
+    w = torch.randn(32, 72) * 0.05
+    w[torch.rand_like(w) < 0.02] *= 8
+    s, z = mse_qparams(w, sch)
+    err_mse = (dequantize(quantize_to_int(w, s, z, sch), s, z, sch) - w).pow(2)
+    err_rtn = (fake_quantize(w, sch) - w).pow(2)
+    assert (_reduce_groups(err_mse, s.shape, sch) <= _reduce_groups(err_rtn, s.shape, sch)).all()  # per group
+    assert err_mse.sum() < (0.95 if sch.symmetric else 0.99) * err_rtn.sum()
+    lin = nn.Linear(72, 32, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    fq = FakeQuantLinear.from_linear(lin, sch, observer="mse")
+    assert torch.equal(fq.weight_quantizer.scale.detach(), s.float())

@@ -195,7 +195,7 @@ def cmd_qat(args) -> int:
         model, Path(args.text) if args.text else None, config=cfg, tokenizer=tok, steps=args.steps, lr=args.lr,
         seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum, loss=args.loss,
         learn_scales=not args.frozen_scales, lora_rank=args.lora_rank, gradient_checkpointing=args.grad_checkpoint,
-        checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every, resume=args.resume, init=args.init,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
     )
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
@@ -221,7 +221,9 @@ def add_qat_parser(sub) -> None:
     t.add_argument("--batch", type=int, default=4, help="windows per micro-batch")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     t.add_argument("--loss", choices=["kl", "ce"], default="kl", help="kl: distill the float model; ce: next token")
-    t.add_argument("--frozen-scales", action="store_true", help="keep min-max step sizes (no LSQ)")
+    t.add_argument("--frozen-scales", action="store_true", help="keep the initial step sizes (no LSQ)")
+    t.add_argument("--init", choices=["mse", "rtn"], default="mse", help="initial step sizes: least-squares "
+                   "clipping per group (mse) or min-max (rtn)")
     t.add_argument("--lora-rank", type=int, default=0, help=">0: frozen base weights + rank-r adapters")
     t.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing (less memory)")
     t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")

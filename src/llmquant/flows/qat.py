@@ -53,7 +53,7 @@ def prepare_qat(
     learn_scales: bool = True,
     lora_rank: int = 0,
     lora_alpha: float | None = None,
-    init: "str | InitFn" = "rtn",
+    init: "str | InitFn" = "mse",
     progress: bool = True,
 ) -> nn.Module:
     """Swap ``model``'s selected linears (and any ``QuantLinear``s) for :class:`FakeQuantLinear` in place.
@@ -61,6 +61,8 @@ def prepare_qat(
     ``config``: a :class:`QuantConfig`, scheme, preset name or dict (``lm_head`` stays float by default).
     ``learn_scales``: LSQ-learned step sizes (and zero points) or ones frozen at their initial values.
     ``lora_rank`` > 0: freeze the float weights and train rank-``r`` adapters instead (merged at convert).
+    ``init``: ``"mse"`` (least-squares clipping per group), ``"rtn"`` (min-max: the model computes exactly
+    what RTN's does), or a callable ``(weight, scheme, name) -> (q, scale, zero)`` such as a GPTQ step.
     Returns ``model``; ``model.llmquant_qat`` records the settings.
     """
     cfg: QuantConfig = resolve_config(config)

@@ -161,7 +161,7 @@ def train_qat(
     learn_scales: bool = True,
     lora_rank: int = 0,
     lora_alpha: float | None = None,
-    init="rtn",
+    init="mse",
     gradient_checkpointing: bool = False,
     checkpoint_dir=None,
     checkpoint_every: int = 50,
