@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job (1: the machine is shared)")
     ap.add_argument("--lora-memory", action="store_true", help="peak RSS of a few steps: full vs LoRA vs checkpointing")
+    ap.add_argument("--lora-ranks", default="0,16", help="with --lora-memory: the ranks to measure (0: full)")
     ap.add_argument("--no-rtn", action="store_true")
     ap.add_argument("--eval-init", default="W3G32", help="schemes whose QAT starting point (0 steps) is evaluated too")
     ap.add_argument("--out", default=str(HERE / "results" / "qat"))
@@ -119,7 +120,7 @@ def main() -> None:
     t0 = time.time()
     if args.lora_memory:
         for s in args.schemes.split(","):
-            for rank, ck in ((0, False), (16, False), (0, True), (16, True)):
+            for rank, ck in [(int(r), c) for c in (False, True) for r in args.lora_ranks.split(",")]:
                 job = dict(base, kind="qat", scheme=s, steps=args.steps, minutes=1e9, lora_rank=rank, grad_ckpt=ck, eval=False)
                 r = run_job(job)
                 r.update(lora_rank=rank, grad_ckpt=ck)

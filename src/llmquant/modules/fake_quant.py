@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..schemes import QuantScheme, compute_qparams, dequantize, expand_groups, minmax, qparams_from_minmax, quantize_to_int
 from ..schemes.primitives import EPS, scale_torch_dtype
@@ -301,8 +302,15 @@ class FakeQuantLinear(nn.Module):
             return self.weight + (self.lora_b @ self.lora_a) * self.lora_scaling
         return self.weight
 
-    def quantized_weight(self) -> torch.Tensor:
+    def _merged_quantized(self) -> torch.Tensor:
         return self.weight_quantizer(self.merged_weight())
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.lora_rank > 0 and torch.is_grad_enabled():
+            # recompute the merged weight in backward rather than keep a weight-sized copy per layer:
+            # the frozen base + adapters then hold less than full training (no weight grads or Adam moments)
+            return torch.utils.checkpoint.checkpoint(self._merged_quantized, use_reentrant=False)
+        return self._merged_quantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
