@@ -22,6 +22,7 @@ from .flows import QuantSummary
 from .flows import quantize as _flow_quantize
 from .flows import calibrate, convert, prepare, quantize_static
 from .flows import quantize_dynamic
+from .flows import QATResult, convert_qat, prepare_qat, train_qat  # QAT (issue 5)
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 from .report import compare
@@ -99,6 +100,10 @@ __all__ = [
     "load",
     "load_model",
     "model_size",
+    "prepare_qat",
+    "convert_qat",
+    "train_qat",
+    "QATResult",
     "quantize",
     "quantize_dynamic",
     "save",

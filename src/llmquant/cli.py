@@ -287,6 +287,68 @@ def cmd_compare(args) -> int:
     return 0
 
 
+
+
+# ---- qat (issue 5) -------------------------------------------------------------------------------
+def cmd_qat(args) -> int:
+    """Quantization-aware training: prepare, train with distillation, convert, save."""
+    import llmquant
+    from .report import format_table
+    from .schemes import QuantConfig, QuantScheme
+
+    if args.bits is None:
+        args.bits = 4
+    scheme = QuantScheme(bits=args.bits, symmetric=not args.asym, granularity="group" if args.group_size else "channel",
+                         group_size=args.group_size)
+    cfg = QuantConfig(weight=scheme, method="qat")
+    _check_out(args.output, args.overwrite)
+    ckpt_dir = args.checkpoint_dir or f"{args.output.rstrip('/')}.qat-ckpt"
+    model, tok = llmquant.load_model(args.model)
+    res = llmquant.train_qat(
+        model, Path(args.text) if args.text else None, config=cfg, tokenizer=tok, steps=args.steps, lr=args.lr,
+        seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum, loss=args.loss,
+        learn_scales=not args.frozen_scales, lora_rank=args.lora_rank, gradient_checkpointing=args.grad_checkpoint,
+        checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every, resume=args.resume, init=args.init,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+    )
+    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
+    s = res.summary
+    print(format_table([{
+        "scheme": scheme.name, "steps": res.steps, "first loss": res.losses[0] if res.losses else float("nan"),
+        "last loss": res.losses[-1] if res.losses else float("nan"), "minutes": res.seconds / 60,
+        "tokens/s": res.tokens_per_s, "bits/w": s["bits_per_weight"], "packed MB": s["packed_bytes"] / 1e6,
+    }]))
+    print(f"saved to {args.output} (checkpoint: {ckpt_dir})")
+    return 0
+
+
+def add_qat_parser(sub) -> None:
+    t = sub.add_parser("qat", help="quantization-aware training (distillation from the float model), then save")
+    t.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    t.add_argument("--bits", type=int, help="2..8 (default 4)")
+    t.add_argument("--group-size", type=int, help="values per scale (omit for one scale per output channel)")
+    t.add_argument("--asym", action="store_true", help="asymmetric (learned zero points)")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (weights and step sizes)")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    t.add_argument("--batch", type=int, default=4, help="windows per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    t.add_argument("--loss", choices=["kl", "ce"], default="kl", help="kl: distill the float model; ce: next token")
+    t.add_argument("--frozen-scales", action="store_true", help="keep the initial step sizes (no LSQ)")
+    t.add_argument("--init", choices=["mse", "rtn"], default="mse", help="initial step sizes: least-squares "
+                   "clipping per group (mse) or min-max (rtn)")
+    t.add_argument("--lora-rank", type=int, default=0, help=">0: frozen base weights + rank-r adapters")
+    t.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing (less memory)")
+    t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    t.add_argument("--text", help=".txt or .jsonl training text (default: pydoc_data.topics; windows from its end)")
+    t.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT.qat-ckpt)")
+    t.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    t.add_argument("-o", "--output", required=True, help="output folder (loadable with llmquant.load)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    t.set_defaults(func=cmd_qat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -358,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--schemes", default="W8,W4G128,W4G64,W4G32A")
     d.add_argument("--windows", type=int, default=8)
     d.set_defaults(func=cmd_demo)
+    add_qat_parser(sub)
     return p
 
 

@@ -48,5 +48,15 @@ class UnsupportedArchitectureError(LLMQuantError, ValueError):
 
 # SmoothQuant's name for the same condition
 MappingError = UnsupportedArchitectureError
+
+
 class UnsupportedError(LLMQuantError):
     """The operation is not supported for this model or module (e.g. saving PyTorch's dynamic LSTM/GRU)."""
+
+
+class TrainingDivergedError(LLMQuantError):
+    """QAT stopped because the loss (or its gradient) became NaN/Inf or exploded."""
+
+
+class CheckpointError(LLMQuantError):
+    """A QAT checkpoint is missing, damaged, or was written by a run with other settings."""

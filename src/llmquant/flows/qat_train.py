@@ -1,0 +1,312 @@
+"""``train_qat``: a QAT loop users can run without writing one.
+
+Loss: knowledge distillation from the unquantized model (Hinton et al., 2015, "Distilling the knowledge
+in a neural network"; as in LLM-QAT, Liu et al., 2023), the mean over positions of
+``KL(p_teacher(. | x_<t) || p_student(. | x_<t))`` of the next-token distributions -- the same quantity
+llmquant's evaluation reports -- or plain next-token cross-entropy (``loss="ce"``). AdamW (Loshchilov &
+Hutter, 2019) with a linear warm-up then cosine decay to a tenth of the learning rate, gradient
+accumulation and clipping, optional gradient checkpointing, and a checkpoint every N steps to resume from.
+Training windows come from the end of the text (:func:`llmquant.io.calib_windows`), never from the
+evaluation range. A NaN/Inf or exploding loss stops the run before the bad step is applied, leaving the
+last good checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError, SchemeError, TextError, TrainingDivergedError
+from ..io.text import EVAL_RESERVED_WINDOWS, calib_windows, read_text, tokenize
+from ..modules.fake_quant import FakeQuantLinear
+from ..schemes import resolve_config
+from . import qat_checkpoint as ckpt
+from .qat import convert_qat, has_fake_quant, prepare_qat
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("kl", "ce")
+
+
+@dataclass
+class QATResult:
+    """What ``train_qat`` did: steps run (from ``start_step``), per-step losses, time and throughput."""
+
+    steps: int
+    start_step: int
+    losses: list[float]
+    seconds: float
+    tokens: int
+    trainable_params: int
+    stopped_by_time: bool = False
+    peak_rss_mb: float = 0.0
+    checkpoint: str | None = None
+    summary: dict | None = field(default=None)  # convert_qat's QuantSummary.to_dict() when converted
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+def _windows(model, text, tokenizer, seq_len: int, needed: int) -> torch.Tensor:
+    tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
+    if tokenizer is None:
+        raise TextError("a tokenizer is needed to train on text: pass tokenizer=, or load the model with llmquant")
+    raw = read_text(text) if (text is None or isinstance(text, Path)) else text
+    if not raw.strip():
+        raise TextError("the training text is empty")
+    ids = tokenize(tokenizer, raw)
+    # what calib_windows leaves after the reserved evaluation range (same rule as there)
+    reserved = min(EVAL_RESERVED_WINDOWS, ids.numel() // seq_len // 2) * seq_len
+    avail = (ids.numel() - reserved) // seq_len
+    if avail < 1:
+        raise TextError(f"the text ({ids.numel()} tokens) leaves no {seq_len}-token training window after "
+                        "the evaluation range; give more text or a shorter --seq-len")
+    return calib_windows(ids, min(avail, needed), seq_len)
+
+
+def _batch_indices(n: int, micro: int, batch: int, seed: int) -> torch.Tensor:
+    """Window indices of micro-batch ``micro``: epochs of seeded permutations, so a resumed run sees the
+    same data as an uninterrupted one."""
+    out = []
+    for j in range(micro * batch, (micro + 1) * batch):
+        epoch, pos = divmod(j, n)
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[pos]))
+    return torch.tensor(out)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    t = (step - warmup) / max(steps - warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _param_groups(model: nn.Module, lr: float, lr_qparams: float, weight_decay: float):
+    """Trainable: the fake-quantized linears' weights (or adapters) and biases, and their qparams.
+    Everything else (embeddings, norms, the float lm_head) is frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights, qparams = [], []
+    for m in model.modules():
+        if not isinstance(m, FakeQuantLinear):
+            continue
+        if m.lora_rank > 0:
+            weights += [m.lora_a, m.lora_b]
+        else:
+            weights.append(m.weight)
+        if m.bias is not None:
+            weights.append(m.bias)
+        for mod in (m.weight_quantizer, getattr(m.input_quantizer, "static", None)):
+            if mod is not None and mod.learn:
+                qparams += [p for p in (mod.scale, mod.zero) if p is not None]
+    for p in weights + qparams:
+        p.requires_grad_(True)
+    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "base_lr": lr}]
+    if qparams:
+        groups.append({"params": qparams, "lr": lr_qparams, "weight_decay": 0.0, "base_lr": lr_qparams})
+    return groups, sum(p.numel() for p in weights + qparams)
+
+
+def distill_loss(logits: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """Mean per-position KL(teacher || student) (``kl``) or next-token cross-entropy (``ce``)."""
+    if kind == "ce":
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return F.kl_div(logp.flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def _logits(model, ids):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_qat(
+    model: nn.Module,
+    text=None,
+    *,
+    config="W4G64",
+    tokenizer=None,
+    teacher: nn.Module | None = None,
+    steps: int = 100,
+    lr: float = 5e-5,
+    lr_qparams: float | None = None,
+    seq_len: int = 256,
+    batch: int = 4,
+    grad_accum: int = 1,
+    loss: str = "kl",
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    warmup: int | None = None,
+    learn_scales: bool = True,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    init="mse",
+    gradient_checkpointing: bool = False,
+    checkpoint_dir=None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    max_seconds: float | None = None,
+    explode_factor: float = 10.0,
+    seed: int = 0,
+    convert: bool = True,
+    progress: bool = True,
+) -> QATResult:
+    """Fine-tune ``model`` under fake quantization; by default convert it to packed modules at the end.
+
+    ``model``: a float model (prepared here with ``config``; for ``loss="kl"`` a frozen copy of it is the
+    teacher) or one already prepared with :func:`prepare_qat` (then pass ``teacher=``). ``text``: None (the
+    default text), a ``Path`` to a .txt/.jsonl file, or a string. One step = ``grad_accum`` micro-batches of
+    ``batch`` windows of ``seq_len`` tokens. ``max_seconds`` ends training early (a fixed time budget).
+    ``checkpoint_dir`` + ``checkpoint_every``: save every N steps (and at the end); ``resume=True`` continues
+    from the checkpoint there. A loss that is NaN/Inf, or above ``explode_factor`` x the first step's loss
+    (and above 0.1), raises :class:`TrainingDivergedError` before the step is applied.
+    """
+    if loss not in LOSSES:
+        raise SchemeError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if steps < 1 or batch < 1 or grad_accum < 1 or seq_len < 2:
+        raise SchemeError("steps, batch and grad_accum must be >= 1 and seq_len >= 2")
+    if resume and checkpoint_dir is None:
+        raise CheckpointError("resume needs a checkpoint folder (checkpoint_dir=, or --checkpoint-dir)")
+    lr_qparams = lr if lr_qparams is None else lr_qparams
+    warmup = min(10, steps // 10) if warmup is None else warmup
+    windows = _windows(model, text, tokenizer, seq_len, steps * batch * grad_accum)
+
+    prepared = has_fake_quant(model)
+    if loss == "kl" and teacher is None:
+        if prepared:
+            raise SchemeError("the model is already prepared for QAT: pass teacher= (the unquantized model) for loss='kl'")
+        teacher = copy.deepcopy(model)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    if not prepared:
+        prepare_qat(model, config, learn_scales=learn_scales, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                    init=init, progress=progress)
+    qat = getattr(model, "llmquant_qat", {})
+    settings = {
+        "config": qat.get("config", resolve_config(config).to_dict()),
+        "seq_len": seq_len, "batch": batch, "grad_accum": grad_accum, "loss": loss,
+        "learn_scales": qat.get("learn_scales", learn_scales), "lora_rank": qat.get("lora_rank", lora_rank),
+        "lora_alpha": qat.get("lora_alpha", lora_alpha), "seed": seed,
+        "steps": steps, "lr": lr, "lr_qparams": lr_qparams, "weight_decay": weight_decay,
+    }
+    groups, n_train = _param_groups(model, lr, lr_qparams, weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    start, history = 0, {"losses": []}
+    if resume:
+        ck = ckpt.load_checkpoint(checkpoint_dir)
+        ckpt.check_settings(ck["settings"], settings, checkpoint_dir)
+        ckpt.restore(model, ck)
+        opt.load_state_dict(ck["optimizer"])
+        for g, base in zip(opt.param_groups, (lr, lr_qparams)):  # the learning rates asked for now
+            g["base_lr"] = base
+        start, history = ck["step"], ck["history"]
+        log.info("resumed QAT from step %d (%s)", start, ckpt.checkpoint_path(checkpoint_dir))
+        if start >= steps:
+            log.warning("the checkpoint is at step %d, and %d steps were asked: nothing to train", start, steps)
+
+    dev = next(p.device for p in model.parameters())
+    if gradient_checkpointing:
+        _checkpointing_methods(model)[0]()
+    model.train()
+    losses = list(history["losses"])
+    first = losses[0] if losses else None
+    tokens, t0, stopped_by_time = 0, time.perf_counter(), False
+    last_saved = ckpt.checkpoint_path(checkpoint_dir) if (checkpoint_dir and resume) else None
+    bar = tqdm(total=steps, initial=start, desc=f"qat ({settings['config']['weight'].get('bits')}-bit, {loss})",
+               disable=not progress)
+    try:
+        for step in range(start, steps):
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * _lr_factor(step, steps, warmup)
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for a in range(grad_accum):
+                ids = windows[_batch_indices(windows.shape[0], step * grad_accum + a, batch, seed)].to(dev)
+                t_logp = None
+                if loss == "kl":
+                    with torch.no_grad():
+                        t_logp = F.log_softmax(_logits(teacher, ids).float(), dim=-1)
+                lval = distill_loss(_logits(model, ids), ids, t_logp, loss) / grad_accum
+                if not torch.isfinite(lval):
+                    _diverged(f"the loss became {float(lval.detach())} at step {step + 1}", last_saved)
+                lval.backward()
+                step_loss += float(lval.detach())
+                tokens += ids.numel()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+            if not torch.isfinite(gnorm):
+                _diverged(f"the gradient norm became {float(gnorm)} at step {step + 1}", last_saved)
+            if first is None:
+                first = step_loss
+            if step_loss > explode_factor * first and step_loss > 0.1:
+                _diverged(f"the loss exploded to {step_loss:.4g} at step {step + 1} "
+                          f"({explode_factor:g}x the first step's {first:.4g})", last_saved)
+            opt.step()
+            losses.append(step_loss)
+            el = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(el, 1e-9):.0f}")
+            done = step + 1
+            if checkpoint_dir and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+                last_saved = ckpt.save_checkpoint(checkpoint_dir, model, opt, done, settings, {"losses": losses})
+            if max_seconds is not None and el > max_seconds and done < steps:
+                stopped_by_time = True
+                log.info("time budget of %.0f s used after %d steps", max_seconds, done)
+                if checkpoint_dir:
+                    last_saved = ckpt.save_checkpoint(checkpoint_dir, model, opt, done, settings, {"losses": losses})
+                break
+    finally:
+        bar.close()
+        if gradient_checkpointing:
+            _checkpointing_methods(model)[1]()
+        model.eval()
+    seconds = time.perf_counter() - t0
+    res = QATResult(
+        steps=len(losses), start_step=start, losses=losses, seconds=seconds, tokens=tokens,
+        trainable_params=n_train, stopped_by_time=stopped_by_time, peak_rss_mb=_peak_rss_mb(),
+        checkpoint=None if last_saved is None else str(last_saved),
+    )
+    log.info("QAT: %d steps, loss %.4f -> %.4f, %.0f s, %.0f tokens/s", res.steps,
+             losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), seconds, res.tokens_per_s)
+    if convert:
+        res.summary = convert_qat(model, progress=progress).to_dict()
+    return res
+
+
+def _checkpointing_methods(model):
+    """(enable, disable) of a Hugging Face model's gradient (activation) checkpointing, non-reentrant."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        return (lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw),
+                model.activation_checkpointing_disable)
+    if hasattr(model, "gradient_checkpointing_enable"):
+        return (lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw),
+                model.gradient_checkpointing_disable)
+    raise SchemeError("this model has no gradient checkpointing support; train without it")
+
+
+def _diverged(what: str, last_saved) -> None:
+    keep = (f"the last good checkpoint is {last_saved}; resume from it with a lower learning rate"
+            if last_saved else "no checkpoint was written yet; lower the learning rate and start again")
+    raise TrainingDivergedError(f"QAT stopped: {what}; {keep}")

@@ -1,0 +1,130 @@
+"""train_qat on tiny random models: the distillation loss falls, resume is exact, divergence stops cleanly."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmquant
+from llmquant.cli import main
+from llmquant.errors import CheckpointError, TrainingDivergedError
+from llmquant.flows import qat_checkpoint as ckpt
+from llmquant.io import calib_windows, default_text, tokenize
+from llmquant.modules import QuantLinear
+from llmquant.modules.fake_quant import FakeQuantLinear
+
+from conftest import make_tiny_llama
+
+KW = dict(seq_len=32, batch=2, progress=False, seed=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster on one thread (no OpenMP spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _kl(student, teacher, ids):
+    with torch.no_grad():
+        t = F.log_softmax(teacher(ids).logits.float(), -1)
+        s = F.log_softmax(student(ids).logits.float(), -1)
+    return float(F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean"))
+
+
+def _qat_tensors(m):
+    return ckpt.qat_state(m)
+
+
+def test_few_steps_reduce_distillation_loss(tokenizer):
+    """Full-batch steps on four short windows: the distillation loss on them falls, and stays after convert."""
+    text = default_text()[5000:6200]  # ~290 tokens: half reserved for evaluation, 4 training windows of 32
+    wins = calib_windows(tokenize(tokenizer, text), 4, 32)
+    teacher = make_tiny_llama()
+    m = copy.deepcopy(teacher)
+    llmquant.prepare_qat(m, "W3G32", progress=False)
+    before = _kl(m, teacher, wins)
+    res = llmquant.train_qat(m, text, tokenizer=tokenizer, teacher=teacher, steps=6, lr=3e-3, convert=False,
+                             seq_len=32, batch=4, progress=False)
+    after = _kl(m, teacher, wins)
+    assert res.steps == 6 and res.tokens == 6 * 4 * 32 and res.trainable_params > 0
+    assert res.losses[0] == pytest.approx(before, rel=1e-4)  # the loop's loss is this KL
+    assert after < 0.6 * before, (before, after)
+    llmquant.convert_qat(m, progress=False)
+    assert _kl(m, teacher, wins) == pytest.approx(after, rel=0.05)
+
+
+def test_resume_is_exact(tmp_path, tokenizer):
+    """Stopped after one step (time budget 0) and resumed == run straight through; optimizer state kept."""
+    a = make_tiny_llama()
+    ra = llmquant.train_qat(a, config="W3G32", tokenizer=tokenizer, steps=3, lr=1e-3, convert=False, **KW)
+    b = make_tiny_llama()
+    rb = llmquant.train_qat(b, config="W3G32", tokenizer=tokenizer, steps=3, lr=1e-3, convert=False,
+                            checkpoint_dir=tmp_path / "ck", checkpoint_every=10, max_seconds=0, **KW)
+    assert rb.stopped_by_time and rb.steps == 1
+    saved = ckpt.load_checkpoint(tmp_path / "ck")
+    assert saved["step"] == 1 and saved["history"]["losses"] == rb.losses
+    c = make_tiny_llama()
+    rc = llmquant.train_qat(c, config="W3G32", tokenizer=tokenizer, steps=3, lr=1e-3, convert=False,
+                            checkpoint_dir=tmp_path / "ck", resume=True, **KW)
+    assert rc.start_step == 1 and rc.steps == 3 and rc.losses == ra.losses
+    sa, sc = _qat_tensors(a), _qat_tensors(c)
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+    # a different scheme cannot resume from it; nor can a folder without a checkpoint
+    with pytest.raises(CheckpointError, match="other settings"):
+        llmquant.train_qat(make_tiny_llama(), config="W4G32", tokenizer=tokenizer, steps=3,
+                           checkpoint_dir=tmp_path / "ck", resume=True, **KW)
+    with pytest.raises(CheckpointError, match="no QAT checkpoint"):
+        llmquant.train_qat(make_tiny_llama(), config="W3G32", tokenizer=tokenizer, steps=3,
+                           checkpoint_dir=tmp_path / "none", resume=True, **KW)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer):
+    m = make_tiny_llama()
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # the student's 3rd forward (step 3) returns NaN logits
+        calls["n"] += 1
+        if calls["n"] == 3:
+            output.logits = output.logits * float("nan")
+        return output
+
+    teacher = copy.deepcopy(m)
+    llmquant.prepare_qat(m, "W4G32", progress=False)
+    m.register_forward_hook(poison)
+    with pytest.raises(TrainingDivergedError, match=r"nan at step 3.*last good checkpoint"):
+        llmquant.train_qat(m, tokenizer=tokenizer, teacher=teacher, steps=5, lr=1e-3,
+                           checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **KW)
+    assert ckpt.load_checkpoint(tmp_path / "ck")["step"] == 2
+    assert all(torch.isfinite(t).all() for t in _qat_tensors(m).values())  # the bad step was not applied
+    # an exploding loss stops too (any loss above 1e-6 x the first counts as exploding here)
+    with pytest.raises(TrainingDivergedError, match="exploded"):
+        llmquant.train_qat(make_tiny_llama(), config="W4G32", tokenizer=tokenizer, steps=3, explode_factor=1e-6, **KW)
+
+
+def test_lora_qat_trains_adapters_only(tokenizer):
+    m = make_tiny_llama()
+    base = m.model.layers[0].mlp.down_proj.weight.detach().clone()
+    res = llmquant.train_qat(m, config="W4G32", tokenizer=tokenizer, steps=2, lr=1e-3, lora_rank=4,
+                             gradient_checkpointing=True, convert=False, **KW)
+    fq = m.model.layers[0].mlp.down_proj
+    assert isinstance(fq, FakeQuantLinear) and torch.equal(fq.weight, base)
+    assert fq.lora_b.abs().sum() > 0  # adapters moved
+    full = sum(x.weight.numel() for x in m.modules() if isinstance(x, FakeQuantLinear))
+    assert res.trainable_params < 0.4 * full
+
+
+def test_cli_qat(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "q"
+    rc = main(["qat", "--model", str(tiny_folder), "--bits", "3", "--group-size", "32", "--steps", "2",
+               "--seq-len", "32", "--batch", "1", "--lr", "1e-3", "-o", str(out)])
+    assert rc == 0 and "saved to" in capsys.readouterr().out
+    m, tok = llmquant.load(out)
+    assert isinstance(m.model.layers[0].self_attn.q_proj, QuantLinear) and m.llmquant_config.method == "qat"
+    assert ckpt.load_checkpoint(f"{out}.qat-ckpt")["step"] == 2
+    rc = main(["qat", "--model", str(tiny_folder), "--bits", "3", "--group-size", "32", "--steps", "2",
+               "--resume", "--checkpoint-dir", str(tmp_path / "nothing"), "-o", str(tmp_path / "q2")])
+    assert rc == 2 and "no QAT checkpoint" in capsys.readouterr().err
