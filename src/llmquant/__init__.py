@@ -21,6 +21,8 @@ from .modules import QuantLinear
 from .flows import QuantSummary, quantize
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
+from .schemes import Plan
+from .flows.mixed import autocast, plan_mixed_precision, sensitivity, to_half
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -53,6 +55,11 @@ def save(model, tokenizer, folder, *, overwrite=False):
 
 __all__ = [
     "__version__",
+    "Plan",
+    "autocast",
+    "plan_mixed_precision",
+    "sensitivity",
+    "to_half",
     "EvalResult",
     "LLMQuantError",
     "PRESETS",

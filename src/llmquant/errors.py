@@ -35,3 +35,7 @@ class OutputExistsError(LLMQuantError, FileExistsError):
 
 class SelectionError(LLMQuantError, ValueError):
     """A targets/ignore selection matched nothing or named a module that does not exist."""
+
+
+class BudgetError(LLMQuantError, ValueError):
+    """A mixed-precision budget cannot be met (below the smallest plan) or makes no sense (above float size)."""

@@ -103,9 +103,16 @@ def _untie_if_needed(model: nn.Module, names: list[str]) -> bool:
 def quantize(model: nn.Module, config="W4G128", *, progress: bool = True) -> QuantSummary:
     """Quantize the weights of ``model``'s selected linears in place and return a summary.
 
-    ``config`` is a :class:`QuantConfig`, a :class:`QuantScheme`, a preset name (``"W4G64"``) or a dict.
+    ``config`` is a :class:`QuantConfig`, a :class:`QuantScheme`, a preset name (``"W4G64"``) or a dict,
+    or a mixed-precision :class:`~llmquant.schemes.Plan` (or its dict, or a ``.json`` plan file).
     Only data-free methods run here (``rtn``); calibrated methods go through their own entry points.
     """
+    from ..schemes import is_plan_like
+
+    if is_plan_like(config):  # a mixed-precision plan: one format per layer (flows/mixed)
+        from .mixed.apply import apply_plan
+
+        return apply_plan(model, config, progress=progress)
     cfg: QuantConfig = resolve_config(config)
     if cfg.method not in ALGORITHMS:
         raise SchemeError(f"method {cfg.method!r} is not a data-free method; known here: {', '.join(ALGORITHMS)}")
