@@ -113,4 +113,4 @@ def fake_weight(fmt: Format, weight: torch.Tensor) -> torch.Tensor:
 
 
 #: The default candidate list of a sensitivity scan, from most to fewest bits.
-DEFAULT_CANDIDATES = ("bf16", "W8", "W4G32", "W4G64", "W4G128", "W3G32", "W2G32")
+DEFAULT_CANDIDATES = ("bf16", "W8", "W4G32", "W4G64", "W4G128", "W3G32", "W3G64", "W3G128", "W2G32")
