@@ -162,7 +162,7 @@ def _add_sens_args(p) -> None:
     p.add_argument("--method", choices=["fisher", "kl"], default="fisher",
                    help="fisher: 2nd-order KL estimate (fast, default); kl: measured KL per layer and format (slow)")
     p.add_argument("--include-head", action="store_true", help="plan the output head and embeddings too")
-    p.add_argument("--windows", type=int, help="calibration windows (default 8 fisher, 4 kl)")
+    p.add_argument("--windows", type=int, help="calibration windows (default 4)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
     p.add_argument("--samples", type=int, default=2, help="fisher: label draws per window")
     p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")

@@ -244,22 +244,31 @@ def _kl_scan(model, units, fmts, ids, progress):
     return damage
 
 
-def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0):
+def _flush(weights, fmts, grads, acc) -> None:
+    """Add (<G, dW_c>)^2 for each stored gradient G to acc[unit, c]. dW_c is remade here, one unit and one
+    candidate at a time, so memory stays at one layer's worth (the stored gradients are bf16)."""
+    for i, w in enumerate(weights):
+        w0 = w.detach()
+        G = torch.stack([g[i] for g in grads])  # (k, out, in) bf16
+        for c, f in enumerate(fmts):
+            d = (fake_weight(f, w0).float() - w0.float()).to(torch.bfloat16)
+            acc[i, c] += ((G.flatten(1) @ d.flatten()).double() ** 2).sum()
+        del G
+
+
+def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every=4):
     weights = [_weight(model, u) for u in units]
-    # dW of every (unit, candidate), kept in bf16 (the dot products average its rounding away)
-    deltas = [torch.stack([(fake_weight(f, w.detach()).float() - w.detach().float()).flatten().to(torch.bfloat16)
-                           for f in fmts]) for w in tqdm(weights, desc="sensitivity (quantize)", disable=not progress, leave=False)]
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    uniq = list({id(w): w for w in weights}.values())
-    for w in uniq:
+    for w in {id(w): w for w in weights}.values():
         w.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     acc = torch.zeros(len(units), len(fmts), dtype=torch.float64)
-    n = 0
+    n, pending = 0, []
+    bar = tqdm(total=len(ids) * samples, desc="sensitivity (fisher)", disable=not progress, leave=False)
     try:
-        for win in tqdm(ids, desc="sensitivity (fisher)", disable=not progress, leave=False):
+        for win in ids:
             with torch.enable_grad():
                 logp = F.log_softmax(_logits(model, win[None])[0], -1)
                 probs = logp.detach().exp()
@@ -267,10 +276,17 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0):
                 for s in range(samples):
                     y = torch.multinomial(probs, 1, generator=gen)
                     grads = torch.autograd.grad(logp.gather(1, y).sum(), weights, retain_graph=s < samples - 1)
-                    for i, g in enumerate(grads):
-                        dots = deltas[i].float() @ g.detach().flatten().float()
-                        acc[i] += dots.double() ** 2
+                    pending.append([g.detach().to(torch.bfloat16) for g in grads])
+                    del grads
+                    bar.update(1)
+                    if len(pending) == flush_every:
+                        _flush(weights, fmts, pending, acc)
+                        pending = []
+            del logp, probs
+        if pending:
+            _flush(weights, fmts, pending, acc)
     finally:
+        bar.close()
         for p, r in saved.items():
             p.requires_grad_(r)
     return (0.5 * acc / (samples * max(n, 1))).tolist()
@@ -295,7 +311,7 @@ def sensitivity(
     """Damage of storing each layer alone in each candidate format (see the module docstring).
 
     ``text``: None (default text), a path, a string, or a 1-D tensor of token ids. ``windows`` x ``seq_len`` calibration tokens from
-    the end of the text (default 8 x 128 for fisher, 4 x 128 for kl). ``cache``: True (default cache
+    the end of the text (default 4 x 128). ``cache``: True (default cache
     folder), False, or a folder.
     """
     if method not in ("fisher", "kl"):
@@ -304,7 +320,7 @@ def sensitivity(
     if not fmts:
         raise SchemeError("give at least one candidate format")
     names = [format_name(f) for f in fmts]
-    windows = windows or (8 if method == "fisher" else 4)
+    windows = windows or 4
     tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
     if tokenizer is None and not isinstance(text, torch.Tensor):
         raise SchemeError("sensitivity needs a tokenizer: pass tokenizer= or load the model with llmquant.load_model")
@@ -327,7 +343,7 @@ def sensitivity(
             return res
         except (ValueError, KeyError, TypeError) as e:
             log.warning("cached sensitivity unreadable (%s); measuring again", e)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     was_training = model.training
     model.eval()
     if method == "kl":
@@ -340,7 +356,8 @@ def sensitivity(
         candidates=names, units=units, damage=damage,
         nbytes=[[format_bytes(f, *u.shape) for f in fmts] for u in units],
         method=method, seconds=time.perf_counter() - t0, tokens=int(ids.shape[0] * (ids.shape[1] - 1)),
-        fixed_bytes=fixed, fp32_bytes=fp32, key=key, extra={"settings": settings},
+        fixed_bytes=fixed, fp32_bytes=fp32, key=key,
+        extra={"settings": settings, "cpu_seconds": time.process_time() - c0, "threads": torch.get_num_threads()},
     )
     log.info("sensitivity (%s) of %d layers x %d candidates in %.1fs", method, len(units), len(fmts), res.seconds)
     if folder is not None:
