@@ -12,10 +12,13 @@ from the end of the text (:func:`llmquant.io.calib_windows`, disjoint from evalu
               of every later position, so summed over positions, with labels y_t drawn from the model,
               KL_total ~ 1/2 E_y[(<G_y, dW>)^2],   G_y = d/dW sum_t log p_t(y_t),
               since the cross terms between positions vanish in expectation (E_y[g] = 0). One backward per
-              drawn label set gives G_y for every layer at once; each candidate's dW then costs one dot
-              product. This is the Fisher / Hessian-weighted error that HAWQ (Dong et al., 2019) and
-              SqueezeLLM (Kim et al., 2023) use, kept full-rank inside each layer by sampling instead of a
-              diagonal approximation.
+              drawn label set gives G_y for every layer at once. A single draw's (<G_y, dW>)^2 is one
+              chi-square sample (very noisy), and a planner picking minima from noisy numbers picks the
+              ones that came out low by chance; so the damage used is the diagonal form
+              1/2 sum_ij E_y[G_ij^2] dW_ij^2 (the Fisher-weighted squared error of HAWQ-V2, Dong et al.
+              2020, and SqueezeLLM, Kim et al. 2023), which averages over every weight of the layer and
+              equals the full form in expectation when rounding errors are uncorrelated. The full-rank
+              estimate is kept in ``extra["fisher_full"]``.
 
 Damages add up across layers to first order, so a plan's predicted KL is the sum of its layers' damages.
 Results are cached on disk (``$LLMQUANT_CACHE/sensitivity``) keyed by model weights, text and settings.
@@ -44,7 +47,7 @@ from ...schemes.formats import DEFAULT_CANDIDATES, fake_weight, format_bytes, fo
 from .apply import head_names
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -244,16 +247,19 @@ def _kl_scan(model, units, fmts, ids, progress):
     return damage
 
 
-def _flush(weights, fmts, grads, acc) -> None:
-    """Add (<G, dW_c>)^2 for each stored gradient G to acc[unit, c]. dW_c is remade here, one unit and one
-    candidate at a time, so memory stays at one layer's worth (the stored gradients are bf16)."""
+def _flush(weights, fmts, grads, acc, diag) -> None:
+    """Add, for each stored gradient G, (<G, dW_c>)^2 to acc[unit, c] and <G*G, dW_c*dW_c> to diag[unit, c].
+    dW_c is remade here one unit and one candidate at a time, so memory stays at one layer's worth (the
+    stored gradients are bf16)."""
     for i, w in enumerate(weights):
         w0 = w.detach()
-        G = torch.stack([g[i] for g in grads])  # (k, out, in) bf16
+        G = torch.stack([g[i] for g in grads]).flatten(1)  # (k, n) bf16
+        G2 = G.float().pow(2).sum(0)
         for c, f in enumerate(fmts):
-            d = (fake_weight(f, w0).float() - w0.float()).to(torch.bfloat16)
-            acc[i, c] += ((G.flatten(1) @ d.flatten()).double() ** 2).sum()
-        del G
+            d = fake_weight(f, w0).float().flatten() - w0.float().flatten()
+            acc[i, c] += ((G @ d.to(torch.bfloat16)).double() ** 2).sum()
+            diag[i, c] += float(G2 @ d.pow(2))
+        del G, G2
 
 
 def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every=4):
@@ -265,6 +271,7 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
         w.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     acc = torch.zeros(len(units), len(fmts), dtype=torch.float64)
+    diag = torch.zeros_like(acc)
     n, pending = 0, []
     bar = tqdm(total=len(ids) * samples, desc="sensitivity (fisher)", disable=not progress, leave=False)
     try:
@@ -280,16 +287,17 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
                     del grads
                     bar.update(1)
                     if len(pending) == flush_every:
-                        _flush(weights, fmts, pending, acc)
+                        _flush(weights, fmts, pending, acc, diag)
                         pending = []
             del logp, probs
         if pending:
-            _flush(weights, fmts, pending, acc)
+            _flush(weights, fmts, pending, acc, diag)
     finally:
         bar.close()
         for p, r in saved.items():
             p.requires_grad_(r)
-    return (0.5 * acc / (samples * max(n, 1))).tolist()
+    scale = 0.5 / (samples * max(n, 1))
+    return (scale * diag).tolist(), (scale * acc).tolist()
 
 
 def sensitivity(
@@ -346,10 +354,12 @@ def sensitivity(
     t0, c0 = time.perf_counter(), time.process_time()
     was_training = model.training
     model.eval()
+    extra_damage: dict = {}
     if method == "kl":
         damage = _kl_scan(model, units, fmts, ids, progress)
     else:
-        damage = _fisher_scan(model, units, fmts, ids, samples, progress)
+        damage, full = _fisher_scan(model, units, fmts, ids, samples, progress)
+        extra_damage["fisher_full"] = full
     model.train(was_training)
     fixed, fp32 = _fixed_bytes(model, units)
     res = Sensitivity(
@@ -357,7 +367,8 @@ def sensitivity(
         nbytes=[[format_bytes(f, *u.shape) for f in fmts] for u in units],
         method=method, seconds=time.perf_counter() - t0, tokens=int(ids.shape[0] * (ids.shape[1] - 1)),
         fixed_bytes=fixed, fp32_bytes=fp32, key=key,
-        extra={"settings": settings, "cpu_seconds": time.process_time() - c0, "threads": torch.get_num_threads()},
+        extra={"settings": settings, "cpu_seconds": time.process_time() - c0, "threads": torch.get_num_threads(),
+               **extra_damage},
     )
     log.info("sensitivity (%s) of %d layers x %d candidates in %.1fs", method, len(units), len(fmts), res.seconds)
     if folder is not None:
