@@ -26,6 +26,8 @@ from .flows import QATResult, convert_qat, prepare_qat, train_qat  # QAT (issue 
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 from .report import compare
+from .schemes import Plan
+from .flows.mixed import autocast, plan_mixed_precision, sensitivity, to_half
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -85,6 +87,11 @@ __all__ = [
     "AWQParams",
     "CalibSpec",
     "GPTQParams",
+    "Plan",
+    "autocast",
+    "plan_mixed_precision",
+    "sensitivity",
+    "to_half",
     "EvalResult",
     "LLMQuantError",
     "PRESETS",

@@ -60,6 +60,9 @@ def cmd_quantize(args) -> int:
 
     if args.method == "dynamic":
         return _quantize_dynamic(args)
+
+    if getattr(args, "plan", None):
+        return _quantize_with_plan(args)
     scheme = _scheme_from_args(args)
     cfg = QuantConfig(
         weight=scheme,
@@ -166,8 +169,98 @@ def _quantize_dynamic(args) -> int:
         "seconds": summary.seconds,
     }
     print(format_table([row]))
+
+def _quantize_with_plan(args) -> int:
+    import llmquant
+    from .errors import SchemeError
+    from .report import format_table
+    from .schemes import Plan
+
+    if args.scheme or args.bits is not None or args.group_size is not None or args.asym or args.granularity or args.targets or args.ignore is not None:
+        raise SchemeError("--plan names each layer's format; leave out --scheme/--bits/--group-size/--asym/--granularity/--targets/--ignore")
+    plan = Plan.load(args.plan)
+    _check_out(args.output, args.overwrite)
+    model, tok = llmquant.load_model(args.model)
+    summary = llmquant.quantize(model, plan)
+    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
+    size = llmquant.model_size(model)
+    counts: dict[str, int] = {}
+    for l in summary.layers:
+        counts[l.scheme] = counts.get(l.scheme, 0) + 1
+    print(format_table([{
+        "layers": len(summary.layers),
+        "formats": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
+        "bits/w (planned layers)": summary.bits_per_weight,
+        "model MB": size.total_bytes / 1e6,
+        "x fp32": size.ratio_to_fp32,
+        "seconds": summary.seconds,
+    }]))
     print(f"saved to {args.output}")
     return 0
+
+
+def _sens_from_args(args, model, tok):
+    import llmquant
+
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    return llmquant.sensitivity(
+        model, Path(args.text) if args.text else None, cands, method=args.method, tokenizer=tok,
+        windows=args.windows, seq_len=args.seq_len, samples=args.samples, include_head=args.include_head,
+        cache=not args.no_cache,
+    )
+
+
+def cmd_sensitivity(args) -> int:
+    import llmquant
+    from .report import format_table, sensitivity_chart
+
+    model, tok = llmquant.load_model(args.model)
+    sens = _sens_from_args(args, model, tok)
+    rows = sorted(sens.rows(), key=lambda r: -max(v for k, v in r.items() if k != "layer"))
+    print(format_table(rows[: args.top]))
+    print(f"{len(sens.units)} layers x {len(sens.candidates)} candidates, {sens.method}, {sens.tokens} calibration "
+          f"tokens, {sens.seconds:.1f}s (cached results come back at once); damage = KL per token, this layer alone")
+    if args.json:
+        sens.save(args.json)
+        print(f"wrote {args.json}")
+    if args.chart:
+        print(f"wrote {sensitivity_chart(sens, args.chart)}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import llmquant
+    from .errors import BudgetError
+    from .flows.mixed import plan_from_sensitivity
+    from .report import format_table, plan_row, sensitivity_chart
+
+    if (args.target_bits is None) == (args.max_size is None):
+        raise BudgetError("give exactly one of --target-bits B or --max-size S (e.g. 60MB)")
+    model, tok = llmquant.load_model(args.model)
+    sens = _sens_from_args(args, model, tok)
+    plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=args.max_size)
+    plan.save(args.output)
+    print(format_table([plan_row(plan)]))
+    print(f"wrote {args.output} ({len(plan.rules)} layers; edit it freely, then: llmquant quantize --plan {args.output} -o OUT)")
+    if args.chart:
+        print(f"wrote {sensitivity_chart(sens, args.chart, plan=plan)}")
+    return 0
+
+
+def _add_sens_args(p) -> None:
+    from .schemes import DEFAULT_CANDIDATES
+
+    p.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", help="calibration text, .txt or .jsonl (default: pydoc_data.topics, from its end)")
+    p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), help="comma-separated formats")
+    p.add_argument("--method", choices=["fisher", "kl"], default="fisher",
+                   help="fisher: 2nd-order KL estimate (fast, default); kl: measured KL per layer and format (slow)")
+    p.add_argument("--include-head", action="store_true", help="plan the output head and embeddings too")
+    p.add_argument("--windows", type=int, help="calibration windows (default 4)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    p.add_argument("--samples", type=int, default=2, help="fisher: label draws per window")
+    p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
+    p.add_argument("--chart", help="write a per-layer sensitivity chart (PNG; needs matplotlib)")
 
 
 def _reference_for(manifest_source: str | None):
@@ -193,7 +286,7 @@ def cmd_eval(args) -> int:
     if not args.no_reference:
         if args.reference:
             ref = llmquant.load_model(args.reference)[0]
-        elif getattr(model, "llmquant_config", None) is not None:
+        elif getattr(model, "llmquant_config", None) is not None or getattr(model, "llmquant_plan", None) is not None:
             ref = _reference_for(getattr(model, "llmquant_source", None))
     text = Path(args.text) if args.text else None
     res = llmquant.evaluate(model, reference=ref, text=text, tokenizer=tok, windows=args.windows, seq_len=args.seq_len)
@@ -388,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
     q.add_argument("--rotation", type=int,
                    help="dynamic: Hadamard block size (e.g. 64) rotating each Linear's input and weights")
+
+    q.add_argument("--plan", help="a mixed-precision plan file (JSON) from `llmquant plan` or written by hand")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     q.set_defaults(func=cmd_quantize)
@@ -414,6 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strategies", default="ptq,qat,dynamic,mixed")
     c.add_argument("-o", "--output", default="runs/compare", help="report folder")
     c.set_defaults(func=cmd_compare)
+
+    se = sub.add_parser("sensitivity", help="per-layer damage of each candidate format (mixed precision)")
+    _add_sens_args(se)
+    se.add_argument("--top", type=int, default=20, help="rows to print (most sensitive first)")
+    se.add_argument("--json", help="write the full result to this JSON file")
+    se.set_defaults(func=cmd_sensitivity)
+
+    pl = sub.add_parser("plan", help="solve a budget into a per-layer mixed-precision plan (JSON)")
+    _add_sens_args(pl)
+    pl.add_argument("--target-bits", type=float, help="average bits per weight over the planned layers")
+    pl.add_argument("--max-size", help="total stored model size, e.g. 60MB (1 MB = 1e6 bytes)")
+    pl.add_argument("-o", "--output", required=True, help="plan file to write")
+    pl.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="quantize the default model at a few schemes and compare")
     d.add_argument("--model")

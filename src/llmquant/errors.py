@@ -60,3 +60,5 @@ class TrainingDivergedError(LLMQuantError):
 
 class CheckpointError(LLMQuantError):
     """A QAT checkpoint is missing, damaged, or was written by a run with other settings."""
+class BudgetError(LLMQuantError, ValueError):
+    """A mixed-precision budget cannot be met (below the smallest plan) or makes no sense (above float size)."""

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from ..modules import QuantLinear
+from ..modules import QuantEmbedding, QuantLinear
 
 
 @dataclass
@@ -45,15 +45,18 @@ def model_size(model: nn.Module) -> SizeInfo:
     seen: set[int] = set()
     qbytes = qparams = fbytes = total_params = qfp32 = 0
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            qbytes += mod.packed_bytes()
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            # a tied embedding and head may share their packed tensors (QuantEmbedding.sharing): count them once
+            tensors = [t for t in (mod.qweight, mod.scale, mod.zero, getattr(mod, "bias", None)) if t is not None]
+            if all(t.data_ptr() in seen for t in tensors):
+                continue
+            qbytes += sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in seen)
+            bias = getattr(mod, "bias", None)
             n = mod.in_features * mod.out_features
             qparams += n
-            total_params += n + (0 if mod.bias is None else mod.bias.numel())
-            qfp32 += 4 * (n + (0 if mod.bias is None else mod.bias.numel()))
-            for t in (mod.qweight, mod.scale, mod.zero, mod.bias):
-                if t is not None:
-                    seen.add(t.data_ptr())
+            total_params += n + (0 if bias is None else bias.numel())
+            qfp32 += 4 * (n + (0 if bias is None else bias.numel()))
+            seen.update(t.data_ptr() for t in tensors)
             continue
         for t in list(mod.parameters(recurse=False)) + [
             b for n, b in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set

@@ -123,10 +123,17 @@ def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None) 
 def quantize(model: nn.Module, config="W4G128", *, calib: torch.Tensor | None = None, progress: bool = True) -> QuantSummary:
     """Quantize the weights of ``model``'s selected linears in place and return a summary.
 
-    ``config`` is a :class:`QuantConfig`, a :class:`QuantScheme`, a preset name (``"W4G64"``) or a dict.
+    ``config`` is a :class:`QuantConfig`, a :class:`QuantScheme`, a preset name (``"W4G64"``) or a dict,
+    or a mixed-precision :class:`~llmquant.schemes.Plan` (or its dict, or a ``.json`` plan file).
     Calibrated methods (``gptq``, ``awq``) need ``calib``: token ids (windows, seq_len) or float inputs
     (``llmquant.quantize`` makes them from text); see :mod:`llmquant.flows.sequential`.
     """
+    from ..schemes import is_plan_like
+
+    if is_plan_like(config):  # a mixed-precision plan: one format per layer (flows/mixed)
+        from .mixed.apply import apply_plan
+
+        return apply_plan(model, config, progress=progress)
     cfg: QuantConfig = resolve_config(config)
     if cfg.method in METHOD_PARAMS:
         from .sequential import quantize_calibrated

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .. import __version__
 from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, UnsupportedError
-from ..modules import QuantLinear, replace_module
+from ..modules import MIXED_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ def save(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: b
             "model_type": getattr(cfg, "model_type", None),
             "config": None if qcfg is None else qcfg.to_dict(),
             "quantized_layers": _quant_layers(model),
+            "mixed_modules": {n: m.manifest_entry() for n, m in model.named_modules() if type(m).__name__ in MIXED_MODULES},
+            "plan": None if getattr(model, "llmquant_plan", None) is None else model.llmquant_plan.to_ordered_dict(),
             "aliases": aliases,
             "tensors": {
                 k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "sha256": _sha256(v)}
@@ -198,6 +200,13 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
             replace_module(model, name, q)
         except AttributeError:
             raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
+    for name, entry in (manifest.get("mixed_modules") or {}).items():  # bf16/fp16 layers, quantized embeddings
+        if entry.get("type") not in MIXED_MODULES:
+            raise CorruptFileError(f"manifest names module type {entry.get('type')!r} for {name!r}, unknown to this llmquant")
+        try:
+            replace_module(model, name, MIXED_MODULES[entry["type"]].from_manifest(entry))
+        except AttributeError:
+            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
     state = dict(tensors)
     for alias, src in manifest.get("aliases", {}).items():
         state[alias] = tensors[src]
@@ -212,6 +221,10 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
         from ..schemes import QuantConfig
 
         model.llmquant_config = QuantConfig.from_dict(manifest["config"])
+    if manifest.get("plan"):
+        from ..schemes import Plan
+
+        model.llmquant_plan = Plan.from_dict(manifest["plan"])
     model.llmquant_source = manifest.get("base_model")
     model.eval().to(device)
     try:

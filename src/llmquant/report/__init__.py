@@ -26,3 +26,8 @@ def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dyna
         write_json(result, out / "report.json")
         (out / "report.html").write_text(html_report(result))
     return result
+
+
+from .mixed import plan_row, sensitivity_chart  # noqa: E402
+
+__all__ += ["plan_row", "sensitivity_chart"]

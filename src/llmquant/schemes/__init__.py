@@ -34,3 +34,9 @@ __all__ = [
     "minmax",
     "qparams_from_minmax",
 ]
+
+from .formats import DEFAULT_CANDIDATES, FloatFormat, format_bytes, format_name, resolve_format  # noqa: E402
+from .plan import Plan, is_plan_like, resolve_plan  # noqa: E402
+
+__all__ += ["DEFAULT_CANDIDATES", "FloatFormat", "Plan", "format_bytes", "format_name", "is_plan_like",
+            "resolve_format", "resolve_plan"]

@@ -1,0 +1,379 @@
+"""Per-layer sensitivity: the damage of storing one layer alone in each candidate format.
+
+Damage is the mean over predicted positions of KL(p_float || p_perturbed) on calibration windows taken
+from the end of the text (:func:`llmquant.io.calib_windows`, disjoint from evaluation). Two measures:
+
+``"kl"``      exact: the layer's weight is replaced by its quantized version and the model run again; from
+              the cached input of the layer's decoder block, so only that block and the ones after it run.
+              Cost: about (units x candidates x 0.6) forwards of the calibration tokens.
+``"fisher"``  second-order estimate of that KL (default; about 40x cheaper). For a small change dz of the
+              logits, KL(p || p+dz) ~ 1/2 dz^T F dz with F the Fisher matrix of the softmax,
+              F = E_{y~p}[g g^T], g = d log p(y) / dz. Moving one layer's weight by dW changes the logits
+              of every later position, so summed over positions, with labels y_t drawn from the model,
+              KL_total ~ 1/2 E_y[(<G_y, dW>)^2],   G_y = d/dW sum_t log p_t(y_t),
+              since the cross terms between positions vanish in expectation (E_y[g] = 0). One backward per
+              drawn label set gives G_y for every layer at once. A single draw's (<G_y, dW>)^2 is one
+              chi-square sample (very noisy), and a planner picking minima from noisy numbers picks the
+              ones that came out low by chance; so the damage used is the diagonal form
+              1/2 sum_ij E_y[G_ij^2] dW_ij^2 (the Fisher-weighted squared error of HAWQ-V2, Dong et al.
+              2020, and SqueezeLLM, Kim et al. 2023), which averages over every weight of the layer and
+              equals the full form in expectation when rounding errors are uncorrelated. The full-rank
+              estimate is kept in ``extra["fisher_full"]``.
+
+Damages add up across layers to first order, so a plan's predicted KL is the sum of its layers' damages.
+Results are cached on disk (``$LLMQUANT_CACHE/sensitivity``) keyed by model weights, text and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ...errors import SchemeError
+from ...io.hf import cache_dir
+from ...io.text import calib_windows, read_text, tokenize
+from ...models import arch_for, tied_lm_head
+from ...modules import select_linears
+from ...schemes.formats import DEFAULT_CANDIDATES, fake_weight, format_bytes, format_name, resolve_format
+from .apply import head_names
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 2
+
+
+@dataclass
+class Unit:
+    name: str  # plan key
+    modules: tuple[str, ...]  # modules that take the unit's format (a tied head: head and embedding)
+    shape: tuple[int, int]
+    block: int | None = None  # decoder block index (None: outside the blocks)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class Sensitivity:
+    """damage[u][c]: mean KL per predicted token when unit u alone is stored in candidate c."""
+
+    candidates: list[str]
+    units: list[Unit]
+    damage: list[list[float]]
+    nbytes: list[list[int]]  # stored bytes of unit u in candidate c
+    method: str
+    seconds: float
+    tokens: int
+    fixed_bytes: int  # bytes of everything the plan does not choose (norms, float embeddings, biases)
+    fp32_bytes: int  # whole model in fp32
+    key: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def unit_fp32_bytes(self) -> int:
+        return sum(4 * u.numel for u in self.units)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["units"] = [asdict(u) for u in self.units]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sensitivity":
+        d = dict(d)
+        d["units"] = [Unit(u["name"], tuple(u["modules"]), tuple(u["shape"]), u.get("block")) for u in d["units"]]
+        return cls(**d)
+
+    def save(self, path) -> Path:
+        p = Path(path).expanduser()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_dict()))
+        return p
+
+    @classmethod
+    def load(cls, path) -> "Sensitivity":
+        return cls.from_dict(json.loads(Path(path).expanduser().read_text()))
+
+    def without(self, names) -> "Sensitivity":
+        """The same measurements with the units ``names`` left out of planning (kept as they are, in fp32)."""
+        drop = set(names)
+        keep = [i for i, u in enumerate(self.units) if u.name not in drop]
+        freed = sum(4 * u.numel for u in self.units if u.name in drop)
+        return Sensitivity(
+            candidates=list(self.candidates), units=[self.units[i] for i in keep], damage=[self.damage[i] for i in keep],
+            nbytes=[self.nbytes[i] for i in keep], method=self.method, seconds=self.seconds, tokens=self.tokens,
+            fixed_bytes=self.fixed_bytes + freed, fp32_bytes=self.fp32_bytes, key=self.key, extra=dict(self.extra),
+        )
+
+    def rows(self) -> list[dict]:
+        """One table row per unit: its damage under each candidate."""
+        return [{"layer": u.name, **{c: self.damage[i][j] for j, c in enumerate(self.candidates)}}
+                for i, u in enumerate(self.units)]
+
+    def agreement(self, other: "Sensitivity") -> dict:
+        """Rank agreement (Spearman) of two measures over the (unit, candidate) pairs they share."""
+        pos = {(u.name, c): (i, j) for i, u in enumerate(other.units) for j, c in enumerate(other.candidates)}
+        a, b, per = [], [], {}
+        for i, u in enumerate(self.units):
+            for j, c in enumerate(self.candidates):
+                if (u.name, c) in pos:
+                    k, l = pos[(u.name, c)]
+                    a.append(self.damage[i][j])
+                    b.append(other.damage[k][l])
+                    per.setdefault(c, ([], []))
+                    per[c][0].append(self.damage[i][j])
+                    per[c][1].append(other.damage[k][l])
+        return {
+            "pairs": len(a),
+            "spearman": spearman(a, b),
+            "spearman_per_candidate": {c: spearman(x, y) for c, (x, y) in per.items() if len(x) > 2},
+        }
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (ties broken by order; enough for continuous damages)."""
+    if len(a) < 2:
+        return float("nan")
+    ra = torch.empty(len(a)); ra[torch.tensor(a, dtype=torch.float64).argsort()] = torch.arange(len(a), dtype=torch.float32)
+    rb = torch.empty(len(b)); rb[torch.tensor(b, dtype=torch.float64).argsort()] = torch.arange(len(b), dtype=torch.float32)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
+# ---- units -------------------------------------------------------------------------------------
+def plan_units(model: nn.Module, *, include_head: bool = False, targets=(), ignore=("lm_head",)) -> list[Unit]:
+    """The layers a plan chooses formats for: the selected Linears (lm_head ignored by default) and, with
+    ``include_head``, the output head and embedding (one unit, stored once, when they are tied)."""
+    heads = head_names(model)
+    ignore = tuple(ignore) + (heads if include_head else ())
+    arch = arch_for(model)
+    prefix = f"{arch.layers}." if arch else None
+
+    def block_of(name: str):
+        if prefix and name.startswith(prefix):
+            return int(name[len(prefix):].split(".")[0])
+        return None
+
+    units = [Unit(n, (n,), tuple(m.weight.shape), block_of(n)) for n, m in select_linears(model, targets, ignore)]
+    if include_head and heads:
+        if tied_lm_head(model) and len(heads) == 2:
+            emb, head = heads
+            units.append(Unit(head, (head, emb), tuple(model.get_submodule(head).weight.shape)))
+        else:
+            units += [Unit(h, (h,), tuple(model.get_submodule(h).weight.shape)) for h in heads]
+    return units
+
+
+def _weight(model: nn.Module, unit: Unit) -> torch.Tensor:
+    return model.get_submodule(unit.modules[0]).weight
+
+
+def _fingerprint(model: nn.Module, units: list[Unit]) -> str:
+    h = hashlib.sha256()
+    for u in units:
+        w = _weight(model, u).detach()
+        h.update(f"{u.name}{tuple(w.shape)}{float(w.double().sum()):.10e}".encode())
+        h.update(w.flatten()[:256].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fixed_bytes(model: nn.Module, units: list[Unit]) -> tuple[int, int]:
+    from ...eval.size import model_size
+
+    size = model_size(model)
+    unit_bytes = sum(_weight(model, u).numel() * _weight(model, u).element_size() for u in units)
+    return size.total_bytes - unit_bytes, size.fp32_bytes
+
+
+# ---- measures ----------------------------------------------------------------------------------
+def _logits(model, ids):
+    try:
+        out = model(ids, use_cache=False)  # a KV cache would carry keys from one run into the next
+    except TypeError:
+        out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
+
+
+@torch.no_grad()
+def _kl_scan(model, units, fmts, ids, progress):
+    arch = arch_for(model)
+    blocks = model.get_submodule(arch.layers) if arch else None
+    inputs: dict[int, tuple] = {}
+    hooks = []
+    if blocks is not None:
+        for i, blk in enumerate(blocks):
+            def pre(mod, args, kwargs, i=i):
+                inputs[i] = (args, kwargs)
+            hooks.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        ref = F.log_softmax(_logits(model, ids), -1)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def run_from(b: int | None):
+        if b is None or b not in inputs:
+            return _logits(model, ids)
+        args, kwargs = inputs[b]
+        h = args[0] if args else kwargs["hidden_states"]
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        for j in range(b, len(blocks)):
+            out = blocks[j](h, *args[1:], **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        h = model.get_submodule(arch.final_norm)(h)
+        return model.get_submodule(arch.lm_head)(h)[:, :-1].float()
+
+    n = ref.shape[0] * ref.shape[1]
+    damage = []
+    for u in tqdm(units, desc="sensitivity (kl)", disable=not progress, leave=False):
+        w = _weight(model, u)
+        orig = w.detach().clone()
+        row = []
+        for f in fmts:
+            w.data.copy_(fake_weight(f, orig))
+            logp = F.log_softmax(run_from(u.block), -1)
+            row.append(max(0.0, float(F.kl_div(logp, ref, log_target=True, reduction="sum")) / n))  # >= 0 up to rounding
+        w.data.copy_(orig)
+        damage.append(row)
+    return damage
+
+
+def _flush(weights, fmts, grads, acc, diag) -> None:
+    """Add, for each stored gradient G, (<G, dW_c>)^2 to acc[unit, c] and <G*G, dW_c*dW_c> to diag[unit, c].
+    dW_c is remade here one unit and one candidate at a time, so memory stays at one layer's worth (the
+    stored gradients are bf16)."""
+    for i, w in enumerate(weights):
+        w0 = w.detach()
+        G = torch.stack([g[i] for g in grads]).flatten(1)  # (k, n) bf16
+        G2 = G.float().pow(2).sum(0)
+        for c, f in enumerate(fmts):
+            d = fake_weight(f, w0).float().flatten() - w0.float().flatten()
+            acc[i, c] += ((G @ d.to(torch.bfloat16)).double() ** 2).sum()
+            diag[i, c] += float(G2 @ d.pow(2))
+        del G, G2
+
+
+def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every=4):
+    weights = [_weight(model, u) for u in units]
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in {id(w): w for w in weights}.values():
+        w.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.zeros(len(units), len(fmts), dtype=torch.float64)
+    diag = torch.zeros_like(acc)
+    n, pending = 0, []
+    bar = tqdm(total=len(ids) * samples, desc="sensitivity (fisher)", disable=not progress, leave=False)
+    try:
+        for win in ids:
+            with torch.enable_grad():
+                logp = F.log_softmax(_logits(model, win[None])[0], -1)
+                probs = logp.detach().exp()
+                n += logp.shape[0]
+                for s in range(samples):
+                    y = torch.multinomial(probs, 1, generator=gen)
+                    grads = torch.autograd.grad(logp.gather(1, y).sum(), weights, retain_graph=s < samples - 1)
+                    pending.append([g.detach().to(torch.bfloat16) for g in grads])
+                    del grads
+                    bar.update(1)
+                    if len(pending) == flush_every:
+                        _flush(weights, fmts, pending, acc, diag)
+                        pending = []
+            del logp, probs
+        if pending:
+            _flush(weights, fmts, pending, acc, diag)
+    finally:
+        bar.close()
+        for p, r in saved.items():
+            p.requires_grad_(r)
+    scale = 0.5 / (samples * max(n, 1))
+    return (scale * diag).tolist(), (scale * acc).tolist()
+
+
+def sensitivity(
+    model: nn.Module,
+    text=None,
+    candidates=DEFAULT_CANDIDATES,
+    *,
+    method: str = "fisher",
+    tokenizer=None,
+    windows: int | None = None,
+    seq_len: int = 128,
+    samples: int = 2,
+    include_head: bool = False,
+    targets=(),
+    ignore=("lm_head",),
+    cache: bool | str | Path = True,
+    progress: bool = True,
+) -> Sensitivity:
+    """Damage of storing each layer alone in each candidate format (see the module docstring).
+
+    ``text``: None (default text), a path, a string, or a 1-D tensor of token ids. ``windows`` x ``seq_len`` calibration tokens from
+    the end of the text (default 4 x 128). ``cache``: True (default cache
+    folder), False, or a folder.
+    """
+    if method not in ("fisher", "kl"):
+        raise SchemeError(f"sensitivity method must be 'fisher' or 'kl', got {method!r}")
+    fmts = [resolve_format(c) for c in candidates]
+    if not fmts:
+        raise SchemeError("give at least one candidate format")
+    names = [format_name(f) for f in fmts]
+    windows = windows or 4
+    tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
+    if tokenizer is None and not isinstance(text, torch.Tensor):
+        raise SchemeError("sensitivity needs a tokenizer: pass tokenizer= or load the model with llmquant.load_model")
+    if isinstance(text, torch.Tensor):  # already tokenized
+        tokens, text_key = text.flatten().long(), hashlib.sha256(text.flatten().long().numpy().tobytes()).hexdigest()
+    else:
+        raw = read_text(text) if (text is None or isinstance(text, Path)) else text
+        tokens, text_key = tokenize(tokenizer, raw), hashlib.sha256(raw.encode()).hexdigest()
+    ids = calib_windows(tokens, windows, seq_len)
+    units = plan_units(model, include_head=include_head, targets=targets, ignore=ignore)
+    settings = {"v": CACHE_VERSION, "model": _fingerprint(model, units), "text": text_key,
+                "candidates": names, "method": method, "windows": windows, "seq_len": seq_len,
+                "samples": samples if method == "fisher" else None, "units": [u.name for u in units]}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    folder = None if cache is False else (cache_dir() / "sensitivity" if cache is True else Path(cache).expanduser())
+    if folder is not None and (folder / f"{key}.json").is_file():
+        try:
+            res = Sensitivity.load(folder / f"{key}.json")
+            log.info("sensitivity read from cache %s", folder / f"{key}.json")
+            return res
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("cached sensitivity unreadable (%s); measuring again", e)
+    t0, c0 = time.perf_counter(), time.process_time()
+    was_training = model.training
+    model.eval()
+    extra_damage: dict = {}
+    if method == "kl":
+        damage = _kl_scan(model, units, fmts, ids, progress)
+    else:
+        damage, full = _fisher_scan(model, units, fmts, ids, samples, progress)
+        extra_damage["fisher_full"] = full
+    model.train(was_training)
+    fixed, fp32 = _fixed_bytes(model, units)
+    res = Sensitivity(
+        candidates=names, units=units, damage=damage,
+        nbytes=[[format_bytes(f, *u.shape) for f in fmts] for u in units],
+        method=method, seconds=time.perf_counter() - t0, tokens=int(ids.shape[0] * (ids.shape[1] - 1)),
+        fixed_bytes=fixed, fp32_bytes=fp32, key=key,
+        extra={"settings": settings, "cpu_seconds": time.process_time() - c0, "threads": torch.get_num_threads(),
+               **extra_damage},
+    )
+    log.info("sensitivity (%s) of %d layers x %d candidates in %.1fs", method, len(units), len(fmts), res.seconds)
+    if folder is not None:
+        try:
+            res.save(folder / f"{key}.json")
+        except OSError as e:
+            log.warning("could not cache the sensitivity: %s", e)
+    return res

@@ -1,0 +1,41 @@
+"""CLI for mixed precision: sensitivity, plan, quantize --plan, and their one-line errors."""
+
+import json
+
+from llmquant.cli import main
+
+from test_cli import assert_one_line_error, run
+
+FAST = ("--windows", "1", "--seq-len", "32", "--samples", "1", "--candidates", "bf16,W8,W4G32,W3G32,W2G32")
+
+
+def test_sensitivity_plan_quantize(tmp_path, tiny_folder, capsys, monkeypatch):
+    global FAST
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "calib.txt"  # a short text keeps tokenization out of the test's time
+    text.write_text(" ".join(f"word{i % 97} and the number {i}." for i in range(1500)))
+    FAST = FAST + ("--text", str(text))
+    rc, o, _ = run(capsys, "sensitivity", "--model", str(tiny_folder), *FAST, "--top", "3", "--json", str(tmp_path / "s.json"))
+    assert rc == 0 and "W2G32" in o and "14 layers x 5 candidates" in o and (tmp_path / "s.json").is_file()
+    plan = tmp_path / "plan.json"
+    rc, o, _ = run(capsys, "plan", "--model", str(tiny_folder), *FAST, "--target-bits", "4.5", "-o", str(plan),
+                   "--chart", str(tmp_path / "chart.png"))
+    assert rc == 0 and plan.is_file() and (tmp_path / "chart.png").stat().st_size > 1000
+    d = json.loads(plan.read_text())
+    assert len(d["layers"]) == 14 and d["info"]["bits_per_weight"] <= 4.5
+    out = tmp_path / "q"
+    rc, o, _ = run(capsys, "quantize", "--model", str(tiny_folder), "--plan", str(plan), "-o", str(out))
+    assert rc == 0 and (out / "llmquant.json").is_file()
+    man = json.loads((out / "llmquant.json").read_text())
+    assert man["plan"]["layers"] == [[k, v] for k, v in d["layers"].items()]
+    # a hand-written plan naming a layer that does not exist, and impossible budgets: one line, exit 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"model.layers.7.mlp.up_proj": "W8"}}))
+    assert_one_line_error(*run(capsys, "quantize", "--model", str(tiny_folder), "--plan", str(bad), "-o", str(tmp_path / "b"))[::2],
+                          "not Linear/Embedding")
+    rc, _, err = run(capsys, "plan", "--model", str(tiny_folder), *FAST, "--target-bits", "2.0", "-o", str(tmp_path / "p2.json"))
+    assert_one_line_error(rc, err, "below the smallest candidate plan")
+    rc, _, err = run(capsys, "plan", "--model", str(tiny_folder), *FAST, "--max-size", "9GB", "-o", str(tmp_path / "p3.json"))
+    assert_one_line_error(rc, err, "above the model's fp32 size")
+    rc, _, err = run(capsys, "quantize", "--model", str(tiny_folder), "--plan", str(plan), "--bits", "4", "-o", str(tmp_path / "c"))
+    assert_one_line_error(rc, err, "--plan names each layer's format")
