@@ -35,3 +35,7 @@ class OutputExistsError(LLMQuantError, FileExistsError):
 
 class SelectionError(LLMQuantError, ValueError):
     """A targets/ignore selection matched nothing or named a module that does not exist."""
+
+
+class ExportError(LLMQuantError, ValueError):
+    """A model cannot be written in the asked format as it is (unmappable scheme, unknown architecture...)."""
