@@ -71,3 +71,21 @@ def test_unrepresentable_refused(tmp_path):
     with pytest.raises(ExportError, match="zero_point='min'"):
         llmquant.export(m, None, tmp_path / "b", format="compressed-tensors")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_w8a8_dynamic_int_quantized(tmp_path):
+    """W8A8 with dynamic per-token int8 activations: int-quantized; transformers fake-quantizes the inputs
+    the same way (scale max|x| / 127.5 per token), so logits agree to float tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.schemes import QuantScheme
+
+    m = make_tiny_llama(vocab_size=1000, hidden=64)
+    a = QuantScheme(bits=8, granularity="token", dynamic=True)
+    llmquant.quantize(m, llmquant.QuantConfig(weight="W8", activation=a), progress=False)
+    llmquant.export(m, None, tmp_path / "ct", format="compressed-tensors")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "int-quantized" and qc["config_groups"]["group_0"]["input_activations"]["dynamic"]
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+    assert hf.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.strategy == "token"
+    assert torch.allclose(_logits(hf), _logits(m), atol=1e-4, rtol=0)
