@@ -41,14 +41,31 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
+    import torch.nn.functional as F
+
+    from llmquant.io import default_text, eval_windows, tokenize
+
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     ref, tok = llmquant.load_model()
     rows = []
+    wins = eval_windows(tokenize(tok, default_text()), args.windows)
+    with torch.inference_mode():  # the reference's log-probs once (llmquant.evaluate recomputes them per model)
+        ref_logp = [F.log_softmax(ref(w[None]).logits[0, :-1].float(), -1) for w in wins]
 
     def ev(label, model, **extra):
+        """KL(p_fp32 || p_model) averaged over predicted positions, perplexity, top-1: llmquant.evaluate's
+        definitions, with the reference computed once."""
         t0 = time.perf_counter()
-        r = llmquant.evaluate(model, reference=ref, tokenizer=tok, windows=args.windows)
+        nll = kl = agree = n = 0.0
+        with torch.inference_mode():
+            for w, rl in zip(wins, ref_logp):
+                lp = F.log_softmax(model(w[None]).logits[0, :-1].float(), -1)
+                nll += float(F.nll_loss(lp, w[1:], reduction="sum"))
+                kl += float(F.kl_div(lp, rl, log_target=True, reduction="sum"))
+                agree += float((lp.argmax(-1) == rl.argmax(-1)).sum())
+                n += w.numel() - 1
+        r = argparse.Namespace(kl=kl / n, perplexity=float(np.exp(nll / n)), top1=agree / n)
         rows.append({"model": label, "kl": r.kl, "ppl": r.perplexity, "top1": r.top1, **extra})
         print(f"{label}: KL {r.kl:.4f} ppl {r.perplexity:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
         return r

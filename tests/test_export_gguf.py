@@ -184,3 +184,24 @@ def test_default_model_q4_1_file_imports_packed_and_exports_its_own_bytes():
         if name.endswith(("q_proj", "k_proj")):
             raw = raw[rope_row_order(raw.shape[0], 9 if name.endswith("q_proj") else 3)]
         assert bt.name == "Q4_1" and np.array_equal(raw, np.asarray(t.data))
+
+
+def test_hf_tokenizer_conversion_reproduces_shipped_gguf(tokenizer, tmp_path):
+    """Converting SmolLM2's Hugging Face tokenizer gives the shipped GGUF's tokenizer keys exactly."""
+    import gguf
+
+    from llmquant.io import default_model_file
+    from llmquant.io.gguf_tokenizer import add_hf_bpe_tokenizer
+
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    add_hf_bpe_tokenizer(w, tokenizer, 49152, pre="smollm")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    shipped = gguf.GGUFReader(str(default_model_file())).fields
+    ours = gguf.GGUFReader(str(tmp_path / "t.gguf")).fields
+    keys = [k for k in shipped if k.startswith("tokenizer.")]
+    assert len(keys) >= 10 and set(k for k in ours if k.startswith("tokenizer.")) == set(keys)
+    for k in keys:
+        assert ours[k].contents() == shipped[k].contents(), k

@@ -183,7 +183,8 @@ def cmd_export(args) -> int:
     model, tok = llmquant.load_model(args.folder, packed=args.packed)
     if args.format == "gguf":
         rep = llmquant.export(model, tok, args.output, format="gguf", overwrite=args.overwrite, requant=args.requant,
-                              float_type=args.float_type, tokenizer_gguf=args.tokenizer_gguf)
+                              float_type=args.float_type, tokenizer_gguf=args.tokenizer_gguf,
+                              tokenizer_pre=args.tokenizer_pre)
         print(format_table([{"type": t, "tensors": n} for t, n in sorted(rep.type_counts().items())]))
         if rep.inexact:
             print(format_table([{"tensor": t.name, "type": t.type, "SQNR dB": t.sqnr_db, "max |err|": t.max_abs_err}
@@ -195,10 +196,10 @@ def cmd_export(args) -> int:
         print(f"tokenizer: {rep.tokenizer_source}")
         print(f"wrote {args.output} ({rep.file_bytes / 1e6:.1f} MB)")
     else:
-        if args.requant or args.float_type != "auto" or args.tokenizer_gguf:
+        if args.requant or args.float_type != "auto" or args.tokenizer_gguf or args.tokenizer_pre:
             from .errors import ExportError
 
-            raise ExportError("--requant, --float-type and --tokenizer-gguf apply to --format gguf only")
+            raise ExportError("--requant, --float-type and --tokenizer-* apply to --format gguf only")
         out = llmquant.export(model, tok, args.output, format="compressed-tensors", overwrite=args.overwrite)
         print(f"wrote {out} (compressed-tensors; load with transformers' from_pretrained or vLLM)")
     return 0
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--requant", help="gguf: re-quantize layers with no exact block type to Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16 (error reported)")
     x.add_argument("--float-type", default="auto", help="gguf: type of float 2-D tensors (auto = smallest exact; F32, F16, BF16, Q8_0)")
     x.add_argument("--tokenizer-gguf", help="gguf: copy the tokenizer of this GGUF file")
+    x.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name for a converted HF tokenizer (default: default)")
     x.add_argument("--packed", action="store_true", help="the input is a .gguf: load its quantized linears packed")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)

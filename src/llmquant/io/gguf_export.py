@@ -157,6 +157,7 @@ def export_gguf(
     requant: str | None = None,
     float_type: str = "auto",
     tokenizer_gguf: str | os.PathLike | None = None,
+    tokenizer_pre: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> GGUFExportReport:
@@ -215,7 +216,7 @@ def export_gguf(
             else:
                 w.add_float32(f"{arch.arch}.{key}", float(v))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        report.tokenizer_source = add_tokenizer(w, tokenizer, model, tokenizer_gguf)
+        report.tokenizer_source = add_tokenizer(w, tokenizer, model, tokenizer_gguf, pre=tokenizer_pre)
         for n, obj, found in tqdm(plan, desc="gguf tensors", disable=not progress, leave=False):
             gname = hf_to_gguf_name(arch, n)
             heads_attr = permute_heads_for(arch, n)
@@ -274,9 +275,11 @@ def _file_type(report: GGUFExportReport) -> int:
     """general.file_type: the type holding most weights among the 2-D tensors (informational)."""
     import gguf
 
-    weight = {}
+    weight: dict[str, float] = {}
+    float_bits = {"F32": 32, "F16": 16, "BF16": 16}
     for t in report.tensors:
         if t.name.endswith(".weight") and "norm" not in t.name:
-            weight[t.type] = weight.get(t.type, 0) + t.nbytes * 8 / (BY_NAME[t.type].bits_per_weight if t.type in BY_NAME else 16)
+            bits = BY_NAME[t.type].bits_per_weight if t.type in BY_NAME else float_bits[t.type]
+            weight[t.type] = weight.get(t.type, 0) + t.nbytes * 8 / bits
     main = max(weight, key=weight.get) if weight else "F32"
     return int(gguf.LlamaFileType[_FTYPE[main]])

@@ -5,7 +5,9 @@ the tokenizer's size), or a Hugging Face fast tokenizer with a byte-level BPE mo
 SmolLM, Llama 3, Qwen use), converted as llama.cpp's ``convert_hf_to_gguf.py`` does: tokens by id,
 token types (control for special tokens), merges, special ids and chat template (``gguf.SpecialVocab``).
 The pre-tokenizer name (``tokenizer.ggml.pre``) comes from a hash table in that script, which the ``gguf``
-package does not ship: it is written as ``default`` unless the source GGUF gives it.
+package does not ship: it is written as ``default`` (llama.cpp's GPT-2 pre-tokenizer) unless the source GGUF
+gives it or ``pre`` names it (e.g. ``smollm``, ``llama-bpe``, ``qwen2``). Converting SmolLM2's tokenizer this
+way reproduces the shipped GGUF's tokens, token types, merges, special ids and chat template exactly.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _vocab_size(path: Path) -> int:
     return 0 if f is None else len(f.data)
 
 
-def add_tokenizer(writer, tokenizer, model, tokenizer_gguf=None) -> str:
+def add_tokenizer(writer, tokenizer, model, tokenizer_gguf=None, pre: str | None = None) -> str:
     """Write the tokenizer keys; returns where they came from."""
     src = Path(tokenizer_gguf).expanduser() if tokenizer_gguf else source_gguf(model)
     if tokenizer_gguf and not src.is_file():
@@ -76,11 +78,11 @@ def add_tokenizer(writer, tokenizer, model, tokenizer_gguf=None) -> str:
     if tokenizer is None:
         raise ExportError("the model has no tokenizer to write into the GGUF file; save it with one, or pass "
                           "--tokenizer-gguf FILE to copy the tokenizer of another GGUF file")
-    add_hf_bpe_tokenizer(writer, tokenizer, getattr(model.config, "vocab_size", None))
+    add_hf_bpe_tokenizer(writer, tokenizer, getattr(model.config, "vocab_size", None), pre=pre)
     return "converted from the Hugging Face tokenizer"
 
 
-def add_hf_bpe_tokenizer(writer, tokenizer, n_vocab: int | None = None) -> None:
+def add_hf_bpe_tokenizer(writer, tokenizer, n_vocab: int | None = None, pre: str | None = None) -> None:
     import gguf
 
     with tempfile.TemporaryDirectory() as d:
@@ -111,8 +113,11 @@ def add_hf_bpe_tokenizer(writer, tokenizer, n_vocab: int | None = None) -> None:
                 tokens.append(rev[i])
                 types.append(gguf.TokenType.NORMAL)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(pre or "default")
+        writer.add_add_space_prefix(False)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         sv = gguf.SpecialVocab(Path(d), load_merges=True, n_vocab=len(tokens))
+        if "bos" not in sv.add_special_token:
+            sv.add_special_token["bos"] = bool(getattr(tokenizer, "add_bos_token", False))
         sv.add_to_gguf(writer, quiet=True)
