@@ -33,11 +33,31 @@ def gguf_reference_quantize(model, type_name: str) -> None:
             mod.weight.data = torch.from_numpy(quants.dequantize(quants.quantize(w, t), t).reshape(w.shape))
 
 
+def q8_0_activation_hooks(model) -> list:
+    """Round every linear's input as llama.cpp's CPU matmul does for Q4_0/Q8_0 weights (vec_dot_type Q8_0):
+    blocks of 32 along K, d = max|x| / 127, q = round(x / d), x_hat = q * fp16(d). An emulation of llama.cpp's
+    numerics (its F16 KV cache and summation order are not emulated), not llama.cpp itself."""
+
+    def hook(_mod, args):
+        x = args[0]
+        k = x.shape[-1]
+        xb = x.float().reshape(*x.shape[:-1], k // 32, 32)
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        q = torch.where(d > 0, xb / d, torch.zeros_like(xb))
+        q = torch.sign(q) * torch.floor(q.abs() + 0.5)  # roundf: half away from zero
+        return ((q * d.half().float()).reshape(x.shape).to(x.dtype),)
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--work", default="/tmp/llmquant-bench-export")
+    ap.add_argument("--emulate-llamacpp-activations", action="store_true",
+                    help="only: evaluate the exported files (from a previous run in --work) with llama.cpp's Q8_0 "
+                         "activation rounding emulated; writes export_gguf_emulated.*")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -71,6 +91,17 @@ def main() -> None:
         return r
 
     base = ev("fp32 (default model, dequantized Q4_1 file)", ref)
+    if args.emulate_llamacpp_activations:
+        for gtype in ("Q4_0", "Q8_0"):
+            path = work / f"rtn-{gtype}.gguf"
+            hf = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=path.name, dtype=torch.float32).eval()
+            ev(f"exported {path.name}, transformers loader (fp32 activations)", hf)
+            hooks = q8_0_activation_hooks(hf)
+            ev(f"  same with llama.cpp's Q8_0 activation rounding emulated", hf)
+            for h in hooks:
+                h.remove()
+        _write(Path(args.out), "export_gguf_emulated", args, base, rows)
+        return
     for preset, gtype in (("gguf:Q4_0", "Q4_0"), ("gguf:Q8_0", "Q8_0")):
         m, _ = llmquant.load_model()
         llmquant.quantize(m, preset, progress=False)
@@ -96,17 +127,20 @@ def main() -> None:
     ev("default Q4_1 file imported packed (210 QuantLinear)", packed, load_s=load_s,
        packed_mb=size.quantized_bytes / 1e6, bits_per_weight=8 * size.quantized_bytes / size.quantized_params)
 
-    out = Path(args.out)
+    _write(Path(args.out), "export_gguf", args, base, rows)
+
+
+def _write(out: Path, stem: str, args, base, rows) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"windows": args.windows, "seq_len": 512, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "fp32_ppl": base.perplexity}
-    (out / "export_gguf.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     lines = ["| model | KL vs fp32 | ppl | top-1 | notes |", "|---|---|---|---|---|"]
     for r in rows:
         notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
                           if k not in ("model", "kl", "ppl", "top1"))
         lines.append(f"| {r['model']} | {r['kl']:.4f} | {r['ppl']:.3f} | {r['top1']:.3f} | {notes} |")
-    (out / "export_gguf.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
