@@ -205,3 +205,11 @@ def test_hf_tokenizer_conversion_reproduces_shipped_gguf(tokenizer, tmp_path):
     assert len(keys) >= 10 and set(k for k in ours if k.startswith("tokenizer.")) == set(keys)
     for k in keys:
         assert ours[k].contents() == shipped[k].contents(), k
+
+
+def test_activation_quantized_model_refused(tmp_path, tiny_bpe_tokenizer):
+    m = make_tiny_llama(vocab_size=400, hidden=64)
+    a = QuantScheme(bits=8, granularity="token", dynamic=True)
+    llmquant.quantize(m, llmquant.QuantConfig(weight="gguf:Q8_0", activation=a), progress=False)
+    with pytest.raises(ExportError, match="weight-only.*compressed-tensors"):
+        llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "a.gguf", progress=False)

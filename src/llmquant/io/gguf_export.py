@@ -180,7 +180,7 @@ def export_gguf(
             f"GGUF export knows no tensor names for model type {getattr(cfg, 'model_type', None)!r}; "
             f"supported: {', '.join(supported_model_types())} (add an entry to llmquant.models.gguf_arch)"
         )
-    if getattr(model, "llmquant_config", None) is not None and model.llmquant_config.activation is not None:
+    if any(isinstance(m, QuantLinear) and m.activation_scheme is not None for m in model.modules()):
         raise ExportError("GGUF holds weight-only quantized models; llama.cpp quantizes activations itself. "
                           "Export a weight-only model, or use --format compressed-tensors for W8A8")
     items = list(_model_tensors(model))
