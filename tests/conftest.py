@@ -54,3 +54,27 @@ def tiny_folder(tmp_path, tokenizer):
     m.save_pretrained(str(d))
     tokenizer.save_pretrained(str(d))
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer with 400 tokens (trained in a blink on the default text), so tests that
+    convert tokenizers (GGUF) stay fast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmquant.io import default_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([default_text()[:20000]], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )

@@ -19,6 +19,8 @@ SCHEMES = [
     PRESETS["gguf:Q4_1"],
     QuantScheme(bits=8, granularity="tensor"),
     QuantScheme(bits=6, symmetric=False, granularity="channel"),
+    PRESETS["gguf:Q4_0"],  # negative scales (signed extreme on code -8)
+    QuantScheme(bits=4, symmetric=False, granularity="channel", zero_point="min"),  # float minimum per row
 ]
 
 

@@ -15,7 +15,7 @@ def _logits(m, n=40):
         return m(torch.arange(n)[None] * 7 % 1000).logits
 
 
-@pytest.mark.parametrize("preset", ["W8", "W4G32A", "W3G32", "W2G32", "gguf:Q4_1"])
+@pytest.mark.parametrize("preset", ["W8", "W4G32A", "W3G32", "W2G32", "gguf:Q4_1", "gguf:Q4_0"])
 def test_save_load_bit_identical(tmp_path, preset, tokenizer):
     m = make_tiny_llama()
     llmquant.quantize(m, preset, progress=False)

@@ -32,11 +32,19 @@ from .flows.mixed import autocast, plan_mixed_precision, sensitivity, to_half
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 
-def load_model(path=None, *, dtype=None):
+def load_model(path=None, *, dtype=None, packed=False):
     """``(model, tokenizer)``: the default SmolLM2 model when ``path`` is None, a local Hugging Face folder,
-    a local ``.gguf`` file, or a folder saved by :func:`save` (quantized)."""
+    a local ``.gguf`` file, or a folder saved by :func:`save` (quantized).
+
+    ``packed=True`` (GGUF files only, the default model included): the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
+    linears become packed QuantLinear modules holding its own codes and scales, instead of floats."""
     import torch
     from pathlib import Path
+
+    if packed:
+        model, tok, _ = _io.load_gguf_packed(path, dtype=dtype or torch.float32)
+        model.llmquant_tokenizer = tok
+        return model, tok
 
     if path is not None and (Path(path).expanduser() / _io.folder.MANIFEST).is_file():
         return load(path)
@@ -81,6 +89,19 @@ def save(model, tokenizer, folder, *, overwrite=False):
     return _io.save(model, tokenizer, folder, overwrite=overwrite)
 
 
+def export(model, tokenizer, path, *, format="gguf", overwrite=False, **kw):
+    """Write ``model`` for another runtime: ``format="gguf"`` (llama.cpp, one file; keywords ``requant``,
+    ``float_type``, ``tokenizer_gguf``) or ``"compressed-tensors"`` (transformers / vLLM, a folder).
+    Returns the GGUF export report, or the folder."""
+    if format == "gguf":
+        return _io.export_gguf(model, tokenizer, path, overwrite=overwrite, **kw)
+    if format == "compressed-tensors":
+        return _io.export_compressed_tensors(model, tokenizer, path, overwrite=overwrite, **kw)
+    from .errors import ExportError
+
+    raise ExportError(f"unknown export format {format!r}; choose gguf or compressed-tensors")
+
+
 __all__ = [
     "__version__",
     "compare",
@@ -92,6 +113,7 @@ __all__ = [
     "plan_mixed_precision",
     "sensitivity",
     "to_half",
+    "export",
     "EvalResult",
     "LLMQuantError",
     "PRESETS",

@@ -442,6 +442,35 @@ def add_qat_parser(sub) -> None:
     t.set_defaults(func=cmd_qat)
 
 
+def cmd_export(args) -> int:
+    import llmquant
+    from .report import format_table
+
+    model, tok = llmquant.load_model(args.folder, packed=args.packed)
+    if args.format == "gguf":
+        rep = llmquant.export(model, tok, args.output, format="gguf", overwrite=args.overwrite, requant=args.requant,
+                              float_type=args.float_type, tokenizer_gguf=args.tokenizer_gguf,
+                              tokenizer_pre=args.tokenizer_pre)
+        print(format_table([{"type": t, "tensors": n} for t, n in sorted(rep.type_counts().items())]))
+        if rep.inexact:
+            print(format_table([{"tensor": t.name, "type": t.type, "SQNR dB": t.sqnr_db, "max |err|": t.max_abs_err}
+                                for t in rep.inexact]))
+            worst = min(t.sqnr_db for t in rep.inexact)
+            print(f"{len(rep.inexact)} tensor(s) re-quantized, not exact (worst SQNR {worst:.1f} dB vs llmquant's values)")
+        else:
+            print("every tensor holds llmquant's values exactly")
+        print(f"tokenizer: {rep.tokenizer_source}")
+        print(f"wrote {args.output} ({rep.file_bytes / 1e6:.1f} MB)")
+    else:
+        if args.requant or args.float_type != "auto" or args.tokenizer_gguf or args.tokenizer_pre:
+            from .errors import ExportError
+
+            raise ExportError("--requant, --float-type and --tokenizer-* apply to --format gguf only")
+        out = llmquant.export(model, tok, args.output, format="compressed-tensors", overwrite=args.overwrite)
+        print(f"wrote {out} (compressed-tensors; load with transformers' from_pretrained or vLLM)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -522,6 +551,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-size", help="total stored model size, e.g. 60MB (1 MB = 1e6 bytes)")
     pl.add_argument("-o", "--output", required=True, help="plan file to write")
     pl.set_defaults(func=cmd_plan)
+
+    x = sub.add_parser("export", help="write a model for llama.cpp (GGUF) or transformers/vLLM (compressed-tensors)")
+    x.add_argument("folder", nargs="?", help="folder written by llmquant quantize (or a model path; default model if omitted)")
+    x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
+    x.add_argument("-o", "--output", required=True, help="output .gguf file or compressed-tensors folder")
+    x.add_argument("--requant", help="gguf: re-quantize layers with no exact block type to Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16 (error reported)")
+    x.add_argument("--float-type", default="auto", help="gguf: type of float 2-D tensors (auto = smallest exact; F32, F16, BF16, Q8_0)")
+    x.add_argument("--tokenizer-gguf", help="gguf: copy the tokenizer of this GGUF file")
+    x.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name for a converted HF tokenizer (default: default)")
+    x.add_argument("--packed", action="store_true", help="the input is a .gguf: load its quantized linears packed")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="quantize the default model at a few schemes and compare")
     d.add_argument("--model")

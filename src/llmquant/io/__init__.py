@@ -3,10 +3,18 @@ transformers."""
 
 from .calibration import calibration_windows
 from .folder import load, read_manifest, save
+from .compressed_tensors import export_compressed_tensors
+from .gguf_export import GGUFExportReport, export_gguf
+from .gguf_import import GGUFImport, load_gguf_packed
 from .hf import DEFAULT_MODEL_NAME, default_model_file, load_float_model, plain_copy_of_gguf_model
 from .text import calib_windows, default_text, eval_windows, read_text, tokenize
 
 __all__ = [
+    "GGUFExportReport",
+    "GGUFImport",
+    "export_compressed_tensors",
+    "export_gguf",
+    "load_gguf_packed",
     "DEFAULT_MODEL_NAME",
     "calib_windows",
     "calibration_windows",

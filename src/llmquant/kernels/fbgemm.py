@@ -46,8 +46,8 @@ class FbgemmFP16(Kernel):
         else:
             w = module.dequantize_weight(dtype=torch.float32, device=device)
             out_scale = None
-        if module.zero is not None and module.scheme.zero_point == "float" and out_scale is not None:
-            # float zero points are not integers: fall back to the rounded dequantized weight
+        if module.zero is not None and module.scheme.zero_point != "int" and out_scale is not None:
+            # float zero points / minima are not integers: fall back to the rounded dequantized weight
             w = module.dequantize_weight(dtype=torch.float32, device=device)
             out_scale = None
         packed = torch.ops.quantized.linear_prepack_fp16(w, None)

@@ -4,7 +4,8 @@ Stored state (what ``state_dict`` and the saved file hold):
 ``qweight``  uint8, the unsigned codes ``q - qmin`` packed densely (see :mod:`llmquant.packing`);
 ``scale``    (out_features, groups) in the scheme's scale dtype;
 ``zero``     (out_features, groups), asymmetric schemes only: uint8 for integer zero points (stored as
-             ``z - qmin``), the scale dtype for float ones;
+             ``z - qmin``), the scale dtype for float ones and for float minima (``zero_point="min"``:
+             the offset ``m`` of ``x = q * s + m``);
 ``bias``     float, when the original had one.
 The forward runs through the kernel :mod:`llmquant.kernels` selects for the device and format.
 """
@@ -105,7 +106,8 @@ class QuantLinear(nn.Module):
         return (u.to(torch.int16) + self.scheme.qmin).reshape(self.out_features, self.in_features)
 
     def zero_point(self) -> torch.Tensor | None:
-        """Zero points in the integer domain (float tensor), or None for symmetric schemes."""
+        """Zero points in the integer domain (float tensor), the float offsets ``m`` for ``zero_point="min"``,
+        or None for symmetric schemes."""
         if self.zero is None:
             return None
         if self.scheme.zero_point == "int":

@@ -4,9 +4,12 @@ Affine quantization: ``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = (
 Symmetric schemes use ``z = 0`` and the full signed grid with ``s = max|x| / ((qmax - qmin) / 2)``
 (e.g. int4: [-8, 7], s = max|x| / 7.5, as compressed-tensors does; on the default model this gives KL
 0.44 at W4 g64 against 0.52 for the restricted grid), or, with ``restricted_range``, ``[-qmax, qmax]`` and
-``s = max|x| / qmax`` (GGUF Q8_0); asymmetric ones ``s = (max - min) / (qmax - qmin)``
-with ``z = qmin - min / s`` (rounded for integer zero points, kept as a float for a float minimum, as in
-GGUF Q4_1). Reductions run over the last dimension: per group of ``group_size`` values (the last group
+``s = max|x| / qmax`` (GGUF Q8_0), or, with ``signed_scale``, ``s = x_e / qmin`` where ``x_e`` is the
+value of largest magnitude with its sign (GGUF Q4_0 / Q5_0; ``s`` may be negative). Asymmetric ones use
+``s = (max - min) / (qmax - qmin)`` with ``z = qmin - min / s`` (rounded for integer zero points, unrounded
+for "float" ones), or, for ``zero_point="min"``, keep the minimum itself as a float offset ``m``:
+``q = round((x - m) / s) + qmin`` and ``x_hat = (q - qmin) * s + m``, computed as GGUF Q4_1 / Q5_1 do
+(``q * d + m`` in float32; qmin is 0 for asymmetric schemes), so those blocks are reproduced bit for bit. Reductions run over the last dimension: per group of ``group_size`` values (the last group
 may be shorter when the width is not a multiple), per row ("channel" for weights, "token" for
 activations), or over the whole tensor.
 """
@@ -55,9 +58,17 @@ def qparams_from_minmax(
     """Scale and zero point from ranges. Zero is None for symmetric schemes."""
     sdt = scale_torch_dtype(scheme)
     if scheme.symmetric:
+        if scheme.signed_scale:
+            ext = torch.where(xmin.abs() >= xmax.abs(), xmin, xmax)
+            scale = ext / scheme.qmin
+            scale = torch.where(scale < 0, scale.clamp(max=-EPS), scale.clamp(min=EPS)).to(sdt)
+            return scale, None
         amax = torch.maximum(xmin.abs(), xmax.abs())
         scale = (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=EPS).to(sdt)
         return scale, None
+    if scheme.zero_point == "min":
+        scale = ((xmax - xmin) / (scheme.qmax - scheme.qmin)).clamp(min=EPS).to(sdt)
+        return scale, xmin.to(sdt)
     if scheme.zero_point == "int":
         # keep 0 representable so the integer zero point stays inside the grid
         xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
@@ -90,9 +101,12 @@ def quantize_to_int(
     k = x.shape[-1]
     rows = x.reshape(-1, k).float() if scheme.granularity != "tensor" else x.reshape(1, -1).float()
     s = expand_groups(scale.float(), rows.shape[-1], scheme)
-    q = rows / s
-    if zero is not None:
-        q = q + expand_groups(zero.float(), rows.shape[-1], scheme)
+    if zero is not None and scheme.zero_point == "min":
+        q = (rows - expand_groups(zero.float(), rows.shape[-1], scheme)) / s + scheme.qmin
+    elif zero is not None:
+        q = rows / s + expand_groups(zero.float(), rows.shape[-1], scheme)
+    else:
+        q = rows / s
     q = q.round().clamp(scheme.qmin, scheme.qmax).to(torch.int16)
     return q.reshape(x.shape)
 
@@ -108,6 +122,10 @@ def dequantize(
     k = q.shape[-1]
     rows = q.reshape(-1, k) if scheme.granularity != "tensor" else q.reshape(1, -1)
     x = rows.float()
+    if zero is not None and scheme.zero_point == "min":  # (q - qmin) * s + m, two float32 roundings as GGUF
+        x = (x - scheme.qmin) * expand_groups(scale.float(), x.shape[-1], scheme)
+        x = x + expand_groups(zero.float(), x.shape[-1], scheme)
+        return x.reshape(q.shape).to(dtype)
     if zero is not None:
         x = x - expand_groups(zero.float(), x.shape[-1], scheme)
     x = x * expand_groups(scale.float(), x.shape[-1], scheme)

@@ -13,7 +13,7 @@ from ..errors import SchemeError
 
 SCHEME_VERSION = 1
 GRANULARITIES = ("tensor", "channel", "group", "token")
-ZERO_POINT_KINDS = ("int", "float")
+ZERO_POINT_KINDS = ("int", "float", "min")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -28,7 +28,9 @@ class QuantScheme:
     symmetric: bool = True  # symmetric: zero = 0, grid [-2^(b-1), 2^(b-1)-1], scale = max|x| / (2^b - 1) * 2
     granularity: str = "group"  # "tensor" | "channel" (one scale per output row) | "group" | "token"
     group_size: int | None = 128  # values per scale along the input dim; the last group may be ragged
-    zero_point: str = "int"  # asymmetric only: "int" (rounded zero) or "float" (a float minimum, as GGUF Q4_1)
+    # asymmetric only: "int" (rounded zero, x = (q - z) * s), "float" (unrounded zero, x = (q - z) * s, as HQQ)
+    # or "min" (a float offset, the group minimum: x = q * s + m, exactly as GGUF Q4_1 / Q5_1 compute it)
+    zero_point: str = "int"
     scale_dtype: str = "float32"  # dtype scales (and float zeros) are stored in
     dynamic: bool = False  # activations only: qparams computed from each input at run time
     restricted_range: bool = False  # symmetric only: grid [-(2^(b-1)-1), 2^(b-1)-1], scale = max|x| / qmax (Q8_0)
@@ -37,6 +39,10 @@ class QuantScheme:
     # dynamic activations only: the input is multiplied by a block-diagonal orthonormal Hadamard matrix
     # of this block size before quantization (the stored weights are rotated alike; QuaRot-style)
     rotation: int | None = None
+    # symmetric only: the scale takes the sign of the group's largest-magnitude value x_e, s = x_e / qmin, so
+    # x_e lands exactly on qmin = -2^(b-1) and the full grid is used on that side (llama.cpp Q4_0 / Q5_0:
+    # d = x_e / -8); scales may then be negative
+    signed_scale: bool = False
     version: int = SCHEME_VERSION
 
     def __post_init__(self) -> None:
@@ -68,6 +74,8 @@ class QuantScheme:
                 raise SchemeError("rotation applies to dynamic activation schemes only")
             if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r & (r - 1):
                 raise SchemeError(f"rotation must be a power of two >= 2 (a Hadamard block size), got {r!r}")
+        if self.signed_scale and (not self.symmetric or self.restricted_range):
+            raise SchemeError("signed_scale applies to symmetric schemes on the full grid (not restricted_range)")
         if self.version != SCHEME_VERSION:
             raise SchemeError(f"scheme version {self.version} is not supported (this llmquant reads {SCHEME_VERSION})")
 
@@ -86,7 +94,10 @@ class QuantScheme:
     def name(self) -> str:
         """Short readable name such as ``int4-g128-asym``."""
         g = {"tensor": "-tensor", "channel": "-ch", "token": "-tok"}.get(self.granularity, f"-g{self.group_size}")
-        s = ("-r" if self.restricted_range else "") if self.symmetric else ("-asym" if self.zero_point == "int" else "-asymf")
+        if self.symmetric:
+            s = "-r" if self.restricted_range else ("-sgn" if self.signed_scale else "")
+        else:
+            s = {"int": "-asym", "float": "-asymf", "min": "-asymm"}[self.zero_point]
         return f"int{self.bits}{g}{s}"
 
     def num_groups(self, in_features: int) -> int:
@@ -146,10 +157,15 @@ PRESETS: dict[str, QuantScheme] = {
     "W3G128": _w(3, 128),
     "W2G32": _w(2, 32, sym=False),
     "W2G64": _w(2, 64, sym=False),
-    # llama.cpp block grids this scheme family reproduces: Q8_0 (int8 sym, blocks of 32, fp16 scale)
-    # and Q4_1 (int4, blocks of 32, fp16 scale and fp16 float minimum).
+    # llama.cpp block grids (blocks of 32 along the input dim, fp16 scales), reproduced exactly: a model
+    # quantized with one of these exports to that GGUF block type without any change of value.
+    # Q8_0: int8 sym, d = max|x| / 127; Q4_0 / Q5_0: d = x_e / -8 (/ -16), x_e the signed extreme;
+    # Q4_1 / Q5_1: x = q * d + m, m the block minimum in fp16.
     "gguf:Q8_0": _w(8, 32, scale_dtype="float16", restricted_range=True),
-    "gguf:Q4_1": _w(4, 32, sym=False, zero_point="float", scale_dtype="float16"),
+    "gguf:Q4_0": _w(4, 32, scale_dtype="float16", signed_scale=True),
+    "gguf:Q4_1": _w(4, 32, sym=False, zero_point="min", scale_dtype="float16"),
+    "gguf:Q5_0": _w(5, 32, scale_dtype="float16", signed_scale=True),
+    "gguf:Q5_1": _w(5, 32, sym=False, zero_point="min", scale_dtype="float16"),
 }
 
 

@@ -1,0 +1,100 @@
+"""Import a GGUF file's quantized linears as packed QuantLinear modules (not dequantized floats).
+
+``load_gguf_packed(path)`` builds the model through transformers (config, tokenizer, float tensors such as
+norms and embeddings, dequantized) and then replaces every linear whose GGUF tensor is a block type
+llmquant holds exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; see :mod:`llmquant.io.ggml_blocks`) by a QuantLinear
+built from the file's own codes and fp16 scales / minima, undoing llama.cpp's q/k row permutation. Each
+imported layer's ``dequantize_weight()`` is checked to equal transformers' dequantized weight bit for bit.
+Linears stored in other types (K-quants, IQ, F16...) stay float, with a log line saying so. The
+embedding stays float (llmquant quantizes linears only), so a tied lm_head stays tied.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import ExportError, ModelNotFoundError
+from ..models.gguf_arch import config_value, gguf_arch_by_name, gguf_to_hf_name, permute_heads_for, rope_row_order
+from ..modules import replace_module
+from ..schemes import QuantConfig
+from .ggml_blocks import BY_NAME, module_from_blocks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GGUFImport:
+    path: str
+    packed: dict[str, str] = field(default_factory=dict)  # HF module name -> GGML type
+    kept_float: dict[str, str] = field(default_factory=dict)  # linears left float -> their GGML type
+
+    def type_counts(self) -> dict[str, int]:
+        return dict(Counter(self.packed.values()))
+
+
+def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer, GGUFImport)`` with the GGUF file's quantized linears packed (default: the default
+    model's Q4_1 file)."""
+    from gguf import GGUFReader
+
+    from .hf import default_model_file, load_float_model
+
+    gpath = default_model_file() if path is None else Path(path).expanduser()
+    if not gpath.is_file() or gpath.suffix != ".gguf":
+        raise ModelNotFoundError(f"{str(gpath)!r} is not a .gguf file; packed loading reads GGUF files only")
+    model, tok, source = load_float_model(None if path is None else gpath, dtype=dtype)
+    reader = GGUFReader(str(gpath))
+    arch_name = reader.fields["general.architecture"].contents()
+    arch = gguf_arch_by_name(arch_name)
+    if arch is None:
+        raise ExportError(f"GGUF architecture {arch_name!r} has no tensor-name map in llmquant.models.gguf_arch")
+    info = GGUFImport(path=str(gpath))
+    modules = dict(model.named_modules())
+    scheme_count: Counter = Counter()
+    mismatched = []
+    for t in reader.tensors:
+        hf = gguf_to_hf_name(arch, t.name)
+        if hf is None or not hf.endswith(".weight"):
+            continue
+        mod_name = hf[: -len(".weight")]
+        lin = modules.get(mod_name)
+        if not isinstance(lin, nn.Linear):
+            continue
+        tname = t.tensor_type.name
+        if tname not in BY_NAME:
+            info.kept_float[mod_name] = tname
+            continue
+        raw = np.asarray(t.data).reshape(lin.out_features, -1)
+        attr = permute_heads_for(arch, hf)
+        if attr is not None:  # GGUF row r holds HF row order[r]
+            order = np.asarray(rope_row_order(lin.out_features, int(config_value(model.config, (attr,)))))
+            unperm = np.empty_like(raw)
+            unperm[order] = raw
+            raw = unperm
+        q = module_from_blocks(raw, tname, lin.in_features, bias=None if lin.bias is None else lin.bias.detach())
+        if not torch.equal(q.dequantize_weight(torch.float32), lin.weight.detach().float()):
+            mismatched.append(mod_name)
+        if lin.weight is getattr(model.get_input_embeddings(), "weight", None):
+            continue  # a linear sharing the embedding's tensor stays tied and float
+        replace_module(model, mod_name, q.to(lin.weight.device))
+        info.packed[mod_name] = tname
+        scheme_count[q.scheme] += 1
+    if mismatched:
+        log.warning("%d imported layers differ from transformers' dequantization: %s", len(mismatched), mismatched[:3])
+    if info.kept_float:
+        log.info("linears kept float (block types llmquant does not hold): %s", Counter(info.kept_float.values()))
+    if scheme_count:
+        main = scheme_count.most_common(1)[0][0]
+        model.llmquant_config = QuantConfig(weight=main, method="gguf-import", targets=tuple(info.packed), ignore=())
+    model.llmquant_source = source
+    model.llmquant_gguf_import = info
+    log.info("packed %d linears from %s: %s", len(info.packed), gpath.name, info.type_counts())
+    return model.eval(), tok, info
