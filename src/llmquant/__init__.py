@@ -21,6 +21,7 @@ from .modules import QuantLinear
 from .flows import QuantSummary, quantize
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
+from .runtime import generate
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -61,6 +62,7 @@ __all__ = [
     "QuantScheme",
     "QuantSummary",
     "evaluate",
+    "generate",
     "load",
     "load_model",
     "model_size",

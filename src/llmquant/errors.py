@@ -35,3 +35,11 @@ class OutputExistsError(LLMQuantError, FileExistsError):
 
 class SelectionError(LLMQuantError, ValueError):
     """A targets/ignore selection matched nothing or named a module that does not exist."""
+
+
+class UnsupportedModelError(LLMQuantError):
+    """A model family the requested path (e.g. the lean runtime) does not run."""
+
+
+class GenerationError(LLMQuantError, ValueError):
+    """Invalid generation arguments (no tokenizer for a text prompt, bad sampling settings...)."""

@@ -6,7 +6,9 @@ kernel that supports the format. The CPU order comes from ``benchmarks/bench_ker
 BENCHMARKS.md): on this 2-core x86 CPU with torch 2.13, fbgemm's fp16-weight GEMM beats fp32 at both
 batch 1 and 512 tokens, while ``torch._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are many
 times slower than fp32, so they are not candidates. The reference path (dequantize, then ``F.linear``)
-is what every kernel is tested against.
+is what every kernel is tested against. ``packed_avx2`` (issue 7, a C++ extension built on first use)
+reads int4/int8 packed codes directly and comes before fbgemm for the formats it takes; when it cannot be
+built the order simply falls through to fbgemm.
 
 ``LLMQUANT_KERNEL=<name>`` in the environment, or :func:`set_kernel`, forces one kernel.
 """
@@ -20,13 +22,14 @@ from .base import KERNELS, Kernel, register
 from . import reference as _reference  # noqa: F401  (registers)
 from . import fbgemm as _fbgemm  # noqa: F401  (registers)
 from . import int8 as _int8  # noqa: F401  (registers)
+from . import packed_cpu as _packed_cpu  # noqa: F401  (registers; compiled on first use, see native.py)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 #: Preference by device type; the first kernel that supports a format wins.
 PREFERENCE: dict[str, list[str]] = {
-    "cpu": ["int8_int_mm", "fbgemm_fp16", "dequant_cached"],
+    "cpu": ["int8_int_mm", "packed_avx2", "fbgemm_fp16", "dequant_cached"],
     "cuda": ["int8_int_mm", "dequant_cached"],
 }
 DEFAULT_PREFERENCE = ["dequant_cached"]
