@@ -160,6 +160,7 @@ class LeanModel:
         self._cos = self._sin = None
 
     # ---- once per cache size --------------------------------------------------------------------
+    @torch.inference_mode()
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self.window and max_len > self.window:
             raise UnsupportedModelError(
@@ -177,6 +178,7 @@ class LeanModel:
         self._cos, self._sin = cos[0], sin[0]  # (n, head_dim)
 
     # ---- per step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache, key_mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
         """``ids`` (B, T) appended at ``cache.length``. ``key_mask`` (B, max_len) bool marks real (non-pad)
