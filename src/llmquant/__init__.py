@@ -28,6 +28,7 @@ from . import io as _io
 from .report import compare
 from .schemes import Plan
 from .flows.mixed import autocast, plan_mixed_precision, sensitivity, to_half
+from .runtime import generate
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -126,6 +127,7 @@ __all__ = [
     "prepare",
     "quantize_static",
     "evaluate",
+    "generate",
     "load",
     "load_model",
     "model_size",

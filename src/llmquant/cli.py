@@ -471,6 +471,107 @@ def cmd_export(args) -> int:
     return 0
 
 
+class _Streamer:
+    """Prints generated text as it comes (decoding the whole reply each step, printing only what is new)."""
+
+    def __init__(self, tok, out=None):
+        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
+
+    def __call__(self, step, tokens):
+        self.ids.append(int(tokens[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def _gen_kwargs(args) -> dict:
+    # --temperature 0 means greedy, as in llama.cpp
+    sample = args.temperature != 0 and (args.temperature is not None or args.top_k or args.top_p is not None)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=bool(sample),
+        temperature=1.0 if args.temperature is None or not sample else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        seed=args.seed,
+        threads=args.threads,
+    )
+
+
+def _load_for_generation(args):
+    import llmquant
+    from .kernels import set_kernel
+
+    model, tok = llmquant.load_model(args.model)
+    if args.kernel:
+        set_kernel(model, args.kernel)
+    return model, tok
+
+
+def _print_stats(st) -> None:
+    print(
+        f"[{st.prompt_tokens} prompt tokens: {st.prefill_tok_s:.1f} tok/s; {st.new_tokens} new: "
+        f"{st.decode_tok_s:.1f} tok/s; threads {st.threads}; kernels {','.join(st.kernels) or 'float'}]",
+        file=sys.stderr,
+    )
+
+
+def cmd_generate(args) -> int:
+    import llmquant
+    from .runtime import GenerationStats
+
+    model, tok = _load_for_generation(args)
+    st = GenerationStats()
+    stream = None if args.no_stream else _Streamer(tok)
+    ids = llmquant.generate(model, args.prompt, callback=stream, stats=st, **_gen_kwargs(args))
+    if stream is None:
+        print(tok.decode(ids[0], skip_special_tokens=True))
+    else:
+        stream.out.write("\n")
+    if args.stats:
+        _print_stats(st)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import llmquant
+    from .runtime import GenerationStats, chat_prompt
+
+    model, tok = _load_for_generation(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    kw = _gen_kwargs(args)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        stream, st = _Streamer(tok), GenerationStats()
+        llmquant.generate(model, chat_prompt(tok, messages), callback=stream, stats=st, **kw)
+        print()
+        messages.append({"role": "assistant", "content": stream.tok.decode(stream.ids, skip_special_tokens=True)})
+        if args.stats:
+            _print_stats(st)
+
+
+def _add_generation_args(g) -> None:
+    g.add_argument("--model", help="a folder saved by llmquant, a local HF folder or .gguf (default: SmolLM2-135M)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, help="sample at this temperature (default and 0: greedy)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set with probability >= p")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    g.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); reported with --stats")
+    g.add_argument("--kernel", help="force one kernel (e.g. packed_avx2, fbgemm_fp16, reference)")
+    g.add_argument("--stats", action="store_true", help="print tokens/s and threads to stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -563,6 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--packed", action="store_true", help="the input is a .gguf: load its quantized linears packed")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="generate text with the lean runtime (streamed)")
+    _add_generation_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat on stdin with the model's chat template (/exit to quit)")
+    _add_generation_args(c)
+    c.add_argument("--system", help="system message")
+    c.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="quantize the default model at a few schemes and compare")
     d.add_argument("--model")

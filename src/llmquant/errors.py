@@ -64,3 +64,9 @@ class BudgetError(LLMQuantError, ValueError):
     """A mixed-precision budget cannot be met (below the smallest plan) or makes no sense (above float size)."""
 class ExportError(LLMQuantError, ValueError):
     """A model cannot be written in the asked format as it is (unmappable scheme, unknown architecture...)."""
+class UnsupportedModelError(LLMQuantError):
+    """A model family the requested path (e.g. the lean runtime) does not run."""
+
+
+class GenerationError(LLMQuantError, ValueError):
+    """Invalid generation arguments (no tokenizer for a text prompt, bad sampling settings...)."""

@@ -8,6 +8,9 @@ batch 1 and 512 tokens, while ``torch._weight_int8pack_mm`` and ``_weight_int4pa
 times slower than fp32, so they are not candidates. The reference path (dequantize, then ``F.linear``)
 is what every kernel is tested against. For W8A8, fbgemm's int8 GEMM (with llmquant's activation
 qparams) beats ``torch._int_mm`` at one token and matches it at 512 (``benchmarks/bench_dynamic.py``).
+is what every kernel is tested against. ``packed_avx2`` (issue 7, a C++ extension built on first use)
+reads int4/int8 packed codes directly and comes before fbgemm for the formats it takes; when it cannot be
+built the order simply falls through to fbgemm.
 
 ``LLMQUANT_KERNEL=<name>`` in the environment, or :func:`set_kernel`, forces one kernel.
 """
@@ -22,13 +25,14 @@ from . import reference as _reference  # noqa: F401  (registers)
 from . import fbgemm as _fbgemm  # noqa: F401  (registers)
 from . import int8 as _int8  # noqa: F401  (registers)
 from . import fbgemm_int8 as _fbgemm_int8  # noqa: F401  (registers)
+from . import packed_cpu as _packed_cpu  # noqa: F401  (registers; compiled on first use, see native.py)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 #: Preference by device type; the first kernel that supports a format wins.
 PREFERENCE: dict[str, list[str]] = {
-    "cpu": ["fbgemm_int8", "int8_int_mm", "fbgemm_fp16", "dequant_cached"],
+    "cpu": ["fbgemm_int8", "int8_int_mm", "packed_avx2", "fbgemm_fp16", "dequant_cached"],
     "cuda": ["int8_int_mm", "dequant_cached"],
 }
 DEFAULT_PREFERENCE = ["dequant_cached"]

@@ -87,3 +87,44 @@ def tied_lm_head(model: nn.Module) -> bool:
     if out is None or inp is None or not hasattr(out, "weight") or not hasattr(inp, "weight"):
         return False
     return out.weight is inp.weight or out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """What the lean runtime (:mod:`llmquant.runtime`) needs to run a pre-norm, RoPE, GQA decoder with a
+    SwiGLU MLP without the model's own forward: module paths (relative to the model or to one decoder
+    layer) and the config attributes that hold the shapes. ``q_norm``/``k_norm`` are used when a layer has
+    them (Qwen3). A family whose forward differs in other ways (multipliers, layers without RoPE, sliding
+    windows shorter than the sequence) is not listed, and the runtime refuses it with a clear error."""
+
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"
+    lm_head: str = "lm_head"
+    input_norm: str = "input_layernorm"
+    post_norm: str = "post_attention_layernorm"
+    qkv: tuple[str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o: str = "self_attn.o_proj"
+    gate_up: tuple[str, str] = ("mlp.gate_proj", "mlp.up_proj")
+    down: str = "mlp.down_proj"
+    q_norm: str = "self_attn.q_norm"
+    k_norm: str = "self_attn.k_norm"
+    act_attr: str = "hidden_act"  # config attribute naming the MLP activation
+    sliding_window_attr: str | None = None  # config attribute: attention window (None: full attention)
+
+
+DECODER_LAYOUTS: list[DecoderLayout] = [
+    DecoderLayout(model_types=("llama", "qwen2", "qwen3")),
+    DecoderLayout(model_types=("mistral",), sliding_window_attr="sliding_window"),
+]
+
+
+def decoder_layout_for(model: nn.Module) -> DecoderLayout | None:
+    """The lean-runtime layout for ``model``, or None when its family is not one the runtime runs."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in DECODER_LAYOUTS:
+        if mt in spec.model_types:
+            return spec
+    return None

@@ -1,0 +1,107 @@
+"""``packed_avx2``: weight-only int4 / int8 GEMM that reads llmquant's packed codes directly (C++, AVX2+FMA).
+
+Decode on a CPU is bound by the bytes of weights moved per token. This kernel streams the packed codes as
+stored (0.5 byte per weight at 4 bits, 1 at 8 bits), unpacks them in registers and accumulates in fp32, so
+its run-time state is the packed buffer itself plus one fp32 scale (and offset, for asymmetric schemes) per
+group: nothing is dequantized into memory. Numerics are weight-only, ``x @ dequant(W)^T`` up to fp32
+summation order (see ``csrc/qgemm_avx2.cpp`` for the algebra). Batches of at least ``LARGE_M`` rows
+(prefill) instead dequantize the weight to fp32 for the call and run PyTorch's float GEMM, which is faster
+there than a GEMV per row and costs no persistent memory.
+
+Supported: CPU, 4 or 8 bits, per channel, per tensor or groups that are multiples of 32, ``in_features`` a
+multiple of 32, any zero point, no activation quantization. Everything else goes to the next kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+from .base import Kernel, register
+
+#: Rows of x from which the dequantize-then-float-GEMM path is taken.
+LARGE_M = 16
+
+
+def format_supported(module) -> bool:
+    s = module.scheme
+    k = module.in_features
+    if module.activation_scheme is not None or s.bits not in (4, 8) or k % 32:
+        return False
+    if s.granularity == "group":
+        return s.group_size % 32 == 0
+    return s.granularity in ("channel", "tensor")
+
+
+class PackedAVX2(Kernel):
+    name = "packed_avx2"
+    numerics = "weight-only: fp32 activations x int4/int8 codes unpacked in registers, fp32 accumulate"
+    runtime_bytes_per_weight = 0.0  # reads the stored packed codes; adds fp32 scales only
+
+    def supports(self, module, device) -> bool:
+        return device.type == "cpu" and format_supported(module) and native.load() is not None
+
+    def prepare(self, module, device, dtype):
+        s = module.scheme
+        n, k = module.out_features, module.in_features
+        gs = s.group_size if s.granularity == "group" else k
+        scale = module.scale.float().reshape(-1, module.scale.shape[-1]).expand(n, -1).contiguous()
+        z = module.zero_point()
+        zf = 0.0 if z is None else z.float().reshape(-1, scale.shape[1]).expand(n, -1)
+        mins = ((2 ** (s.bits - 1) + s.qmin - zf) * scale).contiguous()  # W = (u - c) * s + mins
+        if not bool(mins.any()):
+            mins = None
+        bias = None if module.bias is None else module.bias.float()
+        return (module.qweight.contiguous(), scale, mins if mins is not None else _EMPTY, bias, s.bits, n, k, gs)
+
+    def run(self, module, state, x):
+        return run_fused([state], x)
+
+
+def can_fuse(states) -> bool:
+    """True when prepared states (of this kernel) can run as one call: same bits, width and groups."""
+    return len({(st[4], st[6], st[7], st[1].shape[1]) for st in states}) == 1
+
+
+def run_fused(states, x: torch.Tensor) -> torch.Tensor:
+    """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
+    (fused QKV or gate/up: one pass, one thread launch, buffers left where they are)."""
+    _, scale0, _, _, bits, _, k, gs = states[0]
+    ext = native.load()
+    shape = x.shape
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    m = x2.shape[0]
+    n = sum(st[5] for st in states)
+    biases = [st[3] for st in states]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(st[5]) for b, st in zip(biases, states)])
+    if m >= LARGE_M:
+        w = torch.cat([ext.dequant(st[0], st[1], st[2], bits, st[5], k, gs) for st in states]) if len(states) > 1 \
+            else ext.dequant(states[0][0], scale0, states[0][2], bits, n, k, gs)
+        y = F.linear(x2, w, bias)
+    else:
+        x2 = x2.contiguous()
+        any_min = any(st[2].numel() for st in states)
+        xsum = _group_sums(x2, gs, scale0.shape[1]) if any_min else _EMPTY
+        xk = x2.reshape(m, k // 32, 16, 2).transpose(2, 3).reshape(m, k).contiguous() if bits == 4 else x2
+        y = ext.qgemm(xk, [st[0] for st in states], [st[1] for st in states], [st[2] for st in states], xsum, bits, gs)
+        if bias is not None:
+            y = y + bias
+    return y.reshape(*shape[:-1], n).to(x.dtype)
+
+
+_EMPTY = torch.empty(0)
+
+
+def _group_sums(x2: torch.Tensor, gs: int, groups: int) -> torch.Tensor:
+    """Per-group sums of the rows of x (the last group may be shorter)."""
+    pad = groups * gs - x2.shape[1]
+    if pad:
+        x2 = F.pad(x2, (0, pad))
+    return x2.reshape(x2.shape[0], groups, gs).sum(-1).contiguous()
+
+
+register(PackedAVX2())

@@ -1,0 +1,112 @@
+"""packed_avx2 (C++ int4/int8 kernel) against the reference path, fusion, selection and fallback."""
+
+import pytest
+import torch
+
+from llmquant import kernels
+from llmquant.algorithms import ALGORITHMS
+from llmquant.kernels import native, packed_cpu
+from llmquant.modules import QuantLinear
+from llmquant.schemes import PRESETS, QuantScheme
+
+SCHEMES = ["W8", "W8G128", "W4", "W4G32", "W4G64", "W4G128A", "gguf:Q8_0", "gguf:Q4_1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on a shared, oversubscribed CPU, OpenMP barriers between 2 threads cost milliseconds per op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _qlin(scheme, n=96, k=256, bias=True, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k)
+    q, s, z = ALGORITHMS["rtn"](w, scheme, name="t")
+    return QuantLinear.from_quantized(q, s, z, scheme, bias=torch.randn(n) if bias else None)
+
+
+def _run(m, x, kernel):
+    m.kernel_override = kernel
+    return m(x)
+
+
+def test_extension_builds_here():
+    # the test machine has a compiler and AVX2: the fast path must be there, not silently missing
+    assert native.load() is not None, native.why_unavailable()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_matches_reference(name, rows):
+    scheme = PRESETS[name]
+    m = _qlin(scheme)
+    x = torch.randn(2, rows, 256)
+    ref = _run(m, x, "reference")
+    y = _run(m, x, "packed_avx2")
+    assert m._kernel.name == "packed_avx2"
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    # same weights, fp32 accumulation in another order: error at the level of fp32 rounding
+    assert (y - ref).abs().max() <= 2e-6 * ref.abs().max() * 256**0.5
+
+
+def test_per_tensor_and_ragged_group():
+    for scheme in (QuantScheme(bits=8, granularity="tensor"), QuantScheme(bits=4, group_size=96)):  # 256 = 2x96 + 64
+        m = _qlin(scheme, bias=False)
+        x = torch.randn(5, 256)
+        ref = _run(m, x, "reference")
+        assert (_run(m, x, "packed_avx2") - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_bf16_activations():
+    m = _qlin(PRESETS["W4G64"])
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    ref = _run(m, x.float(), "reference")
+    y = _run(m, x, "packed_avx2")
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_fused_call_equals_separate_calls():
+    mods = [_qlin(PRESETS["W4G32"], n=n, seed=i) for i, n in enumerate((64, 32, 32))]
+    mods[1] = _qlin(QuantScheme(bits=4, group_size=32, symmetric=False), n=32, seed=5)  # asym among sym
+    states = []
+    for m in mods:
+        _run(m, torch.zeros(1, 256), "packed_avx2")
+        states.append(m._kernel_state)
+    assert packed_cpu.can_fuse(states)
+    for rows in (1, 2, 17):
+        x = torch.randn(rows, 256)
+        fused = packed_cpu.run_fused(states, x)
+        sep = torch.cat([m(x) for m in mods], -1)
+        assert torch.allclose(fused, sep, rtol=0, atol=1e-5)
+
+
+def test_unsupported_formats_fall_through():
+    m3 = _qlin(PRESETS["W3G32"])  # 3 bits: not this kernel
+    m72 = _qlin(PRESETS["W4"], k=72)  # in_features not a multiple of 32
+    for m in (m3, m72):
+        assert not packed_cpu.PackedAVX2().supports(m, torch.device("cpu"))
+        assert kernels.select(m, torch.device("cpu")).name == "fbgemm_fp16"
+    assert kernels.select(_qlin(PRESETS["W4G64"]), torch.device("cpu")).name == "packed_avx2"
+
+
+def test_clean_fallback_when_extension_unavailable(monkeypatch):
+    saved = dict(native._state)
+    try:
+        native._state.clear()
+        monkeypatch.setenv("LLMQUANT_NATIVE", "0")
+        assert native.load() is None
+        assert "LLMQUANT_NATIVE" in native.why_unavailable()
+        m = _qlin(PRESETS["W4G64"])
+        assert kernels.select(m, torch.device("cpu")).name == "fbgemm_fp16"
+        x = torch.randn(1, 256)
+        y = _run(m, x, None)
+        assert m._kernel.name == "fbgemm_fp16"
+        ref = _run(m, x, "reference")
+        assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
+    finally:
+        native._state.clear()
+        native._state.update(saved)

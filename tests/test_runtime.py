@@ -1,0 +1,132 @@
+"""The lean runtime: same greedy tokens as transformers' generate, batching, stops, sampling, streaming."""
+
+import pytest
+import torch
+
+import llmquant
+from llmquant.errors import GenerationError, UnsupportedModelError
+from llmquant.kernels import set_kernel
+from llmquant.runtime import GenerationStats, LeanModel
+
+from conftest import make_tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on a shared, oversubscribed CPU, OpenMP barriers between 2 threads cost milliseconds per op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _hf_greedy(model, ids, n):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_matches_transformers(seed):
+    m = make_tiny_llama(vocab_size=512, seed=seed)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(seed))
+    ours = llmquant.generate(m, ids, 16, use_eos=False)
+    assert torch.equal(ours, _hf_greedy(m, ids, 16))
+
+
+def _tiny(cfg_name, **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_name)(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() == 2 else p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("cfg", ["Qwen2Config", "Qwen3Config", "MistralConfig"])
+def test_other_families_match_transformers(cfg):
+    m = _tiny(cfg, **({"head_dim": 16} if cfg == "Qwen3Config" else {}))
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(llmquant.generate(m, ids, 12, use_eos=False), _hf_greedy(m, ids, 12))
+
+
+def test_left_padded_batch_equals_single_runs():
+    m = make_tiny_llama(vocab_size=512)
+    a = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    b = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), a], 1), b])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    out = llmquant.generate(m, batch, 10, attention_mask=mask, use_eos=False)
+    assert torch.equal(out[0], llmquant.generate(m, a, 10, use_eos=False)[0])
+    assert torch.equal(out[1], llmquant.generate(m, b, 10, use_eos=False)[0])
+
+
+def test_stop_tokens_and_streaming():
+    m = make_tiny_llama(vocab_size=512)
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(4))
+    full = llmquant.generate(m, ids, 12, use_eos=False)
+    stop = int(full[0, 3])
+    first = int((full[0] == stop).nonzero()[0])
+    seen = []
+    out = llmquant.generate(m, ids, 12, use_eos=False, stop_tokens=[stop], callback=lambda i, t: seen.append(int(t[0])))
+    assert out.shape == (1, first + 1) and int(out[0, -1]) == stop
+    assert seen == out[0].tolist() and torch.equal(out[0], full[0, : first + 1])
+
+
+def test_sampling():
+    m = make_tiny_llama(vocab_size=512)
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(5))
+    greedy = llmquant.generate(m, ids, 10, use_eos=False)
+    kw = dict(do_sample=True, temperature=0.7, use_eos=False)
+    s1 = llmquant.generate(m, ids, 10, seed=7, **kw)
+    assert torch.equal(s1, llmquant.generate(m, ids, 10, seed=7, **kw))  # seeded: reproducible
+    assert torch.equal(llmquant.generate(m, ids, 10, seed=8, top_k=1, **kw), greedy)  # top-1 is greedy
+    assert torch.equal(llmquant.generate(m, ids, 10, seed=9, top_p=1e-6, **kw), greedy)  # smallest nucleus
+    hot = torch.cat([llmquant.generate(m, ids, 10, seed=s, do_sample=True, temperature=50.0, use_eos=False) for s in range(3)])
+    assert len(set(hot.flatten().tolist())) > 10  # a hot distribution actually samples
+    with pytest.raises(GenerationError):
+        llmquant.generate(m, ids, 4, do_sample=True, temperature=0)
+
+
+def test_quantized_model_through_packed_kernel():
+    m = make_tiny_llama(vocab_size=512, hidden=128)
+    llmquant.quantize(m, "W4G32", progress=False)
+    lean = LeanModel(m)
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(6))
+    stats = GenerationStats()
+    fast = llmquant.generate(m, ids, 12, use_eos=False, lean=lean, stats=stats)
+    assert "packed_avx2" in stats.kernels and stats.new_tokens == 12 and stats.threads == torch.get_num_threads()
+    # logits of the lean path (fused packed kernel) vs the model's own forward on the reference kernel
+    cache = lean.new_cache(2, 8)
+    lean_logits = lean(ids, cache, all_logits=True)
+    set_kernel(m, "reference")
+    with torch.no_grad():
+        ref_logits = m(ids).logits
+    assert (lean_logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
+    assert torch.equal(llmquant.generate(m, ids, 12, use_eos=False), fast)
+
+
+def test_errors():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(UnsupportedModelError, match="Llama-family"):
+        llmquant.generate(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), torch.tensor([1, 2]), 2)
+    m = make_tiny_llama(vocab_size=512)
+    with pytest.raises(GenerationError, match="tokenizer"):
+        llmquant.generate(m, "hello", 2)
+    with pytest.raises(GenerationError):
+        llmquant.generate(m, torch.tensor([1, 2]), 0)
+
+
+@pytest.mark.integration
+def test_default_model_text_prompt_matches_transformers(default_model_and_tokenizer):
+    model, tok = default_model_and_tokenizer
+    prompt = "The for statement is used to"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    ours = llmquant.generate(model, prompt, 8, use_eos=False)
+    assert torch.equal(ours, _hf_greedy(model, ids, 8))
