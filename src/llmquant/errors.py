@@ -60,10 +60,16 @@ class TrainingDivergedError(LLMQuantError):
 
 class CheckpointError(LLMQuantError):
     """A QAT checkpoint is missing, damaged, or was written by a run with other settings."""
+
+
 class BudgetError(LLMQuantError, ValueError):
     """A mixed-precision budget cannot be met (below the smallest plan) or makes no sense (above float size)."""
+
+
 class ExportError(LLMQuantError, ValueError):
     """A model cannot be written in the asked format as it is (unmappable scheme, unknown architecture...)."""
+
+
 class UnsupportedModelError(LLMQuantError):
     """A model family the requested path (e.g. the lean runtime) does not run."""
 
