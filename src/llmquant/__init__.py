@@ -64,8 +64,10 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     """
     from pathlib import Path
 
-    from .schemes import METHOD_PARAMS, resolve_config
+    from .schemes import METHOD_PARAMS, is_plan_like, resolve_config
 
+    if is_plan_like(config):  # a mixed-precision plan (see llmquant.plan_mixed_precision)
+        return _flow_quantize(model, config, progress=progress)
     cfg = resolve_config(config)
     if cfg.method in METHOD_PARAMS and (calib is None or isinstance(calib, (str, Path))):
         spec = cfg.calibration or CalibSpec()

@@ -12,7 +12,7 @@ from .runner import Candidate, Context
 
 
 def _data(ctx: Context, what: str = "calibration") -> str:
-    return f"{ctx.profile.calib_samples} x 512 tokens of {what} text"
+    return f"{ctx.profile.calib_samples} x {ctx.profile.seq_len} tokens of {what} text"
 
 
 def _kernels(model) -> str:
@@ -42,37 +42,92 @@ def rtn(preset: str):
     return build
 
 
-def bf16_weights(ctx: Context):
-    """Weights stored in bf16 with norms kept in fp32 (mixed precision by storage type)."""
+def gptq(preset: str):
+    def build(ctx: Context):
+        import llmquant
+        from ..schemes import CalibSpec, QuantConfig
+
+        m = ctx.load()
+        cfg = QuantConfig(weight=preset, method="gptq",
+                          calibration=CalibSpec(samples=ctx.profile.calib_samples, seq_len=ctx.profile.seq_len))
+        s = llmquant.quantize(m, cfg, progress=False)
+        return m, {"steps": ["calibrate (layer by layer)", "quantize"], "data": _data(ctx),
+                   "kernel": ",".join(s.kernels), "notes": f"GPTQ {cfg.weight.name}, kernel {','.join(s.kernels)}"}
+
+    return build
+
+
+def static_smoothquant(ctx: Context):
+    import llmquant
+    from ..schemes import PRESETS, QuantConfig, QuantScheme
+
     m = ctx.load()
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.Linear) or isinstance(mod, torch.nn.Embedding):
-            mod.to(torch.bfloat16)
-    wrapped = _CastInputs(m)
-    return wrapped, {"steps": ["cast"], "data": "none", "kernel": "torch bf16",
-                     "notes": "linear and embedding weights in bf16, norms and softmax in fp32"}
+    cfg = QuantConfig(weight=PRESETS["W8"], activation=QuantScheme(bits=8, granularity="tensor"),
+                      observer="minmax", smooth_alpha=0.8)
+    s = llmquant.quantize_static(m, cfg, ctx.tokenizer, None, samples=ctx.profile.calib_samples,
+                                 seq_len=ctx.profile.seq_len, progress=False)
+    return m, {"steps": ["smooth (SmoothQuant a=0.8)", "prepare", "calibrate", "convert"], "data": _data(ctx),
+               "kernel": ",".join(s.kernels), "notes": "static W8A8: per-tensor activation scales fixed by calibration"}
 
 
-class _CastInputs(torch.nn.Module):
-    """Runs a model whose linears hold bf16 weights: inputs of each Linear cast to its weight dtype."""
+def dynamic(weight_bits: int = 8, **kw):
+    def build(ctx: Context):
+        import llmquant
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-        self.generation_config = getattr(model, "generation_config", None)
-        self.llmquant_tokenizer = getattr(model, "llmquant_tokenizer", None)
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Linear):
-                mod.register_forward_pre_hook(lambda mod, args: (args[0].to(mod.weight.dtype),))
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):  # the residual stream stays fp32
-                mod.register_forward_hook(lambda mod, args, out: out.float())
+        m = ctx.load()
+        s = llmquant.quantize_dynamic(m, weight_bits=weight_bits, progress=False, **kw)
+        extra = ", ".join(f"{k}={v}" for k, v in kw.items())
+        return m, {"steps": ["quantize"], "data": "none (activation scales computed per token at run time)",
+                   "kernel": ",".join(s.kernels), "notes": f"dynamic W{weight_bits}A8 per token {extra}".strip()}
 
-    def forward(self, *a, **kw):
-        return self.model(*a, **kw)
+    return build
 
-    def generate(self, *a, **kw):
-        return self.model.generate(*a, **kw)
+
+def qat(preset: str):
+    def build(ctx: Context):
+        import llmquant
+
+        m = ctx.load()
+        steps = ctx.profile.qat_steps
+        r = llmquant.train_qat(m, None, config=preset, tokenizer=ctx.tokenizer, teacher=ctx.reference, steps=steps,
+                               seq_len=min(128, ctx.profile.seq_len), batch=2, lr=5e-5, progress=False)
+        return m, {"steps": ["prepare_qat", f"train ({steps} steps, distillation)", "convert"],
+                   "data": f"{r.tokens} training tokens from the end of the text",
+                   "kernel": _kernels(m),
+                   "notes": f"QAT {preset}: {steps} steps x 2 x 128 tokens, KL distillation from fp32, "
+                            f"{r.seconds:.0f} s training (a short budget)"}
+
+    return build
+
+
+def mixed_plan(target_bits: float):
+    def build(ctx: Context):
+        import llmquant
+
+        m = ctx.load()
+        sens = llmquant.sensitivity(m, None, tokenizer=ctx.tokenizer, samples=ctx.profile.sensitivity_samples,
+                                    seq_len=min(128, ctx.profile.seq_len), progress=False)
+        names = [u.name for u in sens.units]
+        col = next((i for i, c in enumerate(sens.candidates) if str(c).upper() == "W4G64"), 0)
+        ctx.shared["sensitivity"] = {n: sens.damage[i][col] for i, n in enumerate(names)}
+        ctx.shared["sensitivity_label"] = f"{sens.method} damage at {sens.candidates[col]}"
+        plan = llmquant.plan_mixed_precision(m, target_bits=target_bits, sensitivity_result=sens)
+        s = llmquant.quantize(m, plan, progress=False)
+        return m, {"steps": ["sensitivity", f"plan ({target_bits} bits/weight)", "quantize"],
+                   "data": f"{ctx.profile.sensitivity_samples} sensitivity windows", "kernel": ",".join(s.kernels),
+                   "notes": f"mixed precision plan at {target_bits} bits/weight over the linears "
+                            f"({sens.method} sensitivity, {sens.seconds:.0f} s)"}
+
+    return build
+
+
+def bf16_storage(ctx: Context):
+    import llmquant
+
+    m = ctx.load()
+    llmquant.to_half(m, "bf16")
+    return m, {"steps": ["cast"], "data": "none", "kernel": "torch bf16",
+               "notes": "weights stored in bf16, norms in fp32"}
 
 
 def weight_histogram(model, layer: str = "model.layers.0.mlp.down_proj") -> dict | None:
@@ -99,5 +154,15 @@ def default_candidates() -> list[Candidate]:
         Candidate("PTQ", "PTQ RTN int8 (W8)", rtn("W8")),
         Candidate("PTQ", "PTQ RTN int4 g64 (W4G64)", rtn("W4G64")),
         Candidate("PTQ", "PTQ RTN int4 g32 asym", rtn("W4G32A"), profiles=("full",)),
-        Candidate("Mixed", "bf16 weights", bf16_weights),
+        Candidate("PTQ", "PTQ GPTQ int4 g64", gptq("W4G64")),
+        Candidate("PTQ", "PTQ GPTQ int3 g32", gptq("W3G32"), profiles=("full",)),
+        Candidate("PTQ", "PTQ static W8A8 + SmoothQuant", static_smoothquant),
+        Candidate("Dynamic", "Dynamic W8A8 (per token)", dynamic(8)),
+        Candidate("Dynamic", "Dynamic W8A8 + LLM.int8 outliers", dynamic(8, outlier_threshold=6.0), profiles=("full",)),
+        Candidate("Dynamic", "Dynamic W4A8 (g128)", dynamic(4), profiles=("full",)),
+        Candidate("QAT", "QAT int4 g64", qat("W4G64")),
+        Candidate("QAT", "QAT int3 g32", qat("W3G32"), profiles=("full",)),
+        Candidate("Mixed", "Mixed plan 4.5 bits/w", mixed_plan(4.5)),
+        Candidate("Mixed", "Mixed plan 3.5 bits/w", mixed_plan(3.5), profiles=("full",)),
+        Candidate("Mixed", "bf16 weights", bf16_storage),
     ]

@@ -106,7 +106,8 @@ def preamble(result: dict) -> list[str]:
     env, p = result["env"], result["profile"]
     return [
         f"Model: {result.get('model') or 'SmolLM2-135M-Instruct (default)'}; profile `{p['name']}`: "
-        f"{p['eval_windows']} x 512-token evaluation windows, {p['calib_samples']} x 512 calibration tokens "
+        f"{p['eval_windows']} x {p.get('seq_len', 512)}-token evaluation windows, {p['calib_samples']} x "
+        f"{p.get('seq_len', 512)} calibration tokens "
         f"(from the end of the text), QAT {p['qat_steps']} steps; speed: {p['prefill_len']}-token prefill, "
         f"{p['new_tokens']} greedy decode tokens, batch 1.",
         f"Machine: {env['cpu']}, {env['threads']} threads; torch {env['torch']}, transformers {env['transformers']}, "

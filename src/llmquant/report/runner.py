@@ -42,6 +42,7 @@ class Profile:
     prefill_len: int
     new_tokens: int
     speed_repeats: int
+    seq_len: int = 512  # tokens per evaluation / calibration window
 
 
 PROFILES = {
@@ -148,7 +149,8 @@ def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu:
     import llmquant
 
     p = ctx.profile
-    res = llmquant.evaluate(model, reference=ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows, progress=False)
+    res = llmquant.evaluate(model, reference=ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows,
+                            seq_len=p.seq_len, progress=False)
     sp = measure_speed(model, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
     return {
         "strategy": cand.strategy,
@@ -176,23 +178,23 @@ def run_compare(
     candidates: list[Candidate],
     *,
     model_path: str | None = None,
-    profile: str = "quick",
+    profile: "str | Profile" = "quick",
     strategies: tuple[str, ...] = ("ptq", "qat", "dynamic", "mixed"),
     progress: bool = True,
 ) -> dict:
     """Run every candidate of the chosen strategies; returns {"env", "profile", "rows", "shared"}."""
     import llmquant
 
-    if profile not in PROFILES:
+    if not isinstance(profile, Profile) and profile not in PROFILES:
         raise LLMQuantError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     known = {c.strategy.lower() for c in candidates} - {"fp32"}
     bad = [s for s in strategies if s.lower() not in known]
     if bad:
         raise LLMQuantError(f"unknown strategies {bad}; choose from {', '.join(sorted(known))}")
-    prof = PROFILES[profile]
+    prof = profile if isinstance(profile, Profile) else PROFILES[profile]
     ref, tok = llmquant.load_model(model_path)
     ctx = Context(model_path, prof, ref, tok, load=lambda: llmquant.load_model(model_path)[0])
-    chosen = [c for c in candidates if profile in c.profiles and (c.strategy == "fp32" or c.strategy.lower() in strategies)]
+    chosen = [c for c in candidates if (prof.name in c.profiles or prof.name not in PROFILES) and (c.strategy == "fp32" or c.strategy.lower() in strategies)]
     rows: list[dict] = []
     bar = tqdm(chosen, desc="compare", unit="config", disable=not progress)
     for cand in bar:
