@@ -23,8 +23,10 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
+# The quick comparison of every strategy on the default model (about 10 minutes on 2 cores); the report
+# lands in runs/compare/ (report.md, report.json, report.html).
 demo: $(VENV)/.installed
-	$(BIN)/llmquant demo
+	$(BIN)/llmquant compare --profile quick -o runs/compare
 
 clean:
 	rm -rf $(VENV) runs
