@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--emulate-llamacpp-activations", action="store_true",
                     help="only: evaluate the exported files (from a previous run in --work) with llama.cpp's Q8_0 "
                          "activation rounding emulated; writes export_gguf_emulated.*")
+    ap.add_argument("--llmquant-act", action="store_true",
+                    help="only: llmquant's own evaluation of RTN gguf:Q4_0 / gguf:Q8_0 with activation scheme "
+                         "gguf:Q8_0-act (llama.cpp's activation rounding); writes export_gguf_act.*")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -91,6 +94,14 @@ def main() -> None:
         return r
 
     base = ev("fp32 (default model, dequantized Q4_1 file)", ref)
+    if args.llmquant_act:
+        for preset in ("gguf:Q4_0", "gguf:Q8_0"):
+            m, _ = llmquant.load_model()
+            llmquant.quantize(m, llmquant.QuantConfig(weight=preset, activation="gguf:Q8_0-act"), progress=False)
+            ev(f"llmquant RTN {preset} + activations gguf:Q8_0-act (llmquant's own evaluation)", m)
+            del m
+        _write(Path(args.out), "export_gguf_act", args, base, rows)
+        return
     if args.emulate_llamacpp_activations:
         for gtype in ("Q4_0", "Q8_0"):
             path = work / f"rtn-{gtype}.gguf"

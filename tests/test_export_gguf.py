@@ -213,3 +213,8 @@ def test_activation_quantized_model_refused(tmp_path, tiny_bpe_tokenizer):
     llmquant.quantize(m, llmquant.QuantConfig(weight="gguf:Q8_0", activation=a), progress=False)
     with pytest.raises(ExportError, match="weight-only.*compressed-tensors"):
         llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "a.gguf", progress=False)
+    # llama.cpp's own activation rounding (Q8_0 blocks of 32) is what llama.cpp does anyway: accepted
+    m = make_tiny_llama(vocab_size=400, hidden=64)
+    llmquant.quantize(m, llmquant.QuantConfig(weight="gguf:Q4_0", activation="gguf:Q8_0-act"), progress=False)
+    rep = llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "b.gguf", progress=False)
+    assert rep.type_counts()["Q4_0"] == 14 and not rep.inexact

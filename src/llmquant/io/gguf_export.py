@@ -180,9 +180,13 @@ def export_gguf(
             f"GGUF export knows no tensor names for model type {getattr(cfg, 'model_type', None)!r}; "
             f"supported: {', '.join(supported_model_types())} (add an entry to llmquant.models.gguf_arch)"
         )
-    if any(isinstance(m, QuantLinear) and m.activation_scheme is not None for m in model.modules()):
+    from ..schemes import PRESETS
+
+    llama_act = PRESETS["gguf:Q8_0-act"]
+    if any(isinstance(m, QuantLinear) and m.activation_scheme not in (None, llama_act) for m in model.modules()):
         raise ExportError("GGUF holds weight-only quantized models; llama.cpp quantizes activations itself. "
-                          "Export a weight-only model, or use --format compressed-tensors for W8A8")
+                          "Export a weight-only model (or one with activation scheme gguf:Q8_0-act, llama.cpp's own "
+                          "rounding), or use --format compressed-tensors for W8A8")
     items = list(_model_tensors(model))
     unmapped = [n for n, _ in items if hf_to_gguf_name(arch, n) is None]
     if unmapped:

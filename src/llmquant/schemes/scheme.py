@@ -166,6 +166,11 @@ PRESETS: dict[str, QuantScheme] = {
     "gguf:Q4_1": _w(4, 32, sym=False, zero_point="min", scale_dtype="float16"),
     "gguf:Q5_0": _w(5, 32, scale_dtype="float16", signed_scale=True),
     "gguf:Q5_1": _w(5, 32, sym=False, zero_point="min", scale_dtype="float16"),
+    # activations as llama.cpp's CPU matmul rounds them for Q4_0/Q5_0/Q8_0 weights (vec_dot_type Q8_0): per
+    # token, blocks of 32, d = max|x| / 127 in fp16. As QuantConfig(activation=...) it makes llmquant's own
+    # evaluation compute what llama.cpp computes; GGUF export accepts it (llama.cpp applies it itself).
+    "gguf:Q8_0-act": QuantScheme(bits=8, granularity="group", group_size=32, scale_dtype="float16",
+                                 restricted_range=True, dynamic=True),
 }
 
 
