@@ -212,19 +212,47 @@ def quantize_static(model: nn.Module, config, tokenizer=None, text: str | Path |
     _check_config(cfg)
     t0 = time.perf_counter()
     wins = calibration_windows(model, tokenizer, text, samples=samples, seq_len=seq_len)
-    if cfg.smooth_alpha is not None:
+    if cfg.smooth_alpha is None:
+        prepare(model, cfg)
+        try:
+            calibrate(model, windows=wins, progress=progress)
+        except BaseException:
+            unprepare(model)
+            raise
+    else:
+        # one pass serves both SmoothQuant and min-max scales: smoothing divides input channel j of the
+        # consuming linears by s_j and leaves other inputs unchanged, so the smoothed per-tensor range is
+        # (min_j lo_j / s_j, max_j hi_j / s_j); other observers need a second pass over the smoothed model
+        exact_one_pass = parse_spec(cfg.observer)[0] in ("minmax", "min_max")
         stats = SmoothingStats(model, smoothing_pairs(model, arch), keep_samples=int(cfg.smooth_alpha == "search"))
+        chan, handles = {}, []
+        if exact_one_pass and cfg.activation is not None and not cfg.activation.dynamic:
+            for name, lin in select_linears(model, cfg.targets, cfg.ignore):
+                chan[name] = make_observer("minmax", cfg.activation, ch_axis=-1, label=name)
+                handles.append(lin.register_forward_pre_hook(chan[name].hook))
         try:
             calibrate(model, windows=wins, progress=progress)
         finally:
             stats.remove()
-        smooth(model, stats, cfg.smooth_alpha, observer=cfg.observer)
-    prepare(model, cfg)
-    try:
-        calibrate(model, windows=wins, progress=progress)
-    except BaseException:
-        unprepare(model)
-        raise
+            for h in handles:
+                h.remove()
+        factors = smooth(model, stats, cfg.smooth_alpha, observer=cfg.observer)
+        prepare(model, cfg)
+        if chan:
+            s_of = {t: factors[p.source] for p in stats.pairs for t in p.targets}
+            for name, lin in model.named_modules():
+                obs = getattr(lin, INPUT_OBSERVER, None)
+                if obs is not None:
+                    lo, hi = chan[name].range()
+                    s = s_of.get(name, torch.ones((), device=lo.device)).to(lo.device)
+                    obs.min_val, obs.max_val = (lo / s).min().reshape(1), (hi / s).max().reshape(1)
+                    obs.count, obs.out_shape = 1, (1, 1)
+        else:
+            try:
+                calibrate(model, windows=wins, progress=progress)
+            except BaseException:
+                unprepare(model)
+                raise
     summary = convert(model, progress=progress)
     summary.seconds = time.perf_counter() - t0
     return summary
