@@ -24,9 +24,10 @@ import torch
 
 import llmquant
 from llmquant import QuantConfig, QuantScheme
-from llmquant.flows.calibrate import INPUT_OBSERVER, calibrate, calibration_windows, convert, prepare, unprepare
+from llmquant.flows.calibrate import INPUT_OBSERVER, calibrate, convert, prepare, unprepare
 from llmquant.flows.smooth import SmoothingStats, smooth, smoothing_pairs
-from llmquant.io import default_text, eval_windows, tokenize
+from llmquant.io import calibration_windows, default_text, eval_windows, tokenize
+from llmquant.models import context_length
 from llmquant.modules import select_linears
 from llmquant.observers import MinMaxObserver
 from llmquant.report import format_table
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ref, tok = llmquant.load_model(args.model)
     ev = eval_windows(tokenize(tok, default_text()), args.windows, 512)
-    wins = calibration_windows(ref, tok, None, samples=args.calib_samples, seq_len=args.seq_len)
+    wins = calibration_windows(tok, None, args.calib_samples, args.seq_len, context=context_length(ref))
     ref_lp = ref_logprobs(ref, ev)
     rows = [{"method": "fp32", **score(ref, ev, ref_lp), "quantize s": 0.0, "peak RSS MB": rss_mb()}]
     meta = {
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         chan[name] = MinMaxObserver(T8, ch_axis=-1, label=name)
         lin.register_forward_pre_hook(chan[name].hook)
     stats = SmoothingStats(m0, smoothing_pairs(m0))
-    calibrate(m0, windows=wins)
+    calibrate(m0, wins)
     t_pass = time.perf_counter() - t0
     del m0
 

@@ -292,7 +292,7 @@ def test_one_pass_smoothquant_minmax_equals_two_passes(tokenizer):
     llmquant.quantize_static(a, cfg, tokenizer, text, samples=3, seq_len=48, progress=False)
     # two explicit passes: statistics, smoothing, then calibrate the smoothed model
     b = copy.deepcopy(ref)
-    wins = llmquant.flows.calibration_windows(b, tokenizer, text, samples=3, seq_len=48)
+    wins = llmquant.io.calibration_windows(tokenizer, text, 3, 48)
     stats = SmoothingStats(b, smoothing_pairs(b))
     llmquant.calibrate(b, windows=wins, progress=False)
     smooth(b, stats, 0.8)

@@ -19,7 +19,9 @@ from .errors import LLMQuantError
 from .schemes import PRESETS, QuantConfig, QuantScheme
 from .modules import QuantLinear
 from .flows import QuantSummary, quantize
-from .flows import calibrate, convert, prepare, quantize_static
+from .flows import convert, prepare
+from . import flows as _flows
+from .flows.calibrate import _check_config as _check_calibration_config
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 
@@ -50,6 +52,35 @@ def load(folder, *, device="cpu"):
 def save(model, tokenizer, folder, *, overwrite=False):
     """Write ``model`` (packed) and ``tokenizer`` to ``folder`` atomically; see :mod:`llmquant.io.folder`."""
     return _io.save(model, tokenizer, folder, overwrite=overwrite)
+
+
+def _calib_windows(model, tokenizer, text, samples, seq_len, windows):
+    from .models import context_length
+
+    if windows is not None:
+        return windows
+    tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
+    return _io.calibration_windows(tok, text, samples, seq_len, context=context_length(model))
+
+
+def calibrate(model, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None, batch_size=1, progress=True):
+    """Run calibration text through a prepared model: ``samples`` windows of ``seq_len`` tokens from the end
+    of ``text`` (None: the default text; a Path: a file; a str: the text), disjoint from evaluation windows;
+    or the given token ``windows``. Returns the number of tokens seen."""
+    wins = _calib_windows(model, tokenizer, text, samples, seq_len, windows)
+    return _flows.calibrate(model, wins, batch_size=batch_size, progress=progress)
+
+
+def quantize_static(model, config, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None, arch=None,
+                    progress=True):
+    """Calibrated quantization in place (SmoothQuant when ``config.smooth_alpha`` is set, then static scales);
+    the config and the text are checked before the first pass. See :mod:`llmquant.flows.calibrate`."""
+    from .schemes import resolve_config
+
+    config = resolve_config(config)
+    _check_calibration_config(config)
+    wins = _calib_windows(model, tokenizer, text, samples, seq_len, windows)
+    return _flows.quantize_static(model, config, wins, arch=arch, progress=progress)
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Flows: orchestration of algorithms over a model (which modules, in which order, with what data)."""
 
 from .ptq import QuantSummary, quantize
-from .calibrate import calibrate, calibration_windows, convert, prepare, quantize_static, unprepare
+from .calibrate import calibrate, convert, prepare, quantize_static, unprepare
 
-__all__ = ["QuantSummary", "quantize", "prepare", "convert", "calibrate", "calibration_windows", "quantize_static",
+__all__ = ["QuantSummary", "quantize", "prepare", "convert", "calibrate", "quantize_static",
            "unprepare"]

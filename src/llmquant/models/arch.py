@@ -87,3 +87,13 @@ def tied_lm_head(model: nn.Module) -> bool:
     if out is None or inp is None or not hasattr(out, "weight") or not hasattr(inp, "weight"):
         return False
     return out.weight is inp.weight or out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows, or None when it does not say."""
+    cfg = getattr(model, "config", None)
+    for k in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
