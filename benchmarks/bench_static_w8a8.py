@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 import llmquant
 from llmquant import QuantConfig, QuantScheme
-from llmquant.flows.calibrate import calibrate, calibration_windows, convert, prepare, unprepare
+from llmquant.flows.calibrate import calibrate, convert, prepare, unprepare
 from llmquant.flows.smooth import SmoothingStats, smooth, smoothing_pairs
-from llmquant.io import default_text, eval_windows, tokenize
+from llmquant.io import calibration_windows, default_text, eval_windows, tokenize
+from llmquant.models import context_length
 from llmquant.report import format_table
 
 OUT = Path(__file__).parent / "results"
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     fp32_mb = sum(p.numel() * p.element_size() for p in ref.parameters()) / 1e6
     ids = tokenize(tok, default_text())
     ev = eval_windows(ids, args.windows, 512)
-    wins = calibration_windows(ref, tok, None, samples=args.calib_samples, seq_len=args.seq_len)
+    wins = calibration_windows(tok, None, args.calib_samples, args.seq_len, context=context_length(ref))
     t = time.perf_counter()
     ref_lp = ref_logprobs(ref, ev)
     rows = [{"method": "fp32", "observer": "-", **score(ref, ev, ref_lp), "quantize s": 0.0,
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     def run_pass(model):
         t0 = time.perf_counter()
         prepare(model, hist_cfg)
-        calibrate(model, windows=wins)
+        calibrate(model, wins)
         return time.perf_counter() - t0
 
     def evaluate_all(prepared, method, base_s, obs_list=None):

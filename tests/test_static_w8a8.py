@@ -281,3 +281,24 @@ def test_smoothquant_other_architectures_unchanged(kind):
     with torch.no_grad():
         out = m(ids).logits
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_one_pass_smoothquant_minmax_equals_two_passes(tokenizer):
+    """quantize_static gets min-max scales of the smoothed model from the unsmoothed pass (exact math)."""
+    ref = make_tiny_llama(layers=1)
+    text = llmquant.io.default_text()[-20000:]
+    cfg = STATIC.with_(observer="minmax", smooth_alpha=0.8)
+    a = copy.deepcopy(ref)
+    llmquant.quantize_static(a, cfg, tokenizer, text, samples=3, seq_len=48, progress=False)
+    # two explicit passes: statistics, smoothing, then calibrate the smoothed model
+    b = copy.deepcopy(ref)
+    wins = llmquant.io.calibration_windows(tokenizer, text, 3, 48)
+    stats = SmoothingStats(b, smoothing_pairs(b))
+    llmquant.calibrate(b, windows=wins, progress=False)
+    smooth(b, stats, 0.8)
+    llmquant.prepare(b, cfg)
+    llmquant.calibrate(b, windows=wins, progress=False)
+    llmquant.convert(b, progress=False)
+    sa = [m.input_scale.item() for m in a.modules() if isinstance(m, QuantLinear)]
+    sb = [m.input_scale.item() for m in b.modules() if isinstance(m, QuantLinear)]
+    assert len(sa) == 7 and sa == pytest.approx(sb, rel=1e-5)

@@ -20,9 +20,11 @@ from .schemes import AWQParams, CalibSpec, GPTQParams, PRESETS, QuantConfig, Qua
 from .modules import QuantLinear
 from .flows import QuantSummary
 from .flows import quantize as _flow_quantize
-from .flows import calibrate, convert, prepare, quantize_static
+from .flows import convert, prepare
 from .flows import quantize_dynamic
 from .flows import QATResult, convert_qat, prepare_qat, train_qat  # QAT (issue 5)
+from . import flows as _flows
+from .flows.calibrate import _check_config as _check_calibration_config
 from .eval import EvalResult, evaluate, model_size
 from . import io as _io
 from .report import compare
@@ -75,7 +77,8 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
             spec = spec.__class__(**{**spec.to_dict(), "source": str(calib)})
         tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
         ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        calib = _io.calibration_windows(tok, spec.source, spec.samples, spec.seq_len, max_len=ctx)
+        src = None if spec.source in (None, "default") else Path(spec.source)
+        calib = _io.calibration_windows(tok, src, spec.samples, spec.seq_len, context=ctx)
         cfg = cfg.with_(calibration=spec)
     return _flow_quantize(model, cfg, calib=calib, progress=progress)
 
@@ -103,6 +106,35 @@ def export(model, tokenizer, path, *, format="gguf", overwrite=False, **kw):
     from .errors import ExportError
 
     raise ExportError(f"unknown export format {format!r}; choose gguf or compressed-tensors")
+
+
+def _calib_windows(model, tokenizer, text, samples, seq_len, windows):
+    from .models import context_length
+
+    if windows is not None:
+        return windows
+    tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
+    return _io.calibration_windows(tok, text, samples, seq_len, context=context_length(model))
+
+
+def calibrate(model, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None, batch_size=1, progress=True):
+    """Run calibration text through a prepared model: ``samples`` windows of ``seq_len`` tokens from the end
+    of ``text`` (None: the default text; a Path: a file; a str: the text), disjoint from evaluation windows;
+    or the given token ``windows``. Returns the number of tokens seen."""
+    wins = _calib_windows(model, tokenizer, text, samples, seq_len, windows)
+    return _flows.calibrate(model, wins, batch_size=batch_size, progress=progress)
+
+
+def quantize_static(model, config, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None, arch=None,
+                    progress=True):
+    """Calibrated quantization in place (SmoothQuant when ``config.smooth_alpha`` is set, then static scales);
+    the config and the text are checked before the first pass. See :mod:`llmquant.flows.calibrate`."""
+    from .schemes import resolve_config
+
+    config = resolve_config(config)
+    _check_calibration_config(config)
+    wins = _calib_windows(model, tokenizer, text, samples, seq_len, windows)
+    return _flows.quantize_static(model, config, wins, arch=arch, progress=progress)
 
 
 __all__ = [

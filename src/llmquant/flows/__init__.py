@@ -2,11 +2,11 @@
 
 from .ptq import QuantSummary, quantize
 from .sequential import CalibratedSummary, quantize_calibrated
-from .calibrate import calibrate, calibration_windows, convert, prepare, quantize_static, unprepare
+from .calibrate import calibrate, convert, prepare, quantize_static, unprepare
 from .dynamic import quantize_dynamic
 from .qat import convert_qat, prepare_qat
 from .qat_train import QATResult, train_qat
 
 __all__ = ["CalibratedSummary", "QuantSummary", "quantize", "quantize_calibrated", "prepare", "convert", "calibrate",
-           "calibration_windows", "quantize_static", "unprepare", "quantize_dynamic", "QATResult", "convert_qat",
+           "quantize_static", "unprepare", "quantize_dynamic", "QATResult", "convert_qat",
            "prepare_qat", "train_qat"]

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationError, SchemeError, TextError
-from ..io.text import DEFAULT_SEQ_LEN, calib_windows, read_text, tokenize
+from ..errors import CalibrationError, SchemeError
 from ..modules import QuantLinear, replace_module, select_linears
 from ..observers import HistogramObserver, Observer, make_observer, parse_spec
 from ..schemes import QuantConfig, check_finite, quantize_to_int, resolve_config, sqnr_db
@@ -145,36 +143,7 @@ def convert(model: nn.Module, *, observer: str | None = None, progress: bool = T
     return summary
 
 
-# ---- calibration on text ------------------------------------------------------------------------------
-def _context_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for k in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        v = getattr(cfg, k, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def calibration_windows(model: nn.Module, tokenizer=None, text: str | Path | None = None, *, samples: int = 64,
-                        seq_len: int = DEFAULT_SEQ_LEN) -> torch.Tensor:
-    """(samples, seq_len) token ids from the end of ``text`` (None: the default text; a Path: a file; a str:
-    the text itself), checked against the model's context and the text's length."""
-    if not isinstance(samples, int) or samples < 1:
-        raise CalibrationError(f"the number of calibration samples must be a positive integer, got {samples!r}")
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise CalibrationError(f"the calibration sequence length must be an integer >= 2, got {seq_len!r}")
-    ctx = _context_length(model)
-    if ctx is not None and seq_len > ctx:
-        raise CalibrationError(f"seq_len {seq_len} is longer than the model's context ({ctx} tokens); use at most {ctx}")
-    tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
-    if tokenizer is None:
-        raise TextError("a tokenizer is needed to calibrate on text: pass tokenizer=, or load the model with llmquant")
-    raw = read_text(text) if (text is None or isinstance(text, Path)) else text
-    if not raw.strip():
-        raise TextError("the calibration text is empty; give text representative of the model's use")
-    return calib_windows(tokenize(tokenizer, raw), samples, seq_len)
-
-
+# ---- calibration data ------------------------------------------------------------------------------------
 def _runner(model: nn.Module) -> nn.Module:
     """The base model (no LM head: a fifth of the work on small models) when every hooked module is in it."""
     base = getattr(model, "base_model", None)
@@ -186,13 +155,9 @@ def _runner(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def calibrate(model: nn.Module, tokenizer=None, text: str | Path | None = None, *, samples: int = 64,
-              seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 1, windows: torch.Tensor | None = None,
-              progress: bool = True) -> int:
-    """Run calibration windows through ``model`` (prepared, or carrying other statistics hooks); returns the
-    number of tokens seen. ``windows`` (samples, seq_len) skips tokenization."""
-    if windows is None:
-        windows = calibration_windows(model, tokenizer, text, samples=samples, seq_len=seq_len)
+def calibrate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> int:
+    """Run token windows (samples, seq_len) through ``model`` (prepared, or carrying other statistics hooks);
+    returns the number of tokens seen. ``llmquant.calibrate`` makes the windows from text."""
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     run = _runner(model)
     for i in tqdm(range(0, windows.shape[0], batch_size), desc="calibrate", disable=not progress, leave=False):
@@ -200,31 +165,56 @@ def calibrate(model: nn.Module, tokenizer=None, text: str | Path | None = None, 
     return windows.numel()
 
 
-def quantize_static(model: nn.Module, config, tokenizer=None, text: str | Path | None = None, *, samples: int = 64,
-                    seq_len: int = DEFAULT_SEQ_LEN, arch=None, progress: bool = True) -> QuantSummary:
-    """SmoothQuant (when ``config.smooth_alpha`` is set), prepare, calibrate on text, convert; in place.
-
-    Everything that can be checked is checked before the first pass, and nothing is written to disk.
-    """
+def quantize_static(model: nn.Module, config, windows: torch.Tensor, *, arch=None, progress: bool = True) -> QuantSummary:
+    """SmoothQuant (when ``config.smooth_alpha`` is set), prepare, calibrate on ``windows``, convert; in place.
+    ``llmquant.quantize_static`` makes the windows from text (checked before the first pass)."""
     from .smooth import SmoothingStats, smooth, smoothing_pairs
 
     cfg = resolve_config(config)
     _check_config(cfg)
     t0 = time.perf_counter()
-    wins = calibration_windows(model, tokenizer, text, samples=samples, seq_len=seq_len)
-    if cfg.smooth_alpha is not None:
+    wins = windows
+    if cfg.smooth_alpha is None:
+        prepare(model, cfg)
+        try:
+            calibrate(model, windows=wins, progress=progress)
+        except BaseException:
+            unprepare(model)
+            raise
+    else:
+        # one pass serves both SmoothQuant and min-max scales: smoothing divides input channel j of the
+        # consuming linears by s_j and leaves other inputs unchanged, so the smoothed per-tensor range is
+        # (min_j lo_j / s_j, max_j hi_j / s_j); other observers need a second pass over the smoothed model
+        exact_one_pass = parse_spec(cfg.observer)[0] in ("minmax", "min_max")
         stats = SmoothingStats(model, smoothing_pairs(model, arch), keep_samples=int(cfg.smooth_alpha == "search"))
+        chan, handles = {}, []
+        if exact_one_pass and cfg.activation is not None and not cfg.activation.dynamic:
+            for name, lin in select_linears(model, cfg.targets, cfg.ignore):
+                chan[name] = make_observer("minmax", cfg.activation, ch_axis=-1, label=name)
+                handles.append(lin.register_forward_pre_hook(chan[name].hook))
         try:
             calibrate(model, windows=wins, progress=progress)
         finally:
             stats.remove()
-        smooth(model, stats, cfg.smooth_alpha, observer=cfg.observer)
-    prepare(model, cfg)
-    try:
-        calibrate(model, windows=wins, progress=progress)
-    except BaseException:
-        unprepare(model)
-        raise
+            for h in handles:
+                h.remove()
+        factors = smooth(model, stats, cfg.smooth_alpha, observer=cfg.observer)
+        prepare(model, cfg)
+        if chan:
+            s_of = {t: factors[p.source] for p in stats.pairs for t in p.targets}
+            for name, lin in model.named_modules():
+                obs = getattr(lin, INPUT_OBSERVER, None)
+                if obs is not None:
+                    lo, hi = chan[name].range()
+                    s = s_of.get(name, torch.ones((), device=lo.device)).to(lo.device)
+                    obs.min_val, obs.max_val = (lo / s).min().reshape(1), (hi / s).max().reshape(1)
+                    obs.count, obs.out_shape = 1, (1, 1)
+        else:
+            try:
+                calibrate(model, windows=wins, progress=progress)
+            except BaseException:
+                unprepare(model)
+                raise
     summary = convert(model, progress=progress)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -1,13 +1,12 @@
 """File formats: model loading, llmquant folders, text sources. The only layer (with models/) that imports
 transformers."""
 
-from .calibration import calibration_windows
 from .folder import load, read_manifest, save
 from .compressed_tensors import export_compressed_tensors
 from .gguf_export import GGUFExportReport, export_gguf
 from .gguf_import import GGUFImport, load_gguf_packed
 from .hf import DEFAULT_MODEL_NAME, default_model_file, load_float_model, plain_copy_of_gguf_model
-from .text import calib_windows, default_text, eval_windows, read_text, tokenize
+from .text import calib_windows, calibration_windows, default_text, eval_windows, read_text, tokenize
 
 __all__ = [
     "GGUFExportReport",

@@ -81,6 +81,9 @@ def eval_windows(ids: torch.Tensor, n: int, seq_len: int = DEFAULT_SEQ_LEN) -> t
 
 def calib_windows(ids: torch.Tensor, n: int, seq_len: int = DEFAULT_SEQ_LEN) -> torch.Tensor:
     """``n`` windows from the end of the text backwards, never overlapping the reserved evaluation range."""
+    if ids.numel() < seq_len:
+        raise TextError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; give more text "
+                        "or a smaller seq_len")
     reserved = min(EVAL_RESERVED_WINDOWS, ids.numel() // seq_len // 2) * seq_len
     avail = (ids.numel() - reserved) // seq_len
     if avail < n:
@@ -91,3 +94,23 @@ def calib_windows(ids: torch.Tensor, n: int, seq_len: int = DEFAULT_SEQ_LEN) -> 
     end = ids.numel()
     wins = [ids[end - (i + 1) * seq_len : end - i * seq_len] for i in range(n)]
     return torch.stack(wins)
+
+
+def calibration_windows(tokenizer, text: "str | Path | None" = None, samples: int = 64, seq_len: int = DEFAULT_SEQ_LEN,
+                        context: int | None = None) -> torch.Tensor:
+    """(samples, seq_len) token ids from the end of ``text`` (None: the default text; a Path: a .txt/.jsonl
+    file; a str: the text itself), checked against the model's ``context`` and the text's length."""
+    from ..errors import CalibrationError
+
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise CalibrationError(f"the number of calibration samples must be a positive integer, got {samples!r}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+        raise CalibrationError(f"the calibration sequence length must be an integer >= 2, got {seq_len!r}")
+    if context is not None and seq_len > context:
+        raise CalibrationError(f"seq_len {seq_len} is longer than the model's context ({context} tokens); use at most {context}")
+    if tokenizer is None:
+        raise TextError("a tokenizer is needed to calibrate on text: pass tokenizer=, or load the model with llmquant")
+    raw = read_text(text) if (text is None or isinstance(text, Path)) else text
+    if not raw.strip():
+        raise TextError("the calibration text is empty; give text representative of the model's use")
+    return calib_windows(tokenize(tokenizer, raw), samples, seq_len)

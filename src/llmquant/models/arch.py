@@ -127,4 +127,12 @@ def decoder_layout_for(model: nn.Module) -> DecoderLayout | None:
     for spec in DECODER_LAYOUTS:
         if mt in spec.model_types:
             return spec
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows, or None when it does not say."""
+    cfg = getattr(model, "config", None)
+    for k in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
     return None
