@@ -9,7 +9,7 @@ from llmquant.algorithms.awq import awq_clip_quantize, awq_search_scale, fold_sc
 from llmquant.algorithms.gptq import gptq_quantize, hessian_from_inputs
 from llmquant.errors import SchemeError
 from llmquant.modules import QuantLinear
-from llmquant.schemes import QuantScheme, dequantize
+from llmquant.schemes import PRESETS, QuantScheme, dequantize
 
 from conftest import make_tiny_llama
 
@@ -39,6 +39,8 @@ SCHEMES = [
     QuantScheme(bits=4, granularity="channel"),
     QuantScheme(bits=2, group_size=64, symmetric=False, zero_point="float", scale_dtype="float16"),
     QuantScheme(bits=8, group_size=64),
+    PRESETS["gguf:Q4_1"],  # float minimum (zero_point="min"), fp16 scales
+    PRESETS["gguf:Q4_0"],  # signed scale
 ]
 
 

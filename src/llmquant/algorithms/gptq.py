@@ -66,6 +66,9 @@ def _column_qparams(scale: torch.Tensor, zero: torch.Tensor | None, col: int, sc
 
 def _quant_col(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme):
     """Codes and dequantized values of one column, exactly as quantize_to_int / dequantize compute them."""
+    if z is not None and scheme.zero_point == "min":  # a float minimum m: x = (q - qmin) * s + m
+        q = ((w - z) / s + scheme.qmin).round().clamp(scheme.qmin, scheme.qmax)
+        return q, (q - scheme.qmin) * s + z
     q = w / s
     if z is not None:
         q = q + z
