@@ -27,6 +27,7 @@ import copy
 import gc
 import json
 import math
+import shlex
 import statistics
 import sys
 import tempfile
@@ -184,7 +185,7 @@ def main(argv=None):
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "command": "PYTHONPATH=src python benchmarks/bench_dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "PYTHONPATH=src python benchmarks/bench_dynamic.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "rows": {},
         "kernels": {},
     }
@@ -228,7 +229,10 @@ def merge(path: Path, new: dict, part: str) -> dict:
     """Fold ``new`` into the results already in ``path`` (rows by name), noting which command made which part."""
     old = json.loads(path.read_text()) if path.exists() else {}
     out = {**old, **{k: v for k, v in new.items() if k != "rows"}}
-    out.setdefault("commands", {})[part] = {"command": new["command"], "date": new["date"]}
+    cmds = out.setdefault("commands", [])
+    if isinstance(cmds, dict):  # older layout
+        cmds = out["commands"] = [{"part": k, **v} for k, v in cmds.items()]
+    cmds.append({"part": part, "command": new["command"], "date": new["date"], "rows": list(new["rows"])})
     rows = old.get("rows", {})
     for k, v in new["rows"].items():
         rows.setdefault(k, {}).update(v)
@@ -239,7 +243,7 @@ def merge(path: Path, new: dict, part: str) -> dict:
 
 def to_markdown(r) -> str:
     lines = [f"torch {r['torch']}, {r['threads']} threads."]
-    lines += [f"- {part}: {c['date']}: `{c['command']}`" for part, c in r.get("commands", {}).items()]
+    lines += [f"- {c['part']}, {c['date']}: `{c['command']}`" for c in r.get("commands", [])]
     lines += ["",
              "| model | ppl | KL | top-1 | prefill tok/s (512) | x fp32 | decode tok/s | x fp32 | kernels |",
              "|---|---|---|---|---|---|---|---|---|"]
