@@ -94,6 +94,7 @@ def configs(ids_all):
         "W8A8 per-token asym + rotation 64": dyn(symmetric=False, rotation=64),
         "W8A8 per-token + outliers (t=6) + rotation 64": dyn(outlier_threshold=6.0, rotation=64),
         "W8A8 per-token asym + outliers (t=6) + rotation 64": dyn(symmetric=False, outlier_threshold=6.0, rotation=64),
+        "W8A8 per-token asym + outliers (t=3) + rotation 64": dyn(symmetric=False, outlier_threshold=3.0, rotation=64),
         "static W8A8 per-tensor (min-max, 4 calib windows)": lambda m: static_w8a8(m, calib_windows(ids_all, 4)),
         "W8A8 per-token sym [forced int8_int_mm]": lambda m: (dyn()(m), kernels.set_kernel(m, "int8_int_mm"), m)[2],
     }
