@@ -27,6 +27,7 @@ import copy
 import gc
 import json
 import math
+import shlex
 import statistics
 import sys
 import tempfile
@@ -92,6 +93,8 @@ def configs(ids_all):
         "W8A8 per-token sym + rotation 64": dyn(rotation=64),
         "W8A8 per-token asym + rotation 64": dyn(symmetric=False, rotation=64),
         "W8A8 per-token + outliers (t=6) + rotation 64": dyn(outlier_threshold=6.0, rotation=64),
+        "W8A8 per-token asym + outliers (t=6) + rotation 64": dyn(symmetric=False, outlier_threshold=6.0, rotation=64),
+        "W8A8 per-token asym + outliers (t=3) + rotation 64": dyn(symmetric=False, outlier_threshold=3.0, rotation=64),
         "static W8A8 per-tensor (min-max, 4 calib windows)": lambda m: static_w8a8(m, calib_windows(ids_all, 4)),
         "W8A8 per-token sym [forced int8_int_mm]": lambda m: (dyn()(m), kernels.set_kernel(m, "int8_int_mm"), m)[2],
     }
@@ -183,7 +186,7 @@ def main(argv=None):
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "command": "PYTHONPATH=src python benchmarks/bench_dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "PYTHONPATH=src python benchmarks/bench_dynamic.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "rows": {},
         "kernels": {},
     }
@@ -227,7 +230,10 @@ def merge(path: Path, new: dict, part: str) -> dict:
     """Fold ``new`` into the results already in ``path`` (rows by name), noting which command made which part."""
     old = json.loads(path.read_text()) if path.exists() else {}
     out = {**old, **{k: v for k, v in new.items() if k != "rows"}}
-    out.setdefault("commands", {})[part] = {"command": new["command"], "date": new["date"]}
+    cmds = out.setdefault("commands", [])
+    if isinstance(cmds, dict):  # older layout
+        cmds = out["commands"] = [{"part": k, **v} for k, v in cmds.items()]
+    cmds.append({"part": part, "command": new["command"], "date": new["date"], "rows": list(new["rows"])})
     rows = old.get("rows", {})
     for k, v in new["rows"].items():
         rows.setdefault(k, {}).update(v)
@@ -238,7 +244,7 @@ def merge(path: Path, new: dict, part: str) -> dict:
 
 def to_markdown(r) -> str:
     lines = [f"torch {r['torch']}, {r['threads']} threads."]
-    lines += [f"- {part}: {c['date']}: `{c['command']}`" for part, c in r.get("commands", {}).items()]
+    lines += [f"- {c['part']}, {c['date']}: `{c['command']}`" for c in r.get("commands", [])]
     lines += ["",
              "| model | ppl | KL | top-1 | prefill tok/s (512) | x fp32 | decode tok/s | x fp32 | kernels |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -263,4 +263,4 @@ def test_default_model_dynamic_kl(default_model_and_tokenizer):
         res = llmquant.evaluate(m, reference=ref, tokenizer=tok, windows=1, seq_len=256, progress=False)
         kls[name] = res.kl
         assert res.top1 > 0.9, res
-    assert kls["token"] < 0.06 and kls["outliers"] < 0.5 * kls["token"], kls
+    assert kls["token"] < 0.06 and kls["outliers"] < 0.7 * kls["token"], kls
