@@ -54,7 +54,7 @@ def child(job: dict) -> dict:
                 out.update(init_kl=e0.kl, init_perplexity=e0.perplexity, init_top1=e0.top1)
                 del init_model
             r = llmquant.train_qat(
-                model, config=job["scheme"], steps=job["steps"], lr=job["lr"], lr_qparams=job["lr_qparams"],
+                model, teacher=ref, config=job["scheme"], steps=job["steps"], lr=job["lr"], lr_qparams=job["lr_qparams"],
                 warmup=job["warmup"], init=job["init"], seq_len=job["seq_len"],
                 batch=job["batch"], grad_accum=job["grad_accum"], max_seconds=job["minutes"] * 60,
                 lora_rank=job["lora_rank"], gradient_checkpointing=job["grad_ckpt"],
@@ -105,7 +105,8 @@ def main() -> None:
     ap.add_argument("--lora-memory", action="store_true", help="peak RSS of a few steps: full vs LoRA vs checkpointing")
     ap.add_argument("--lora-ranks", default="0,16", help="with --lora-memory: the ranks to measure (0: full)")
     ap.add_argument("--no-rtn", action="store_true")
-    ap.add_argument("--eval-init", default="W3G32", help="schemes whose QAT starting point (0 steps) is evaluated too")
+    ap.add_argument("--reuse", help="a JSON written by an earlier run of this script whose fp32/rtn rows to reuse")
+    ap.add_argument("--eval-init", default="", help="schemes whose QAT starting point (0 steps) is evaluated too")
     ap.add_argument("--out", default=str(HERE / "results" / "qat"))
     ap.add_argument("--child")
     args = ap.parse_args()
@@ -127,11 +128,15 @@ def main() -> None:
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
     else:
-        rows.append(run_job(dict(base, kind="fp32")))
+        old = json.loads(Path(args.reuse).read_text())["rows"] if args.reuse else []
+        reused = {(r["job"], r["scheme"]): dict(r, reused_from=args.reuse) for r in old if r["job"] in ("fp32", "rtn")}
+        rows.append(reused.get(("fp32", None)) or run_job(dict(base, kind="fp32")))
         print(json.dumps(rows[-1]), flush=True)
         write(args, rows, base, t0)
         for s in args.schemes.split(","):
-            if not args.no_rtn:
+            if ("rtn", s) in reused:
+                rows.append(reused[("rtn", s)])
+            elif not args.no_rtn:
                 rows.append(run_job(dict(base, kind="rtn", scheme=s)))
                 print(json.dumps(rows[-1]), flush=True)
             rows.append(run_job(dict(base, kind="qat", scheme=s, eval_init=s in args.eval_init.split(","))))

@@ -49,7 +49,7 @@ class QATResult:
     tokens: int
     trainable_params: int
     stopped_by_time: bool = False
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0  # peak RSS of the training loop (Linux; elsewhere the process's peak)
     checkpoint: str | None = None
     summary: dict | None = field(default=None)  # convert_qat's QuantSummary.to_dict() when converted
 
@@ -137,7 +137,24 @@ def _logits(model, ids):
     return out.logits if hasattr(out, "logits") else out
 
 
+def _reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS counter (VmHWM), so the training loop's own peak is measured."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_mb() -> float:
+    """Peak RSS since :func:`_reset_peak_rss` (Linux VmHWM), else the process's lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -229,6 +246,7 @@ def train_qat(
     if gradient_checkpointing:
         _checkpointing_methods(model)[0]()
     model.train()
+    _reset_peak_rss()
     losses = list(history["losses"])
     first = losses[0] if losses else None
     tokens, t0, stopped_by_time = 0, time.perf_counter(), False
