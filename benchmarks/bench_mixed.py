@@ -134,6 +134,7 @@ def main():
     ap.add_argument("--kl-blocks", default="0,15", help="blocks whose exact per-layer KL is measured for the agreement")
     ap.add_argument("--speed-only", action="store_true", help="only tokens/s (run under flock /work/wt/bench.lock)")
     ap.add_argument("--out", default="benchmarks/results/mixed")
+    ap.add_argument("--only", help="comma-separated substrings: run only configs whose label has one (fp32 always runs)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -167,7 +168,10 @@ def main():
     ids = eval_windows(tokenize(tok, default_text()), args.windows, 512)
     ref_logp = reference_logp(ref, ids)
     rows = []
+    keep = [k.strip() for k in args.only.split(",")] if args.only else None
     for label, kind, arg in configs(sens_lin):
+        if keep and label != "fp32" and not any(k in label for k in keep):
+            continue
         model, summary, plan, ctx = build(kind, arg, sens_lin, sens_all)
         acc = accuracy(model, ids, ref_logp, ctx)
         size = llmquant.model_size(model)
@@ -183,10 +187,14 @@ def main():
     targets = []
     for s in UNIFORM:
         b = uniform_bits(sens_lin, s)
+        if f"uniform {s} ({b:.3f} b/w)" not in by or f"mixed @ {b:.3f} b/w" not in by:
+            continue
         u, m = by[f"uniform {s} ({b:.3f} b/w)"], by[f"mixed @ {b:.3f} b/w"]
         targets.append({"target": f"mixed KL <= 0.7x uniform {s} at {b:.3f} b/w", "mixed KL": m["KL"], "uniform KL": u["KL"],
                         "ratio": m["KL"] / u["KL"], "met": m["KL"] <= 0.7 * u["KL"]})
     for name, (size, kl) in LLAMA_CPP.items():
+        if f"mixed+head @ {size / 1e6:g} MB (vs {name})" not in by:
+            continue
         m = by[f"mixed+head @ {size / 1e6:g} MB (vs {name})"]
         targets.append({"target": f"KL below llama.cpp {name} ({kl}) at {size / 1e6:g} MB", "mixed KL": m["KL"],
                         "size MB": m["size MB"], "llama.cpp KL": kl, "met": m["KL"] < kl and m["size MB"] <= size / 1e6})
