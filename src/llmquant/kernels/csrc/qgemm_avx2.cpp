@@ -234,10 +234,18 @@ torch::Tensor dequant(torch::Tensor q, torch::Tensor s, torch::Tensor mn, int64_
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* qr = qp + n * row_bytes;
       float* wr = wp + n * K;
-      for (int64_t k = 0; k < K; ++k) {
-        int u = bits == 4 ? ((qr[k >> 1] >> ((k & 1) * 4)) & 0xF) : qr[k];
-        const int64_t g = k / gs;
-        wr[k] = static_cast<float>(bits == 8 ? u - 128 : u) * sp[n * G + g] + (mp ? mp[n * G + g] : 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        const float sc = sp[n * G + g], off = mp ? mp[n * G + g] : 0.f;
+        const int64_t k1 = std::min(K, (g + 1) * gs);
+        if (bits == 4) {
+          for (int64_t k = g * gs; k < k1; k += 2) {
+            const uint8_t b = qr[k >> 1];
+            wr[k] = static_cast<float>(b & 0xF) * sc + off;
+            wr[k + 1] = static_cast<float>(b >> 4) * sc + off;
+          }
+        } else {
+          for (int64_t k = g * gs; k < k1; ++k) wr[k] = static_cast<float>(static_cast<int>(qr[k]) - 128) * sc + off;
+        }
       }
     }
   });
