@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--paths", default="fp32,bf16,int8,int4,int4_q41,w8a8")
     ap.add_argument("--out", default="benchmarks/results/inference")
+    ap.add_argument("--no-kl", action="store_true", help="speed only (for a timing run under the lock)")
+    ap.add_argument("--no-speed", action="store_true", help="accuracy only (KL; needs no lock)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     prefill_ids = ids[1000 : 1000 + args.prefill_len].unsqueeze(0)
     windows = eval_windows(ids, args.windows)
     with torch.inference_mode():
-        ref_logp = [F.log_softmax(base(w.unsqueeze(0)).logits.float()[0], -1) for w in windows]
+        ref_logp = [] if args.no_kl else [F.log_softmax(base(w.unsqueeze(0)).logits.float()[0], -1) for w in windows]
     rows = []
 
     def record(name, model, numerics, speed, kl_fast, kl_ref, rss_before, peak_before):
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), file=sys.stderr, flush=True)
 
     r0, p0 = rss_mb(), peak_mb()
-    dec, pre = hf_speed(base, prompt, args.new_tokens, prefill_ids, args.repeats)
+    dec, pre = (float("nan"),) * 2 if args.no_speed else hf_speed(base, prompt, args.new_tokens, prefill_ids, args.repeats)
     record("transformers fp32 eager", base, "fp32", (dec, pre), 0.0, None, r0, p0)
 
     w8 = QuantScheme(bits=8, granularity="channel")
@@ -181,10 +183,10 @@ def main(argv=None) -> int:
             llmquant.quantize(model, cfg, progress=False)
             if head_cfg is not None:  # int4 bodies keep an int8 lm_head (llama.cpp keeps its output at 6-8 bits)
                 llmquant.quantize(model, head_cfg, progress=False)
-        speed = lean_speed(model, prompt, args.new_tokens, prefill_ids, args.repeats)
-        kl_fast = kl_vs(ref_logp, lean_logits(model), windows)
+        speed = (float("nan"), float("nan"), []) if args.no_speed else lean_speed(model, prompt, args.new_tokens, prefill_ids, args.repeats)
+        kl_fast = float("nan") if args.no_kl else kl_vs(ref_logp, lean_logits(model), windows)
         kl_ref = None
-        if cfg not in (None, "bf16"):
+        if cfg not in (None, "bf16") and not args.no_kl:
             set_kernel(model, "reference")
             kl_ref = kl_vs(ref_logp, hf_logits(model), windows)
             set_kernel(model, None)
