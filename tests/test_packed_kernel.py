@@ -48,8 +48,9 @@ def test_matches_reference(name, rows):
     y = _run(m, x, "packed_avx2")
     assert m._kernel.name == "packed_avx2"
     assert y.shape == ref.shape and y.dtype == ref.dtype
-    # same weights, fp32 accumulation in another order: error at the level of fp32 rounding
-    assert (y - ref).abs().max() <= 2e-6 * ref.abs().max() * 256**0.5
+    # same weights; activations rounded to int16 per 256 values (or exact fp32 dequant for >= 16 rows):
+    # errors ~2^-16 of the inputs, far below any weight quantization step
+    assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 def test_per_tensor_and_ragged_group():

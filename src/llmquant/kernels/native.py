@@ -43,6 +43,18 @@ def build_dir() -> Path:
     return base / "ext" / f"qgemm-torch{tv}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
 
 
+def _ninja_on_path() -> bool:
+    """torch's extension builder runs ``ninja``; a venv's ninja (pip install ninja) is found even when the
+    venv is not activated."""
+    if shutil.which("ninja"):
+        return True
+    venv_bin = str(Path(sys.executable).parent)
+    if (Path(venv_bin) / "ninja").exists():
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+        return True
+    return False
+
+
 def why_unavailable() -> str | None:
     """None when the extension can be used; otherwise the reason, in words."""
     load()
@@ -63,6 +75,8 @@ def load():
             reason = "this CPU has no AVX2/FMA"
         elif shutil.which(os.environ.get("CXX", "c++")) is None:
             reason = "no C++ compiler found (install g++)"
+        elif not _ninja_on_path():
+            reason = "ninja not found (pip install ninja)"
         else:
             try:
                 from torch.utils import cpp_extension

@@ -49,11 +49,10 @@ class PackedAVX2(Kernel):
         scale = module.scale.float().reshape(-1, module.scale.shape[-1]).expand(n, -1).contiguous()
         z = module.zero_point()
         zf = 0.0 if z is None else z.float().reshape(-1, scale.shape[1]).expand(n, -1)
-        mins = ((2 ** (s.bits - 1) + s.qmin - zf) * scale).contiguous()  # W = (u - c) * s + mins
-        if not bool(mins.any()):
-            mins = None
+        b = 128 if s.bits == 8 else 0
+        offsets = ((s.qmin + b - zf) * scale).contiguous()  # W = (u - b) * scale + offsets, u = the stored codes
         bias = None if module.bias is None else module.bias.float()
-        return (module.qweight.contiguous(), scale, mins if mins is not None else _EMPTY, bias, s.bits, n, k, gs)
+        return (module.qweight.contiguous(), scale, offsets, bias, s.bits, n, k, gs)
 
     def run(self, module, state, x):
         return run_fused([state], x)
@@ -83,25 +82,10 @@ def run_fused(states, x: torch.Tensor) -> torch.Tensor:
             else ext.dequant(states[0][0], scale0, states[0][2], bits, n, k, gs)
         y = F.linear(x2, w, bias)
     else:
-        x2 = x2.contiguous()
-        any_min = any(st[2].numel() for st in states)
-        xsum = _group_sums(x2, gs, scale0.shape[1]) if any_min else _EMPTY
-        xk = x2.reshape(m, k // 32, 16, 2).transpose(2, 3).reshape(m, k).contiguous() if bits == 4 else x2
-        y = ext.qgemm(xk, [st[0] for st in states], [st[1] for st in states], [st[2] for st in states], xsum, bits, gs)
+        y = ext.qgemm(x2.contiguous(), [st[0] for st in states], [st[1] for st in states], [st[2] for st in states], bits, gs)
         if bias is not None:
             y = y + bias
     return y.reshape(*shape[:-1], n).to(x.dtype)
-
-
-_EMPTY = torch.empty(0)
-
-
-def _group_sums(x2: torch.Tensor, gs: int, groups: int) -> torch.Tensor:
-    """Per-group sums of the rows of x (the last group may be shorter)."""
-    pad = groups * gs - x2.shape[1]
-    if pad:
-        x2 = F.pad(x2, (0, pad))
-    return x2.reshape(x2.shape[0], groups, gs).sum(-1).contiguous()
 
 
 register(PackedAVX2())

@@ -5,16 +5,23 @@
 // u[2j+1] in its high nibble. They are unpacked in registers, never written back to memory, so decode moves
 // 0.5 (int4) or 1 (int8) byte per weight instead of 2 (fp16) or 4 (fp32).
 //
-// Numerics (weight-only, fp32 activations and accumulation):
-//   W[n,k] = (u[n,k] - c) * s[n,g] + m[n,g],   c = 2^(bits-1), g = k / group_size,
-// with m = (c + qmin - z) * s, so symmetric schemes have m = 0. Then
-//   y[i,n] = sum_g s[n,g] * sum_{k in g} x[i,k] (u[n,k] - c)  +  sum_g m[n,g] * xsum[i,g].
-// For 4 bits the caller passes x permuted within each block of 32 (even positions, then odd) to match the
-// nibble order, so no shuffle is needed in the inner loop.
+// Numerics (weight-only up to a 16-bit rounding of the activations):
+//   W[n,k] = (u[n,k] - b) * s[n,g] + o[n,g],   g = k / group_size,   o = (qmin + b - z) * s,
+// with b = 0 for 4 bits and 128 for 8 bits (then u - b is the signed int8 code of a symmetric scheme, o = 0).
+// Each row of x is rounded to int16 per chunk j of 256 values, x ~= xs[i,j] * xq[i,k] with |xq| <= 32767
+// (an error of at most 2^-16 of the chunk's largest value, far below an fp16 rounding), so the inner loop is
+// an exact integer dot product (vpmaddwd: |u - b| <= 255 times xq, int32 sums within a group and chunk):
+//   y[i,n] = sum_j xs[i,j] sum_{g meets j} s[n,g] sum_{k in g, j} (u[n,k] - b) xq[i,k]  +  sum_g o[n,g] xg[i,g],
+// where xg[i,g] = sum_{k in g} xs xq[i,k] are the group sums of the rounded x.
+// For 4 bits the rounded x is stored permuted within each block of 32 (even positions, then odd) to match
+// the nibble order, so no shuffle is needed in the inner loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -30,35 +37,37 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// 32 weights of one row, centred (u - c), as four vectors of 8 floats in the order x is given.
+// 32 codes of one row as two vectors of 16 int16, in the order x is given: u for 4 bits, u - 128 for 8 bits.
 template <int BITS>
-inline void load_block(const uint8_t* p, __m256& w0, __m256& w1, __m256& w2, __m256& w3) {
+inline void load_block(const uint8_t* p, __m256i& wa, __m256i& wb) {
   if constexpr (BITS == 4) {
     const __m128i m0f = _mm_set1_epi8(0x0F);
-    const __m128i eight = _mm_set1_epi8(8);
     __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    __m128i lo = _mm_sub_epi8(_mm_and_si128(b, m0f), eight);
-    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m0f), eight);
-    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-    w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-    w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    wa = _mm256_cvtepu8_epi16(_mm_and_si128(b, m0f));                     // even positions
+    wb = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), m0f));  // odd positions
   } else {
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
     __m256i b = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), flip);  // u - 128
-    __m128i b0 = _mm256_castsi256_si128(b);
-    __m128i b1 = _mm256_extracti128_si256(b, 1);
-    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0));
-    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8)));
-    w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
-    w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
+    wa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b));
+    wb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1));
   }
 }
 
-// Rows [n0, n1) of y for MT consecutive rows of x (MT = 1 or 2).
+// Activations rounded to int16 per chunk of 256 values: xq (M, K), xs (M, nch) chunk scales, and per weight
+// group the sums of the rounded activations, xg (M, G) (so that offsets see the same x as the dot products).
+struct QX {
+  const int16_t* xq;
+  const float* xs;
+  const float* xg;
+  int64_t nch;
+};
+
+constexpr int64_t XCHUNK = 256;
+
+// Rows [n0, n1) of y for MT consecutive rows of x (MT = 1 or 2). mn holds the offsets m - c*s (always given).
 template <int BITS, int MT>
-void gemm_rows(const float* x, int64_t ldx, const uint8_t* q, const float* s, const float* mn, const float* xsum,
-               float* y, int64_t ldy, int64_t K, int64_t G, int64_t gs, int64_t n0, int64_t n1) {
+void gemm_rows(const QX& x, int64_t i0, int64_t K, const uint8_t* q, const float* s, const float* mn, float* y,
+               int64_t ldy, int64_t G, int64_t gs, int64_t n0, int64_t n1) {
   const int64_t row_bytes = K * BITS / 8;
   const int64_t block_bytes = 32 * BITS / 8;
   for (int64_t n = n0; n < n1; ++n) {
@@ -66,37 +75,39 @@ void gemm_rows(const float* x, int64_t ldx, const uint8_t* q, const float* s, co
     const float* sr = s + n * G;
     __m256 tot[MT];
     for (int i = 0; i < MT; ++i) tot[i] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t k0 = g * gs;
-      const int64_t k1 = std::min(K, k0 + gs);
-      __m256 a[MT][4];
-      for (int i = 0; i < MT; ++i)
-        for (int j = 0; j < 4; ++j) a[i][j] = _mm256_setzero_ps();
-      for (int64_t k = k0; k < k1; k += 32) {
-        __m256 w0, w1, w2, w3;
-        load_block<BITS>(qr + (k / 32) * block_bytes, w0, w1, w2, w3);
+    for (int64_t j = 0; j < x.nch; ++j) {
+      const int64_t c0 = j * XCHUNK, c1 = std::min(K, c0 + XCHUNK);
+      __m256 tc[MT];
+      __m256i a[MT][2];
+      for (int i = 0; i < MT; ++i) {
+        tc[i] = _mm256_setzero_ps();
+        a[i][0] = a[i][1] = _mm256_setzero_si256();
+      }
+      for (int64_t k = c0, g = c0 / gs; k < c1; ++g) {  // the groups (or parts of groups) in this chunk
+        const int64_t ke = std::min(c1, (g + 1) * gs);
+        for (; k < ke; k += 32) {
+          __m256i wa, wb;
+          load_block<BITS>(qr + (k >> 5) * block_bytes, wa, wb);
+          for (int i = 0; i < MT; ++i) {
+            const int16_t* xr = x.xq + (i0 + i) * K + k;
+            a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(wa, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))));
+            a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
+          }
+        }
+        const __m256 sg = _mm256_set1_ps(sr[g]);  // apply the group's scale
         for (int i = 0; i < MT; ++i) {
-          const float* xr = x + i * ldx + k;
-          a[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a[i][0]);
-          a[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a[i][1]);
-          a[i][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a[i][2]);
-          a[i][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a[i][3]);
+          tc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a[i][0], a[i][1])), sg, tc[i]);
+          a[i][0] = a[i][1] = _mm256_setzero_si256();
         }
       }
-      const __m256 sg = _mm256_set1_ps(sr[g]);
-      for (int i = 0; i < MT; ++i) {
-        __m256 acc = _mm256_add_ps(_mm256_add_ps(a[i][0], a[i][1]), _mm256_add_ps(a[i][2], a[i][3]));
-        tot[i] = _mm256_fmadd_ps(acc, sg, tot[i]);
-      }
+      for (int i = 0; i < MT; ++i) tot[i] = _mm256_fmadd_ps(tc[i], _mm256_set1_ps(x.xs[(i0 + i) * x.nch + j]), tot[i]);
     }
+    const float* mr = mn + n * G;
     for (int i = 0; i < MT; ++i) {
-      float r = hsum(tot[i]);
-      if (mn != nullptr) {
-        const float* mr = mn + n * G;
-        const float* xs = xsum + i * G;
-        for (int64_t g = 0; g < G; ++g) r += mr[g] * xs[g];
-      }
-      y[i * ldy + n] = r;
+      const float* xg = x.xg + (i0 + i) * G;
+      float r = 0.f;
+      for (int64_t g = 0; g < G; ++g) r += mr[g] * xg[g];
+      y[(i0 + i) * ldy + n] = hsum(tot[i]) + r;
     }
   }
 }
@@ -110,10 +121,9 @@ struct Segment {
 };
 
 template <int BITS>
-void gemm_impl(const torch::Tensor& x, const std::vector<Segment>& segs, const float* xsum, torch::Tensor& y,
-               int64_t G, int64_t gs) {
-  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
-  const float* xp = x.data_ptr<float>();
+void gemm_impl(const QX& qx, int64_t M, int64_t K, const std::vector<Segment>& segs, torch::Tensor& y, int64_t G,
+               int64_t gs) {
+  const int64_t N = y.size(1);
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(8, N / (4 * at::get_num_threads()));
   const int64_t row_bytes = K * BITS / 8;
@@ -124,14 +134,44 @@ void gemm_impl(const torch::Tensor& x, const std::vector<Segment>& segs, const f
       // shift pointers so that row index n (global) addresses the segment's row n - start
       const uint8_t* q = sg.q - sg.start * row_bytes;
       const float* s = sg.s - sg.start * G;
-      const float* mn = sg.mn ? sg.mn - sg.start * G : nullptr;
+      const float* mn = sg.mn - sg.start * G;
       int64_t i = 0;
-      for (; i + 2 <= M; i += 2)
-        gemm_rows<BITS, 2>(xp + i * K, K, q, s, mn, xsum ? xsum + i * G : nullptr, yp + i * N, N, K, G, gs, n0, n1);
-      for (; i < M; ++i)
-        gemm_rows<BITS, 1>(xp + i * K, K, q, s, mn, xsum ? xsum + i * G : nullptr, yp + i * N, N, K, G, gs, n0, n1);
+      for (; i + 2 <= M; i += 2) gemm_rows<BITS, 2>(qx, i, K, q, s, mn, yp, N, G, gs, n0, n1);
+      for (; i < M; ++i) gemm_rows<BITS, 1>(qx, i, K, q, s, mn, yp, N, G, gs, n0, n1);
     }
   });
+}
+
+// Round each row of x to int16 per chunk of XCHUNK values (scale = max|x| / 32767); per-group sums of the result.
+// For 4 bits the rounded values are stored permuted within each block of 32 (even positions, then odd) to
+// match the nibble order of the packed codes.
+void quantize_x(const float* x, int64_t M, int64_t K, int64_t gs, int64_t G, bool interleave, int16_t* xq, float* xs,
+                float* xg) {
+  const int64_t nch = (K + XCHUNK - 1) / XCHUNK;
+  for (int64_t i = 0; i < M; ++i) {
+    float* xgr = xg + i * G;
+    for (int64_t g = 0; g < G; ++g) xgr[g] = 0.f;
+    for (int64_t j = 0; j < nch; ++j) {
+      const int64_t c0 = j * XCHUNK, c1 = std::min(K, c0 + XCHUNK);
+      const float* xr = x + i * K;
+      float amax = 0.f;
+      for (int64_t k = c0; k < c1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float sc = amax > 0.f ? amax / 32767.f : 1.f;
+      const float inv = 1.f / sc;
+      int16_t* qr = xq + i * K;
+      for (int64_t k = c0; k < c1; k += 32) {  // 32-blocks never straddle a group (gs is a multiple of 32)
+        int32_t sum = 0;
+        for (int64_t t = 0; t < 32; ++t) {
+          const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k + t] * inv));
+          const int16_t vq = static_cast<int16_t>(std::max(-32767, std::min(32767, v)));
+          qr[k + (interleave ? (t >> 1) + 16 * (t & 1) : t)] = vq;
+          sum += vq;
+        }
+        xgr[k / gs] += sc * static_cast<float>(sum);
+      }
+      xs[i * nch + j] = sc;
+    }
+  }
 }
 
 void check_args(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& mn, int64_t bits, int64_t N,
@@ -148,34 +188,34 @@ void check_args(const torch::Tensor& q, const torch::Tensor& s, const torch::Ten
 }  // namespace
 
 // y (M, sum N_j) = x (M, K) @ [W_1; W_2; ...]^T: one call for several weights that share the input (fused
-// QKV or gate/up without concatenating their buffers). x fp32 contiguous (for bits=4, permuted within
-// blocks of 32); xsum (M, G) per-group sums of x, needed when any mins_j is non-empty.
+// QKV or gate/up without concatenating their buffers). x fp32 contiguous, natural order; ms_j the offsets m - c*s of W = u*s + (m - c*s).
 torch::Tensor qgemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
-                    std::vector<torch::Tensor> ms, torch::Tensor xsum, int64_t bits, int64_t gs) {
+                    std::vector<torch::Tensor> ms, int64_t bits, int64_t gs) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be 2-D contiguous fp32");
-  TORCH_CHECK(!qs.empty() && qs.size() == ss.size() && qs.size() == ms.size(), "one scale and min per weight");
-  const int64_t K = x.size(1);
+  TORCH_CHECK(!qs.empty() && qs.size() == ss.size() && qs.size() == ms.size(), "one scale and offset per weight");
+  const int64_t K = x.size(1), M = x.size(0);
   std::vector<Segment> segs;
   int64_t N = 0;
-  bool any_min = false;
   for (size_t j = 0; j < qs.size(); ++j) {
     const int64_t rows = ss[j].size(0);
     check_args(qs[j], ss[j], ms[j], bits, rows, K, gs);
+    TORCH_CHECK(ms[j].numel() == ss[j].numel(), "offsets (m - c*s) are required");
     TORCH_CHECK(ss[j].size(1) == ss[0].size(1), "all weights must have the same groups");
-    any_min = any_min || ms[j].numel() > 0;
-    segs.push_back({qs[j].data_ptr<uint8_t>(), ss[j].data_ptr<float>(),
-                    ms[j].numel() ? ms[j].data_ptr<float>() : nullptr, N, rows});
+    segs.push_back({qs[j].data_ptr<uint8_t>(), ss[j].data_ptr<float>(), ms[j].data_ptr<float>(), N, rows});
     N += rows;
   }
   const int64_t G = ss[0].size(1);
-  TORCH_CHECK(!any_min || (xsum.dtype() == torch::kFloat32 && xsum.is_contiguous() && xsum.size(0) == x.size(0) &&
-                           xsum.size(1) == G), "bad xsum");
-  auto y = torch::empty({x.size(0), N}, x.options());
-  const float* xs = any_min ? xsum.data_ptr<float>() : nullptr;
+  const int64_t nch = (K + XCHUNK - 1) / XCHUNK;
+  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt16));
+  auto xsc = torch::empty({M, nch}, torch::dtype(torch::kFloat32));
+  auto xg = torch::empty({M, G}, torch::dtype(torch::kFloat32));
+  quantize_x(x.data_ptr<float>(), M, K, gs, G, bits == 4, xq.data_ptr<int16_t>(), xsc.data_ptr<float>(), xg.data_ptr<float>());
+  const QX qx{xq.data_ptr<int16_t>(), xsc.data_ptr<float>(), xg.data_ptr<float>(), nch};
+  auto y = torch::empty({M, N}, x.options());
   if (bits == 4)
-    gemm_impl<4>(x, segs, xs, y, G, gs);
+    gemm_impl<4>(qx, M, K, segs, y, G, gs);
   else
-    gemm_impl<8>(x, segs, xs, y, G, gs);
+    gemm_impl<8>(qx, M, K, segs, y, G, gs);
   return y;
 }
 
@@ -194,11 +234,18 @@ torch::Tensor dequant(torch::Tensor q, torch::Tensor s, torch::Tensor mn, int64_
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* qr = qp + n * row_bytes;
       float* wr = wp + n * K;
-      for (int64_t k = 0; k < K; ++k) {
-        int u = bits == 4 ? ((qr[k >> 1] >> ((k & 1) * 4)) & 0xF) : qr[k];
-        const int64_t g = k / gs;
-        const float c = bits == 4 ? 8.f : 128.f;
-        wr[k] = (static_cast<float>(u) - c) * sp[n * G + g] + (mp ? mp[n * G + g] : 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        const float sc = sp[n * G + g], off = mp ? mp[n * G + g] : 0.f;
+        const int64_t k1 = std::min(K, (g + 1) * gs);
+        if (bits == 4) {
+          for (int64_t k = g * gs; k < k1; k += 2) {
+            const uint8_t b = qr[k >> 1];
+            wr[k] = static_cast<float>(b & 0xF) * sc + off;
+            wr[k + 1] = static_cast<float>(b >> 4) * sc + off;
+          }
+        } else {
+          for (int64_t k = g * gs; k < k1; ++k) wr[k] = static_cast<float>(static_cast<int>(qr[k]) - 128) * sc + off;
+        }
       }
     }
   });
