@@ -215,8 +215,8 @@ def main(argv=None):
         dyn, st = d.get("W8A8 per-tensor sym"), d.get("static W8A8 per-tensor (min-max, 4 calib windows)")
         if dyn and st:  # run-time cost of computing activation scales: dynamic vs static per tensor, same kernel
             result["scale_overhead"] = {
-                "prefill": st["prefill_tok_s"] / dyn["prefill_tok_s"] - 1,
-                "decode": st["decode_tok_s"] / dyn["decode_tok_s"] - 1,
+                "prefill": st["prefill_x_fp32"] / dyn["prefill_x_fp32"] - 1,
+                "decode": st["decode_x_fp32"] / dyn["decode_x_fp32"] - 1,
             }
     OUT.mkdir(parents=True, exist_ok=True)
     result = merge(OUT / "dynamic.json", result, "accuracy" if args.skip_speed else "speed" if args.skip_accuracy else "all")
