@@ -18,6 +18,8 @@ from conftest import make_tiny_llama
 A8 = QuantScheme(bits=8, granularity="tensor")
 STATIC = QuantConfig(weight="W8", activation=A8, method="static")
 
+W8A8_KERNELS = ("int8_int_mm", "fbgemm_int8")  # which one runs depends on the CPU (fbgemm first on x86)
+
 
 def mlp(seed=0):
     torch.manual_seed(seed)
@@ -39,7 +41,7 @@ def test_prepare_convert_plain_mlp(observer):
     s = llmquant.convert(m, progress=False)
     assert len(s.layers) == 3 and all(isinstance(m[i], QuantLinear) for i in (1, 3, 5))
     assert not any(hasattr(mod, "llmquant_input_observer") for mod in m.modules())
-    assert m[1].input_scale.item() > 0 and s.kernels == ["int8_int_mm"]
+    assert m[1].input_scale.item() > 0 and s.kernels[0] in W8A8_KERNELS
     with torch.no_grad():
         y = m(x)
     assert sqnr_db(ref, y) > 20  # int8 weights and activations (per tensor) on a random MLP
@@ -67,11 +69,11 @@ def test_weight_only_and_dynamic_configs_need_no_input_observer():
     llmquant.prepare(m, QuantConfig(weight="W8", ignore=(), weight_observer="mse"))
     assert not any(hasattr(mod, "llmquant_input_observer") for mod in m.modules())
     s = llmquant.convert(m, progress=False)
-    assert s.kernels != ["int8_int_mm"] and m[1].activation_scheme is None and s.mean_sqnr_db > 38
+    assert s.kernels[0] not in W8A8_KERNELS and m[1].activation_scheme is None and s.mean_sqnr_db > 38
     m = mlp()
     llmquant.prepare(m, QuantConfig(weight="W8", activation=QuantScheme(bits=8, granularity="token", dynamic=True), ignore=()))
     assert not any(hasattr(mod, "llmquant_input_observer") for mod in m.modules())
-    assert llmquant.convert(m, progress=False).kernels == ["int8_int_mm"]
+    assert llmquant.convert(m, progress=False).kernels[0] in W8A8_KERNELS
 
 
 def test_convert_can_read_histograms_as_another_observer():
@@ -151,7 +153,7 @@ def test_quantize_static_on_text_and_save_load_bit_identical(tmp_path, tokenizer
     text = llmquant.io.default_text()[-20000:]
     cfg = STATIC.with_(observer="percentile", smooth_alpha=0.5, method="smoothquant")
     s = llmquant.quantize_static(m, cfg, tokenizer, text, samples=4, seq_len=64, progress=False)
-    assert len(s.layers) == 14 and s.kernels == ["int8_int_mm"]
+    assert len(s.layers) == 14 and s.kernels[0] in W8A8_KERNELS
     ids = torch.arange(40)[None] * 7 % 1000
     with torch.no_grad():
         before = m(ids).logits
@@ -168,7 +170,7 @@ def test_bad_calibration_inputs(tokenizer):
     w_before = m.model.layers[0].self_attn.q_proj.weight.clone()
     with pytest.raises(TextError, match="empty"):
         llmquant.quantize_static(m, STATIC, tokenizer, "   ", samples=2, seq_len=32)
-    with pytest.raises(TextError, match="room for"):
+    with pytest.raises(TextError, match="room for|fewer than one window"):
         llmquant.quantize_static(m, STATIC, tokenizer, "a short text", samples=2, seq_len=32)
     with pytest.raises(TextError, match="room for 2 calibration windows of 64 tokens.*100 asked"):
         llmquant.quantize_static(m, STATIC, tokenizer, "word " * 200, samples=100, seq_len=64)
