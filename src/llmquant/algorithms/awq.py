@@ -100,7 +100,8 @@ def awq_clip_quantize(
             r = 1 - max_shrink * i / grid
             scale, zero = qparams_from_minmax(lo * r, hi * r, scheme)
             d = _group_blocks(dequantize(quantize_to_int(w, scale, zero, scheme), scale, zero, scheme) - w, gs)
-            err = torch.einsum("rgi,gij,rgj->rg", d, gb, d)
+            dg = d.transpose(0, 1)  # (groups, rows, gs): one batched product, no (r, g, gs, gs) temporary
+            err = (torch.bmm(dg, gb) * dg).sum(-1).T
             better = err < best
             best = torch.where(better, err, best)
             ratio = torch.where(better, torch.full_like(ratio, r), ratio)
