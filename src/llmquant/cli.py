@@ -53,6 +53,20 @@ def _calibrated_kwargs(args) -> dict:
     return {"method_params": params, "calibration": calib}
 
 
+def _summary_row(summary, scheme_name: str) -> dict:
+    """The one-row table ``quantize`` prints for a QuantSummary."""
+    return {
+        "layers": len(summary.layers),
+        "scheme": scheme_name,
+        "bits/w": summary.bits_per_weight,
+        "fp32 MB": summary.float_bytes / 1e6,
+        "packed MB": summary.packed_bytes / 1e6,
+        "weight SQNR dB": summary.mean_sqnr_db,
+        "kernel": ",".join(summary.kernels),
+        "seconds": summary.seconds,
+    }
+
+
 def cmd_quantize(args) -> int:
     import llmquant
     from .report import format_table
@@ -81,19 +95,7 @@ def cmd_quantize(args) -> int:
     else:
         summary = llmquant.quantize(model, cfg)
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
-    rows = [
-        {
-            "layers": len(summary.layers),
-            "scheme": scheme.name,
-            "bits/w": summary.bits_per_weight,
-            "fp32 MB": summary.float_bytes / 1e6,
-            "packed MB": summary.packed_bytes / 1e6,
-            "weight SQNR dB": summary.mean_sqnr_db,
-            "kernel": ",".join(summary.kernels),
-            "seconds": summary.seconds,
-        }
-    ]
-    print(format_table(rows))
+    print(format_table([_summary_row(summary, scheme.name)]))
     print(f"saved to {args.output}")
     return 0
 
@@ -158,17 +160,7 @@ def _quantize_dynamic(args) -> int:
         ignore=tuple(args.ignore) if args.ignore is not None else ("lm_head",),
     )
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
-    row = {
-        "layers": len(summary.layers),
-        "weights": summary.layers[0].scheme if summary.layers else "-",
-        "bits/w": summary.bits_per_weight,
-        "fp32 MB": summary.float_bytes / 1e6,
-        "packed MB": summary.packed_bytes / 1e6,
-        "weight SQNR dB": summary.mean_sqnr_db,
-        "kernel": ",".join(summary.kernels),
-        "seconds": summary.seconds,
-    }
-    print(format_table([row]))
+    print(format_table([_summary_row(summary, summary.layers[0].scheme if summary.layers else "-")]))
 
 def _quantize_with_plan(args) -> int:
     import llmquant
