@@ -1,0 +1,153 @@
+"""Command line: a thin layer over the Python API. Errors a user can cause print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .quantize import cmd_quantize
+from .commands import _add_generation_args, _add_sens_args, add_qat_parser, cmd_chat, cmd_compare, cmd_demo, cmd_eval, cmd_export, cmd_generate, cmd_inspect, cmd_plan, cmd_sensitivity
+
+log = logging.getLogger("llmquant")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(prog="llmquant", description="Quantize LLMs and measure what it costs.")
+    p.add_argument("--version", action="version", version=f"llmquant {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model's weights and save it")
+    q.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "static", "smoothquant", "dynamic"],
+                   help="rtn (weights only); gptq/awq (weights only, calibrated); static: W8A8 with calibrated "
+                        "per-tensor activation scales; smoothquant: SmoothQuant, then static W8A8; dynamic: per-token int8 activations at run time")
+    q.add_argument("--calib", default="default", help="calibration text: .txt/.jsonl file, or 'default'")
+    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
+    q.add_argument("--scheme", help="a preset: W8, W4G64, W4G128, W3G32, ... (instead of --bits etc.)")
+    q.add_argument("--bits", type=int, help="2..8 (default 4)")
+    q.add_argument("--group-size", type=int, help="values per scale; omit for per-channel with --bits 8")
+    q.add_argument("--granularity", choices=["tensor", "channel", "group"])
+    q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
+    q.add_argument("--targets", nargs="*", help="module names or re:regex to quantize (default: all Linear)")
+    q.add_argument("--ignore", nargs="*", help="module names or re:regex to leave alone (default: lm_head)")
+    q.add_argument("--observer", help="activation observer for static/smoothquant: minmax, moving_average, "
+                   "percentile[:p], mse, histogram (default: mse for static, minmax for smoothquant)")
+    q.add_argument("--alpha", default="0.8", help="SmoothQuant migration strength in [0, 1], or 'search' for a "
+                   "per-layer choice by output error (default 0.8)")
+    q.add_argument("--act-granularity", choices=["token", "tensor"], default="token",
+                   help="dynamic: activation scale per token (default) or per tensor")
+    q.add_argument("--act-asym", action="store_true", help="dynamic: asymmetric int8 activations")
+    q.add_argument("--weight-bits", type=int, choices=[8, 4], default=8,
+                   help="dynamic: int8 per-channel (default) or int4 g128 weights")
+    q.add_argument("--weight-sym", action="store_true",
+                   help="dynamic: symmetric weights (default: a zero point per output channel)")
+    q.add_argument("--outlier-threshold", type=float,
+                   help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
+    q.add_argument("--rotation", type=int,
+                   help="dynamic: Hadamard block size (e.g. 64) rotating each Linear's input and weights")
+
+    q.add_argument("--plan", help="a mixed-precision plan file (JSON) from `llmquant plan` or written by hand")
+    q.add_argument("-o", "--output", required=True, help="output folder")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KL vs the unquantized model, top-1, size")
+    e.add_argument("folder", nargs="?", help="a folder written by llmquant quantize")
+    e.add_argument("--model", help="evaluate a float model instead (local folder or .gguf)")
+    e.add_argument("--reference", help="reference model for KL (default: the quantized model's base)")
+    e.add_argument("--no-reference", action="store_true", help="perplexity only")
+    e.add_argument("--text", help=".txt or .jsonl (text field) file (default: pydoc_data.topics)")
+    e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (8 quick, 40 full)")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer schemes and sizes of a saved folder")
+    i.add_argument("folder")
+    i.add_argument("--json", action="store_true", help="print the manifest")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("compare", help="PTQ, QAT, dynamic and mixed precision side by side; writes a report")
+    c.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    c.add_argument("--profile", default="quick", choices=["quick", "full"])
+    c.add_argument("--strategies", default="ptq,qat,dynamic,mixed")
+    c.add_argument("-o", "--output", default="runs/compare", help="report folder")
+    c.set_defaults(func=cmd_compare)
+
+    se = sub.add_parser("sensitivity", help="per-layer damage of each candidate format (mixed precision)")
+    _add_sens_args(se)
+    se.add_argument("--top", type=int, default=20, help="rows to print (most sensitive first)")
+    se.add_argument("--json", help="write the full result to this JSON file")
+    se.set_defaults(func=cmd_sensitivity)
+
+    pl = sub.add_parser("plan", help="solve a budget into a per-layer mixed-precision plan (JSON)")
+    _add_sens_args(pl)
+    pl.add_argument("--target-bits", type=float, help="average bits per weight over the planned layers")
+    pl.add_argument("--max-size", help="total stored model size, e.g. 60MB (1 MB = 1e6 bytes)")
+    pl.add_argument("-o", "--output", required=True, help="plan file to write")
+    pl.set_defaults(func=cmd_plan)
+
+    x = sub.add_parser("export", help="write a model for llama.cpp (GGUF) or transformers/vLLM (compressed-tensors)")
+    x.add_argument("folder", nargs="?", help="folder written by llmquant quantize (or a model path; default model if omitted)")
+    x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
+    x.add_argument("-o", "--output", required=True, help="output .gguf file or compressed-tensors folder")
+    x.add_argument("--requant", help="gguf: re-quantize layers with no exact block type to Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16 (error reported)")
+    x.add_argument("--float-type", default="auto", help="gguf: type of float 2-D tensors (auto = smallest exact; F32, F16, BF16, Q8_0)")
+    x.add_argument("--tokenizer-gguf", help="gguf: copy the tokenizer of this GGUF file")
+    x.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name for a converted HF tokenizer (default: default)")
+    x.add_argument("--packed", action="store_true", help="the input is a .gguf: load its quantized linears packed")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="generate text with the lean runtime (streamed)")
+    _add_generation_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat on stdin with the model's chat template (/exit to quit)")
+    _add_generation_args(c)
+    c.add_argument("--system", help="system message")
+    c.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("demo", help="quantize the default model at a few schemes and compare")
+    d.add_argument("--model")
+    d.add_argument("--schemes", default="W8,W4G128,W4G64,W4G32A")
+    d.add_argument("--windows", type=int, default=8)
+    d.set_defaults(func=cmd_demo)
+    add_qat_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    from ..errors import LLMQuantError
+
+    try:
+        return args.func(args)
+    except LLMQuantError as e:
+        print(f"llmquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The other subcommands: eval, inspect, demo, compare, sensitivity, plan, qat, export, generate, chat."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .quantize import _check_out
+
+log = logging.getLogger("llmquant")
+
+
+def _sens_from_args(args, model, tok):
+    import llmquant
+
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    return llmquant.sensitivity(
+        model, Path(args.text) if args.text else None, cands, method=args.method, tokenizer=tok,
+        windows=args.windows, seq_len=args.seq_len, samples=args.samples, include_head=args.include_head,
+        cache=not args.no_cache,
+    )
+
+
+def cmd_sensitivity(args) -> int:
+    import llmquant
+    from ..report import format_table, sensitivity_chart
+
+    model, tok = llmquant.load_model(args.model)
+    sens = _sens_from_args(args, model, tok)
+    rows = sorted(sens.rows(), key=lambda r: -max(v for k, v in r.items() if k != "layer"))
+    print(format_table(rows[: args.top]))
+    print(f"{len(sens.units)} layers x {len(sens.candidates)} candidates, {sens.method}, {sens.tokens} calibration "
+          f"tokens, {sens.seconds:.1f}s (cached results come back at once); damage = KL per token, this layer alone")
+    if args.json:
+        sens.save(args.json)
+        print(f"wrote {args.json}")
+    if args.chart:
+        print(f"wrote {sensitivity_chart(sens, args.chart)}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import llmquant
+    from ..errors import BudgetError
+    from ..flows.mixed import plan_from_sensitivity
+    from ..report import format_table, plan_row, sensitivity_chart
+
+    if (args.target_bits is None) == (args.max_size is None):
+        raise BudgetError("give exactly one of --target-bits B or --max-size S (e.g. 60MB)")
+    model, tok = llmquant.load_model(args.model)
+    sens = _sens_from_args(args, model, tok)
+    plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=args.max_size)
+    plan.save(args.output)
+    print(format_table([plan_row(plan)]))
+    print(f"wrote {args.output} ({len(plan.rules)} layers; edit it freely, then: llmquant quantize --plan {args.output} -o OUT)")
+    if args.chart:
+        print(f"wrote {sensitivity_chart(sens, args.chart, plan=plan)}")
+    return 0
+
+
+def _add_sens_args(p) -> None:
+    from ..schemes import DEFAULT_CANDIDATES
+
+    p.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", help="calibration text, .txt or .jsonl (default: pydoc_data.topics, from its end)")
+    p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), help="comma-separated formats")
+    p.add_argument("--method", choices=["fisher", "kl"], default="fisher",
+                   help="fisher: 2nd-order KL estimate (fast, default); kl: measured KL per layer and format (slow)")
+    p.add_argument("--include-head", action="store_true", help="plan the output head and embeddings too")
+    p.add_argument("--windows", type=int, help="calibration windows (default 4)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    p.add_argument("--samples", type=int, default=2, help="fisher: label draws per window")
+    p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
+    p.add_argument("--chart", help="write a per-layer sensitivity chart (PNG; needs matplotlib)")
+
+
+def _reference_for(manifest_source: str | None):
+    import llmquant
+
+    if manifest_source in (None, "default"):
+        return llmquant.load_model(None)[0]
+    if Path(manifest_source).exists():
+        return llmquant.load_model(manifest_source)[0]
+    log.warning("base model %s not found; KL and top-1 are not computed", manifest_source)
+    return None
+
+
+def cmd_eval(args) -> int:
+    import llmquant
+    from ..errors import LLMQuantError
+    from ..report import eval_row, format_table
+
+    if bool(args.folder) == bool(args.model):
+        raise LLMQuantError("give either a quantized folder or --model PATH to evaluate")
+    model, tok = llmquant.load_model(args.folder or args.model)
+    ref = None
+    if not args.no_reference:
+        if args.reference:
+            ref = llmquant.load_model(args.reference)[0]
+        elif getattr(model, "llmquant_config", None) is not None or getattr(model, "llmquant_plan", None) is not None:
+            ref = _reference_for(getattr(model, "llmquant_source", None))
+    text = Path(args.text) if args.text else None
+    res = llmquant.evaluate(model, reference=ref, text=text, tokenizer=tok, windows=args.windows, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+    else:
+        print(format_table([eval_row(args.folder or args.model, res)]))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ..io import read_manifest
+    from ..report import format_table
+
+    man = read_manifest(args.folder)
+    if args.json:
+        print(json.dumps(man, indent=1))
+        return 0
+    tensors = man["tensors"]
+    rows = []
+    for name, layer in man["quantized_layers"].items():
+        nbytes = sum(
+            int(_numel(tensors[f"{name}.{k}"]["shape"])) * _itemsize(tensors[f"{name}.{k}"]["dtype"])
+            for k in ("qweight", "scale", "zero", "bias")
+            if f"{name}.{k}" in tensors
+        )
+        from ..schemes import QuantScheme
+
+        s = QuantScheme.from_dict(layer["scheme"])
+        rows.append(
+            {
+                "layer": name,
+                "shape": f"{layer['out_features']}x{layer['in_features']}",
+                "scheme": s.name,
+                "bytes": nbytes,
+                "bits/w": 8 * nbytes / (layer["out_features"] * layer["in_features"]),
+            }
+        )
+    total = sum(_numel(t["shape"]) * _itemsize(t["dtype"]) for t in tensors.values())
+    print(f"llmquant {man['llmquant_version']}  base: {man.get('base_model')}  model: {man.get('model_class')}")
+    if rows:
+        print(format_table(rows))
+    print(f"{len(rows)} quantized layers; {len(tensors)} tensors, {total / 1e6:.2f} MB stored; aliases: {man.get('aliases') or 'none'}")
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    import torch
+
+    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+def cmd_demo(args) -> int:
+    """Quantize the default model at a few schemes and print the comparison table."""
+    import llmquant
+    from ..report import eval_row, format_table
+
+    ref, tok = llmquant.load_model(args.model)
+    rows = [eval_row("fp32", llmquant.evaluate(ref, reference=ref, windows=args.windows))]
+    for preset in args.schemes.split(","):
+        model, _ = llmquant.load_model(args.model)
+        summary = llmquant.quantize(model, preset)
+        res = llmquant.evaluate(model, reference=ref, tokenizer=tok, windows=args.windows)
+        rows.append(eval_row(f"rtn {preset}", res, {"kernel": ",".join(summary.kernels)}))
+        print(format_table(rows[-1:]), file=sys.stderr)
+    print(f"\nRTN weight-only quantization of {args.model or 'the default model'} "
+          f"({args.windows} x 512-token windows of the default text; KL vs fp32):")
+    print(format_table(rows))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..report import compare, format_table
+    from ..report.render import detail_rows, recommendations, vs_rows
+
+    result = compare(args.model, profile=args.profile, strategies=args.strategies.split(","), out_dir=args.output)
+    print(format_table(vs_rows(result["rows"])))
+    print()
+    print(format_table(detail_rows(result["rows"])))
+    print()
+    for line in recommendations(result["rows"]):
+        print("- " + line)
+    print(f"\nreport written to {args.output}/report.md, report.json, report.html")
+    return 0
+
+
+
+
+# ---- qat (issue 5) -------------------------------------------------------------------------------
+def cmd_qat(args) -> int:
+    """Quantization-aware training: prepare, train with distillation, convert, save."""
+    import llmquant
+    from ..report import format_table
+    from ..schemes import QuantConfig, QuantScheme
+
+    if args.bits is None:
+        args.bits = 4
+    scheme = QuantScheme(bits=args.bits, symmetric=not args.asym, granularity="group" if args.group_size else "channel",
+                         group_size=args.group_size)
+    cfg = QuantConfig(weight=scheme, method="qat")
+    _check_out(args.output, args.overwrite)
+    ckpt_dir = args.checkpoint_dir or f"{args.output.rstrip('/')}.qat-ckpt"
+    model, tok = llmquant.load_model(args.model)
+    res = llmquant.train_qat(
+        model, Path(args.text) if args.text else None, config=cfg, tokenizer=tok, steps=args.steps, lr=args.lr,
+        seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum, loss=args.loss,
+        learn_scales=not args.frozen_scales, lora_rank=args.lora_rank, gradient_checkpointing=args.grad_checkpoint,
+        checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every, resume=args.resume, init=args.init,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+    )
+    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
+    s = res.summary
+    print(format_table([{
+        "scheme": scheme.name, "steps": res.steps, "first loss": res.losses[0] if res.losses else float("nan"),
+        "last loss": res.losses[-1] if res.losses else float("nan"), "minutes": res.seconds / 60,
+        "tokens/s": res.tokens_per_s, "bits/w": s["bits_per_weight"], "packed MB": s["packed_bytes"] / 1e6,
+    }]))
+    print(f"saved to {args.output} (checkpoint: {ckpt_dir})")
+    return 0
+
+
+def add_qat_parser(sub) -> None:
+    t = sub.add_parser("qat", help="quantization-aware training (distillation from the float model), then save")
+    t.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    t.add_argument("--bits", type=int, help="2..8 (default 4)")
+    t.add_argument("--group-size", type=int, help="values per scale (omit for one scale per output channel)")
+    t.add_argument("--asym", action="store_true", help="asymmetric (learned zero points)")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (weights and step sizes)")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    t.add_argument("--batch", type=int, default=4, help="windows per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    t.add_argument("--loss", choices=["kl", "ce"], default="kl", help="kl: distill the float model; ce: next token")
+    t.add_argument("--frozen-scales", action="store_true", help="keep the initial step sizes (no LSQ)")
+    t.add_argument("--init", choices=["mse", "rtn"], default="mse", help="initial step sizes: least-squares "
+                   "clipping per group (mse) or min-max (rtn)")
+    t.add_argument("--lora-rank", type=int, default=0, help=">0: frozen base weights + rank-r adapters")
+    t.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing (less memory)")
+    t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    t.add_argument("--text", help=".txt or .jsonl training text (default: pydoc_data.topics; windows from its end)")
+    t.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT.qat-ckpt)")
+    t.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    t.add_argument("-o", "--output", required=True, help="output folder (loadable with llmquant.load)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    t.set_defaults(func=cmd_qat)
+
+
+def cmd_export(args) -> int:
+    import llmquant
+    from ..report import format_table
+
+    model, tok = llmquant.load_model(args.folder, packed=args.packed)
+    if args.format == "gguf":
+        rep = llmquant.export(model, tok, args.output, format="gguf", overwrite=args.overwrite, requant=args.requant,
+                              float_type=args.float_type, tokenizer_gguf=args.tokenizer_gguf,
+                              tokenizer_pre=args.tokenizer_pre)
+        print(format_table([{"type": t, "tensors": n} for t, n in sorted(rep.type_counts().items())]))
+        if rep.inexact:
+            print(format_table([{"tensor": t.name, "type": t.type, "SQNR dB": t.sqnr_db, "max |err|": t.max_abs_err}
+                                for t in rep.inexact]))
+            worst = min(t.sqnr_db for t in rep.inexact)
+            print(f"{len(rep.inexact)} tensor(s) re-quantized, not exact (worst SQNR {worst:.1f} dB vs llmquant's values)")
+        else:
+            print("every tensor holds llmquant's values exactly")
+        print(f"tokenizer: {rep.tokenizer_source}")
+        print(f"wrote {args.output} ({rep.file_bytes / 1e6:.1f} MB)")
+    else:
+        if args.requant or args.float_type != "auto" or args.tokenizer_gguf or args.tokenizer_pre:
+            from ..errors import ExportError
+
+            raise ExportError("--requant, --float-type and --tokenizer-* apply to --format gguf only")
+        out = llmquant.export(model, tok, args.output, format="compressed-tensors", overwrite=args.overwrite)
+        print(f"wrote {out} (compressed-tensors; load with transformers' from_pretrained or vLLM)")
+    return 0
+
+
+class _Streamer:
+    """Prints generated text as it comes (decoding the whole reply each step, printing only what is new)."""
+
+    def __init__(self, tok, out=None):
+        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
+
+    def __call__(self, step, tokens):
+        self.ids.append(int(tokens[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def _gen_kwargs(args) -> dict:
+    # --temperature 0 means greedy, as in llama.cpp
+    sample = args.temperature != 0 and (args.temperature is not None or args.top_k or args.top_p is not None)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=bool(sample),
+        temperature=1.0 if args.temperature is None or not sample else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        seed=args.seed,
+        threads=args.threads,
+    )
+
+
+def _load_for_generation(args):
+    import llmquant
+    from ..kernels import set_kernel
+
+    model, tok = llmquant.load_model(args.model)
+    if args.kernel:
+        set_kernel(model, args.kernel)
+    return model, tok
+
+
+def _print_stats(st) -> None:
+    print(
+        f"[{st.prompt_tokens} prompt tokens: {st.prefill_tok_s:.1f} tok/s; {st.new_tokens} new: "
+        f"{st.decode_tok_s:.1f} tok/s; threads {st.threads}; kernels {','.join(st.kernels) or 'float'}]",
+        file=sys.stderr,
+    )
+
+
+def cmd_generate(args) -> int:
+    import llmquant
+    from ..runtime import GenerationStats
+
+    model, tok = _load_for_generation(args)
+    st = GenerationStats()
+    stream = None if args.no_stream else _Streamer(tok)
+    ids = llmquant.generate(model, args.prompt, callback=stream, stats=st, **_gen_kwargs(args))
+    if stream is None:
+        print(tok.decode(ids[0], skip_special_tokens=True))
+    else:
+        stream.out.write("\n")
+    if args.stats:
+        _print_stats(st)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import llmquant
+    from ..runtime import GenerationStats, chat_prompt
+
+    model, tok = _load_for_generation(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    kw = _gen_kwargs(args)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        stream, st = _Streamer(tok), GenerationStats()
+        llmquant.generate(model, chat_prompt(tok, messages), callback=stream, stats=st, **kw)
+        print()
+        messages.append({"role": "assistant", "content": stream.tok.decode(stream.ids, skip_special_tokens=True)})
+        if args.stats:
+            _print_stats(st)
+
+
+def _add_generation_args(g) -> None:
+    g.add_argument("--model", help="a folder saved by llmquant, a local HF folder or .gguf (default: SmolLM2-135M)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, help="sample at this temperature (default and 0: greedy)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set with probability >= p")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    g.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); reported with --stats")
+    g.add_argument("--kernel", help="force one kernel (e.g. packed_avx2, fbgemm_fp16, reference)")
+    g.add_argument("--stats", action="store_true", help="print tokens/s and threads to stderr")
