@@ -48,9 +48,11 @@ def test_matches_reference(name, rows):
     y = _run(m, x, "packed_avx2")
     assert m._kernel.name == "packed_avx2"
     assert y.shape == ref.shape and y.dtype == ref.dtype
-    # same weights; activations rounded to int16 per 256 values (or exact fp32 dequant for >= 16 rows):
-    # errors ~2^-16 of the inputs, far below any weight quantization step
-    assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
+    # same weights; activations rounded to int16 per 256 values: errors ~2^-16 of the inputs. From 16 rows
+    # on (prefill) fbgemm's fp16-weight GEMM runs: exact integer codes for per-channel schemes, weights
+    # rounded to fp16 (2^-11 relative) for grouped ones; both far below any weight quantization step.
+    tol = 2e-3 if rows * 2 >= 16 and scheme.granularity == "group" else 1e-4
+    assert (y - ref).abs().max() <= tol * ref.abs().max()
 
 
 def test_per_tensor_and_ragged_group():
@@ -82,7 +84,9 @@ def test_fused_call_equals_separate_calls():
         x = torch.randn(rows, 256)
         fused = packed_cpu.run_fused(states, x)
         sep = torch.cat([m(x) for m in mods], -1)
-        assert torch.allclose(fused, sep, rtol=0, atol=1e-5)
+        # from LARGE_M rows a single module runs fbgemm's fp16-weight GEMM, the fused call an fp32 dequant
+        atol = 1e-5 if rows < packed_cpu.LARGE_M else 2e-3 * float(sep.abs().max())
+        assert torch.allclose(fused, sep, rtol=0, atol=atol)
 
 
 def test_unsupported_formats_fall_through():

@@ -107,7 +107,9 @@ def test_quantized_model_through_packed_kernel():
     set_kernel(m, "reference")
     with torch.no_grad():
         ref_logits = m(ids).logits
-    assert (lean_logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
+    # 16 tokens at once: unfused linears take fbgemm's fp16-weight GEMM (grouped weights rounded to fp16,
+    # 2^-11 relative), fused ones the exact fp32 dequant path
+    assert (lean_logits - ref_logits).abs().max() <= 1e-3 * ref_logits.abs().max()
     assert torch.equal(llmquant.generate(m, ids, 12, use_eos=False), fast)
 
 

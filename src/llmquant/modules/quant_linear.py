@@ -139,6 +139,7 @@ class QuantLinear(nn.Module):
 
     def reset_kernel(self) -> None:
         self._kernel = self._kernel_state = self._kernel_key = None
+        self._prefill_state = None  # a kernel's optional second state for many-token inputs
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half() ... invalidate prepared state
         self.reset_kernel()
@@ -162,7 +163,7 @@ class QuantLinear(nn.Module):
 
     def __getstate__(self):  # deepcopy / pickle: drop opaque kernel state, it is rebuilt on use
         state = self.__dict__.copy()
-        state["_kernel"] = state["_kernel_state"] = state["_kernel_key"] = None
+        state["_kernel"] = state["_kernel_state"] = state["_kernel_key"] = state["_prefill_state"] = None
         return state
 
     def extra_repr(self) -> str:
