@@ -7,10 +7,11 @@ BENCHMARKS.md): on this 2-core x86 CPU with torch 2.13, fbgemm's fp16-weight GEM
 batch 1 and 512 tokens, while ``torch._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are many
 times slower than fp32, so they are not candidates. The reference path (dequantize, then ``F.linear``)
 is what every kernel is tested against. For W8A8, fbgemm's int8 GEMM (with llmquant's activation
-qparams) beats ``torch._int_mm`` at one token and matches it at 512 (``benchmarks/bench_dynamic.py``).
-is what every kernel is tested against. ``packed_avx2`` (issue 7, a C++ extension built on first use)
-reads int4/int8 packed codes directly and comes before fbgemm for the formats it takes; when it cannot be
-built the order simply falls through to fbgemm.
+qparams) beats ``torch._int_mm`` at one token (``benchmarks/bench_dynamic.py``; at 512 tokens ``_int_mm``
+measured faster there, a hybrid is not done yet). ``packed_avx2`` (a C++ extension built on first use)
+reads int4/int8 packed codes directly for decode and hands many-token inputs to fbgemm's fp16 GEMM; it
+comes before ``fbgemm_fp16`` for the formats it takes, and when it cannot be built the order falls
+through to ``fbgemm_fp16``.
 
 ``LLMQUANT_KERNEL=<name>`` in the environment, or :func:`set_kernel`, forces one kernel.
 """
