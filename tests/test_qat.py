@@ -8,7 +8,12 @@ import llmquant
 from llmquant.kernels import set_kernel
 from llmquant.modules import QuantLinear
 from llmquant.modules.fake_quant import FakeQuantizer, FakeQuantLinear, fake_quant_ste, grad_scale, ste_round
-from llmquant.schemes import PRESETS, QuantScheme, compute_qparams, dequantize, fake_quantize, quantize_to_int
+from llmquant.schemes import PRESETS as _PRESETS
+from llmquant.schemes import QuantScheme, compute_qparams, dequantize, fake_quantize, quantize_to_int
+
+# Q4_1-like grid with a trainable float zero point (QAT does not train gguf:Q4_1's stored float minimum)
+PRESETS = {**_PRESETS, "Q41F": QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32,
+                                           zero_point="float", scale_dtype="float16")}
 
 from conftest import make_tiny_llama
 
@@ -60,7 +65,7 @@ def test_ste_gradients_match_analytic():
     assert z.grad.item() == pytest.approx(-2.0)
 
 
-@pytest.mark.parametrize("preset", ["W3G32", "W4G64A", "W8", "gguf:Q4_1"])
+@pytest.mark.parametrize("preset", ["W3G32", "W4G64A", "W8", "Q41F"])
 def test_fused_node_matches_plain_autograd(preset):
     """The one-node fake quantizer gives the gradients autograd derives for the plain STE expression
     (ragged groups: width 72)."""
@@ -107,7 +112,7 @@ def test_lsq_gradient_scale_on_its_own():
 
 
 def test_init_matches_rtn_exactly():
-    for preset in ["W4G32", "W4G64A", "W3G32", "W2G32", "W8", "gguf:Q4_1"]:
+    for preset in ["W4G32", "W4G64A", "W3G32", "W2G32", "W8", "Q41F"]:
         sch = PRESETS[preset]
         lin = nn.Linear(72, 20)
         fq = FakeQuantLinear.from_linear(lin, sch)
@@ -136,10 +141,10 @@ def test_range_learning_reduces_error(bits, sym):
     assert (fq.scale.detach() < s0).float().mean() > 0.7  # steps shrink: clipping outliers pays
 
 
-@pytest.mark.parametrize("preset", ["W4G64A", "W3G32", "gguf:Q4_1", "W8"])
+@pytest.mark.parametrize("preset", ["W4G64A", "W3G32", "Q41F", "W8"])
 def test_convert_matches_fake_quant(preset):
     m = make_tiny_llama()
-    llmquant.prepare_qat(m, preset, progress=False)
+    llmquant.prepare_qat(m, PRESETS[preset], progress=False)
     with torch.no_grad():  # move qparams and weights off their initial values
         for mod in m.modules():
             if isinstance(mod, FakeQuantLinear):
@@ -243,3 +248,10 @@ def test_mse_init_never_worse_than_rtn(preset):
         lin.weight.copy_(w)
     fq = FakeQuantLinear.from_linear(lin, sch, observer="mse")
     assert torch.equal(fq.weight_quantizer.scale.detach(), s.float())
+
+
+def test_float_minimum_scheme_refused():
+    from llmquant.errors import SchemeError
+
+    with pytest.raises(SchemeError, match="zero_point='float'"):
+        llmquant.prepare_qat(make_tiny_llama(), "gguf:Q4_1", progress=False)

@@ -157,6 +157,9 @@ def _quantize_dynamic(args) -> int:
     )
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
     print(format_table([_summary_row(summary, summary.layers[0].scheme if summary.layers else "-")]))
+    print(f"saved to {args.output}")
+    return 0
+
 
 def _quantize_with_plan(args) -> int:
     import llmquant

@@ -66,6 +66,11 @@ def prepare_qat(
     Returns ``model``; ``model.llmquant_qat`` records the settings.
     """
     cfg: QuantConfig = resolve_config(config)
+    if cfg.weight.zero_point == "min" or (cfg.activation is not None and cfg.activation.zero_point == "min"):
+        from ..errors import SchemeError
+
+        raise SchemeError("QAT learns zero points, not a stored float minimum (zero_point='min', as gguf:Q4_1): "
+                          "train with zero_point='float' (same grid) and quantize onto gguf:Q4_1 after, or use PTQ")
     if lora_rank < 0:
         raise SchemeError(f"lora_rank must be >= 0, got {lora_rank}")
     init_fn = _resolve_init(init)
