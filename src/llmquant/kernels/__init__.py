@@ -3,8 +3,8 @@
 Each kernel declares which formats it supports, what numerics it has and how to prepare its run-time
 state from a module's packed weights. ``select`` walks a preference list per device and takes the first
 kernel that supports the format. The CPU order comes from ``benchmarks/bench_kernels.py`` (see
-BENCHMARKS.md): on this 2-core x86 CPU with torch 2.13, fbgemm's fp16-weight GEMM beats fp32 at both
-batch 1 and 512 tokens, while ``torch._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are many
+benchmarks/results/kernels.md): on this 2-core x86 CPU with torch 2.13, fbgemm's fp16-weight GEMM beats
+fp32 at batch 1 (1.4-6x) and matches it at 512 tokens, while ``torch._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are many
 times slower than fp32, so they are not candidates. The reference path (dequantize, then ``F.linear``)
 is what every kernel is tested against. For W8A8, fbgemm's int8 GEMM (with llmquant's activation
 qparams) beats ``torch._int_mm`` at one token (``benchmarks/bench_dynamic.py``; at 512 tokens ``_int_mm``

@@ -6,8 +6,9 @@ its run-time state is the packed buffer itself plus one fp32 scale (and offset, 
 group: nothing is dequantized into memory. Numerics are weight-only, ``x @ dequant(W)^T`` up to fp32
 summation order (see ``csrc/qgemm_avx2.cpp`` for the algebra). Batches of at least ``LARGE_M`` rows
 (prefill) go through fbgemm's fp16-weight GEMM instead (the ``fbgemm_fp16`` kernel, prepared on the first
-such call and kept: 2 more bytes per weight at run time once a prompt has been processed), which measured
-about 1.9x faster than fp32 at 512 tokens here, where dequantizing to fp32 per call was slower than fp32.
+such call and kept: 2 more bytes per weight at run time once a prompt has been processed). At 512 tokens
+with 2 threads on a quiet machine it measured as fast as fp32 (benchmarks/results/kernels.md), where
+dequantizing to fp32 per call was about 10% slower than fp32; no weight-only path beats fp32 there.
 Without fbgemm they dequantize the weight to fp32 for the call and run PyTorch's float GEMM. The lean
 runtime's fused calls (``run_fused``) keep the dequantize path.
 
