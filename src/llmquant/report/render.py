@@ -25,7 +25,7 @@ def detail_rows(rows) -> list[dict]:
         if r.get("status") != "ok":
             out.append({"strategy": r["strategy"], "configuration": r["label"], "ppl": None, "KL": None,
                         "top-1": None, "bits/w": None, "size %": None, "prefill x": None, "decode x": None,
-                        "build s": None, "CPU s": None, "peak MB": None, "status": "FAILED: " + r["error"][:80]})
+                        "build s": None, "CPU s": None, "build +MB": None, "status": "FAILED: " + r["error"][:80]})
             continue
         out.append({
             "strategy": r["strategy"],
@@ -39,7 +39,7 @@ def detail_rows(rows) -> list[dict]:
             "decode x": r["decode_tok_s"] / base["decode_tok_s"] if base else None,
             "build s": r["build_wall_s"],
             "CPU s": r["build_cpu_s"],
-            "peak MB": r["build_peak_rss_mb"],
+            "build +MB": r["build_rss_increase_mb"],
             "status": "ok",
         })
     return out
@@ -68,7 +68,8 @@ def vs_rows(rows) -> list[dict]:
             "Accuracy": f"ppl {r['perplexity']:.2f} ({dppl:+.1f}%), KL {r['kl']:.4f}, top-1 {100 * r['top1']:.1f}%",
             "Complexity": f"{len(r['steps'])} steps ({', '.join(r['steps'])}); data: {r['data']}; {r['build_wall_s']:.0f} s",
             "Performance": f"size -{size:.0f}%, prefill {pre:.2f}x, decode {dec:.2f}x",
-            "Resources": f"peak {r['build_peak_rss_mb'] / 1e3:.2f} GB, {r['build_cpu_s']:.0f} CPU-s",
+            "Resources": f"+{r['build_rss_increase_mb'] / 1e3:.2f} GB peak memory while building, "
+                         f"{r['build_cpu_s']:.0f} CPU-s",
         })
     return out
 
@@ -124,7 +125,10 @@ def markdown(result: dict) -> str:
     ]
     for r in vs_rows(rows):
         lines.append("| " + " | ".join(r[k] for k in ("Strategy", "Accuracy", "Complexity", "Performance", "Resources")) + " |")
-    lines += ["", "## Every configuration", "", format_table(detail_rows(rows)), "", "## Recommendations", ""]
+    lines += ["", "## Every configuration", "", format_table(detail_rows(rows)), "",
+              "`size %` and the speed-ups are against fp32 in this run; `build +MB` is how far the process's resident "
+              "memory rose above its level before the build (quantizing, calibrating or training).",
+              "", "## Recommendations", ""]
     lines += [f"- {s}" for s in recommendations(rows)]
     notes = [f"- {r['label']}: {r['notes']}" for r in _ok(rows) if r.get("notes")]
     if notes:
