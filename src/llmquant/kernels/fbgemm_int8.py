@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from .base import Kernel, register
-from .int8 import activation_qparams, int8_codes, outlier_product, split_outliers, supports_w8a8, w8_state
+from .int8 import int8_codes, outlier_product, split_input, supports_w8a8, w8_state
 
 
 def _available() -> bool:
@@ -73,11 +73,7 @@ class FbgemmInt8(Kernel):
         return {"packed": packed, "rs_ws": st.row_sum.float() * st.w_scale, "bz_ws": bz_ws, "bias": bias, "w8": keep}
 
     def run(self, module, state, x):
-        a = module.activation_scheme
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        x_rest, cols, x_cols = split_outliers(x2, a.outlier_threshold)
-        xs, xz = activation_qparams(module, x_rest)
+        a, shape, x_rest, cols, x_cols, xs, xz = split_input(module, x)
         c = int8_codes(x_rest, a, xs, xz, as_float=True).contiguous()
         # fbgemm: sum_k c_x c_w * s_w; then the affine corrections of int_mm_w8a8, in float
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(c, 1.0, 128, state["packed"])

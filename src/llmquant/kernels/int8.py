@@ -170,6 +170,16 @@ def int_mm_w8a8(x2, a, xs, xz, st: W8State, bias) -> torch.Tensor:
     return torch.addcmul(bias.float(), acc, scale)  # int32 -> float, rescale and bias in one pass
 
 
+def split_input(module, x: torch.Tensor):
+    """What every W8A8 kernel does first: the activation scheme, the input's shape, the 2-D float input split
+    into its int8 part and its LLM.int8() outlier columns, and the int8 part's activation qparams."""
+    a = module.activation_scheme
+    shape = x.shape
+    x_rest, cols, x_cols = split_outliers(x.reshape(-1, shape[-1]).float(), a.outlier_threshold)
+    xs, xz = activation_qparams(module, x_rest)
+    return a, shape, x_rest, cols, x_cols, xs, xz
+
+
 class Int8IntMM(Kernel):
     name = "int8_int_mm"
     numerics = "W8A8: int8 activations (per token or per tensor) x int8 weights, int32 accumulate"
@@ -182,11 +192,7 @@ class Int8IntMM(Kernel):
         return w8_state(module, device)
 
     def run(self, module, state, x):
-        a = module.activation_scheme
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        x_rest, cols, x_cols = split_outliers(x2, a.outlier_threshold)
-        xs, xz = activation_qparams(module, x_rest)
+        a, shape, x_rest, cols, x_cols, xs, xz = split_input(module, x)
         y = int_mm_w8a8(x_rest, a, xs, xz, state, module.bias)
         if cols is not None:
             y = y + outlier_product(x_cols, cols, state)
