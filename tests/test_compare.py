@@ -1,6 +1,9 @@
 import json
 import math
 
+import pytest
+import torch
+
 import llmquant
 from llmquant.report.runner import Candidate, Profile
 from llmquant.report.candidates import default_candidates
@@ -15,7 +18,10 @@ def _boom(ctx):
 
 def test_compare_tiny_model_writes_report(tmp_path, tiny_folder):
     cands = default_candidates() + [Candidate("QAT", "QAT that fails", _boom)]
-    res = llmquant.compare(str(tiny_folder), profile=TINY, out_dir=tmp_path / "r", progress=False, candidates=cands)
+    threads = torch.get_num_threads()
+    res = llmquant.compare(str(tiny_folder), profile=TINY, out_dir=tmp_path / "r", progress=False, candidates=cands,
+                           threads=1)
+    assert res["env"]["threads"] == 1 and torch.get_num_threads() == threads  # set for the run, then restored
     for f in ("report.md", "report.json", "report.html"):
         assert (tmp_path / "r" / f).stat().st_size > 500
     rows = res["rows"]
@@ -29,20 +35,60 @@ def test_compare_tiny_model_writes_report(tmp_path, tiny_folder):
     for r in rows:
         if r["status"] == "ok":
             for k in ("perplexity", "kl", "top1", "size_bytes", "prefill_tok_s", "decode_tok_s", "build_wall_s",
-                      "build_cpu_s", "build_peak_rss_mb"):
+                      "build_cpu_s", "build_peak_rss_mb", "eval_wall_s", "speed_wall_s"):
                 assert math.isfinite(r[k]), (r["label"], k)
+    by = {r["label"]: r for r in rows}
+    assert by["fp32"]["kl"] == 0.0
+    # autocast runs the same fp32 weights in bf16 matmuls: same size, a small but real difference
+    assert by["bf16 autocast"]["size_bytes"] == by["fp32"]["size_bytes"] and 0 < by["bf16 autocast"]["kl"] < 0.05
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| Strategy | Accuracy | Complexity | Performance | Resources |" in md and "this strategy broke" in md
+    assert "timed at the start and at the end of the run" in md and len(by["fp32"]["prefill_tok_s_runs"]) == 2
+    assert "by its most accurate configuration" in md and "by its smallest configuration" in md
     assert "Smallest within 1%" in md or "No configuration stays within 1%" in md
     html = (tmp_path / "r" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4  # frontier, speed-ups, sensitivity, weight histogram
     assert json.loads((tmp_path / "r" / "report.json").read_text())["env"]["torch"].startswith("2.13")
 
 
-def test_unknown_strategy_and_profile():
-    import pytest
+def test_progress_shows_the_step_and_weights_time_left(tiny_folder, capsys):
+    seen = []
 
+    def build(ctx):
+        ctx.step("my step")
+        seen.append(ctx.profile.name)
+        return ctx.reference, {"steps": ["nothing"]}
+
+    cands = [Candidate("fp32", "fp32", lambda ctx: (ctx.reference, {})),
+             Candidate("PTQ", "slow one", build, cost=lambda p: 5.0 * p.calib_samples)]
+    llmquant.compare(str(tiny_folder), profile=TINY, progress=True, candidates=cands, strategies=("ptq",))
+    err = capsys.readouterr().err
+    assert seen == ["tiny"] and "2/2 PTQ: slow one - my step" in err and "100%" in err
+
+
+def test_unknown_strategy_and_profile():
     with pytest.raises(llmquant.LLMQuantError, match="unknown strategies"):
         llmquant.compare(None, strategies=("ptq", "magic"), progress=False)
     with pytest.raises(llmquant.LLMQuantError, match="unknown profile"):
         llmquant.compare(None, profile="huge", progress=False)
+    with pytest.raises(llmquant.LLMQuantError, match="threads must be"):
+        llmquant.compare(None, threads=0, progress=False)
+
+
+def test_reference_logits_match_a_live_reference(tiny_folder):
+    import os
+
+    ref, tok = llmquant.load_model(str(tiny_folder))
+    q, _ = llmquant.load_model(str(tiny_folder))
+    llmquant.quantize(q, "W4G32A", progress=False)
+    ids = llmquant.eval.token_windows(tok, None, 2, 64)
+    cached = llmquant.ReferenceLogits(ref, ids)
+    live = llmquant.evaluate(q, reference=ref, tokenizer=tok, windows=2, seq_len=64, progress=False)
+    fast = llmquant.evaluate(q, reference=cached, tokenizer=tok, windows=2, seq_len=64, progress=False)
+    assert live.kl > 0 and fast.kl == pytest.approx(live.kl, rel=1e-5) and fast.top1 == live.top1
+    with pytest.raises(llmquant.LLMQuantError, match="other windows"):
+        llmquant.evaluate(q, reference=cached, tokenizer=tok, windows=2, seq_len=32, progress=False)
+    path = cached.path
+    assert os.path.exists(path)
+    cached.close()
+    assert not os.path.exists(path)

@@ -25,7 +25,7 @@ from .flows import quantize_dynamic
 from .flows import QATResult, convert_qat, prepare_qat, train_qat  # QAT (issue 5)
 from . import flows as _flows
 from .flows.calibrate import _check_config as _check_calibration_config
-from .eval import EvalResult, evaluate, model_size
+from .eval import EvalResult, ReferenceLogits, evaluate, model_size
 from . import io as _io
 from .report import compare
 from .schemes import Plan
@@ -161,6 +161,7 @@ __all__ = [
     "prepare",
     "quantize_static",
     "evaluate",
+    "ReferenceLogits",
     "generate",
     "load",
     "load_model",

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", default="quick", choices=["quick", "full"])
     c.add_argument("--strategies", default="ptq,qat,dynamic,mixed")
     c.add_argument("-o", "--output", default="runs/compare", help="report folder")
+    c.add_argument("--threads", type=int, help="CPU threads for the whole run (torch.set_num_threads)")
     c.set_defaults(func=cmd_compare)
 
     se = sub.add_parser("sensitivity", help="per-layer damage of each candidate format (mixed precision)")

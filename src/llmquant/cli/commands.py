@@ -182,7 +182,8 @@ def cmd_compare(args) -> int:
     from ..report import compare, format_table
     from ..report.render import detail_rows, recommendations, vs_rows
 
-    result = compare(args.model, profile=args.profile, strategies=args.strategies.split(","), out_dir=args.output)
+    result = compare(args.model, profile=args.profile, strategies=args.strategies.split(","), out_dir=args.output,
+                     threads=args.threads)
     print(format_table(vs_rows(result["rows"])))
     print()
     print(format_table(detail_rows(result["rows"])))

@@ -7,6 +7,8 @@ agreement the share of positions where both models' most likely next token is th
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import TextError
+from ..errors import LLMQuantError, TextError
 from ..io.text import DEFAULT_SEQ_LEN, eval_windows, read_text, tokenize
 from .size import model_size
 
@@ -58,10 +60,59 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class ReferenceLogits:
+    """The reference model's next-token log-probabilities on fixed windows, computed once and reused.
+
+    Comparing many models against one reference (``llmquant compare``) otherwise runs the reference
+    forward again for every model. The log-probabilities (windows x (seq_len - 1) x vocab, fp32) live in
+    a memory-mapped temporary file, so a large vocabulary does not have to fit in RAM; it is removed when
+    this object is garbage-collected or :meth:`close` d. Pass it as ``evaluate(model, reference=...)``.
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, *, directory: str | None = None,
+                 progress: bool = False) -> None:
+        self.ids = ids.clone()
+        self._fd, self.path = tempfile.mkstemp(prefix="llmquant-ref-", suffix=".f32", dir=directory)
+        self._logp: torch.Tensor | None = None
+        try:
+            with torch.inference_mode():
+                for i, w in enumerate(tqdm(self.ids, desc="reference", disable=not progress, leave=False)):
+                    lp = F.log_softmax(_logits(model, w.unsqueeze(0).to(_device(model)))[0, :-1], dim=-1).cpu()
+                    if self._logp is None:
+                        n = self.ids.shape[0] * lp.numel()
+                        os.ftruncate(self._fd, n * 4)
+                        self._logp = torch.from_file(self.path, shared=True, size=n, dtype=torch.float32).view(
+                            self.ids.shape[0], *lp.shape)
+                    self._logp[i] = lp
+        except BaseException:
+            self.close()
+            raise
+
+    def log_probs(self, i: int, window: torch.Tensor) -> torch.Tensor:
+        if i >= self.ids.shape[0] or not torch.equal(self.ids[i], window.cpu()):
+            raise LLMQuantError("these reference log-probabilities were computed on other windows "
+                                "(text, windows and seq_len must match)")
+        assert self._logp is not None
+        return self._logp[i]
+
+    def close(self) -> None:
+        self._logp = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        self.close()
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    reference: nn.Module | None = None,
+    reference: "nn.Module | ReferenceLogits | None" = None,
     text: str | Path | None = None,
     *,
     tokenizer=None,
@@ -72,6 +123,7 @@ def evaluate(
     """Evaluate ``model`` (and compare with ``reference``, the unquantized model, when given).
 
     ``text``: None for the default text, a ``Path`` to a .txt/.jsonl file, or a string of text.
+    ``reference`` may be a :class:`ReferenceLogits` computed once on the same windows.
     """
     tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
     ids = token_windows(tokenizer, text, windows, seq_len)
@@ -79,14 +131,17 @@ def evaluate(
     nll = kl = agree = 0.0
     n = 0
     t0 = time.perf_counter()
-    for w in tqdm(ids, desc="evaluate", disable=not progress, leave=False):
+    for i, w in enumerate(tqdm(ids, desc="evaluate", disable=not progress, leave=False)):
         x = w.unsqueeze(0).to(dev)
         logits = _logits(model, x)[0, :-1]
         target = x[0, 1:]
         logp = F.log_softmax(logits, dim=-1)
         nll += float(F.nll_loss(logp, target, reduction="sum"))
-        if reference is not None:
+        if isinstance(reference, ReferenceLogits):
+            ref_logp = reference.log_probs(i, w).to(logp.device)
+        elif reference is not None:
             ref_logp = F.log_softmax(_logits(reference, x.to(_device(reference)))[0, :-1].to(logp.device), dim=-1)
+        if reference is not None:
             kl += float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
             agree += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
         n += target.numel()

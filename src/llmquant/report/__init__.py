@@ -6,9 +6,10 @@ __all__ = ["eval_row", "format_table", "compare"]
 
 
 def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dynamic", "mixed"), out_dir=None,
-            progress=True, candidates=None):
+            progress=True, candidates=None, threads=None):
     """Run every strategy on the same model and text; write report.md/.json/.html to ``out_dir`` if given.
 
+    ``threads`` sets torch's CPU threads for the whole run (default: torch's own choice).
     Returns the raw result dict (environment, profile, one row per configuration)."""
     from pathlib import Path
 
@@ -17,7 +18,8 @@ def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dyna
     from .render import html_report, markdown
 
     result = run_compare(candidates or default_candidates(), model_path=model_path, profile=profile,
-                         strategies=tuple(s.strip().lower() for s in strategies), progress=progress)
+                         strategies=tuple(s.strip().lower() for s in strategies), progress=progress,
+                         threads=threads)
     result["model"] = model_path
     if out_dir is not None:
         out = Path(out_dir)

@@ -11,6 +11,24 @@ import torch
 from .runner import Candidate, Context
 
 
+# Build seconds of the slow builders (default model, 2 threads; measured on the quick profile), for the
+# progress bar's time-left estimate only.
+def COST_GPTQ(p):
+    return 3.5 * p.calib_samples
+
+
+def COST_STATIC(p):
+    return 1.2 * p.calib_samples
+
+
+def COST_QAT(p):
+    return 3.1 * p.qat_steps
+
+
+def COST_MIXED(p):
+    return 5 + 8 * p.sensitivity_samples
+
+
 def _data(ctx: Context, what: str = "calibration") -> str:
     return f"{ctx.profile.calib_samples} x {ctx.profile.seq_len} tokens of {what} text"
 
@@ -35,6 +53,7 @@ def rtn(preset: str):
         import llmquant
 
         m = ctx.load()
+        ctx.step(f"quantize (RTN {preset})")
         s = llmquant.quantize(m, preset, progress=False)
         return m, {"steps": ["quantize"], "data": "none", "kernel": ",".join(s.kernels),
                    "notes": f"RTN {s.layers[0].scheme}, kernel {','.join(s.kernels)}"}
@@ -50,6 +69,7 @@ def gptq(preset: str):
         m = ctx.load()
         cfg = QuantConfig(weight=preset, method="gptq",
                           calibration=CalibSpec(samples=ctx.profile.calib_samples, seq_len=ctx.profile.seq_len))
+        ctx.step(f"calibrate + quantize layer by layer (GPTQ {preset}, {ctx.profile.calib_samples} windows)")
         s = llmquant.quantize(m, cfg, progress=False)
         return m, {"steps": ["calibrate (layer by layer)", "quantize"], "data": _data(ctx),
                    "kernel": ",".join(s.kernels), "notes": f"GPTQ {cfg.weight.name}, kernel {','.join(s.kernels)}"}
@@ -64,6 +84,7 @@ def static_smoothquant(ctx: Context):
     m = ctx.load()
     cfg = QuantConfig(weight=PRESETS["W8"], activation=QuantScheme(bits=8, granularity="tensor"),
                       observer="minmax", smooth_alpha=0.8)
+    ctx.step("smooth + calibrate + convert (static W8A8)")
     s = llmquant.quantize_static(m, cfg, ctx.tokenizer, None, samples=ctx.profile.calib_samples,
                                  seq_len=ctx.profile.seq_len, progress=False)
     return m, {"steps": ["smooth (SmoothQuant a=0.8)", "prepare", "calibrate", "convert"], "data": _data(ctx),
@@ -75,6 +96,7 @@ def dynamic(weight_bits: int = 8, **kw):
         import llmquant
 
         m = ctx.load()
+        ctx.step("quantize (dynamic)")
         s = llmquant.quantize_dynamic(m, weight_bits=weight_bits, progress=False, **kw)
         extra = ", ".join(f"{k}={v}" for k, v in kw.items())
         return m, {"steps": ["quantize"], "data": "none (activation scales computed per token at run time)",
@@ -89,6 +111,7 @@ def qat(preset: str):
 
         m = ctx.load()
         steps = ctx.profile.qat_steps
+        ctx.step(f"train {steps} QAT steps ({preset})")
         r = llmquant.train_qat(m, None, config=preset, tokenizer=ctx.tokenizer, teacher=ctx.reference, steps=steps,
                                seq_len=min(128, ctx.profile.seq_len), batch=2, lr=5e-5, progress=False)
         return m, {"steps": ["prepare_qat", f"train ({steps} steps, distillation)", "convert"],
@@ -105,12 +128,14 @@ def mixed_plan(target_bits: float):
         import llmquant
 
         m = ctx.load()
+        ctx.step(f"sensitivity ({ctx.profile.sensitivity_samples} windows)")
         sens = llmquant.sensitivity(m, None, tokenizer=ctx.tokenizer, samples=ctx.profile.sensitivity_samples,
                                     seq_len=min(128, ctx.profile.seq_len), progress=False)
         names = [u.name for u in sens.units]
         col = next((i for i, c in enumerate(sens.candidates) if str(c).upper() == "W4G64"), 0)
         ctx.shared["sensitivity"] = {n: sens.damage[i][col] for i, n in enumerate(names)}
         ctx.shared["sensitivity_label"] = f"{sens.method} damage at {sens.candidates[col]}"
+        ctx.step(f"plan {target_bits} bits/weight + quantize")
         plan = llmquant.plan_mixed_precision(m, target_bits=target_bits, sensitivity_result=sens)
         s = llmquant.quantize(m, plan, progress=False)
         return m, {"steps": ["sensitivity", f"plan ({target_bits} bits/weight)", "quantize"],
@@ -128,6 +153,18 @@ def bf16_storage(ctx: Context):
     llmquant.to_half(m, "bf16")
     return m, {"steps": ["cast"], "data": "none", "kernel": "torch bf16",
                "notes": "weights stored in bf16, norms in fp32"}
+
+
+def bf16_autocast(ctx: Context):
+    import functools
+
+    import llmquant
+
+    # The float model itself, run under torch.autocast: nothing is stored differently, so size is fp32's.
+    return ctx.reference, {"steps": ["wrap the forward in llmquant.autocast('bf16')"], "data": "none",
+                           "kernel": "torch bf16 autocast", "run_context": functools.partial(llmquant.autocast, "bf16"),
+                           "notes": "bf16 matmuls under torch.autocast; norms, softmax and the loss in fp32; "
+                                    "weights stay fp32 (cast per call)"}
 
 
 def weight_histogram(model, layer: str = "model.layers.0.mlp.down_proj") -> dict | None:
@@ -149,20 +186,23 @@ def weight_histogram(model, layer: str = "model.layers.0.mlp.down_proj") -> dict
 
 
 def default_candidates() -> list[Candidate]:
+    """Every configuration; ``profiles`` says which profiles run it, ``cost`` estimates its build time
+    for the progress bar's time-left estimate."""
     return [
         Candidate("fp32", "fp32", fp32),
         Candidate("PTQ", "PTQ RTN int8 (W8)", rtn("W8")),
         Candidate("PTQ", "PTQ RTN int4 g64 (W4G64)", rtn("W4G64")),
         Candidate("PTQ", "PTQ RTN int4 g32 asym", rtn("W4G32A"), profiles=("full",)),
-        Candidate("PTQ", "PTQ GPTQ int4 g64", gptq("W4G64")),
-        Candidate("PTQ", "PTQ GPTQ int3 g32", gptq("W3G32"), profiles=("full",)),
-        Candidate("PTQ", "PTQ static W8A8 + SmoothQuant", static_smoothquant),
+        Candidate("PTQ", "PTQ GPTQ int4 g64", gptq("W4G64"), cost=COST_GPTQ),
+        Candidate("PTQ", "PTQ GPTQ int3 g32", gptq("W3G32"), profiles=("full",), cost=COST_GPTQ),
+        Candidate("PTQ", "PTQ static W8A8 + SmoothQuant", static_smoothquant, cost=COST_STATIC),
         Candidate("Dynamic", "Dynamic W8A8 (per token)", dynamic(8)),
         Candidate("Dynamic", "Dynamic W8A8 + LLM.int8 outliers", dynamic(8, outlier_threshold=6.0), profiles=("full",)),
         Candidate("Dynamic", "Dynamic W4A8 (g128)", dynamic(4), profiles=("full",)),
-        Candidate("QAT", "QAT int4 g64", qat("W4G64")),
-        Candidate("QAT", "QAT int3 g32", qat("W3G32"), profiles=("full",)),
-        Candidate("Mixed", "Mixed plan 4.5 bits/w", mixed_plan(4.5)),
-        Candidate("Mixed", "Mixed plan 3.5 bits/w", mixed_plan(3.5), profiles=("full",)),
+        Candidate("QAT", "QAT int4 g64", qat("W4G64"), cost=COST_QAT),
+        Candidate("QAT", "QAT int3 g32", qat("W3G32"), profiles=("full",), cost=COST_QAT),
+        Candidate("Mixed", "Mixed plan 4.5 bits/w", mixed_plan(4.5), cost=COST_MIXED),
+        Candidate("Mixed", "Mixed plan 3.5 bits/w", mixed_plan(3.5), profiles=("full",), cost=COST_MIXED),
         Candidate("Mixed", "bf16 weights", bf16_storage),
+        Candidate("Mixed", "bf16 autocast", bf16_autocast),
     ]

@@ -45,8 +45,15 @@ def detail_rows(rows) -> list[dict]:
     return out
 
 
-def vs_rows(rows) -> list[dict]:
-    """One row per strategy: its most accurate configuration (lowest KL), in words and numbers."""
+PICKS = {
+    "accurate": ("its most accurate configuration (lowest KL)", lambda x: x["kl"] if x["kl"] is not None else math.inf),
+    "smallest": ("its smallest configuration", lambda x: x["size_bytes"]),
+}
+
+
+def vs_rows(rows, pick: str = "accurate") -> list[dict]:
+    """One row per strategy, for the configuration ``pick`` chooses ("accurate": lowest KL, "smallest")."""
+    key = PICKS[pick][1]
     base = baseline(rows)
     out = []
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
@@ -58,7 +65,7 @@ def vs_rows(rows) -> list[dict]:
             out.append({"Strategy": strategy, "Accuracy": "failed: " + mine[0].get("error", "")[:60],
                         "Complexity": "-", "Performance": "-", "Resources": "-"})
             continue
-        r = min(ok, key=lambda x: x["kl"] if x["kl"] is not None else math.inf)
+        r = min(ok, key=key)
         dppl = 100 * (r["perplexity"] / base["perplexity"] - 1) if base else float("nan")
         size = 100 * (1 - r["size_bytes"] / base["size_bytes"]) if base else float("nan")
         pre = r["prefill_tok_s"] / base["prefill_tok_s"] if base else float("nan")
@@ -66,7 +73,7 @@ def vs_rows(rows) -> list[dict]:
         out.append({
             "Strategy": f"{strategy} ({r['label']})",
             "Accuracy": f"ppl {r['perplexity']:.2f} ({dppl:+.1f}%), KL {r['kl']:.4f}, top-1 {100 * r['top1']:.1f}%",
-            "Complexity": f"{len(r['steps'])} steps ({', '.join(r['steps'])}); data: {r['data']}; {r['build_wall_s']:.0f} s",
+            "Complexity": f"{len(r['steps'])} step{'s' if len(r['steps']) != 1 else ''} ({', '.join(r['steps'])}); data: {r['data']}; {r['build_wall_s']:.0f} s",
             "Performance": f"size -{size:.0f}%, prefill {pre:.2f}x, decode {dec:.2f}x",
             "Resources": f"+{r['build_rss_increase_mb'] / 1e3:.2f} GB peak memory while building, "
                          f"{r['build_cpu_s']:.0f} CPU-s",
@@ -105,6 +112,12 @@ def recommendations(rows) -> list[str]:
 
 def preamble(result: dict) -> list[str]:
     env, p = result["env"], result["profile"]
+    base = baseline(result["rows"]) or {}
+    drift = []
+    if "prefill_tok_s_runs" in base:
+        (p0, p1), (d0, d1) = base["prefill_tok_s_runs"], base["decode_tok_s_runs"]
+        drift = [f"fp32 timed at the start and at the end of the run: prefill {p0:.0f} / {p1:.0f} tok/s, decode "
+                 f"{d0:.1f} / {d1:.1f} tok/s; speed-ups are against the faster of the two."]
     return [
         f"Model: {result.get('model') or 'SmolLM2-135M-Instruct (default)'}; profile `{p['name']}`: "
         f"{p['eval_windows']} x {p.get('seq_len', 512)}-token evaluation windows, {p['calib_samples']} x "
@@ -113,18 +126,17 @@ def preamble(result: dict) -> list[str]:
         f"{p['new_tokens']} greedy decode tokens, batch 1.",
         f"Machine: {env['cpu']}, {env['threads']} threads; torch {env['torch']}, transformers {env['transformers']}, "
         f"llmquant {env['llmquant']} ({env.get('commit')}), {env['date']}. fp32 measured in this same run.",
-    ]
+    ] + drift
 
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
-    lines = ["# llmquant compare", ""] + preamble(result) + [
-        "",
-        "| Strategy | Accuracy | Complexity | Performance | Resources |",
-        "|---|---|---|---|---|",
-    ]
-    for r in vs_rows(rows):
-        lines.append("| " + " | ".join(r[k] for k in ("Strategy", "Accuracy", "Complexity", "Performance", "Resources")) + " |")
+    lines = ["# llmquant compare", ""] + preamble(result)
+    for pick, (what, _) in PICKS.items():
+        lines += ["", f"Each strategy by {what}:", "",
+                  "| Strategy | Accuracy | Complexity | Performance | Resources |", "|---|---|---|---|---|"]
+        for r in vs_rows(rows, pick):
+            lines.append("| " + " | ".join(r[k] for k in ("Strategy", "Accuracy", "Complexity", "Performance", "Resources")) + " |")
     lines += ["", "## Every configuration", "", format_table(detail_rows(rows)), "",
               "`size %` and the speed-ups are against fp32 in this run; `build +MB` is how far the process's resident "
               "memory rose above its level before the build (quantizing, calibrating or training).",
@@ -229,6 +241,7 @@ def html_report(result: dict) -> str:
     ) or "<p>(plots need matplotlib: pip install matplotlib)</p>"
     header = "<br>".join(esc(line) for line in preamble(result))
     recs = "".join(f"<li>{esc(s)}</li>" for s in recommendations(rows))
+    vs_tables = "".join(f"<p>Each strategy by {esc(what)}:</p>{table(vs_rows(rows, pick))}" for pick, (what, _) in PICKS.items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llmquant compare</title>
 <style>
@@ -240,7 +253,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>llmquant compare</h1>
 <p>{header}</p>
-<h2>Strategies</h2>{table(vs_rows(rows))}
+<h2>Strategies</h2>{vs_tables}
 <h2>Every configuration</h2>{table(detail_rows(rows))}
 <h2>Recommendations</h2><ul>{recs}</ul>
 <h2>Plots</h2>{figs}

@@ -63,6 +63,13 @@ class Context:
     tokenizer: Any
     load: Callable[[], Any]  # a fresh float copy of the model
     shared: dict = field(default_factory=dict)  # results one candidate leaves for others / the report
+    on_step: Callable[[str], None] = lambda step: None  # progress: the step a builder is in
+    reference_logits: Any = None  # the fp32 model's log-probabilities on the evaluation windows, computed once
+
+    def step(self, name: str) -> None:
+        """Builders call this as they go (``ctx.step("calibrate")``); the progress bar shows it."""
+        log.info("compare step: %s", name)
+        self.on_step(name)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,17 @@ class Candidate:
     label: str
     build: Callable[[Context], tuple[Any, dict]]  # -> (model, info: steps, data, notes)
     profiles: tuple[str, ...] = ("quick", "full")
+    # Estimated build seconds under a profile (2 threads, default model): weights the progress bar so its
+    # time-left estimate does not treat a GPTQ or QAT build like an RTN one. Only the estimate uses it.
+    cost: "float | Callable[[Profile], float]" = 1.0
+
+    def build_cost(self, p: Profile) -> float:
+        return float(self.cost(p) if callable(self.cost) else self.cost)
+
+
+def measure_cost(p: Profile) -> float:
+    """Estimated seconds to evaluate and time one configuration (default model, 2 threads)."""
+    return 2.0 * p.eval_windows * p.seq_len / 512 + p.speed_repeats * (p.prefill_len / 256 + p.new_tokens / 16)
 
 
 class _PeakRSS:
@@ -146,12 +164,24 @@ def environment() -> dict:
 
 
 def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu: float, mem: _PeakRSS) -> dict:
+    import contextlib
+
     import llmquant
 
     p = ctx.profile
-    res = llmquant.evaluate(model, reference=ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows,
-                            seq_len=p.seq_len, progress=False)
-    sp = measure_speed(model, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
+    # A candidate that is a way of *running* the float model (autocast) hands over the context to run it in.
+    run_ctx = info.get("run_context") or contextlib.nullcontext
+    ctx.step("evaluate")
+    t0 = time.perf_counter()
+    with run_ctx():
+        res = llmquant.evaluate(model, reference=ctx.reference_logits or ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows,
+                                seq_len=p.seq_len, progress=False)
+    t_eval = time.perf_counter() - t0
+    ctx.step("speed")
+    t0 = time.perf_counter()
+    with run_ctx():
+        sp = measure_speed(model, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
+    t_speed = time.perf_counter() - t0
     return {
         "strategy": cand.strategy,
         "label": cand.label,
@@ -171,6 +201,8 @@ def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu:
         "data": info.get("data", "none"),
         "notes": info.get("notes", ""),
         "kernel": info.get("kernel", ""),
+        "eval_wall_s": t_eval,
+        "speed_wall_s": t_speed,
     }
 
 
@@ -181,8 +213,11 @@ def run_compare(
     profile: "str | Profile" = "quick",
     strategies: tuple[str, ...] = ("ptq", "qat", "dynamic", "mixed"),
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict:
-    """Run every candidate of the chosen strategies; returns {"env", "profile", "rows", "shared"}."""
+    """Run every candidate of the chosen strategies; returns {"env", "profile", "rows", "shared"}.
+
+    ``threads`` sets ``torch.set_num_threads`` for the whole run (all timings, the fp32 baseline included)."""
     import llmquant
 
     if not isinstance(profile, Profile) and profile not in PROFILES:
@@ -192,20 +227,48 @@ def run_compare(
     if bad:
         raise LLMQuantError(f"unknown strategies {bad}; choose from {', '.join(sorted(known))}")
     prof = profile if isinstance(profile, Profile) else PROFILES[profile]
-    ref, tok = llmquant.load_model(model_path)
-    ctx = Context(model_path, prof, ref, tok, load=lambda: llmquant.load_model(model_path)[0])
-    chosen = [c for c in candidates if (prof.name in c.profiles or prof.name not in PROFILES) and (c.strategy == "fp32" or c.strategy.lower() in strategies)]
+    if threads is not None and threads < 1:
+        raise LLMQuantError(f"threads must be >= 1, got {threads}")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        ref, tok = llmquant.load_model(model_path)
+        ctx = Context(model_path, prof, ref, tok, load=lambda: llmquant.load_model(model_path)[0])
+        # One fp32 forward per evaluation window for the whole run, instead of one per configuration.
+        ids = llmquant.eval.token_windows(tok, None, prof.eval_windows, prof.seq_len)
+        ctx.reference_logits = llmquant.ReferenceLogits(ref, ids, progress=progress)
+        chosen = [c for c in candidates
+                  if (prof.name in c.profiles or prof.name not in PROFILES)
+                  and (c.strategy == "fp32" or c.strategy.lower() in strategies)]
+        rows = _run_all(chosen, ctx, progress)
+        ctx.reference_logits.close()
+        _remeasure_baseline(rows, ctx)
+        return {"env": environment(), "profile": prof.__dict__, "rows": rows, "shared": ctx.shared}
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_all(chosen: list[Candidate], ctx: Context, progress: bool) -> list[dict]:
     rows: list[dict] = []
-    bar = tqdm(chosen, desc="compare", unit="config", disable=not progress)
-    for cand in bar:
-        bar.set_postfix_str(f"{cand.strategy}: {cand.label}")
+    # The bar advances by estimated seconds, not configurations, so "time left" weighs the slow builds.
+    p, m_cost = ctx.profile, measure_cost(ctx.profile)
+    bar = tqdm(total=sum(c.build_cost(p) + m_cost for c in chosen), desc="compare", disable=not progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining} left] {postfix}")
+    for i, cand in enumerate(chosen, 1):
+        where = f"{i}/{len(chosen)} {cand.strategy}: {cand.label}"
+        ctx.on_step = lambda step, where=where: bar.set_postfix_str(f"{where} - {step}")
+        ctx.step("build")
         log.info("compare: %s / %s", cand.strategy, cand.label)
         gc.collect()
+        model, done = None, 0.0
         try:
             with _PeakRSS() as mem:
                 t0, c0 = time.perf_counter(), time.process_time()
                 model, info = cand.build(ctx)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            bar.update(cand.build_cost(p))
+            done = cand.build_cost(p)
             rows.append(_measure(ctx, cand, model, info, wall, cpu, mem))
         except Exception as e:  # noqa: BLE001 - a failing strategy is reported, the run goes on
             log.warning("%s failed: %s", cand.label, e)
@@ -214,9 +277,27 @@ def run_compare(
                 "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3),
             })
         finally:
-            model = None  # noqa: F841
+            model = None
             gc.collect()
-    return {"env": environment(), "profile": prof.__dict__, "rows": rows, "shared": ctx.shared}
+            bar.update(cand.build_cost(p) + m_cost - done)
+    bar.close()
+    ctx.on_step = lambda step: None
+    return rows
+
+
+def _remeasure_baseline(rows: list[dict], ctx: Context) -> None:
+    """Time fp32 again at the end of the run; speed-ups use the faster of the two fp32 measurements.
+
+    A machine that got slower (or faster) during the run shows up as the gap between the two, and taking
+    the faster baseline keeps a drift from inflating the speed-ups."""
+    base = next((r for r in rows if r["strategy"] == "fp32" and r["status"] == "ok"), None)
+    if base is None:
+        return
+    p = ctx.profile
+    sp = measure_speed(ctx.reference, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
+    for key, again in (("prefill_tok_s", sp.prefill_tokens_per_s), ("decode_tok_s", sp.decode_tokens_per_s)):
+        base[key + "_runs"] = [base[key], again]
+        base[key] = max(base[key], again)
 
 
 def write_json(result: dict, path: Path) -> None:
