@@ -254,7 +254,7 @@ def _run_all(chosen: list[Candidate], ctx: Context, progress: bool) -> list[dict
     # The bar advances by estimated seconds, not configurations, so "time left" weighs the slow builds.
     p, m_cost = ctx.profile, measure_cost(ctx.profile)
     bar = tqdm(total=sum(c.build_cost(p) + m_cost for c in chosen), desc="compare", disable=not progress,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining} left] {postfix}")
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining} left]{postfix}")
     for i, cand in enumerate(chosen, 1):
         where = f"{i}/{len(chosen)} {cand.strategy}: {cand.label}"
         ctx.on_step = lambda step, where=where: bar.set_postfix_str(f"{where} - {step}")
