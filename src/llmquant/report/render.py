@@ -170,16 +170,19 @@ def plots(result: dict) -> list[tuple[str, str]]:
     base = baseline(result["rows"])
     out = []
     if rows:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, key, name in ((axes[0], "kl", "KL vs fp32"), (axes[1], "perplexity", "perplexity")):
-            for r in rows:
-                ax.scatter(r["bits_per_weight"], r[key] if key != "kl" else max(r[key], 1e-5))
-                ax.annotate(r["label"], (r["bits_per_weight"], r[key] if key != "kl" else max(r[key], 1e-5)), fontsize=7)
-            ax.set_xlabel("bits per weight (whole model)")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        markers = "osD^v<>pP*Xh"
+        for ax, key, name in ((axes[0], "kl", "KL vs fp32 (fp32 drawn at 1e-5)"), (axes[1], "perplexity", "perplexity")):
+            for i, r in enumerate(rows):
+                ax.scatter(r["bits_per_weight"], max(r[key], 1e-5) if key == "kl" else r[key], s=36,
+                           marker=markers[i % len(markers)], label=r["label"])
+            ax.set_xlabel("bits per weight (whole model, embeddings included)")
             ax.set_ylabel(name)
-            if key == "kl":
-                ax.set_yscale("log")
+            ax.set_yscale("log")
             ax.grid(alpha=0.3)
+        # a legend rather than point labels: configurations of one size sit on top of each other
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.subplots_adjust(bottom=0.3)
         fig.suptitle("Size / accuracy frontier")
         out.append(("Bits per weight against KL and perplexity", _png(fig)))
         plt.close(fig)
