@@ -115,3 +115,24 @@ def test_clean_fallback_when_extension_unavailable(monkeypatch):
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+@pytest.mark.parametrize("name", ["W8", "W4G64", "gguf:Q4_1"])
+def test_prefill_under_bf16_autocast(name):
+    """Opt-in fast prefill: under llmquant.autocast("bf16") many-token inputs run a bf16 GEMM with the
+    dequantized weight rounded to bf16 once, exactly what autocast does for a float Linear."""
+    import llmquant
+
+    m = _qlin(PRESETS[name])
+    x = torch.randn(2, 20, 256)
+    w = m.dequantize_weight(dtype=torch.float32)
+    with llmquant.autocast("bf16"):
+        y = _run(m, x, "packed_avx2")
+        expect = torch.nn.functional.linear(x, w, m.bias)  # autocast's own bf16 Linear on the float weight
+        one = _run(m, x[:, :1], "packed_avx2")  # decode rows keep the fp32 weight-only path
+    assert m._kernel.name == "packed_avx2" and y.dtype == expect.dtype == torch.bfloat16
+    assert (y.float() - expect.float()).abs().max() <= 1e-2 * expect.float().abs().max()
+    assert one.dtype == torch.float32
+    assert m._prefill_state["bf16"][0].dtype == torch.bfloat16  # kept for the next prompt
+    m.reset_kernel()
+    assert m._prefill_state is None

@@ -10,7 +10,9 @@ such call and kept: 2 more bytes per weight at run time once a prompt has been p
 with 2 threads on a quiet machine it measured as fast as fp32 (benchmarks/results/kernels.md), where
 dequantizing to fp32 per call was about 10% slower than fp32; no weight-only path beats fp32 there.
 Without fbgemm they dequantize the weight to fp32 for the call and run PyTorch's float GEMM. The lean
-runtime's fused calls (``run_fused``) keep the dequantize path.
+runtime's fused calls (``run_fused``) keep the dequantize path. Under ``llmquant.autocast("bf16")`` (CPU
+bf16 autocast), many-token inputs instead take a bf16 GEMM with the dequantized weight rounded to bf16 once
+and kept: the opt-in way to a prefill faster than fp32, at autocast's numerics (bf16 activations).
 
 Supported: CPU, 4 or 8 bits, per channel, per tensor or groups that are multiples of 32, ``in_features`` a
 multiple of 32, any zero point, no activation quantization. Everything else goes to the next kernel.
@@ -62,12 +64,41 @@ class PackedAVX2(Kernel):
         return (module.qweight.contiguous(), scale, offsets, bias, s.bits, n, k, gs)
 
     def run(self, module, state, x):
-        if x.numel() >= LARGE_M * module.in_features and KERNELS["fbgemm_fp16"].supports(module, x.device):
-            fp16 = KERNELS["fbgemm_fp16"]
-            if getattr(module, "_prefill_state", None) is None:
-                module._prefill_state = fp16.prepare(module, x.device, x.dtype)
-            return fp16.run(module, module._prefill_state, x)
+        if x.numel() >= LARGE_M * module.in_features:
+            if autocast_bf16(x):
+                return _run_bf16(module, state, x)
+            if KERNELS["fbgemm_fp16"].supports(module, x.device):
+                fp16 = KERNELS["fbgemm_fp16"]
+                cache = _prefill_cache(module)
+                if "fp16" not in cache:
+                    cache["fp16"] = fp16.prepare(module, x.device, x.dtype)
+                return fp16.run(module, cache["fp16"], x)
         return run_fused([state], x)
+
+
+def autocast_bf16(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being computed under CPU bf16 autocast (``llmquant.autocast("bf16")``)."""
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _prefill_cache(module) -> dict:
+    if getattr(module, "_prefill_state", None) is None:
+        module._prefill_state = {}
+    return module._prefill_state
+
+
+def _run_bf16(module, state, x: torch.Tensor) -> torch.Tensor:
+    """Many-token input under bf16 autocast: what autocast does for a float Linear, with the dequantized
+    weight rounded to bf16 once and kept (2 bytes per weight at run time, like the fp16 prefill state).
+    The output is bf16, as autocast's linear is. bf16 GEMMs run about twice as fast as fp32 here
+    (benchmarks/results/kernels.md), which is what makes a weight-only model's prefill faster than fp32."""
+    cache = _prefill_cache(module)
+    if "bf16" not in cache:
+        qweight, scale, offsets, bias, bits, n, k, gs = state
+        w = native.load().dequant(qweight, scale, offsets, bits, n, k, gs).to(torch.bfloat16)
+        cache["bf16"] = (w, None if bias is None else bias.to(torch.bfloat16))
+    w, bias = cache["bf16"]
+    return F.linear(x.to(torch.bfloat16), w, bias)
 
 
 def can_fuse(states) -> bool:
