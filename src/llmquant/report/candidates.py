@@ -48,15 +48,22 @@ def fp32(ctx: Context):
     return ctx.reference, {"steps": [], "data": "none", "kernel": "torch fp32"}
 
 
-def rtn(preset: str):
+def rtn(preset: str, autocast: bool = False):
     def build(ctx: Context):
+        import functools
+
         import llmquant
 
         m = ctx.load()
         ctx.step(f"quantize (RTN {preset})")
         s = llmquant.quantize(m, preset, progress=False)
-        return m, {"steps": ["quantize"], "data": "none", "kernel": ",".join(s.kernels),
-                   "notes": f"RTN {s.layers[0].scheme}, kernel {','.join(s.kernels)}"}
+        info = {"steps": ["quantize"], "data": "none", "kernel": ",".join(s.kernels),
+                "notes": f"RTN {s.layers[0].scheme}, kernel {','.join(s.kernels)}"}
+        if autocast:  # run under bf16 autocast: the quantized layers' prefill takes a bf16 GEMM
+            info["steps"] = ["quantize", "run under llmquant.autocast('bf16')"]
+            info["run_context"] = functools.partial(llmquant.autocast, "bf16")
+            info["notes"] += "; run under bf16 autocast (bf16 GEMM for many-token inputs, activations in bf16)"
+        return m, info
 
     return build
 
@@ -191,6 +198,7 @@ def default_candidates() -> list[Candidate]:
     return [
         Candidate("fp32", "fp32", fp32),
         Candidate("PTQ", "PTQ RTN int8 (W8)", rtn("W8")),
+        Candidate("PTQ", "PTQ RTN int8 + bf16 autocast", rtn("W8", autocast=True)),
         Candidate("PTQ", "PTQ RTN int4 g64 (W4G64)", rtn("W4G64")),
         Candidate("PTQ", "PTQ RTN int4 g32 asym", rtn("W4G32A"), profiles=("full",)),
         Candidate("PTQ", "PTQ GPTQ int4 g64", gptq("W4G64"), cost=COST_GPTQ),
