@@ -23,7 +23,8 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
-# The quick comparison of every strategy on the default model (about 10 minutes on 2 cores); the report
+# The quick comparison of every strategy on the default model (7 minutes on 2 cores from a fresh clone,
+# install included); the report
 # lands in runs/compare/ (report.md, report.json, report.html).
 demo: $(VENV)/.installed
 	$(BIN)/llmquant compare --profile quick -o runs/compare
