@@ -2,7 +2,7 @@
 
 The extension is compiled from source with the system C++ compiler through
 ``torch.utils.cpp_extension.load`` (``-O3 -mavx2 -mfma``) and cached under ``$LLMQUANT_CACHE/ext``
-(default ``~/.cache/llmquant/ext``), keyed by the torch and Python versions and a hash of the source, so a
+(default ``~/.cache/llmquant/ext``), keyed by the torch and Python versions and a hash of the source and of the torch installation, so a
 later process loads it in well under a second. The first build takes about a minute on 2 cores.
 
 Nothing here is required: when the CPU lacks AVX2/FMA, no compiler (or ninja) is found, the build fails,
@@ -38,7 +38,9 @@ def cpu_has_avx2() -> bool:
 
 def build_dir() -> Path:
     base = Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant")).expanduser()
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    # Keyed by the source and by the torch installation (its headers' path goes into the build file): two
+    # checkouts or venvs sharing the cache would otherwise make torch's builder recompile on every switch.
+    digest = hashlib.sha256(SOURCE.read_bytes() + str(Path(torch.__file__).parent).encode()).hexdigest()[:12]
     tv = torch.__version__.replace("+", "_")
     return base / "ext" / f"qgemm-torch{tv}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
 
@@ -85,9 +87,12 @@ def load():
                 d.mkdir(parents=True, exist_ok=True)
                 if not (d / "qgemm_avx2.so").exists() and not list(d.glob("*.so")):
                     log.warning("building llmquant's AVX2 kernels (once, about a minute; cached in %s)", d)
+                src = d / SOURCE.name  # compiled from a copy in the cache: a path that does not move with the checkout
+                if not src.exists() or src.read_bytes() != SOURCE.read_bytes():
+                    shutil.copyfile(SOURCE, src)
                 mod = cpp_extension.load(
                     name="llmquant_qgemm_avx2",
-                    sources=[str(SOURCE)],
+                    sources=[str(src)],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(d),
