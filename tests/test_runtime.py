@@ -113,6 +113,22 @@ def test_quantized_model_through_packed_kernel():
     assert torch.equal(llmquant.generate(m, ids, 12, use_eos=False), fast)
 
 
+def test_prefill_bf16():
+    """The prompt's forward under bf16 autocast (fused packed linears take a cached bf16 weight), decode fp32."""
+    m = make_tiny_llama(vocab_size=512, hidden=128)
+    llmquant.quantize(m, "W8", progress=False)
+    lean = LeanModel(m)
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(7))
+    exact = lean(ids, lean.new_cache(1, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = lean(ids, lean.new_cache(1, 24))
+    assert fast.dtype == torch.float32 or fast.dtype == torch.bfloat16
+    assert (fast.float() - exact).abs().max() <= 0.05 * exact.abs().max()  # bf16 activations: ~2^-8 relative
+    assert not torch.equal(fast.float(), exact)  # the bf16 path did run
+    out = llmquant.generate(m, ids, 6, use_eos=False, lean=lean, prefill_bf16=True)
+    assert out.shape == (1, 6)
+
+
 def test_errors():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -311,6 +311,7 @@ def _gen_kwargs(args) -> dict:
         top_p=1.0 if args.top_p is None else args.top_p,
         seed=args.seed,
         threads=args.threads,
+        prefill_bf16=args.prefill_bf16,
     )
 
 
@@ -384,3 +385,5 @@ def _add_generation_args(g) -> None:
     g.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); reported with --stats")
     g.add_argument("--kernel", help="force one kernel (e.g. packed_avx2, fbgemm_fp16, reference)")
     g.add_argument("--stats", action="store_true", help="print tokens/s and threads to stderr")
+    g.add_argument("--prefill-bf16", action="store_true",
+                   help="run the prompt's forward under bf16 autocast (faster prefill; decode stays fp32)")

@@ -106,9 +106,12 @@ def can_fuse(states) -> bool:
     return len({(st[4], st[6], st[7], st[1].shape[1]) for st in states}) == 1
 
 
-def run_fused(states, x: torch.Tensor) -> torch.Tensor:
+def run_fused(states, x: torch.Tensor, bf16_cache: dict | None = None) -> torch.Tensor:
     """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
-    (fused QKV or gate/up: one pass, one thread launch, buffers left where they are)."""
+    (fused QKV or gate/up: one pass, one thread launch, buffers left where they are).
+
+    Under bf16 autocast, many-token inputs take a bf16 GEMM with the stacked dequantized weight rounded to
+    bf16 once and kept in ``bf16_cache`` (the caller's dict; without one, it is rebuilt per call)."""
     _, scale0, _, _, bits, _, k, gs = states[0]
     ext = native.load()
     shape = x.shape
@@ -120,6 +123,12 @@ def run_fused(states, x: torch.Tensor) -> torch.Tensor:
     biases = [st[3] for st in states]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else torch.zeros(st[5]) for b, st in zip(biases, states)])
+    if m >= LARGE_M and autocast_bf16(x):
+        cache = {} if bf16_cache is None else bf16_cache
+        if "w" not in cache:
+            cache["w"] = torch.cat([ext.dequant(st[0], st[1], st[2], bits, st[5], k, gs) for st in states]).to(torch.bfloat16)
+            cache["b"] = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(x2.to(torch.bfloat16), cache["w"], cache["b"]).reshape(*shape[:-1], n)
     if m >= LARGE_M:
         w = torch.cat([ext.dequant(st[0], st[1], st[2], bits, st[5], k, gs) for st in states]) if len(states) > 1 \
             else ext.dequant(states[0][0], scale0, states[0][2], bits, n, k, gs)

@@ -10,6 +10,7 @@ value is the generated ids only, (B, n) int64; positions after a sequence stoppe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -100,12 +101,15 @@ def generate(
     pad_id: int | None = None,
     lean: LeanModel | None = None,
     stats: GenerationStats | None = None,
+    prefill_bf16: bool = False,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``; returns the new ids (B, n).
 
     ``attention_mask`` (B, T) marks real tokens of a left-padded id batch. ``threads`` sets
     ``torch.set_num_threads`` (process-wide). ``lean`` reuses a built :class:`LeanModel`; ``stats``
-    (a :class:`GenerationStats`) is filled with timings.
+    (a :class:`GenerationStats`) is filled with timings. ``prefill_bf16`` runs the prompt's forward under
+    bf16 autocast (bf16 GEMMs, about 1.7x faster on an int8/int4 model here) and the token-by-token decode
+    in fp32 as usual; it changes the prompt's numerics slightly (activations rounded to bf16).
     """
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -144,7 +148,8 @@ def generate(
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=lean.device)
     done = torch.zeros(b, dtype=torch.bool, device=lean.device)
     t1 = time.perf_counter()
-    logits = lean(ids, cache, key_mask, positions)
+    with torch.autocast(torch.device(lean.device).type, dtype=torch.bfloat16) if prefill_bf16 else contextlib.nullcontext():
+        logits = lean(ids, cache, key_mask, positions)
     step_pos = None if positions is None else positions[:, -1:]
     n = 0
     t_first = None

@@ -64,7 +64,8 @@ def bind_linears(mods: list[nn.Module], dtype: torch.dtype, fuse: bool = True):
         states = [m._kernel_state for m in mods]
         if packed_cpu.can_fuse(states):
             sizes = [m.out_features for m in mods]
-            return lambda x: packed_cpu.run_fused(states, x).split(sizes, -1)
+            bf16_cache: dict = {}  # the stacked bf16 weight, built on the first prefill under bf16 autocast
+            return lambda x: packed_cpu.run_fused(states, x, bf16_cache).split(sizes, -1)
     return lambda x: [f(x) for f in fns]
 
 
