@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from pathlib import Path
 
 import torch
 
 import llmquant
 from llmquant.bench import measure_speed
-from llmquant.report import format_table
+from _results import write_speed_results
 
 
 def main():
@@ -47,16 +46,7 @@ def main():
             rows.append({"model": name, "autocast bf16": ac, "prefill tok/s": sp.prefill_tokens_per_s,
                          "decode tok/s": sp.decode_tokens_per_s, "KL": ev.kl, "ppl": ev.perplexity})
             print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]
-    for r in rows:
-        r["prefill x fp32"] = r["prefill tok/s"] / base["prefill tok/s"]
-        r["decode x fp32"] = r["decode tok/s"] / base["decode tok/s"]
-    out = Path("benchmarks/results/autocast_prefill")
-    out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "prefill": args.prefill,
-                                                    "windows": args.windows, "rows": rows}, indent=1))
-    md = format_table(rows)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
+    write_speed_results(rows, "autocast_prefill", {"threads": args.threads, "prefill": args.prefill, "windows": args.windows})
 
 
 if __name__ == "__main__":

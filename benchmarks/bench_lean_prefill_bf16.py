@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 import llmquant
-from llmquant.report import format_table
+from _results import write_speed_results
 from llmquant.runtime import GenerationStats, LeanModel
 
 
@@ -49,15 +48,7 @@ def main():
             rows.append({"model": name, "prefill_bf16": bf16, "prefill tok/s": best.prefill_tok_s,
                          "decode tok/s": best.decode_tok_s, "same leading tokens": f"{same}/{out.shape[1]}"})
             print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]
-    for r in rows:
-        r["prefill x fp32"] = r["prefill tok/s"] / base["prefill tok/s"]
-        r["decode x fp32"] = r["decode tok/s"] / base["decode tok/s"]
-    out = Path("benchmarks/results/lean_prefill_bf16")
-    out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
-    md = format_table(rows)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
+    write_speed_results(rows, "lean_prefill_bf16", {"threads": args.threads})
 
 
 if __name__ == "__main__":
