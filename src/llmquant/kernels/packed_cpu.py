@@ -65,8 +65,8 @@ class PackedAVX2(Kernel):
 
     def run(self, module, state, x):
         if x.numel() >= LARGE_M * module.in_features:
-            if autocast_bf16(x):
-                return _run_bf16(module, state, x)
+            if autocast_bf16(x):  # the bf16 weight is kept with the module's other prefill state
+                return run_fused([state], x, _prefill_cache(module))
             if KERNELS["fbgemm_fp16"].supports(module, x.device):
                 fp16 = KERNELS["fbgemm_fp16"]
                 cache = _prefill_cache(module)
@@ -87,20 +87,6 @@ def _prefill_cache(module) -> dict:
     return module._prefill_state
 
 
-def _run_bf16(module, state, x: torch.Tensor) -> torch.Tensor:
-    """Many-token input under bf16 autocast: what autocast does for a float Linear, with the dequantized
-    weight rounded to bf16 once and kept (2 bytes per weight at run time, like the fp16 prefill state).
-    The output is bf16, as autocast's linear is. bf16 GEMMs run about twice as fast as fp32 here
-    (benchmarks/results/kernels.md), which is what makes a weight-only model's prefill faster than fp32."""
-    cache = _prefill_cache(module)
-    if "bf16" not in cache:
-        qweight, scale, offsets, bias, bits, n, k, gs = state
-        w = native.load().dequant(qweight, scale, offsets, bits, n, k, gs).to(torch.bfloat16)
-        cache["bf16"] = (w, None if bias is None else bias.to(torch.bfloat16))
-    w, bias = cache["bf16"]
-    return F.linear(x.to(torch.bfloat16), w, bias)
-
-
 def can_fuse(states) -> bool:
     """True when prepared states (of this kernel) can run as one call: same bits, width and groups."""
     return len({(st[4], st[6], st[7], st[1].shape[1]) for st in states}) == 1
@@ -110,25 +96,32 @@ def run_fused(states, x: torch.Tensor, bf16_cache: dict | None = None) -> torch.
     """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
     (fused QKV or gate/up: one pass, one thread launch, buffers left where they are).
 
-    Under bf16 autocast, many-token inputs take a bf16 GEMM with the stacked dequantized weight rounded to
-    bf16 once and kept in ``bf16_cache`` (the caller's dict; without one, it is rebuilt per call)."""
+    Under bf16 autocast, many-token inputs take a bf16 GEMM (output bf16, as autocast's linear) with the
+    stacked dequantized weight rounded to bf16 once: what autocast does for a float Linear, at 2 bytes per
+    weight kept as ``bf16_cache["bf16"]`` (the caller's dict; without one, it is rebuilt per call)."""
     _, scale0, _, _, bits, _, k, gs = states[0]
     ext = native.load()
     shape = x.shape
     x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
     m = x2.shape[0]
     n = sum(st[5] for st in states)
-    biases = [st[3] for st in states]
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b if b is not None else torch.zeros(st[5]) for b, st in zip(biases, states)])
+
+    def stacked_bias():
+        biases = [st[3] for st in states]
+        return None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(st[5]) for b, st in zip(biases, states)])
+
     if m >= LARGE_M and autocast_bf16(x):
         cache = {} if bf16_cache is None else bf16_cache
-        if "w" not in cache:
-            cache["w"] = torch.cat([ext.dequant(st[0], st[1], st[2], bits, st[5], k, gs) for st in states]).to(torch.bfloat16)
-            cache["b"] = None if bias is None else bias.to(torch.bfloat16)
-        return F.linear(x2.to(torch.bfloat16), cache["w"], cache["b"]).reshape(*shape[:-1], n)
+        if "bf16" not in cache:
+            w = torch.cat([ext.dequant(st[0], st[1], st[2], bits, st[5], k, gs) for st in states])
+            b = stacked_bias()
+            cache["bf16"] = (w.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16))
+        w, b = cache["bf16"]
+        return F.linear(x2.to(torch.bfloat16), w, b).reshape(*shape[:-1], n)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    bias = stacked_bias()
     if m >= LARGE_M:
         w = torch.cat([ext.dequant(st[0], st[1], st[2], bits, st[5], k, gs) for st in states]) if len(states) > 1 \
             else ext.dequant(states[0][0], scale0, states[0][2], bits, n, k, gs)
