@@ -16,12 +16,7 @@ from llmquant.modules import QuantLinear
 from conftest import make_tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB = 1000

@@ -14,13 +14,7 @@ from llmquant.schemes import PRESETS, QuantScheme, dequantize
 from conftest import make_tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: thread hand-offs dominate on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n=3000, k=100, seed=0):

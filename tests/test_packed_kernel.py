@@ -12,13 +12,7 @@ from llmquant.schemes import PRESETS, QuantScheme
 SCHEMES = ["W8", "W8G128", "W4", "W4G32", "W4G64", "W4G128A", "gguf:Q8_0", "gguf:Q4_1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared, oversubscribed CPU, OpenMP barriers between 2 threads cost milliseconds per op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qlin(scheme, n=96, k=256, bias=True, seed=0):

@@ -18,13 +18,7 @@ PRESETS = {**_PRESETS, "Q41F": QuantScheme(bits=4, symmetric=False, granularity=
 from conftest import make_tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread (no OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ste_round_and_grad_scale():

@@ -19,13 +19,7 @@ from conftest import make_tiny_llama
 KW = dict(seq_len=32, batch=2, progress=False, seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread (no OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kl(student, teacher, ids):

@@ -11,13 +11,7 @@ from llmquant.runtime import GenerationStats, LeanModel
 from conftest import make_tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared, oversubscribed CPU, OpenMP barriers between 2 threads cost milliseconds per op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf_greedy(model, ids, n):
