@@ -189,9 +189,9 @@ def test_cli_gptq_and_bad_calibration(tmp_path, tiny_folder, capsys):
 
 
 def test_gptq_after_awq_scales(tiny, calib):
-    """GPTQParams(awq_scales=True): AWQ's scales folded in, then GPTQ on the scaled weights and Hessian."""
+    """method=["awq", "gptq"]: AWQ's scales folded in, then GPTQ on the scaled weights and Hessian."""
     m = copy.deepcopy(tiny)
-    cfg = QuantConfig(weight="W3G32", method="gptq", method_params=GPTQParams(awq_scales=True, awq_grid=5))
+    cfg = QuantConfig(weight="W3G32", method=["awq", "gptq"], method_params=[AWQParams(grid=5), None])
     s = llmquant.quantize(m, cfg, calib=calib, progress=False)
     assert len(s.layers) == 21 and not torch.equal(m.model.layers[0].input_layernorm.weight, tiny.model.layers[0].input_layernorm.weight)
     ev = torch.randint(0, VOCAB, (4, 48), generator=torch.Generator().manual_seed(2))

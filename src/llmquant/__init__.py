@@ -16,13 +16,12 @@ __version__ = "0.1.0"
 import logging as _logging
 
 from .errors import LLMQuantError
-from .schemes import AWQParams, CalibSpec, GPTQParams, PRESETS, QuantConfig, QuantScheme
+from .schemes import AWQParams, CalibSpec, GPTQParams, PRESETS, QATParams, QuantConfig, QuantScheme, scheme_for
 from .modules import QuantLinear
-from .flows import QuantSummary
-from .flows import quantize as _flow_quantize
+from .flows import METHODS, Method, QuantSummary, register_method
 from .flows import convert, prepare
 from .flows import quantize_dynamic
-from .flows import QATResult, convert_qat, prepare_qat, train_qat  # QAT (issue 5)
+from .flows import QATResult, convert_qat, prepare_qat, train_qat
 from . import flows as _flows
 from .flows.calibrate import _check_config as _check_calibration_config
 from .eval import EvalResult, ReferenceLogits, evaluate, model_size
@@ -58,29 +57,31 @@ def load_model(path=None, *, dtype=None, packed=False):
 
 
 def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True):
-    """Quantize ``model``'s linears in place; returns a summary. See :func:`llmquant.flows.quantize`.
+    """Quantize ``model`` in place with ``config``; returns a :class:`QuantSummary`.
 
-    Calibrated methods (``QuantConfig(method="gptq" | "awq")``) take ``calib``: None for the calibration
-    in ``config.calibration`` (default: 64 x 512 tokens from the end of the default text), a path to a
-    .txt / .jsonl file, or a tensor of token ids (windows, seq_len) / float inputs.
+    ``config``: a :class:`QuantConfig` whose ``method`` names a registered method (``rtn``, ``gptq``,
+    ``awq``, ``static``, ``smoothquant``, ``dynamic``, ``qat``, ``plan``; a list such as ``["awq", "gptq"]``
+    composes layer-wise methods), a scheme or preset name (RTN), a dict (a saved manifest's ``config``), a
+    mixed-precision :class:`Plan` (or its .json file), or a folder written by :func:`save` (its recipe).
+    Calibrated methods take ``calib``: None for the calibration in ``config.calibration`` (default: 64 x 512
+    tokens from the end of the default text), a path to a .txt / .jsonl file, or a tensor of token ids
+    (windows, seq_len) / float inputs.
     """
     from pathlib import Path
 
-    from .schemes import METHOD_PARAMS, is_plan_like, resolve_config
-
-    if is_plan_like(config):  # a mixed-precision plan (see llmquant.plan_mixed_precision)
-        return _flow_quantize(model, config, progress=progress)
-    cfg = resolve_config(config)
-    if cfg.method in METHOD_PARAMS and (calib is None or isinstance(calib, (str, Path))):
+    cfg = _flows.registry.resolve(config)
+    if _flows.needs_calibration(cfg) and (calib is None or isinstance(calib, (str, Path))):
         spec = cfg.calibration or CalibSpec()
         if calib is not None:
             spec = spec.__class__(**{**spec.to_dict(), "source": str(calib)})
+        if cfg.methods[0] in ("static", "smoothquant"):
+            _check_calibration_config(cfg)  # before the text is read
         tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
         ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         src = None if spec.source in (None, "default") else Path(spec.source)
         calib = _io.calibration_windows(tok, src, spec.samples, spec.seq_len, context=ctx)
         cfg = cfg.with_(calibration=spec)
-    return _flow_quantize(model, cfg, calib=calib, progress=progress)
+    return _flows.quantize(model, cfg, calib=calib, progress=progress)
 
 
 def load(folder, *, device="cpu"):
@@ -125,16 +126,20 @@ def calibrate(model, tokenizer=None, text=None, *, samples=64, seq_len=512, wind
     return _flows.calibrate(model, wins, batch_size=batch_size, progress=progress)
 
 
-def quantize_static(model, config, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None, arch=None,
+def quantize_static(model, config, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None,
                     progress=True):
-    """Calibrated quantization in place (SmoothQuant when ``config.smooth_alpha`` is set, then static scales);
-    the config and the text are checked before the first pass. See :mod:`llmquant.flows.calibrate`."""
+    """Static W8A8 in place (SmoothQuant first when ``config.smooth_alpha`` is set): the ``static`` /
+    ``smoothquant`` method of :func:`quantize` on ``samples`` windows of ``seq_len`` tokens from the end of
+    ``text`` (None: the default text; a Path: a file; a str: the text), or on the given token ``windows``.
+    The config and the text are checked before the first pass."""
     from .schemes import resolve_config
 
     config = resolve_config(config)
+    if config.method not in ("static", "smoothquant"):
+        config = config.with_(method="smoothquant" if config.smooth_alpha is not None else "static")
     _check_calibration_config(config)
     wins = _calib_windows(model, tokenizer, text, samples, seq_len, windows)
-    return _flows.quantize_static(model, config, wins, arch=arch, progress=progress)
+    return _flows.quantize(model, config, calib=wins, progress=progress)
 
 
 __all__ = [
@@ -142,6 +147,11 @@ __all__ = [
     "compare",
     "AWQParams",
     "CalibSpec",
+    "METHODS",
+    "Method",
+    "QATParams",
+    "register_method",
+    "scheme_for",
     "GPTQParams",
     "Plan",
     "autocast",

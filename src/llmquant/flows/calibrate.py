@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError, SchemeError
 from ..modules import QuantLinear, replace_module, select_linears
 from ..observers import HistogramObserver, Observer, make_observer, parse_spec
-from ..schemes import QuantConfig, check_finite, quantize_to_int, resolve_config, sqnr_db
-from .ptq import LayerSummary, QuantSummary, _untie_if_needed
+from ..schemes import QuantConfig, check_finite, quantize_to_int, resolve_config
+from .summary import QuantSummary, layer_row, untie_if_needed
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def convert(model: nn.Module, *, observer: str | None = None, progress: bool = T
             in_obs[name] = obs.calculate_qparams()
     t0 = time.perf_counter()
     summary = QuantSummary(method=cfg.method, config=cfg.to_dict())
-    summary.untied_lm_head = _untie_if_needed(model, [n for n, _ in chosen])
+    summary.untied_lm_head = untie_if_needed(model, [n for n, _ in chosen])
     for name, lin in tqdm(chosen, desc=f"convert ({cfg.observer})", disable=not progress, leave=False):
         w = lin.weight.detach()
         check_finite(w, name)
@@ -128,13 +128,8 @@ def convert(model: nn.Module, *, observer: str | None = None, progress: bool = T
         qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation,
                                           input_scale=in_scale, input_zero=in_zero).to(w.device)
         _remove_observer_hooks(lin)
-        summary.layers.append(LayerSummary(
-            name=name, shape=tuple(w.shape), scheme=cfg.weight.name, bits_per_weight=qlin.weight_bits,
-            packed_bytes=qlin.packed_bytes(),
-            float_bytes=w.numel() * w.element_size() + (0 if lin.bias is None else lin.bias.numel() * lin.bias.element_size()),
-            sqnr_db=sqnr_db(w.float(), qlin.dequantize_weight(dtype=torch.float32, device=w.device)),
-            kernel=qlin.kernel.name,
-        ))
+        summary.layers.append(layer_row(name, w, qlin.dequantize_weight(dtype=torch.float32, device=w.device), qlin,
+                                        orig=lin, scheme=cfg.weight.name))
         replace_module(model, name, qlin)
     summary.seconds = time.perf_counter() - t0
     del model.llmquant_prepared
@@ -163,6 +158,11 @@ def calibrate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, p
     for i in tqdm(range(0, windows.shape[0], batch_size), desc="calibrate", disable=not progress, leave=False):
         run(windows[i : i + batch_size].to(dev))
     return windows.numel()
+
+
+def run_static(model: nn.Module, config, windows: torch.Tensor, progress: bool = True) -> QuantSummary:
+    """The ``static`` / ``smoothquant`` methods' handler (see :func:`quantize_static`)."""
+    return quantize_static(model, config, windows, progress=progress)
 
 
 def quantize_static(model: nn.Module, config, windows: torch.Tensor, *, arch=None, progress: bool = True) -> QuantSummary:

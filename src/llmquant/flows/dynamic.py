@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from ..errors import SchemeError, SelectionError
 from ..modules import QuantLinear, replace_module, select_linears
-from ..schemes import QuantConfig, QuantScheme, sqnr_db
+from ..schemes import QuantConfig, QuantScheme
 from ..schemes.primitives import rotate_blocks
-from .ptq import LayerSummary, QuantSummary, _untie_if_needed
+from .summary import LayerSummary, QuantSummary, layer_row, untie_if_needed
 
 log = logging.getLogger(__name__)
 
@@ -78,40 +78,13 @@ def dynamic_schemes(
     return w, a
 
 
-def _split_targets(targets) -> tuple[tuple[type, ...], tuple[str, ...]]:
-    if targets is None:
-        return (nn.Linear,), ()
-    if isinstance(targets, (str, type)):
-        targets = [targets]
-    types, names = [], []
+def _check_types(targets) -> None:
     for t in targets:
-        if isinstance(t, type):
-            if not issubclass(t, SUPPORTED_TYPES):
-                raise SelectionError(
-                    f"quantize_dynamic cannot quantize {t.__name__}; supported module types: "
-                    f"{', '.join(c.__name__ for c in SUPPORTED_TYPES)}"
-                )
-            types.append(t)
-        elif isinstance(t, str):
-            names.append(t)
-        else:
-            raise SelectionError(f"targets hold module types, names or 're:' patterns, not {type(t).__name__}")
-    return tuple(types), tuple(names)
-
-
-def _select(model: nn.Module, targets, ignore: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
-    types, names = _split_targets(targets)
-    chosen: dict[str, nn.Module] = {}
-    if types:
-        try:
-            chosen.update(select_linears(model, (), ignore, types=types))
-        except SelectionError:
-            if not names:  # with names too, a type that matches nothing is fine as long as a name matches
-                raise
-    if names:
-        chosen.update(select_linears(model, names, ignore, types=SUPPORTED_TYPES))
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return sorted(chosen.items(), key=lambda kv: order[kv[0]])
+        if isinstance(t, type) and not issubclass(t, SUPPORTED_TYPES):
+            raise SelectionError(
+                f"quantize_dynamic cannot quantize {t.__name__}; supported module types: "
+                f"{', '.join(c.__name__ for c in SUPPORTED_TYPES)}"
+            )
 
 
 def _quantize_rnn(mod: nn.Module) -> nn.Module:
@@ -187,12 +160,36 @@ def quantize_dynamic(
     wscheme, ascheme = dynamic_schemes(
         weight_bits, act_granularity, symmetric, group_size, outlier_threshold, weight_symmetric, rotation
     )
-    ignore = tuple(ignore)
-    chosen = _select(model, targets, ignore)
+    if targets is None:
+        targets = (nn.Linear,)
+    elif isinstance(targets, (str, type)):
+        targets = [targets]
+    targets = tuple(targets)
+    _check_types(targets)
+    types = tuple(t for t in targets if isinstance(t, type))
+    names = tuple(t for t in targets if not isinstance(t, type))
+    cfg = QuantConfig(weight=wscheme, activation=ascheme, method="dynamic", targets=names, ignore=tuple(ignore))
+    return run_dynamic(model, cfg, None, progress, types=types)
+
+
+@torch.no_grad()
+def run_dynamic(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True, *,
+                types: tuple[type, ...] = ()) -> QuantSummary:
+    """The ``dynamic`` method's handler: ``cfg.weight`` made by RTN ahead of time, ``cfg.activation`` (a
+    dynamic scheme) computed per input at run time. ``types``: module types selected besides ``cfg.targets``
+    (``quantize_dynamic``'s ``{nn.Linear, nn.LSTM}``); none given and no targets: every ``nn.Linear``."""
+    wscheme, ascheme = cfg.weight, cfg.activation
+    if ascheme is None or not ascheme.dynamic:
+        raise SchemeError("the dynamic method needs a dynamic activation scheme (QuantScheme(..., dynamic=True)); "
+                          "leave activation unset for int8 per-token")
+    rotation = ascheme.rotation
+    if not types and not cfg.targets:
+        types = (nn.Linear,)
+    chosen = select_linears(model, types + cfg.targets, cfg.ignore, types=SUPPORTED_TYPES)
     rnns = [n for n, m in chosen if isinstance(m, (nn.LSTM, nn.GRU))]
-    if rnns and weight_bits != 8:
+    if rnns and wscheme.bits != 8:
         raise SchemeError(
-            f"LSTM/GRU weights are int8 only (PyTorch's dynamic RNN kernels), but weight_bits={weight_bits}: "
+            f"LSTM/GRU weights are int8 only (PyTorch's dynamic RNN kernels), but weight_bits={wscheme.bits}: "
             f"pass weight_bits=8 or leave {rnns} out with ignore"
         )
     projected = [n for n, m in chosen if getattr(m, "proj_size", 0)]
@@ -201,11 +198,9 @@ def quantize_dynamic(
     from ..algorithms import rtn_quantize
 
     t0 = time.perf_counter()
-    _, names = _split_targets(targets)
-    cfg = QuantConfig(weight=wscheme, activation=ascheme, method="dynamic", targets=names, ignore=ignore)
     summary = QuantSummary(method="dynamic", config=cfg.to_dict())
-    summary.untied_lm_head = _untie_if_needed(model, [n for n, _ in chosen])
-    desc = f"quantize_dynamic (W{weight_bits}A8 {ascheme.name})"
+    summary.untied_lm_head = untie_if_needed(model, [n for n, _ in chosen])
+    desc = f"quantize_dynamic (W{wscheme.bits}A8 {ascheme.name})"
     for name, mod in tqdm(chosen, desc=desc, disable=not progress, leave=False):
         if isinstance(mod, (nn.LSTM, nn.GRU)):
             qmod = _quantize_rnn(mod)
@@ -222,19 +217,8 @@ def quantize_dynamic(
         q, scale, zero = rtn_quantize(w, wscheme, name=name)
         qlin = QuantLinear.from_quantized(q, scale, zero, wscheme, bias=mod.bias, activation_scheme=a)
         qlin.to(w.device)
-        bias_bytes = 0 if mod.bias is None else mod.bias.numel() * mod.bias.element_size()
-        summary.layers.append(
-            LayerSummary(
-                name=name,
-                shape=tuple(w.shape),
-                scheme=f"{wscheme.name} x {a.name}-dyn" + (f"-rot{a.rotation}" if a.rotation else ""),
-                bits_per_weight=qlin.weight_bits,
-                packed_bytes=qlin.packed_bytes(),
-                float_bytes=w.numel() * w.element_size() + bias_bytes,
-                sqnr_db=sqnr_db(w.float(), qlin.dequantize_weight(device=w.device)),
-                kernel=qlin.kernel.name,
-            )
-        )
+        scheme = f"{wscheme.name} x {a.name}-dyn" + (f"-rot{a.rotation}" if a.rotation else "")
+        summary.layers.append(layer_row(name, w, qlin.dequantize_weight(device=w.device), qlin, orig=mod, scheme=scheme))
         replace_module(model, name, qlin)
     summary.seconds = time.perf_counter() - t0
     log.info("%s", summary)

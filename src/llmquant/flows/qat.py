@@ -28,8 +28,8 @@ from ..algorithms import ALGORITHMS
 from ..errors import SchemeError
 from ..modules import QuantLinear, replace_module, select_linears
 from ..modules.fake_quant import FakeQuantLinear
-from ..schemes import QuantConfig, dequantize, quantize_to_int, resolve_config, sqnr_db
-from .ptq import LayerSummary, QuantSummary, _untie_if_needed
+from ..schemes import QATParams, QuantConfig, dequantize, quantize_to_int, resolve_config
+from .summary import QuantSummary, layer_row, untie_if_needed
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def prepare_qat(
     init_fn = _resolve_init(init)
     opts = dict(learn_scales=learn_scales, lora_rank=lora_rank, lora_alpha=lora_alpha)
     chosen = select_linears(model, cfg.targets, cfg.ignore, types=(nn.Linear, QuantLinear))
-    _untie_if_needed(model, [n for n, _ in chosen])
+    untie_if_needed(model, [n for n, _ in chosen])
     for name, lin in tqdm(chosen, desc=f"prepare_qat ({cfg.weight.name})", disable=not progress, leave=False):
         if isinstance(lin, QuantLinear):  # a PTQ result (e.g. GPTQ) as the starting point
             fq = _from_quant_linear(lin, **opts)
@@ -150,17 +150,15 @@ def convert_qat(model: nn.Module, *, progress: bool = True) -> QuantSummary:
         raise SchemeError("the model has no fake-quantized linears; call prepare_qat (or train_qat) first")
     qat = getattr(model, "llmquant_qat", None) or {}
     cfg = QuantConfig.from_dict(qat["config"]) if "config" in qat else QuantConfig(weight=mods[0][1].scheme)
-    cfg = cfg.with_(method="qat")
+    if cfg.method != "qat":  # a user's own loop: the recipe records QAT with its default knobs
+        cfg = cfg.with_(method="qat", method_params=QATParams())
     t0 = time.perf_counter()
     summary = QuantSummary(method="qat", config=cfg.to_dict())
     for name, fq in tqdm(mods, desc="convert_qat", disable=not progress, leave=False):
         ql = to_quant_linear(fq)
         w = fq.merged_weight().detach().float()
-        summary.layers.append(LayerSummary(
-            name=name, shape=tuple(w.shape), scheme=fq.scheme.name, bits_per_weight=ql.weight_bits,
-            packed_bytes=ql.packed_bytes(), float_bytes=w.numel() * 4 + (0 if fq.bias is None else fq.bias.numel() * 4),
-            sqnr_db=sqnr_db(w, ql.dequantize_weight(torch.float32, device=w.device)), kernel=ql.kernel.name,
-        ))
+        summary.layers.append(layer_row(name, w, ql.dequantize_weight(torch.float32, device=w.device), ql, orig=fq,
+                                        scheme=fq.scheme.name))
         replace_module(model, name, ql)
     summary.seconds = time.perf_counter() - t0
     model.llmquant_config = cfg
@@ -168,4 +166,22 @@ def convert_qat(model: nn.Module, *, progress: bool = True) -> QuantSummary:
         del model.llmquant_qat
     model.eval()
     log.info("%s", summary)
+    return summary
+
+
+def run_qat(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -> QuantSummary:
+    """The ``qat`` method's handler: :func:`llmquant.train_qat` with ``cfg.method_params`` (QATParams),
+    distilling a frozen copy of the float model, then converted; returns the conversion summary with the
+    training result in ``summary.calibration["qat"]``."""
+    from pathlib import Path
+
+    from .qat_train import train_qat
+
+    p: QATParams = cfg.method_params
+    kw = {k: v for k, v in p.to_dict().items() if k not in ("text", "version")}
+    text = None if p.text in (None, "default") else Path(p.text)
+    res = train_qat(model, text, config=cfg, progress=progress, convert=False, **kw)
+    summary = convert_qat(model, progress=progress)
+    summary.seconds += res.seconds
+    summary.calibration = {"qat": {k: v for k, v in res.to_dict().items() if k != "summary"}}
     return summary

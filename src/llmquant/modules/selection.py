@@ -29,18 +29,34 @@ def _check_patterns(patterns: Iterable[str]) -> None:
                 raise SelectionError(f"bad regex {p!r}: {e}") from None
 
 
+def _split(targets) -> tuple[tuple[type, ...], tuple[str, ...]]:
+    types, names = [], []
+    for t in targets:
+        if isinstance(t, type):
+            types.append(t)
+        elif isinstance(t, str):
+            names.append(t)
+        else:
+            raise SelectionError(f"targets hold module types, names or 're:' patterns, not {type(t).__name__}")
+    return tuple(types), tuple(names)
+
+
 def select_linears(
     model: nn.Module,
-    targets: Iterable[str] = (),
+    targets: Iterable = (),
     ignore: Iterable[str] = ("lm_head",),
     types: tuple[type, ...] = (nn.Linear,),
 ) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every module of ``types`` chosen by ``targets`` (all when empty) and not ``ignore``d.
+    """(name, module) of the modules chosen by ``targets`` and not ``ignore``d, in model order.
 
-    Exact names in ``targets`` that name no module raise :class:`SelectionError`, as does a selection that
-    matches nothing: a silent no-op quantization is never what a user wants.
+    ``targets`` holds exact names and ``re:`` patterns (full match), which select modules of ``types``,
+    and may hold module classes too (``{nn.Linear, "re:.*lstm.*"}``, as ``torch.ao``'s dynamic
+    quantization takes them), which select every module of that class; empty: every module of ``types``.
+    Exact names that name no module raise :class:`SelectionError`, as does a selection that matches
+    nothing: a silent no-op quantization is never what a user wants.
     """
-    targets, ignore = tuple(targets), tuple(ignore)
+    by_type, targets = _split(tuple(targets))
+    ignore = tuple(ignore)
     _check_patterns(targets + ignore)
     names = {n for n, _ in model.named_modules()}
     missing = [t for t in targets if not t.startswith("re:") and t not in names]
@@ -48,18 +64,14 @@ def select_linears(
         raise SelectionError(f"targets name modules that do not exist: {missing}")
     chosen = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, types):
-            continue
-        if targets and not matches(name, targets):
-            continue
         if matches(name, ignore):
             continue
-        chosen.append((name, mod))
+        if (by_type and isinstance(mod, by_type)) or (
+                isinstance(mod, types) and (matches(name, targets) if targets else not by_type)):
+            chosen.append((name, mod))
     if not chosen:
-        raise SelectionError(
-            f"no {'/'.join(t.__name__ for t in types)} module matches targets={list(targets) or 'all'} "
-            f"ignore={list(ignore)}"
-        )
+        kinds = "/".join(t.__name__ for t in (by_type or types))
+        raise SelectionError(f"no {kinds} module matches targets={list(targets) or 'all'} ignore={list(ignore)}")
     return chosen
 
 

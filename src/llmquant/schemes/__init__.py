@@ -1,7 +1,7 @@
 """Quantization schemes (what to quantize and how) and the math primitives on tensors."""
 
-from .scheme import PRESETS, QuantConfig, QuantScheme, resolve_config, resolve_scheme
-from .methods import AWQParams, CalibSpec, GPTQParams, METHOD_PARAMS
+from .scheme import PRESETS, QuantConfig, QuantScheme, resolve_config, resolve_scheme, scheme_for
+from .methods import COMPOSABLE, AWQParams, CalibSpec, GPTQParams, METHOD_PARAMS, QATParams
 from .primitives import (
     dequantize,
     fake_quantize,
@@ -16,6 +16,9 @@ from .primitives import (
 
 __all__ = [
     "AWQParams",
+    "COMPOSABLE",
+    "QATParams",
+    "scheme_for",
     "CalibSpec",
     "GPTQParams",
     "METHOD_PARAMS",
@@ -37,6 +40,8 @@ __all__ = [
 
 from .formats import DEFAULT_CANDIDATES, FloatFormat, format_bytes, format_name, resolve_format  # noqa: E402
 from .plan import Plan, is_plan_like, resolve_plan  # noqa: E402
+
+METHOD_PARAMS["plan"] = Plan  # a mixed-precision plan is the "plan" method's knobs
 
 __all__ += ["DEFAULT_CANDIDATES", "FloatFormat", "Plan", "format_bytes", "format_name", "is_plan_like",
             "resolve_format", "resolve_plan"]

@@ -1,7 +1,10 @@
-"""Knobs of the calibrated methods (GPTQ, AWQ) and of the calibration data, as frozen dataclasses.
+"""Each method's knobs and the calibration data, as frozen dataclasses, and each method's defaults.
 
 They round-trip through JSON (``to_dict`` / ``from_dict``) and travel inside :class:`QuantConfig`, so a
-saved folder's manifest records exactly how it was made.
+saved folder's manifest records exactly how it was made. :data:`METHOD_PARAMS` maps a method name to the
+type of its knobs (``None``: it has none); :data:`METHOD_DEFAULTS` holds what a config leaves unsaid for
+that method (weight scheme, activation scheme, observer), measured where noted. The handlers that run
+the methods register in :mod:`llmquant.flows.registry`.
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ class GPTQParams(_Params):
     damp: float = 0.01  # dampening added to H's diagonal, as a fraction of its mean diagonal
     block_size: int = 128  # columns per lazy batch update
     act_order: bool = False  # quantize columns by decreasing H diagonal (output format unchanged)
-    awq_scales: bool = False  # fold AWQ's activation-aware scales in first, then run GPTQ on the scaled weights
-    awq_grid: int = 20  # alpha values tried for those scales
     version: int = PARAMS_VERSION
 
     def __post_init__(self) -> None:
@@ -100,24 +101,159 @@ class CalibSpec(_Params):
         self._check_version()
 
 
-#: Calibrated methods and the type of their knobs.
-METHOD_PARAMS: dict[str, type] = {"gptq": GPTQParams, "awq": AWQParams}
+@dataclass(frozen=True)
+class QATParams(_Params):
+    """Quantization-aware training (see :func:`llmquant.train_qat`, whose keywords these are)."""
+
+    steps: int = 100  # optimizer steps
+    lr: float = 5e-5
+    lr_qparams: float | None = None  # learning rate of the step sizes / zero points (None: lr)
+    seq_len: int = 256  # tokens per training window
+    batch: int = 4  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per step
+    loss: str = "kl"  # "kl": distil the float model's next-token distributions; "ce": next-token loss
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup: int | None = None  # warm-up steps (None: a tenth of the steps)
+    learn_scales: bool = True  # LSQ-learned step sizes, or frozen at their initial values
+    lora_rank: int = 0  # > 0: frozen base weights + low-rank adapters, merged at convert
+    lora_alpha: float | None = None
+    init: str = "mse"  # "mse" (least-squares clipping per group) or "rtn" (min-max)
+    gradient_checkpointing: bool = False
+    max_seconds: float | None = None  # a time budget; training stops early when it is spent
+    seed: int = 0
+    text: str | None = None  # training text: None for the default text, or a .txt / .jsonl path
+    version: int = PARAMS_VERSION
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "seq_len", "batch", "grad_accum"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SchemeError(f"QAT {k} must be an integer >= 1, got {v!r}")
+        if self.loss not in ("kl", "ce"):
+            raise SchemeError(f"QAT loss must be 'kl' or 'ce', got {self.loss!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise SchemeError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        self._check_version()
 
 
-def resolve_method_params(method: str, params) -> Any:
-    """The knobs for ``method``: defaults when None, from a dict, or checked against the method."""
+#: Every method's knobs (None: the method has none). Handlers register in llmquant.flows.registry, which
+#: adds any new method's params type here.
+METHOD_PARAMS: dict[str, type | None] = {
+    "rtn": None, "gptq": GPTQParams, "awq": AWQParams, "static": None, "smoothquant": None, "dynamic": None,
+    "qat": QATParams, "plan": None,
+}
+
+#: Methods that run layer by layer and compose as a list: every one but the last contributes its transform
+#: (AWQ: scales folded into the weights), the last one quantizes (["awq", "gptq"]: AWQ scales, then GPTQ).
+COMPOSABLE = ["rtn", "gptq", "awq"]
+
+
+def _static_act():
+    from .scheme import QuantScheme
+
+    return QuantScheme(bits=8, granularity="tensor")
+
+
+def _dynamic_schemes():
+    from .scheme import QuantScheme
+
+    return (QuantScheme(bits=8, granularity="channel", symmetric=False),
+            QuantScheme(bits=8, granularity="token", dynamic=True))
+
+
+#: What a config leaves unsaid, per method: the weight scheme (a preset name or a callable giving the
+#: scheme), the activation scheme, and the activation observer. Measured defaults (BENCHMARKS.md): static
+#: W8A8 clips activations by MSE without smoothing and uses min-max after SmoothQuant (alpha 0.8); dynamic
+#: gives each int8 weight row a zero point (W8 weight-only KL 0.0022 against 0.0029 symmetric).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "static": {"weight": "W8", "activation": _static_act, "observer": "mse"},
+    "smoothquant": {"weight": "W8", "activation": _static_act, "observer": "minmax", "smooth_alpha": 0.8},
+    "dynamic": {"weight": lambda: _dynamic_schemes()[0], "activation": lambda: _dynamic_schemes()[1]},
+}
+DEFAULT_WEIGHT = "W4G128"  # every other method
+DEFAULT_OBSERVER = "minmax"
+
+
+def method_default(method: str | tuple[str, ...], key: str, fallback: Any = None) -> Any:
+    """The default of ``key`` ("weight", "activation", "observer", "smooth_alpha") for ``method``."""
+    last = method[-1] if isinstance(method, tuple) else method
+    v = METHOD_DEFAULTS.get(last, {}).get(key, fallback)
+    return v() if callable(v) else v
+
+
+def method_chain(method) -> str | tuple[str, ...]:
+    """``method`` as a name, or a tuple of names for a composition (a list of one collapses to the name)."""
+    if isinstance(method, str):
+        names: tuple[str, ...] = (method,)
+    elif isinstance(method, (list, tuple)) and method and all(isinstance(m, str) for m in method):
+        names = tuple(method)
+    else:
+        raise SchemeError(f"method must be a name or a list of names such as ['awq', 'gptq'], got {method!r}")
+    for m in names:
+        if m not in METHOD_PARAMS:
+            raise SchemeError(f"unknown method {m!r}; known: {', '.join(METHOD_PARAMS)}")
+    if len(names) == 1:
+        return names[0]
+    bad = [m for m in names if m not in COMPOSABLE]
+    if bad:
+        raise SchemeError(f"methods {bad} cannot be composed in a list; composable (layer by layer): "
+                          f"{', '.join(COMPOSABLE)}")
+    if len(set(names)) != len(names):
+        raise SchemeError(f"method list {list(names)} names a method twice")
+    return names
+
+
+def _one_params(method: str, params) -> Any:
     cls = METHOD_PARAMS.get(method)
     if cls is None:
         if params is not None:
             raise SchemeError(f"method {method!r} takes no method_params")
         return None
     if params is None:
-        return cls()
+        try:
+            return cls()
+        except TypeError:
+            raise SchemeError(f"method {method!r} needs method_params (a {cls.__name__})") from None
     if isinstance(params, Mapping):
         return cls.from_dict(params)
     if not isinstance(params, cls):
         raise SchemeError(f"method {method!r} takes {cls.__name__}, got {type(params).__name__}")
     return params
+
+
+def resolve_method_params(method, params) -> Any:
+    """The knobs for ``method``: defaults when None, from a dict, or checked against the method. For a list
+    of methods, a tuple with one entry per method (given as a list/tuple in the same order, or None)."""
+    if isinstance(method, str):
+        return _one_params(method, params)
+    if params is None:
+        params = [None] * len(method)
+    if not isinstance(params, (list, tuple)) or len(params) != len(method):
+        raise SchemeError(f"method_params for {list(method)} is a list with one entry (or null) per method")
+    return tuple(_one_params(m, p) for m, p in zip(method, params))
+
+
+def params_to_json(params) -> Any:
+    if params is None:
+        return None
+    if isinstance(params, tuple):
+        return [None if p is None else p.to_dict() for p in params]
+    return params.to_dict()
+
+
+def migrate_config_dict(d: dict) -> dict:
+    """Read configs written by earlier llmquant versions: ``GPTQParams(awq_scales=True, awq_grid=g)`` (the
+    flag that chained AWQ's scales before GPTQ) becomes the method list ``["awq", "gptq"]``."""
+    p = d.get("method_params")
+    if d.get("method") == "gptq" and isinstance(p, Mapping) and ("awq_scales" in p or "awq_grid" in p):
+        p = dict(p)
+        chained, grid = p.pop("awq_scales", False), p.pop("awq_grid", 20)
+        if chained:
+            d = {**d, "method": ["awq", "gptq"], "method_params": [{"grid": grid}, p]}
+        else:
+            d = {**d, "method_params": p}
+    return d
 
 
 def resolve_calib(spec) -> CalibSpec | None:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from ..errors import SchemeError
+from .methods import params_to_json
 
 SCHEME_VERSION = 1
 GRANULARITIES = ("tensor", "channel", "group", "token")
@@ -190,40 +191,68 @@ def resolve_scheme(spec: "QuantScheme | str | Mapping[str, Any]") -> QuantScheme
 
 CONFIG_VERSION = 1
 DEFAULT_IGNORE = ("lm_head",)
+DEFAULT_GROUP_SIZE = 128  # values per scale when bits < 8 and no group size is given
+
+
+def scheme_for(bits: int | None = None, group_size: int | None = None, *, symmetric: bool = True,
+               granularity: str | None = None) -> QuantScheme:
+    """A weight scheme from the usual knobs, with one rule for what is left out (every CLI command and
+    face uses it): 4 bits by default; 8 bits per output channel and fewer bits in groups of
+    ``DEFAULT_GROUP_SIZE``, unless a group size or granularity is given."""
+    bits = 4 if bits is None else bits
+    if group_size is not None:
+        if (granularity or "group") != "group":
+            raise SchemeError(f"a group size goes with group granularity, not {granularity!r}")
+        return QuantScheme(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
+    gran = granularity or ("channel" if bits == 8 else "group")
+    return QuantScheme(bits=bits, symmetric=symmetric, granularity=gran,
+                       group_size=DEFAULT_GROUP_SIZE if gran == "group" else None)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Which modules to quantize and how.
+    """Which modules to quantize, how, and with which method: the one input of :func:`llmquant.quantize`.
 
-    ``targets`` and ``ignore`` hold exact module names or ``re:`` regexes (full match). An empty
-    ``targets`` means every ``nn.Linear``. Embeddings are never touched (they are not Linear), and
-    ``lm_head`` is ignored by default; remove it from ``ignore`` to quantize it (a tied lm_head is
-    then untied: the embedding stays in float).
+    ``method`` names a registered method (``rtn``, ``gptq``, ``awq``, ``static``, ``smoothquant``,
+    ``dynamic``, ``qat``, ``plan``, or one registered later) or a list of layer-by-layer methods that
+    compose (``["awq", "gptq"]``: AWQ's scales folded in, then GPTQ); ``method_params`` holds its typed
+    knobs (a tuple, one per method, for a list). ``targets`` and ``ignore`` hold exact module names or
+    ``re:`` regexes (full match). An empty ``targets`` means every ``nn.Linear``. Embeddings are never
+    touched (they are not Linear), and ``lm_head`` is ignored by default; remove it from ``ignore`` to
+    quantize it (a tied lm_head is then untied: the embedding stays in float). Fields left as None take
+    the method's defaults (:data:`llmquant.schemes.methods.METHOD_DEFAULTS`), so a saved config is
+    complete.
     """
 
-    weight: QuantScheme = field(default_factory=lambda: PRESETS["W4G128"])
-    activation: QuantScheme | None = None  # None: weight-only
-    method: str = "rtn"
+    weight: QuantScheme | None = None  # None: the method's default (W4G128; W8 for static W8A8)
+    activation: QuantScheme | None = None  # None: weight-only (static / dynamic methods: their default)
+    method: Any = "rtn"  # a method name, or a list of names that compose layer by layer
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     # calibrated flows (prepare/convert): observers by registry name, "name" or "name:arg" ("percentile:99.9")
-    observer: str = "minmax"  # activation observer (static activation scales)
+    observer: str | None = None  # activation observer (static activation scales); None: the method's default
     weight_observer: str = "minmax"  # weight observer (per-channel / group ranges)
     smooth_alpha: float | str | None = None  # SmoothQuant strength a in [0, 1], "search" (per layer), None: none
     version: int = CONFIG_VERSION
-    # calibrated methods: their knobs (GPTQParams / AWQParams; defaults when None) and calibration data
+    # the method's knobs (GPTQParams / AWQParams / QATParams ...; defaults when None) and calibration data
     method_params: Any = None
     calibration: Any = None  # CalibSpec; None: the defaults (64 x 512 tokens from the end of the default text)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", resolve_scheme(self.weight))
-        if self.activation is not None:
-            object.__setattr__(self, "activation", resolve_scheme(self.activation))
+        from .methods import DEFAULT_OBSERVER, DEFAULT_WEIGHT, method_chain, method_default, resolve_calib, resolve_method_params
+
+        object.__setattr__(self, "method", method_chain(self.method))
+        weight = self.weight if self.weight is not None else method_default(self.method, "weight", DEFAULT_WEIGHT)
+        object.__setattr__(self, "weight", resolve_scheme(weight))
+        act = self.activation if self.activation is not None else method_default(self.method, "activation")
+        if act is not None:
+            object.__setattr__(self, "activation", resolve_scheme(act))
+        if self.observer is None:
+            object.__setattr__(self, "observer", method_default(self.method, "observer", DEFAULT_OBSERVER))
+        if self.smooth_alpha is None:
+            object.__setattr__(self, "smooth_alpha", method_default(self.method, "smooth_alpha"))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
-        from .methods import resolve_calib, resolve_method_params
-
         object.__setattr__(self, "method_params", resolve_method_params(self.method, self.method_params))
         object.__setattr__(self, "calibration", resolve_calib(self.calibration))
         for f in ("observer", "weight_observer"):
@@ -235,6 +264,11 @@ class QuantConfig:
         if self.version != CONFIG_VERSION:
             raise SchemeError(f"config version {self.version} is not supported (this llmquant reads {CONFIG_VERSION})")
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The method as a tuple of names (one for a single method)."""
+        return self.method if isinstance(self.method, tuple) else (self.method,)
+
     def with_(self, **kw: Any) -> "QuantConfig":
         return replace(self, **kw)
 
@@ -242,22 +276,25 @@ class QuantConfig:
         return {
             "weight": self.weight.to_dict(),
             "activation": None if self.activation is None else self.activation.to_dict(),
-            "method": self.method,
+            "method": list(self.method) if isinstance(self.method, tuple) else self.method,
             "targets": list(self.targets),
             "ignore": list(self.ignore),
             "observer": self.observer,
             "weight_observer": self.weight_observer,
             "smooth_alpha": self.smooth_alpha,
             "version": self.version,
-            "method_params": None if self.method_params is None else self.method_params.to_dict(),
+            "method_params": params_to_json(self.method_params),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
-        d = dict(d)
-        d["weight"] = QuantScheme.from_dict(d["weight"])
-        if d.get("activation") is not None:
+        from .methods import migrate_config_dict
+
+        d = migrate_config_dict(dict(d))
+        if d.get("weight") is not None and not isinstance(d["weight"], str):
+            d["weight"] = QuantScheme.from_dict(d["weight"])
+        if d.get("activation") is not None and not isinstance(d["activation"], str):
             d["activation"] = QuantScheme.from_dict(d["activation"])
         return cls(**d)
 
@@ -273,6 +310,6 @@ def resolve_config(spec: "QuantConfig | QuantScheme | str | Mapping[str, Any]") 
     """A QuantConfig from a config, a scheme, a preset name or a dict of either."""
     if isinstance(spec, QuantConfig):
         return spec
-    if isinstance(spec, Mapping) and "weight" in spec:
+    if isinstance(spec, Mapping) and ("weight" in spec or "method" in spec):
         return QuantConfig.from_dict(spec)
     return QuantConfig(weight=resolve_scheme(spec))

@@ -19,9 +19,9 @@ from ...algorithms import ALGORITHMS
 from ...errors import SchemeError
 from ...models import tied_lm_head
 from ...modules import FloatEmbedding, FloatLinear, QuantEmbedding, QuantLinear, replace_module
-from ...schemes import FloatFormat, Plan, resolve_plan, sqnr_db
+from ...schemes import FloatFormat, Plan, QuantConfig, resolve_plan
 from ...schemes.formats import format_bytes, format_name
-from ..ptq import LayerSummary, QuantSummary
+from ..summary import QuantSummary, layer_row
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,8 @@ def apply_plan(model: nn.Module, plan, *, progress: bool = True) -> QuantSummary
             deq = qlin.dequantize_weight(dtype=torch.float32, device=w.device)
         bias = getattr(mod, "bias", None)
         nbytes = format_bytes(fmt, *w.shape) + (0 if bias is None else bias.numel() * bias.element_size())
-        summary.layers.append(LayerSummary(
-            name=name, shape=tuple(w.shape), scheme=format_name(fmt), bits_per_weight=8 * format_bytes(fmt, *w.shape) / w.numel(),
-            packed_bytes=nbytes, float_bytes=w.numel() * w.element_size() + (0 if bias is None else bias.numel() * bias.element_size()),
-            sqnr_db=sqnr_db(w.float(), deq), kernel=kernel,
-        ))
+        summary.layers.append(layer_row(name, w, deq, new, orig=mod, scheme=format_name(fmt), kernel=kernel,
+                                        packed_bytes=nbytes, bits_per_weight=8 * format_bytes(fmt, *w.shape) / w.numel()))
         built[name] = new
         replace_module(model, name, new)
     summary.seconds = time.perf_counter() - t0
@@ -112,3 +109,8 @@ def apply_plan(model: nn.Module, plan, *, progress: bool = True) -> QuantSummary
     log.info("%s", summary)
     model.llmquant_plan = plan
     return summary
+
+
+def run_plan(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -> QuantSummary:
+    """The ``plan`` method's handler: ``cfg.method_params`` is the :class:`Plan`."""
+    return apply_plan(model, cfg.method_params, progress=progress)

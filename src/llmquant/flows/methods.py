@@ -1,0 +1,32 @@
+"""The built-in methods, registered with :mod:`llmquant.flows.registry` (the one list of what
+``QuantConfig(method=...)`` can name out of the box)."""
+
+from __future__ import annotations
+
+from ..schemes import AWQParams, GPTQParams, Plan, QATParams
+from .calibrate import run_static
+from .dynamic import run_dynamic
+from .mixed.apply import run_plan
+from .pipeline import run_stages
+from .qat import run_qat
+from .registry import Method, register_method
+from .stages import AWQStage, GPTQStage, RTNStage
+
+
+def _layerwise(model, cfg, calib=None, progress=True):
+    return run_stages(model, cfg, calib, progress=progress)
+
+
+for _m in (
+    Method("rtn", _layerwise, stage=RTNStage, doc="round to nearest, min-max qparams; no data"),
+    Method("gptq", _layerwise, params=GPTQParams, calibrated=True, stage=GPTQStage,
+           doc="GPTQ (Frantar et al. 2022), layer by layer"),
+    Method("awq", _layerwise, params=AWQParams, calibrated=True, stage=AWQStage,
+           doc="AWQ (Lin et al. 2024) scales and clipping, layer by layer"),
+    Method("static", run_static, calibrated=True, doc="static activation scales from observers (W8A8)"),
+    Method("smoothquant", run_static, calibrated=True, doc="SmoothQuant (Xiao et al. 2023), then static W8A8"),
+    Method("dynamic", run_dynamic, doc="weights ahead of time, activation scales per input at run time"),
+    Method("qat", run_qat, params=QATParams, doc="quantization-aware training (distillation), then convert"),
+    Method("plan", run_plan, params=Plan, doc="a mixed-precision plan: one format per layer"),
+):
+    register_method(_m)

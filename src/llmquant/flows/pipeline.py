@@ -1,0 +1,352 @@
+"""The layer-by-layer pipeline every layer-wise method runs on (RTN, GPTQ, AWQ and their compositions).
+
+For each decoder layer i: (1) its weights are made available (``LayerSource.load``: in memory today; a
+memory-mapped checkpoint can slot in here); (2) a float forward pass over the calibration inputs with
+hooks gathers each linear's input statistics (``X^T X``, mean |X|) and the float outputs; (3) the
+statistics are reduced (``Hooks.reduce_stats``: identity in one process; a sum across ranks when
+distributed); (4) the stages transform and quantize the layer (:mod:`llmquant.flows.stages`); (5) the
+calibration data runs through the quantized layer to make the inputs of layer i + 1 and the layer's
+output error (relative MSE against the float layer on the same inputs, over the first
+``ERROR_WINDOWS`` windows); (6) the QuantLinears replace the float ones and ``Hooks.on_layer_done`` runs
+(an output shard writer, a checkpoint for resume). Data-free stages (RTN) skip (2), (3) and (5).
+
+Each layer is called with its own keyword arguments (attention mask, position embeddings...), recorded
+for every layer in one pass in which the layers pass their input through: models whose layers alternate
+sliding-window and full attention get each layer's own mask.
+
+With ``CalibSpec(sequential=False)``, or for a model with no decoder layers (any ``nn.Module``), one float
+pass over the whole model gathers the statistics of every linear at once ("whole-model" calibration).
+Peak memory: the model plus one layer's activations for the calibration set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..errors import CalibrationError, UnsupportedArchitectureError
+from ..models import arch_for
+from ..modules import QuantLinear, replace_module, select_linears
+from ..schemes import CalibSpec, QuantConfig, dequantize
+from .stages import LayerContext, Result, Stage, rtn_result, run_block
+from .stats import StatsCollector
+from .summary import QuantSummary, layer_row, untie_if_needed
+
+log = logging.getLogger(__name__)
+
+#: a layer's output error (relative MSE against the float layer) is measured on the first this many
+#: calibration windows: keeping every window's float output would double the activation memory
+ERROR_WINDOWS = 16
+
+
+class LayerSource:
+    """Where a layer's weights come from. In memory: they are already there. A streaming source loads
+    layer ``i``'s tensors in ``load`` and frees them in ``release`` once the quantized layer is written."""
+
+    def load(self, index: int, prefix: str, layer: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, prefix: str, layer: nn.Module) -> None:
+        pass
+
+
+@dataclass
+class Hooks:
+    """Points where streaming, distributed runs and resume attach to the pipeline."""
+
+    source: LayerSource = field(default_factory=LayerSource)
+    reduce_stats: Callable[[StatsCollector], None] | None = None  # e.g. all-reduce of the sums across ranks
+    on_layer_done: list[Callable[[int, str, nn.Module, QuantSummary], None]] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(*args):
+    raise _Stop
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def decoder_layers(model: nn.Module, arch) -> tuple[str, nn.ModuleList] | None:
+    """(path, ModuleList) of the decoder layers: from the architecture record, else the first list of
+    repeated blocks holding linears; None for a model without such a list."""
+    if arch is not None:
+        try:
+            return arch.layers, model.get_submodule(arch.layers)
+        except AttributeError:
+            pass
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and all(any(isinstance(c, nn.Linear) for c in b.modules()) for b in mod):
+            return name, mod
+    return None
+
+
+def norm_linear_pairs(model: nn.Module, cfg: QuantConfig, params, arch) -> tuple:
+    """AWQ's (source, (linear, ...)) pairs inside one decoder layer: the params' override, else the
+    architecture record's."""
+    n2l, l2l = getattr(params, "norm_to_linears", None), getattr(params, "linear_to_linears", None)
+    n2l = n2l if n2l is not None else (arch.norm_to_linears if arch else None)
+    l2l = l2l if l2l is not None else (arch.linear_to_linears if arch else ())
+    if not n2l:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        raise UnsupportedArchitectureError(
+            f"AWQ needs to know which norm feeds which linears in {type(model).__name__} (model_type {mt!r}); "
+            "pass them as AWQParams(norm_to_linears=[['input_layernorm', ['self_attn.q_proj', ...]], ...]) "
+            "with paths inside one decoder layer, or add an entry to llmquant.models.arch"
+        )
+    return tuple(n2l) + tuple(l2l or ())
+
+
+def _run(module: nn.Module, x, kwargs: dict):
+    out = module(x, **kwargs) if isinstance(x, torch.Tensor) else module(*x, **kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "logits", out) if not isinstance(out, torch.Tensor) else out
+
+
+def _check(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise CalibrationError(f"NaN/Inf in the activations of {where} on the calibration data; "
+                               "the model overflows (try float32, or other calibration text)")
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during the recording pass: keeps its call's keyword
+    arguments (and layer 0's input), passes the hidden states through, stops after the last layer."""
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, sink: Callable) -> None:
+        super().__init__()
+        self.layer, self.index, self.last, self.sink = layer, index, last, sink
+
+    def __getattr__(self, name):  # attributes the model reads off its layers (attention_type, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, *args, **kwargs):
+        h = args[0] if args else kwargs.pop("hidden_states")
+        self.sink(self.index, h, kwargs)
+        if self.last:
+            raise _Stop
+        return h
+
+
+@torch.no_grad()
+def record_layer_inputs(model, layers: nn.ModuleList, batches, kw) -> tuple[list, list[list[dict]]]:
+    """Layer 0's inputs per batch, and each layer's keyword arguments per batch ([layer][batch])."""
+    inputs: list = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+
+    def sink(i, h, k):
+        if i == 0:
+            inputs.append(h)
+        prev = kwargs[i - 1][len(kwargs[i])] if i else None
+        same = prev is not None and prev.keys() == k.keys() and all(prev[a] is k[a] for a in k)
+        kwargs[i].append(prev if same else dict(k))  # share the dict when a layer gets the very same objects
+
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(layer, i, i == len(originals) - 1, sink)
+    try:
+        for b in batches:
+            try:
+                model(b, **kw)
+            except _Stop:
+                pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if len(inputs) != len(batches) or any(len(k) != len(batches) for k in kwargs):
+        raise CalibrationError("the model did not call its decoder layers in order on the calibration data; "
+                               "use CalibSpec(sequential=False) (one whole-model pass)")
+    return inputs, kwargs
+
+
+def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None):
+    """The QuantLinear for codes/qparams of ``lin`` and its summary row; ``weight``: the float weight the
+    codes approximate when it is not ``lin.weight`` (e.g. AWQ-scaled), for the SQNR."""
+    w = lin.weight if weight is None else weight
+    qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation)
+    qlin.to(lin.weight.device)
+    deq = qlin.dequantize_weight(dtype=torch.float32, device=lin.weight.device)
+    return qlin, layer_row(name, w, deq, qlin, orig=lin, scheme=cfg.weight.name)
+
+
+def _install(model, results: Result, chosen, cfg, summary) -> None:
+    for n, (q, scale, zero, w) in results.items():
+        qlin, row = make_quant_linear(n, chosen[n], q, scale, zero, cfg, weight=w)
+        summary.layers.append(row)
+        replace_module(model, n, qlin)
+        del chosen[n]  # drop the float linear: its memory goes as soon as the model lets go of it
+
+
+def _simulate(chosen, results: Result, cfg) -> None:
+    """Give the float linears their dequantized weights (what the quantized layer computes), in place."""
+    for n, (q, scale, zero, _) in results.items():
+        lin = chosen[n]
+        lin.weight.data = dequantize(q, scale, zero, cfg.weight).to(lin.weight.dtype).to(lin.weight.device)
+
+
+def make_stages(cfg: QuantConfig) -> list[Stage]:
+    from .registry import get_method
+
+    params = cfg.method_params if isinstance(cfg.method, tuple) else (cfg.method_params,)
+    stages = []
+    for name, p in zip(cfg.methods, params):
+        factory = get_method(name).stage
+        if factory is None:
+            raise CalibrationError(f"method {name!r} does not run layer by layer")
+        stages.append(factory(cfg, p))
+    return stages
+
+
+@torch.no_grad()
+def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool = True,
+               hooks: Hooks | None = None) -> QuantSummary:
+    """Quantize ``model``'s selected linears in place with ``cfg``'s layer-wise method(s). Calibrated stages
+    need ``calib``: token ids (windows, seq_len) for a language model, or float inputs (n, ...)."""
+    hooks = hooks or Hooks()
+    stages = make_stages(cfg)
+    calibrated = any(s.needs_stats for s in stages)
+    if calibrated and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
+        raise CalibrationError("calibration data must be a tensor of token ids (windows, seq_len) or of inputs (n, ...)")
+    arch = arch_for(model)
+    awq_params = next((p for s, p in zip(stages, [s.params for s in stages]) if s.uses_pairs), None)
+    pairs = norm_linear_pairs(model, cfg, awq_params, arch) if any(s.uses_pairs for s in stages) else ()
+    chosen = dict(select_linears(model, cfg.targets, cfg.ignore))
+    t0 = time.perf_counter()
+    method = "+".join(cfg.methods)
+    summary = QuantSummary(method=method, config=cfg.to_dict())
+    summary.untied_lm_head = untie_if_needed(model, chosen)
+    found = decoder_layers(model, arch)
+    if not calibrated:
+        _data_free(model, found, chosen, cfg, stages, summary, progress, hooks)
+    else:
+        spec = cfg.calibration or CalibSpec()
+        summary.calibration = {"windows": int(calib.shape[0]), "shape": list(calib.shape), **spec.to_dict()}
+        batches = [b.to(_device(model)) for b in calib.split(spec.batch_size)]
+        kw = {"use_cache": False} if not calib.is_floating_point() else {}
+        if spec.sequential and found is not None:
+            _sequential(model, found, chosen, cfg, stages, pairs, batches, kw, summary, progress, hooks)
+        else:
+            _whole_model(model, found, arch, chosen, cfg, stages, pairs, batches, kw, summary, progress)
+    summary.seconds = time.perf_counter() - t0
+    log.info("%s", summary)
+    model.llmquant_config = cfg
+    return summary
+
+
+def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> None:
+    """Stages that need no statistics (RTN): each linear on its own, layer by layer, in model order."""
+    layers = [] if found is None else [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])]
+    names = list(chosen)
+    bar = tqdm(total=len(names), desc=f"quantize ({'+'.join(cfg.methods)}, {cfg.weight.name})", disable=not progress,
+               leave=False)
+    for i, (prefix, layer) in enumerate(layers):
+        lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
+        if not lin:
+            continue
+        hooks.source.load(i, prefix, layer)
+        ctx = LayerContext(layer, prefix, lin, StatsCollector({}), cfg)
+        _install(model, run_block(stages, ctx), chosen, cfg, summary)
+        for cb in hooks.on_layer_done:
+            cb(i, prefix, layer, summary)
+        hooks.source.release(i, prefix, layer)
+        bar.update(len(lin))
+    rest = {n: chosen[n] for n in names if n in chosen}  # outside the decoder layers (lm_head, any module)
+    if rest:
+        _install(model, run_block(stages, LayerContext(model, "", rest, StatsCollector({}), cfg)), chosen, cfg, summary)
+        bar.update(len(rest))
+    bar.close()
+    order = {n: k for k, n in enumerate(names)}
+    summary.layers.sort(key=lambda r: order[r.name])
+
+
+def _sequential(model, found, chosen, cfg, stages, pairs, batches, kw, summary, progress, hooks) -> None:
+    path, layers = found
+    xs, kwargs = record_layer_inputs(model, layers, batches, kw)
+    inside = set()
+    bar = tqdm(range(len(layers)), desc=f"{'+'.join(cfg.methods)} {cfg.weight.name}", disable=not progress, unit="layer")
+    for i in bar:
+        t = time.perf_counter()
+        layer, prefix = layers[i], f"{path}.{i}"
+        hooks.source.load(i, prefix, layer)
+        lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
+        inside |= set(lin)
+        ys = []  # float outputs, kept for the first ERROR_WINDOWS windows only (memory)
+        with StatsCollector(lin) as col:
+            for x, k in zip(xs, kwargs[i]):
+                y = _run(layer, x, k)
+                _check(y, f"{prefix} (float)")
+                ys.append(y if sum(t.shape[0] for t in ys if t is not None) < ERROR_WINDOWS else None)
+                del y
+        if hooks.reduce_stats is not None:
+            hooks.reduce_stats(col)
+        results = run_block(stages, LayerContext(layer, prefix, lin, col, cfg, pairs))
+        del col
+        _simulate(chosen, results, cfg)  # propagate through x @ dequant(W)^T, then swap in the QuantLinears
+        num = den = 0.0
+        for j, (x, k) in enumerate(zip(xs, kwargs[i])):
+            yq = _run(layer, x, k)
+            _check(yq, f"{prefix} (quantized)")
+            if ys[j] is not None:
+                num += float((yq.float() - ys[j].float()).pow(2).sum())
+                den += float(ys[j].float().pow(2).sum())
+            xs[j] = yq  # the next layer sees the quantized layer's outputs
+            ys[j] = None
+        _install(model, results, chosen, cfg, summary)
+        nlin = len(lin)
+        del results, lin
+        err = num / max(den, 1e-30)
+        summary.layer_errors.append(err)
+        for cb in hooks.on_layer_done:
+            cb(i, prefix, layer, summary)
+        hooks.source.release(i, prefix, layer)
+        bar.set_postfix(layer=i, rel_mse=f"{err:.2e}", s=f"{time.perf_counter() - t:.1f}")
+        log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, nlin, err, time.perf_counter() - t)
+    rest = {n: m for n, m in chosen.items() if n not in inside}
+    if rest:
+        log.warning("%s are outside the decoder layers: quantized with RTN", sorted(rest))
+        _install(model, rtn_result(rest, cfg), chosen, cfg, summary)
+
+
+def _whole_model(model, found, arch, chosen, cfg, stages, pairs, batches, kw, summary, progress) -> None:
+    col = StatsCollector(chosen)
+    stop = None
+    if found is not None and arch is not None and all(n.startswith(found[0] + ".") for n in chosen):
+        try:  # nothing after the last layer is quantized: skip the final norm and the logits
+            stop = model.get_submodule(arch.final_norm).register_forward_pre_hook(_raise_stop)
+        except AttributeError:
+            stop = None
+    try:
+        with col:
+            for b in tqdm(batches, desc=f"{'+'.join(cfg.methods)} calibration", disable=not progress, leave=False):
+                try:
+                    _check(_run(model, b, kw), "the model output")
+                except _Stop:
+                    pass
+    finally:
+        if stop is not None:
+            stop.remove()
+    blocks = [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])] if found is not None else [("", model)]
+    done = set()
+    for prefix, block in tqdm(blocks, desc=f"{'+'.join(cfg.methods)} {cfg.weight.name}", disable=not progress):
+        lin = {n: m for n, m in chosen.items() if (not prefix or n.startswith(prefix + ".")) and n not in done}
+        done |= set(lin)
+        _install(model, run_block(stages, LayerContext(block, prefix, lin, col, cfg, pairs)), chosen, cfg, summary)
+    rest = {n: m for n, m in chosen.items() if n not in done}
+    if rest:
+        _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg, ())), chosen, cfg, summary)

@@ -1,0 +1,166 @@
+"""The layer-by-layer methods as pipeline stages: RTN, GPTQ, AWQ.
+
+A stage sees one block (a decoder layer, or the whole model) through a :class:`LayerContext`: its
+linears, their input statistics, and the input scales earlier stages folded into them. ``transform``
+may change the block's float weights (AWQ folds its scales); ``quantize`` returns each linear's integer
+codes and qparams (RTN's format) and the float weight they approximate. In a composition every stage
+transforms and the last one quantizes, so ``["awq", "gptq"]`` is AWQ's scales, then GPTQ on the scaled
+weights with the Hessian of the scaled inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..algorithms import rtn_quantize
+from ..algorithms.awq import awq_clip_quantize, awq_search_scale, fold_scale
+from ..algorithms.gptq import gptq_quantize
+from ..schemes import QuantConfig
+from .stats import StatsCollector
+
+log = logging.getLogger(__name__)
+
+#: full linear name -> (codes, scale, zero, the float weight the codes approximate)
+Result = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]
+
+
+@dataclass
+class LayerContext:
+    """One block as the stages see it. ``pairs`` (source, (linear, ...)) are paths relative to the block;
+    ``input_scales[name]``: the per-input-channel scale folded into linear ``name`` (its inputs are X / s)."""
+
+    block: nn.Module
+    prefix: str  # the block's name ("" for the whole model)
+    linears: dict[str, nn.Module]  # full name -> module
+    stats: StatsCollector
+    cfg: QuantConfig
+    pairs: tuple = ()
+    input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def rel(self, name: str) -> str:
+        return name[len(self.prefix) + 1 :] if self.prefix else name
+
+    def scaled(self, name: str, m: torch.Tensor) -> torch.Tensor:
+        """A (K, K) input statistic of ``name`` for its scaled inputs X / s (the same m when unscaled)."""
+        s = self.input_scales.get(name)
+        if s is None:
+            return m
+        s = s.to(m.device)
+        return m / s.unsqueeze(0) / s.unsqueeze(1)
+
+
+class Stage:
+    """A layer-by-layer method. ``needs_stats``: gather the linears' input statistics before it runs."""
+
+    needs_stats = True
+    uses_pairs = False  # needs the architecture's norm -> linears pairs
+
+    def __init__(self, cfg: QuantConfig, params=None) -> None:
+        self.cfg, self.params = cfg, params
+
+    def transform(self, ctx: LayerContext) -> None:
+        """Change the block's float weights before quantization (default: nothing)."""
+
+    def quantize(self, ctx: LayerContext) -> Result:
+        raise NotImplementedError
+
+
+def rtn_result(linears: dict[str, nn.Module], cfg: QuantConfig) -> Result:
+    out: Result = {}
+    for n, m in linears.items():
+        w = m.weight.detach().float()
+        out[n] = (*rtn_quantize(w, cfg.weight, name=n), w)
+    return out
+
+
+class RTNStage(Stage):
+    """Round to nearest with min-max qparams: needs no data."""
+
+    needs_stats = False
+
+    def quantize(self, ctx: LayerContext) -> Result:
+        return rtn_result(ctx.linears, self.cfg)
+
+
+class GPTQStage(Stage):
+    """GPTQ (algorithms/gptq.py); linears sharing an input share H and are solved in one call."""
+
+    def quantize(self, ctx: LayerContext) -> Result:
+        p = self.params
+        out: Result = {}
+        for owner, names in ctx.stats.groups().items():
+            names = [n for n in names if n in ctx.linears]
+            if not names:
+                continue
+            ws = [ctx.linears[n].weight.detach().float() for n in names]
+            h = ctx.scaled(names[0], ctx.stats.stats[owner].hessian)
+            q, scale, zero = gptq_quantize(
+                torch.cat(ws, 0), h, self.cfg.weight,
+                damp=p.damp, block_size=p.block_size, act_order=p.act_order, name="+".join(names),
+            )
+            r = 0
+            for n, w in zip(names, ws):
+                k = w.shape[0]
+                out[n] = (q[r : r + k], scale[r : r + k], None if zero is None else zero[r : r + k], w)
+                r += k
+        return out
+
+
+class AWQStage(Stage):
+    """AWQ (algorithms/awq.py): the scale search folded into each (source, linears) pair, then (as the last
+    stage) the clipping search on the scaled weights."""
+
+    uses_pairs = True
+
+    def transform(self, ctx: LayerContext) -> None:
+        p, col = self.params, ctx.stats
+        rel = {ctx.rel(n): n for n in ctx.linears}
+        for src, dsts in ctx.pairs:
+            names = [rel[d] for d in dsts if d in rel]
+            if not names or any(n not in col.owner for n in names):
+                continue
+            if len(names) != len(dsts):
+                log.warning("AWQ pair %s -> %s: only %s are quantized; pair skipped", src, dsts, names)
+                continue
+            st = col.of(names[0])
+            s, alpha, losses = awq_search_scale([ctx.linears[n].weight for n in names], st.gram, st.absmean,
+                                                self.cfg.weight, grid=p.grid)
+            log.debug("AWQ %s%s -> %s: alpha %.2f, loss %.4g (RTN %.4g)", ctx.prefix and ctx.prefix + ".", src,
+                      dsts, alpha, losses[alpha], losses[0.0])
+            source = ctx.block.get_submodule(src)
+            bias = getattr(source, "bias", None)
+            with torch.no_grad():
+                fold_scale(source.weight.data, None if bias is None else bias.data,
+                           [ctx.linears[n].weight.data for n in names], s)
+            for n in names:
+                ctx.input_scales[n] = s
+
+    def quantize(self, ctx: LayerContext) -> Result:
+        p = self.params
+        out: Result = {}
+        for n, m in ctx.linears.items():
+            if n not in ctx.stats.owner:
+                continue
+            g = ctx.scaled(n, ctx.stats.of(n).gram)
+            w = m.weight.detach().float()
+            out[n] = (*awq_clip_quantize(w, g, self.cfg.weight, grid=p.clip_grid, max_shrink=p.max_shrink, clip=p.clip), w)
+        return out
+
+
+def run_block(stages: list[Stage], ctx: LayerContext) -> Result:
+    """Every stage's transform, then the last stage's quantize; linears that saw no calibration input
+    (when the stages need statistics) fall back to RTN with a warning."""
+    out: Result = {}
+    if any(s.needs_stats for s in stages):
+        unseen = {n: m for n, m in ctx.linears.items() if n not in ctx.stats.owner}
+        for n in unseen:
+            log.warning("%s saw no calibration input; quantized with RTN", n)
+        out.update(rtn_result(unseen, ctx.cfg))
+    for s in stages:
+        s.transform(ctx)
+    out.update({n: r for n, r in stages[-1].quantize(ctx).items() if n not in out})
+    return out

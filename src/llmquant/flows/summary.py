@@ -1,0 +1,127 @@
+"""What a quantization did, one row per module: :class:`LayerSummary` rows inside a :class:`QuantSummary`.
+
+Every method builds its rows with :func:`layer_row`, so sizes, bits per weight and SQNR mean the same
+thing whichever method made a model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..models import tied_lm_head
+from ..schemes import sqnr_db
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    shape: tuple[int, int]
+    scheme: str
+    bits_per_weight: float
+    packed_bytes: int
+    float_bytes: int
+    sqnr_db: float
+    kernel: str
+
+
+@dataclass
+class QuantSummary:
+    """What ``quantize`` did: per-layer scheme, size and weight SQNR, and the kernel each layer runs;
+    for calibrated layer-by-layer methods also the calibration used and each decoder layer's output error
+    (relative MSE against the float layer on the same inputs)."""
+
+    method: str
+    config: dict
+    layers: list[LayerSummary] = field(default_factory=list)
+    seconds: float = 0.0
+    untied_lm_head: bool = False
+    calibration: dict = field(default_factory=dict)
+    layer_errors: list[float] = field(default_factory=list)
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(l.packed_bytes for l in self.layers)
+
+    @property
+    def float_bytes(self) -> int:
+        return sum(l.float_bytes for l in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        n = sum(l.shape[0] * l.shape[1] for l in self.layers)
+        return sum(l.bits_per_weight * l.shape[0] * l.shape[1] for l in self.layers) / max(n, 1)
+
+    @property
+    def mean_sqnr_db(self) -> float:
+        return sum(l.sqnr_db for l in self.layers) / max(len(self.layers), 1)
+
+    @property
+    def kernels(self) -> list[str]:
+        return sorted({l.kernel for l in self.layers})
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "config": self.config,
+            "layers": [l.__dict__ for l in self.layers],
+            "seconds": self.seconds,
+            "packed_bytes": self.packed_bytes,
+            "float_bytes": self.float_bytes,
+            "bits_per_weight": self.bits_per_weight,
+            "mean_sqnr_db": self.mean_sqnr_db,
+            "kernels": self.kernels,
+            "untied_lm_head": self.untied_lm_head,
+            "calibration": self.calibration,
+            "layer_errors": self.layer_errors,
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method}: {len(self.layers)} layers, {self.bits_per_weight:.2f} bits/weight, "
+            f"{self.float_bytes / 1e6:.1f} MB -> {self.packed_bytes / 1e6:.1f} MB, mean weight SQNR "
+            f"{self.mean_sqnr_db:.1f} dB, kernel(s) {', '.join(self.kernels)}, {self.seconds:.1f}s"
+        )
+
+
+def _param_bytes(mod: nn.Module) -> int:
+    """Bytes of a module's own weight and bias as they were before quantization."""
+    return sum(p.numel() * p.element_size() for p in (getattr(mod, "weight", None), getattr(mod, "bias", None))
+               if isinstance(p, torch.Tensor))
+
+
+def layer_row(name: str, ref: torch.Tensor, approx: torch.Tensor, new: nn.Module, *, orig: nn.Module,
+              scheme: str, kernel: str | None = None, packed_bytes: int | None = None,
+              bits_per_weight: float | None = None) -> LayerSummary:
+    """The summary row of module ``name``: ``ref`` is the float weight the new module approximates (its
+    SQNR is taken against ``approx``, the new module's weight as it computes it), ``orig`` the module it
+    replaces (for the float bytes). Sizes default to the new module's own count (``packed_bytes()``)."""
+    nbytes = new.packed_bytes() if packed_bytes is None else packed_bytes
+    bits = getattr(new, "weight_bits", None) if bits_per_weight is None else bits_per_weight
+    if bits is None:
+        bits = 8 * nbytes / max(ref.numel(), 1)
+    return LayerSummary(
+        name=name, shape=tuple(ref.shape), scheme=scheme, bits_per_weight=bits, packed_bytes=int(nbytes),
+        float_bytes=_param_bytes(orig), sqnr_db=sqnr_db(ref.float(), approx),
+        kernel=kernel if kernel is not None else new.kernel.name,
+    )
+
+
+def untie_if_needed(model: nn.Module, names) -> bool:
+    """Quantizing a tied lm_head unties it: the embedding keeps its float weight."""
+    out = getattr(model, "get_output_embeddings", lambda: None)()
+    if out is None or not tied_lm_head(model):
+        return False
+    out_name = next((n for n, m in model.named_modules() if m is out), None)
+    if out_name not in set(names):
+        return False
+    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+    if hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
+    log.info("lm_head was tied to the embedding; it is untied so that the embedding stays in float")
+    return True
