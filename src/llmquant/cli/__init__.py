@@ -23,15 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights and save it")
     q.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "static", "smoothquant", "dynamic"],
-                   help="rtn (weights only); gptq/awq (weights only, calibrated); static: W8A8 with calibrated "
-                        "per-tensor activation scales; smoothquant: SmoothQuant, then static W8A8; dynamic: per-token int8 activations at run time")
-    q.add_argument("--calib", default="default", help="calibration text: .txt/.jsonl file, or 'default'")
-    q.add_argument("--calib-samples", type=int, default=64, help="calibration windows")
-    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    from ..flows import METHODS
+
+    q.add_argument("--method", default="rtn", metavar="METHOD[,METHOD]",
+                   help="one of " + ", ".join(m for m in METHODS if m != "plan") + "; or a comma list of layer-wise "
+                        "methods that compose (awq,gptq). rtn (weights only); gptq/awq (weights only, calibrated); "
+                        "static: W8A8 with calibrated per-tensor activation scales; smoothquant: SmoothQuant, then "
+                        "static W8A8; dynamic: per-token int8 activations at run time; qat: distillation training")
+    q.add_argument("--calib", help="calibration text: .txt/.jsonl file, or 'default' (the default)")
+    q.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")
+    q.add_argument("--seq-len", type=int, help="tokens per calibration window (default 512)")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     q.add_argument("--scheme", help="a preset: W8, W4G64, W4G128, W3G32, ... (instead of --bits etc.)")
-    q.add_argument("--bits", type=int, help="2..8 (default 4)")
+    q.add_argument("--bits", type=int, help="2..8 (default 4; 8 bits: per channel, fewer: groups of 128)")
     q.add_argument("--group-size", type=int, help="values per scale; omit for per-channel with --bits 8")
     q.add_argument("--granularity", choices=["tensor", "channel", "group"])
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
@@ -39,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", nargs="*", help="module names or re:regex to leave alone (default: lm_head)")
     q.add_argument("--observer", help="activation observer for static/smoothquant: minmax, moving_average, "
                    "percentile[:p], mse, histogram (default: mse for static, minmax for smoothquant)")
-    q.add_argument("--alpha", default="0.8", help="SmoothQuant migration strength in [0, 1], or 'search' for a "
+    q.add_argument("--alpha", help="SmoothQuant migration strength in [0, 1], or 'search' for a "
                    "per-layer choice by output error (default 0.8)")
-    q.add_argument("--act-granularity", choices=["token", "tensor"], default="token",
+    q.add_argument("--act-granularity", choices=["token", "tensor"],
                    help="dynamic: activation scale per token (default) or per tensor")
     q.add_argument("--act-asym", action="store_true", help="dynamic: asymmetric int8 activations")
-    q.add_argument("--weight-bits", type=int, choices=[8, 4], default=8,
+    q.add_argument("--weight-bits", type=int, choices=[8, 4],
                    help="dynamic: int8 per-channel (default) or int4 g128 weights")
     q.add_argument("--weight-sym", action="store_true",
                    help="dynamic: symmetric weights (default: a zero point per output channel)")
@@ -52,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
     q.add_argument("--rotation", type=int,
                    help="dynamic: Hadamard block size (e.g. 64) rotating each Linear's input and weights")
-
+    q.add_argument("--recipe", help="reproduce a recipe: a folder written by llmquant (its manifest's config or "
+                   "plan) or a QuantConfig JSON file")
     q.add_argument("--plan", help="a mixed-precision plan file (JSON) from `llmquant plan` or written by hand")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")

@@ -1,4 +1,8 @@
-"""`llmquant quantize`: RTN, calibrated (GPTQ/AWQ/static/SmoothQuant), dynamic and plan-driven."""
+"""`llmquant quantize`: the arguments become one QuantConfig (or a plan), passed to ``llmquant.quantize``.
+
+Every default lives in the config (``llmquant.schemes.methods.METHOD_DEFAULTS``, ``scheme_for``,
+``CalibSpec``, the params dataclasses): an argument left out is left out of the config.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,22 @@ from pathlib import Path
 
 log = logging.getLogger("llmquant")
 
+DYNAMIC_FLAGS = ("act_granularity", "act_asym", "weight_bits", "weight_sym", "outlier_threshold", "rotation")
+
 
 def _scheme_from_args(args):
+    """The weight scheme the arguments name, or None when they name none (the method's default)."""
     from ..errors import SchemeError
-    from ..schemes import QuantScheme, resolve_scheme
+    from ..schemes import resolve_scheme, scheme_for
 
     explicit = args.bits is not None or args.group_size is not None or args.asym or args.granularity
     if args.scheme:
         if explicit:
             raise SchemeError("give either --scheme PRESET or --bits/--group-size/--asym/--granularity, not both")
         return resolve_scheme(args.scheme)
-    bits = 4 if args.bits is None else args.bits
-    if args.group_size is not None:
-        gran = args.granularity or "group"
-        if gran != "group":
-            raise SchemeError(f"--group-size goes with group granularity, not {gran!r}")
-        return QuantScheme(bits=bits, symmetric=not args.asym, granularity="group", group_size=args.group_size)
-    gran = args.granularity or ("channel" if args.bits == 8 else "group")
-    return QuantScheme(
-        bits=bits, symmetric=not args.asym, granularity=gran, group_size=128 if gran == "group" else None
-    )
+    if not explicit:
+        return None
+    return scheme_for(args.bits, args.group_size, symmetric=not args.asym, granularity=args.granularity)
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -37,16 +37,59 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise OutputExistsError(f"{out!r} exists and is not empty; choose another -o or pass --overwrite")
 
 
-def _calibrated_kwargs(args) -> dict:
-    """method_params / calibration for calibrated methods (gptq, awq) from --act-order, --calib..."""
-    from ..schemes import CalibSpec, GPTQParams
+def _float_alpha(v: str | None):
+    from ..errors import SchemeError
 
-    if args.method not in ("gptq", "awq"):
-        return {}
-    calib = CalibSpec(source=None if args.calib in (None, "default") else args.calib,
-                      samples=args.calib_samples, seq_len=args.seq_len)
-    params = GPTQParams(act_order=args.act_order) if args.method == "gptq" else None
-    return {"method_params": params, "calibration": calib}
+    if v is None or v == "search":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise SchemeError(f"--alpha takes a number in [0, 1] or 'search', got {v!r}") from None
+
+
+def _methods(args) -> list[str]:
+    return [m.strip() for m in args.method.split(",") if m.strip()]
+
+
+def config_from_args(args):
+    """The QuantConfig the ``quantize`` arguments describe (nothing filled in here: the config's defaults
+    apply to what was left out)."""
+    from ..errors import SchemeError
+    from ..schemes import CalibSpec, GPTQParams, QuantConfig
+    from ..schemes.methods import dynamic_schemes
+    from ..flows import needs_calibration
+
+    methods = _methods(args)
+    method = methods[0] if len(methods) == 1 else methods
+    weight, activation = _scheme_from_args(args), None
+    given_dyn = [f for f in DYNAMIC_FLAGS if getattr(args, f) not in (None, False)]
+    if "dynamic" in methods:
+        if weight is not None:
+            raise SchemeError(
+                "--method dynamic takes --weight-bits 8|4, --act-granularity token|tensor, --act-asym, --weight-sym, "
+                "--outlier-threshold and --rotation, not --scheme/--bits/--group-size/--granularity/--asym")
+        if given_dyn:
+            weight, activation = dynamic_schemes(
+                args.weight_bits or 8, args.act_granularity or "token", not args.act_asym, 128,
+                args.outlier_threshold, args.weight_sym, args.rotation)
+    elif given_dyn:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given_dyn)
+        raise SchemeError(f"{flags} apply to --method dynamic only")
+    if args.act_order and "gptq" not in methods:
+        raise SchemeError("--act-order applies to --method gptq only")
+    params = None
+    if args.act_order:
+        gp = GPTQParams(act_order=True)
+        params = gp if method == "gptq" else [gp if m == "gptq" else None for m in methods]
+    cfg = QuantConfig(weight=weight, activation=activation, method=method, targets=tuple(args.targets or ()),
+                      observer=args.observer, smooth_alpha=_float_alpha(args.alpha), method_params=params,
+                      **({"ignore": tuple(args.ignore)} if args.ignore is not None else {}))
+    if needs_calibration(cfg):
+        given = {k: v for k, v in (("source", None if args.calib in (None, "default") else args.calib),
+                                   ("samples", args.calib_samples), ("seq_len", args.seq_len)) if v is not None}
+        cfg = cfg.with_(calibration=CalibSpec(**given))
+    return cfg
 
 
 def _summary_row(summary, scheme_name: str) -> dict:
@@ -63,128 +106,45 @@ def _summary_row(summary, scheme_name: str) -> dict:
     }
 
 
-def cmd_quantize(args) -> int:
-    import llmquant
-    from ..report import format_table
-    from ..schemes import QuantConfig
-
-    if args.method == "dynamic":
-        return _quantize_dynamic(args)
-
-    if getattr(args, "plan", None):
-        return _quantize_with_plan(args)
-    scheme = _scheme_from_args(args)
-    cfg = QuantConfig(
-        weight=scheme,
-        method=args.method,
-        targets=tuple(args.targets or ()),
-        ignore=tuple(args.ignore) if args.ignore is not None else ("lm_head",),
-        **_calibrated_kwargs(args),
-    )
-    _check_out(args.output, args.overwrite)
-    model, tok = llmquant.load_model(args.model)
-    if args.method in CALIBRATED_STATIC:
-        scheme = _static_weight_scheme(args)
-        cfg = _static_config(args, cfg.with_(weight=scheme))
-        summary = llmquant.quantize_static(model, cfg, tok, _calib_text(args.calib), samples=args.calib_samples,
-                                           seq_len=args.seq_len)
-    else:
-        summary = llmquant.quantize(model, cfg)
-    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
-    print(format_table([_summary_row(summary, scheme.name)]))
-    print(f"saved to {args.output}")
-    return 0
-
-
-# ---- calibrated static W8A8 (issue 3) -----------------------------------------------------------------
-CALIBRATED_STATIC = ("static", "smoothquant")
-
-
-def _static_weight_scheme(args):
-    """int8 per channel unless the user named a weight scheme."""
-    explicit = args.scheme or args.bits is not None or args.group_size is not None or args.asym or args.granularity
-    return _scheme_from_args(args) if explicit else __import__("llmquant").PRESETS["W8"]
-
-
-def _static_config(args, cfg):
-    from ..schemes import QuantScheme
-
-    act = QuantScheme(bits=8, granularity="tensor", dynamic=False)
-    alpha = None
-    if args.method == "smoothquant":
-        alpha = "search" if args.alpha == "search" else _float_alpha(args.alpha)
-    # measured defaults (BENCHMARKS.md): MSE clipping without smoothing, min-max after SmoothQuant
-    observer = args.observer or ("minmax" if args.method == "smoothquant" else "mse")
-    return cfg.with_(activation=act, observer=observer, smooth_alpha=alpha)
-
-
-def _float_alpha(v: str) -> float:
-    from ..errors import SchemeError
-
-    try:
-        return float(v)
-    except ValueError:
-        raise SchemeError(f"--alpha takes a number in [0, 1] or 'search', got {v!r}") from None
-
-
-def _calib_text(calib: str | None):
-    return None if calib in (None, "default") else Path(calib)
-
-
-def _quantize_dynamic(args) -> int:
-    """``quantize --method dynamic``: int8 activations quantized at run time (see llmquant.quantize_dynamic)."""
-    import llmquant
-    from ..errors import SchemeError
-    from ..report import format_table
-
-    if args.scheme or args.bits is not None or args.group_size is not None or args.granularity or args.asym:
-        raise SchemeError(
-            "--method dynamic takes --weight-bits 8|4, --act-granularity token|tensor, --act-asym, --weight-sym, "
-            "--outlier-threshold and --rotation, not --scheme/--bits/--group-size/--granularity/--asym"
-        )
-    _check_out(args.output, args.overwrite)
-    model, tok = llmquant.load_model(args.model)
-    summary = llmquant.quantize_dynamic(
-        model,
-        targets=args.targets or None,
-        act_granularity=args.act_granularity,
-        symmetric=not args.act_asym,
-        weight_bits=args.weight_bits,
-        weight_symmetric=args.weight_sym,
-        outlier_threshold=args.outlier_threshold,
-        rotation=args.rotation,
-        ignore=tuple(args.ignore) if args.ignore is not None else ("lm_head",),
-    )
-    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
-    print(format_table([_summary_row(summary, summary.layers[0].scheme if summary.layers else "-")]))
-    print(f"saved to {args.output}")
-    return 0
-
-
-def _quantize_with_plan(args) -> int:
-    import llmquant
-    from ..errors import SchemeError
-    from ..report import format_table
-    from ..schemes import Plan
-
-    if args.scheme or args.bits is not None or args.group_size is not None or args.asym or args.granularity or args.targets or args.ignore is not None:
-        raise SchemeError("--plan names each layer's format; leave out --scheme/--bits/--group-size/--asym/--granularity/--targets/--ignore")
-    plan = Plan.load(args.plan)
-    _check_out(args.output, args.overwrite)
-    model, tok = llmquant.load_model(args.model)
-    summary = llmquant.quantize(model, plan)
-    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
+def _plan_row(llmquant, model, summary) -> dict:
     size = llmquant.model_size(model)
     counts: dict[str, int] = {}
     for l in summary.layers:
         counts[l.scheme] = counts.get(l.scheme, 0) + 1
-    print(format_table([{
+    return {
         "layers": len(summary.layers),
         "formats": " ".join(f"{k}:{v}" for k, v in sorted(counts.items())),
         "bits/w (planned layers)": summary.bits_per_weight,
         "model MB": size.total_bytes / 1e6,
         "x fp32": size.ratio_to_fp32,
         "seconds": summary.seconds,
-    }]))
+    }
+
+
+def cmd_quantize(args) -> int:
+    import llmquant
+    from ..errors import SchemeError
+    from ..report import format_table
+
+    recipe = getattr(args, "plan", None) or getattr(args, "recipe", None)
+    if recipe:
+        rest = [f for f in ("scheme", "bits", "group_size", "asym", "granularity", "targets", "observer", "alpha",
+                            "act_order", *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
+        if rest or args.ignore is not None or args.method != "rtn":
+            what = "--plan names each layer's format" if args.plan else "--recipe gives the whole config"
+            raise SchemeError(f"{what}; leave out --method/--scheme/--bits/... (got {', '.join(rest) or '--method/--ignore'})")
+        config = llmquant.flows.registry.resolve(Path(recipe).expanduser() if args.plan else recipe)
+    else:
+        config = config_from_args(args)
+    _check_out(args.output, args.overwrite)
+    model, tok = llmquant.load_model(args.model)
+    summary = llmquant.quantize(model, config, tokenizer=tok)
+    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
+    if config.method == "plan":
+        row = _plan_row(llmquant, model, summary)
+    else:
+        name = summary.layers[0].scheme if config.method == "dynamic" and summary.layers else config.weight.name
+        row = _summary_row(summary, name)
+    print(format_table([row]))
     print(f"saved to {args.output}")
     return 0

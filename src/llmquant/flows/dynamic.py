@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from ..errors import SchemeError, SelectionError
 from ..modules import QuantLinear, replace_module, select_linears
-from ..schemes import QuantConfig, QuantScheme
+from ..schemes import QuantConfig
+from ..schemes.methods import dynamic_schemes
 from ..schemes.primitives import rotate_blocks
 from .summary import LayerSummary, QuantSummary, layer_row, untie_if_needed
 
@@ -51,31 +52,6 @@ def _dtype_name(dtype) -> str:
         f"dtype {dtype!r} is not supported by quantize_dynamic; use 'int8' (int8 activations; weights int8, "
         "or int4 with weight_bits=4)"
     )
-
-
-def dynamic_schemes(
-    weight_bits: int = 8,
-    act_granularity: str = "token",
-    symmetric: bool = True,
-    group_size: int = 128,
-    outlier_threshold: float | None = None,
-    weight_symmetric: bool = False,
-    rotation: int | None = None,
-) -> tuple[QuantScheme, QuantScheme]:
-    """``(weight_scheme, activation_scheme)`` for dynamic W8A8 / W4A8."""
-    if weight_bits == 8:
-        w = QuantScheme(bits=8, granularity="channel", symmetric=weight_symmetric)
-    elif weight_bits == 4:
-        w = QuantScheme(bits=4, granularity="group", group_size=group_size, symmetric=weight_symmetric)
-    else:
-        raise SchemeError(f"weight_bits must be 8 or 4 for dynamic quantization, got {weight_bits!r}")
-    if act_granularity not in ("token", "tensor"):
-        raise SchemeError(f"act_granularity must be 'token' or 'tensor', got {act_granularity!r}")
-    a = QuantScheme(
-        bits=8, symmetric=symmetric, granularity=act_granularity, dynamic=True, outlier_threshold=outlier_threshold,
-        rotation=rotation,
-    )
-    return w, a
 
 
 def _check_types(targets) -> None:

@@ -253,24 +253,24 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
     """Stages that need no statistics (RTN): each linear on its own, layer by layer, in model order."""
     layers = [] if found is None else [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])]
     names = list(chosen)
-    bar = tqdm(total=len(names), desc=f"quantize ({'+'.join(cfg.methods)}, {cfg.weight.name})", disable=not progress,
-               leave=False)
-    for i, (prefix, layer) in enumerate(layers):
-        lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
-        if not lin:
-            continue
-        hooks.source.load(i, prefix, layer)
-        ctx = LayerContext(layer, prefix, lin, StatsCollector({}), cfg)
-        _install(model, run_block(stages, ctx), chosen, cfg, summary)
-        for cb in hooks.on_layer_done:
-            cb(i, prefix, layer, summary)
-        hooks.source.release(i, prefix, layer)
-        bar.update(len(lin))
-    rest = {n: chosen[n] for n in names if n in chosen}  # outside the decoder layers (lm_head, any module)
-    if rest:
-        _install(model, run_block(stages, LayerContext(model, "", rest, StatsCollector({}), cfg)), chosen, cfg, summary)
-        bar.update(len(rest))
-    bar.close()
+    with tqdm(total=len(names), desc=f"quantize ({'+'.join(cfg.methods)}, {cfg.weight.name})", disable=not progress,
+              leave=False) as bar:
+        for i, (prefix, layer) in enumerate(layers):
+            lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
+            if not lin:
+                continue
+            hooks.source.load(i, prefix, layer)
+            ctx = LayerContext(layer, prefix, lin, StatsCollector({}), cfg)
+            _install(model, run_block(stages, ctx), chosen, cfg, summary)
+            for cb in hooks.on_layer_done:
+                cb(i, prefix, layer, summary)
+            hooks.source.release(i, prefix, layer)
+            bar.update(len(lin))
+        rest = {n: chosen[n] for n in names if n in chosen}  # outside the decoder layers (lm_head, any module)
+        if rest:
+            _install(model, run_block(stages, LayerContext(model, "", rest, StatsCollector({}), cfg)), chosen, cfg,
+                     summary)
+            bar.update(len(rest))
     order = {n: k for k, n in enumerate(names)}
     summary.layers.sort(key=lambda r: order[r.name])
 

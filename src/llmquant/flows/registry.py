@@ -65,6 +65,11 @@ def needs_calibration(cfg: QuantConfig) -> bool:
 def resolve(config) -> QuantConfig:
     """A QuantConfig from anything ``quantize`` takes: a config, scheme, preset name or dict, a
     mixed-precision Plan (or its dict or .json file), or an llmquant folder (its manifest's recipe)."""
+    if isinstance(config, (str, Path)) and str(config).endswith(".json") and Path(config).expanduser().is_file():
+        try:
+            config = json.loads(Path(config).expanduser().read_text())  # a plan or a QuantConfig, as JSON
+        except json.JSONDecodeError as e:
+            raise SchemeError(f"{config} is not valid JSON: {e}") from None
     if isinstance(config, (str, Path)) and (Path(config).expanduser() / "llmquant.json").is_file():
         manifest = json.loads((Path(config).expanduser() / "llmquant.json").read_text())
         if manifest.get("plan"):

@@ -92,8 +92,16 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
     if info.kept_float:
         log.info("linears kept float (block types llmquant does not hold): %s", Counter(info.kept_float.values()))
     if scheme_count:
-        main = scheme_count.most_common(1)[0][0]
-        model.llmquant_config = QuantConfig(weight=main, method="gguf-import", targets=tuple(info.packed), ignore=())
+        # the recipe that re-makes these codes from the file's dequantized weights: RTN onto the file's grid
+        # (one scheme), or a plan naming each linear's scheme when the file mixes block types
+        schemes = {n: m.scheme for n, m in model.named_modules() if n in info.packed}
+        if len(scheme_count) == 1:
+            main = scheme_count.most_common(1)[0][0]
+            model.llmquant_config = QuantConfig(weight=main, method="rtn", targets=tuple(info.packed), ignore=())
+        else:
+            from ..schemes import Plan
+
+            model.llmquant_plan = Plan.from_layers({n: s.to_dict() for n, s in schemes.items()})
     model.llmquant_source = source
     model.llmquant_gguf_import = info
     log.info("packed %d linears from %s: %s", len(info.packed), gpath.name, info.type_counts())

@@ -155,11 +155,31 @@ def _static_act():
     return QuantScheme(bits=8, granularity="tensor")
 
 
-def _dynamic_schemes():
+def dynamic_schemes(
+    weight_bits: int = 8,
+    act_granularity: str = "token",
+    symmetric: bool = True,
+    group_size: int = 128,
+    outlier_threshold: float | None = None,
+    weight_symmetric: bool = False,
+    rotation: int | None = None,
+) -> tuple[QuantScheme, QuantScheme]:
+    """``(weight_scheme, activation_scheme)`` for dynamic W8A8 / W4A8 (the defaults: the dynamic method's)."""
     from .scheme import QuantScheme
 
-    return (QuantScheme(bits=8, granularity="channel", symmetric=False),
-            QuantScheme(bits=8, granularity="token", dynamic=True))
+    if weight_bits == 8:
+        w = QuantScheme(bits=8, granularity="channel", symmetric=weight_symmetric)
+    elif weight_bits == 4:
+        w = QuantScheme(bits=4, granularity="group", group_size=group_size, symmetric=weight_symmetric)
+    else:
+        raise SchemeError(f"weight_bits must be 8 or 4 for dynamic quantization, got {weight_bits!r}")
+    if act_granularity not in ("token", "tensor"):
+        raise SchemeError(f"act_granularity must be 'token' or 'tensor', got {act_granularity!r}")
+    a = QuantScheme(
+        bits=8, symmetric=symmetric, granularity=act_granularity, dynamic=True, outlier_threshold=outlier_threshold,
+        rotation=rotation,
+    )
+    return w, a
 
 
 #: What a config leaves unsaid, per method: the weight scheme (a preset name or a callable giving the
@@ -169,7 +189,7 @@ def _dynamic_schemes():
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "static": {"weight": "W8", "activation": _static_act, "observer": "mse"},
     "smoothquant": {"weight": "W8", "activation": _static_act, "observer": "minmax", "smooth_alpha": 0.8},
-    "dynamic": {"weight": lambda: _dynamic_schemes()[0], "activation": lambda: _dynamic_schemes()[1]},
+    "dynamic": {"weight": lambda: dynamic_schemes()[0], "activation": lambda: dynamic_schemes()[1]},
 }
 DEFAULT_WEIGHT = "W4G128"  # every other method
 DEFAULT_OBSERVER = "minmax"
