@@ -39,6 +39,24 @@ def test_compare_tiny_model_writes_report(tmp_path, tiny_folder):
                 assert math.isfinite(r[k]), (r["label"], k)
     by = {r["label"]: r for r in rows}
     assert by["fp32"]["kl"] == 0.0
+    # Each builder really transformed the model: every configuration that stores weights differently is
+    # smaller than fp32 and measurably different from it, and no two configurations measure the same.
+    ok = [r for r in rows if r["status"] == "ok"]
+    fp32 = by["fp32"]
+    for r in ok:
+        if r["label"] not in ("fp32", "bf16 autocast"):
+            assert r["kl"] > 0, r["label"]
+            assert r["size_bytes"] < fp32["size_bytes"] and r["bits_per_weight"] < 32, r["label"]
+    assert len({r["kl"] for r in ok}) == len(ok), [(r["label"], r["kl"]) for r in ok]
+    assert by["bf16 weights"]["size_bytes"] < 0.51 * fp32["size_bytes"]
+    # ... and against each other: fewer bits, smaller and further from fp32; the same format, the same size
+    w8, w4 = by["PTQ RTN int8 (W8)"], by["PTQ RTN int4 g64 (W4G64)"]
+    assert w4["size_bytes"] < w8["size_bytes"] and w4["kl"] > w8["kl"]
+    assert by["PTQ GPTQ int3 g32"]["size_bytes"] < by["PTQ GPTQ int4 g64"]["size_bytes"] == w4["size_bytes"]
+    assert by["QAT int4 g64"]["size_bytes"] == w4["size_bytes"] > by["QAT int3 g32"]["size_bytes"]
+    assert by["Mixed plan 3.5 bits/w"]["size_bytes"] < by["Mixed plan 4.5 bits/w"]["size_bytes"] < w8["size_bytes"]
+    dyn8, dyn4 = by["Dynamic W8A8 (per token)"], by["Dynamic W4A8 (g128)"]
+    assert dyn4["size_bytes"] < dyn8["size_bytes"] and dyn4["kl"] > dyn8["kl"] > w8["kl"]  # + activation error
     # autocast runs the same fp32 weights in bf16 matmuls: same size, a small but real difference
     assert by["bf16 autocast"]["size_bytes"] == by["fp32"]["size_bytes"] and 0 < by["bf16 autocast"]["kl"] < 0.05
     md = (tmp_path / "r" / "report.md").read_text()

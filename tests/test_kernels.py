@@ -58,7 +58,7 @@ def test_automatic_choice_on_cpu():
     _, ql = _module(PRESETS["W8"])
     expected = "fbgemm_fp16" if torch.backends.quantized.supported_engines.count("fbgemm") else "dequant_cached"
     ql(torch.randn(2, 200))
-    assert ql._kernel.name == expected
+    assert ql.prepared_kernel.name == expected
 
 
 @pytest.mark.parametrize("bits,bound", [(8, 38.0), (4, 16.0), (3, 10.0)])
@@ -78,7 +78,7 @@ def test_set_kernel_and_unknown():
     m = nn.Sequential(ql)
     kernels.set_kernel(m, "reference")
     m(torch.randn(1, 200))
-    assert ql._kernel.name == "reference"
+    assert ql.prepared_kernel.name == "reference"
     with pytest.raises(LLMQuantError, match="unknown kernel"):
         kernels.set_kernel(m, "nope")
 
@@ -92,7 +92,7 @@ def test_deepcopy_and_to_reset_state():
     ql2 = copy.deepcopy(ql)
     assert torch.equal(ql2(x), y)
     ql.to(torch.float32)
-    assert ql._kernel is None
+    assert ql.prepared_kernel is None and ql.kernel_state is None
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_int8_gemm_matches_reference(act, m):
         kw = {"input_scale": cs, "input_zero": cz}
     ql = QuantLinear.from_quantized(q, s, z, PRESETS["W8"], bias=torch.randn(96, generator=g), activation_scheme=act, **kw)
     y = ql(x)
-    assert ql._kernel.name in ("int8_int_mm", "fbgemm_int8")
+    assert ql.prepared_kernel.name in ("int8_int_mm", "fbgemm_int8")
     ql.kernel_override = "reference"
     yr = ql(x)
     assert (y - yr).abs().max() <= 1e-4 * yr.abs().max()

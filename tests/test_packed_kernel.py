@@ -40,7 +40,7 @@ def test_matches_reference(name, rows):
     x = torch.randn(2, rows, 256)
     ref = _run(m, x, "reference")
     y = _run(m, x, "packed_avx2")
-    assert m._kernel.name == "packed_avx2"
+    assert m.prepared_kernel.name == "packed_avx2"
     assert y.shape == ref.shape and y.dtype == ref.dtype
     # same weights; activations rounded to int16 per 256 values: errors ~2^-16 of the inputs. From 16 rows
     # on (prefill) fbgemm's fp16-weight GEMM runs: exact integer codes for per-channel schemes, weights
@@ -69,18 +69,28 @@ def test_bf16_activations():
 def test_fused_call_equals_separate_calls():
     mods = [_qlin(PRESETS["W4G32"], n=n, seed=i) for i, n in enumerate((64, 32, 32))]
     mods[1] = _qlin(QuantScheme(bits=4, group_size=32, symmetric=False), n=32, seed=5)  # asym among sym
+    kernel = kernels.KERNELS["packed_avx2"]
     states = []
     for m in mods:
-        _run(m, torch.zeros(1, 256), "packed_avx2")
-        states.append(m._kernel_state)
-    assert packed_cpu.can_fuse(states)
+        m.kernel_override = "packed_avx2"
+        k, st = m.prepare_kernel(torch.device("cpu"), torch.float32)
+        assert k is kernel and isinstance(st, packed_cpu.PackedState)
+        states.append(st)
+    fused = kernel.fuse(mods, states)
+    assert fused is not None
+    # other widths or bit widths do not fuse: the caller runs the modules one by one
+    other = _qlin(PRESETS["W8"], n=32, seed=9)
+    other.kernel_override = "packed_avx2"
+    assert kernel.fuse(mods + [other], states + [other.prepare_kernel(torch.device("cpu"), torch.float32)[1]]) is None
+    assert kernels.KERNELS["fbgemm_fp16"].fuse(mods, states) is None  # the default: no fusion
+    run3 = QuantLinear.fused_runner(mods, torch.device("cpu"), torch.float32)
     for rows in (1, 2, 17):
         x = torch.randn(rows, 256)
-        fused = packed_cpu.run_fused(states, x)
         sep = torch.cat([m(x) for m in mods], -1)
+        assert torch.equal(torch.cat(run3(x), -1), fused(x))
         # from LARGE_M rows a single module runs fbgemm's fp16-weight GEMM, the fused call an fp32 dequant
         atol = 1e-5 if rows < packed_cpu.LARGE_M else 2e-3 * float(sep.abs().max())
-        assert torch.allclose(fused, sep, rtol=0, atol=atol)
+        assert torch.allclose(fused(x), sep, rtol=0, atol=atol)
 
 
 def test_unsupported_formats_fall_through():
@@ -103,7 +113,7 @@ def test_clean_fallback_when_extension_unavailable(monkeypatch):
         assert kernels.select(m, torch.device("cpu")).name == "fbgemm_fp16"
         x = torch.randn(1, 256)
         y = _run(m, x, None)
-        assert m._kernel.name == "fbgemm_fp16"
+        assert m.prepared_kernel.name == "fbgemm_fp16"
         ref = _run(m, x, "reference")
         assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
     finally:
@@ -124,9 +134,9 @@ def test_prefill_under_bf16_autocast(name):
         y = _run(m, x, "packed_avx2")
         expect = torch.nn.functional.linear(x, w, m.bias)  # autocast's own bf16 Linear on the float weight
         one = _run(m, x[:, :1], "packed_avx2")  # decode rows keep the fp32 weight-only path
-    assert m._kernel.name == "packed_avx2" and y.dtype == expect.dtype == torch.bfloat16
+    assert m.prepared_kernel.name == "packed_avx2" and y.dtype == expect.dtype == torch.bfloat16
     assert (y.float() - expect.float()).abs().max() <= 1e-2 * expect.float().abs().max()
     assert one.dtype == torch.float32
-    assert m._prefill_state["bf16"][0].dtype == torch.bfloat16  # kept for the next prompt
+    assert m.kernel_state.prefill["bf16"][0].dtype == torch.bfloat16  # kept for the next prompt
     m.reset_kernel()
-    assert m._prefill_state is None
+    assert m.kernel_state is None and m.prepared_kernel is None

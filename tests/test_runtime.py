@@ -107,8 +107,10 @@ def test_quantized_model_through_packed_kernel():
     assert torch.equal(llmquant.generate(m, ids, 12, use_eos=False), fast)
 
 
-def test_prefill_bf16():
+def test_prefill_bf16(monkeypatch):
     """The prompt's forward under bf16 autocast (fused packed linears take a cached bf16 weight), decode fp32."""
+    from llmquant.kernels import packed_cpu
+
     m = make_tiny_llama(vocab_size=512, hidden=128)
     llmquant.quantize(m, "W8", progress=False)
     lean = LeanModel(m)
@@ -116,11 +118,40 @@ def test_prefill_bf16():
     exact = lean(ids, lean.new_cache(1, 24))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast = lean(ids, lean.new_cache(1, 24))
-    assert fast.dtype == torch.float32 or fast.dtype == torch.bfloat16
+    assert fast.dtype == torch.bfloat16  # the float head under autocast
     assert (fast.float() - exact).abs().max() <= 0.05 * exact.abs().max()  # bf16 activations: ~2^-8 relative
     assert not torch.equal(fast.float(), exact)  # the bf16 path did run
+    # generate(prefill_bf16=True): every packed call of the prompt (24 rows) runs under bf16 autocast, every
+    # decode call (1 row) in fp32; without the flag none does
+    calls = []
+    run_fused = packed_cpu.run_fused
+
+    def spy(states, x, *args):
+        calls.append((x.shape[:-1].numel(), packed_cpu.autocast_bf16(x)))
+        return run_fused(states, x, *args)
+
+    monkeypatch.setattr(packed_cpu, "run_fused", spy)
     out = llmquant.generate(m, ids, 6, use_eos=False, lean=lean, prefill_bf16=True)
     assert out.shape == (1, 6)
+    prompt = [bf16 for rows, bf16 in calls if rows == 24]
+    decode = [bf16 for rows, bf16 in calls if rows == 1]
+    assert len(prompt) == 4 * 2 and all(prompt)  # per layer: q/k/v, o, gate/up, down
+    assert len(decode) == 4 * 2 * 5 and not any(decode)
+    calls.clear()
+    plain = llmquant.generate(m, ids, 6, use_eos=False, lean=lean)
+    assert calls and not any(bf16 for _, bf16 in calls)
+    assert torch.equal(plain, llmquant.generate(m, ids, 6, use_eos=False))
+
+
+def test_rotated_w8a8_through_lean():
+    """Dynamic W8A8 with a Hadamard rotation: the lean runtime rotates each input as the module's forward does."""
+    m = make_tiny_llama(vocab_size=512, hidden=128)
+    llmquant.quantize_dynamic(m, weight_bits=8, rotation=64, progress=False)
+    lean = LeanModel(m)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = m(ids).logits
+    assert (lean(ids, lean.new_cache(1, 12), all_logits=True) - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 def test_errors():

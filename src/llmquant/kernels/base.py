@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -12,6 +12,9 @@ class Kernel:
 
     ``numerics`` says in words what is computed, for summaries and reports; ``runtime_bytes_per_weight``
     the memory its prepared state takes at run time (packed weights kept aside for saving).
+
+    The state :meth:`prepare` returns is the kernel's own: only the kernel reads it. What callers outside
+    the kernels need of it goes through methods here (:meth:`fuse`).
     """
 
     name: str = "?"
@@ -27,6 +30,12 @@ class Kernel:
 
     def run(self, module, state: Any, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def fuse(self, modules: Sequence, states: Sequence[Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """One call for several modules prepared by this kernel that share their input (q/k/v, gate/up):
+        a callable ``x -> cat([y_1, ..., y_n], -1)``, given ``x`` as :meth:`run` is; None when this kernel
+        cannot run these modules together (the default), and the caller runs them one by one."""
+        return None
 
 
 KERNELS: dict[str, Kernel] = {}

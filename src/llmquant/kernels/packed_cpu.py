@@ -9,16 +9,19 @@ summation order (see ``csrc/qgemm_avx2.cpp`` for the algebra). Batches of at lea
 such call and kept: 2 more bytes per weight at run time once a prompt has been processed). At 512 tokens
 with 2 threads on a quiet machine it measured as fast as fp32 (benchmarks/results/kernels.md), where
 dequantizing to fp32 per call was about 10% slower than fp32; no weight-only path beats fp32 there.
-Without fbgemm they dequantize the weight to fp32 for the call and run PyTorch's float GEMM. The lean
-runtime's fused calls (``run_fused``) keep the dequantize path. Under ``llmquant.autocast("bf16")`` (CPU
-bf16 autocast), many-token inputs instead take a bf16 GEMM with the dequantized weight rounded to bf16 once
-and kept: the opt-in way to a prefill faster than fp32, at autocast's numerics (bf16 activations).
+Without fbgemm they dequantize the weight to fp32 for the call and run PyTorch's float GEMM. Fused calls
+(:meth:`PackedAVX2.fuse`, the lean runtime's q/k/v and gate/up) keep the dequantize path. Under
+``llmquant.autocast("bf16")`` (CPU bf16 autocast), many-token inputs instead take a bf16 GEMM with the
+dequantized weight rounded to bf16 once and kept: the opt-in way to a prefill faster than fp32, at
+autocast's numerics (bf16 activations).
 
 Supported: CPU, 4 or 8 bits, per channel, per tensor or groups that are multiples of 32, ``in_features`` a
 multiple of 32, any zero point, no activation quantization. Everything else goes to the next kernel.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,28 @@ def format_supported(module) -> bool:
     return s.granularity in ("channel", "tensor")
 
 
+@dataclass(frozen=True, eq=False)
+class PackedState:
+    """What :meth:`PackedAVX2.prepare` builds from a module: its packed codes as stored and one fp32 scale and
+    offset per group, so that ``W = (u - b) * scale + offsets`` for the stored codes ``u`` (``b`` = 128 at 8
+    bits, 0 at 4; see ``csrc/qgemm_avx2.cpp``)."""
+
+    codes: torch.Tensor  # the module's packed ``qweight`` (uint8), not copied
+    scale: torch.Tensor  # (out_features, groups) fp32
+    offsets: torch.Tensor  # (out_features, groups) fp32
+    bias: torch.Tensor | None  # (out_features,) fp32
+    bits: int
+    out_features: int
+    in_features: int
+    group_size: int  # in_features for per-channel and per-tensor schemes
+    # many-token states built on first use and kept: "fp16" (fbgemm's prepared weight), "bf16" (autocast)
+    prefill: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        return self.scale.shape[1]
+
+
 class PackedAVX2(Kernel):
     name = "packed_avx2"
     numerics = "weight-only: fp32 activations x int4/int8 codes unpacked in registers, fp32 accumulate"
@@ -48,7 +73,7 @@ class PackedAVX2(Kernel):
     def supports(self, module, device) -> bool:
         return device.type == "cpu" and format_supported(module) and native.load() is not None
 
-    def prepare(self, module, device, dtype):
+    def prepare(self, module, device, dtype) -> PackedState:
         s = module.scheme
         n, k = module.out_features, module.in_features
         gs = s.group_size if s.granularity == "group" else k
@@ -61,19 +86,27 @@ class PackedAVX2(Kernel):
         else:
             offsets = ((s.qmin + b - zf) * scale).contiguous()  # W = (u - b) * scale + offsets, u = the stored codes
         bias = None if module.bias is None else module.bias.float()
-        return (module.qweight.contiguous(), scale, offsets, bias, s.bits, n, k, gs)
+        return PackedState(module.qweight.contiguous(), scale, offsets, bias, s.bits, n, k, gs)
 
-    def run(self, module, state, x):
+    def run(self, module, state: PackedState, x):
         if x.numel() >= LARGE_M * module.in_features:
-            if autocast_bf16(x):  # the bf16 weight is kept with the module's other prefill state
-                return run_fused([state], x, _prefill_cache(module))
+            if autocast_bf16(x):  # the bf16 weight is kept in the state, as the fp16 one
+                return run_fused([state], x, state.prefill)
             if KERNELS["fbgemm_fp16"].supports(module, x.device):
                 fp16 = KERNELS["fbgemm_fp16"]
-                cache = _prefill_cache(module)
-                if "fp16" not in cache:
-                    cache["fp16"] = fp16.prepare(module, x.device, x.dtype)
-                return fp16.run(module, cache["fp16"], x)
+                if "fp16" not in state.prefill:
+                    state.prefill["fp16"] = fp16.prepare(module, x.device, x.dtype)
+                return fp16.run(module, state.prefill["fp16"], x)
         return run_fused([state], x)
+
+    def fuse(self, modules, states):
+        """One pass over the modules' packed buffers (nothing copied) when they have the same bits, width and
+        groups; the stacked bf16 weight for prefill under bf16 autocast is built on first use and kept."""
+        if not can_fuse(states):
+            return None
+        states = list(states)
+        bf16_cache: dict = {}
+        return lambda x: run_fused(states, x, bf16_cache)
 
 
 def autocast_bf16(x: torch.Tensor) -> bool:
@@ -81,40 +114,38 @@ def autocast_bf16(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-def _prefill_cache(module) -> dict:
-    if getattr(module, "_prefill_state", None) is None:
-        module._prefill_state = {}
-    return module._prefill_state
-
-
-def can_fuse(states) -> bool:
+def can_fuse(states: list[PackedState]) -> bool:
     """True when prepared states (of this kernel) can run as one call: same bits, width and groups."""
-    return len({(st[4], st[6], st[7], st[1].shape[1]) for st in states}) == 1
+    return len({(st.bits, st.in_features, st.group_size, st.groups) for st in states}) == 1
 
 
-def run_fused(states, x: torch.Tensor, bf16_cache: dict | None = None) -> torch.Tensor:
+def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | None = None) -> torch.Tensor:
     """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
     (fused QKV or gate/up: one pass, one thread launch, buffers left where they are).
 
     Under bf16 autocast, many-token inputs take a bf16 GEMM (output bf16, as autocast's linear) with the
     stacked dequantized weight rounded to bf16 once: what autocast does for a float Linear, at 2 bytes per
     weight kept as ``bf16_cache["bf16"]`` (the caller's dict; without one, it is rebuilt per call)."""
-    _, scale0, _, _, bits, _, k, gs = states[0]
+    s0 = states[0]
+    bits, k, gs = s0.bits, s0.in_features, s0.group_size
     ext = native.load()
     shape = x.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    n = sum(st[5] for st in states)
+    n = sum(st.out_features for st in states)
+
+    def dequant(st: PackedState) -> torch.Tensor:
+        return ext.dequant(st.codes, st.scale, st.offsets, bits, st.out_features, k, gs)
 
     def stacked_bias():
-        biases = [st[3] for st in states]
+        biases = [st.bias for st in states]
         return None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else torch.zeros(st[5]) for b, st in zip(biases, states)])
+            [b if b is not None else torch.zeros(st.out_features) for b, st in zip(biases, states)])
 
     if m >= LARGE_M and autocast_bf16(x):
         cache = {} if bf16_cache is None else bf16_cache
         if "bf16" not in cache:
-            w = torch.cat([ext.dequant(st[0], st[1], st[2], bits, st[5], k, gs) for st in states])
+            w = torch.cat([dequant(st) for st in states])
             b = stacked_bias()
             cache["bf16"] = (w.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16))
         w, b = cache["bf16"]
@@ -123,11 +154,11 @@ def run_fused(states, x: torch.Tensor, bf16_cache: dict | None = None) -> torch.
         x2 = x2.float()
     bias = stacked_bias()
     if m >= LARGE_M:
-        w = torch.cat([ext.dequant(st[0], st[1], st[2], bits, st[5], k, gs) for st in states]) if len(states) > 1 \
-            else ext.dequant(states[0][0], scale0, states[0][2], bits, n, k, gs)
+        w = torch.cat([dequant(st) for st in states]) if len(states) > 1 else dequant(s0)
         y = F.linear(x2, w, bias)
     else:
-        y = ext.qgemm(x2.contiguous(), [st[0] for st in states], [st[1] for st in states], [st[2] for st in states], bits, gs)
+        y = ext.qgemm(x2.contiguous(), [st.codes for st in states], [st.scale for st in states],
+                      [st.offsets for st in states], bits, gs)
         if bias is not None:
             y = y + bias
     return y.reshape(*shape[:-1], n).to(x.dtype)

@@ -12,10 +12,13 @@ The forward runs through the kernel :mod:`llmquant.kernels` selects for the devi
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import torch
 import torch.nn as nn
 
 from .. import kernels
+from ..kernels import Kernel
 from ..packing import pack, packed_numel, unpack
 from ..schemes import QuantScheme, dequantize
 from ..schemes.primitives import hadamard, rotate_blocks
@@ -134,12 +137,59 @@ class QuantLinear(nn.Module):
 
     # ---- compute -----------------------------------------------------------------------------
     @property
-    def kernel(self):
+    def kernel(self) -> Kernel:
+        """The kernel this module runs with where its weights are (what the next forward there selects)."""
         return kernels.select(self, self.qweight.device)
+
+    @property
+    def prepared_kernel(self) -> Kernel | None:
+        """The kernel the last forward (or :meth:`prepare_kernel`) prepared; None before the first call and
+        after :meth:`reset_kernel`."""
+        return self._kernel
+
+    @property
+    def kernel_state(self) -> Any:
+        """That kernel's run-time state, None when none is prepared. Its type is the kernel's own: only the
+        kernel reads its fields (what others need of it goes through :class:`~llmquant.kernels.Kernel`)."""
+        return self._kernel_state
 
     def reset_kernel(self) -> None:
         self._kernel = self._kernel_state = self._kernel_key = None
-        self._prefill_state = None  # a kernel's optional second state for many-token inputs
+
+    def prepare_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[Kernel, Any]:
+        """``(kernel, state)`` for inputs of ``dtype`` on ``device``: selected and prepared on the first call
+        for that device, dtype and ``kernel_override``, then kept."""
+        key = (device, dtype, self.kernel_override)
+        if self._kernel_key != key:
+            self._kernel = kernels.select(self, device)
+            self._kernel_state = self._kernel.prepare(self, device, dtype)
+            self._kernel_key = key
+            a = self.activation_scheme
+            self._rotation = None if a is None or a.rotation is None else hadamard(a.rotation, torch.float32, device)
+        return self._kernel, self._kernel_state
+
+    def runner(self, device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> y`` as :meth:`forward`, with the kernel selected and prepared now rather than checked per
+        call (for runtimes that call the module once per token)."""
+        kernel, state = self.prepare_kernel(device, dtype)
+        rot = self._rotation
+        if rot is None:
+            return lambda x: kernel.run(self, state, x)
+        return lambda x: kernel.run(self, state, rotate_blocks(x, rot.shape[0], rot))
+
+    @staticmethod
+    def fused_runner(modules: Sequence["QuantLinear"], device: torch.device, dtype: torch.dtype):
+        """``x -> (y_1, ..., y_n)`` in one kernel call for modules that share their input (q/k/v, gate/up),
+        when one kernel prepared them all and can fuse them (:meth:`Kernel.fuse`); None otherwise."""
+        prepared = [m.prepare_kernel(device, dtype) for m in modules]
+        kernel = prepared[0][0]
+        if any(k is not kernel for k, _ in prepared) or any(m._rotation is not None for m in modules):
+            return None
+        fused = kernel.fuse(modules, [st for _, st in prepared])
+        if fused is None:
+            return None
+        sizes = [m.out_features for m in modules]
+        return lambda x: fused(x).split(sizes, -1)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half() ... invalidate prepared state
         self.reset_kernel()
@@ -150,20 +200,14 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype, self.kernel_override)
-        if self._kernel_key != key:
-            self._kernel = kernels.select(self, x.device)
-            self._kernel_state = self._kernel.prepare(self, x.device, x.dtype)
-            self._kernel_key = key
-            a = self.activation_scheme
-            self._rotation = None if a is None or a.rotation is None else hadamard(a.rotation, torch.float32, x.device)
+        kernel, state = self.prepare_kernel(x.device, x.dtype)
         if self._rotation is not None:  # the stored weights are rotated alike (see QuantScheme.rotation)
             x = rotate_blocks(x, self._rotation.shape[0], self._rotation)
-        return self._kernel.run(self, self._kernel_state, x)
+        return kernel.run(self, state, x)
 
     def __getstate__(self):  # deepcopy / pickle: drop opaque kernel state, it is rebuilt on use
         state = self.__dict__.copy()
-        state["_kernel"] = state["_kernel_state"] = state["_kernel_key"] = state["_prefill_state"] = None
+        state["_kernel"] = state["_kernel_state"] = state["_kernel_key"] = None
         return state
 
     def extra_repr(self) -> str:

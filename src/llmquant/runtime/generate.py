@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import GenerationError
+from ..modules import QuantLinear
 from .lean import LeanModel
 from .sampling import SamplingConfig, next_tokens
 
@@ -174,7 +175,8 @@ def generate(
         stats.batch, stats.prompt_tokens, stats.new_tokens = b, t, n
         stats.prefill_s, stats.decode_s, stats.build_s = t_first - t1, t2 - t_first, build_s
         stats.threads = torch.get_num_threads()
-        stats.kernels = sorted({m._kernel.name for m in model.modules() if getattr(m, "_kernel", None) is not None})
+        stats.kernels = sorted({m.prepared_kernel.name for m in model.modules()
+                                if isinstance(m, QuantLinear) and m.prepared_kernel is not None})
     return out[:, :n]
 
 

@@ -5,10 +5,10 @@ Built from a loaded model (float, or with :class:`~llmquant.modules.QuantLinear`
 modules through :class:`~llmquant.models.arch.DecoderLayout` (data, no per-family code). What is done once,
 at build: module lookups, kernel selection and preparation of every quantized linear, the RoPE table
 (computed by the model's own rotary module, so every RoPE scaling variant is honoured), and the fusion of
-q/k/v and gate/up into one kernel call each when their kernel can run them together (``packed_avx2``:
-one pass over the three packed buffers, nothing copied). What runs per token: embedding, per layer two
-RMSNorms, three or four linear calls, RoPE, SDPA against the cache, the MLP, and the head on the last
-position only.
+q/k/v and gate/up into one kernel call each when their kernel can run them together (``Kernel.fuse``;
+``packed_avx2``: one pass over the three packed buffers, nothing copied). What runs per token: embedding,
+per layer two RMSNorms, three or four linear calls, RoPE, SDPA against the cache, the MLP, and the head on
+the last position only.
 
 The weights are the model's own tensors (no copy); the model is not modified.
 """
@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
-from ..kernels import packed_cpu
 from ..models import decoder_layout_for
 from ..modules import QuantLinear
 
@@ -48,9 +47,7 @@ def _get(root: nn.Module, path: str):
 def _one_linear(mod: nn.Module, dtype: torch.dtype):
     """A callable x -> y for one linear, with the kernel lookup done now."""
     if isinstance(mod, QuantLinear):
-        mod(torch.zeros(1, mod.in_features, dtype=dtype, device=mod.qweight.device))  # select + prepare once
-        kern, state = mod._kernel, mod._kernel_state
-        return lambda x: kern.run(mod, state, x)
+        return mod.runner(mod.qweight.device, dtype)
     if isinstance(mod, nn.Linear):
         w, b = mod.weight, mod.bias
         return lambda x: F.linear(x, w, b)
@@ -58,14 +55,13 @@ def _one_linear(mod: nn.Module, dtype: torch.dtype):
 
 
 def bind_linears(mods: list[nn.Module], dtype: torch.dtype, fuse: bool = True):
-    """A callable x -> [y_1, ..., y_n] for linears sharing an input; one kernel call when they can be fused."""
+    """A callable x -> [y_1, ..., y_n] for linears sharing an input; one kernel call when their kernel can
+    fuse them (:meth:`~llmquant.kernels.Kernel.fuse`)."""
     fns = [_one_linear(m, dtype) for m in mods]
-    if fuse and len(mods) > 1 and all(isinstance(m, QuantLinear) and m._kernel.name == packed_cpu.PackedAVX2.name for m in mods):
-        states = [m._kernel_state for m in mods]
-        if packed_cpu.can_fuse(states):
-            sizes = [m.out_features for m in mods]
-            bf16_cache: dict = {}  # the stacked bf16 weight, built on the first prefill under bf16 autocast
-            return lambda x: packed_cpu.run_fused(states, x, bf16_cache).split(sizes, -1)
+    if fuse and len(mods) > 1 and all(isinstance(m, QuantLinear) for m in mods):
+        fused = QuantLinear.fused_runner(mods, mods[0].qweight.device, dtype)
+        if fused is not None:
+            return fused
     return lambda x: [f(x) for f in fns]
 
 
