@@ -197,27 +197,33 @@ def cmd_compare(args) -> int:
 
 
 # ---- qat (issue 5) -------------------------------------------------------------------------------
+QAT_FLAGS = {  # CLI flag (dest) -> QATParams field; flags left out keep QATParams' defaults
+    "steps": "steps", "lr": "lr", "seq_len": "seq_len", "batch": "batch", "grad_accum": "grad_accum", "loss": "loss",
+    "init": "init", "lora_rank": "lora_rank", "grad_checkpoint": "gradient_checkpointing", "text": "text",
+}
+
+
 def cmd_qat(args) -> int:
     """Quantization-aware training: prepare, train with distillation, convert, save."""
     import llmquant
     from ..report import format_table
-    from ..schemes import QuantConfig, QuantScheme
+    from ..schemes import QATParams, QuantConfig, scheme_for
 
-    if args.bits is None:
-        args.bits = 4
-    scheme = QuantScheme(bits=args.bits, symmetric=not args.asym, granularity="group" if args.group_size else "channel",
-                         group_size=args.group_size)
-    cfg = QuantConfig(weight=scheme, method="qat")
+    scheme = scheme_for(args.bits, args.group_size, symmetric=not args.asym)
+    given = {f: getattr(args, k) for k, f in QAT_FLAGS.items() if getattr(args, k) not in (None, False)}
+    if args.frozen_scales:
+        given["learn_scales"] = False
+    if args.max_minutes:
+        given["max_seconds"] = args.max_minutes * 60
+    params = QATParams(**given)
+    cfg = QuantConfig(weight=scheme, method="qat", method_params=params)
     _check_out(args.output, args.overwrite)
     ckpt_dir = args.checkpoint_dir or f"{args.output.rstrip('/')}.qat-ckpt"
     model, tok = llmquant.load_model(args.model)
-    res = llmquant.train_qat(
-        model, Path(args.text) if args.text else None, config=cfg, tokenizer=tok, steps=args.steps, lr=args.lr,
-        seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum, loss=args.loss,
-        learn_scales=not args.frozen_scales, lora_rank=args.lora_rank, gradient_checkpointing=args.grad_checkpoint,
-        checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every, resume=args.resume, init=args.init,
-        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
-    )
+    kw = {k: v for k, v in params.to_dict().items() if k not in ("text", "version")}
+    extra = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
+    res = llmquant.train_qat(model, Path(params.text) if params.text else None, config=cfg, tokenizer=tok,
+                             checkpoint_dir=ckpt_dir, resume=args.resume, **extra, **kw)
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
     s = res.summary
     print(format_table([{
@@ -232,24 +238,24 @@ def cmd_qat(args) -> int:
 def add_qat_parser(sub) -> None:
     t = sub.add_parser("qat", help="quantization-aware training (distillation from the float model), then save")
     t.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    t.add_argument("--bits", type=int, help="2..8 (default 4)")
-    t.add_argument("--group-size", type=int, help="values per scale (omit for one scale per output channel)")
+    t.add_argument("--bits", type=int, help="2..8 (default 4; 8 bits: per channel, fewer: groups of 128)")
+    t.add_argument("--group-size", type=int, help="values per scale (default: 128 below 8 bits)")
     t.add_argument("--asym", action="store_true", help="asymmetric (learned zero points)")
-    t.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    t.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (weights and step sizes)")
-    t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    t.add_argument("--batch", type=int, default=4, help="windows per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    t.add_argument("--loss", choices=["kl", "ce"], default="kl", help="kl: distill the float model; ce: next token")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate, weights and step sizes (default 5e-5)")
+    t.add_argument("--seq-len", type=int, help="tokens per training window (default 256)")
+    t.add_argument("--batch", type=int, help="windows per micro-batch (default 4)")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    t.add_argument("--loss", choices=["kl", "ce"], help="kl: distill the float model (default); ce: next token")
     t.add_argument("--frozen-scales", action="store_true", help="keep the initial step sizes (no LSQ)")
-    t.add_argument("--init", choices=["mse", "rtn"], default="mse", help="initial step sizes: least-squares "
-                   "clipping per group (mse) or min-max (rtn)")
-    t.add_argument("--lora-rank", type=int, default=0, help=">0: frozen base weights + rank-r adapters")
+    t.add_argument("--init", choices=["mse", "rtn"], help="initial step sizes: least-squares "
+                   "clipping per group (mse, default) or min-max (rtn)")
+    t.add_argument("--lora-rank", type=int, help=">0: frozen base weights + rank-r adapters")
     t.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing (less memory)")
     t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
     t.add_argument("--text", help=".txt or .jsonl training text (default: pydoc_data.topics; windows from its end)")
     t.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT.qat-ckpt)")
-    t.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     t.add_argument("-o", "--output", required=True, help="output folder (loadable with llmquant.load)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")

@@ -1,0 +1,170 @@
+"""The one entry point: every method is a registered handler behind ``quantize(model, config)``; configs
+(and saved folders) round-trip and re-make the same model; layer-wise methods compose as a list; the
+pipeline calls each decoder layer with its own arguments."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import llmquant
+from llmquant import AWQParams, GPTQParams, QuantConfig, QuantScheme
+from llmquant.errors import SchemeError
+from llmquant.flows import METHODS, Method, register_method
+from llmquant.flows.pipeline import record_layer_inputs
+from llmquant.flows.summary import QuantSummary
+
+from conftest import make_tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llama(vocab_size=VOCAB, layers=2)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def test_builtin_methods_registered():
+    assert {"rtn", "gptq", "awq", "static", "smoothquant", "dynamic", "qat", "plan"} <= set(METHODS)
+    assert {m for m in METHODS if METHODS[m].stage is not None} == {"rtn", "gptq", "awq"}
+    with pytest.raises(SchemeError, match="unknown method 'nope'"):
+        QuantConfig(method="nope")
+    with pytest.raises(SchemeError, match="cannot be composed"):
+        QuantConfig(method=["smoothquant", "gptq"])
+    with pytest.raises(SchemeError, match="one entry"):
+        QuantConfig(method=["awq", "gptq"], method_params=[AWQParams()])
+
+
+def test_method_defaults_live_in_the_config():
+    s = QuantConfig(method="static")
+    assert s.weight == llmquant.PRESETS["W8"] and s.activation.granularity == "tensor" and s.observer == "mse"
+    sq = QuantConfig(method="smoothquant")
+    assert sq.observer == "minmax" and sq.smooth_alpha == 0.8
+    d = QuantConfig(method="dynamic")
+    assert d.activation.dynamic and d.activation.granularity == "token" and not d.weight.symmetric
+    assert QuantConfig().weight == llmquant.PRESETS["W4G128"] and QuantConfig().observer == "minmax"
+    # one rule for "--bits N" everywhere: 8 bits per channel, fewer in groups of 128
+    assert llmquant.scheme_for(4) == llmquant.PRESETS["W4G128"] and llmquant.scheme_for(8) == llmquant.PRESETS["W8"]
+
+
+def test_config_json_round_trip_and_legacy_flag():
+    cfg = QuantConfig(weight="W3G32", method=["awq", "gptq"], method_params=[AWQParams(grid=5), GPTQParams(damp=0.05)])
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    q = QuantConfig(method="qat", method_params=llmquant.QATParams(steps=3, lr=1e-4))
+    assert QuantConfig.from_json(q.to_json()) == q
+    # configs written before methods composed: GPTQParams(awq_scales=True) is the list ["awq", "gptq"]
+    old = json.loads(QuantConfig(weight="W3G32", method="gptq").to_json())
+    old["method_params"].update(awq_scales=True, awq_grid=5)
+    new = QuantConfig.from_dict(old)
+    assert new.method == ("awq", "gptq") and new.method_params[0].grid == 5 and new.method_params[1] == GPTQParams()
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+CASES = {
+    "rtn": QuantConfig(weight="W4G32", ignore=()),
+    "gptq": QuantConfig(weight="W3G32", method="gptq", method_params=GPTQParams(act_order=True)),
+    "awq+gptq": QuantConfig(weight="W4G32", method=["awq", "gptq"], method_params=[AWQParams(grid=4), None]),
+    "static": QuantConfig(method="static"),
+    "smoothquant": QuantConfig(method="smoothquant"),
+    "dynamic": QuantConfig(method="dynamic", targets=("re:.*mlp.*",)),
+    "plan": {"layers": {"model.layers.0.mlp.down_proj": "W8", "re:.*self_attn.*": "bf16", "re:.*": "W4G32"}},
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_saved_recipe_remakes_the_model(tiny, calib, tmp_path, name):
+    """quantize(model, saved_folder) re-makes the saved model bit for bit, whatever the method."""
+    a = copy.deepcopy(tiny)
+    s = llmquant.quantize(a, CASES[name], calib=calib, progress=False)
+    assert isinstance(s, QuantSummary) and s.layers
+    llmquant.save(a, None, tmp_path / "out")
+    b = copy.deepcopy(tiny)
+    llmquant.quantize(b, tmp_path / "out", calib=calib, progress=False)
+    assert _same(_state(a), _state(b))
+    loaded, _ = llmquant.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(calib[:2]).logits, b(calib[:2]).logits)
+    assert not _same(_state(tiny), _state(b))  # it did quantize
+
+
+def test_composition_differs_from_each_part(tiny, calib):
+    outs = {}
+    for name, method, params in (("gptq", "gptq", None), ("awq", "awq", AWQParams(grid=4, clip=False)),
+                                 ("awq+gptq", ["awq", "gptq"], [AWQParams(grid=4), None])):
+        m = copy.deepcopy(tiny)
+        s = llmquant.quantize(m, QuantConfig(weight="W3G32", method=method, method_params=params), calib=calib,
+                              progress=False)
+        assert s.method == name.replace("awq+gptq", "awq+gptq") and len(s.layer_errors) == 2
+        outs[name] = _state(m)
+    assert not _same(outs["gptq"], outs["awq+gptq"]) and not _same(outs["awq"], outs["awq+gptq"])
+
+
+def test_registered_method_runs_through_quantize(tiny):
+    """A new method is one registration: quantize, configs and JSON take it at once."""
+    seen = []
+
+    def run(model, cfg, calib, progress):
+        seen.append(cfg.method)
+        return llmquant.flows.quantize(model, cfg.with_(method="rtn"), progress=progress)
+
+    register_method(Method("toy-rtn", run))
+    try:
+        cfg = QuantConfig.from_json(QuantConfig(weight="W8", method="toy-rtn").to_json())
+        s = llmquant.quantize(copy.deepcopy(tiny), cfg, progress=False)
+        assert seen == ["toy-rtn"] and len(s.layers) == 14
+    finally:
+        METHODS.pop("toy-rtn")
+        llmquant.schemes.METHOD_PARAMS.pop("toy-rtn")
+
+
+def test_calibrated_method_without_data_is_an_error(tiny):
+    with pytest.raises(SchemeError, match="needs calibration data"):
+        llmquant.flows.quantize(copy.deepcopy(tiny), QuantConfig(method="gptq"))
+
+
+def _tiny_hybrid():
+    """A decoder whose layers alternate sliding-window and full attention (Gemma-2 style)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                       max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(cfg).eval()
+
+
+def test_each_layer_gets_its_own_arguments():
+    """The pipeline calls layer i with the mask the model gives layer i (sliding vs full attention)."""
+    model = _tiny_hybrid()
+    layers = model.model.layers
+    assert list(model.config.layer_types) == ["sliding_attention", "full_attention"]
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    real = []
+    hs = [l.register_forward_pre_hook(lambda m, a, k: real.append(k["attention_mask"]), with_kwargs=True) for l in layers]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hs:
+        h.remove()
+    _, kwargs = record_layer_inputs(model, layers, [ids], {"use_cache": False})
+    assert not torch.equal(real[0], real[1])  # the two layers do get different masks
+    for i in range(2):
+        assert torch.equal(kwargs[i][0]["attention_mask"], real[i])
+    # and the quantized model is still what layer-by-layer GPTQ computes with those masks
+    s = llmquant.quantize(model, QuantConfig(weight="W4G32", method="gptq"), calib=ids, progress=False)
+    assert len(s.layer_errors) == 2 and all(0 < e < 0.5 for e in s.layer_errors)
