@@ -8,10 +8,12 @@ shrinks that channel's relative rounding error. AWQ searches
     s = mean|x|^alpha / sqrt(max * min),   alpha* = argmin_alpha || Q(W diag(s)) diag(s)^-1 X - W X ||^2
 
 over a grid of alpha in [0, 1) for all linears fed by one input, and folds ``1/s`` into the op before them
-(a norm's weight and bias, or a previous linear's output rows), so the model's float function is unchanged.
-An optional clipping search then shrinks each (row, group) range by the ratio that minimizes the same
-output error. Output errors are computed exactly over all calibration tokens from the Gram matrix
-``G = X^T X / n`` (``||D X||^2 = sum((D G) * D)``), so no activations need to be kept.
+(a norm's weight and bias, or a previous linear's output rows; :func:`llmquant.algorithms.fold.fold_scale`),
+so the model's float function is unchanged. An optional clipping search then shrinks each (row, group)
+range by the ratio that minimizes the same output error (:func:`llmquant.schemes.primitives.search_range`
+with :func:`~llmquant.schemes.primitives.gram_error`). Output errors are computed exactly over all
+calibration tokens from the Gram matrix ``G = X^T X / n`` (``||D X||^2 = sum((D G) * D)``), so no
+activations need to be kept.
 """
 
 from __future__ import annotations

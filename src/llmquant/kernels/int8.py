@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schemes import QuantScheme, compute_qparams, qparams_from_minmax, quantize_to_int
-from ..schemes.primitives import round_to_grid
+from ..schemes.primitives import round_to_grid, scale_from_absmax
 from .base import Kernel, register
 
 
@@ -42,10 +42,14 @@ def quantize_activation(x2: torch.Tensor, scheme: QuantScheme, scale=None, zero=
 def dynamic_qparams(x2: torch.Tensor, a: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token (M, 1) or per-tensor (1, 1) min-max qparams of a 2-D float input, zero as float: those of
     :func:`llmquant.schemes.compute_qparams` (the same bits), without its reshapes and copies."""
-    if a.granularity == "token":
-        xmin, xmax = torch.aminmax(x2, dim=1, keepdim=True)
+    per_token = a.granularity == "token"
+    if a.symmetric and not a.signed_scale:  # max|x| in one reduction
+        amax = x2.abs().amax(dim=1, keepdim=True) if per_token else x2.abs().amax().reshape(1, 1)
+        return scale_from_absmax(amax, a), None
+    if per_token:
+        xmin, xmax = x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
     else:
-        xmin, xmax = (v.reshape(1, 1) for v in torch.aminmax(x2))
+        xmin, xmax = x2.amin().reshape(1, 1), x2.amax().reshape(1, 1)
     scale, zero = qparams_from_minmax(xmin, xmax, a)
     return scale, None if zero is None else zero.float()
 

@@ -1,4 +1,5 @@
-"""Quantization primitives on tensors: qparams, quantize, dequantize, fake-quantize, SQNR.
+"""Quantization primitives on tensors: qparams, quantize, dequantize, fake-quantize, the minimum-error range
+search, SQNR. Every module that rounds to a grid does it through these (no re-derivations elsewhere).
 
 Affine quantization: ``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = (q - z) * s``.
 Symmetric schemes use ``z = 0`` and the full signed grid with ``s = max|x| / ((qmax - qmin) / 2)``
@@ -9,9 +10,10 @@ value of largest magnitude with its sign (GGUF Q4_0 / Q5_0; ``s`` may be negativ
 ``s = (max - min) / (qmax - qmin)`` with ``z = qmin - min / s`` (rounded for integer zero points, unrounded
 for "float" ones), or, for ``zero_point="min"``, keep the minimum itself as a float offset ``m``:
 ``q = round((x - m) / s) + qmin`` and ``x_hat = (q - qmin) * s + m``, computed as GGUF Q4_1 / Q5_1 do
-(``q * d + m`` in float32; qmin is 0 for asymmetric schemes), so those blocks are reproduced bit for bit. Reductions run over the last dimension: per group of ``group_size`` values (the last group
-may be shorter when the width is not a multiple), per row ("channel" for weights, "token" for
-activations), or over the whole tensor.
+(``q * d + m`` in float32; qmin is 0 for asymmetric schemes), so those blocks are reproduced bit for bit.
+Reductions run over the last dimension: per group of ``group_size`` values (the last group may be shorter
+when the width is not a multiple), per row ("channel" for weights, "token" for activations), or over the
+whole tensor.
 """
 
 from __future__ import annotations
@@ -65,9 +67,7 @@ def qparams_from_minmax(
             scale = ext / scheme.qmin
             scale = torch.where(scale < 0, scale.clamp(max=-EPS), scale.clamp(min=EPS)).to(sdt)
             return scale, None
-        amax = torch.maximum(xmin.abs(), xmax.abs())
-        scale = (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=EPS).to(sdt)
-        return scale, None
+        return scale_from_absmax(torch.maximum(xmin.abs(), xmax.abs()), scheme), None
     if scheme.zero_point == "min":
         scale = ((xmax - xmin) / (scheme.qmax - scheme.qmin)).clamp(min=EPS).to(sdt)
         return scale, xmin.to(sdt)
@@ -81,6 +81,11 @@ def qparams_from_minmax(
     else:
         zero = zero.to(sdt)
     return scale, zero
+
+
+def scale_from_absmax(amax: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The scale of a symmetric scheme (not ``signed_scale``) from ``max|x|``: ``max|x| / ((qmax - qmin) / 2)``."""
+    return (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=EPS).to(scale_torch_dtype(scheme))
 
 
 def compute_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
