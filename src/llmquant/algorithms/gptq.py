@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CalibrationError, SchemeError
 from ..schemes import QuantScheme, check_finite, compute_qparams
-from ..schemes.primitives import scale_torch_dtype
+from ..schemes.primitives import from_grid, round_to_grid, scale_torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +62,6 @@ def _column_qparams(scale: torch.Tensor, zero: torch.Tensor | None, col: int, sc
     s = scale[:, g].float()
     z = None if zero is None else zero[:, g].float()
     return s, z
-
-
-def _quant_col(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme):
-    """Codes and dequantized values of one column, exactly as quantize_to_int / dequantize compute them."""
-    if z is not None and scheme.zero_point == "min":  # a float minimum m: x = (q - qmin) * s + m
-        q = ((w - z) / s + scheme.qmin).round().clamp(scheme.qmin, scheme.qmax)
-        return q, (q - scheme.qmin) * s + z
-    q = w / s
-    if z is not None:
-        q = q + z
-    q = q.round().clamp(scheme.qmin, scheme.qmax)
-    deq = (q - z) * s if z is not None else q * s
-    return q, deq
 
 
 @torch.no_grad()
@@ -179,7 +166,8 @@ def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos
                     done[g] = True
             s, z = _column_qparams(scale, zero, col, scheme)
             wc = w1[i]
-            q, deq = _quant_col(wc, s, z, scheme)
+            q = round_to_grid(wc, s, z, scheme)  # the primitives' rounding on one column
+            deq = from_grid(q, s, z, scheme)
             qcodes[j] = q.to(torch.int16)
             e = (wc - deq).div_(u1[i, i])
             if i + 1 < i2 - i1:

@@ -1,8 +1,9 @@
 """Round-to-nearest (RTN) weight quantization.
 
 The baseline every calibrated method is judged against (e.g. Frantar et al., "GPTQ", 2022, Table 1;
-Dettmers et al., "LLM.int8()", 2022): per (row, group) min-max qparams, then
-``q = clamp(round(W / s) + z, qmin, qmax)``.
+Dettmers et al., "LLM.int8()", 2022): per (row, group) min-max qparams, e.g. asymmetric
+``s = (max - min) / (qmax - qmin)``, ``z = qmin - round(min / s)``, then ``q = clamp(round(W / s) + z, qmin, qmax)``
+(all grid conventions in :mod:`llmquant.schemes.primitives`).
 """
 
 from __future__ import annotations

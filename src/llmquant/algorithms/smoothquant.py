@@ -8,8 +8,9 @@ ICML 2023 (arXiv:2211.10438), eq. (4): for the input channels j of the linears f
 so dividing the source's output (a norm's weight and bias, or a linear's output rows) by ``s`` and
 multiplying the consuming linears' input columns by ``s`` leaves the float model's function unchanged,
 while the activations become easier to quantize per tensor (a = 0.5 balances both sides; larger a moves
-more difficulty into the weights). Pure math on tensors: which source feeds which linears is data in
-:mod:`llmquant.models.arch`, and the statistics come from :mod:`llmquant.flows.smooth`.
+more difficulty into the weights). Pure math on tensors: the fold is :mod:`llmquant.algorithms.fold`,
+which source feeds which linears is data in :mod:`llmquant.models.arch`, and the statistics come from
+:mod:`llmquant.flows.smooth`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import SchemeError
+from ..schemes import QuantScheme, compute_qparams
+from ..schemes.primitives import from_grid, round_to_grid
+from .fold import fold_scale_modules, in_major_weight
+
+W8_ROWS = QuantScheme(bits=8, granularity="channel")  # int8 per output channel, full signed grid (the W8 preset)
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -31,45 +37,21 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     return torch.where(dead, torch.ones_like(s), s).clamp(min=1e-5).float()
 
 
-def in_major_weight(m: nn.Module) -> torch.Tensor:
-    """The weight as (out, in): ``nn.Linear`` stores it so; GPT-2's ``Conv1D`` (weight (in, out), ``nf`` =
-    out) gets a transposed view, so in-place edits reach the module."""
-    w = m.weight
-    if isinstance(m, nn.Linear):
-        return w.data
-    if getattr(m, "nf", None) == w.shape[1]:
-        return w.data.t()
-    raise SchemeError(f"cannot tell the input dimension of a {type(m).__name__}'s weight")
-
-
 def weight_absmax(linears: list[nn.Module]) -> torch.Tensor:
     """max |W_j| per input channel over all consuming linears."""
     return torch.cat([in_major_weight(m).abs() for m in linears], dim=0).amax(dim=0).float()
 
 
-@torch.no_grad()
 def apply_smoothing(source: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
     """Fold ``1/s`` into ``source`` (a norm: weight and bias; a linear: output rows and bias) and ``s`` into
-    the input columns of ``linears``; the composed function is unchanged up to float rounding."""
-    s = s.to(linears[0].weight.device)
-    if isinstance(source, nn.Linear) or getattr(source, "nf", None) is not None:
-        w = in_major_weight(source)  # (out, in): the source's outputs are our channels
-        w.div_(s.to(w.dtype)[:, None])
-    else:
-        if getattr(source, "weight", None) is None:
-            raise SchemeError(f"a {type(source).__name__} with no weight cannot absorb SmoothQuant scales")
-        source.weight.data.div_(s.to(source.weight.dtype))
-    if getattr(source, "bias", None) is not None:
-        source.bias.data.div_(s.to(source.bias.dtype))
-    for m in linears:
-        w = in_major_weight(m)
-        w.mul_(s.to(w.dtype)[None, :])
+    the input columns of ``linears`` (:func:`llmquant.algorithms.fold.fold_scale_modules`)."""
+    fold_scale_modules(source, linears, s)
 
 
 def _rtn_int8_rows(w: torch.Tensor) -> torch.Tensor:
-    """int8 per-output-channel fake quantization (full signed grid, as the W8 preset)."""
-    s = (w.abs().amax(dim=1, keepdim=True) / 127.5).clamp(min=1e-10)
-    return (w / s).round().clamp(-128, 127) * s
+    """int8 per-output-channel fake quantization (full signed grid, as the W8 preset) of float ``w``."""
+    scale, _ = compute_qparams(w, W8_ROWS)
+    return from_grid(round_to_grid(w, scale, None, W8_ROWS), scale, None, W8_ROWS)
 
 
 @torch.no_grad()

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..algorithms.smoothquant import apply_smoothing, smoothing_factors, weight_absmax
+from ..algorithms.fold import fold_scale_modules
+from ..algorithms.smoothquant import smoothing_factors, weight_absmax
 from ..errors import MappingError
 from ..models import ArchSpec, arch_for
 from ..observers import MinMaxObserver
 from ..schemes import QuantScheme
+from ..schemes.primitives import from_grid, round_to_grid
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +119,12 @@ def smooth(model: nn.Module, stats: SmoothingStats, alpha: float | str = 0.5, *,
                 o = make_observer(observer, _STATS_SCHEME)
                 o(v)
                 sc, z = o.calculate_qparams()
-                return (v / sc).round().clamp(_STATS_SCHEME.qmin, _STATS_SCHEME.qmax) * sc
+                return from_grid(round_to_grid(v, sc, z, _STATS_SCHEME), sc, z, _STATS_SCHEME)
 
             a, _ = search_alpha(x, stats.absmax(p.source), targets, grid, fq)
             stats.chosen_alphas[p.source] = a
         s = smoothing_factors(stats.absmax(p.source).to(targets[0].weight.device), weight_absmax(targets), a)
-        apply_smoothing(model.get_submodule(p.source), targets, s)
+        fold_scale_modules(model.get_submodule(p.source), targets, s)
         factors[p.source] = s
     log.info("SmoothQuant (alpha %s) folded into %d sources", alpha, len(factors))
     return factors

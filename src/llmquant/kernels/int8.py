@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schemes import QuantScheme, compute_qparams, quantize_to_int
-from ..schemes.primitives import EPS
+from ..schemes import QuantScheme, compute_qparams, qparams_from_minmax, quantize_to_int
+from ..schemes.primitives import round_to_grid, scale_from_absmax
 from .base import Kernel, register
 
 
@@ -40,29 +40,24 @@ def quantize_activation(x2: torch.Tensor, scheme: QuantScheme, scale=None, zero=
 
 
 def dynamic_qparams(x2: torch.Tensor, a: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token (M, 1) or per-tensor (1, 1) min-max qparams of a 2-D float input; the same operations
-    as :func:`llmquant.schemes.compute_qparams` (so the same bits), without its reshapes and copies."""
+    """Per-token (M, 1) or per-tensor (1, 1) min-max qparams of a 2-D float input, zero as float: those of
+    :func:`llmquant.schemes.compute_qparams` (the same bits), without its reshapes and copies."""
     per_token = a.granularity == "token"
-    if a.symmetric:
+    if a.symmetric and not a.signed_scale:  # max|x| in one reduction
         amax = x2.abs().amax(dim=1, keepdim=True) if per_token else x2.abs().amax().reshape(1, 1)
-        return (amax / ((a.qmax - a.qmin) / 2)).clamp_(min=EPS), None
+        return scale_from_absmax(amax, a), None
     if per_token:
         xmin, xmax = x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
     else:
         xmin, xmax = x2.amin().reshape(1, 1), x2.amax().reshape(1, 1)
-    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
-    scale = ((xmax - xmin) / (a.qmax - a.qmin)).clamp_(min=EPS)
-    zero = (a.qmin - xmin / scale).round_().clamp_(a.qmin, a.qmax)
-    return scale, zero
+    scale, zero = qparams_from_minmax(xmin, xmax, a)
+    return scale, None if zero is None else zero.float()
 
 
 def int8_codes(x2: torch.Tensor, a: QuantScheme, scale: torch.Tensor, zero: torch.Tensor | None, as_float: bool = False):
     """int8 codes of ``x2``: symmetric codes as they are, asymmetric codes ``u`` in [0, 255] as ``u - 128``
     (int8, or integer-valued float32 with ``as_float``)."""
-    q = x2 / scale
-    if zero is not None:
-        q = q.add_(zero)
-    q = q.round_().clamp_(a.qmin, a.qmax)
+    q = round_to_grid(x2, scale, zero, a)
     if zero is not None:
         q = q.sub_(128)
     return q if as_float else q.to(torch.int8)
@@ -98,6 +93,7 @@ def supports_w8a8(module) -> bool:
         and a.bits == 8
         and w.bits == 8
         and (w.symmetric or w.zero_point == "int")
+        and (a.symmetric or a.zero_point == "int")  # the GEMM's zero-point shift needs integer zero points
         and w.granularity in ("channel", "tensor")
         and a.granularity in ("token", "tensor")
     )

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..schemes import QuantScheme, compute_qparams, dequantize, expand_groups, minmax, qparams_from_minmax, quantize_to_int
-from ..schemes.primitives import EPS, scale_torch_dtype
+from ..schemes import QuantScheme, compute_qparams, expand_groups, minmax, qparams_from_minmax
+from ..schemes.primitives import EPS, group_sum, scale_torch_dtype, search_range, squared_error
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -51,43 +51,22 @@ def ste_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _reduce_groups(g: torch.Tensor, shape: torch.Size, scheme: QuantScheme) -> torch.Tensor:
     """Sum a per-value gradient (rows, K) back onto the (rows, groups) or (1, 1) qparams it came from."""
-    if scheme.granularity == "tensor":
-        return g.sum().reshape(1, 1)
-    if scheme.granularity != "group":
-        return g.sum(dim=1, keepdim=True)
-    rows, k = g.shape
-    gs = scheme.group_size
-    pad = shape[1] * gs - k
-    if pad:
-        g = torch.cat([g, g.new_zeros(rows, pad)], dim=1)
-    return g.reshape(rows, shape[1], gs).sum(-1)
+    return group_sum(g, shape[1], scheme)
 
 
 @torch.no_grad()
 def mse_qparams(x: torch.Tensor, scheme: QuantScheme, shrinks: int = 16, lowest: float = 0.5):
     """Per-(row, group) qparams of the range ``[a * min, a * max]`` whose round trip has the least squared
-    error, ``a`` on a grid from 1 down to ``lowest`` (the MSE observer of e.g. torchao / llm-compressor).
+    error, ``a`` on a grid from 1 down to ``lowest`` (the MSE observer of e.g. torchao / llm-compressor;
+    the search is :func:`llmquant.schemes.primitives.search_range`).
 
     With a = 1 this is RTN; on the full signed grid RTN puts each group's largest-magnitude value exactly on
     a rounding boundary (``max|x| / s = (qmax - qmin) / 2``), so the slightest change of weight or step
     flips it: a knife edge for QAT. Shrinking moves it off the edge (and clips outliers when that pays)."""
     x = x.detach().float()
     xmin, xmax = minmax(x, scheme)
-    best = best_s = best_z = None
-    for a in torch.linspace(1.0, lowest, shrinks).tolist():
-        s, z = qparams_from_minmax(xmin * a, xmax * a, scheme)
-        err = (x - dequantize(quantize_to_int(x, s, z, scheme), s, z, scheme)).pow(2)
-        rows = err.reshape(-1, x.shape[-1]) if scheme.granularity != "tensor" else err.reshape(1, -1)
-        e = _reduce_groups(rows, s.shape, scheme)
-        if best is None:
-            best, best_s, best_z = e, s.clone(), None if z is None else z.clone()
-            continue
-        better = e < best
-        best = torch.where(better, e, best)
-        best_s = torch.where(better, s, best_s)
-        if z is not None:
-            best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+    ratios = torch.linspace(1.0, lowest, shrinks).tolist()
+    return qparams_from_minmax(*search_range(xmin, xmax, ratios, squared_error(x, scheme)), scheme)
 
 
 class _FakeQuant(torch.autograd.Function):

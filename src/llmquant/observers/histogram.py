@@ -10,7 +10,8 @@ They differ only in how a clipping range is picked from it:
 * **mse**: minimise the expected squared error ``E = sum_b n_b e_b`` over shrunken ranges ``f (lo, hi)``,
   with ``e_b = s^2 / 12`` for a bin inside the grid (uniform rounding noise of step ``s``) and
   ``(x_b - edge)^2`` for a clipped one (as llm-compressor's MSE observer searches shrink factors, with the
-  error evaluated on the histogram instead of stored samples).
+  error evaluated on the histogram instead of stored samples; the search is
+  :func:`llmquant.schemes.primitives.search_range`, shared with QAT's init and AWQ's clipping).
 * **histogram** / **kl** / **entropy** (Migacz, "8-bit Inference with TensorRT", GTC 2017): minimise
   ``KL(P || Q)`` where ``P`` is the clipped histogram with the clipped mass folded into its edge bins and
   ``Q`` the same bins merged into the grid's ``2^b`` levels and spread back over their non-empty bins.
@@ -24,6 +25,7 @@ import torch
 
 from ..errors import SchemeError
 from ..schemes import qparams_from_minmax
+from ..schemes.primitives import search_range
 from .base import Observer, make_observer, register_observer
 from .minmax import MinMaxObserver
 
@@ -162,15 +164,7 @@ class MSEObserver(HistogramObserver):
         return (self.hist * err).sum(dim=1)
 
     def _select(self):
-        lo, hi = self.lo.double(), self.hi.double()
-        best = torch.full_like(lo, float("inf"))
-        best_f = torch.ones_like(lo)
-        for f in self.fractions.to(lo.device):
-            e = self.expected_error(lo * f, hi * f)
-            better = e < best
-            best = torch.where(better, e, best)
-            best_f = torch.where(better, f, best_f)
-        return lo * best_f, hi * best_f
+        return search_range(self.lo.double(), self.hi.double(), self.fractions.tolist(), self.expected_error)
 
 
 @register_observer("histogram", "kl", "entropy")

@@ -1,4 +1,5 @@
-"""Quantization primitives on tensors: qparams, quantize, dequantize, fake-quantize, SQNR.
+"""Quantization primitives on tensors: qparams, quantize, dequantize, fake-quantize, the minimum-error range
+search, SQNR. Every module that rounds to a grid does it through these (no re-derivations elsewhere).
 
 Affine quantization: ``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = (q - z) * s``.
 Symmetric schemes use ``z = 0`` and the full signed grid with ``s = max|x| / ((qmax - qmin) / 2)``
@@ -9,16 +10,19 @@ value of largest magnitude with its sign (GGUF Q4_0 / Q5_0; ``s`` may be negativ
 ``s = (max - min) / (qmax - qmin)`` with ``z = qmin - min / s`` (rounded for integer zero points, unrounded
 for "float" ones), or, for ``zero_point="min"``, keep the minimum itself as a float offset ``m``:
 ``q = round((x - m) / s) + qmin`` and ``x_hat = (q - qmin) * s + m``, computed as GGUF Q4_1 / Q5_1 do
-(``q * d + m`` in float32; qmin is 0 for asymmetric schemes), so those blocks are reproduced bit for bit. Reductions run over the last dimension: per group of ``group_size`` values (the last group
-may be shorter when the width is not a multiple), per row ("channel" for weights, "token" for
-activations), or over the whole tensor.
+(``q * d + m`` in float32; qmin is 0 for asymmetric schemes), so those blocks are reproduced bit for bit.
+Reductions run over the last dimension: per group of ``group_size`` values (the last group may be shorter
+when the width is not a multiple), per row ("channel" for weights, "token" for activations), or over the
+whole tensor.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import torch
 
-from ..errors import InvalidWeightsError
+from ..errors import InvalidWeightsError, SchemeError
 from .scheme import QuantScheme
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -63,9 +67,7 @@ def qparams_from_minmax(
             scale = ext / scheme.qmin
             scale = torch.where(scale < 0, scale.clamp(max=-EPS), scale.clamp(min=EPS)).to(sdt)
             return scale, None
-        amax = torch.maximum(xmin.abs(), xmax.abs())
-        scale = (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=EPS).to(sdt)
-        return scale, None
+        return scale_from_absmax(torch.maximum(xmin.abs(), xmax.abs()), scheme), None
     if scheme.zero_point == "min":
         scale = ((xmax - xmin) / (scheme.qmax - scheme.qmin)).clamp(min=EPS).to(sdt)
         return scale, xmin.to(sdt)
@@ -79,6 +81,11 @@ def qparams_from_minmax(
     else:
         zero = zero.to(sdt)
     return scale, zero
+
+
+def scale_from_absmax(amax: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The scale of a symmetric scheme (not ``signed_scale``) from ``max|x|``: ``max|x| / ((qmax - qmin) / 2)``."""
+    return (amax / ((scheme.qmax - scheme.qmin) / 2)).clamp(min=EPS).to(scale_torch_dtype(scheme))
 
 
 def compute_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,14 +108,31 @@ def quantize_to_int(
     k = x.shape[-1]
     rows = x.reshape(-1, k).float() if scheme.granularity != "tensor" else x.reshape(1, -1).float()
     s = expand_groups(scale.float(), rows.shape[-1], scheme)
-    if zero is not None and scheme.zero_point == "min":
-        q = (rows - expand_groups(zero.float(), rows.shape[-1], scheme)) / s + scheme.qmin
-    elif zero is not None:
-        q = rows / s + expand_groups(zero.float(), rows.shape[-1], scheme)
+    z = None if zero is None else expand_groups(zero.float(), rows.shape[-1], scheme)
+    return round_to_grid(rows, s, z, scheme).to(torch.int16).reshape(x.shape)
+
+
+def round_to_grid(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+    """Float codes ``clamp(round(x / s) + z, qmin, qmax)`` (``round((x - m) / s) + qmin`` for a float minimum
+    ``m``) with ``s`` / ``z`` already broadcastable to ``x``: the one rounding rule, elementwise and without
+    reshapes, so hot loops (GPTQ's columns, the int8 kernels' activations) use it directly."""
+    if z is not None and scheme.zero_point == "min":
+        q = (x - z).div_(s).add_(scheme.qmin)
     else:
-        q = rows / s
-    q = q.round().clamp(scheme.qmin, scheme.qmax).to(torch.int16)
-    return q.reshape(x.shape)
+        q = x / s
+        if z is not None:
+            q = q.add_(z)
+    return q.round_().clamp_(scheme.qmin, scheme.qmax)
+
+
+def from_grid(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+    """Values ``(q - z) * s`` (``(q - qmin) * s + m`` for a float minimum) of float codes ``q``, elementwise,
+    with ``s`` / ``z`` broadcastable to ``q``: the inverse of :func:`round_to_grid` on the grid."""
+    if z is not None and scheme.zero_point == "min":  # two float32 roundings, as GGUF computes q * d + m
+        return (q - scheme.qmin) * s + z
+    if z is not None:
+        q = q - z
+    return q * s
 
 
 def dequantize(
@@ -119,23 +143,91 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``(q - zero) * scale`` broadcast over groups; returns ``dtype``, shaped like q."""
-    k = q.shape[-1]
-    rows = q.reshape(-1, k) if scheme.granularity != "tensor" else q.reshape(1, -1)
-    x = rows.float()
-    if zero is not None and scheme.zero_point == "min":  # (q - qmin) * s + m, two float32 roundings as GGUF
-        x = (x - scheme.qmin) * expand_groups(scale.float(), x.shape[-1], scheme)
-        x = x + expand_groups(zero.float(), x.shape[-1], scheme)
-        return x.reshape(q.shape).to(dtype)
-    if zero is not None:
-        x = x - expand_groups(zero.float(), x.shape[-1], scheme)
-    x = x * expand_groups(scale.float(), x.shape[-1], scheme)
-    return x.reshape(q.shape).to(dtype)
+    rows = q.reshape(-1, q.shape[-1]) if scheme.granularity != "tensor" else q.reshape(1, -1)
+    k = rows.shape[-1]
+    s = expand_groups(scale.float(), k, scheme)
+    z = None if zero is None else expand_groups(zero.float(), k, scheme)
+    return from_grid(rows.float(), s, z, scheme).reshape(q.shape).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Quantize then dequantize with min-max qparams (no gradient trick; see QAT for that)."""
     scale, zero = compute_qparams(x, scheme)
     return dequantize(quantize_to_int(x, scale, zero, scheme), scale, zero, scheme, x.dtype)
+
+
+def group_sum(v: torch.Tensor, groups: int, scheme: QuantScheme) -> torch.Tensor:
+    """Sum per-value quantities ``v`` (rows, K) onto the (rows, groups) or (1, 1) qparams they belong to
+    (a ragged last group sums only its real values)."""
+    if scheme.granularity == "tensor":
+        return v.sum().reshape(1, 1)
+    if scheme.granularity != "group":
+        return v.sum(dim=1, keepdim=True)
+    rows, k = v.shape
+    gs = scheme.group_size
+    pad = groups * gs - k
+    if pad:
+        v = torch.cat([v, v.new_zeros(rows, pad)], dim=1)
+    return v.reshape(rows, groups, gs).sum(-1)
+
+
+# ---- minimum-error range search --------------------------------------------------------------------
+# One search for QAT's "mse" init, the MSE observer and AWQ's clipping: shrink each (row, group) range
+# (lo, hi) by ratios r and keep, per range, the first r with the least error(r lo, r hi). The error measure
+# is what differs: the round trip's squared error, the output error through a Gram matrix, or an expected
+# error over a histogram (the observer's own).
+RangeError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def search_range(lo: torch.Tensor, hi: torch.Tensor, ratios: Iterable[float], error: RangeError
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r* lo, r* hi)`` with ``r*`` per range the ratio of ``ratios`` of least ``error(r lo, r hi)`` (a
+    tensor shaped like ``lo``); the full range (r = 1) where no ratio has a finite error."""
+    best = torch.full_like(lo, float("inf"))
+    best_r = torch.ones_like(lo)
+    for r in ratios:
+        e = error(lo * r, hi * r)
+        better = e < best
+        best = torch.where(better, e, best)
+        best_r = torch.where(better, r, best_r)
+    return lo * best_r, hi * best_r
+
+
+def _roundtrip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    scale, zero = qparams_from_minmax(lo, hi, scheme)
+    return dequantize(quantize_to_int(x, scale, zero, scheme), scale, zero, scheme) - x
+
+
+def squared_error(x: torch.Tensor, scheme: QuantScheme) -> RangeError:
+    """Error measure for :func:`search_range`: ``sum (x - Q(x))^2`` per (row, group) of float ``x``."""
+    def error(lo, hi):
+        d = _roundtrip(x, lo, hi, scheme).pow(2)
+        return group_sum(d.reshape(-1, x.shape[-1]) if scheme.granularity != "tensor" else d.reshape(1, -1),
+                         lo.shape[1], scheme)
+    return error
+
+
+def gram_error(w: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme) -> RangeError:
+    """Error measure for :func:`search_range`: each (row, group)'s output error ``d^T G_gg d`` for weight
+    error ``d`` and the diagonal block ``G_gg`` of the inputs' Gram matrix ``G = X^T X / n`` (per channel:
+    the whole of G). ``w``: (rows, K) float; per-tensor schemes are not supported."""
+    if scheme.granularity not in ("group", "channel"):
+        raise SchemeError("the Gram-weighted range search needs per-channel or grouped scales")
+    rows, k = w.shape
+    gs = scheme.group_size if scheme.granularity == "group" else k
+    ng = -(-k // gs)
+    gb = gram.new_zeros(ng, gs, gs)  # diagonal blocks, zero-padded
+    for gi in range(ng):
+        a, b = gi * gs, min((gi + 1) * gs, k)
+        gb[gi, : b - a, : b - a] = gram[a:b, a:b]
+
+    def error(lo, hi):
+        d = _roundtrip(w, lo, hi, scheme)
+        if ng * gs > k:
+            d = torch.cat([d, d.new_zeros(rows, ng * gs - k)], dim=1)
+        dg = d.reshape(rows, ng, gs).transpose(0, 1)  # (groups, rows, gs): one batched product
+        return (torch.bmm(dg, gb) * dg).sum(-1).T
+    return error
 
 
 def check_finite(w: torch.Tensor, name: str = "weight") -> None:
