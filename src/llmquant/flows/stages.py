@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..algorithms import rtn_quantize
-from ..algorithms.awq import awq_clip_quantize, awq_search_scale, fold_scale
+from ..algorithms.awq import awq_clip_quantize, awq_search_scale
+from ..algorithms.fold import fold_scale_modules
 from ..algorithms.gptq import gptq_quantize
 from ..schemes import QuantConfig
 from .stats import StatsCollector
@@ -131,11 +132,8 @@ class AWQStage(Stage):
                                                 self.cfg.weight, grid=p.grid)
             log.debug("AWQ %s%s -> %s: alpha %.2f, loss %.4g (RTN %.4g)", ctx.prefix and ctx.prefix + ".", src,
                       dsts, alpha, losses[alpha], losses[0.0])
-            source = ctx.block.get_submodule(src)
-            bias = getattr(source, "bias", None)
-            with torch.no_grad():
-                fold_scale(source.weight.data, None if bias is None else bias.data,
-                           [ctx.linears[n].weight.data for n in names], s)
+            with torch.no_grad():  # a norm's weight and bias, or a linear's / Conv1D's output rows
+                fold_scale_modules(ctx.block.get_submodule(src), [ctx.linears[n] for n in names], s)
             for n in names:
                 ctx.input_scales[n] = s
 
