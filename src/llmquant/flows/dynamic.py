@@ -33,11 +33,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import SchemeError, SelectionError
-from ..modules import QuantLinear, replace_module, select_linears
+from ..modules import replace_module, select_linears
 from ..schemes import QuantConfig
 from ..schemes.methods import dynamic_schemes
 from ..schemes.primitives import rotate_blocks
-from .summary import LayerSummary, QuantSummary, layer_row, untie_if_needed
+from .pipeline import run_stages
+from .stages import LayerContext, Result, Stage, make_quant_linear
+from .summary import LayerSummary, QuantSummary
 
 log = logging.getLogger(__name__)
 
@@ -171,32 +173,51 @@ def run_dynamic(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool =
     projected = [n for n, m in chosen if getattr(m, "proj_size", 0)]
     if projected:
         raise SchemeError(f"PyTorch's dynamic LSTM does not support proj_size: leave {projected} out with ignore")
-    from ..algorithms import rtn_quantize
-
     t0 = time.perf_counter()
-    summary = QuantSummary(method="dynamic", config=cfg.to_dict())
-    summary.untied_lm_head = untie_if_needed(model, [n for n, _ in chosen])
-    desc = f"quantize_dynamic (W{wscheme.bits}A8 {ascheme.name})"
-    for name, mod in tqdm(chosen, desc=desc, disable=not progress, leave=False):
-        if isinstance(mod, (nn.LSTM, nn.GRU)):
-            qmod = _quantize_rnn(mod)
-            summary.layers.append(_rnn_summary(name, mod, qmod))
-            replace_module(model, name, qmod)
-            continue
-        w, a = mod.weight, ascheme
-        if rotation is not None:
-            if mod.in_features % rotation:
-                a = replace(ascheme, rotation=None)
-                log.info("%s: width %d is not a multiple of %d, left unrotated", name, mod.in_features, rotation)
-            else:
-                w = rotate_blocks(w.detach().float(), rotation).to(w.dtype)
-        q, scale, zero = rtn_quantize(w, wscheme, name=name)
-        qlin = QuantLinear.from_quantized(q, scale, zero, wscheme, bias=mod.bias, activation_scheme=a)
-        qlin.to(w.device)
-        scheme = f"{wscheme.name} x {a.name}-dyn" + (f"-rot{a.rotation}" if a.rotation else "")
-        summary.layers.append(layer_row(name, w, qlin.dequantize_weight(device=w.device), qlin, orig=mod, scheme=scheme))
-        replace_module(model, name, qlin)
+    rows = []
+    for name, mod in tqdm([(n, m) for n, m in chosen if isinstance(m, (nn.LSTM, nn.GRU))], desc="quantize_dynamic (RNN)",
+                          disable=not progress, leave=False):
+        qmod = _quantize_rnn(mod)
+        rows.append(_rnn_summary(name, mod, qmod))
+        replace_module(model, name, qmod)
+    linears = [n for n, m in chosen if isinstance(m, nn.Linear)]
+    if linears:
+        summary = run_stages(model, cfg, progress=progress, stages=[DynamicStage(cfg)], names=linears)
+    else:
+        summary = QuantSummary(method="dynamic", config=cfg.to_dict())
+    if rows:
+        order = {n: k for k, (n, _) in enumerate(chosen)}
+        summary.layers = sorted(summary.layers + rows, key=lambda r: order[r.name])
     summary.seconds = time.perf_counter() - t0
-    log.info("%s", summary)
     model.llmquant_config = cfg
     return summary
+
+
+class DynamicStage(Stage):
+    """Weights by RTN ahead of time (rotated first when the activation scheme rotates); each linear keeps
+    the dynamic activation scheme, unrotated where its width is not a multiple of the rotation block."""
+
+    needs_stats = False
+
+    def quantize(self, ctx: LayerContext) -> Result:
+        from ..algorithms import rtn_quantize
+
+        wscheme, ascheme = self.cfg.weight, self.cfg.activation
+        out = {}
+        for name, mod in ctx.linears.items():
+            w, a = mod.weight, ascheme
+            if ascheme.rotation is not None:
+                if mod.in_features % ascheme.rotation:
+                    a = replace(ascheme, rotation=None)
+                    log.info("%s: width %d is not a multiple of %d, left unrotated", name, mod.in_features,
+                             ascheme.rotation)
+                else:
+                    w = rotate_blocks(w.detach().float(), ascheme.rotation).to(w.dtype)
+            out[name] = (*rtn_quantize(w, wscheme, name=name), w, a)
+        return out
+
+    def build(self, name, lin, result):
+        q, scale, zero, w, a = result
+        label = f"{self.cfg.weight.name} x {a.name}-dyn" + (f"-rot{a.rotation}" if a.rotation else "")
+        qlin, row = make_quant_linear(name, lin, q, scale, zero, self.cfg, weight=w, activation=a, label=label)
+        return qlin, row

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, UnsupportedArchitectureError
 from ..models import arch_for
-from ..modules import QuantLinear, replace_module, select_linears
+from ..modules import replace_module, select_linears
 from ..schemes import CalibSpec, QuantConfig, dequantize
 from .stages import LayerContext, Result, Stage, rtn_result, run_block
 from .stats import StatsCollector
-from .summary import QuantSummary, layer_row, untie_if_needed
+from .summary import QuantSummary, untie_if_needed
 
 log = logging.getLogger(__name__)
 
@@ -175,21 +175,11 @@ def record_layer_inputs(model, layers: nn.ModuleList, batches, kw) -> tuple[list
     return inputs, kwargs
 
 
-def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None):
-    """The QuantLinear for codes/qparams of ``lin`` and its summary row; ``weight``: the float weight the
-    codes approximate when it is not ``lin.weight`` (e.g. AWQ-scaled), for the SQNR."""
-    w = lin.weight if weight is None else weight
-    qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation)
-    qlin.to(lin.weight.device)
-    deq = qlin.dequantize_weight(dtype=torch.float32, device=lin.weight.device)
-    return qlin, layer_row(name, w, deq, qlin, orig=lin, scheme=cfg.weight.name)
-
-
-def _install(model, results: Result, chosen, cfg, summary) -> None:
-    for n, (q, scale, zero, w) in results.items():
-        qlin, row = make_quant_linear(n, chosen[n], q, scale, zero, cfg, weight=w)
+def _install(model, results: Result, chosen, stage: Stage, summary) -> None:
+    for n, r in results.items():
+        new, row = stage.build(n, chosen[n], r)
         summary.layers.append(row)
-        replace_module(model, n, qlin)
+        replace_module(model, n, new)
         del chosen[n]  # drop the float linear: its memory goes as soon as the model lets go of it
 
 
@@ -215,18 +205,24 @@ def make_stages(cfg: QuantConfig) -> list[Stage]:
 
 @torch.no_grad()
 def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool = True,
-               hooks: Hooks | None = None) -> QuantSummary:
+               hooks: Hooks | None = None, stages: list[Stage] | None = None,
+               names: list[str] | None = None) -> QuantSummary:
     """Quantize ``model``'s selected linears in place with ``cfg``'s layer-wise method(s). Calibrated stages
-    need ``calib``: token ids (windows, seq_len) for a language model, or float inputs (n, ...)."""
+    need ``calib``: token ids (windows, seq_len) for a language model, or float inputs (n, ...).
+    ``stages``: run these instead of the config's methods' (a handler's own, e.g. dynamic's); ``names``:
+    the linears to quantize, when the handler selected them itself."""
     hooks = hooks or Hooks()
-    stages = make_stages(cfg)
+    stages = stages or make_stages(cfg)
     calibrated = any(s.needs_stats for s in stages)
     if calibrated and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
         raise CalibrationError("calibration data must be a tensor of token ids (windows, seq_len) or of inputs (n, ...)")
     arch = arch_for(model)
     awq_params = next((p for s, p in zip(stages, [s.params for s in stages]) if s.uses_pairs), None)
     pairs = norm_linear_pairs(model, cfg, awq_params, arch) if any(s.uses_pairs for s in stages) else ()
-    chosen = dict(select_linears(model, cfg.targets, cfg.ignore))
+    if names is None:
+        chosen = dict(select_linears(model, cfg.targets, cfg.ignore))
+    else:
+        chosen = {n: model.get_submodule(n) for n in names}
     t0 = time.perf_counter()
     method = "+".join(cfg.methods)
     summary = QuantSummary(method=method, config=cfg.to_dict())
@@ -261,15 +257,15 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
                 continue
             hooks.source.load(i, prefix, layer)
             ctx = LayerContext(layer, prefix, lin, StatsCollector({}), cfg)
-            _install(model, run_block(stages, ctx), chosen, cfg, summary)
+            _install(model, run_block(stages, ctx), chosen, stages[-1], summary)
             for cb in hooks.on_layer_done:
                 cb(i, prefix, layer, summary)
             hooks.source.release(i, prefix, layer)
             bar.update(len(lin))
         rest = {n: chosen[n] for n in names if n in chosen}  # outside the decoder layers (lm_head, any module)
         if rest:
-            _install(model, run_block(stages, LayerContext(model, "", rest, StatsCollector({}), cfg)), chosen, cfg,
-                     summary)
+            _install(model, run_block(stages, LayerContext(model, "", rest, StatsCollector({}), cfg)), chosen,
+                     stages[-1], summary)
             bar.update(len(rest))
     order = {n: k for k, n in enumerate(names)}
     summary.layers.sort(key=lambda r: order[r.name])
@@ -307,7 +303,7 @@ def _sequential(model, found, chosen, cfg, stages, pairs, batches, kw, summary, 
                 den += float(ys[j].float().pow(2).sum())
             xs[j] = yq  # the next layer sees the quantized layer's outputs
             ys[j] = None
-        _install(model, results, chosen, cfg, summary)
+        _install(model, results, chosen, stages[-1], summary)
         nlin = len(lin)
         del results, lin
         err = num / max(den, 1e-30)
@@ -320,7 +316,7 @@ def _sequential(model, found, chosen, cfg, stages, pairs, batches, kw, summary, 
     rest = {n: m for n, m in chosen.items() if n not in inside}
     if rest:
         log.warning("%s are outside the decoder layers: quantized with RTN", sorted(rest))
-        _install(model, rtn_result(rest, cfg), chosen, cfg, summary)
+        _install(model, rtn_result(rest, cfg), chosen, stages[-1], summary)
 
 
 def _whole_model(model, found, arch, chosen, cfg, stages, pairs, batches, kw, summary, progress) -> None:
@@ -346,7 +342,7 @@ def _whole_model(model, found, arch, chosen, cfg, stages, pairs, batches, kw, su
     for prefix, block in tqdm(blocks, desc=f"{'+'.join(cfg.methods)} {cfg.weight.name}", disable=not progress):
         lin = {n: m for n, m in chosen.items() if (not prefix or n.startswith(prefix + ".")) and n not in done}
         done |= set(lin)
-        _install(model, run_block(stages, LayerContext(block, prefix, lin, col, cfg, pairs)), chosen, cfg, summary)
+        _install(model, run_block(stages, LayerContext(block, prefix, lin, col, cfg, pairs)), chosen, stages[-1], summary)
     rest = {n: m for n, m in chosen.items() if n not in done}
     if rest:
-        _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg, ())), chosen, cfg, summary)
+        _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg, ())), chosen, stages[-1], summary)

@@ -20,8 +20,10 @@ from ..algorithms import rtn_quantize
 from ..algorithms.awq import awq_clip_quantize, awq_search_scale
 from ..algorithms.fold import fold_scale_modules
 from ..algorithms.gptq import gptq_quantize
+from ..modules import QuantLinear
 from ..schemes import QuantConfig
 from .stats import StatsCollector
+from .summary import LayerSummary, layer_row
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,23 @@ class Stage:
 
     def quantize(self, ctx: LayerContext) -> Result:
         raise NotImplementedError
+
+    def build(self, name: str, lin: nn.Module, result: tuple) -> tuple[nn.Module, LayerSummary]:
+        """The module that replaces ``lin`` for ``quantize``'s result, and its summary row."""
+        q, scale, zero, w = result[:4]
+        return make_quant_linear(name, lin, q, scale, zero, self.cfg, weight=w)
+
+
+def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None, activation=None, label=None):
+    """The QuantLinear for codes/qparams of ``lin`` and its summary row; ``weight``: the float weight the
+    codes approximate when it is not ``lin.weight`` (e.g. AWQ-scaled), for the SQNR; ``activation``: the
+    activation scheme when it is not ``cfg.activation``."""
+    w = lin.weight if weight is None else weight
+    act = cfg.activation if activation is None else activation
+    qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=act)
+    qlin.to(lin.weight.device)
+    deq = qlin.dequantize_weight(dtype=torch.float32, device=lin.weight.device)
+    return qlin, layer_row(name, w, deq, qlin, orig=lin, scheme=label or cfg.weight.name)
 
 
 def rtn_result(linears: dict[str, nn.Module], cfg: QuantConfig) -> Result:
