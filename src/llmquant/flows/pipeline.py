@@ -249,7 +249,7 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
     """Stages that need no statistics (RTN): each linear on its own, layer by layer, in model order."""
     layers = [] if found is None else [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])]
     names = list(chosen)
-    with tqdm(total=len(names), desc=f"quantize ({'+'.join(cfg.methods)}, {cfg.weight.name})", disable=not progress,
+    with tqdm(total=len(names), desc=f"quantize ({'+'.join(cfg.methods)}, {stages[-1].label})", disable=not progress,
               leave=False) as bar:
         for i, (prefix, layer) in enumerate(layers):
             lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}

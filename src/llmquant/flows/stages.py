@@ -65,6 +65,11 @@ class Stage:
     def __init__(self, cfg: QuantConfig, params=None) -> None:
         self.cfg, self.params = cfg, params
 
+    @property
+    def label(self) -> str:
+        """What the progress bar says it makes."""
+        return self.cfg.weight.name
+
     def transform(self, ctx: LayerContext) -> None:
         """Change the block's float weights before quantization (default: nothing)."""
 

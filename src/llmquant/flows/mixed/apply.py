@@ -21,6 +21,8 @@ from ...models import tied_lm_head
 from ...modules import FloatEmbedding, FloatLinear, QuantEmbedding, QuantLinear, replace_module
 from ...schemes import FloatFormat, Plan, QuantConfig, resolve_plan
 from ...schemes.formats import format_bytes, format_name
+from ..pipeline import run_stages
+from ..stages import LayerContext, Stage
 from ..summary import QuantSummary, layer_row
 
 log = logging.getLogger(__name__)
@@ -70,12 +72,18 @@ def apply_plan(model: nn.Module, plan, *, progress: bool = True) -> QuantSummary
             _untie(model, emb, head)
             untied = True
     t0 = time.perf_counter()
+    # the linears that are neither the head nor the embedding run on the pipeline's data-free path (layer by
+    # layer); the embedding and the head (tied or not) are made here, the head before an embedding sharing it
+    stage = PlanStage(QuantConfig(method="plan", method_params=plan), assign, algo)
+    layer_linears = [n for n, m in model.named_modules() if n in assign and n not in heads and isinstance(m, nn.Linear)]
     summary = QuantSummary(method=f"plan:{plan.method}", config=plan.to_dict(), untied_lm_head=untied)
+    if layer_linears:
+        summary.layers = run_stages(model, stage.cfg, progress=progress, stages=[stage], names=layer_linears).layers
+        del model.llmquant_config  # a plan model's recipe is its plan (model.llmquant_plan)
     built: dict[str, nn.Module] = {}
-    order = [n for n in assign if n not in shared_from] + list(shared_from)
-    for name in tqdm(order, desc="apply plan", disable=not progress, leave=False):
+    order = [n for n in assign if n not in shared_from and n not in layer_linears] + list(shared_from)
+    for name in tqdm(order, desc="apply plan (embedding, head)", disable=not progress, leave=False):
         fmt, mod = assign[name], model.get_submodule(name)
-        w = mod.weight
         if name in shared_from:
             src = built[shared_from[name]]
             new = (QuantEmbedding.sharing(src, mod.padding_idx) if isinstance(src, QuantLinear)
@@ -84,25 +92,12 @@ def apply_plan(model: nn.Module, plan, *, progress: bool = True) -> QuantSummary
                 new.weight = src.weight
             replace_module(model, name, new)
             continue
-        if isinstance(fmt, FloatFormat):
-            new = (FloatLinear.from_linear(mod, fmt.torch_dtype) if isinstance(mod, nn.Linear)
-                   else FloatEmbedding.from_embedding(mod, fmt.torch_dtype))
-            deq, kernel = new.weight.float(), f"float-{fmt.name}"
-        else:
-            q, scale, zero = algo(w, fmt, name=name)
-            bias = mod.bias if isinstance(mod, nn.Linear) else None
-            qlin = QuantLinear.from_quantized(q, scale, zero, fmt, bias=bias).to(w.device)
-            if isinstance(mod, nn.Linear):
-                new, kernel = qlin, qlin.kernel.name
-            else:
-                new, kernel = QuantEmbedding.sharing(qlin, mod.padding_idx), "embedding-dequant"
-            deq = qlin.dequantize_weight(dtype=torch.float32, device=w.device)
-        bias = getattr(mod, "bias", None)
-        nbytes = format_bytes(fmt, *w.shape) + (0 if bias is None else bias.numel() * bias.element_size())
-        summary.layers.append(layer_row(name, w, deq, new, orig=mod, scheme=format_name(fmt), kernel=kernel,
-                                        packed_bytes=nbytes, bits_per_weight=8 * format_bytes(fmt, *w.shape) / w.numel()))
+        new, row = build_module(name, mod, fmt, algo)
+        summary.layers.append(row)
         built[name] = new
         replace_module(model, name, new)
+    position = {n: k for k, n in enumerate(assign)}
+    summary.layers.sort(key=lambda r: position[r.name])
     summary.seconds = time.perf_counter() - t0
     if shared_from:
         log.info("tied %s shares the stored tensors of %s", ", ".join(shared_from), ", ".join(shared_from.values()))
@@ -114,3 +109,43 @@ def apply_plan(model: nn.Module, plan, *, progress: bool = True) -> QuantSummary
 def run_plan(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -> QuantSummary:
     """The ``plan`` method's handler: ``cfg.method_params`` is the :class:`Plan`."""
     return apply_plan(model, cfg.method_params, progress=progress)
+
+
+def build_module(name: str, mod: nn.Module, fmt, algo):
+    """The module that stores ``mod`` (a Linear or an Embedding) in format ``fmt``, and its summary row."""
+    w = mod.weight
+    if isinstance(fmt, FloatFormat):
+        new = (FloatLinear.from_linear(mod, fmt.torch_dtype) if isinstance(mod, nn.Linear)
+               else FloatEmbedding.from_embedding(mod, fmt.torch_dtype))
+        deq, kernel = new.weight.float(), f"float-{fmt.name}"
+    else:
+        q, scale, zero = algo(w, fmt, name=name)
+        bias = mod.bias if isinstance(mod, nn.Linear) else None
+        qlin = QuantLinear.from_quantized(q, scale, zero, fmt, bias=bias).to(w.device)
+        if isinstance(mod, nn.Linear):
+            new, kernel = qlin, qlin.kernel.name
+        else:
+            new, kernel = QuantEmbedding.sharing(qlin, mod.padding_idx), "embedding-dequant"
+        deq = qlin.dequantize_weight(dtype=torch.float32, device=w.device)
+    bias = getattr(mod, "bias", None)
+    nbytes = format_bytes(fmt, *w.shape) + (0 if bias is None else bias.numel() * bias.element_size())
+    return new, layer_row(name, w, deq, new, orig=mod, scheme=format_name(fmt), kernel=kernel, packed_bytes=nbytes,
+                          bits_per_weight=8 * format_bytes(fmt, *w.shape) / w.numel())
+
+
+class PlanStage(Stage):
+    """Each linear in the format the plan gives it (data-free: integer formats by the plan's method)."""
+
+    needs_stats = False
+
+    def __init__(self, cfg, assign, algo) -> None:
+        super().__init__(cfg)
+        self.assign, self.algo = assign, algo
+
+    label = "formats per layer"
+
+    def quantize(self, ctx: LayerContext):
+        return {n: self.assign[n] for n in ctx.linears}
+
+    def build(self, name, lin, fmt):
+        return build_module(name, lin, fmt, self.algo)
