@@ -168,3 +168,35 @@ def test_each_layer_gets_its_own_arguments():
     # and the quantized model is still what layer-by-layer GPTQ computes with those masks
     s = llmquant.quantize(model, QuantConfig(weight="W4G32", method="gptq"), calib=ids, progress=False)
     assert len(s.layer_errors) == 2 and all(0 < e < 0.5 for e in s.layer_errors)
+
+
+def test_pipeline_hooks_see_every_layer_in_order(tiny, calib):
+    """Where streaming (LayerSource), distributed runs (reduce_stats) and resume (on_layer_done) attach."""
+    from llmquant.flows.pipeline import Hooks, LayerSource, run_stages
+
+    events = []
+
+    class Source(LayerSource):
+        def load(self, i, prefix, layer):
+            events.append(("load", prefix))
+
+        def release(self, i, prefix, layer):
+            events.append(("release", prefix))
+
+    def reduce(col):
+        events.append(("reduce", ".".join(sorted(col.stats)[0].split(".")[:3])))
+
+    def done(i, prefix, layer, summary):
+        events.append(("done", prefix, len(summary.layers)))
+
+    for method, data in (("gptq", calib), ("rtn", None)):
+        events.clear()
+        m = copy.deepcopy(tiny)
+        run_stages(m, QuantConfig(weight="W4G32", method=method), data, progress=False,
+                   hooks=Hooks(source=Source(), reduce_stats=reduce if data is not None else None, on_layer_done=[done]))
+        want = []
+        for i in range(2):
+            p = f"model.layers.{i}"
+            want += [("load", p)] + ([("reduce", p)] if data is not None else [])
+            want += [("done", p, 7 * (i + 1)), ("release", p)]
+        assert events == want, method
