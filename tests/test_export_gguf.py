@@ -93,13 +93,13 @@ def test_gguf_file_round_trip(tmp_path, tiny_bpe_tokenizer, monkeypatch):
     from gguf import GGUFReader, quants
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmquant.models.gguf_arch import gguf_arch_for, gguf_to_hf_name, rope_row_order
+    from llmquant.models import arch_for, gguf_to_hf_name, rope_row_order
 
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
     m = _tiny_quantized()
     rep = llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "m.gguf", progress=False)
     assert rep.type_counts() == {"Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q8_0": 2, "F32": 6} and not rep.inexact
-    arch = gguf_arch_for("llama")
+    arch = arch_for("llama")
     mods = dict(m.named_modules())
     for t in GGUFReader(str(tmp_path / "m.gguf")).tensors:
         mod = mods[gguf_to_hf_name(arch, t.name)[: -len(".weight")]] if "blk" in t.name and "norm" not in t.name else None
@@ -165,7 +165,7 @@ def test_default_model_q4_1_file_imports_packed_and_exports_its_own_bytes():
     from gguf import GGUFReader
 
     from llmquant.io import default_model_file
-    from llmquant.models.gguf_arch import gguf_arch_for, hf_to_gguf_name, rope_row_order
+    from llmquant.models import arch_for, hf_to_gguf_name, rope_row_order
 
     model, tok = llmquant.load_model(packed=True)
     info = model.llmquant_gguf_import
@@ -173,7 +173,7 @@ def test_default_model_q4_1_file_imports_packed_and_exports_its_own_bytes():
     float_model, _ = llmquant.load_model()
     fw = dict(float_model.named_parameters())
     tensors = {t.name: t for t in GGUFReader(str(default_model_file())).tensors}
-    arch = gguf_arch_for("llama")
+    arch = arch_for("llama")
     for name, mod in model.named_modules():
         if not (isinstance(mod, QuantLinear) and name.startswith(("model.layers.0.", "model.layers.29."))):
             continue

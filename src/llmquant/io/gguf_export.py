@@ -25,14 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import ExportError, OutputExistsError
-from ..models.gguf_arch import (
-    config_value,
-    gguf_arch_for,
-    hf_to_gguf_name,
-    permute_heads_for,
-    rope_row_order,
-    supported_model_types,
-)
+from ..models import arch_for, config_value, hf_to_gguf_name, model_types_with, permute_heads_for, rope_row_order
 from ..modules import QuantLinear
 from ..schemes import sqnr_db
 from .ggml_blocks import BLOCK_TYPES, BY_NAME, REQUANT_TYPES, dequantize_bytes, exact_blocks, ggml_type
@@ -174,12 +167,13 @@ def export_gguf(
     requant = requant.upper() if requant else None
     float_type = "auto" if float_type.lower() == "auto" else float_type.upper()
     cfg = model.config
-    arch = gguf_arch_for(getattr(cfg, "model_type", None))
-    if arch is None:
+    arch = arch_for(model)
+    if arch is None or arch.gguf is None:
         raise ExportError(
             f"GGUF export knows no tensor names for model type {getattr(cfg, 'model_type', None)!r}; "
-            f"supported: {', '.join(supported_model_types())} (add an entry to llmquant.models.gguf_arch)"
+            f"supported: {', '.join(model_types_with('gguf'))} (add GGUF facts to its entry in llmquant.models.arch)"
         )
+    gg = arch.gguf
     from ..schemes import PRESETS
 
     llama_act = PRESETS["gguf:Q8_0-act"]
@@ -190,7 +184,7 @@ def export_gguf(
     items = list(_model_tensors(model))
     unmapped = [n for n, _ in items if hf_to_gguf_name(arch, n) is None]
     if unmapped:
-        raise ExportError(f"tensors without a GGUF name for architecture {arch.arch!r}: {unmapped[:5]}")
+        raise ExportError(f"tensors without a GGUF name for architecture {gg.arch!r}: {unmapped[:5]}")
     plan, bad = [], []
     for n, obj in items:
         if isinstance(obj, QuantLinear):
@@ -208,17 +202,17 @@ def export_gguf(
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, arch.arch)
+        w = gguf.GGUFWriter(tmp, gg.arch)
         w.add_name(str(getattr(cfg, "_name_or_path", "") or getattr(model, "llmquant_source", None) or "llmquant export"))
         w.add_string("general.quantized_by", "llmquant")
-        for key, attrs, kind in arch.metadata:
+        for key, attrs, kind in gg.metadata:
             v = config_value(cfg, attrs)
             if v is None:
                 continue
             if kind == "u32":
-                w.add_uint32(f"{arch.arch}.{key}", int(v))
+                w.add_uint32(f"{gg.arch}.{key}", int(v))
             else:
-                w.add_float32(f"{arch.arch}.{key}", float(v))
+                w.add_float32(f"{gg.arch}.{key}", float(v))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         report.tokenizer_source = add_tokenizer(w, tokenizer, model, tokenizer_gguf, pre=tokenizer_pre)
         for n, obj, found in tqdm(plan, desc="gguf tensors", disable=not progress, leave=False):

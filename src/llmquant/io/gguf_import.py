@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError, ModelNotFoundError
-from ..models.gguf_arch import config_value, gguf_arch_by_name, gguf_to_hf_name, permute_heads_for, rope_row_order
+from ..models import arch_for_gguf, config_value, gguf_to_hf_name, permute_heads_for, rope_row_order
 from ..modules import replace_module
 from ..schemes import QuantConfig
 from .ggml_blocks import BY_NAME, module_from_blocks
@@ -53,9 +53,9 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
     model, tok, source = load_float_model(None if path is None else gpath, dtype=dtype)
     reader = GGUFReader(str(gpath))
     arch_name = reader.fields["general.architecture"].contents()
-    arch = gguf_arch_by_name(arch_name)
+    arch = arch_for_gguf(arch_name)
     if arch is None:
-        raise ExportError(f"GGUF architecture {arch_name!r} has no tensor-name map in llmquant.models.gguf_arch")
+        raise ExportError(f"GGUF architecture {arch_name!r} has no tensor-name map in llmquant.models.arch")
     info = GGUFImport(path=str(gpath))
     modules = dict(model.named_modules())
     scheme_count: Counter = Counter()

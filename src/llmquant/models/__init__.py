@@ -1,6 +1,35 @@
-"""Per-architecture facts as data (decoder-layer path, norm -> linear pairs, tied embeddings)."""
+"""Per-architecture facts as data: one record per model family (decoder-layer paths, norm -> linear pairs,
+lean-runtime and GGUF facts), plus tied embeddings and context length."""
 
-from .arch import ARCHS, DECODER_LAYOUTS, ArchSpec, DecoderLayout, arch_for, context_length, decoder_layout_for, tied_lm_head
+from .arch import ARCHS, arch_for, arch_for_gguf, context_length, model_types_with, tied_lm_head
+from .spec import (
+    ArchSpec,
+    GGUFSpec,
+    LayerModules,
+    RuntimeSpec,
+    config_value,
+    gguf_tensor_names,
+    gguf_to_hf_name,
+    hf_to_gguf_name,
+    permute_heads_for,
+    rope_row_order,
+)
 
-__all__ = ["ARCHS", "DECODER_LAYOUTS", "ArchSpec", "DecoderLayout", "arch_for", "context_length", "decoder_layout_for",
-           "tied_lm_head"]
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "GGUFSpec",
+    "LayerModules",
+    "RuntimeSpec",
+    "arch_for",
+    "arch_for_gguf",
+    "config_value",
+    "context_length",
+    "gguf_tensor_names",
+    "gguf_to_hf_name",
+    "hf_to_gguf_name",
+    "model_types_with",
+    "permute_heads_for",
+    "rope_row_order",
+    "tied_lm_head",
+]

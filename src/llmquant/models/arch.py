@@ -1,52 +1,68 @@
-"""Architecture facts as data: where the decoder layers are, and which norm (or linear) feeds which linears.
+"""Architecture facts as data: one :class:`~llmquant.models.spec.ArchSpec` per model family in ``ARCHS``,
+found by :func:`arch_for` (a model, or its ``config.model_type``).
 
-Adding a model family is adding an entry here, never an if/else on model names. ``norm_to_linears`` and
-``linear_to_linears`` are paths relative to one decoder layer: a scale folded into the source (a norm's
-weight, or a linear's output rows) can be undone in the inputs of the listed linears, which is what
-SmoothQuant and AWQ need.
+Adding a model family is adding an entry here, never an if/else on model names. What each field means is
+in :mod:`llmquant.models.spec`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn as nn
 
+from .spec import ArchSpec, GGUFSpec, LayerModules, RuntimeSpec
 
-@dataclass(frozen=True)
-class ArchSpec:
-    model_types: tuple[str, ...]
-    layers: str  # path of the ModuleList of decoder layers
-    embed: str  # input embedding
-    final_norm: str
-    lm_head: str = "lm_head"
-    norm_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    linear_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-
-_LLAMA_PAIRS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+# GGUF metadata of llama.cpp's llama-like architectures: (key without "<arch>.", config attributes, kind)
+_LLAMA_META = (
+    ("context_length", ("max_position_embeddings",), "u32"),
+    ("embedding_length", ("hidden_size",), "u32"),
+    ("block_count", ("num_hidden_layers",), "u32"),
+    ("feed_forward_length", ("intermediate_size",), "u32"),
+    ("attention.head_count", ("num_attention_heads",), "u32"),
+    ("attention.head_count_kv", ("num_key_value_heads", "num_attention_heads"), "u32"),
+    ("attention.layer_norm_rms_epsilon", ("rms_norm_eps",), "f32"),
+    ("rope.freq_base", ("rope_parameters.rope_theta", "rope_theta"), "f32"),
+    ("rope.dimension_count", ("head_dim",), "u32"),
+    ("attention.key_length", ("head_dim",), "u32"),
+    ("attention.value_length", ("head_dim",), "u32"),
+    ("vocab_size", ("vocab_size",), "u32"),
 )
-# v feeds o only when each head's values map to their own slice of o's input: true without GQA
-# replication of v's rows, so only the up -> down pair is listed for all of these.
-_LLAMA_LIN = (("mlp.up_proj", ("mlp.down_proj",)),)
+_LLAMA_GGUF = GGUFSpec(
+    arch="llama",
+    metadata=_LLAMA_META,
+    permute_rows=(("q", "num_attention_heads"), ("k", "num_key_value_heads")),
+)
+_GATED = LayerModules()  # Llama's decoder layer: input/post-attention norms, q/k/v/o, gate/up/down
 
 ARCHS: list[ArchSpec] = [
+    ArchSpec(model_types=("llama",), modules=_GATED, runtime=RuntimeSpec(), gguf=_LLAMA_GGUF),
     ArchSpec(
-        model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        norm_to_linears=_LLAMA_PAIRS,
-        linear_to_linears=_LLAMA_LIN,
+        model_types=("mistral",),
+        modules=_GATED,
+        runtime=RuntimeSpec(sliding_window_attr="sliding_window"),
+        gguf=_LLAMA_GGUF,
     ),
     ArchSpec(
+        model_types=("qwen2",),
+        modules=_GATED,
+        runtime=RuntimeSpec(),
+        gguf=GGUFSpec(arch="qwen2", metadata=_LLAMA_META, biases=("q", "k", "v")),
+    ),
+    ArchSpec(
+        model_types=("qwen3",),
+        modules=LayerModules(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
+        runtime=RuntimeSpec(),
+        gguf=GGUFSpec(arch="qwen3", metadata=_LLAMA_META),
+    ),
+    # Llama's modules, but a forward the lean runtime does not reproduce: SmolLM3 has layers without RoPE,
+    # Granite scales embeddings, residuals, attention and logits by multipliers.
+    ArchSpec(model_types=("smollm3",), modules=_GATED),
+    ArchSpec(model_types=("granite",), modules=_GATED),
+    ArchSpec(
         model_types=("phi3",),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        norm_to_linears=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        norm_to_linears=(
+            ("input_layernorm", ("self_attn.qkv_proj",)),
+            ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
     ),
     ArchSpec(
         model_types=("opt",),
@@ -68,13 +84,21 @@ ARCHS: list[ArchSpec] = [
 ]
 
 
-def arch_for(model: nn.Module) -> ArchSpec | None:
-    """The spec for ``model`` (by ``config.model_type``), or None for models llmquant has no facts on."""
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    for spec in ARCHS:
-        if mt in spec.model_types:
-            return spec
-    return None
+def arch_for(model: nn.Module | str | None) -> ArchSpec | None:
+    """The spec for ``model`` (by its ``config.model_type``, or a model_type string), or None for models
+    llmquant has no facts on."""
+    mt = model if isinstance(model, str) else getattr(getattr(model, "config", None), "model_type", None)
+    return next((spec for spec in ARCHS if mt in spec.model_types), None)
+
+
+def arch_for_gguf(name: str) -> ArchSpec | None:
+    """The first spec whose GGUF ``general.architecture`` is ``name``, or None."""
+    return next((spec for spec in ARCHS if spec.gguf is not None and spec.gguf.arch == name), None)
+
+
+def model_types_with(facet: str) -> list[str]:
+    """The model types whose spec has ``facet`` ("runtime" or "gguf"), in table order (for error messages)."""
+    return [t for spec in ARCHS if getattr(spec, facet) is not None for t in spec.model_types]
 
 
 def tied_lm_head(model: nn.Module) -> bool:
@@ -88,45 +112,6 @@ def tied_lm_head(model: nn.Module) -> bool:
         return False
     return out.weight is inp.weight or out.weight.data_ptr() == inp.weight.data_ptr()
 
-
-@dataclass(frozen=True)
-class DecoderLayout:
-    """What the lean runtime (:mod:`llmquant.runtime`) needs to run a pre-norm, RoPE, GQA decoder with a
-    SwiGLU MLP without the model's own forward: module paths (relative to the model or to one decoder
-    layer) and the config attributes that hold the shapes. ``q_norm``/``k_norm`` are used when a layer has
-    them (Qwen3). A family whose forward differs in other ways (multipliers, layers without RoPE, sliding
-    windows shorter than the sequence) is not listed, and the runtime refuses it with a clear error."""
-
-    model_types: tuple[str, ...]
-    layers: str = "model.layers"
-    embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    rotary: str = "model.rotary_emb"
-    lm_head: str = "lm_head"
-    input_norm: str = "input_layernorm"
-    post_norm: str = "post_attention_layernorm"
-    qkv: tuple[str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    o: str = "self_attn.o_proj"
-    gate_up: tuple[str, str] = ("mlp.gate_proj", "mlp.up_proj")
-    down: str = "mlp.down_proj"
-    q_norm: str = "self_attn.q_norm"
-    k_norm: str = "self_attn.k_norm"
-    act_attr: str = "hidden_act"  # config attribute naming the MLP activation
-    sliding_window_attr: str | None = None  # config attribute: attention window (None: full attention)
-
-
-DECODER_LAYOUTS: list[DecoderLayout] = [
-    DecoderLayout(model_types=("llama", "qwen2", "qwen3")),
-    DecoderLayout(model_types=("mistral",), sliding_window_attr="sliding_window"),
-]
-
-
-def decoder_layout_for(model: nn.Module) -> DecoderLayout | None:
-    """The lean-runtime layout for ``model``, or None when its family is not one the runtime runs."""
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    for spec in DECODER_LAYOUTS:
-        if mt in spec.model_types:
-            return spec
 
 def context_length(model: nn.Module) -> int | None:
     """The longest sequence the model's config allows, or None when it does not say."""

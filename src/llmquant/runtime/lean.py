@@ -2,7 +2,7 @@
 be done once.
 
 Built from a loaded model (float, or with :class:`~llmquant.modules.QuantLinear` layers) by reading its
-modules through :class:`~llmquant.models.arch.DecoderLayout` (data, no per-family code). What is done once,
+modules through its :class:`~llmquant.models.ArchSpec` (data, no per-family code). What is done once,
 at build: module lookups, kernel selection and preparation of every quantized linear, the RoPE table
 (computed by the model's own rotary module, so every RoPE scaling variant is honoured), and the fusion of
 q/k/v and gate/up into one kernel call each when their kernel can run them together (``Kernel.fuse``;
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
-from ..models import decoder_layout_for
+from ..models import arch_for, model_types_with
 from ..modules import QuantLinear
 
 _ACTS = {
@@ -108,14 +108,15 @@ class LeanModel:
     ``all_logits=True``); appends to ``cache``."""
 
     def __init__(self, model: nn.Module, *, fuse: bool = True):
-        layout = decoder_layout_for(model)
+        arch = arch_for(model)
         cfg = getattr(model, "config", None)
-        if layout is None:
+        if arch is None or arch.runtime is None:
             raise UnsupportedModelError(
-                f"the lean runtime runs Llama-family decoders (llama, mistral, qwen2, qwen3); this model is "
-                f"{getattr(cfg, 'model_type', type(model).__name__)!r}: use the model's own generate()"
+                f"the lean runtime runs Llama-family decoders ({', '.join(model_types_with('runtime'))}); this model "
+                f"is {getattr(cfg, 'model_type', type(model).__name__)!r}: use the model's own generate()"
             )
-        self.layout = layout
+        self.arch = arch
+        layout, mods = arch.runtime, arch.modules
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -125,30 +126,30 @@ class LeanModel:
             raise UnsupportedModelError(f"MLP activation {act!r} is not one the lean runtime knows ({', '.join(_ACTS)})")
         self.act = _ACTS[act]
         self.window = getattr(cfg, layout.sliding_window_attr, None) if layout.sliding_window_attr else None
-        embed = _get(model, layout.embed)
+        embed = _get(model, arch.embed)
         self.embed = embed.weight
         self.dtype = self.embed.dtype if self.embed.dtype.is_floating_point else torch.float32
         self.device = self.embed.device
         self.rotary = _get(model, layout.rotary)
         if self.rotary is None:
             raise UnsupportedModelError(f"no rotary embedding module at {layout.rotary!r}")
-        norm = _get(model, layout.final_norm)
+        norm = _get(model, arch.final_norm)
         self.final_w = norm.weight
-        self.head = _one_linear(_get(model, layout.lm_head), self.dtype)
+        self.head = _one_linear(_get(model, arch.lm_head), self.dtype)
         self.layers: list[_Layer] = []
-        for layer in _get(model, layout.layers):
+        for layer in _get(model, arch.layers):
             def g(path):
                 return _get(layer, path)
 
-            qn, kn = g(layout.q_norm), g(layout.k_norm)
+            qn, kn = (g(p) if p else None for p in (mods.q_norm, mods.k_norm))
             self.layers.append(
                 _Layer(
-                    in_w=g(layout.input_norm).weight,
-                    post_w=g(layout.post_norm).weight,
-                    qkv=bind_linears([g(p) for p in layout.qkv], self.dtype, fuse),
-                    o=_one_linear(g(layout.o), self.dtype),
-                    gate_up=bind_linears([g(p) for p in layout.gate_up], self.dtype, fuse),
-                    down=_one_linear(g(layout.down), self.dtype),
+                    in_w=g(mods.input_norm).weight,
+                    post_w=g(mods.post_norm).weight,
+                    qkv=bind_linears([g(p) for p in mods.qkv], self.dtype, fuse),
+                    o=_one_linear(g(mods.o), self.dtype),
+                    gate_up=bind_linears([g(p) for p in mods.gate_up], self.dtype, fuse),
+                    down=_one_linear(g(mods.down), self.dtype),
                     q_norm=None if qn is None else qn.weight,
                     k_norm=None if kn is None else kn.weight,
                 )
