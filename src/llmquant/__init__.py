@@ -27,6 +27,7 @@ from . import flows as _flows
 from .flows.calibrate import _check_config as _check_calibration_config
 from .eval import EvalResult, ReferenceLogits, evaluate, model_size
 from . import io as _io
+from . import data as _data
 from .report import compare
 from .schemes import Plan
 from .flows.mixed import autocast, plan_mixed_precision, sensitivity, to_half
@@ -78,7 +79,7 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
         tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
         ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         src = None if spec.source in (None, "default") else Path(spec.source)
-        calib = _io.calibration_windows(tok, src, spec.samples, spec.seq_len, context=ctx)
+        calib = _data.calibration_windows(tok, src, spec.samples, spec.seq_len, context=ctx)
         cfg = cfg.with_(calibration=spec)
     return _flow_quantize(model, cfg, calib=calib, progress=progress)
 
@@ -114,7 +115,7 @@ def _calib_windows(model, tokenizer, text, samples, seq_len, windows):
     if windows is not None:
         return windows
     tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
-    return _io.calibration_windows(tok, text, samples, seq_len, context=context_length(model))
+    return _data.calibration_windows(tok, text, samples, seq_len, context=context_length(model))
 
 
 def calibrate(model, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None, batch_size=1, progress=True):

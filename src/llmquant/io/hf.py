@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HubUnavailableError, ModelNotFoundError
+from ..resources import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,6 @@ def plain_copy_of_gguf_model(model):
         except AttributeError:
             pass
     return model
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF models are kept: ``$LLMQUANT_CACHE`` or ``~/.cache/llmquant``."""
-    return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant")).expanduser()
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype):

@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import subprocess
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bench import measure_speed
+from ..data import token_windows
 from ..errors import LLMQuantError
+from ..resources import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -91,44 +92,6 @@ def measure_cost(p: Profile) -> float:
     return 2.0 * p.eval_windows * p.seq_len / 512 + p.speed_repeats * (p.prefill_len / 256 + p.new_tokens / 16)
 
 
-class _PeakRSS:
-    """Samples this process's resident memory in a thread; peak above the starting value, in MB."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
-    def __enter__(self):
-        self.start = self.peak = self.rss()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 1e6
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.start) / 1e6
-
-
 def environment() -> dict:
     import transformers
 
@@ -163,7 +126,7 @@ def environment() -> dict:
     }
 
 
-def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu: float, mem: _PeakRSS) -> dict:
+def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu: float, mem: PeakMemory) -> dict:
     import contextlib
 
     import llmquant
@@ -236,7 +199,7 @@ def run_compare(
         ref, tok = llmquant.load_model(model_path)
         ctx = Context(model_path, prof, ref, tok, load=lambda: llmquant.load_model(model_path)[0])
         # One fp32 forward per evaluation window for the whole run, instead of one per configuration.
-        ids = llmquant.eval.token_windows(tok, None, prof.eval_windows, prof.seq_len)
+        ids = token_windows(tok, None, prof.eval_windows, prof.seq_len)
         ctx.reference_logits = llmquant.ReferenceLogits(ref, ids, progress=progress)
         chosen = [c for c in candidates
                   if (prof.name in c.profiles or prof.name not in PROFILES)
@@ -263,7 +226,7 @@ def _run_all(chosen: list[Candidate], ctx: Context, progress: bool) -> list[dict
         gc.collect()
         model, done = None, 0.0
         try:
-            with _PeakRSS() as mem:
+            with PeakMemory() as mem:
                 t0, c0 = time.perf_counter(), time.process_time()
                 model, info = cand.build(ctx)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
