@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 from ...errors import SchemeError
 from ...data import resolve_text, tokenize, windows as cut_windows
 from ...models import arch_for, tied_lm_head
-from ...modules import select_linears
+from ...modules import select_linears, tensor_bytes, unique_stored, weights_held
 from ...resources import cache_dir
-from ...schemes.formats import DEFAULT_CANDIDATES, fake_weight, format_bytes, format_name, resolve_format
+from ...schemes.formats import DEFAULT_CANDIDATES, FP32, fake_weight, format_bytes, format_name, resolve_format
 from .apply import head_names
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,6 @@ class Sensitivity:
     key: str = ""
     extra: dict = field(default_factory=dict)
 
-    @property
-    def unit_fp32_bytes(self) -> int:
-        return sum(4 * u.numel for u in self.units)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["units"] = [asdict(u) for u in self.units]
@@ -107,7 +103,7 @@ class Sensitivity:
         """The same measurements with the units ``names`` left out of planning (kept as they are, in fp32)."""
         drop = set(names)
         keep = [i for i, u in enumerate(self.units) if u.name not in drop]
-        freed = sum(4 * u.numel for u in self.units if u.name in drop)
+        freed = sum(format_bytes(FP32, *u.shape) for u in self.units if u.name in drop)
         return Sensitivity(
             candidates=list(self.candidates), units=[self.units[i] for i in keep], damage=[self.damage[i] for i in keep],
             nbytes=[self.nbytes[i] for i in keep], method=self.method, seconds=self.seconds, tokens=self.tokens,
@@ -187,11 +183,13 @@ def _fingerprint(model: nn.Module, units: list[Unit]) -> str:
 
 
 def _fixed_bytes(model: nn.Module, units: list[Unit]) -> tuple[int, int]:
-    from ...eval.size import model_size
-
-    size = model_size(model)
-    unit_bytes = sum(_weight(model, u).numel() * _weight(model, u).element_size() for u in units)
-    return size.total_bytes - unit_bytes, size.fp32_bytes
+    """(bytes the model stores besides the units' weights, the model's fp32 bytes), summed from what each
+    module stores (:mod:`llmquant.modules.storage`) as ``llmquant.model_size`` sums it."""
+    total = params = 0
+    for mod, fresh in unique_stored(model):
+        total += tensor_bytes(fresh)
+        params += weights_held(mod, fresh)
+    return total - tensor_bytes(_weight(model, u) for u in units), 4 * params
 
 
 def _windows(tokenizer, text, n: int, seq_len: int) -> tuple[torch.Tensor, str]:
