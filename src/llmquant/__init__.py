@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 import logging as _logging
 
@@ -42,20 +42,7 @@ def load_model(path=None, *, dtype=None, packed=False):
 
     ``packed=True`` (GGUF files only, the default model included): the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
     linears become packed QuantLinear modules holding its own codes and scales, instead of floats."""
-    import torch
-    from pathlib import Path
-
-    if packed:
-        model, tok, _ = _io.load_gguf_packed(path, dtype=dtype or torch.float32)
-        model.llmquant_tokenizer = tok
-        return model, tok
-
-    if path is not None and (Path(path).expanduser() / _io.folder.MANIFEST).is_file():
-        return load(path)
-    model, tok, source = _io.load_float_model(path, dtype=dtype or torch.float32)
-    model.llmquant_tokenizer = tok
-    model.llmquant_source = source
-    return model, tok
+    return _io.load_model(path, dtype=dtype, packed=packed)
 
 
 def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True):
@@ -86,9 +73,7 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
 
 def load(folder, *, device="cpu"):
     """``(model, tokenizer)`` from a folder written by :func:`save`; logits are bit-identical to the saved model's."""
-    model, tok = _io.load(folder, device=device)
-    model.llmquant_tokenizer = tok
-    return model, tok
+    return _io.load_saved(folder, device=device)
 
 
 def save(model, tokenizer, folder, *, overwrite=False):

@@ -5,7 +5,8 @@ from .folder import load, read_manifest, save
 from .compressed_tensors import export_compressed_tensors
 from .gguf_export import GGUFExportReport, export_gguf
 from .gguf_import import GGUFImport, load_gguf_packed
-from .hf import DEFAULT_MODEL_NAME, default_model_file, load_float_model, plain_copy_of_gguf_model
+from .hf import DEFAULT_MODEL_NAME, default_model_file, load_float_model, plain_copy_of_gguf_model, quiet_transformers
+from .loading import load_model, load_saved
 
 __all__ = [
     "GGUFExportReport",
@@ -17,7 +18,10 @@ __all__ = [
     "default_model_file",
     "load",
     "load_float_model",
+    "load_model",
+    "load_saved",
     "plain_copy_of_gguf_model",
+    "quiet_transformers",
     "read_manifest",
     "save",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, UnsupportedError
 from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme

@@ -42,6 +42,17 @@ def _offline_env() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def quiet_transformers() -> None:
+    """For the command line: no hub access, and transformers' own warnings off (llmquant logs what matters)."""
+    _offline_env()
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def plain_copy_of_gguf_model(model):
     """A GGUF-loaded model still carries a gguf ``quantization_config`` that makes ``save_pretrained`` and
     other tools refuse it. Drop it: the weights are already dequantized floats."""

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from ..bench import measure_speed
 from ..data import token_windows
 from ..errors import LLMQuantError
+from ..eval import ReferenceLogits, evaluate
+from ..io import load_model
 from ..resources import PeakMemory
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,9 @@ def measure_cost(p: Profile) -> float:
 
 
 def environment() -> dict:
-    import transformers
+    from importlib.metadata import version
 
-    from .. import __version__
+    from ..version import __version__
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -118,7 +120,7 @@ def environment() -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "llmquant": __version__,
         "commit": commit,
         "python": platform.python_version(),
@@ -129,15 +131,13 @@ def environment() -> dict:
 def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu: float, mem: PeakMemory) -> dict:
     import contextlib
 
-    import llmquant
-
     p = ctx.profile
     # A candidate that is a way of *running* the float model (autocast) hands over the context to run it in.
     run_ctx = info.get("run_context") or contextlib.nullcontext
     ctx.step("evaluate")
     t0 = time.perf_counter()
     with run_ctx():
-        res = llmquant.evaluate(model, reference=ctx.reference_logits or ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows,
+        res = evaluate(model, reference=ctx.reference_logits or ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows,
                                 seq_len=p.seq_len, progress=False)
     t_eval = time.perf_counter() - t0
     ctx.step("speed")
@@ -181,7 +181,6 @@ def run_compare(
     """Run every candidate of the chosen strategies; returns {"env", "profile", "rows", "shared"}.
 
     ``threads`` sets ``torch.set_num_threads`` for the whole run (all timings, the fp32 baseline included)."""
-    import llmquant
 
     if not isinstance(profile, Profile) and profile not in PROFILES:
         raise LLMQuantError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -196,11 +195,11 @@ def run_compare(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        ref, tok = llmquant.load_model(model_path)
-        ctx = Context(model_path, prof, ref, tok, load=lambda: llmquant.load_model(model_path)[0])
+        ref, tok = load_model(model_path)
+        ctx = Context(model_path, prof, ref, tok, load=lambda: load_model(model_path)[0])
         # One fp32 forward per evaluation window for the whole run, instead of one per configuration.
         ids = token_windows(tok, None, prof.eval_windows, prof.seq_len)
-        ctx.reference_logits = llmquant.ReferenceLogits(ref, ids, progress=progress)
+        ctx.reference_logits = ReferenceLogits(ref, ids, progress=progress)
         chosen = [c for c in candidates
                   if (prof.name in c.profiles or prof.name not in PROFILES)
                   and (c.strategy == "fp32" or c.strategy.lower() in strategies)]
