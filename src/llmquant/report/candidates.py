@@ -12,7 +12,7 @@ import torch
 
 from ..data import calibration_windows
 from ..flows import quantize, quantize_dynamic, quantize_static, train_qat
-from ..flows.mixed import autocast, plan_mixed_precision, sensitivity, to_half
+from ..flows.mixed import autocast as autocast_to, plan_mixed_precision, sensitivity, to_half
 from ..models import context_length
 from ..modules import QuantLinear
 from ..schemes import PRESETS, CalibSpec, QuantConfig, QuantScheme, fake_quantize
@@ -69,7 +69,7 @@ def rtn(preset: str, autocast: bool = False):
                 "notes": f"RTN {s.layers[0].scheme}, kernel {','.join(s.kernels)}"}
         if autocast:  # run under bf16 autocast: the quantized layers' prefill takes a bf16 GEMM
             info["steps"] = ["quantize", "run under llmquant.autocast('bf16')"]
-            info["run_context"] = functools.partial(autocast, "bf16")
+            info["run_context"] = functools.partial(autocast_to, "bf16")
             info["notes"] += "; run under bf16 autocast (bf16 GEMM for many-token inputs, activations in bf16)"
         return m, info
 
@@ -158,7 +158,7 @@ def bf16_storage(ctx: Context):
 def bf16_autocast(ctx: Context):
     # The float model itself, run under torch.autocast: nothing is stored differently, so size is fp32's.
     return ctx.reference, {"steps": ["wrap the forward in llmquant.autocast('bf16')"], "data": "none",
-                           "kernel": "torch bf16 autocast", "run_context": functools.partial(autocast, "bf16"),
+                           "kernel": "torch bf16 autocast", "run_context": functools.partial(autocast_to, "bf16"),
                            "notes": "bf16 matmuls under torch.autocast; norms, softmax and the loss in fp32; "
                                     "weights stay fp32 (cast per call)"}
 
