@@ -35,7 +35,7 @@ def main():
         llmquant.quantize(m, preset, progress=False)
         models[preset] = m
     # the reference log-probs are computed once, outside autocast: every KL is against plain fp32
-    cached = llmquant.ReferenceLogits(ref, llmquant.eval.token_windows(tok, None, args.windows, 512))
+    cached = llmquant.ReferenceLogits(ref, llmquant.data.token_windows(tok, None, args.windows, 512))
     rows = []
     for name, m in models.items():
         for ac in (False, True):

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 import llmquant
 from llmquant import kernels
-from llmquant.io import calib_windows, default_text, eval_windows, tokenize
+from llmquant import data
+from llmquant.data import default_text, tokenize
 from llmquant.modules import QuantLinear, replace_module
 from llmquant.algorithms import rtn_quantize
 from llmquant.schemes import PRESETS, QuantScheme
@@ -95,7 +96,7 @@ def configs(ids_all):
         "W8A8 per-token + outliers (t=6) + rotation 64": dyn(outlier_threshold=6.0, rotation=64),
         "W8A8 per-token asym + outliers (t=6) + rotation 64": dyn(symmetric=False, outlier_threshold=6.0, rotation=64),
         "W8A8 per-token asym + outliers (t=3) + rotation 64": dyn(symmetric=False, outlier_threshold=3.0, rotation=64),
-        "static W8A8 per-tensor (min-max, 4 calib windows)": lambda m: static_w8a8(m, calib_windows(ids_all, 4)),
+        "static W8A8 per-tensor (min-max, 4 calib windows)": lambda m: static_w8a8(m, data.windows(ids_all, 4, split="calib")),
         "W8A8 per-token sym [forced int8_int_mm]": lambda m: (dyn()(m), kernels.set_kernel(m, "int8_int_mm"), m)[2],
     }
 
@@ -190,8 +191,8 @@ def main(argv=None):
         "rows": {},
         "kernels": {},
     }
-    eval_ids = eval_windows(ids_all, args.windows)
-    speed_ids = eval_windows(ids_all, 1)[:, :512]
+    eval_ids = data.windows(ids_all, args.windows)
+    speed_ids = data.windows(ids_all, 1)[:, :512]
     with tempfile.TemporaryDirectory() as tmp:
         ref_paths = None if args.skip_accuracy else reference_logps(ref, eval_ids, Path(tmp))
         for name, make in configs(ids_all).items():

@@ -66,13 +66,14 @@ def main() -> None:
 
     import torch.nn.functional as F
 
-    from llmquant.io import default_text, eval_windows, tokenize
+    from llmquant import data
+    from llmquant.data import default_text, tokenize
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     ref, tok = llmquant.load_model()
     rows = []
-    wins = eval_windows(tokenize(tok, default_text()), args.windows)
+    wins = data.windows(tokenize(tok, default_text()), args.windows)
     with torch.inference_mode():  # the reference's log-probs once (llmquant.evaluate recomputes them per model)
         ref_logp = [F.log_softmax(ref(w[None]).logits[0, :-1].float(), -1) for w in wins]
 

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 import llmquant
-from llmquant.io import default_text, eval_windows, tokenize
+from llmquant import data
+from llmquant.data import default_text, tokenize
 from llmquant.kernels import set_kernel
 from llmquant.runtime import GenerationStats, LeanModel
 from llmquant.schemes import QuantConfig, QuantScheme
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     ids = tokenize(tok, default_text())
     prompt = ids[: args.prompt_len].unsqueeze(0)
     prefill_ids = ids[1000 : 1000 + args.prefill_len].unsqueeze(0)
-    windows = eval_windows(ids, args.windows)
+    windows = data.windows(ids, args.windows)
     with torch.inference_mode():
         ref_logp = [] if args.no_kl else [F.log_softmax(base(w.unsqueeze(0)).logits.float()[0], -1) for w in windows]
     rows = []

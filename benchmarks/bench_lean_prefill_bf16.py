@@ -26,7 +26,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ref, tok = llmquant.load_model(None)
-    ids = llmquant.eval.token_windows(tok, None, 1, 512)[:1]
+    ids = llmquant.data.token_windows(tok, None, 1, 512)[:1]
     rows = []
     for name in ("fp32", "W8", "W4G64"):
         m = ref

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 import llmquant
 from llmquant.flows.mixed import plan_from_sensitivity, sensitivity
-from llmquant.io import default_text, eval_windows, tokenize
+from llmquant import data
+from llmquant.data import default_text, tokenize
 from llmquant.report import format_table
 
 LLAMA_CPP = {"Q4_K_M": (105e6, 0.059), "Q3_K_M": (93.5e6, 0.125), "Q2_K": (88e6, 0.44)}
@@ -165,7 +166,7 @@ def main():
         Path(f"{out}_speed.md").write_text(format_table(rows) + "\n")
         print(format_table(rows))
         return
-    ids = eval_windows(tokenize(tok, default_text()), args.windows, 512)
+    ids = data.windows(tokenize(tok, default_text()), args.windows, 512)
     ref_logp = reference_logp(ref, ids)
     rows = []
     keep = [k.strip() for k in args.only.split(",")] if args.only else None

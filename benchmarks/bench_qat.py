@@ -1,7 +1,7 @@
 """QAT vs RTN on the default model (SmolLM2-135M-Instruct), fp32 in the same run.
 
 Each measurement runs in its own subprocess so that its peak RSS is its own. Training windows come
-from the end of the default text (llmquant.io.calib_windows), evaluation from its start (the first
+from the end of the default text (llmquant.data.windows), evaluation from its start (the first
 ``--windows`` 512-token windows), so they never overlap. Training is given a fixed time budget
 (``--minutes`` per scheme, capped at ``--steps``).
 

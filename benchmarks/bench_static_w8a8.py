@@ -32,7 +32,8 @@ import llmquant
 from llmquant import QuantConfig, QuantScheme
 from llmquant.flows.calibrate import calibrate, convert, prepare, unprepare
 from llmquant.flows.smooth import SmoothingStats, smooth, smoothing_pairs
-from llmquant.io import calibration_windows, default_text, eval_windows, tokenize
+from llmquant import data
+from llmquant.data import calibration_windows, default_text, tokenize
 from llmquant.models import context_length
 from llmquant.report import format_table
 
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     ref, tok = llmquant.load_model()
     fp32_mb = sum(p.numel() * p.element_size() for p in ref.parameters()) / 1e6
     ids = tokenize(tok, default_text())
-    ev = eval_windows(ids, args.windows, 512)
+    ev = data.windows(ids, args.windows, 512)
     wins = calibration_windows(tok, None, args.calib_samples, args.seq_len, context=context_length(ref))
     t = time.perf_counter()
     ref_lp = ref_logprobs(ref, ev)

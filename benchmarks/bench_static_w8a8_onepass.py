@@ -26,7 +26,8 @@ import llmquant
 from llmquant import QuantConfig, QuantScheme
 from llmquant.flows.calibrate import INPUT_OBSERVER, calibrate, convert, prepare, unprepare
 from llmquant.flows.smooth import SmoothingStats, smooth, smoothing_pairs
-from llmquant.io import calibration_windows, default_text, eval_windows, tokenize
+from llmquant import data
+from llmquant.data import calibration_windows, default_text, tokenize
 from llmquant.models import context_length
 from llmquant.modules import select_linears
 from llmquant.observers import MinMaxObserver
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     ref, tok = llmquant.load_model(args.model)
-    ev = eval_windows(tokenize(tok, default_text()), args.windows, 512)
+    ev = data.windows(tokenize(tok, default_text()), args.windows, 512)
     wins = calibration_windows(tok, None, args.calib_samples, args.seq_len, context=context_length(ref))
     ref_lp = ref_logprobs(ref, ev)
     rows = [{"method": "fp32", **score(ref, ev, ref_lp), "quantize s": 0.0, "peak RSS MB": rss_mb()}]

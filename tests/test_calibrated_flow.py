@@ -145,7 +145,7 @@ def test_nan_activations_raise(calib):
 
 
 def test_calibration_text_errors(tmp_path, tokenizer):
-    from llmquant.io import calibration_windows
+    from llmquant.data import calibration_windows
 
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -164,7 +164,7 @@ def test_calibration_text_errors(tmp_path, tokenizer):
         calibration_windows(tokenizer, text, 1, 4096, context=2048)
     # the default text: windows from its end, disjoint from the 40 evaluation windows at its start
     w = calibration_windows(tokenizer, None, 2, 128)
-    ids = llmquant.io.tokenize(tokenizer, llmquant.io.default_text())
+    ids = llmquant.data.tokenize(tokenizer, llmquant.data.default_text())
     assert torch.equal(w[0], ids[-128:])
 
 

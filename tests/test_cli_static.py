@@ -18,7 +18,7 @@ def run(capsys, *argv):
 @pytest.fixture
 def calib_file(tmp_path):
     p = tmp_path / "calib.txt"
-    p.write_text(llmquant.io.default_text()[-30000:])
+    p.write_text(llmquant.data.default_text()[-30000:])
     return p
 
 

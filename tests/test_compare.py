@@ -99,7 +99,7 @@ def test_reference_logits_match_a_live_reference(tiny_folder):
     ref, tok = llmquant.load_model(str(tiny_folder))
     q, _ = llmquant.load_model(str(tiny_folder))
     llmquant.quantize(q, "W4G32A", progress=False)
-    ids = llmquant.eval.token_windows(tok, None, 2, 64)
+    ids = llmquant.data.token_windows(tok, None, 2, 64)
     cached = llmquant.ReferenceLogits(ref, ids)
     live = llmquant.evaluate(q, reference=ref, tokenizer=tok, windows=2, seq_len=64, progress=False)
     fast = llmquant.evaluate(q, reference=cached, tokenizer=tok, windows=2, seq_len=64, progress=False)

@@ -10,7 +10,7 @@ import llmquant
 from llmquant.cli import main
 from llmquant.errors import CheckpointError, TrainingDivergedError
 from llmquant.flows import qat_checkpoint as ckpt
-from llmquant.io import calib_windows, default_text, tokenize
+from llmquant.data import default_text, tokenize, windows
 from llmquant.modules import QuantLinear
 from llmquant.modules.fake_quant import FakeQuantLinear
 
@@ -36,7 +36,7 @@ def _qat_tensors(m):
 def test_few_steps_reduce_distillation_loss(tokenizer):
     """Full-batch steps on four short windows: the distillation loss on them falls, and stays after convert."""
     text = default_text()[5000:6200]  # ~290 tokens: half reserved for evaluation, 4 training windows of 32
-    wins = calib_windows(tokenize(tokenizer, text), 4, 32)
+    wins = windows(tokenize(tokenizer, text), 4, 32, split="calib")
     teacher = make_tiny_llama()
     m = copy.deepcopy(teacher)
     llmquant.prepare_qat(m, "W3G32", progress=False)

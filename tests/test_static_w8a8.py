@@ -150,7 +150,7 @@ def test_no_mapping_is_a_clear_error():
 
 def test_quantize_static_on_text_and_save_load_bit_identical(tmp_path, tokenizer):
     m = make_tiny_llama()
-    text = llmquant.io.default_text()[-20000:]
+    text = llmquant.data.default_text()[-20000:]
     cfg = STATIC.with_(observer="percentile", smooth_alpha=0.5, method="smoothquant")
     s = llmquant.quantize_static(m, cfg, tokenizer, text, samples=4, seq_len=64, progress=False)
     assert len(s.layers) == 14 and s.kernels[0] in W8A8_KERNELS
@@ -288,13 +288,13 @@ def test_smoothquant_other_architectures_unchanged(kind):
 def test_one_pass_smoothquant_minmax_equals_two_passes(tokenizer):
     """quantize_static gets min-max scales of the smoothed model from the unsmoothed pass (exact math)."""
     ref = make_tiny_llama(layers=1)
-    text = llmquant.io.default_text()[-20000:]
+    text = llmquant.data.default_text()[-20000:]
     cfg = STATIC.with_(observer="minmax", smooth_alpha=0.8)
     a = copy.deepcopy(ref)
     llmquant.quantize_static(a, cfg, tokenizer, text, samples=3, seq_len=48, progress=False)
     # two explicit passes: statistics, smoothing, then calibrate the smoothed model
     b = copy.deepcopy(ref)
-    wins = llmquant.io.calibration_windows(tokenizer, text, 3, 48)
+    wins = llmquant.data.calibration_windows(tokenizer, text, 3, 48)
     stats = SmoothingStats(b, smoothing_pairs(b))
     llmquant.calibrate(b, windows=wins, progress=False)
     smooth(b, stats, 0.8)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmquant.errors import TextError
-from llmquant.io.text import EVAL_RESERVED_WINDOWS, calib_windows, default_text, eval_windows, read_text
+from llmquant.data import EVAL_RESERVED_WINDOWS, default_text, read_text, windows
 
 
 def test_default_text_protocol():
@@ -14,13 +14,13 @@ def test_default_text_protocol():
 
 def test_calibration_never_overlaps_evaluation():
     ids = torch.arange(113_108)
-    ev = eval_windows(ids, EVAL_RESERVED_WINDOWS, 512)
-    cal = calib_windows(ids, 128, 512)
+    ev = windows(ids, EVAL_RESERVED_WINDOWS, 512)
+    cal = windows(ids, 128, 512, split="calib")
     assert ev.shape == (40, 512) and cal.shape == (128, 512)
     assert int(ev.max()) < int(cal.min())
     assert int(cal[0, -1]) == 113_107  # from the end backwards
     with pytest.raises(TextError, match="calibration windows"):
-        calib_windows(ids, 10_000, 512)
+        windows(ids, 10_000, 512, split="calib")
 
 
 def test_user_files(tmp_path):
@@ -37,4 +37,4 @@ def test_user_files(tmp_path):
     with pytest.raises(TextError, match="does not exist"):
         read_text(tmp_path / "nope.txt")
     with pytest.raises(TextError, match="fewer than one window"):
-        eval_windows(torch.arange(100), 8, 512)
+        windows(torch.arange(100), 8, 512)

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 import logging as _logging
 
@@ -26,6 +26,7 @@ from . import flows as _flows
 from .flows.calibrate import _check_config as _check_calibration_config
 from .eval import EvalResult, ReferenceLogits, evaluate, model_size
 from . import io as _io
+from . import data as _data
 from .report import compare
 from .schemes import Plan
 from .flows.mixed import autocast, plan_mixed_precision, sensitivity, to_half
@@ -40,20 +41,7 @@ def load_model(path=None, *, dtype=None, packed=False):
 
     ``packed=True`` (GGUF files only, the default model included): the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
     linears become packed QuantLinear modules holding its own codes and scales, instead of floats."""
-    import torch
-    from pathlib import Path
-
-    if packed:
-        model, tok, _ = _io.load_gguf_packed(path, dtype=dtype or torch.float32)
-        model.llmquant_tokenizer = tok
-        return model, tok
-
-    if path is not None and (Path(path).expanduser() / _io.folder.MANIFEST).is_file():
-        return load(path)
-    model, tok, source = _io.load_float_model(path, dtype=dtype or torch.float32)
-    model.llmquant_tokenizer = tok
-    model.llmquant_source = source
-    return model, tok
+    return _io.load_model(path, dtype=dtype, packed=packed)
 
 
 def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True):
@@ -79,16 +67,14 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
         tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
         ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         src = None if spec.source in (None, "default") else Path(spec.source)
-        calib = _io.calibration_windows(tok, src, spec.samples, spec.seq_len, context=ctx)
+        calib = _data.calibration_windows(tok, src, spec.samples, spec.seq_len, context=ctx)
         cfg = cfg.with_(calibration=spec)
     return _flows.quantize(model, cfg, calib=calib, progress=progress)
 
 
 def load(folder, *, device="cpu"):
     """``(model, tokenizer)`` from a folder written by :func:`save`; logits are bit-identical to the saved model's."""
-    model, tok = _io.load(folder, device=device)
-    model.llmquant_tokenizer = tok
-    return model, tok
+    return _io.load_saved(folder, device=device)
 
 
 def save(model, tokenizer, folder, *, overwrite=False):
@@ -115,7 +101,7 @@ def _calib_windows(model, tokenizer, text, samples, seq_len, windows):
     if windows is not None:
         return windows
     tok = tokenizer or getattr(model, "llmquant_tokenizer", None)
-    return _io.calibration_windows(tok, text, samples, seq_len, context=context_length(model))
+    return _data.calibration_windows(tok, text, samples, seq_len, context=context_length(model))
 
 
 def calibrate(model, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None, batch_size=1, progress=True):

@@ -1,5 +1,6 @@
 """Speed and memory measurements (never used in tests: timings belong in benchmarks/)."""
 
-from .speed import SpeedResult, measure_speed, peak_rss_mb
+from ..resources import peak_rss_mb
+from .speed import SpeedResult, measure_speed
 
 __all__ = ["SpeedResult", "measure_speed", "peak_rss_mb"]

@@ -7,8 +7,6 @@ rate excludes the prompt's forward (timed separately). Threads: ``torch.get_num_
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -26,12 +24,6 @@ class SpeedResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if sys.platform != "darwin" else r / 1e6
 
 
 def _ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from .quantize import cmd_quantize
@@ -14,7 +13,7 @@ log = logging.getLogger("llmquant")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     p = argparse.ArgumentParser(prog="llmquant", description="Quantize LLMs and measure what it costs.")
     p.add_argument("--version", action="version", version=f"llmquant {__version__}")
@@ -136,14 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
     from ..errors import LLMQuantError
+    from ..io.hf import quiet_transformers
+
+    quiet_transformers()
 
     try:
         return args.func(args)

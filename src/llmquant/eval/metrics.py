@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import LLMQuantError, TextError
-from ..io.text import DEFAULT_SEQ_LEN, eval_windows, read_text, tokenize
+from ..data import DEFAULT_SEQ_LEN, token_windows
+from ..errors import LLMQuantError
 from .size import model_size
 
 
@@ -36,16 +36,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def token_windows(tokenizer, text: str | Path | None, windows: int, seq_len: int) -> torch.Tensor:
-    """The evaluation windows of the default text (None), a text file (Path) or a string of text."""
-    if tokenizer is None:
-        raise TextError("a tokenizer is needed to evaluate on text: pass tokenizer=, or load the model with llmquant")
-    raw = read_text(text) if (text is None or isinstance(text, Path)) else text
-    if not raw.strip():
-        raise TextError("the evaluation text is empty")
-    return eval_windows(tokenize(tokenizer, raw), windows, seq_len)
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from ..modules import QuantEmbedding, QuantLinear
+from ..modules import is_packed, tensor_bytes, unique_stored, weights_held
 
 
 @dataclass
@@ -42,30 +42,18 @@ class SizeInfo:
 
 
 def model_size(model: nn.Module) -> SizeInfo:
-    seen: set[int] = set()
+    """Sums of what each module stores (:mod:`llmquant.modules.storage`), shared tensors once."""
     qbytes = qparams = fbytes = total_params = qfp32 = 0
-    for mod in model.modules():
-        if isinstance(mod, (QuantLinear, QuantEmbedding)):
-            # a tied embedding and head may share their packed tensors (QuantEmbedding.sharing): count them once
-            tensors = [t for t in (mod.qweight, mod.scale, mod.zero, getattr(mod, "bias", None)) if t is not None]
-            if all(t.data_ptr() in seen for t in tensors):
-                continue
-            qbytes += sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in seen)
-            bias = getattr(mod, "bias", None)
-            n = mod.in_features * mod.out_features
-            qparams += n
-            total_params += n + (0 if bias is None else bias.numel())
-            qfp32 += 4 * (n + (0 if bias is None else bias.numel()))
-            seen.update(t.data_ptr() for t in tensors)
-            continue
-        for t in list(mod.parameters(recurse=False)) + [
-            b for n, b in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set
-        ]:
-            if t is None or t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            fbytes += t.numel() * t.element_size()
-            total_params += t.numel()
+    for mod, fresh in unique_stored(model):
+        n = weights_held(mod, fresh)
+        total_params += n
+        if is_packed(mod):
+            if fresh:
+                qbytes += tensor_bytes(fresh)
+                qparams += mod.in_features * mod.out_features
+                qfp32 += 4 * n
+        else:
+            fbytes += tensor_bytes(fresh)
     return SizeInfo(
         total_bytes=qbytes + fbytes,
         quantized_bytes=qbytes,

@@ -6,7 +6,7 @@ in a neural network"; as in LLM-QAT, Liu et al., 2023), the mean over positions 
 llmquant's evaluation reports -- or plain next-token cross-entropy (``loss="ce"``). AdamW (Loshchilov &
 Hutter, 2019) with a linear warm-up then cosine decay to a tenth of the learning rate, gradient
 accumulation and clipping, optional gradient checkpointing, and a checkpoint every N steps to resume from.
-Training windows come from the end of the text (:func:`llmquant.io.calib_windows`), never from the
+Training windows come from the end of the text (:func:`llmquant.data.windows`), never from the
 evaluation range. A NaN/Inf or exploding loss stops the run before the bad step is applied, leaving the
 last good checkpoint on disk.
 """
@@ -16,18 +16,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, SchemeError, TextError, TrainingDivergedError
-from ..io.text import EVAL_RESERVED_WINDOWS, calib_windows, read_text, tokenize
+from ..data import token_windows
+from ..errors import CheckpointError, SchemeError, TrainingDivergedError
+from ..resources import PeakMemory
 from ..modules.fake_quant import FakeQuantLinear
 from ..schemes import resolve_config
 from . import qat_checkpoint as ckpt
@@ -49,7 +48,7 @@ class QATResult:
     tokens: int
     trainable_params: int
     stopped_by_time: bool = False
-    peak_rss_mb: float = 0.0  # peak RSS of the training loop (Linux; elsewhere the process's peak)
+    peak_rss_mb: float = 0.0  # peak resident memory of the training loop, MB (see llmquant.resources)
     checkpoint: str | None = None
     summary: dict | None = field(default=None)  # convert_qat's QuantSummary.to_dict() when converted
 
@@ -64,20 +63,9 @@ class QATResult:
 
 
 def _windows(model, text, tokenizer, seq_len: int, needed: int) -> torch.Tensor:
+    """Up to ``needed`` training windows from the end of the text (as many as there is room for)."""
     tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
-    if tokenizer is None:
-        raise TextError("a tokenizer is needed to train on text: pass tokenizer=, or load the model with llmquant")
-    raw = read_text(text) if (text is None or isinstance(text, Path)) else text
-    if not raw.strip():
-        raise TextError("the training text is empty")
-    ids = tokenize(tokenizer, raw)
-    # what calib_windows leaves after the reserved evaluation range (same rule as there)
-    reserved = min(EVAL_RESERVED_WINDOWS, ids.numel() // seq_len // 2) * seq_len
-    avail = (ids.numel() - reserved) // seq_len
-    if avail < 1:
-        raise TextError(f"the text ({ids.numel()} tokens) leaves no {seq_len}-token training window after "
-                        "the evaluation range; give more text or a shorter --seq-len")
-    return calib_windows(ids, min(avail, needed), seq_len)
+    return token_windows(tokenizer, text, needed, seq_len, split="calib", purpose="train", at_most=True)
 
 
 def _batch_indices(n: int, micro: int, batch: int, seed: int) -> torch.Tensor:
@@ -135,27 +123,6 @@ def distill_loss(logits: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Te
 def _logits(model, ids):
     out = model(ids)
     return out.logits if hasattr(out, "logits") else out
-
-
-def _reset_peak_rss() -> None:
-    """Linux: restart the process's peak-RSS counter (VmHWM), so the training loop's own peak is measured."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS since :func:`_reset_peak_rss` (Linux VmHWM), else the process's lifetime peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train_qat(
@@ -246,63 +213,63 @@ def train_qat(
     if gradient_checkpointing:
         _checkpointing_methods(model)[0]()
     model.train()
-    _reset_peak_rss()
     losses = list(history["losses"])
     first = losses[0] if losses else None
     tokens, t0, stopped_by_time = 0, time.perf_counter(), False
     last_saved = ckpt.checkpoint_path(checkpoint_dir) if (checkpoint_dir and resume) else None
     bar = tqdm(total=steps, initial=start, desc=f"qat ({settings['config']['weight'].get('bits')}-bit, {loss})",
                disable=not progress)
-    try:
-        for step in range(start, steps):
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * _lr_factor(step, steps, warmup)
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for a in range(grad_accum):
-                ids = windows[_batch_indices(windows.shape[0], step * grad_accum + a, batch, seed)].to(dev)
-                t_logp = None
-                if loss == "kl":
-                    with torch.no_grad():
-                        t_logp = F.log_softmax(_logits(teacher, ids).float(), dim=-1)
-                lval = distill_loss(_logits(model, ids), ids, t_logp, loss) / grad_accum
-                if not torch.isfinite(lval):
-                    _diverged(f"the loss became {float(lval.detach())} at step {step + 1}", last_saved)
-                lval.backward()
-                step_loss += float(lval.detach())
-                tokens += ids.numel()
-            params = [p for g in opt.param_groups for p in g["params"]]
-            gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
-            if not torch.isfinite(gnorm):
-                _diverged(f"the gradient norm became {float(gnorm)} at step {step + 1}", last_saved)
-            if first is None:
-                first = step_loss
-            if step_loss > explode_factor * first and step_loss > 0.1:
-                _diverged(f"the loss exploded to {step_loss:.4g} at step {step + 1} "
-                          f"({explode_factor:g}x the first step's {first:.4g})", last_saved)
-            opt.step()
-            losses.append(step_loss)
-            el = time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(el, 1e-9):.0f}")
-            done = step + 1
-            if checkpoint_dir and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-                last_saved = ckpt.save_checkpoint(checkpoint_dir, model, opt, done, settings, {"losses": losses})
-            if max_seconds is not None and el > max_seconds and done < steps:
-                stopped_by_time = True
-                log.info("time budget of %.0f s used after %d steps", max_seconds, done)
-                if checkpoint_dir:
+    with PeakMemory() as mem:
+        try:
+            for step in range(start, steps):
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * _lr_factor(step, steps, warmup)
+                opt.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for a in range(grad_accum):
+                    ids = windows[_batch_indices(windows.shape[0], step * grad_accum + a, batch, seed)].to(dev)
+                    t_logp = None
+                    if loss == "kl":
+                        with torch.no_grad():
+                            t_logp = F.log_softmax(_logits(teacher, ids).float(), dim=-1)
+                    lval = distill_loss(_logits(model, ids), ids, t_logp, loss) / grad_accum
+                    if not torch.isfinite(lval):
+                        _diverged(f"the loss became {float(lval.detach())} at step {step + 1}", last_saved)
+                    lval.backward()
+                    step_loss += float(lval.detach())
+                    tokens += ids.numel()
+                params = [p for g in opt.param_groups for p in g["params"]]
+                gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+                if not torch.isfinite(gnorm):
+                    _diverged(f"the gradient norm became {float(gnorm)} at step {step + 1}", last_saved)
+                if first is None:
+                    first = step_loss
+                if step_loss > explode_factor * first and step_loss > 0.1:
+                    _diverged(f"the loss exploded to {step_loss:.4g} at step {step + 1} "
+                              f"({explode_factor:g}x the first step's {first:.4g})", last_saved)
+                opt.step()
+                losses.append(step_loss)
+                el = time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(el, 1e-9):.0f}")
+                done = step + 1
+                if checkpoint_dir and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
                     last_saved = ckpt.save_checkpoint(checkpoint_dir, model, opt, done, settings, {"losses": losses})
-                break
-    finally:
-        bar.close()
-        if gradient_checkpointing:
-            _checkpointing_methods(model)[1]()
-        model.eval()
+                if max_seconds is not None and el > max_seconds and done < steps:
+                    stopped_by_time = True
+                    log.info("time budget of %.0f s used after %d steps", max_seconds, done)
+                    if checkpoint_dir:
+                        last_saved = ckpt.save_checkpoint(checkpoint_dir, model, opt, done, settings, {"losses": losses})
+                    break
+        finally:
+            bar.close()
+            if gradient_checkpointing:
+                _checkpointing_methods(model)[1]()
+            model.eval()
     seconds = time.perf_counter() - t0
     res = QATResult(
         steps=len(losses), start_step=start, losses=losses, seconds=seconds, tokens=tokens,
-        trainable_params=n_train, stopped_by_time=stopped_by_time, peak_rss_mb=_peak_rss_mb(),
+        trainable_params=n_train, stopped_by_time=stopped_by_time, peak_rss_mb=mem.peak_mb,
         checkpoint=None if last_saved is None else str(last_saved),
     )
     log.info("QAT: %d steps, loss %.4f -> %.4f, %.0f s, %.0f tokens/s", res.steps,

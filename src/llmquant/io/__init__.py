@@ -1,12 +1,12 @@
-"""File formats: model loading, llmquant folders, text sources. The only layer (with models/) that imports
+"""File formats: model loading, llmquant folders, GGUF / compressed-tensors. The only layer (with models/) that imports
 transformers."""
 
 from .folder import load, read_manifest, save
 from .compressed_tensors import export_compressed_tensors
 from .gguf_export import GGUFExportReport, export_gguf
 from .gguf_import import GGUFImport, load_gguf_packed
-from .hf import DEFAULT_MODEL_NAME, default_model_file, load_float_model, plain_copy_of_gguf_model
-from .text import calib_windows, calibration_windows, default_text, eval_windows, read_text, tokenize
+from .hf import DEFAULT_MODEL_NAME, default_model_file, load_float_model, plain_copy_of_gguf_model, quiet_transformers
+from .loading import load_model, load_saved
 
 __all__ = [
     "GGUFExportReport",
@@ -15,16 +15,13 @@ __all__ = [
     "export_gguf",
     "load_gguf_packed",
     "DEFAULT_MODEL_NAME",
-    "calib_windows",
-    "calibration_windows",
     "default_model_file",
-    "default_text",
-    "eval_windows",
     "load",
     "load_float_model",
+    "load_model",
+    "load_saved",
     "plain_copy_of_gguf_model",
+    "quiet_transformers",
     "read_manifest",
-    "read_text",
     "save",
-    "tokenize",
 ]

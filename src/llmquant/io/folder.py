@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, UnsupportedError
-from ..modules import MIXED_MODULES, QuantLinear, replace_module
+from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def save(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: b
             "model_type": getattr(cfg, "model_type", None),
             "config": None if qcfg is None else qcfg.to_dict(),
             "quantized_layers": _quant_layers(model),
-            "mixed_modules": {n: m.manifest_entry() for n, m in model.named_modules() if type(m).__name__ in MIXED_MODULES},
+            "mixed_modules": {n: m.manifest_entry() for n, m in model.named_modules() if type(m).__name__ in MANIFEST_MODULES},
             "plan": None if getattr(model, "llmquant_plan", None) is None else model.llmquant_plan.to_ordered_dict(),
             "aliases": aliases,
             "tensors": {
@@ -201,10 +201,10 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
         except AttributeError:
             raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
     for name, entry in (manifest.get("mixed_modules") or {}).items():  # bf16/fp16 layers, quantized embeddings
-        if entry.get("type") not in MIXED_MODULES:
+        if entry.get("type") not in MANIFEST_MODULES:
             raise CorruptFileError(f"manifest names module type {entry.get('type')!r} for {name!r}, unknown to this llmquant")
         try:
-            replace_module(model, name, MIXED_MODULES[entry["type"]].from_manifest(entry))
+            replace_module(model, name, MANIFEST_MODULES[entry["type"]].from_manifest(entry))
         except AttributeError:
             raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
     state = dict(tensors)

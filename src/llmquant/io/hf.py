@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HubUnavailableError, ModelNotFoundError
+from ..resources import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,17 @@ def _offline_env() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def quiet_transformers() -> None:
+    """For the command line: no hub access, and transformers' own warnings off (llmquant logs what matters)."""
+    _offline_env()
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def plain_copy_of_gguf_model(model):
     """A GGUF-loaded model still carries a gguf ``quantization_config`` that makes ``save_pretrained`` and
     other tools refuse it. Drop it: the weights are already dequantized floats."""
@@ -62,11 +74,6 @@ def plain_copy_of_gguf_model(model):
         except AttributeError:
             pass
     return model
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF models are kept: ``$LLMQUANT_CACHE`` or ``~/.cache/llmquant``."""
-    return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant")).expanduser()
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype):

@@ -22,7 +22,9 @@ from ..kernels import Kernel
 from ..packing import pack, packed_numel, unpack
 from ..schemes import QuantScheme, dequantize
 from ..schemes.primitives import hadamard, rotate_blocks
+from ..schemes.formats import format_bytes
 from ..schemes.primitives import scale_torch_dtype
+from .storage import tensor_bytes
 
 
 class QuantLinear(nn.Module):
@@ -129,11 +131,14 @@ class QuantLinear(nn.Module):
     @property
     def weight_bits(self) -> float:
         """Stored bits per weight, scales and zero points included."""
-        nbytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
-        return 8 * nbytes / (self.in_features * self.out_features)
+        return 8 * format_bytes(self.scheme, self.out_features, self.in_features) / (self.in_features * self.out_features)
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """What the module stores (see :mod:`llmquant.modules.storage`): codes, scales, zero points, bias."""
+        return [t for t in (self.qweight, self.scale, self.zero, getattr(self, "bias", None)) if t is not None]
 
     def packed_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero, self.bias) if t is not None)
+        return tensor_bytes(self.stored_tensors())
 
     # ---- compute -----------------------------------------------------------------------------
     @property

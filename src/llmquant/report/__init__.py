@@ -30,6 +30,6 @@ def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dyna
     return result
 
 
-from .mixed import plan_row, sensitivity_chart  # noqa: E402
+from .planning import plan_row, sensitivity_chart  # noqa: E402
 
 __all__ += ["plan_row", "sensitivity_chart"]

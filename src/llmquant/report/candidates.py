@@ -6,8 +6,16 @@ user runs, the data it needed, notes (e.g. which kernel computes it).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ..data import calibration_windows
+from ..flows import quantize, quantize_dynamic, quantize_static, train_qat
+from ..flows.mixed import autocast as autocast_to, plan_mixed_precision, sensitivity, to_half
+from ..models import context_length
+from ..modules import QuantLinear
+from ..schemes import PRESETS, CalibSpec, QuantConfig, QuantScheme, fake_quantize
 from .runner import Candidate, Context
 
 
@@ -33,9 +41,13 @@ def _data(ctx: Context, what: str = "calibration") -> str:
     return f"{ctx.profile.calib_samples} x {ctx.profile.seq_len} tokens of {what} text"
 
 
-def _kernels(model) -> str:
-    from ..modules import QuantLinear
+def _calib(ctx: Context, model) -> torch.Tensor:
+    """The profile's calibration windows (from the end of the default text), as ``llmquant.quantize`` makes them."""
+    p = ctx.profile
+    return calibration_windows(ctx.tokenizer, None, p.calib_samples, p.seq_len, context=context_length(model))
 
+
+def _kernels(model) -> str:
     names = set()
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -50,18 +62,14 @@ def fp32(ctx: Context):
 
 def rtn(preset: str, autocast: bool = False):
     def build(ctx: Context):
-        import functools
-
-        import llmquant
-
         m = ctx.load()
         ctx.step(f"quantize (RTN {preset})")
-        s = llmquant.quantize(m, preset, progress=False)
+        s = quantize(m, preset, progress=False)
         info = {"steps": ["quantize"], "data": "none", "kernel": ",".join(s.kernels),
                 "notes": f"RTN {s.layers[0].scheme}, kernel {','.join(s.kernels)}"}
         if autocast:  # run under bf16 autocast: the quantized layers' prefill takes a bf16 GEMM
             info["steps"] = ["quantize", "run under llmquant.autocast('bf16')"]
-            info["run_context"] = functools.partial(llmquant.autocast, "bf16")
+            info["run_context"] = functools.partial(autocast_to, "bf16")
             info["notes"] += "; run under bf16 autocast (bf16 GEMM for many-token inputs, activations in bf16)"
         return m, info
 
@@ -70,14 +78,11 @@ def rtn(preset: str, autocast: bool = False):
 
 def gptq(preset: str):
     def build(ctx: Context):
-        import llmquant
-        from ..schemes import CalibSpec, QuantConfig
-
         m = ctx.load()
         cfg = QuantConfig(weight=preset, method="gptq",
                           calibration=CalibSpec(samples=ctx.profile.calib_samples, seq_len=ctx.profile.seq_len))
         ctx.step(f"calibrate + quantize layer by layer (GPTQ {preset}, {ctx.profile.calib_samples} windows)")
-        s = llmquant.quantize(m, cfg, progress=False)
+        s = quantize(m, cfg, calib=_calib(ctx, m), progress=False)
         return m, {"steps": ["calibrate (layer by layer)", "quantize"], "data": _data(ctx),
                    "kernel": ",".join(s.kernels), "notes": f"GPTQ {cfg.weight.name}, kernel {','.join(s.kernels)}"}
 
@@ -85,26 +90,20 @@ def gptq(preset: str):
 
 
 def static_smoothquant(ctx: Context):
-    import llmquant
-    from ..schemes import PRESETS, QuantConfig, QuantScheme
-
     m = ctx.load()
     cfg = QuantConfig(weight=PRESETS["W8"], activation=QuantScheme(bits=8, granularity="tensor"),
                       observer="minmax", smooth_alpha=0.8)
     ctx.step("smooth + calibrate + convert (static W8A8)")
-    s = llmquant.quantize_static(m, cfg, ctx.tokenizer, None, samples=ctx.profile.calib_samples,
-                                 seq_len=ctx.profile.seq_len, progress=False)
+    s = quantize_static(m, cfg, _calib(ctx, m), progress=False)
     return m, {"steps": ["smooth (SmoothQuant a=0.8)", "prepare", "calibrate", "convert"], "data": _data(ctx),
                "kernel": ",".join(s.kernels), "notes": "static W8A8: per-tensor activation scales fixed by calibration"}
 
 
 def dynamic(weight_bits: int = 8, **kw):
     def build(ctx: Context):
-        import llmquant
-
         m = ctx.load()
         ctx.step("quantize (dynamic)")
-        s = llmquant.quantize_dynamic(m, weight_bits=weight_bits, progress=False, **kw)
+        s = quantize_dynamic(m, weight_bits=weight_bits, progress=False, **kw)
         extra = ", ".join(f"{k}={v}" for k, v in kw.items())
         return m, {"steps": ["quantize"], "data": "none (activation scales computed per token at run time)",
                    "kernel": ",".join(s.kernels), "notes": f"dynamic W{weight_bits}A8 per token {extra}".strip()}
@@ -114,12 +113,10 @@ def dynamic(weight_bits: int = 8, **kw):
 
 def qat(preset: str):
     def build(ctx: Context):
-        import llmquant
-
         m = ctx.load()
         steps = ctx.profile.qat_steps
         ctx.step(f"train {steps} QAT steps ({preset})")
-        r = llmquant.train_qat(m, None, config=preset, tokenizer=ctx.tokenizer, teacher=ctx.reference, steps=steps,
+        r = train_qat(m, None, config=preset, tokenizer=ctx.tokenizer, teacher=ctx.reference, steps=steps,
                                seq_len=min(128, ctx.profile.seq_len), batch=2, lr=5e-5, progress=False)
         return m, {"steps": ["prepare_qat", f"train ({steps} steps, distillation)", "convert"],
                    "data": f"{r.tokens} training tokens from the end of the text",
@@ -132,19 +129,17 @@ def qat(preset: str):
 
 def mixed_plan(target_bits: float):
     def build(ctx: Context):
-        import llmquant
-
         m = ctx.load()
         ctx.step(f"sensitivity ({ctx.profile.sensitivity_samples} windows)")
-        sens = llmquant.sensitivity(m, None, tokenizer=ctx.tokenizer, samples=ctx.profile.sensitivity_samples,
+        sens = sensitivity(m, None, tokenizer=ctx.tokenizer, samples=ctx.profile.sensitivity_samples,
                                     seq_len=min(128, ctx.profile.seq_len), progress=False)
         names = [u.name for u in sens.units]
         col = next((i for i, c in enumerate(sens.candidates) if str(c).upper() == "W4G64"), 0)
         ctx.shared["sensitivity"] = {n: sens.damage[i][col] for i, n in enumerate(names)}
         ctx.shared["sensitivity_label"] = f"{sens.method} damage at {sens.candidates[col]}"
         ctx.step(f"plan {target_bits} bits/weight + quantize")
-        plan = llmquant.plan_mixed_precision(m, target_bits=target_bits, sensitivity_result=sens)
-        s = llmquant.quantize(m, plan, progress=False)
+        plan = plan_mixed_precision(m, target_bits=target_bits, sensitivity_result=sens)
+        s = quantize(m, plan, progress=False)
         return m, {"steps": ["sensitivity", f"plan ({target_bits} bits/weight)", "quantize"],
                    "data": f"{ctx.profile.sensitivity_samples} sensitivity windows", "kernel": ",".join(s.kernels),
                    "notes": f"mixed precision plan at {target_bits} bits/weight over the linears "
@@ -154,30 +149,22 @@ def mixed_plan(target_bits: float):
 
 
 def bf16_storage(ctx: Context):
-    import llmquant
-
     m = ctx.load()
-    llmquant.to_half(m, "bf16")
+    to_half(m, "bf16")
     return m, {"steps": ["cast"], "data": "none", "kernel": "torch bf16",
                "notes": "weights stored in bf16, norms in fp32"}
 
 
 def bf16_autocast(ctx: Context):
-    import functools
-
-    import llmquant
-
     # The float model itself, run under torch.autocast: nothing is stored differently, so size is fp32's.
     return ctx.reference, {"steps": ["wrap the forward in llmquant.autocast('bf16')"], "data": "none",
-                           "kernel": "torch bf16 autocast", "run_context": functools.partial(llmquant.autocast, "bf16"),
+                           "kernel": "torch bf16 autocast", "run_context": functools.partial(autocast_to, "bf16"),
                            "notes": "bf16 matmuls under torch.autocast; norms, softmax and the loss in fp32; "
                                     "weights stay fp32 (cast per call)"}
 
 
 def weight_histogram(model, layer: str = "model.layers.0.mlp.down_proj") -> dict | None:
     """One row of one layer's weights, and the same values quantized at 16, 8, 4 and 2 bits."""
-    from ..schemes import QuantScheme, fake_quantize
-
     try:
         w = model.get_submodule(layer).weight.detach().float()
     except AttributeError:

@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import subprocess
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,7 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bench import measure_speed
+from ..data import token_windows
 from ..errors import LLMQuantError
+from ..eval import ReferenceLogits, evaluate
+from ..io import load_model
+from ..resources import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -91,48 +94,10 @@ def measure_cost(p: Profile) -> float:
     return 2.0 * p.eval_windows * p.seq_len / 512 + p.speed_repeats * (p.prefill_len / 256 + p.new_tokens / 16)
 
 
-class _PeakRSS:
-    """Samples this process's resident memory in a thread; peak above the starting value, in MB."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
-    def __enter__(self):
-        self.start = self.peak = self.rss()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 1e6
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.start) / 1e6
-
-
 def environment() -> dict:
-    import transformers
+    from importlib.metadata import version
 
-    from .. import __version__
+    from ..version import __version__
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -155,7 +120,7 @@ def environment() -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "llmquant": __version__,
         "commit": commit,
         "python": platform.python_version(),
@@ -163,10 +128,8 @@ def environment() -> dict:
     }
 
 
-def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu: float, mem: _PeakRSS) -> dict:
+def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu: float, mem: PeakMemory) -> dict:
     import contextlib
-
-    import llmquant
 
     p = ctx.profile
     # A candidate that is a way of *running* the float model (autocast) hands over the context to run it in.
@@ -174,7 +137,7 @@ def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu:
     ctx.step("evaluate")
     t0 = time.perf_counter()
     with run_ctx():
-        res = llmquant.evaluate(model, reference=ctx.reference_logits or ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows,
+        res = evaluate(model, reference=ctx.reference_logits or ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows,
                                 seq_len=p.seq_len, progress=False)
     t_eval = time.perf_counter() - t0
     ctx.step("speed")
@@ -218,7 +181,6 @@ def run_compare(
     """Run every candidate of the chosen strategies; returns {"env", "profile", "rows", "shared"}.
 
     ``threads`` sets ``torch.set_num_threads`` for the whole run (all timings, the fp32 baseline included)."""
-    import llmquant
 
     if not isinstance(profile, Profile) and profile not in PROFILES:
         raise LLMQuantError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -233,11 +195,11 @@ def run_compare(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        ref, tok = llmquant.load_model(model_path)
-        ctx = Context(model_path, prof, ref, tok, load=lambda: llmquant.load_model(model_path)[0])
+        ref, tok = load_model(model_path)
+        ctx = Context(model_path, prof, ref, tok, load=lambda: load_model(model_path)[0])
         # One fp32 forward per evaluation window for the whole run, instead of one per configuration.
-        ids = llmquant.eval.token_windows(tok, None, prof.eval_windows, prof.seq_len)
-        ctx.reference_logits = llmquant.ReferenceLogits(ref, ids, progress=progress)
+        ids = token_windows(tok, None, prof.eval_windows, prof.seq_len)
+        ctx.reference_logits = ReferenceLogits(ref, ids, progress=progress)
         chosen = [c for c in candidates
                   if (prof.name in c.profiles or prof.name not in PROFILES)
                   and (c.strategy == "fp32" or c.strategy.lower() in strategies)]
@@ -263,7 +225,7 @@ def _run_all(chosen: list[Candidate], ctx: Context, progress: bool) -> list[dict
         gc.collect()
         model, done = None, 0.0
         try:
-            with _PeakRSS() as mem:
+            with PeakMemory() as mem:
                 t0, c0 = time.perf_counter(), time.process_time()
                 model, info = cand.build(ctx)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import SchemeError
 from ..packing import packed_numel
+from .primitives import scale_torch_dtype
 from .scheme import PRESETS, QuantScheme, resolve_scheme
 
 FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -92,13 +93,15 @@ def format_to_json(fmt: Format) -> "str | dict":
 
 
 def format_bytes(fmt: Format, out_features: int, in_features: int) -> int:
-    """Bytes the stored weight takes (codes + scales + zero points for integer schemes; no bias)."""
+    """Bytes an (out_features, in_features) weight takes stored in ``fmt``: the one definition of a weight's
+    stored size. Integer schemes: packed codes + scales + zero points (uint8 for integer zero points, the
+    scale dtype otherwise), exactly the tensors :class:`~llmquant.modules.QuantLinear` holds; no bias."""
     n = out_features * in_features
     if isinstance(fmt, FloatFormat):
         return n * fmt.bits // 8
     rows = 1 if fmt.granularity == "tensor" else out_features
     nq = rows * fmt.num_groups(in_features)
-    sbytes = {"float32": 4, "float16": 2, "bfloat16": 2}[fmt.scale_dtype]
+    sbytes = scale_torch_dtype(fmt).itemsize
     zbytes = 0 if fmt.symmetric else (1 if fmt.zero_point == "int" else sbytes)
     return packed_numel(n, fmt.bits) + nq * (sbytes + zbytes)
 

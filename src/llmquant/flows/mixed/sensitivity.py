@@ -1,7 +1,7 @@
 """Per-layer sensitivity: the damage of storing one layer alone in each candidate format.
 
 Damage is the mean over predicted positions of KL(p_float || p_perturbed) on calibration windows taken
-from the end of the text (:func:`llmquant.io.calib_windows`, disjoint from evaluation). Two measures:
+from the end of the text (:func:`llmquant.data.windows`, disjoint from evaluation). Two measures:
 
 ``"kl"``      exact: the layer's weight is replaced by its quantized version and the model run again; from
               the cached input of the layer's decoder block, so only that block and the ones after it run.
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...errors import SchemeError
-from ...io.hf import cache_dir
-from ...io.text import calib_windows, read_text, tokenize
+from ...data import resolve_text, tokenize, windows as cut_windows
 from ...models import arch_for, tied_lm_head
-from ...modules import select_linears
-from ...schemes.formats import DEFAULT_CANDIDATES, fake_weight, format_bytes, format_name, resolve_format
+from ...modules import select_linears, tensor_bytes, unique_stored, weights_held
+from ...resources import cache_dir
+from ...schemes.formats import DEFAULT_CANDIDATES, FP32, fake_weight, format_bytes, format_name, resolve_format
 from .apply import head_names
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,6 @@ class Sensitivity:
     key: str = ""
     extra: dict = field(default_factory=dict)
 
-    @property
-    def unit_fp32_bytes(self) -> int:
-        return sum(4 * u.numel for u in self.units)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["units"] = [asdict(u) for u in self.units]
@@ -107,7 +103,7 @@ class Sensitivity:
         """The same measurements with the units ``names`` left out of planning (kept as they are, in fp32)."""
         drop = set(names)
         keep = [i for i, u in enumerate(self.units) if u.name not in drop]
-        freed = sum(4 * u.numel for u in self.units if u.name in drop)
+        freed = sum(format_bytes(FP32, *u.shape) for u in self.units if u.name in drop)
         return Sensitivity(
             candidates=list(self.candidates), units=[self.units[i] for i in keep], damage=[self.damage[i] for i in keep],
             nbytes=[self.nbytes[i] for i in keep], method=self.method, seconds=self.seconds, tokens=self.tokens,
@@ -187,11 +183,24 @@ def _fingerprint(model: nn.Module, units: list[Unit]) -> str:
 
 
 def _fixed_bytes(model: nn.Module, units: list[Unit]) -> tuple[int, int]:
-    from ...eval.size import model_size
+    """(bytes the model stores besides the units' weights, the model's fp32 bytes), summed from what each
+    module stores (:mod:`llmquant.modules.storage`) as ``llmquant.model_size`` sums it."""
+    total = params = 0
+    for mod, fresh in unique_stored(model):
+        total += tensor_bytes(fresh)
+        params += weights_held(mod, fresh)
+    return total - tensor_bytes(_weight(model, u) for u in units), 4 * params
 
-    size = model_size(model)
-    unit_bytes = sum(_weight(model, u).numel() * _weight(model, u).element_size() for u in units)
-    return size.total_bytes - unit_bytes, size.fp32_bytes
+
+def _windows(tokenizer, text, n: int, seq_len: int) -> tuple[torch.Tensor, str]:
+    """(calibration windows, a hash of the text for the cache key) of ``text`` or of token ids (a tensor)."""
+    if isinstance(text, torch.Tensor):  # already tokenized
+        tokens = text.flatten().long()
+        return cut_windows(tokens, n, seq_len, split="calib"), hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    if tokenizer is None:
+        raise SchemeError("sensitivity needs a tokenizer: pass tokenizer= or load the model with llmquant.load_model")
+    raw = resolve_text(text)
+    return cut_windows(tokenize(tokenizer, raw), n, seq_len, split="calib"), hashlib.sha256(raw.encode()).hexdigest()
 
 
 # ---- measures ----------------------------------------------------------------------------------
@@ -329,15 +338,7 @@ def sensitivity(
         raise SchemeError("give at least one candidate format")
     names = [format_name(f) for f in fmts]
     windows = windows or 4
-    tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
-    if tokenizer is None and not isinstance(text, torch.Tensor):
-        raise SchemeError("sensitivity needs a tokenizer: pass tokenizer= or load the model with llmquant.load_model")
-    if isinstance(text, torch.Tensor):  # already tokenized
-        tokens, text_key = text.flatten().long(), hashlib.sha256(text.flatten().long().numpy().tobytes()).hexdigest()
-    else:
-        raw = read_text(text) if (text is None or isinstance(text, Path)) else text
-        tokens, text_key = tokenize(tokenizer, raw), hashlib.sha256(raw.encode()).hexdigest()
-    ids = calib_windows(tokens, windows, seq_len)
+    ids, text_key = _windows(tokenizer or getattr(model, "llmquant_tokenizer", None), text, windows, seq_len)
     units = plan_units(model, include_head=include_head, targets=targets, ignore=ignore)
     settings = {"v": CACHE_VERSION, "model": _fingerprint(model, units), "text": text_key,
                 "candidates": names, "method": method, "windows": windows, "seq_len": seq_len,

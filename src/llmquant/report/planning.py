@@ -1,4 +1,4 @@
-"""Mixed-precision reports: per-layer sensitivity chart (PNG), plan summary rows."""
+"""Reports of mixed-precision planning: the per-layer sensitivity chart (PNG) and plan summary rows."""
 
 from __future__ import annotations
 

@@ -1,13 +1,11 @@
-"""Modules a mixed-precision plan puts in a model besides :class:`QuantLinear`.
+"""Linears and embeddings whose weight is stored in bf16 or fp16 (what a mixed-precision plan's float
+formats put in a model).
 
 ``FloatLinear``    a linear whose weight is stored in bf16 or fp16 (a buffer named ``weight``). It computes in
                    the input's dtype: with fp32 inputs the weight is upcast once and kept (exact: every
                    bf16/fp16 value is an fp32 value); under ``torch.autocast`` to the weight's own dtype the
                    stored weight is used as is.
 ``FloatEmbedding`` the same for an embedding; lookups return fp32 (or the autocast dtype).
-``QuantEmbedding`` an embedding holding packed integer codes with QuantLinear's layout (``qweight``,
-                   ``scale``, ``zero``); rows are dequantized once and kept. A tied embedding and output head
-                   can share one set of tensors: ``QuantEmbedding.sharing(qlinear)`` (saved once).
 
 Each records what ``load`` needs in the manifest (``manifest_entry`` / ``from_manifest``).
 """
@@ -18,11 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..packing import packed_numel
-from ..schemes import QuantScheme
 from ..schemes.formats import FLOAT_DTYPES
-from ..schemes.primitives import scale_torch_dtype
-from .quant_linear import QuantLinear
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -134,63 +128,3 @@ class FloatEmbedding(_CachedCast):
     @classmethod
     def from_manifest(cls, e: dict) -> "FloatEmbedding":
         return cls(e["num_embeddings"], e["embedding_dim"], FLOAT_DTYPES[e["dtype"]], e.get("padding_idx"))
-
-
-class QuantEmbedding(_CachedCast):
-    """Packed integer embedding with QuantLinear's storage layout (rows = tokens, columns = features)."""
-
-    codes = QuantLinear.codes
-    zero_point = QuantLinear.zero_point
-    dequantize_weight = QuantLinear.dequantize_weight
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, padding_idx: int | None = None) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.out_features, self.in_features = num_embeddings, embedding_dim
-        self.scheme = scheme
-        rows = 1 if scheme.granularity == "tensor" else num_embeddings
-        groups, sdt = scheme.num_groups(embedding_dim), scale_torch_dtype(scheme)
-        self.register_buffer("qweight", torch.zeros(packed_numel(num_embeddings * embedding_dim, scheme.bits), dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(rows, groups, dtype=sdt))
-        if scheme.symmetric:
-            self.zero = None
-        else:
-            self.register_buffer("zero", torch.zeros(rows, groups, dtype=torch.uint8 if scheme.zero_point == "int" else sdt))
-        self._reset()
-
-    @property
-    def weight(self) -> torch.Tensor:  # what _CachedCast keys on
-        return self.qweight
-
-    def _materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.dequantize_weight(dtype=dtype, device=self.qweight.device)
-
-    @classmethod
-    def sharing(cls, q: QuantLinear, padding_idx: int | None = None) -> "QuantEmbedding":
-        """An embedding that reads the same packed tensors as the output head ``q`` (tied weights)."""
-        m = cls(q.out_features, q.in_features, q.scheme, padding_idx)
-        m.qweight, m.scale = q.qweight, q.scale
-        if q.zero is not None:
-            m.zero = q.zero
-        return m
-
-    def packed_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self._weight_as(torch.float32), self.padding_idx)
-
-    def manifest_entry(self) -> dict:
-        return {"type": "QuantEmbedding", "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "scheme": self.scheme.to_dict(), "padding_idx": self.padding_idx}
-
-    @classmethod
-    def from_manifest(cls, e: dict) -> "QuantEmbedding":
-        return cls(e["num_embeddings"], e["embedding_dim"], QuantScheme.from_dict(e["scheme"]), e.get("padding_idx"))
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"
-
-
-#: Module types the folder format rebuilds from their manifest entry.
-MIXED_MODULES = {c.__name__: c for c in (FloatLinear, FloatEmbedding, QuantEmbedding)}

@@ -1,0 +1,36 @@
+"""``load_model``: one call for every source a model comes from (the default model, a Hugging Face folder,
+a ``.gguf`` file, a folder llmquant saved), returning ``(model, tokenizer)`` with the tokenizer attached
+to the model (``model.llmquant_tokenizer``) for the functions that take text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .folder import MANIFEST, load
+from .gguf_import import load_gguf_packed
+from .hf import load_float_model
+
+
+def load_saved(folder, *, device="cpu"):
+    """``(model, tokenizer)`` from a folder written by :func:`llmquant.io.save`."""
+    model, tok = load(folder, device=device)
+    model.llmquant_tokenizer = tok
+    return model, tok
+
+
+def load_model(path=None, *, dtype=None, packed=False):
+    """``(model, tokenizer)``: the default model when ``path`` is None, a local Hugging Face folder, a local
+    ``.gguf`` file, or a folder saved by :func:`llmquant.io.save` (quantized). ``packed=True`` (GGUF only):
+    the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 linears become packed QuantLinear modules holding its own codes."""
+    if packed:
+        model, tok, _ = load_gguf_packed(path, dtype=dtype or torch.float32)
+        model.llmquant_tokenizer = tok
+        return model, tok
+    if path is not None and (Path(path).expanduser() / MANIFEST).is_file():
+        return load_saved(path)
+    model, tok, source = load_float_model(path, dtype=dtype or torch.float32)
+    model.llmquant_tokenizer = tok
+    model.llmquant_source = source
+    return model, tok

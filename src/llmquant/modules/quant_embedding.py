@@ -1,0 +1,71 @@
+"""``QuantEmbedding``: an embedding holding packed integer codes with QuantLinear's layout (``qweight``,
+``scale``, ``zero``); rows are dequantized once and kept. A tied embedding and output head can share one
+set of tensors: ``QuantEmbedding.sharing(qlinear)`` (saved once). Records what ``load`` needs in the
+manifest (``manifest_entry`` / ``from_manifest``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..packing import packed_numel
+from ..schemes import QuantScheme
+from ..schemes.primitives import scale_torch_dtype
+from .float_modules import _CachedCast
+from .quant_linear import QuantLinear
+
+
+class QuantEmbedding(_CachedCast):
+    """Packed integer embedding with QuantLinear's storage layout (rows = tokens, columns = features)."""
+
+    codes = QuantLinear.codes
+    zero_point = QuantLinear.zero_point
+    dequantize_weight = QuantLinear.dequantize_weight
+    stored_tensors = QuantLinear.stored_tensors
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.out_features, self.in_features = num_embeddings, embedding_dim
+        self.scheme = scheme
+        rows = 1 if scheme.granularity == "tensor" else num_embeddings
+        groups, sdt = scheme.num_groups(embedding_dim), scale_torch_dtype(scheme)
+        self.register_buffer("qweight", torch.zeros(packed_numel(num_embeddings * embedding_dim, scheme.bits), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(rows, groups, dtype=sdt))
+        if scheme.symmetric:
+            self.zero = None
+        else:
+            self.register_buffer("zero", torch.zeros(rows, groups, dtype=torch.uint8 if scheme.zero_point == "int" else sdt))
+        self._reset()
+
+    @property
+    def weight(self) -> torch.Tensor:  # what _CachedCast keys on
+        return self.qweight
+
+    def _materialize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize_weight(dtype=dtype, device=self.qweight.device)
+
+    @classmethod
+    def sharing(cls, q: QuantLinear, padding_idx: int | None = None) -> "QuantEmbedding":
+        """An embedding that reads the same packed tensors as the output head ``q`` (tied weights)."""
+        m = cls(q.out_features, q.in_features, q.scheme, padding_idx)
+        m.qweight, m.scale = q.qweight, q.scale
+        if q.zero is not None:
+            m.zero = q.zero
+        return m
+
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self._weight_as(torch.float32), self.padding_idx)
+
+    def manifest_entry(self) -> dict:
+        return {"type": "QuantEmbedding", "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "scheme": self.scheme.to_dict(), "padding_idx": self.padding_idx}
+
+    @classmethod
+    def from_manifest(cls, e: dict) -> "QuantEmbedding":
+        return cls(e["num_embeddings"], e["embedding_dim"], QuantScheme.from_dict(e["scheme"]), e.get("padding_idx"))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"

@@ -1,0 +1,100 @@
+"""What the process uses besides its tensors: peak resident memory (one meter for every figure llmquant
+reports) and the cache folder. A bottom module: imports nothing from llmquant.
+
+Peak memory on Linux is the kernel's own high-water mark of resident memory (``VmHWM``), reset on entry to
+a :class:`PeakMemory` block (``/proc/self/clear_refs``) and read on exit: exact, with no sampling thread.
+Blocks nest: before a block resets the mark, the peak so far is folded into every block already running
+(and into the process's lifetime peak, :func:`peak_rss_mb`). Elsewhere the figure is the process's
+lifetime peak (``getrusage``). MB are decimal (1e6 bytes), as llmquant quotes sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from pathlib import Path
+
+_ACTIVE: list["PeakMemory"] = []
+_lifetime = 0  # bytes: the highest mark seen before any reset
+
+
+def cache_dir() -> Path:
+    """Where llmquant keeps converted models, compiled kernels and measurements: ``$LLMQUANT_CACHE`` or
+    ``~/.cache/llmquant``."""
+    return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant")).expanduser()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux), else 0."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _mark_bytes() -> int:
+    """Peak resident memory since the last reset (Linux VmHWM), else the process's lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _fold() -> int:
+    """Carry the current mark into the lifetime peak and every running meter; returns it."""
+    global _lifetime
+    mark = _mark_bytes()
+    _lifetime = max(_lifetime, mark)
+    for m in _ACTIVE:
+        m.peak = max(m.peak, mark)
+    return mark
+
+
+def _reset_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    _fold()
+    return _lifetime / 1e6
+
+
+class PeakMemory:
+    """``with PeakMemory() as mem: ...`` then ``mem.peak_mb`` (the peak resident memory while the block
+    ran) and ``mem.delta_mb`` (that peak above the memory at entry)."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        _fold()
+        self.start = rss_bytes()
+        self.exact = _reset_mark()  # False: the peak is the process's lifetime peak
+        self.peak = self.start if self.exact else _mark_bytes()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _fold()
+        _ACTIVE.remove(self)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 1e6
+
+    @property
+    def delta_mb(self) -> float:
+        return max(self.peak - self.start, 0) / 1e6
