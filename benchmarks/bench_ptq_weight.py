@@ -48,7 +48,9 @@ def run_one(method: str, scheme: str, args) -> dict:
     if base == "gptq" and opts:
         from llmquant import GPTQParams
 
-        params = GPTQParams(act_order="ao" in opts, awq_scales="awq" in opts)
+        params = GPTQParams(act_order="ao" in opts)
+        if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
+            base, params = ["awq", "gptq"], [None, params]
     cfg = QuantConfig(weight=scheme, method=base, method_params=params,
                       calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
     t0, c0 = time.perf_counter(), _cpu_s()

@@ -78,7 +78,17 @@ def load_checkpoint(folder) -> dict:
     return ck
 
 
+def _recipe_free(settings: dict) -> dict:
+    """The settings with the config's method and its knobs left out: the run's own knobs are compared one
+    by one (a longer run or another time budget may resume a checkpoint)."""
+    cfg = settings.get("config")
+    if isinstance(cfg, dict):
+        settings = {**settings, "config": {k: v for k, v in cfg.items() if k not in ("method", "method_params")}}
+    return settings
+
+
 def check_settings(saved: dict, now: dict, path) -> None:
+    saved, now = _recipe_free(saved), _recipe_free(now)
     diff = [k for k in MUST_MATCH if saved.get(k) != now.get(k)]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)

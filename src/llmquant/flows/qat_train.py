@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from ..data import token_windows
 from ..errors import CheckpointError, SchemeError, TrainingDivergedError
 from ..resources import PeakMemory
 from ..modules.fake_quant import FakeQuantLinear
-from ..schemes import resolve_config
+from ..schemes import QATParams, resolve_config
 from . import qat_checkpoint as ckpt
 from .qat import convert_qat, has_fake_quant, prepare_qat
 
@@ -186,6 +187,15 @@ def train_qat(
     if not prepared:
         prepare_qat(model, config, learn_scales=learn_scales, lora_rank=lora_rank, lora_alpha=lora_alpha,
                     init=init, progress=progress)
+        cfg = resolve_config(config)
+        if cfg.method != "qat":  # the saved recipe: QAT with the knobs of this call
+            params = QATParams(
+                steps=steps, lr=lr, lr_qparams=lr_qparams, seq_len=seq_len, batch=batch, grad_accum=grad_accum,
+                loss=loss, weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup=warmup,
+                learn_scales=learn_scales, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                init=init if isinstance(init, str) else "custom", gradient_checkpointing=gradient_checkpointing,
+                max_seconds=max_seconds, seed=seed, text=str(text) if isinstance(text, Path) else None)
+            model.llmquant_qat["config"] = cfg.with_(method="qat", method_params=params).to_dict()
     qat = getattr(model, "llmquant_qat", {})
     settings = {
         "config": qat.get("config", resolve_config(config).to_dict()),

@@ -11,11 +11,11 @@ import functools
 import torch
 
 from ..data import calibration_windows
-from ..flows import quantize, quantize_dynamic, quantize_static, train_qat
+from ..flows import quantize, quantize_dynamic, train_qat
 from ..flows.mixed import autocast as autocast_to, plan_mixed_precision, sensitivity, to_half
 from ..models import context_length
 from ..modules import QuantLinear
-from ..schemes import PRESETS, CalibSpec, QuantConfig, QuantScheme, fake_quantize
+from ..schemes import CalibSpec, QuantConfig, QuantScheme, fake_quantize
 from .runner import Candidate, Context
 
 
@@ -91,10 +91,9 @@ def gptq(preset: str):
 
 def static_smoothquant(ctx: Context):
     m = ctx.load()
-    cfg = QuantConfig(weight=PRESETS["W8"], activation=QuantScheme(bits=8, granularity="tensor"),
-                      observer="minmax", smooth_alpha=0.8)
+    cfg = QuantConfig(method="smoothquant")  # its defaults: W8, per-tensor int8 activations, min-max, alpha 0.8
     ctx.step("smooth + calibrate + convert (static W8A8)")
-    s = quantize_static(m, cfg, _calib(ctx, m), progress=False)
+    s = quantize(m, cfg, calib=_calib(ctx, m), progress=False)
     return m, {"steps": ["smooth (SmoothQuant a=0.8)", "prepare", "calibrate", "convert"], "data": _data(ctx),
                "kernel": ",".join(s.kernels), "notes": "static W8A8: per-tensor activation scales fixed by calibration"}
 
