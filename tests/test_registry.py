@@ -200,3 +200,32 @@ def test_pipeline_hooks_see_every_layer_in_order(tiny, calib):
             want += [("load", p)] + ([("reduce", p)] if data is not None else [])
             want += [("done", p, 7 * (i + 1)), ("release", p)]
         assert events == want, method
+
+
+def test_cli_composition_and_recipe(tmp_path, tiny_folder, capsys):
+    """`--method awq,gptq` composes; `--recipe FOLDER` re-makes that folder bit for bit; flags of one
+    method given to another are refused in one line."""
+    from llmquant.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return x * 2  # doubles\n" * 60)
+    a, b = tmp_path / "a", tmp_path / "b"
+    rc = main(["quantize", "--model", str(tiny_folder), "--method", "awq,gptq", "--bits", "4", "--group-size", "32",
+               "--calib", str(text), "--calib-samples", "3", "--seq-len", "64", "-o", str(a)])
+    assert rc == 0
+    man = json.loads((a / "llmquant.json").read_text())
+    assert man["config"]["method"] == ["awq", "gptq"] and man["config"]["calibration"]["samples"] == 3
+    assert man["config"]["method_params"][0]["grid"] == AWQParams().grid
+    assert main(["quantize", "--model", str(tiny_folder), "--recipe", str(a), "-o", str(b)]) == 0
+    ma, _ = llmquant.load(a)
+    mb, _ = llmquant.load(b)
+    assert _same(_state(ma), _state(mb))
+    capsys.readouterr()
+    for args, msg in [(["--method", "gptq", "--rotation", "64"], "--rotation apply to --method dynamic only"),
+                      (["--method", "rtn", "--act-order"], "--act-order applies to --method gptq only"),
+                      (["--recipe", str(a), "--bits", "3"], "--recipe gives the whole config"),
+                      (["--method", "rtn,dynamic"], "cannot be composed")]:
+        rc = main(["quantize", "--model", str(tiny_folder), *args, "-o", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err, err
+        assert not (tmp_path / "bad").exists()

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def packed_numel(numel: int, bits: int) -> int:
-    """Bytes needed for ``numel`` values of ``bits`` bits."""
-    return -(-numel * bits // 8)
+from .schemes.formats import packed_numel  # noqa: F401  (the byte count of packed codes lives with the formats)
 
 
 def _check(bits: int) -> None:

@@ -13,6 +13,7 @@ disjoint from the evaluation windows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -24,6 +25,8 @@ from ..errors import CalibrationError, SchemeError
 from ..modules import QuantLinear, replace_module, select_linears
 from ..observers import HistogramObserver, Observer, make_observer, parse_spec
 from ..schemes import QuantConfig, check_finite, quantize_to_int, resolve_config
+from ..models import arch_for
+from .stages import Stage
 from .summary import QuantSummary, layer_row, untie_if_needed
 
 log = logging.getLogger(__name__)
@@ -51,17 +54,27 @@ def prepare(model: nn.Module, config) -> nn.Module:
     if getattr(model, "llmquant_prepared", None) is not None:
         raise CalibrationError("the model is already prepared; convert it (or prepare a fresh copy)")
     chosen = select_linears(model, cfg.targets, cfg.ignore)
-    static = cfg.activation is not None and not cfg.activation.dynamic
+    static = _static(cfg)
     for name, lin in chosen:
-        setattr(lin, WEIGHT_OBSERVER, make_observer(cfg.weight_observer, cfg.weight, label=name))
-        if static:
-            obs = make_observer(cfg.observer, cfg.activation, label=name)
-            setattr(lin, INPUT_OBSERVER, obs)
-            lin.register_forward_pre_hook(obs.hook)  # a bound method: deepcopy rebinds it to the copy
+        attach_observers(name, lin, cfg)
     model.llmquant_prepared = cfg
     log.info("prepared %d linears (%s observer%s)", len(chosen), cfg.observer if static else "no input",
              f", weights {cfg.weight_observer}")
     return model
+
+
+def _static(cfg: QuantConfig) -> bool:
+    return cfg.activation is not None and not cfg.activation.dynamic
+
+
+def attach_observers(name: str, lin: nn.Module, cfg: QuantConfig) -> None:
+    """A weight observer on ``lin`` and, for a static activation scheme, an input observer run as a forward
+    pre-hook (observers hold no state-dict entries and do not change outputs)."""
+    setattr(lin, WEIGHT_OBSERVER, make_observer(cfg.weight_observer, cfg.weight, label=name))
+    if _static(cfg):
+        obs = make_observer(cfg.observer, cfg.activation, label=name)
+        setattr(lin, INPUT_OBSERVER, obs)
+        lin.register_forward_pre_hook(obs.hook)  # a bound method: deepcopy rebinds it to the copy
 
 
 def _remove_observer_hooks(lin: nn.Module) -> None:
@@ -70,17 +83,21 @@ def _remove_observer_hooks(lin: nn.Module) -> None:
             del lin._forward_pre_hooks[k]
 
 
+def _detach(linears: dict) -> None:
+    for m in linears.values():
+        _remove_observer_hooks(m)
+        for k in (WEIGHT_OBSERVER, INPUT_OBSERVER):
+            if hasattr(m, k):
+                delattr(m, k)
+
+
 def unprepare(model: nn.Module, targets: tuple[str, ...] = ()) -> nn.Module:
     """Remove the observers ``prepare`` attached (from the modules ``targets`` selects, names or ``re:``, or
     from all), leaving those float modules as they were."""
     from ..modules import matches
 
-    for name, m in model.named_modules():
-        if hasattr(m, WEIGHT_OBSERVER) and (not targets or matches(name, targets)):
-            _remove_observer_hooks(m)
-            for k in (WEIGHT_OBSERVER, INPUT_OBSERVER):
-                if hasattr(m, k):
-                    delattr(m, k)
+    _detach({n: m for n, m in model.named_modules()
+             if hasattr(m, WEIGHT_OBSERVER) and (not targets or matches(name=n, patterns=targets))})
     if not targets and hasattr(model, "llmquant_prepared"):
         del model.llmquant_prepared
     return model
@@ -102,40 +119,54 @@ def convert(model: nn.Module, *, observer: str | None = None, progress: bool = T
         parse_spec(observer)
         cfg = cfg.with_(observer=observer)
     chosen = [(n, m) for n, m in model.named_modules() if hasattr(m, WEIGHT_OBSERVER)]
-    static = cfg.activation is not None and not cfg.activation.dynamic
-    # check every input observer first, so a missing calibration fails before anything is replaced
-    in_obs = {}
-    for name, lin in chosen:
-        if static:
-            obs = getattr(lin, INPUT_OBSERVER)
-            if rederive:
-                if not isinstance(obs, HistogramObserver):
-                    raise CalibrationError(f"statistics of a {obs.name} observer cannot be read as {observer!r}; "
-                                           "prepare with a histogram-family observer (percentile, mse, histogram)")
-                obs = obs.derive(observer)
-            in_obs[name] = obs.calculate_qparams()
+    in_obs = input_qparams(chosen, cfg, observer if rederive else None)
     t0 = time.perf_counter()
     summary = QuantSummary(method=cfg.method, config=cfg.to_dict())
     summary.untied_lm_head = untie_if_needed(model, [n for n, _ in chosen])
     for name, lin in tqdm(chosen, desc=f"convert ({cfg.observer})", disable=not progress, leave=False):
-        w = lin.weight.detach()
-        check_finite(w, name)
-        wobs = getattr(lin, WEIGHT_OBSERVER)
-        wobs.observe(w)
-        scale, zero = wobs.calculate_qparams()
-        q = quantize_to_int(w, scale, zero, cfg.weight)
-        in_scale, in_zero = in_obs.get(name, (None, None))
-        qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation,
-                                          input_scale=in_scale, input_zero=in_zero).to(w.device)
-        _remove_observer_hooks(lin)
-        summary.layers.append(layer_row(name, w, qlin.dequantize_weight(dtype=torch.float32, device=w.device), qlin,
-                                        orig=lin, scheme=cfg.weight.name))
+        qlin, row = convert_linear(name, lin, cfg, in_obs.get(name, (None, None)))
+        summary.layers.append(row)
         replace_module(model, name, qlin)
     summary.seconds = time.perf_counter() - t0
     del model.llmquant_prepared
     model.llmquant_config = cfg
     log.info("%s", summary)
     return summary
+
+
+def input_qparams(chosen, cfg: QuantConfig, observer: str | None = None) -> dict:
+    """Each prepared linear's input (scale, zero) from its observer (read with the ``observer`` rule when
+    given); every observer is checked first, so a missing calibration fails before anything is replaced."""
+    in_obs = {}
+    if not _static(cfg):
+        return in_obs
+    for name, lin in chosen:
+        obs = getattr(lin, INPUT_OBSERVER)
+        if observer is not None:
+            if not isinstance(obs, HistogramObserver):
+                raise CalibrationError(f"statistics of a {obs.name} observer cannot be read as {observer!r}; "
+                                       "prepare with a histogram-family observer (percentile, mse, histogram)")
+            obs = obs.derive(observer)
+        in_obs[name] = obs.calculate_qparams()
+    return in_obs
+
+
+def convert_linear(name: str, lin: nn.Module, cfg: QuantConfig, in_qparams) -> tuple[QuantLinear, object]:
+    """The QuantLinear of a prepared linear (weight qparams from its weight observer, the given input
+    qparams) and its summary row; the observers' hooks are removed from ``lin``."""
+    w = lin.weight.detach()
+    check_finite(w, name)
+    wobs = getattr(lin, WEIGHT_OBSERVER)
+    wobs.observe(w)
+    scale, zero = wobs.calculate_qparams()
+    q = quantize_to_int(w, scale, zero, cfg.weight)
+    in_scale, in_zero = in_qparams
+    qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation,
+                                      input_scale=in_scale, input_zero=in_zero).to(w.device)
+    _remove_observer_hooks(lin)
+    row = layer_row(name, w, qlin.dequantize_weight(dtype=torch.float32, device=w.device), qlin, orig=lin,
+                    scheme=cfg.weight.name)
+    return qlin, row
 
 
 # ---- calibration data ------------------------------------------------------------------------------------
@@ -161,60 +192,107 @@ def calibrate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, p
 
 
 def run_static(model: nn.Module, config, windows: torch.Tensor, progress: bool = True) -> QuantSummary:
-    """The ``static`` / ``smoothquant`` methods' handler (see :func:`quantize_static`)."""
-    return quantize_static(model, config, windows, progress=progress)
-
-
-def quantize_static(model: nn.Module, config, windows: torch.Tensor, *, arch=None, progress: bool = True) -> QuantSummary:
-    """SmoothQuant (when ``config.smooth_alpha`` is set), prepare, calibrate on ``windows``, convert; in place.
-    ``llmquant.quantize_static`` makes the windows from text (checked before the first pass)."""
-    from .smooth import SmoothingStats, smooth, smoothing_pairs
+    """The ``static`` / ``smoothquant`` methods' handler: SmoothQuant (when ``config.smooth_alpha`` is set),
+    observers, convert, layer by layer on the pipeline (:class:`StaticStage`); in place. The next layer is
+    calibrated on the float layer's outputs, which gives the statistics one float pass over the model
+    gives. Linears outside the decoder layers (an output head that is not ignored) need that whole pass:
+    the model is then calibrated as one block."""
+    from .pipeline import decoder_layers, run_stages
 
     cfg = resolve_config(config)
     _check_config(cfg)
-    t0 = time.perf_counter()
-    wins = windows
-    if cfg.smooth_alpha is None:
-        prepare(model, cfg)
-        try:
-            calibrate(model, windows=wins, progress=progress)
-        except BaseException:
-            unprepare(model)
-            raise
-    else:
-        # one pass serves both SmoothQuant and min-max scales: smoothing divides input channel j of the
-        # consuming linears by s_j and leaves other inputs unchanged, so the smoothed per-tensor range is
-        # (min_j lo_j / s_j, max_j hi_j / s_j); other observers need a second pass over the smoothed model
-        exact_one_pass = parse_spec(cfg.observer)[0] in ("minmax", "min_max")
-        stats = SmoothingStats(model, smoothing_pairs(model, arch), keep_samples=int(cfg.smooth_alpha == "search"))
+    found = decoder_layers(model, arch_for(model))
+    chosen = select_linears(model, cfg.targets, cfg.ignore)
+    outside = found is None or any(not n.startswith(found[0] + ".") for n, _ in chosen)
+    return run_stages(model, cfg, windows, progress=progress, stages=[StaticStage(cfg)], whole_model=outside)
+
+
+def quantize_static(model: nn.Module, config, windows: torch.Tensor, *, progress: bool = True) -> QuantSummary:
+    """SmoothQuant (when ``config.smooth_alpha`` is set), observers, calibration on ``windows`` and convert,
+    in place: the ``static`` method (``smoothquant`` with a smoothing strength). ``llmquant.quantize_static``
+    makes the windows from text."""
+    cfg = resolve_config(config)
+    if cfg.method not in ("static", "smoothquant"):
+        cfg = cfg.with_(method="smoothquant" if cfg.smooth_alpha is not None else "static")
+    return run_static(model, cfg, windows, progress=progress)
+
+
+class StaticStage(Stage):
+    """Static activation scales (and SmoothQuant) for one block. Observers watch the block's float pass;
+    with ``smooth_alpha``, SmoothQuant's per-channel extremes are gathered in the same pass, the factors
+    folded in, and the input observers read either from that pass (min-max: smoothing divides input channel
+    j of the consuming linears by s_j, so the smoothed range is (min_j lo_j / s_j, max_j hi_j / s_j),
+    exactly) or from a second float pass over the smoothed block (other observers)."""
+
+    needs_gram = False
+    propagate_float = True
+    calib_batch = 1  # one window per forward, as observers such as moving averages count calls
+    split_blocks = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.cfg.weight.name} static"
+
+    def setup(self, model: nn.Module, arch) -> None:
+        from .smooth import smoothing_pairs
+
+        self.model = model
+        self.pairs = smoothing_pairs(model, arch) if self.cfg.smooth_alpha is not None else []
+        self.one_pass = parse_spec(self.cfg.observer)[0] in ("minmax", "min_max") and _static(self.cfg)
+        self._state: dict = {}
+
+    @contextlib.contextmanager
+    def observe(self, ctx):
+        from .smooth import SmoothingStats
+
+        if self.cfg.smooth_alpha is None:
+            for name, lin in ctx.linears.items():
+                attach_observers(name, lin, self.cfg)
+            try:
+                yield
+            except BaseException:
+                _detach(ctx.linears)
+                raise
+            return
+        pairs = [p for p in self.pairs if not ctx.prefix or p.source.startswith(ctx.prefix + ".")]
+        stats = SmoothingStats(self.model, pairs, keep_samples=int(self.cfg.smooth_alpha == "search"))
         chan, handles = {}, []
-        if exact_one_pass and cfg.activation is not None and not cfg.activation.dynamic:
-            for name, lin in select_linears(model, cfg.targets, cfg.ignore):
-                chan[name] = make_observer("minmax", cfg.activation, ch_axis=-1, label=name)
+        if self.one_pass:
+            for name, lin in ctx.linears.items():
+                chan[name] = make_observer("minmax", self.cfg.activation, ch_axis=-1, label=name)
                 handles.append(lin.register_forward_pre_hook(chan[name].hook))
         try:
-            calibrate(model, windows=wins, progress=progress)
+            yield
         finally:
             stats.remove()
             for h in handles:
                 h.remove()
-        factors = smooth(model, stats, cfg.smooth_alpha, observer=cfg.observer)
-        prepare(model, cfg)
+        self._state[ctx.prefix] = (stats, chan)
+
+    def transform(self, ctx) -> None:
+        from .smooth import smooth
+
+        if self.cfg.smooth_alpha is None:
+            return
+        stats, chan = self._state.pop(ctx.prefix)
+        factors = smooth(self.model, stats, self.cfg.smooth_alpha, observer=self.cfg.observer)
+        for name, lin in ctx.linears.items():
+            attach_observers(name, lin, self.cfg)
         if chan:
             s_of = {t: factors[p.source] for p in stats.pairs for t in p.targets}
-            for name, lin in model.named_modules():
-                obs = getattr(lin, INPUT_OBSERVER, None)
-                if obs is not None:
-                    lo, hi = chan[name].range()
-                    s = s_of.get(name, torch.ones((), device=lo.device)).to(lo.device)
-                    obs.min_val, obs.max_val = (lo / s).min().reshape(1), (hi / s).max().reshape(1)
-                    obs.count, obs.out_shape = 1, (1, 1)
+            for name, lin in ctx.linears.items():
+                obs = getattr(lin, INPUT_OBSERVER)
+                lo, hi = chan[name].range()
+                s = s_of.get(name, torch.ones((), device=lo.device)).to(lo.device)
+                obs.min_val, obs.max_val = (lo / s).min().reshape(1), (hi / s).max().reshape(1)
+                obs.count, obs.out_shape = 1, (1, 1)
         else:
-            try:
-                calibrate(model, windows=wins, progress=progress)
-            except BaseException:
-                unprepare(model)
-                raise
-    summary = convert(model, progress=progress)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+            ctx.rerun()  # the observers see the smoothed block's inputs
+
+    def quantize(self, ctx):
+        chosen = list(ctx.linears.items())
+        in_obs = input_qparams(chosen, self.cfg)
+        return {name: convert_linear(name, lin, self.cfg, in_obs.get(name, (None, None))) for name, lin in chosen}
+
+    def build(self, name, lin, result):
+        return result

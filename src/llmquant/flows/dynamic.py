@@ -197,7 +197,7 @@ class DynamicStage(Stage):
     """Weights by RTN ahead of time (rotated first when the activation scheme rotates); each linear keeps
     the dynamic activation scheme, unrotated where its width is not a multiple of the rotation block."""
 
-    needs_stats = False
+    needs_data = needs_gram = False
 
     def quantize(self, ctx: LayerContext) -> Result:
         from ..algorithms import rtn_quantize

@@ -21,6 +21,7 @@ Peak memory: the model plus one layer's activations for the calibration set.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,11 +31,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationError, UnsupportedArchitectureError
+from ..errors import CalibrationError
 from ..models import arch_for
 from ..modules import replace_module, select_linears
 from ..schemes import CalibSpec, QuantConfig, dequantize
-from .stages import LayerContext, Result, Stage, rtn_result, run_block
+from .stages import LayerContext, Result, RTNStage, Stage, rtn_result, run_block
 from .stats import StatsCollector
 from .summary import QuantSummary, untie_if_needed
 
@@ -91,22 +92,6 @@ def decoder_layers(model: nn.Module, arch) -> tuple[str, nn.ModuleList] | None:
         if isinstance(mod, nn.ModuleList) and len(mod) > 1 and all(any(isinstance(c, nn.Linear) for c in b.modules()) for b in mod):
             return name, mod
     return None
-
-
-def norm_linear_pairs(model: nn.Module, cfg: QuantConfig, params, arch) -> tuple:
-    """AWQ's (source, (linear, ...)) pairs inside one decoder layer: the params' override, else the
-    architecture record's."""
-    n2l, l2l = getattr(params, "norm_to_linears", None), getattr(params, "linear_to_linears", None)
-    n2l = n2l if n2l is not None else (arch.norm_to_linears if arch else None)
-    l2l = l2l if l2l is not None else (arch.linear_to_linears if arch else ())
-    if not n2l:
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        raise UnsupportedArchitectureError(
-            f"AWQ needs to know which norm feeds which linears in {type(model).__name__} (model_type {mt!r}); "
-            "pass them as AWQParams(norm_to_linears=[['input_layernorm', ['self_attn.q_proj', ...]], ...]) "
-            "with paths inside one decoder layer, or add an entry to llmquant.models.arch"
-        )
-    return tuple(n2l) + tuple(l2l or ())
 
 
 def _run(module: nn.Module, x, kwargs: dict):
@@ -206,26 +191,26 @@ def make_stages(cfg: QuantConfig) -> list[Stage]:
 @torch.no_grad()
 def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool = True,
                hooks: Hooks | None = None, stages: list[Stage] | None = None,
-               names: list[str] | None = None) -> QuantSummary:
+               names: list[str] | None = None, whole_model: bool = False) -> QuantSummary:
     """Quantize ``model``'s selected linears in place with ``cfg``'s layer-wise method(s). Calibrated stages
     need ``calib``: token ids (windows, seq_len) for a language model, or float inputs (n, ...).
     ``stages``: run these instead of the config's methods' (a handler's own, e.g. dynamic's); ``names``:
-    the linears to quantize, when the handler selected them itself."""
+    the linears to quantize, when the handler selected them itself; ``whole_model``: one float pass over
+    the whole model instead of layer by layer (also what ``CalibSpec(sequential=False)`` asks)."""
     hooks = hooks or Hooks()
     stages = stages or make_stages(cfg)
-    calibrated = any(s.needs_stats for s in stages)
+    calibrated = any(s.needs_data for s in stages)
     if calibrated and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
         raise CalibrationError("calibration data must be a tensor of token ids (windows, seq_len) or of inputs (n, ...)")
     arch = arch_for(model)
-    awq_params = next((p for s, p in zip(stages, [s.params for s in stages]) if s.uses_pairs), None)
-    pairs = norm_linear_pairs(model, cfg, awq_params, arch) if any(s.uses_pairs for s in stages) else ()
+    for s in stages:
+        s.setup(model, arch)
     if names is None:
         chosen = dict(select_linears(model, cfg.targets, cfg.ignore))
     else:
         chosen = {n: model.get_submodule(n) for n in names}
     t0 = time.perf_counter()
-    method = "+".join(cfg.methods)
-    summary = QuantSummary(method=method, config=cfg.to_dict())
+    summary = QuantSummary(method="+".join(cfg.methods), config=cfg.to_dict())
     summary.untied_lm_head = untie_if_needed(model, chosen)
     found = decoder_layers(model, arch)
     if not calibrated:
@@ -233,12 +218,13 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
     else:
         spec = cfg.calibration or CalibSpec()
         summary.calibration = {"windows": int(calib.shape[0]), "shape": list(calib.shape), **spec.to_dict()}
-        batches = [b.to(_device(model)) for b in calib.split(spec.batch_size)]
+        batch = min([s.calib_batch for s in stages if s.calib_batch] or [spec.batch_size])
+        batches = [b.to(_device(model)) for b in calib.split(batch)]
         kw = {"use_cache": False} if not calib.is_floating_point() else {}
-        if spec.sequential and found is not None:
-            _sequential(model, found, chosen, cfg, stages, pairs, batches, kw, summary, progress, hooks)
+        if spec.sequential and not whole_model and found is not None:
+            _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks)
         else:
-            _whole_model(model, found, arch, chosen, cfg, stages, pairs, batches, kw, summary, progress)
+            _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, progress)
     summary.seconds = time.perf_counter() - t0
     log.info("%s", summary)
     model.llmquant_config = cfg
@@ -246,7 +232,7 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
 
 
 def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> None:
-    """Stages that need no statistics (RTN): each linear on its own, layer by layer, in model order."""
+    """Stages that need no data (RTN, dynamic, plans): each linear on its own, layer by layer, in model order."""
     layers = [] if found is None else [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])]
     names = list(chosen)
     with tqdm(total=len(names), desc=f"quantize ({'+'.join(cfg.methods)}, {stages[-1].label})", disable=not progress,
@@ -271,39 +257,65 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
     summary.layers.sort(key=lambda r: order[r.name])
 
 
-def _sequential(model, found, chosen, cfg, stages, pairs, batches, kw, summary, progress, hooks) -> None:
+@contextlib.contextmanager
+def _observing(stages: list[Stage], ctx: LayerContext):
+    """The pipeline's input statistics (when a stage uses them) and each stage's own hooks."""
+    with contextlib.ExitStack() as stack:
+        if any(s.needs_gram for s in stages):
+            stack.enter_context(ctx.stats)
+        for s in stages:
+            stack.enter_context(s.observe(ctx))
+        yield
+
+
+def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks) -> None:
     path, layers = found
     xs, kwargs = record_layer_inputs(model, layers, batches, kw)
+    float_prop = any(s.propagate_float for s in stages)
     inside = set()
-    bar = tqdm(range(len(layers)), desc=f"{'+'.join(cfg.methods)} {cfg.weight.name}", disable=not progress, unit="layer")
+    bar = tqdm(range(len(layers)), desc=f"{'+'.join(cfg.methods)} {stages[-1].label}", disable=not progress, unit="layer")
     for i in bar:
         t = time.perf_counter()
         layer, prefix = layers[i], f"{path}.{i}"
         hooks.source.load(i, prefix, layer)
         lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
         inside |= set(lin)
-        ys = []  # float outputs, kept for the first ERROR_WINDOWS windows only (memory)
-        with StatsCollector(lin) as col:
+
+        def float_pass(keep: bool):
+            ys, kept = [], 0  # float outputs: all of them when they feed the next layer, else ERROR_WINDOWS
             for x, k in zip(xs, kwargs[i]):
                 y = _run(layer, x, k)
                 _check(y, f"{prefix} (float)")
-                ys.append(y if sum(t.shape[0] for t in ys if t is not None) < ERROR_WINDOWS else None)
+                ys.append(y if keep and (float_prop or kept < ERROR_WINDOWS) else None)
+                kept += y.shape[0]
                 del y
+            return ys
+
+        ctx = LayerContext(layer, prefix, lin, StatsCollector(lin), cfg, rerun=lambda: float_pass(False))
+        with _observing(stages, ctx):
+            ys = float_pass(True)
         if hooks.reduce_stats is not None:
-            hooks.reduce_stats(col)
-        results = run_block(stages, LayerContext(layer, prefix, lin, col, cfg, pairs))
-        del col
-        _simulate(chosen, results, cfg)  # propagate through x @ dequant(W)^T, then swap in the QuantLinears
+            hooks.reduce_stats(ctx.stats)
+        results = run_block(stages, ctx)
+        del ctx
         num = den = 0.0
+        if float_prop:  # the quantized layer measures the error; the float outputs feed the next layer
+            _install(model, results, chosen, stages[-1], summary)
+        else:
+            _simulate(chosen, results, cfg)  # propagate through x @ dequant(W)^T, then swap in the QuantLinears
         for j, (x, k) in enumerate(zip(xs, kwargs[i])):
+            if float_prop and (ys[j] is None or j >= ERROR_WINDOWS):
+                xs[j], ys[j] = ys[j], None
+                continue
             yq = _run(layer, x, k)
             _check(yq, f"{prefix} (quantized)")
             if ys[j] is not None:
                 num += float((yq.float() - ys[j].float()).pow(2).sum())
                 den += float(ys[j].float().pow(2).sum())
-            xs[j] = yq  # the next layer sees the quantized layer's outputs
+            xs[j] = ys[j] if float_prop else yq  # the next layer sees the quantized layer's outputs
             ys[j] = None
-        _install(model, results, chosen, stages[-1], summary)
+        if not float_prop:
+            _install(model, results, chosen, stages[-1], summary)
         nlin = len(lin)
         del results, lin
         err = num / max(den, 1e-30)
@@ -316,33 +328,41 @@ def _sequential(model, found, chosen, cfg, stages, pairs, batches, kw, summary, 
     rest = {n: m for n, m in chosen.items() if n not in inside}
     if rest:
         log.warning("%s are outside the decoder layers: quantized with RTN", sorted(rest))
-        _install(model, rtn_result(rest, cfg), chosen, stages[-1], summary)
+        _install(model, rtn_result(rest, cfg), chosen, RTNStage(cfg), summary)
 
 
-def _whole_model(model, found, arch, chosen, cfg, stages, pairs, batches, kw, summary, progress) -> None:
-    col = StatsCollector(chosen)
+def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, progress) -> None:
     stop = None
     if found is not None and arch is not None and all(n.startswith(found[0] + ".") for n in chosen):
         try:  # nothing after the last layer is quantized: skip the final norm and the logits
             stop = model.get_submodule(arch.final_norm).register_forward_pre_hook(_raise_stop)
         except AttributeError:
             stop = None
+
+    def model_pass():
+        for b in tqdm(batches, desc=f"{'+'.join(cfg.methods)} calibration", disable=not progress, leave=False):
+            try:
+                _check(_run(model, b, kw), "the model output")
+            except _Stop:
+                pass
+
+    whole = LayerContext(model, "", dict(chosen), StatsCollector(chosen), cfg, rerun=model_pass)
     try:
-        with col:
-            for b in tqdm(batches, desc=f"{'+'.join(cfg.methods)} calibration", disable=not progress, leave=False):
-                try:
-                    _check(_run(model, b, kw), "the model output")
-                except _Stop:
-                    pass
+        with _observing(stages, whole):
+            model_pass()
+        if not all(s.split_blocks for s in stages):  # the model is one block: transforms see every layer
+            _install(model, run_block(stages, whole), chosen, stages[-1], summary)
+            return
     finally:
         if stop is not None:
             stop.remove()
+    col = whole.stats
     blocks = [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])] if found is not None else [("", model)]
     done = set()
-    for prefix, block in tqdm(blocks, desc=f"{'+'.join(cfg.methods)} {cfg.weight.name}", disable=not progress):
+    for prefix, block in tqdm(blocks, desc=f"{'+'.join(cfg.methods)} {stages[-1].label}", disable=not progress):
         lin = {n: m for n, m in chosen.items() if (not prefix or n.startswith(prefix + ".")) and n not in done}
         done |= set(lin)
-        _install(model, run_block(stages, LayerContext(block, prefix, lin, col, cfg, pairs)), chosen, stages[-1], summary)
+        _install(model, run_block(stages, LayerContext(block, prefix, lin, col, cfg)), chosen, stages[-1], summary)
     rest = {n: m for n, m in chosen.items() if n not in done}
     if rest:
-        _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg, ())), chosen, stages[-1], summary)
+        _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg)), chosen, stages[-1], summary)

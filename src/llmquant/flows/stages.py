@@ -11,7 +11,9 @@ weights with the Hessian of the scaled inputs.
 from __future__ import annotations
 
 import logging
+import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -20,6 +22,7 @@ from ..algorithms import rtn_quantize
 from ..algorithms.awq import awq_clip_quantize, awq_search_scale
 from ..algorithms.fold import fold_scale_modules
 from ..algorithms.gptq import gptq_quantize
+from ..errors import UnsupportedArchitectureError
 from ..modules import QuantLinear
 from ..schemes import QuantConfig
 from .stats import StatsCollector
@@ -33,16 +36,17 @@ Result = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.
 
 @dataclass
 class LayerContext:
-    """One block as the stages see it. ``pairs`` (source, (linear, ...)) are paths relative to the block;
-    ``input_scales[name]``: the per-input-channel scale folded into linear ``name`` (its inputs are X / s)."""
+    """One block as the stages see it. ``input_scales[name]``: the per-input-channel scale folded into linear
+    ``name`` (its inputs are X / s); ``rerun()`` runs the block's float forward over its calibration inputs
+    again (hooks attached see them), for a stage that needs statistics after its transform."""
 
     block: nn.Module
     prefix: str  # the block's name ("" for the whole model)
     linears: dict[str, nn.Module]  # full name -> module
     stats: StatsCollector
     cfg: QuantConfig
-    pairs: tuple = ()
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    rerun: Callable[[], None] | None = None
 
     def rel(self, name: str) -> str:
         return name[len(self.prefix) + 1 :] if self.prefix else name
@@ -57,10 +61,20 @@ class LayerContext:
 
 
 class Stage:
-    """A layer-by-layer method. ``needs_stats``: gather the linears' input statistics before it runs."""
+    """A layer-by-layer method.
 
-    needs_stats = True
-    uses_pairs = False  # needs the architecture's norm -> linears pairs
+    ``needs_data``: it runs on calibration inputs; ``needs_gram``: it uses each linear's input statistics
+    (``X^T X``, mean |X|, gathered by the pipeline); ``propagate_float``: the next layer is calibrated on
+    the float layer's outputs instead of the quantized layer's; ``calib_batch``: windows per forward pass
+    (None: the CalibSpec's); ``split_blocks``: under whole-model calibration, quantize block by block
+    (False: the model is one block, e.g. when a transform needs a second whole-model pass).
+    """
+
+    needs_data = True
+    needs_gram = True
+    propagate_float = False
+    calib_batch: int | None = None
+    split_blocks = True
 
     def __init__(self, cfg: QuantConfig, params=None) -> None:
         self.cfg, self.params = cfg, params
@@ -69,6 +83,13 @@ class Stage:
     def label(self) -> str:
         """What the progress bar says it makes."""
         return self.cfg.weight.name
+
+    def setup(self, model: nn.Module, arch) -> None:
+        """Look up what the stage needs of the model (architecture facts) before the first layer."""
+
+    def observe(self, ctx: LayerContext):
+        """A context manager holding the stage's own hooks during the block's float pass."""
+        return contextlib.nullcontext()
 
     def transform(self, ctx: LayerContext) -> None:
         """Change the block's float weights before quantization (default: nothing)."""
@@ -105,7 +126,7 @@ def rtn_result(linears: dict[str, nn.Module], cfg: QuantConfig) -> Result:
 class RTNStage(Stage):
     """Round to nearest with min-max qparams: needs no data."""
 
-    needs_stats = False
+    needs_data = needs_gram = False
 
     def quantize(self, ctx: LayerContext) -> Result:
         return rtn_result(ctx.linears, self.cfg)
@@ -139,12 +160,15 @@ class AWQStage(Stage):
     """AWQ (algorithms/awq.py): the scale search folded into each (source, linears) pair, then (as the last
     stage) the clipping search on the scaled weights."""
 
-    uses_pairs = True
+    pairs: tuple = ()
+
+    def setup(self, model: nn.Module, arch) -> None:
+        self.pairs = norm_linear_pairs(model, self.params, arch)
 
     def transform(self, ctx: LayerContext) -> None:
         p, col = self.params, ctx.stats
         rel = {ctx.rel(n): n for n in ctx.linears}
-        for src, dsts in ctx.pairs:
+        for src, dsts in self.pairs:
             names = [rel[d] for d in dsts if d in rel]
             if not names or any(n not in col.owner for n in names):
                 continue
@@ -173,11 +197,27 @@ class AWQStage(Stage):
         return out
 
 
+def norm_linear_pairs(model: nn.Module, params, arch) -> tuple:
+    """AWQ's (source, (linear, ...)) pairs inside one decoder layer: the params' override, else the
+    architecture record's."""
+    n2l, l2l = getattr(params, "norm_to_linears", None), getattr(params, "linear_to_linears", None)
+    n2l = n2l if n2l is not None else (arch.norm_to_linears if arch else None)
+    l2l = l2l if l2l is not None else (arch.linear_to_linears if arch else ())
+    if not n2l:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        raise UnsupportedArchitectureError(
+            f"AWQ needs to know which norm feeds which linears in {type(model).__name__} (model_type {mt!r}); "
+            "pass them as AWQParams(norm_to_linears=[['input_layernorm', ['self_attn.q_proj', ...]], ...]) "
+            "with paths inside one decoder layer, or add an entry to llmquant.models.arch"
+        )
+    return tuple(n2l) + tuple(l2l or ())
+
+
 def run_block(stages: list[Stage], ctx: LayerContext) -> Result:
     """Every stage's transform, then the last stage's quantize; linears that saw no calibration input
-    (when the stages need statistics) fall back to RTN with a warning."""
+    (when the stages need input statistics) fall back to RTN with a warning."""
     out: Result = {}
-    if any(s.needs_stats for s in stages):
+    if any(s.needs_gram for s in stages):
         unseen = {n: m for n, m in ctx.linears.items() if n not in ctx.stats.owner}
         for n in unseen:
             log.warning("%s saw no calibration input; quantized with RTN", n)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..models import tied_lm_head
+from ..modules.storage import tensor_bytes
 from ..schemes import sqnr_db
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ class QuantSummary:
 
 def _param_bytes(mod: nn.Module) -> int:
     """Bytes of a module's own weight and bias as they were before quantization."""
-    return sum(p.numel() * p.element_size() for p in (getattr(mod, "weight", None), getattr(mod, "bias", None))
-               if isinstance(p, torch.Tensor))
+    return tensor_bytes(p for p in (getattr(mod, "weight", None), getattr(mod, "bias", None)) if isinstance(p, torch.Tensor))
 
 
 def layer_row(name: str, ref: torch.Tensor, approx: torch.Tensor, new: nn.Module, *, orig: nn.Module,

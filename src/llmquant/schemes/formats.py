@@ -15,7 +15,6 @@ from typing import Any, Mapping, Union
 import torch
 
 from ..errors import SchemeError
-from ..packing import packed_numel
 from .primitives import scale_torch_dtype
 from .scheme import PRESETS, QuantScheme, resolve_scheme
 
@@ -51,6 +50,11 @@ class FloatFormat:
 Format = Union[QuantScheme, FloatFormat]
 FP32 = FloatFormat("float32")
 
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Bytes needed for ``numel`` values of ``bits`` bits, packed densely (:mod:`llmquant.packing`)."""
+    return -(-numel * bits // 8)
 
 def resolve_format(spec: "Format | str | Mapping[str, Any]") -> Format:
     """A format from a name (``bf16``, ``fp16``, ``fp32``, a preset), a scheme dict or a format object."""

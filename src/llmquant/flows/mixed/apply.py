@@ -136,7 +136,7 @@ def build_module(name: str, mod: nn.Module, fmt, algo):
 class PlanStage(Stage):
     """Each linear in the format the plan gives it (data-free: integer formats by the plan's method)."""
 
-    needs_stats = False
+    needs_data = needs_gram = False
 
     def __init__(self, cfg, assign, algo) -> None:
         super().__init__(cfg)
