@@ -46,7 +46,7 @@ from llmquant import data
 from llmquant.data import default_text, tokenize
 from llmquant.modules import QuantLinear, replace_module
 from llmquant.algorithms import rtn_quantize
-from llmquant.schemes import PRESETS, QuantScheme
+from llmquant.schemes import QuantScheme
 
 OUT = Path(__file__).resolve().parent / "results"
 W8_ASYM = QuantScheme(bits=8, granularity="channel", symmetric=False)
@@ -207,7 +207,7 @@ def main(argv=None):
                 row.update(accuracy(m, eval_ids, ref_paths))
             if not args.skip_speed:
                 row.update(speed(ref, m, speed_ids, args.rounds))
-            result["kernels"][name] = sorted({q._kernel.name for q in m.modules() if isinstance(q, QuantLinear) and q._kernel})
+            result["kernels"][name] = sorted({q.prepared_kernel.name for q in m.modules() if isinstance(q, QuantLinear) and q.prepared_kernel})
             print(f"  {row.get('kl')} {row.get('prefill_x_fp32')} {row.get('decode_x_fp32')}", file=sys.stderr, flush=True)
             del m
             gc.collect()

@@ -109,7 +109,7 @@ def main() -> None:
             hf = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=path.name, dtype=torch.float32).eval()
             ev(f"exported {path.name}, transformers loader (fp32 activations)", hf)
             hooks = q8_0_activation_hooks(hf)
-            ev(f"  same with llama.cpp's Q8_0 activation rounding emulated", hf)
+            ev("  same with llama.cpp's Q8_0 activation rounding emulated", hf)
             for h in hooks:
                 h.remove()
         _write(Path(args.out), "export_gguf_emulated", args, base, rows)

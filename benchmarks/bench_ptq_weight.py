@@ -25,7 +25,9 @@ METHODS = ["rtn", "gptq", "awq"]
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from llmquant.resources import peak_rss_mb
+
+    return peak_rss_mb()  # MB (1e6 bytes), the one meter llmquant itself uses
 
 
 def _cpu_s() -> float:

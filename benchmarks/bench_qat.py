@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from llmquant.resources import peak_rss_mb
+
+    return peak_rss_mb()  # MB (1e6 bytes), the one meter llmquant itself uses
 
 
 def child(job: dict) -> dict:

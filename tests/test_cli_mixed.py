@@ -2,7 +2,6 @@
 
 import json
 
-from llmquant.cli import main
 
 from test_cli import assert_one_line_error, run
 

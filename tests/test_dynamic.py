@@ -9,12 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmquant
-from llmquant import kernels
 from llmquant.errors import SchemeError, SelectionError, UnsupportedError
 from llmquant.modules import QuantLinear
-from llmquant.schemes import QuantScheme, compute_qparams, dequantize, quantize_to_int, sqnr_db
+from llmquant.schemes import compute_qparams, dequantize, quantize_to_int, sqnr_db
 
-from conftest import make_tiny_llama
 
 INT8_KERNELS = ["int8_int_mm"] + (["fbgemm_int8"] if "fbgemm" in torch.backends.quantized.supported_engines else [])
 
@@ -41,7 +39,7 @@ def _run(ql, x, kernel):
     ql.reset_kernel()
     try:
         y = ql(x)
-        assert ql._kernel.name == kernel
+        assert ql.prepared_kernel.name == kernel
         return y
     finally:
         ql.kernel_override = None

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 
 import llmquant
-from llmquant import AWQParams, GPTQParams, QuantConfig, QuantScheme
+from llmquant import AWQParams, GPTQParams, QuantConfig
 from llmquant.errors import SchemeError
 from llmquant.flows import METHODS, Method, register_method
 from llmquant.flows.pipeline import record_layer_inputs

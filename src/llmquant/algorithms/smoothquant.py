@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..errors import SchemeError
 from ..schemes import QuantScheme, compute_qparams
 from ..schemes.primitives import from_grid, round_to_grid
-from .fold import fold_scale_modules, in_major_weight
+from .fold import in_major_weight
 
 W8_ROWS = QuantScheme(bits=8, granularity="channel")  # int8 per output channel, full signed grid (the W8 preset)
 
@@ -40,12 +40,6 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
 def weight_absmax(linears: list[nn.Module]) -> torch.Tensor:
     """max |W_j| per input channel over all consuming linears."""
     return torch.cat([in_major_weight(m).abs() for m in linears], dim=0).amax(dim=0).float()
-
-
-def apply_smoothing(source: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
-    """Fold ``1/s`` into ``source`` (a norm: weight and bias; a linear: output rows and bias) and ``s`` into
-    the input columns of ``linears`` (:func:`llmquant.algorithms.fold.fold_scale_modules`)."""
-    fold_scale_modules(source, linears, s)
 
 
 def _rtn_int8_rows(w: torch.Tensor) -> torch.Tensor:

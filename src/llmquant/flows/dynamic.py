@@ -160,7 +160,6 @@ def run_dynamic(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool =
     if ascheme is None or not ascheme.dynamic:
         raise SchemeError("the dynamic method needs a dynamic activation scheme (QuantScheme(..., dynamic=True)); "
                           "leave activation unset for int8 per-token")
-    rotation = ascheme.rotation
     if not types and not cfg.targets:
         types = (nn.Linear,)
     chosen = select_linears(model, types + cfg.targets, cfg.ignore, types=SUPPORTED_TYPES)

@@ -25,18 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schemes import QuantScheme, compute_qparams, qparams_from_minmax, quantize_to_int
+from ..schemes import QuantScheme, qparams_from_minmax
 from ..schemes.primitives import round_to_grid, scale_from_absmax
 from .base import Kernel, register
-
-
-def quantize_activation(x2: torch.Tensor, scheme: QuantScheme, scale=None, zero=None):
-    """Codes (int16, M x K) and scale/zero broadcastable to (M, 1): from ``x2`` itself when ``scheme.dynamic``,
-    else the given calibrated per-tensor ``scale``/``zero``. The general (slow) path."""
-    if scale is None:
-        scale, zero = compute_qparams(x2, scheme)
-    q = quantize_to_int(x2, scale, zero, scheme)
-    return q, scale.float().reshape(-1, 1), None if zero is None else zero.float().reshape(-1, 1)
 
 
 def dynamic_qparams(x2: torch.Tensor, a: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:

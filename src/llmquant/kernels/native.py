@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..resources import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "qgemm_avx2.cpp"
@@ -37,7 +39,7 @@ def cpu_has_avx2() -> bool:
 
 
 def build_dir() -> Path:
-    base = Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant")).expanduser()
+    base = cache_dir()
     # Keyed by the source and by the torch installation (its headers' path goes into the build file): two
     # checkouts or venvs sharing the cache would otherwise make torch's builder recompile on every switch.
     digest = hashlib.sha256(SOURCE.read_bytes() + str(Path(torch.__file__).parent).encode()).hexdigest()[:12]

@@ -10,9 +10,12 @@ the methods register in :mod:`llmquant.flows.registry`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import SchemeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .scheme import QuantScheme
 
 PARAMS_VERSION = 1
 

@@ -6,7 +6,7 @@ Both are frozen dataclasses that round-trip through JSON and carry a ``version``
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 from ..errors import SchemeError
