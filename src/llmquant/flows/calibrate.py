@@ -228,6 +228,7 @@ class StaticStage(Stage):
     propagate_float = True
     calib_batch = 1  # one window per forward, as observers such as moving averages count calls
     split_blocks = False
+    error_windows = 4  # the error pass runs the quantized layer a second time: keep it short
 
     @property
     def label(self) -> str:

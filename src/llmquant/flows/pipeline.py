@@ -7,7 +7,7 @@ statistics are reduced (``Hooks.reduce_stats``: identity in one process; a sum a
 distributed); (4) the stages transform and quantize the layer (:mod:`llmquant.flows.stages`); (5) the
 calibration data runs through the quantized layer to make the inputs of layer i + 1 and the layer's
 output error (relative MSE against the float layer on the same inputs, over the first
-``ERROR_WINDOWS`` windows); (6) the QuantLinears replace the float ones and ``Hooks.on_layer_done`` runs
+``Stage.error_windows`` windows); (6) the QuantLinears replace the float ones and ``Hooks.on_layer_done`` runs
 (an output shard writer, a checkpoint for resume). Data-free stages (RTN) skip (2), (3) and (5).
 
 Each layer is called with its own keyword arguments (attention mask, position embeddings...), recorded
@@ -35,15 +35,12 @@ from ..errors import CalibrationError
 from ..models import arch_for
 from ..modules import replace_module, select_linears
 from ..schemes import CalibSpec, QuantConfig, dequantize
-from .stages import LayerContext, Result, RTNStage, Stage, rtn_result, run_block
+from .stages import ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, rtn_result, run_block  # noqa: F401
 from .stats import StatsCollector
 from .summary import QuantSummary, untie_if_needed
 
 log = logging.getLogger(__name__)
 
-#: a layer's output error (relative MSE against the float layer) is measured on the first this many
-#: calibration windows: keeping every window's float output would double the activation memory
-ERROR_WINDOWS = 16
 
 
 class LayerSource:
@@ -272,6 +269,11 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
     path, layers = found
     xs, kwargs = record_layer_inputs(model, layers, batches, kw)
     float_prop = any(s.propagate_float for s in stages)
+    # the layer's output error is measured on the batches holding its first error_windows windows
+    sizes = [x.shape[0] if isinstance(x, torch.Tensor) else x[0].shape[0] for x in xs]
+    want, err_batches = min(s.error_windows for s in stages), 0
+    while err_batches < len(sizes) and sum(sizes[:err_batches]) < want:
+        err_batches += 1
     inside = set()
     bar = tqdm(range(len(layers)), desc=f"{'+'.join(cfg.methods)} {stages[-1].label}", disable=not progress, unit="layer")
     for i in bar:
@@ -282,12 +284,11 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         inside |= set(lin)
 
         def float_pass(keep: bool):
-            ys, kept = [], 0  # float outputs: all of them when they feed the next layer, else ERROR_WINDOWS
-            for x, k in zip(xs, kwargs[i]):
+            ys = []  # float outputs: all of them when they feed the next layer, else those the error needs
+            for j, (x, k) in enumerate(zip(xs, kwargs[i])):
                 y = _run(layer, x, k)
                 _check(y, f"{prefix} (float)")
-                ys.append(y if keep and (float_prop or kept < ERROR_WINDOWS) else None)
-                kept += y.shape[0]
+                ys.append(y if keep and (float_prop or j < err_batches) else None)
                 del y
             return ys
 
@@ -304,7 +305,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         else:
             _simulate(chosen, results, cfg)  # propagate through x @ dequant(W)^T, then swap in the QuantLinears
         for j, (x, k) in enumerate(zip(xs, kwargs[i])):
-            if float_prop and (ys[j] is None or j >= ERROR_WINDOWS):
+            if float_prop and j >= err_batches:
                 xs[j], ys[j] = ys[j], None
                 continue
             yq = _run(layer, x, k)

@@ -30,6 +30,10 @@ from .summary import LayerSummary, layer_row
 
 log = logging.getLogger(__name__)
 
+#: a layer's output error (relative MSE against the float layer) is measured on the first this many
+#: calibration windows by default: keeping every window's float output would double the activation memory
+ERROR_WINDOWS = 16
+
 #: full linear name -> (codes, scale, zero, the float weight the codes approximate)
 Result = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]
 
@@ -67,7 +71,8 @@ class Stage:
     (``X^T X``, mean |X|, gathered by the pipeline); ``propagate_float``: the next layer is calibrated on
     the float layer's outputs instead of the quantized layer's; ``calib_batch``: windows per forward pass
     (None: the CalibSpec's); ``split_blocks``: under whole-model calibration, quantize block by block
-    (False: the model is one block, e.g. when a transform needs a second whole-model pass).
+    (False: the model is one block, e.g. when a transform needs a second whole-model pass);
+    ``error_windows``: how many calibration windows the layer's output error is measured on.
     """
 
     needs_data = True
@@ -75,6 +80,7 @@ class Stage:
     propagate_float = False
     calib_batch: int | None = None
     split_blocks = True
+    error_windows = ERROR_WINDOWS  # calibration windows the layer's output error is measured on (memory, time)
 
     def __init__(self, cfg: QuantConfig, params=None) -> None:
         self.cfg, self.params = cfg, params
