@@ -1,32 +1,15 @@
-"""Pick modules by exact name or ``re:`` regex (full match), and swap modules in place."""
+"""Pick modules by exact name or ``re:`` regex (full match, :mod:`llmquant.schemes.names`), and swap
+modules in place."""
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch.nn as nn
 
 from ..errors import SelectionError
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
-                return True
-        elif p == name:
-            return True
-    return False
-
-
-def _check_patterns(patterns: Iterable[str]) -> None:
-    for p in patterns:
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as e:
-                raise SelectionError(f"bad regex {p!r}: {e}") from None
+from ..schemes.names import check_patterns as _check_patterns
+from ..schemes.names import matches
 
 
 def _split(targets) -> tuple[tuple[type, ...], tuple[str, ...]]:

@@ -24,13 +24,13 @@ its budget and predictions there) and is ignored when the plan is applied.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import SchemeError, SelectionError
 from .formats import Format, format_name, format_to_json, resolve_format
+from .names import check_patterns, matches
 
 PLAN_VERSION = 1
 PLAN_FORMAT = "llmquant-plan"
@@ -48,11 +48,7 @@ class Plan:
         for pat, fmt in self.rules:
             if not isinstance(pat, str) or not pat:
                 raise SchemeError(f"plan keys are module names or 're:' patterns, got {pat!r}")
-            if pat.startswith("re:"):
-                try:
-                    re.compile(pat[3:])
-                except re.error as e:
-                    raise SelectionError(f"plan pattern {pat!r} is not a valid regex: {e}") from None
+            check_patterns((pat,), " in the plan")
             rules.append((pat, resolve_format(fmt)))
         if not rules:
             raise SchemeError("the plan has no layers; give at least one 'module name or re:pattern: format'")
@@ -127,7 +123,7 @@ class Plan:
         used = [False] * len(self.rules)
         for name in candidates:
             for i, (pat, fmt) in enumerate(self.rules):
-                hit = re.fullmatch(pat[3:], name) is not None and name not in head_names if pat.startswith("re:") else pat == name
+                hit = matches(name, (pat,)) and not (pat.startswith("re:") and name in head_names)
                 if hit:
                     used[i] = True
                     out[name] = fmt
