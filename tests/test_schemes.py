@@ -47,8 +47,11 @@ def test_grid_and_names():
     assert (r.qmin, r.qmax, r.name) == (-127, 127, "int8-g32-r")
     a = QuantScheme(bits=3, symmetric=False, granularity="channel")
     assert (a.qmin, a.qmax, a.name, a.group_size) == (0, 7, "int3-ch-asym", None)
-    # 4 bits + one fp32 scale per 64 weights
-    assert s.bits_per_weight(10, 128) == pytest.approx(4 + 32 / 64)
+    # 4 bits + one fp32 scale per 64 weights (the one stored-size count); an integer zero point takes a byte
+    from llmquant.schemes import format_bytes
+
+    assert 8 * format_bytes(s, 10, 128) / (10 * 128) == pytest.approx(4 + 32 / 64)
+    assert format_bytes(QuantScheme(bits=4, symmetric=False, group_size=64), 10, 128) == 640 + 20 * (4 + 1)
 
 
 @pytest.mark.parametrize("k,gs", [(576, 128), (72, 32), (5, 64), (130, 1)])

@@ -106,17 +106,6 @@ class QuantScheme:
             return -(-in_features // self.group_size)
         return 1
 
-    def bits_per_weight(self, out_features: int, in_features: int) -> float:
-        """Average stored bits per weight, scales and zero points included."""
-        n = out_features * in_features
-        scale_bits = {"float32": 32, "float16": 16, "bfloat16": 16}[self.scale_dtype]
-        if self.granularity == "tensor":
-            nscales = 1
-        else:
-            nscales = out_features * self.num_groups(in_features)
-        zbits = 0 if self.symmetric else (self.bits if self.zero_point == "int" else scale_bits)
-        return (n * self.bits + nscales * (scale_bits + zbits)) / n
-
     # ---- serialization ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
