@@ -228,3 +228,21 @@ def test_cli_composition_and_recipe(tmp_path, tiny_folder, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and "Traceback" not in err, err
         assert not (tmp_path / "bad").exists()
+
+
+def test_qat_through_quantize_and_its_recipe(tmp_path, tiny_folder):
+    """method="qat" trains (distillation), converts, records QATParams; the saved recipe trains the same model."""
+    cfg = QuantConfig(weight="W4G32", method="qat", method_params=llmquant.QATParams(steps=2, seq_len=32, batch=2, lr=1e-3))
+    a, tok = llmquant.load_model(tiny_folder)
+    s = llmquant.quantize(a, cfg, progress=False)
+    assert s.method == "qat" and s.calibration["qat"]["steps"] == 2 and len(s.calibration["qat"]["losses"]) == 2
+    llmquant.save(a, tok, tmp_path / "a")
+    man = json.loads((tmp_path / "a" / "llmquant.json").read_text())
+    assert man["config"]["method"] == "qat" and man["config"]["method_params"]["steps"] == 2
+    b, _ = llmquant.load_model(tiny_folder)
+    llmquant.quantize(b, tmp_path / "a", progress=False)
+    assert _same(_state(a), _state(b))
+    # train_qat called directly records the knobs it was given, so its folder is a recipe too
+    c, _ = llmquant.load_model(tiny_folder)
+    llmquant.train_qat(c, config="W4G32", steps=1, seq_len=32, batch=2, progress=False)
+    assert c.llmquant_config.method == "qat" and c.llmquant_config.method_params.steps == 1

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from ..errors import SchemeError
@@ -85,7 +84,6 @@ def resolve(config) -> QuantConfig:
     return resolve_config(config)
 
 
-@torch.no_grad()
 def quantize(model: nn.Module, config="W4G128", *, calib=None, progress: bool = True):
     """Quantize ``model`` in place with ``config`` and return a :class:`~llmquant.flows.QuantSummary`.
 
