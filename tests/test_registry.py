@@ -223,7 +223,9 @@ def test_cli_composition_and_recipe(tmp_path, tiny_folder, capsys):
     for args, msg in [(["--method", "gptq", "--rotation", "64"], "--rotation apply to --method dynamic only"),
                       (["--method", "rtn", "--act-order"], "--act-order applies to --method gptq only"),
                       (["--recipe", str(a), "--bits", "3"], "--recipe gives the whole config"),
-                      (["--method", "rtn,dynamic"], "cannot be composed")]:
+                      (["--method", "rtn,dynamic"], "cannot be composed"),
+                      (["--recipe", str(tmp_path / "nope")], "neither a preset nor an existing folder"),
+                      (["--recipe", str(tmp_path)], "holds no llmquant.json")]:
         rc = main(["quantize", "--model", str(tiny_folder), *args, "-o", str(tmp_path / "bad")])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and "Traceback" not in err, err

@@ -133,7 +133,12 @@ def cmd_quantize(args) -> int:
         if rest or args.ignore is not None or args.method != "rtn":
             what = "--plan names each layer's format" if args.plan else "--recipe gives the whole config"
             raise SchemeError(f"{what}; leave out --method/--scheme/--bits/... (got {', '.join(rest) or '--method/--ignore'})")
-        config = llmquant.flows.registry.resolve(Path(recipe).expanduser() if args.plan else recipe)
+        if args.plan:
+            from ..schemes import Plan, QuantConfig
+
+            config = QuantConfig(method="plan", method_params=Plan.load(args.plan))
+        else:
+            config = llmquant.flows.registry.resolve(recipe)
     else:
         config = config_from_args(args)
     _check_out(args.output, args.overwrite)

@@ -64,6 +64,13 @@ def needs_calibration(cfg: QuantConfig) -> bool:
 def resolve(config) -> QuantConfig:
     """A QuantConfig from anything ``quantize`` takes: a config, scheme, preset name or dict, a
     mixed-precision Plan (or its dict or .json file), or an llmquant folder (its manifest's recipe)."""
+    if isinstance(config, Path) or (isinstance(config, str) and ("/" in config or config.endswith(".json"))):
+        p = Path(config).expanduser()
+        if not p.exists():
+            raise SchemeError(f"{str(config)!r} is neither a preset nor an existing folder or JSON file; give a "
+                              "folder written by llmquant, a QuantConfig or plan .json file, or a preset such as W4G64")
+        if p.is_dir() and not (p / "llmquant.json").is_file():
+            raise SchemeError(f"{str(config)!r} holds no llmquant.json: it is not a folder written by llmquant")
     if isinstance(config, (str, Path)) and str(config).endswith(".json") and Path(config).expanduser().is_file():
         try:
             config = json.loads(Path(config).expanduser().read_text())  # a plan or a QuantConfig, as JSON
