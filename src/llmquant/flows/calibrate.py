@@ -7,7 +7,7 @@
 
 Works on any module holding ``nn.Linear`` layers (a plain MLP as in PyTorch's eager-mode example, or a
 Hugging Face causal LM). ``quantize_static`` does the whole job on text, with SmoothQuant first when the
-config asks for it. Calibration text comes from the end of the text (:func:`llmquant.io.calib_windows`),
+config asks for it. Calibration text comes from the end of the text (:func:`llmquant.data.calibration_windows`),
 disjoint from the evaluation windows.
 """
 
