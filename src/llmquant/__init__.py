@@ -35,13 +35,16 @@ from .runtime import generate
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 
-def load_model(path=None, *, dtype=None, packed=False):
+def load_model(path=None, *, dtype=None, packed=False, stream=False):
     """``(model, tokenizer)``: the default SmolLM2 model when ``path`` is None, a local Hugging Face folder,
     a local ``.gguf`` file, or a folder saved by :func:`save` (quantized).
 
     ``packed=True`` (GGUF files only, the default model included): the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
-    linears become packed QuantLinear modules holding its own codes and scales, instead of floats."""
-    return _io.load_model(path, dtype=dtype, packed=packed)
+    linears become packed QuantLinear modules holding its own codes and scales, instead of floats.
+    ``stream=True`` (a Hugging Face folder with safetensors weights): only the embeddings and the head are
+    read now; each decoder layer is read when :func:`quantize` reaches it, so a model larger than memory can
+    be quantized by any method that runs layer by layer (bit-identical to loading it whole)."""
+    return _io.load_model(path, dtype=dtype, packed=packed, stream=stream)
 
 
 def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True):

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
     q.add_argument("--rotation", type=int,
                    help="dynamic: Hadamard block size (e.g. 64) rotating each Linear's input and weights")
+    q.add_argument("--stream", action="store_true",
+                   help="read each decoder layer from the model's safetensors when it is quantized (models larger "
+                        "than memory; methods that run layer by layer)")
     q.add_argument("--recipe", help="reproduce a recipe: a folder written by llmquant (its manifest's config or "
                    "plan) or a QuantConfig JSON file")
     q.add_argument("--plan", help="a mixed-precision plan file (JSON) from `llmquant plan` or written by hand")

@@ -142,7 +142,7 @@ def cmd_quantize(args) -> int:
     else:
         config = config_from_args(args)
     _check_out(args.output, args.overwrite)
-    model, tok = llmquant.load_model(args.model)
+    model, tok = llmquant.load_model(args.model, stream=args.stream)
     summary = llmquant.quantize(model, config, tokenizer=tok)
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
     if config.method == "plan":

@@ -115,6 +115,12 @@ def evaluate(
     ``text``: None for the default text, a ``Path`` to a .txt/.jsonl file, or a string of text.
     ``reference`` may be a :class:`ReferenceLogits` computed once on the same windows.
     """
+    for m in (model, reference):
+        if getattr(m, "llmquant_layer_source", None) is not None:
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError("a streamed model (load_model(..., stream=True)) holds its layers only once "
+                                   "quantize has read them: quantize it first, or load the model whole to evaluate it")
     tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
     ids = token_windows(tokenizer, text, windows, seq_len)
     dev = _device(model)

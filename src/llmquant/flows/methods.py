@@ -26,7 +26,8 @@ for _m in (
     Method("static", run_static, calibrated=True, doc="static activation scales from observers (W8A8)"),
     Method("smoothquant", run_static, calibrated=True, doc="SmoothQuant (Xiao et al. 2023), then static W8A8"),
     Method("dynamic", run_dynamic, doc="weights ahead of time, activation scales per input at run time"),
-    Method("qat", run_qat, params=QATParams, doc="quantization-aware training (distillation), then convert"),
+    Method("qat", run_qat, params=QATParams, streams=False,
+           doc="quantization-aware training (distillation), then convert"),
     Method("plan", run_plan, params=Plan, doc="a mixed-precision plan: one format per layer"),
 ):
     register_method(_m)

@@ -194,7 +194,8 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
     ``stages``: run these instead of the config's methods' (a handler's own, e.g. dynamic's); ``names``:
     the linears to quantize, when the handler selected them itself; ``whole_model``: one float pass over
     the whole model instead of layer by layer (also what ``CalibSpec(sequential=False)`` asks)."""
-    hooks = hooks or Hooks()
+    source = getattr(model, "llmquant_layer_source", None)  # a streamed model: layers read as they are reached
+    hooks = hooks or Hooks(source=source or LayerSource())
     stages = stages or make_stages(cfg)
     calibrated = any(s.needs_data for s in stages)
     if calibrated and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
@@ -220,8 +221,14 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
         kw = {"use_cache": False} if not calib.is_floating_point() else {}
         if spec.sequential and not whole_model and found is not None:
             _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks)
+        elif source is not None:
+            raise CalibrationError("a streamed model is calibrated layer by layer only: keep CalibSpec(sequential=True)"
+                                   " and the quantized linears inside the decoder layers (ignore lm_head), or load "
+                                   "the model whole")
         else:
             _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, progress)
+    if source is not None:
+        del model.llmquant_layer_source  # every layer has been read: the model is whole (and quantized)
     summary.seconds = time.perf_counter() - t0
     log.info("%s", summary)
     model.llmquant_config = cfg
@@ -236,9 +243,10 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
               leave=False) as bar:
         for i, (prefix, layer) in enumerate(layers):
             lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
-            if not lin:
-                continue
             hooks.source.load(i, prefix, layer)
+            if not lin:
+                hooks.source.release(i, prefix, layer)
+                continue
             ctx = LayerContext(layer, prefix, lin, StatsCollector({}), cfg)
             _install(model, run_block(stages, ctx), chosen, stages[-1], summary)
             for cb in hooks.on_layer_done:

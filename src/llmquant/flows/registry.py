@@ -36,6 +36,7 @@ class Method:
     calibrated: bool = False  # needs calibration windows (token ids) or inputs
     stage: Callable[..., Any] | None = None  # (cfg, params) -> pipeline Stage, for layer-by-layer composition
     doc: str = ""
+    streams: bool = True  # runs on a streamed model (layers read from the checkpoint as the pipeline reaches them)
 
 
 METHODS: dict[str, Method] = {}
@@ -107,6 +108,9 @@ def quantize(model: nn.Module, config="W4G128", *, calib=None, progress: bool = 
             raise SchemeError(f"methods {list(cfg.methods)} need calibration data: pass calib= (token ids or inputs)")
         return run_stages(model, cfg, calib, progress=progress)
     method = get_method(cfg.method)
+    if getattr(model, "llmquant_layer_source", None) is not None and not method.streams:
+        raise SchemeError(f"method {cfg.method!r} needs the whole model in memory; load it without stream=True "
+                          "(methods that stream: " + ", ".join(m for m, v in METHODS.items() if v.streams) + ")")
     if method.calibrated and calib is None:
         raise SchemeError(f"method {cfg.method!r} needs calibration data: pass calib= (token ids or inputs)")
     return method.run(model, cfg, calib, progress)

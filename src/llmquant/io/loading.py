@@ -11,6 +11,8 @@ import torch
 from .folder import MANIFEST, load
 from .gguf_import import load_gguf_packed
 from .hf import load_float_model
+from .streaming import load_streaming
+from ..errors import ModelNotFoundError
 
 
 def load_saved(folder, *, device="cpu"):
@@ -20,10 +22,16 @@ def load_saved(folder, *, device="cpu"):
     return model, tok
 
 
-def load_model(path=None, *, dtype=None, packed=False):
+def load_model(path=None, *, dtype=None, packed=False, stream=False):
     """``(model, tokenizer)``: the default model when ``path`` is None, a local Hugging Face folder, a local
     ``.gguf`` file, or a folder saved by :func:`llmquant.io.save` (quantized). ``packed=True`` (GGUF only):
-    the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 linears become packed QuantLinear modules holding its own codes."""
+    the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 linears become packed QuantLinear modules holding its own codes.
+    ``stream=True`` (a Hugging Face folder with safetensors): the decoder layers stay in the checkpoint until
+    ``quantize`` reaches them (:mod:`llmquant.io.streaming`)."""
+    if stream:
+        if path is None or packed:
+            raise ModelNotFoundError("stream=True takes a local Hugging Face folder with safetensors weights")
+        return load_streaming(path, dtype=dtype or torch.float32)
     if packed:
         model, tok, _ = load_gguf_packed(path, dtype=dtype or torch.float32)
         model.llmquant_tokenizer = tok

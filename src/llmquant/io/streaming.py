@@ -1,0 +1,182 @@
+"""Streaming load: a model whose decoder layers are read from a safetensors checkpoint one at a time.
+
+``load_streaming(folder)`` builds the model's skeleton without weights (meta device, accelerate's
+``init_empty_weights``), reads the tensors outside the decoder layers (embeddings, final norm, output
+head) at once, and attaches a :class:`SafetensorsLayerSource` as ``model.llmquant_layer_source``. The
+layer-by-layer pipeline (:mod:`llmquant.flows.pipeline`) calls its ``load(i)`` just before it works on
+layer i, so the float model is never whole in memory: what stays is the quantized layers, the
+embeddings/head, and one float layer at a time. Tensors are read memory-mapped (``safe_open``) in their
+stored dtype and converted to the compute dtype (fp32 by default) layer by layer, never the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import CorruptFileError, ModelNotFoundError
+from ..models import arch_for
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a Hugging Face safetensors checkpoint (one file, or shards with an index), read
+    memory-mapped one tensor at a time. Missing or unreadable shards are named in the error."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder).expanduser()
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CorruptFileError(f"{index} is not a safetensors index ({e})") from None
+        elif (self.folder / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise ModelNotFoundError(f"{self.folder} holds neither {SINGLE} nor {INDEX}: streaming needs safetensors")
+        files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        missing = [f for f in files if not (self.folder / f).is_file()]
+        if missing:
+            raise CorruptFileError(f"the checkpoint index names shards that are not there: {missing[:3]} in {self.folder}")
+        self._handles = {}
+        self.where: dict[str, str] = {}
+        for f in files:
+            h = self._open(f)
+            for k in h.keys():
+                self.where[k] = f
+        if weight_map:
+            absent = [k for k, f in weight_map.items() if self.where.get(k) != f]
+            if absent:
+                raise CorruptFileError(f"{weight_map[absent[0]]} lacks {absent[0]!r} (and {len(absent) - 1} more "
+                                       "tensors the index names): the shard is truncated or not this model's")
+
+    def _open(self, f: str):
+        if f not in self._handles:
+            from safetensors import safe_open
+
+            try:
+                self._handles[f] = safe_open(str(self.folder / f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for a damaged header
+                raise CorruptFileError(f"{self.folder / f} cannot be read as safetensors: {str(e).splitlines()[0]}") from None
+        return self._handles[f]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.where:
+            raise CorruptFileError(f"the checkpoint in {self.folder} has no tensor {name!r}")
+        try:
+            t = self._open(self.where[name]).get_tensor(name)
+        except Exception as e:
+            raise CorruptFileError(f"{self.folder / self.where[name]}: tensor {name!r} cannot be read "
+                                   f"({str(e).splitlines()[0]})") from None
+        return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def _materialize(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
+    """Give every parameter (and persistent buffer) of ``module`` that is on the meta device its tensor
+    from the checkpoint; ``prefix`` is the module's name in the model."""
+    for mod_name, mod in module.named_modules():
+        base = ".".join(p for p in (prefix, mod_name) if p)
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                t = ckpt.tensor(f"{base}.{name}", dtype)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise CorruptFileError(f"{base}.{name} has shape {tuple(t.shape)} in the checkpoint, the model "
+                                           f"config says {tuple(p.shape)}")
+                mod._parameters[name] = nn.Parameter(t, requires_grad=p.requires_grad)
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if b.is_meta and f"{base}.{name}" in ckpt:
+                mod._buffers[name] = ckpt.tensor(f"{base}.{name}", dtype)
+
+
+class SafetensorsLayerSource:
+    """The pipeline's :class:`~llmquant.flows.pipeline.LayerSource` for a streamed model: decoder layer i's
+    tensors are read when the pipeline reaches it (``load``)."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
+        self.ckpt, self.dtype = ckpt, dtype
+
+    def load(self, index: int, prefix: str, layer: nn.Module) -> None:
+        _materialize(layer, prefix, self.ckpt, self.dtype)
+
+    def release(self, index: int, prefix: str, layer: nn.Module) -> None:
+        """Nothing to do: the pipeline drops the float linears it replaces; norms are small."""
+
+
+def is_streamed(model: nn.Module) -> bool:
+    """True while some of ``model``'s weights are still to be read from its checkpoint."""
+    return getattr(model, "llmquant_layer_source", None) is not None
+
+
+def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` with the decoder layers left in the checkpoint until the pipeline reads them.
+
+    Quantize it with :func:`llmquant.quantize` (any method that runs layer by layer: rtn, gptq, awq,
+    static, smoothquant, dynamic, plans); the result is bit-identical to quantizing the model loaded whole.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .hf import _offline_env
+
+    _offline_env()
+    p = Path(folder).expanduser()
+    if not (p / "config.json").is_file():
+        raise ModelNotFoundError(f"{str(folder)!r} holds no config.json: streaming takes a Hugging Face folder "
+                                 "with safetensors weights")
+    ckpt = SafetensorsCheckpoint(p)
+    try:
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(f"{p / 'config.json'} cannot be read ({str(e).splitlines()[0]})") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    arch = arch_for(model)
+    layers_path = arch.layers if arch is not None else None
+    if layers_path is None:
+        raise ModelNotFoundError(f"streaming needs to know where {type(model).__name__}'s decoder layers are: add "
+                                 "its family to llmquant.models.arch")
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, mod in model.named_children():
+        _materialize_outside(model, mod, name, layers_path, ckpt, dtype, tied)
+    if tied:
+        model.tie_weights()
+    model.eval()
+    model.llmquant_layer_source = SafetensorsLayerSource(ckpt, dtype)
+    model.llmquant_source = str(p.resolve())
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("no tokenizer in %s (%s)", p, str(e).splitlines()[0])
+        tok = None
+    model.llmquant_tokenizer = tok
+    return model, tok
+
+
+def _materialize_outside(model, mod, name, layers_path, ckpt, dtype, tied) -> None:
+    """Read every tensor of ``mod`` (a child of the model, named ``name``) except the decoder layers."""
+    if layers_path == name:
+        return
+    if layers_path.startswith(name + "."):
+        for child_name, child in mod.named_children():
+            _materialize_outside(model, child, f"{name}.{child_name}", layers_path, ckpt, dtype, tied)
+        for pname, prm in list(mod.named_parameters(recurse=False)):
+            if prm.is_meta:
+                mod._parameters[pname] = nn.Parameter(ckpt.tensor(f"{name}.{pname}", dtype), requires_grad=False)
+        return
+    out = model.get_output_embeddings()
+    if tied and mod is out and f"{name}.weight" not in ckpt:
+        return  # tied to the input embedding: tie_weights() shares it
+    _materialize(mod, name, ckpt, dtype)
