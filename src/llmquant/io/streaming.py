@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..errors import CorruptFileError, ModelNotFoundError
 from ..models import arch_for
+from ..resources import trim_memory
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,11 @@ class SafetensorsCheckpoint:
         missing = [f for f in files if not (self.folder / f).is_file()]
         if missing:
             raise CorruptFileError(f"the checkpoint index names shards that are not there: {missing[:3]} in {self.folder}")
-        self._handles = {}
         self.where: dict[str, str] = {}
         for f in files:
-            h = self._open(f)
-            for k in h.keys():
-                self.where[k] = f
+            with self._open(f) as h:
+                for k in h.keys():
+                    self.where[k] = f
         if weight_map:
             absent = [k for k, f in weight_map.items() if self.where.get(k) != f]
             if absent:
@@ -61,44 +61,60 @@ class SafetensorsCheckpoint:
                                        "tensors the index names): the shard is truncated or not this model's")
 
     def _open(self, f: str):
-        if f not in self._handles:
-            from safetensors import safe_open
+        """The shard, memory-mapped for the ``with`` block only: a mapping left open would keep every page
+        read so far resident, and the point of streaming is that they go."""
+        from safetensors import safe_open
 
-            try:
-                self._handles[f] = safe_open(str(self.folder / f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for a damaged header
-                raise CorruptFileError(f"{self.folder / f} cannot be read as safetensors: {str(e).splitlines()[0]}") from None
-        return self._handles[f]
+        try:
+            return safe_open(str(self.folder / f), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise CorruptFileError(f"{self.folder / f} cannot be read as safetensors: {str(e).splitlines()[0]}") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors, each in its own memory (not a view of the file), floats in ``dtype``."""
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise CorruptFileError(f"the checkpoint in {self.folder} has no tensor {missing[0]!r}")
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted({self.where[n] for n in names}):
+            with self._open(f) as h:
+                for n in names:
+                    if self.where[n] != f:
+                        continue
+                    try:
+                        t = h.get_tensor(n)
+                    except Exception as e:
+                        raise CorruptFileError(f"{self.folder / f}: tensor {n!r} cannot be read "
+                                               f"({str(e).splitlines()[0]})") from None
+                    out[n] = t.to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t.clone()
+        return out
+
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if name not in self.where:
-            raise CorruptFileError(f"the checkpoint in {self.folder} has no tensor {name!r}")
-        try:
-            t = self._open(self.where[name]).get_tensor(name)
-        except Exception as e:
-            raise CorruptFileError(f"{self.folder / self.where[name]}: tensor {name!r} cannot be read "
-                                   f"({str(e).splitlines()[0]})") from None
-        return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+        return self.read([name], dtype)[name]
 
 
 def _materialize(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
     """Give every parameter (and persistent buffer) of ``module`` that is on the meta device its tensor
     from the checkpoint; ``prefix`` is the module's name in the model."""
+    wanted = []  # (module, kind, attribute name, full name, meta tensor)
     for mod_name, mod in module.named_modules():
         base = ".".join(p for p in (prefix, mod_name) if p)
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if p.is_meta:
-                t = ckpt.tensor(f"{base}.{name}", dtype)
-                if tuple(t.shape) != tuple(p.shape):
-                    raise CorruptFileError(f"{base}.{name} has shape {tuple(t.shape)} in the checkpoint, the model "
-                                           f"config says {tuple(p.shape)}")
-                mod._parameters[name] = nn.Parameter(t, requires_grad=p.requires_grad)
-        for name, b in list(mod.named_buffers(recurse=False)):
-            if b.is_meta and f"{base}.{name}" in ckpt:
-                mod._buffers[name] = ckpt.tensor(f"{base}.{name}", dtype)
+        wanted += [(mod, "p", n, f"{base}.{n}", t) for n, t in mod.named_parameters(recurse=False) if t.is_meta]
+        wanted += [(mod, "b", n, f"{base}.{n}", t) for n, t in mod.named_buffers(recurse=False)
+                   if t.is_meta and f"{base}.{n}" in ckpt]
+    tensors = ckpt.read([w[3] for w in wanted], dtype)
+    for mod, kind, name, full, meta in wanted:
+        t = tensors.pop(full)
+        if tuple(t.shape) != tuple(meta.shape):
+            raise CorruptFileError(f"{full} has shape {tuple(t.shape)} in the checkpoint, the model config says "
+                                   f"{tuple(meta.shape)}")
+        if kind == "p":
+            mod._parameters[name] = nn.Parameter(t, requires_grad=meta.requires_grad)
+        else:
+            mod._buffers[name] = t
 
 
 class SafetensorsLayerSource:
@@ -112,7 +128,8 @@ class SafetensorsLayerSource:
         _materialize(layer, prefix, self.ckpt, self.dtype)
 
     def release(self, index: int, prefix: str, layer: nn.Module) -> None:
-        """Nothing to do: the pipeline drops the float linears it replaces; norms are small."""
+        """The pipeline has dropped the float linears it replaced: give their memory back to the system."""
+        trim_memory()
 
 
 def is_streamed(model: nn.Module) -> bool:

@@ -1,0 +1,99 @@
+"""Peak memory and time of quantizing a checkpoint loaded whole vs streamed layer by layer.
+
+    python benchmarks/bench_streaming.py write DIR [--shape 0.8b]     # a random-weight bf16 checkpoint (shards)
+    python benchmarks/bench_streaming.py run DIR --mode whole|stream --method rtn|gptq [--out results.json]
+
+Random weights make quality figures meaningless (none are reported); memory, time and sizes are real. Each
+``run`` is one process, so its peak resident memory (the kernel's high-water mark, MB = 1e6 bytes) is the
+run's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    # Llama-shaped, about 0.84 B parameters (1.67 GB in bf16): TinyLlama's widths with 16 layers
+    "0.8b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4000),
+}
+
+
+def write(folder: Path, shape: str) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model.save_pretrained(str(folder), max_shard_size="400MB")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {folder}: {n / 1e9:.2f} B parameters, {sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 1e9:.2f} GB")
+
+
+def run(folder: Path, mode: str, method: str, out: Path | None) -> dict:
+    import torch
+
+    import llmquant
+    from llmquant.resources import PeakMemory, peak_rss_mb
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    with PeakMemory() as load_mem:
+        model, _ = llmquant.load_model(folder, stream=mode == "stream")
+    t_load = time.perf_counter() - t0
+    cfg = llmquant.QuantConfig(weight="W4G128", method=method,
+                               calibration=llmquant.CalibSpec(samples=8, seq_len=512) if method == "gptq" else None)
+    calib = None
+    if method == "gptq":
+        calib = torch.randint(0, model.config.vocab_size, (8, 512), generator=torch.Generator().manual_seed(0))
+    t1 = time.perf_counter()
+    summary = llmquant.quantize(model, cfg, calib=calib, progress=False)
+    t_q = time.perf_counter() - t1
+    result = {
+        "mode": mode, "method": method, "checkpoint": str(folder),
+        "checkpoint_gb": sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9,
+        "params_b": sum(p.numel() for p in model.parameters()) / 1e9 if mode == "whole" else None,
+        "load_s": t_load, "quantize_s": t_q, "per_layer_s": t_q / model.config.num_hidden_layers,
+        "packed_mb": summary.packed_bytes / 1e6, "peak_after_load_mb": load_mem.peak_mb,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    print(json.dumps(result), flush=True)
+    if out is not None:
+        rows = json.loads(out.read_text()) if out.is_file() else []
+        out.write_text(json.dumps(rows + [result], indent=1))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write")
+    w.add_argument("folder", type=Path)
+    w.add_argument("--shape", default="0.8b", choices=list(SHAPES))
+    r = sub.add_parser("run")
+    r.add_argument("folder", type=Path)
+    r.add_argument("--mode", choices=["whole", "stream"], required=True)
+    r.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    r.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    if a.cmd == "write":
+        write(a.folder, a.shape)
+    else:
+        run(a.folder, a.mode, a.method, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
