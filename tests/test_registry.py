@@ -248,3 +248,24 @@ def test_qat_through_quantize_and_its_recipe(tmp_path, tiny_folder):
     c, _ = llmquant.load_model(tiny_folder)
     llmquant.train_qat(c, config="W4G32", steps=1, seq_len=32, batch=2, progress=False)
     assert c.llmquant_config.method == "qat" and c.llmquant_config.method_params.steps == 1
+
+
+def test_regex_norm_to_linears_mapping(tiny, calib):
+    """A family's norm -> linears pairs may be written as llm-compressor writes them: re: patterns over the
+    paths inside one decoder layer, giving the same result as the exact paths."""
+    exact = AWQParams(grid=4, norm_to_linears=[["input_layernorm", ["self_attn.q_proj", "self_attn.k_proj",
+                                                                     "self_attn.v_proj"]],
+                                               ["post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]]])
+    regex = AWQParams(grid=4, norm_to_linears=[["re:.*input_layernorm", ["re:.*(q|k|v)_proj"]],
+                                               ["re:.*post_attention_layernorm", ["re:.*(gate|up)_proj"]]])
+    out = []
+    for p in (exact, regex):
+        m = copy.deepcopy(tiny)
+        llmquant.quantize(m, QuantConfig(weight="W4G32", method="awq", method_params=p), calib=calib, progress=False)
+        out.append(_state(m))
+    assert _same(*out)
+    from llmquant.errors import MappingError
+
+    bad = AWQParams(norm_to_linears=[["re:.*layernorm", ["re:.*proj"]]])
+    with pytest.raises(MappingError, match="matches 2 modules"):
+        llmquant.quantize(copy.deepcopy(tiny), QuantConfig(method="awq", method_params=bad), calib=calib, progress=False)

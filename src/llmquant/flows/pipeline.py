@@ -255,8 +255,8 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
             bar.update(len(lin))
         rest = {n: chosen[n] for n in names if n in chosen}  # outside the decoder layers (lm_head, any module)
         if rest:
-            _install(model, run_block(stages, LayerContext(model, "", rest, StatsCollector({}), cfg)), chosen,
-                     stages[-1], summary)
+            _install(model, run_block(stages, LayerContext(model, "", rest, StatsCollector({}), cfg, in_layer=False)),
+                     chosen, stages[-1], summary)
             bar.update(len(rest))
     order = {n: k for k, n in enumerate(names)}
     summary.layers.sort(key=lambda r: order[r.name])
@@ -374,4 +374,5 @@ def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, 
         _install(model, run_block(stages, LayerContext(block, prefix, lin, col, cfg)), chosen, stages[-1], summary)
     rest = {n: m for n, m in chosen.items() if n not in done}
     if rest:
-        _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg)), chosen, stages[-1], summary)
+        _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg, in_layer=False)), chosen,
+                 stages[-1], summary)

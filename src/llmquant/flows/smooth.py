@@ -16,6 +16,7 @@ from ..models import ArchSpec, arch_for
 from ..observers import MinMaxObserver
 from ..schemes import QuantScheme
 from ..schemes.primitives import from_grid, round_to_grid
+from .stages import layer_pairs
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,10 @@ def smoothing_pairs(model: nn.Module, arch: ArchSpec | None = None, *, linear_pa
         raise MappingError(f"{type(model).__name__} has no module {spec.layers!r} (the arch's decoder layers)") from None
     rel = list(spec.norm_to_linears) + (list(spec.linear_to_linears) if linear_pairs else [])
     pairs = []
-    names = {n for n, _ in model.named_modules()}
     for i in range(len(layers)):
-        for src, targets in rel:
-            p = SmoothPair(f"{spec.layers}.{i}.{src}", tuple(f"{spec.layers}.{i}.{t}" for t in targets))
-            missing = [n for n in (p.source, *p.targets) if n not in names]
-            if missing:
-                raise MappingError(f"the mapping for {type(model).__name__} names modules it does not have: {missing[:3]}")
-            pairs.append(p)
+        what = f"the mapping for {type(model).__name__}"
+        for src, targets in layer_pairs(layers[i], rel, what):
+            pairs.append(SmoothPair(f"{spec.layers}.{i}.{src}", tuple(f"{spec.layers}.{i}.{t}" for t in targets)))
     return pairs
 
 

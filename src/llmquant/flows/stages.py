@@ -22,7 +22,8 @@ from ..algorithms import rtn_quantize
 from ..algorithms.awq import awq_clip_quantize, awq_search_scale
 from ..algorithms.fold import fold_scale_modules
 from ..algorithms.gptq import gptq_quantize
-from ..errors import UnsupportedArchitectureError
+from ..errors import MappingError, UnsupportedArchitectureError
+from ..schemes.names import matches
 from ..modules import QuantLinear
 from ..schemes import QuantConfig
 from .stats import StatsCollector
@@ -51,6 +52,7 @@ class LayerContext:
     cfg: QuantConfig
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     rerun: Callable[[], None] | None = None
+    in_layer: bool = True  # False for the linears left outside the decoder layers (no norm -> linear pairs there)
 
     def rel(self, name: str) -> str:
         return name[len(self.prefix) + 1 :] if self.prefix else name
@@ -174,7 +176,7 @@ class AWQStage(Stage):
     def transform(self, ctx: LayerContext) -> None:
         p, col = self.params, ctx.stats
         rel = {ctx.rel(n): n for n in ctx.linears}
-        for src, dsts in self.pairs:
+        for src, dsts in (layer_pairs(ctx.block, self.pairs, "AWQ") if ctx.in_layer else ()):
             names = [rel[d] for d in dsts if d in rel]
             if not names or any(n not in col.owner for n in names):
                 continue
@@ -217,6 +219,25 @@ def norm_linear_pairs(model: nn.Module, params, arch) -> tuple:
             "with paths inside one decoder layer, or add an entry to llmquant.models.arch"
         )
     return tuple(n2l) + tuple(l2l or ())
+
+
+def layer_pairs(layer: nn.Module, pairs, what: str = "the norm -> linears mapping") -> list[tuple[str, tuple[str, ...]]]:
+    """``pairs`` (source, (consumers, ...)) resolved against one decoder layer's module names: each entry is
+    an exact path inside the layer or a ``re:`` regex matching the whole path (llm-compressor's style:
+    ``("re:.*input_layernorm", ("re:.*(q|k|v)_proj",))``). A source must name exactly one module and each
+    consumer pattern at least one; consumers keep the layer's module order."""
+    names = [n for n, _ in layer.named_modules() if n]
+    out = []
+    for src, dsts in pairs:
+        found = [n for n in names if matches(n, (src,))]
+        if len(found) != 1:
+            raise MappingError(f"{what}: source {src!r} matches {len(found)} modules of the layer "
+                               f"({found[:3]}); it must match exactly one")
+        missing = [d for d in dsts if not any(matches(n, (d,)) for n in names)]
+        if missing:
+            raise MappingError(f"{what}: {missing[:3]} match no module of the layer (modules: {names[:6]} ...)")
+        out.append((found[0], tuple(n for n in names if matches(n, dsts))))
+    return out
 
 
 def run_block(stages: list[Stage], ctx: LayerContext) -> Result:
