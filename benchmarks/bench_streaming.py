@@ -2,6 +2,8 @@
 
     python benchmarks/bench_streaming.py write DIR [--shape 0.8b]     # a random-weight bf16 checkpoint (shards)
     python benchmarks/bench_streaming.py run DIR --mode whole|stream --method rtn|gptq [--out results.json]
+    python benchmarks/bench_streaming.py run DIR --mode whole|stream --method reference [--out results.json]
+        (the float model's log-probabilities on 4 x 512 random tokens: llmquant.ReferenceLogits)
 
 Random weights make quality figures meaningless (none are reported); memory, time and sizes are real. Each
 ``run`` is one process, so its peak resident memory (the kernel's high-water mark, MB = 1e6 bytes) is the
@@ -53,6 +55,18 @@ def run(folder: Path, mode: str, method: str, out: Path | None) -> dict:
     with PeakMemory() as load_mem:
         model, _ = llmquant.load_model(folder, stream=mode == "stream")
     t_load = time.perf_counter() - t0
+    if method == "reference":
+        ids = torch.randint(0, model.config.vocab_size, (4, 512), generator=torch.Generator().manual_seed(0))
+        t1 = time.perf_counter()
+        ref = llmquant.ReferenceLogits(model, ids)
+        result = {"mode": mode, "method": method, "windows": 4, "load_s": t_load, "quantize_s": time.perf_counter() - t1,
+                  "peak_after_load_mb": load_mem.peak_mb, "peak_rss_mb": peak_rss_mb(),
+                  "logp_sum_first_window": float(ref.log_probs(0, ids[0])[:8].sum())}
+        print(json.dumps(result), flush=True)
+        if out is not None:
+            rows = json.loads(out.read_text()) if out.is_file() else []
+            out.write_text(json.dumps(rows + [result], indent=1))
+        return result
     cfg = llmquant.QuantConfig(weight="W4G128", method=method,
                                calibration=llmquant.CalibSpec(samples=8, seq_len=512) if method == "gptq" else None)
     calib = None
@@ -85,7 +99,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run")
     r.add_argument("folder", type=Path)
     r.add_argument("--mode", choices=["whole", "stream"], required=True)
-    r.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    r.add_argument("--method", choices=["rtn", "gptq", "reference"], default="rtn")
     r.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     if a.cmd == "write":

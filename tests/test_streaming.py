@@ -96,3 +96,27 @@ def test_cli_stream(shards, tmp_path):
     a = json.loads((tmp_path / "s" / "llmquant.json").read_text())["tensors"]
     b = json.loads((tmp_path / "w" / "llmquant.json").read_text())["tensors"]
     assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+
+
+def test_streamed_float_reference_gives_the_same_evaluation(tmp_path, tokenizer, capsys):
+    """A float reference loaded with stream=True is run layer by layer (one layer in memory at a time)
+    and gives exactly the KL / top-1 of the reference loaded whole."""
+    ckpt = tmp_path / "m"
+    make_tiny_llama(layers=3).to(torch.bfloat16).save_pretrained(str(ckpt), max_shard_size="2MB")
+    tokenizer.save_pretrained(str(ckpt))
+    whole, tok = llmquant.load_model(ckpt)
+    q, _ = llmquant.load_model(ckpt)
+    llmquant.quantize(q, "W4G32", progress=False)
+    a = llmquant.evaluate(q, reference=whole, windows=2, seq_len=64, progress=False)
+    streamed, _ = llmquant.load_model(ckpt, stream=True)
+    b = llmquant.evaluate(q, reference=streamed, windows=2, seq_len=64, progress=False)
+    assert a.kl > 0 and (a.perplexity, a.kl, a.top1) == (b.perplexity, b.kl, b.top1)
+    assert any(p.is_meta for p in streamed.model.layers.parameters())  # its layers went back to the checkpoint
+
+    from llmquant.cli import main
+
+    llmquant.save(q, tok, tmp_path / "q")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "q"), "--reference", str(ckpt), "--stream-reference", "--windows", "2",
+                 "--seq-len", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kl"] == b.kl

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="evaluate a float model instead (local folder or .gguf)")
     e.add_argument("--reference", help="reference model for KL (default: the quantized model's base)")
     e.add_argument("--no-reference", action="store_true", help="perplexity only")
+    e.add_argument("--stream-reference", action="store_true",
+                   help="run the float reference layer by layer from its safetensors (a model larger than memory)")
     e.add_argument("--text", help=".txt or .jsonl (text field) file (default: pydoc_data.topics)")
     e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (8 quick, 40 full)")
     e.add_argument("--seq-len", type=int, default=512)

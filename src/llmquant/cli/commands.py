@@ -76,13 +76,13 @@ def _add_sens_args(p) -> None:
     p.add_argument("--chart", help="write a per-layer sensitivity chart (PNG; needs matplotlib)")
 
 
-def _reference_for(manifest_source: str | None):
+def _reference_for(manifest_source: str | None, stream: bool = False):
     import llmquant
 
     if manifest_source in (None, "default"):
         return llmquant.load_model(None)[0]
     if Path(manifest_source).exists():
-        return llmquant.load_model(manifest_source)[0]
+        return llmquant.load_model(manifest_source, stream=stream)[0]
     log.warning("base model %s not found; KL and top-1 are not computed", manifest_source)
     return None
 
@@ -98,9 +98,9 @@ def cmd_eval(args) -> int:
     ref = None
     if not args.no_reference:
         if args.reference:
-            ref = llmquant.load_model(args.reference)[0]
+            ref = llmquant.load_model(args.reference, stream=args.stream_reference)[0]
         elif getattr(model, "llmquant_config", None) is not None or getattr(model, "llmquant_plan", None) is not None:
-            ref = _reference_for(getattr(model, "llmquant_source", None))
+            ref = _reference_for(getattr(model, "llmquant_source", None), stream=args.stream_reference)
     text = Path(args.text) if args.text else None
     res = llmquant.evaluate(model, reference=ref, text=text, tokenizer=tok, windows=args.windows, seq_len=args.seq_len)
     if args.json:

@@ -64,16 +64,24 @@ class ReferenceLogits:
         self.ids = ids.clone()
         self._fd, self.path = tempfile.mkstemp(prefix="llmquant-ref-", suffix=".f32", dir=directory)
         self._logp: torch.Tensor | None = None
+        def keep(i: int, logits: torch.Tensor) -> None:
+            lp = F.log_softmax(logits[0, :-1], dim=-1).cpu()
+            if self._logp is None:
+                n = self.ids.shape[0] * lp.numel()
+                os.ftruncate(self._fd, n * 4)
+                self._logp = torch.from_file(self.path, shared=True, size=n, dtype=torch.float32).view(
+                    self.ids.shape[0], *lp.shape)
+            self._logp[i] = lp
+
         try:
             with torch.inference_mode():
-                for i, w in enumerate(tqdm(self.ids, desc="reference", disable=not progress, leave=False)):
-                    lp = F.log_softmax(_logits(model, w.unsqueeze(0).to(_device(model)))[0, :-1], dim=-1).cpu()
-                    if self._logp is None:
-                        n = self.ids.shape[0] * lp.numel()
-                        os.ftruncate(self._fd, n * 4)
-                        self._logp = torch.from_file(self.path, shared=True, size=n, dtype=torch.float32).view(
-                            self.ids.shape[0], *lp.shape)
-                    self._logp[i] = lp
+                if getattr(model, "llmquant_layer_source", None) is not None:  # larger than memory: layer by layer
+                    from ..flows.pipeline import streamed_logits
+
+                    streamed_logits(model, self.ids, keep)
+                else:
+                    for i, w in enumerate(tqdm(self.ids, desc="reference", disable=not progress, leave=False)):
+                        keep(i, _logits(model, w.unsqueeze(0).to(_device(model))))
         except BaseException:
             self.close()
             raise
@@ -115,14 +123,16 @@ def evaluate(
     ``text``: None for the default text, a ``Path`` to a .txt/.jsonl file, or a string of text.
     ``reference`` may be a :class:`ReferenceLogits` computed once on the same windows.
     """
-    for m in (model, reference):
-        if getattr(m, "llmquant_layer_source", None) is not None:
-            from ..errors import UnsupportedError
+    if getattr(model, "llmquant_layer_source", None) is not None:
+        from ..errors import UnsupportedError
 
-            raise UnsupportedError("a streamed model (load_model(..., stream=True)) holds its layers only once "
-                                   "quantize has read them: quantize it first, or load the model whole to evaluate it")
+        raise UnsupportedError("a streamed model (load_model(..., stream=True)) holds its layers only once quantize "
+                               "has read them: quantize it first, or pass it as the reference (it is then run "
+                               "layer by layer), or load it whole")
     tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
     ids = token_windows(tokenizer, text, windows, seq_len)
+    if getattr(reference, "llmquant_layer_source", None) is not None:  # a float reference larger than memory
+        reference = ReferenceLogits(reference, ids, progress=progress)
     dev = _device(model)
     nll = kl = agree = 0.0
     n = 0

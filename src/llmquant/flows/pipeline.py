@@ -376,3 +376,64 @@ def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, 
     if rest:
         _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg, in_layer=False)), chosen,
                  stages[-1], summary)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer in :func:`streamed_logits`' last pass: the hidden states pass through,
+    except at the last layer, which gives the outputs the layer-by-layer pass computed."""
+
+    def __init__(self, layer: nn.Module, out: list | None) -> None:
+        super().__init__()
+        self.layer, self.out, self.current = layer, out, 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, *args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return h if self.out is None else self.out[self.current]
+
+
+def _unload(layer: nn.Module) -> None:
+    """Put a streamed layer's weights back in the checkpoint (meta tensors), freeing their memory."""
+    for mod in layer.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and not p.is_meta:
+                mod._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+
+@torch.no_grad()
+def streamed_logits(model: nn.Module, windows: torch.Tensor, fn: Callable[[int, torch.Tensor], None]) -> None:
+    """The logits of a streamed model (``load_model(..., stream=True)``) on each window (n, seq_len), one
+    window at a time to ``fn(i, logits)``, reading one decoder layer at a time and putting it back after:
+    peak memory is one layer plus the windows' hidden states. The model's own head (final norm, output
+    projection, any logit scaling) computes the logits, so they are those of the model's own forward."""
+    source = getattr(model, "llmquant_layer_source", None)
+    found = decoder_layers(model, arch_for(model))
+    if source is None or found is None:
+        raise CalibrationError("streamed_logits takes a model loaded with stream=True")
+    path, layers = found
+    dev = _device(model)
+    batches = [w.unsqueeze(0).to(dev) for w in windows]
+    xs, kwargs = record_layer_inputs(model, layers, batches, {"use_cache": False})
+    for i in tqdm(range(len(layers)), desc="reference (streamed)", leave=False, unit="layer"):
+        prefix = f"{path}.{i}"
+        source.load(i, prefix, layers[i])
+        for j, (x, k) in enumerate(zip(xs, kwargs[i])):
+            xs[j] = _run(layers[i], x, k)
+        _unload(layers[i])
+        source.release(i, prefix, layers[i])
+    originals = list(layers)
+    replays = [_Replay(layer, xs if i == len(originals) - 1 else None) for i, layer in enumerate(originals)]
+    for i, r in enumerate(replays):
+        layers[i] = r
+    try:
+        for j, b in enumerate(batches):
+            replays[-1].current = j
+            fn(j, _run(model, b, {"use_cache": False}))
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
