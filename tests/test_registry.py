@@ -12,7 +12,7 @@ import llmquant
 from llmquant import AWQParams, GPTQParams, QuantConfig
 from llmquant.errors import SchemeError
 from llmquant.flows import METHODS, Method, register_method
-from llmquant.flows.pipeline import record_layer_inputs
+from llmquant.flows.passes import record_layer_inputs
 from llmquant.flows.summary import QuantSummary
 
 from conftest import make_tiny_llama

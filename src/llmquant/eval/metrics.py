@@ -76,7 +76,7 @@ class ReferenceLogits:
         try:
             with torch.inference_mode():
                 if getattr(model, "llmquant_layer_source", None) is not None:  # larger than memory: layer by layer
-                    from ..flows.pipeline import streamed_logits
+                    from ..flows.passes import streamed_logits
 
                     streamed_logits(model, self.ids, keep)
                 else:

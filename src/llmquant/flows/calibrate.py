@@ -197,7 +197,8 @@ def run_static(model: nn.Module, config, windows: torch.Tensor, progress: bool =
     calibrated on the float layer's outputs, which gives the statistics one float pass over the model
     gives. Linears outside the decoder layers (an output head that is not ignored) need that whole pass:
     the model is then calibrated as one block."""
-    from .pipeline import decoder_layers, run_stages
+    from .passes import decoder_layers
+    from .pipeline import run_stages
 
     cfg = resolve_config(config)
     _check_config(cfg)
