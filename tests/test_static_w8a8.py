@@ -304,3 +304,27 @@ def test_one_pass_smoothquant_minmax_equals_two_passes(tokenizer):
     sa = [m.input_scale.item() for m in a.modules() if isinstance(m, QuantLinear)]
     sb = [m.input_scale.item() for m in b.modules() if isinstance(m, QuantLinear)]
     assert len(sa) == 7 and sa == pytest.approx(sb, rel=1e-5)
+
+
+def test_smoothquant_with_a_given_arch_on_an_unknown_family(tokenizer):
+    """A family llmquant has no record of: quantize_static(..., arch=ArchSpec(...)) gives its pairs, and
+    the result is what the built-in record gives for the same layout."""
+    import copy
+
+    from llmquant.models import ArchSpec, arch_for
+
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(layers=2)
+    ids = torch.randint(0, 1000, (3, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(method="smoothquant")
+    known = copy.deepcopy(base)
+    llmquant.quantize_static(known, cfg, windows=ids, progress=False)
+    unknown = copy.deepcopy(base)
+    unknown.config.model_type = "mystery"
+    assert arch_for(unknown) is None
+    spec = ArchSpec(model_types=("mystery",), norm_to_linears=arch_for(base).norm_to_linears,
+                    linear_to_linears=arch_for(base).linear_to_linears)
+    llmquant.quantize_static(unknown, cfg, windows=ids, arch=spec, progress=False)
+    a, b = known.state_dict(), unknown.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

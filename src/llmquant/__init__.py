@@ -115,12 +115,13 @@ def calibrate(model, tokenizer=None, text=None, *, samples=64, seq_len=512, wind
     return _flows.calibrate(model, wins, batch_size=batch_size, progress=progress)
 
 
-def quantize_static(model, config, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None,
+def quantize_static(model, config, tokenizer=None, text=None, *, samples=64, seq_len=512, windows=None, arch=None,
                     progress=True):
     """Static W8A8 in place (SmoothQuant first when ``config.smooth_alpha`` is set): the ``static`` /
     ``smoothquant`` method of :func:`quantize` on ``samples`` windows of ``seq_len`` tokens from the end of
     ``text`` (None: the default text; a Path: a file; a str: the text), or on the given token ``windows``.
-    The config and the text are checked before the first pass."""
+    The config and the text are checked before the first pass. ``arch``: an ``llmquant.models.ArchSpec``
+    with the norm -> linears pairs of a model family llmquant has no record of."""
     from .schemes import resolve_config
 
     config = resolve_config(config)
@@ -128,6 +129,8 @@ def quantize_static(model, config, tokenizer=None, text=None, *, samples=64, seq
         config = config.with_(method="smoothquant" if config.smooth_alpha is not None else "static")
     _check_calibration_config(config)
     wins = _calib_windows(model, tokenizer, text, samples, seq_len, windows)
+    if arch is not None:  # norm -> linears pairs for a family llmquant has no record of
+        return _flows.quantize_static(model, config, wins, arch=arch, progress=progress)
     return _flows.quantize(model, config, calib=wins, progress=progress)
 
 

@@ -191,7 +191,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, p
     return windows.numel()
 
 
-def run_static(model: nn.Module, config, windows: torch.Tensor, progress: bool = True) -> QuantSummary:
+def run_static(model: nn.Module, config, windows: torch.Tensor, progress: bool = True, *, arch=None) -> QuantSummary:
     """The ``static`` / ``smoothquant`` methods' handler: SmoothQuant (when ``config.smooth_alpha`` is set),
     observers, convert, layer by layer on the pipeline (:class:`StaticStage`); in place. The next layer is
     calibrated on the float layer's outputs, which gives the statistics one float pass over the model
@@ -205,17 +205,18 @@ def run_static(model: nn.Module, config, windows: torch.Tensor, progress: bool =
     found = decoder_layers(model, arch_for(model))
     chosen = select_linears(model, cfg.targets, cfg.ignore)
     outside = found is None or any(not n.startswith(found[0] + ".") for n, _ in chosen)
-    return run_stages(model, cfg, windows, progress=progress, stages=[StaticStage(cfg)], whole_model=outside)
+    return run_stages(model, cfg, windows, progress=progress, stages=[StaticStage(cfg, arch=arch)], whole_model=outside)
 
 
-def quantize_static(model: nn.Module, config, windows: torch.Tensor, *, progress: bool = True) -> QuantSummary:
+def quantize_static(model: nn.Module, config, windows: torch.Tensor, *, arch=None, progress: bool = True) -> QuantSummary:
     """SmoothQuant (when ``config.smooth_alpha`` is set), observers, calibration on ``windows`` and convert,
-    in place: the ``static`` method (``smoothquant`` with a smoothing strength). ``llmquant.quantize_static``
-    makes the windows from text."""
+    in place: the ``static`` method (``smoothquant`` with a smoothing strength). ``arch``: an
+    :class:`~llmquant.models.ArchSpec` giving the norm -> linears pairs of a family llmquant has no record
+    of. ``llmquant.quantize_static`` makes the windows from text."""
     cfg = resolve_config(config)
     if cfg.method not in ("static", "smoothquant"):
         cfg = cfg.with_(method="smoothquant" if cfg.smooth_alpha is not None else "static")
-    return run_static(model, cfg, windows, progress=progress)
+    return run_static(model, cfg, windows, progress=progress, arch=arch)
 
 
 class StaticStage(Stage):
@@ -235,11 +236,15 @@ class StaticStage(Stage):
     def label(self) -> str:
         return f"{self.cfg.weight.name} static"
 
+    def __init__(self, cfg: QuantConfig, params=None, *, arch=None) -> None:
+        super().__init__(cfg, params)
+        self.arch = arch  # an ArchSpec for a family llmquant has no record of (its norm -> linears pairs)
+
     def setup(self, model: nn.Module, arch) -> None:
         from .smooth import smoothing_pairs
 
         self.model = model
-        self.pairs = smoothing_pairs(model, arch) if self.cfg.smooth_alpha is not None else []
+        self.pairs = smoothing_pairs(model, self.arch or arch) if self.cfg.smooth_alpha is not None else []
         self.one_pass = parse_spec(self.cfg.observer)[0] in ("minmax", "min_max") and _static(self.cfg)
         self._state: dict = {}
 
