@@ -53,7 +53,8 @@ def test_streamed_equals_whole(shards, calib, name, tmp_path):
     assert any(p.is_meta for p in streamed.model.layers.parameters())  # the layers are not read yet
     assert not any(p.is_meta for p in streamed.model.embed_tokens.parameters())
     llmquant.quantize(whole, CASES[name], calib=calib, progress=False)
-    llmquant.quantize(streamed, CASES[name], calib=calib, progress=False)
+    s = llmquant.quantize(streamed, CASES[name], calib=calib, progress=False)
+    assert s.peak_memory_mb > 0 and "peak memory" in str(s)
     a, b = whole.state_dict(), streamed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(p.is_meta for p in streamed.parameters()) and not hasattr(streamed, "llmquant_layer_source")

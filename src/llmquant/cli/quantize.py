@@ -103,6 +103,7 @@ def _summary_row(summary, scheme_name: str) -> dict:
         "weight SQNR dB": summary.mean_sqnr_db,
         "kernel": ",".join(summary.kernels),
         "seconds": summary.seconds,
+        "peak MB": summary.peak_memory_mb,
     }
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError
 from ..models import arch_for
 from ..modules import replace_module, select_linears
+from ..resources import PeakMemory
 from ..schemes import CalibSpec, QuantConfig, dequantize
 from .passes import _Stop, _device, _raise_stop, _run, decoder_layers, record_layer_inputs
 from .stages import ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, rtn_result, run_block  # noqa: F401
@@ -110,8 +111,7 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
     source = getattr(model, "llmquant_layer_source", None)  # a streamed model: layers read as they are reached
     hooks = hooks or Hooks(source=source or LayerSource())
     stages = stages or make_stages(cfg)
-    calibrated = any(s.needs_data for s in stages)
-    if calibrated and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
+    if calibrated_stages(stages) and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
         raise CalibrationError("calibration data must be a tensor of token ids (windows, seq_len) or of inputs (n, ...)")
     arch = arch_for(model)
     for s in stages:
@@ -123,8 +123,18 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
     t0 = time.perf_counter()
     summary = QuantSummary(method="+".join(cfg.methods), config=cfg.to_dict())
     summary.untied_lm_head = untie_if_needed(model, chosen)
+    with PeakMemory() as mem:
+        _drive(model, cfg, calib, stages, chosen, arch, source, whole_model, summary, progress, hooks)
+    summary.peak_memory_mb = mem.peak_mb
+    summary.seconds = time.perf_counter() - t0
+    log.info("%s", summary)
+    model.llmquant_config = cfg
+    return summary
+
+
+def _drive(model, cfg, calib, stages, chosen, arch, source, whole_model, summary, progress, hooks) -> None:
     found = decoder_layers(model, arch)
-    if not calibrated:
+    if not calibrated_stages(stages):
         _data_free(model, found, chosen, cfg, stages, summary, progress, hooks)
     else:
         spec = cfg.calibration or CalibSpec()
@@ -142,10 +152,10 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
             _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, progress)
     if source is not None:
         del model.llmquant_layer_source  # every layer has been read: the model is whole (and quantized)
-    summary.seconds = time.perf_counter() - t0
-    log.info("%s", summary)
-    model.llmquant_config = cfg
-    return summary
+
+
+def calibrated_stages(stages: list[Stage]) -> bool:
+    return any(s.needs_data for s in stages)
 
 
 def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> None:

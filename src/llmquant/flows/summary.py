@@ -44,6 +44,7 @@ class QuantSummary:
     untied_lm_head: bool = False
     calibration: dict = field(default_factory=dict)
     layer_errors: list[float] = field(default_factory=list)
+    peak_memory_mb: float = 0.0  # the process's peak resident memory while quantizing (MB, 1e6 bytes)
 
     @property
     def packed_bytes(self) -> int:
@@ -80,6 +81,7 @@ class QuantSummary:
             "untied_lm_head": self.untied_lm_head,
             "calibration": self.calibration,
             "layer_errors": self.layer_errors,
+            "peak_memory_mb": self.peak_memory_mb,
         }
 
     def __str__(self) -> str:
@@ -87,6 +89,7 @@ class QuantSummary:
             f"{self.method}: {len(self.layers)} layers, {self.bits_per_weight:.2f} bits/weight, "
             f"{self.float_bytes / 1e6:.1f} MB -> {self.packed_bytes / 1e6:.1f} MB, mean weight SQNR "
             f"{self.mean_sqnr_db:.1f} dB, kernel(s) {', '.join(self.kernels)}, {self.seconds:.1f}s"
+            + (f", peak memory {self.peak_memory_mb:.0f} MB" if self.peak_memory_mb else "")
         )
 
 

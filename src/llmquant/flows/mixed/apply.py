@@ -78,7 +78,8 @@ def apply_plan(model: nn.Module, plan, *, progress: bool = True) -> QuantSummary
     layer_linears = [n for n, m in model.named_modules() if n in assign and n not in heads and isinstance(m, nn.Linear)]
     summary = QuantSummary(method=f"plan:{plan.method}", config=plan.to_dict(), untied_lm_head=untied)
     if layer_linears:
-        summary.layers = run_stages(model, stage.cfg, progress=progress, stages=[stage], names=layer_linears).layers
+        inner = run_stages(model, stage.cfg, progress=progress, stages=[stage], names=layer_linears)
+        summary.layers, summary.peak_memory_mb = inner.layers, inner.peak_memory_mb
         del model.llmquant_config  # a plan model's recipe is its plan (model.llmquant_plan)
     built: dict[str, nn.Module] = {}
     order = [n for n in assign if n not in shared_from and n not in layer_linears] + list(shared_from)
