@@ -60,6 +60,8 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     """
     from pathlib import Path
 
+    if isinstance(config, Path) or (isinstance(config, str) and ("/" in config or config.endswith(".json"))):
+        config = _io.read_recipe(config)  # a saved folder's recipe, or a QuantConfig / plan JSON file
     cfg = _flows.registry.resolve(config)
     if _flows.needs_calibration(cfg) and (calib is None or isinstance(calib, (str, Path))):
         spec = cfg.calibration or CalibSpec()

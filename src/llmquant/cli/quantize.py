@@ -139,7 +139,7 @@ def cmd_quantize(args) -> int:
 
             config = QuantConfig(method="plan", method_params=Plan.load(args.plan))
         else:
-            config = llmquant.flows.registry.resolve(recipe)
+            config = llmquant.flows.registry.resolve(llmquant.io.read_recipe(recipe))
     else:
         config = config_from_args(args)
     _check_out(args.output, args.overwrite)

@@ -205,7 +205,8 @@ def run_static(model: nn.Module, config, windows: torch.Tensor, progress: bool =
     found = decoder_layers(model, arch_for(model))
     chosen = select_linears(model, cfg.targets, cfg.ignore)
     outside = found is None or any(not n.startswith(found[0] + ".") for n, _ in chosen)
-    return run_stages(model, cfg, windows, progress=progress, stages=[StaticStage(cfg, arch=arch)], whole_model=outside)
+    return run_stages(model, cfg, windows, progress=progress, stages=[StaticStage(cfg, arch=arch)],
+                      names=[n for n, _ in chosen], whole_model=outside)
 
 
 def quantize_static(model: nn.Module, config, windows: torch.Tensor, *, arch=None, progress: bool = True) -> QuantSummary:

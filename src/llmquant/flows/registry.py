@@ -13,10 +13,8 @@ Adding a method::
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -63,28 +61,9 @@ def needs_calibration(cfg: QuantConfig) -> bool:
 
 
 def resolve(config) -> QuantConfig:
-    """A QuantConfig from anything ``quantize`` takes: a config, scheme, preset name or dict, a
-    mixed-precision Plan (or its dict or .json file), or an llmquant folder (its manifest's recipe)."""
-    if isinstance(config, Path) or (isinstance(config, str) and ("/" in config or config.endswith(".json"))):
-        p = Path(config).expanduser()
-        if not p.exists():
-            raise SchemeError(f"{str(config)!r} is neither a preset nor an existing folder or JSON file; give a "
-                              "folder written by llmquant, a QuantConfig or plan .json file, or a preset such as W4G64")
-        if p.is_dir() and not (p / "llmquant.json").is_file():
-            raise SchemeError(f"{str(config)!r} holds no llmquant.json: it is not a folder written by llmquant")
-    if isinstance(config, (str, Path)) and str(config).endswith(".json") and Path(config).expanduser().is_file():
-        try:
-            config = json.loads(Path(config).expanduser().read_text())  # a plan or a QuantConfig, as JSON
-        except json.JSONDecodeError as e:
-            raise SchemeError(f"{config} is not valid JSON: {e}") from None
-    if isinstance(config, (str, Path)) and (Path(config).expanduser() / "llmquant.json").is_file():
-        manifest = json.loads((Path(config).expanduser() / "llmquant.json").read_text())
-        if manifest.get("plan"):
-            config = manifest["plan"]
-        elif manifest.get("config"):
-            config = manifest["config"]
-        else:
-            raise SchemeError(f"{config} records no quantization config to reproduce")
+    """A QuantConfig from anything ``quantize`` takes: a config, scheme, preset name or dict, or a
+    mixed-precision Plan (or its dict or .json file). A saved folder's recipe is read by
+    :func:`llmquant.io.read_recipe` (``llmquant.quantize`` does it for a path)."""
     if is_plan_like(config):
         from ..schemes import resolve_plan
 
@@ -96,21 +75,19 @@ def quantize(model: nn.Module, config="W4G128", *, calib=None, progress: bool = 
     """Quantize ``model`` in place with ``config`` and return a :class:`~llmquant.flows.QuantSummary`.
 
     ``config``: a :class:`QuantConfig` (its ``method`` picks the registered handler), a scheme or preset
-    name (RTN), a dict, a mixed-precision Plan, or a folder written by ``llmquant.save`` (its recipe).
+    name (RTN), a dict, or a mixed-precision Plan.
     Calibrated methods take ``calib``: token ids (windows, seq_len) or float inputs (n, ...);
     :func:`llmquant.quantize` makes them from text.
     """
     cfg = resolve(config)
-    if len(cfg.methods) > 1:
-        from .pipeline import run_stages
-
-        if needs_calibration(cfg) and calib is None:
-            raise SchemeError(f"methods {list(cfg.methods)} need calibration data: pass calib= (token ids or inputs)")
-        return run_stages(model, cfg, calib, progress=progress)
-    method = get_method(cfg.method)
-    if getattr(model, "llmquant_layer_source", None) is not None and not method.streams:
+    methods = [get_method(m) for m in cfg.methods]
+    if getattr(model, "llmquant_layer_source", None) is not None and not all(m.streams for m in methods):
         raise SchemeError(f"method {cfg.method!r} needs the whole model in memory; load it without stream=True "
                           "(methods that stream: " + ", ".join(m for m, v in METHODS.items() if v.streams) + ")")
-    if method.calibrated and calib is None:
+    if any(m.calibrated for m in methods) and calib is None:
         raise SchemeError(f"method {cfg.method!r} needs calibration data: pass calib= (token ids or inputs)")
-    return method.run(model, cfg, calib, progress)
+    if len(methods) > 1:  # a composition: the layer-wise stages of each, on the pipeline
+        from .pipeline import run_stages
+
+        return run_stages(model, cfg, calib, progress=progress)
+    return methods[0].run(model, cfg, calib, progress)

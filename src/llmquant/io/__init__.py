@@ -1,7 +1,7 @@
 """File formats: model loading, llmquant folders, GGUF / compressed-tensors. The only layer (with models/) that imports
 transformers."""
 
-from .folder import load, read_manifest, save
+from .folder import load, read_manifest, read_recipe, save
 from .compressed_tensors import export_compressed_tensors
 from .gguf_export import GGUFExportReport, export_gguf
 from .gguf_import import GGUFImport, load_gguf_packed
@@ -23,5 +23,6 @@ __all__ = [
     "plain_copy_of_gguf_model",
     "quiet_transformers",
     "read_manifest",
+    "read_recipe",
     "save",
 ]

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..version import __version__
-from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, UnsupportedError
+from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, SchemeError, UnsupportedError
 from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme
 
@@ -130,6 +130,27 @@ def save(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: b
         raise
     log.info("saved %s", out)
     return out
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    """The quantization recipe ``path`` holds, as a dict for ``llmquant.quantize``: a folder written by
+    :func:`save` (its manifest's plan or config) or a JSON file (a QuantConfig or a plan)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SchemeError(f"{str(path)!r} is neither a preset nor an existing folder or JSON file; give a "
+                          "folder written by llmquant, a QuantConfig or plan .json file, or a preset such as W4G64")
+    if p.is_dir():
+        if not (p / MANIFEST).is_file():
+            raise SchemeError(f"{str(path)!r} holds no {MANIFEST}: it is not a folder written by llmquant")
+        manifest = read_manifest(p)
+        recipe = manifest.get("plan") or manifest.get("config")
+        if not recipe:
+            raise SchemeError(f"{path} records no quantization config to reproduce")
+        return recipe
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SchemeError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:

@@ -96,12 +96,16 @@ class SafetensorsCheckpoint:
         return self.read([name], dtype)[name]
 
 
-def _materialize(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
+def _materialize(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
+                 skip: tuple[str, ...] = ()) -> None:
     """Give every parameter (and persistent buffer) of ``module`` that is on the meta device its tensor
-    from the checkpoint; ``prefix`` is the module's name in the model."""
+    from the checkpoint; ``prefix`` is the module's name in the model; modules named in ``skip`` (and
+    everything under them) are left as they are."""
     wanted = []  # (module, kind, attribute name, full name, meta tensor)
     for mod_name, mod in module.named_modules():
         base = ".".join(p for p in (prefix, mod_name) if p)
+        if any(base == k or base.startswith(k + ".") for k in skip):
+            continue
         wanted += [(mod, "p", n, f"{base}.{n}", t) for n, t in mod.named_parameters(recurse=False) if t.is_meta]
         wanted += [(mod, "b", n, f"{base}.{n}", t) for n, t in mod.named_buffers(recurse=False)
                    if t.is_meta and f"{base}.{n}" in ckpt]
@@ -166,8 +170,11 @@ def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         raise ModelNotFoundError(f"streaming needs to know where {type(model).__name__}'s decoder layers are: add "
                                  "its family to llmquant.models.arch")
     tied = getattr(config, "tie_word_embeddings", False)
-    for name, mod in model.named_children():
-        _materialize_outside(model, mod, name, layers_path, ckpt, dtype, tied)
+    skip = (layers_path,)  # read by the pipeline, layer by layer
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    if tied and head is not None and f"{head}.weight" not in ckpt:
+        skip += (head,)  # tied to the input embedding: tie_weights() shares it
+    _materialize(model, "", ckpt, dtype, skip)
     if tied:
         model.tie_weights()
     model.eval()
@@ -181,19 +188,3 @@ def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     model.llmquant_tokenizer = tok
     return model, tok
 
-
-def _materialize_outside(model, mod, name, layers_path, ckpt, dtype, tied) -> None:
-    """Read every tensor of ``mod`` (a child of the model, named ``name``) except the decoder layers."""
-    if layers_path == name:
-        return
-    if layers_path.startswith(name + "."):
-        for child_name, child in mod.named_children():
-            _materialize_outside(model, child, f"{name}.{child_name}", layers_path, ckpt, dtype, tied)
-        for pname, prm in list(mod.named_parameters(recurse=False)):
-            if prm.is_meta:
-                mod._parameters[pname] = nn.Parameter(ckpt.tensor(f"{name}.{pname}", dtype), requires_grad=False)
-        return
-    out = model.get_output_embeddings()
-    if tied and mod is out and f"{name}.weight" not in ckpt:
-        return  # tied to the input embedding: tie_weights() shares it
-    _materialize(mod, name, ckpt, dtype)
