@@ -35,22 +35,30 @@ FORMAT_VERSION = 1
 
 
 def _sha256(t: torch.Tensor) -> str:
-    t = t.detach().contiguous().cpu()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    from .shards import _tensor_bytes
+
+    return hashlib.sha256(_tensor_bytes(t)).hexdigest()  # no copy of the tensor's bytes
 
 
-def _tensors_and_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _tensors_and_aliases(module: nn.Module, prefix: str = "", skip=()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``module``'s tensors by full name (``prefix`` + its own name), a tensor shared by two names stored once
+    (the second listed as an alias of the first); names in ``skip`` are left out."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, t in model.state_dict(keep_vars=False).items():
+    for name, t in module.state_dict(keep_vars=False).items():
+        name = f"{prefix}.{name}" if prefix else name
+        if name in skip:
+            continue
+        if t.is_meta:
+            raise UnsupportedError(f"tensor {name} has no data (meta device): it was never loaded or was already written")
         key = (t.data_ptr(), tuple(t.shape), t.dtype, tuple(t.stride())) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
         if key is not None:
             seen[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
+        tensors[name] = t.detach()
     return tensors, aliases
 
 
@@ -69,67 +77,135 @@ def _quant_layers(model: nn.Module) -> dict[str, dict]:
     }
 
 
-def save(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None) -> Path:
-    """Save a (quantized or float) model with its tokenizer to ``folder``; returns the folder."""
-    from safetensors.torch import save_file
+class OutputFolder:
+    """A save in progress: a temporary folder beside ``folder`` holding a lock on the output. The
+    layer-by-layer pipeline writes each finished decoder layer into it (``layer_done``, a pipeline hook:
+    the layer's tensors go to disk and, with ``drop``, leave memory); :meth:`finish` writes the rest and
+    puts the folder in place in one step. A failure or a kill leaves any previous output as it was."""
 
+    def __init__(self, folder: str | os.PathLike, *, overwrite: bool = False, shard_size=None,
+                 drop_written: bool = True) -> None:
+        from .shards import OutputLock, ShardWriter, parse_size
+
+        out = Path(folder).expanduser()
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(f"{str(out)!r} is a file, not a folder; choose another output folder")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise OutputExistsError(f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite")
+        self.out, self.drop_written = out, drop_written
+        shard_bytes = parse_size(shard_size, "shard size")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.lock = OutputLock(out)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        except OSError as e:
+            raise OutputExistsError(f"cannot write to {str(out)!r}: {e.strerror or e}") from None
+        self.writer = ShardWriter(self.tmp, shard_bytes)
+        self.aliases: dict[str, str] = {}
+        self.done = False
+
+    def write_module(self, prefix: str, module: nn.Module, drop: bool | None = None) -> None:
+        """Write ``module``'s tensors now (named ``prefix.<name>``); with ``drop`` its tensors then move to
+        the meta device so their memory is freed."""
+        tensors, aliases = _tensors_and_aliases(module, prefix)
+        for name, t in tensors.items():
+            self.writer.add(name, t)
+        self.aliases.update(aliases)
+        del tensors
+        if self.drop_written if drop is None else drop:
+            module.to("meta")
+
+    def layer_done(self, index: int, prefix: str, layer: nn.Module, summary=None) -> None:
+        self.write_module(prefix, layer)
+
+    def finish(self, model: nn.Module, tokenizer, *, base_model: str | None = None) -> Path:
+        """Write what is not written yet, the manifest, config and tokenizer; put the folder in place."""
+        try:
+            passthrough = getattr(model, "llmquant_passthrough", None) or {}
+            tensors, aliases = _tensors_and_aliases(model, skip=set(self.writer.entries) | set(self.aliases))
+            for name, t in tensors.items():
+                src = passthrough.get(name)
+                self.writer.add(name, src[0] if src is not None and src[1] == t.data_ptr() else t)
+            del tensors
+            self.aliases.update(aliases)
+            entries = self.writer.close()
+            _write_side_files(model, tokenizer, self.tmp)
+            qcfg = getattr(model, "llmquant_config", None)
+            cfg = getattr(model, "config", None)
+            manifest = {
+                "format": "llmquant",
+                "format_version": FORMAT_VERSION,
+                "llmquant_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "base_model": base_model or getattr(model, "llmquant_source", None),
+                "model_class": type(model).__name__,
+                "model_type": getattr(cfg, "model_type", None),
+                "config": None if qcfg is None else qcfg.to_dict(),
+                "quantized_layers": _quant_layers(model),
+                "mixed_modules": {n: m.manifest_entry() for n, m in model.named_modules()
+                                  if type(m).__name__ in MANIFEST_MODULES},
+                "plan": None if getattr(model, "llmquant_plan", None) is None else model.llmquant_plan.to_ordered_dict(),
+                "aliases": dict(sorted(self.aliases.items())),
+                "tensors": dict(sorted(entries.items())),
+            }
+            (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            from .shards import swap_in
+
+            swap_in(self.tmp, self.out)
+            self.done = True
+        except BaseException:
+            self.abort()
+            raise
+        self.lock.release()
+        log.info("saved %s", self.out)
+        return self.out
+
+    def abort(self) -> None:
+        """Remove the temporary folder; the previous output (if any) is untouched."""
+        if not self.done:
+            self.writer.abort()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.done = True
+        self.lock.release()
+
+    def __enter__(self) -> "OutputFolder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self.done:
+            self.abort()
+
+
+def _write_side_files(model: nn.Module, tokenizer, folder: Path) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.to_json_file(str(folder / "config.json"))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(str(folder))
+        except Exception as e:  # a generation config that does not validate is not worth failing a save
+            log.warning("generation config not saved: %s", e)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def _check_saveable(model: nn.Module) -> None:
     foreign = [n for n, m in model.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
     if foreign:
         raise UnsupportedError(
             f"cannot save {foreign[:3]}: PyTorch's dynamically quantized LSTM/GRU modules have no place in "
             "llmquant's folder format; save the float model and run quantize_dynamic again after loading it"
         )
-    out = Path(folder).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tensors, aliases = _tensors_and_aliases(model)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "llmquant"})
-        cfg = getattr(model, "config", None)
-        if cfg is not None:
-            cfg.to_json_file(str(tmp / "config.json"))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(str(tmp))
-            except Exception as e:  # a generation config that does not validate is not worth failing a save
-                log.warning("generation config not saved: %s", e)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        qcfg = getattr(model, "llmquant_config", None)
-        manifest = {
-            "format": "llmquant",
-            "format_version": FORMAT_VERSION,
-            "llmquant_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "base_model": base_model or getattr(model, "llmquant_source", None),
-            "model_class": type(model).__name__,
-            "model_type": getattr(cfg, "model_type", None),
-            "config": None if qcfg is None else qcfg.to_dict(),
-            "quantized_layers": _quant_layers(model),
-            "mixed_modules": {n: m.manifest_entry() for n, m in model.named_modules() if type(m).__name__ in MANIFEST_MODULES},
-            "plan": None if getattr(model, "llmquant_plan", None) is None else model.llmquant_plan.to_ordered_dict(),
-            "aliases": aliases,
-            "tensors": {
-                k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "sha256": _sha256(v)}
-                for k, v in tensors.items()
-            },
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("saved %s", out)
-    return out
+
+
+def save(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: bool = False,
+         base_model: str | None = None, shard_size=None) -> Path:
+    """Save a (quantized or float) model with its tokenizer to ``folder``; returns the folder.
+    ``shard_size`` (bytes, or a string such as ``"2GB"``): the most each safetensors shard holds."""
+    _check_saveable(model)
+    with OutputFolder(folder, overwrite=overwrite, shard_size=shard_size) as out:
+        return out.finish(model, tokenizer, base_model=base_model)
 
 
 def read_recipe(path: str | os.PathLike) -> dict:
@@ -169,28 +245,54 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
-def _read_tensors(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+def _weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files: the shards its index names, or the one ``model.safetensors``."""
+    from .shards import INDEX
+
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptFileError(f"{index} is not a safetensors index ({e}); the save is damaged, quantize again") from None
+        if any(not isinstance(n, str) or "/" in n or n.startswith(".") for n in names):
+            raise CorruptFileError(f"{index} names files outside the folder")
+        files = [folder / n for n in names]
+    else:
+        files = [folder / WEIGHTS]
+    for f in files:
+        if not f.is_file():
+            raise CorruptFileError(f"{f} is missing; the save is incomplete, quantize again")
+    return files
+
+
+def _read_tensors(folder: Path, manifest: dict, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder, memory-mapped (pages are read when first used), checked against the
+    manifest: names, shapes, dtypes and (``verify``) sha256."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    f = folder / WEIGHTS
-    if not f.is_file():
-        raise CorruptFileError(f"{f} is missing; the save is incomplete, quantize again")
-    try:
-        tensors = load_file(str(f))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CorruptFileError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); quantize again") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _weight_files(folder):
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CorruptFileError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); quantize again") from None
+        if set(part) & set(tensors):
+            raise CorruptFileError(f"{f} repeats tensors of another shard: {sorted(set(part) & set(tensors))[:3]}")
+        tensors.update(part)
     expected = manifest.get("tensors", {})
     if set(expected) != set(tensors):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise CorruptFileError(f"{f} does not match {MANIFEST}: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise CorruptFileError(f"the weights in {folder} do not match {MANIFEST}: missing {missing[:3]}, "
+                               f"unexpected {extra[:3]}")
     for k, meta in expected.items():
         t = tensors[k]
         if list(t.shape) != meta["shape"] or str(t.dtype).replace("torch.", "") != meta["dtype"]:
             raise CorruptFileError(
                 f"tensor {k}: file has {list(t.shape)} {t.dtype}, manifest says {meta['shape']} {meta['dtype']}"
             )
-        if _sha256(t) != meta["sha256"]:
+        if verify and _sha256(t) != meta["sha256"]:
             raise CorruptFileError(f"tensor {k} fails its sha256 check: the file was modified or damaged")
     return tensors
 
@@ -206,17 +308,20 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise CorruptFileError(f"{p / 'config.json'} cannot be read ({str(e).splitlines()[0]})") from None
-    with torch.device("cpu"):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # no memory for weights: the files' tensors are assigned
         model = AutoModelForCausalLM.from_config(config)
     for name, layer in manifest["quantized_layers"].items():
-        q = QuantLinear(
-            layer["in_features"],
-            layer["out_features"],
-            QuantScheme.from_dict(layer["scheme"]),
-            bias=layer["bias"],
-            activation_scheme=None if layer["activation"] is None else QuantScheme.from_dict(layer["activation"]),
-            bias_dtype=getattr(torch, layer["bias_dtype"]) if layer.get("bias_dtype") else torch.float32,
-        )
+        with torch.device("meta"):
+            q = QuantLinear(
+                layer["in_features"],
+                layer["out_features"],
+                QuantScheme.from_dict(layer["scheme"]),
+                bias=layer["bias"],
+                activation_scheme=None if layer["activation"] is None else QuantScheme.from_dict(layer["activation"]),
+                bias_dtype=getattr(torch, layer["bias_dtype"]) if layer.get("bias_dtype") else torch.float32,
+            )
         try:
             replace_module(model, name, q)
         except AttributeError:
@@ -225,7 +330,9 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
         if entry.get("type") not in MANIFEST_MODULES:
             raise CorruptFileError(f"manifest names module type {entry.get('type')!r} for {name!r}, unknown to this llmquant")
         try:
-            replace_module(model, name, MANIFEST_MODULES[entry["type"]].from_manifest(entry))
+            with torch.device("meta"):
+                new = MANIFEST_MODULES[entry["type"]].from_manifest(entry)
+            replace_module(model, name, new)
         except AttributeError:
             raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
     state = dict(tensors)
