@@ -121,3 +121,90 @@ def test_streamed_float_reference_gives_the_same_evaluation(tmp_path, tokenizer,
     assert main(["eval", str(tmp_path / "q"), "--reference", str(ckpt), "--stream-reference", "--windows", "2",
                  "--seq-len", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kl"] == b.kl
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq", "plan"])
+def test_output_written_as_it_goes(shards, calib, name, tmp_path):
+    """quantize(..., output=) writes each layer when it is done (a streamed model's layers then leave memory);
+    the folder holds several shards and equals saving the whole-model result; the model runs afterwards."""
+    whole, _ = llmquant.load_model(shards)
+    llmquant.quantize(whole, CASES[name], calib=calib, progress=False)
+    llmquant.save(whole, None, tmp_path / "w")
+    streamed, _ = llmquant.load_model(shards, stream=True)
+    written = []
+    import llmquant.io.folder as folder
+
+    orig = folder.OutputFolder.layer_done
+
+    def spy(self, index, prefix, layer, summary=None):
+        orig(self, index, prefix, layer, summary)
+        written.append(index)
+        assert all(p.is_meta for p in layer.parameters()) and all(b.is_meta for b in layer.buffers())
+
+    folder.OutputFolder.layer_done = spy
+    try:
+        llmquant.quantize(streamed, CASES[name], calib=calib, progress=False, output=tmp_path / "s", shard_size="40KB")
+    finally:
+        folder.OutputFolder.layer_done = orig
+    assert written == [0, 1, 2]
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    a = json.loads((tmp_path / "w" / "llmquant.json").read_text())["tensors"]
+    b = json.loads((tmp_path / "s" / "llmquant.json").read_text())["tensors"]
+    assert {k: v["sha256"] for k, v in a.items() if "layers" in k} == {k: v["sha256"] for k, v in b.items() if "layers" in k}
+    assert not any(t.is_meta for t in streamed.state_dict().values())  # read back from the folder, memory-mapped
+    loaded, _ = llmquant.load(tmp_path / "s")
+    with torch.no_grad():
+        ref = whole(calib[:2]).logits
+        assert torch.equal(loaded(calib[:2]).logits, ref) and torch.equal(streamed(calib[:2]).logits, ref)
+    assert not list(tmp_path.glob(".s.*"))  # no temporary folder or lock left
+
+
+def test_failed_or_killed_run_keeps_the_old_output(shards, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    llmquant.quantize(llmquant.load_model(shards)[0], "W8", progress=False, output=out)
+    before = json.loads((out / "llmquant.json").read_text())["tensors"]
+    m, _ = llmquant.load_model(shards, stream=True)
+    import llmquant.io.folder as folder
+
+    orig = folder.OutputFolder.layer_done
+
+    def fail_at_1(self, index, *a):
+        if index == 1:
+            raise OSError(28, "No space left on device")
+        orig(self, index, *a)
+
+    folder.OutputFolder.layer_done = fail_at_1
+    try:  # fails after a layer was written: the old output stays
+        with pytest.raises(OSError, match="No space"):
+            llmquant.quantize(m, "W4G32", progress=False, output=out, overwrite=True)
+    finally:
+        folder.OutputFolder.layer_done = orig
+    assert json.loads((out / "llmquant.json").read_text())["tensors"] == before
+    assert not list(tmp_path.glob(".out.*"))
+    # a kill -9 in the middle of a streamed run: the old output loads as before; the next run clears the leftovers
+    script = (
+        "import time, llmquant, llmquant.io.folder as f\n"
+        "orig = f.OutputFolder.layer_done\n"
+        "def slow(self, *a):\n"
+        "    orig(self, *a); print('layer', flush=True); time.sleep(30)\n"
+        "f.OutputFolder.layer_done = slow\n"
+        f"m, _ = llmquant.load_model({str(shards)!r}, stream=True)\n"
+        f"llmquant.quantize(m, 'W4G32', progress=False, output={str(out)!r}, overwrite=True)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.stdout.readline().strip() == "layer"
+    assert list(tmp_path.glob(".out.tmp-*")) and list(tmp_path.glob(".out.tmp-*/*"))
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert json.loads((out / "llmquant.json").read_text())["tensors"] == before
+    llmquant.load(out)
+    llmquant.quantize(llmquant.load_model(shards)[0], "W8", progress=False, output=out, overwrite=True)
+    assert not list(tmp_path.glob(".out.*"))

@@ -47,7 +47,8 @@ def load_model(path=None, *, dtype=None, packed=False, stream=False):
     return _io.load_model(path, dtype=dtype, packed=packed, stream=stream)
 
 
-def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True):
+def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True, output=None,
+             overwrite: bool = False, shard_size=None):
     """Quantize ``model`` in place with ``config``; returns a :class:`QuantSummary`.
 
     ``config``: a :class:`QuantConfig` whose ``method`` names a registered method (``rtn``, ``gptq``,
@@ -57,6 +58,11 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     Calibrated methods take ``calib``: None for the calibration in ``config.calibration`` (default: 64 x 512
     tokens from the end of the default text), a path to a .txt / .jsonl file, or a tensor of token ids
     (windows, seq_len) / float inputs.
+
+    ``output``: a folder to save the quantized model to (as :func:`save` does, atomically), written as the
+    work goes: each decoder layer is written when it is finished, and for a model loaded with
+    ``stream=True`` it then leaves memory (the returned model reads it back from the folder, memory-mapped).
+    ``shard_size`` (e.g. ``"2GB"``): the most each safetensors file holds.
     """
     from pathlib import Path
 
@@ -74,7 +80,20 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
         src = None if spec.source in (None, "default") else Path(spec.source)
         calib = _data.calibration_windows(tok, src, spec.samples, spec.seq_len, context=ctx)
         cfg = cfg.with_(calibration=spec)
-    return _flows.quantize(model, cfg, calib=calib, progress=progress)
+    if output is None:
+        return _flows.quantize(model, cfg, calib=calib, progress=progress)
+    _io.folder._check_saveable(model)
+    streamed = getattr(model, "llmquant_layer_source", None) is not None
+    with _io.OutputFolder(output, overwrite=overwrite, shard_size=shard_size, drop_written=streamed) as out:
+        model.llmquant_layer_sink = out
+        try:
+            summary = _flows.quantize(model, cfg, calib=calib, progress=progress)
+        finally:
+            del model.llmquant_layer_sink
+        out.finish(model, tokenizer or getattr(model, "llmquant_tokenizer", None))
+    if streamed:
+        _io.attach_saved(model, output)
+    return summary
 
 
 def load(folder, *, device="cpu"):

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", help="a mixed-precision plan file (JSON) from `llmquant plan` or written by hand")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    q.add_argument("--shard-size", default="2GB", help="the most one safetensors file of the output holds "
+                   "(default 2GB; the output is written layer by layer as it is quantized)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity, KL vs the unquantized model, top-1, size")

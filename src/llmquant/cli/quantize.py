@@ -144,8 +144,8 @@ def cmd_quantize(args) -> int:
         config = config_from_args(args)
     _check_out(args.output, args.overwrite)
     model, tok = llmquant.load_model(args.model, stream=args.stream)
-    summary = llmquant.quantize(model, config, tokenizer=tok)
-    llmquant.save(model, tok, args.output, overwrite=args.overwrite)
+    summary = llmquant.quantize(model, config, tokenizer=tok, output=args.output, overwrite=args.overwrite,
+                                shard_size=args.shard_size)
     if config.method == "plan":
         row = _plan_row(llmquant, model, summary)
     else:

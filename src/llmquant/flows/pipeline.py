@@ -109,7 +109,8 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
     the linears to quantize, when the handler selected them itself; ``whole_model``: one float pass over
     the whole model instead of layer by layer (also what ``CalibSpec(sequential=False)`` asks)."""
     source = getattr(model, "llmquant_layer_source", None)  # a streamed model: layers read as they are reached
-    hooks = hooks or Hooks(source=source or LayerSource())
+    sink = getattr(model, "llmquant_layer_sink", None)  # an output being written: each layer goes when done
+    hooks = hooks or Hooks(source=source or LayerSource(), on_layer_done=[sink.layer_done] if sink is not None else [])
     stages = stages or make_stages(cfg)
     if calibrated_stages(stages) and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
         raise CalibrationError("calibration data must be a tensor of token ids (windows, seq_len) or of inputs (n, ...)")
@@ -167,11 +168,9 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
         for i, (prefix, layer) in enumerate(layers):
             lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
             hooks.source.load(i, prefix, layer)
-            if not lin:
-                hooks.source.release(i, prefix, layer)
-                continue
-            ctx = LayerContext(layer, prefix, lin, StatsCollector({}), cfg)
-            _install(model, run_block(stages, ctx), chosen, stages[-1], summary)
+            if lin:
+                ctx = LayerContext(layer, prefix, lin, StatsCollector({}), cfg)
+                _install(model, run_block(stages, ctx), chosen, stages[-1], summary)
             for cb in hooks.on_layer_done:
                 cb(i, prefix, layer, summary)
             hooks.source.release(i, prefix, layer)

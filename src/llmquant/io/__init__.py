@@ -1,7 +1,7 @@
 """File formats: model loading, llmquant folders, GGUF / compressed-tensors. The only layer (with models/) that imports
 transformers."""
 
-from .folder import load, read_manifest, read_recipe, save
+from .folder import OutputFolder, attach_saved, load, read_manifest, read_recipe, save
 from .compressed_tensors import export_compressed_tensors
 from .gguf_export import GGUFExportReport, export_gguf
 from .gguf_import import GGUFImport, load_gguf_packed
@@ -10,6 +10,8 @@ from .loading import load_model, load_saved
 
 __all__ = [
     "GGUFExportReport",
+    "OutputFolder",
+    "attach_saved",
     "GGUFImport",
     "export_compressed_tensors",
     "export_gguf",

@@ -176,6 +176,19 @@ class OutputFolder:
             self.abort()
 
 
+def attach_saved(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Give ``model``'s tensors that are on the meta device (written out as the pipeline went) their
+    memory-mapped copies from ``folder``, just saved from this model: the model runs again, with its
+    weights paged in from disk as they are used."""
+    p = Path(folder).expanduser()
+    manifest = read_manifest(p)
+    tensors = _read_tensors(p, manifest, verify=False)
+    aliases = manifest.get("aliases", {})
+    hollow = {n: tensors[aliases.get(n, n)] for n, t in model.state_dict(keep_vars=True).items()
+              if t.is_meta and aliases.get(n, n) in tensors}
+    model.load_state_dict(hollow, strict=False, assign=True)
+
+
 def _write_side_files(model: nn.Module, tokenizer, folder: Path) -> None:
     cfg = getattr(model, "config", None)
     if cfg is not None:
