@@ -44,10 +44,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def _device(model: nn.Module) -> torch.device:
-    for p in list(model.parameters()) + list(model.buffers()):
-        return p.device
-    return torch.device("cpu")
+from ..flows.passes import model_device as _device  # noqa: E402  (the first tensor that has data)
 
 
 class ReferenceLogits:

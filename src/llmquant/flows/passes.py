@@ -22,10 +22,16 @@ def _raise_stop(*args):
     raise _Stop
 
 
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: the device of its first tensor that has data (a streamed model's layers
+    wait on the meta device; its embedding may be a buffer)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if not t.is_meta:
+            return t.device
     return torch.device("cpu")
+
+
+_device = model_device
 
 
 def decoder_layers(model: nn.Module, arch) -> tuple[str, nn.ModuleList] | None:
@@ -143,7 +149,7 @@ def streamed_logits(model: nn.Module, windows: torch.Tensor, fn: Callable[[int, 
     if source is None or found is None:
         raise CalibrationError("streamed_logits takes a model loaded with stream=True")
     path, layers = found
-    dev = _device(model)
+    dev = model_device(model)
     batches = [w.unsqueeze(0).to(dev) for w in windows]
     xs, kwargs = record_layer_inputs(model, layers, batches, {"use_cache": False})
     for i in tqdm(range(len(layers)), desc="reference (streamed)", leave=False, unit="layer"):

@@ -21,7 +21,10 @@ import torch.nn as nn
 
 from ..errors import CorruptFileError, ModelNotFoundError
 from ..models import arch_for
+from ..modules import replace_module
+from ..modules.float_modules import FloatEmbedding, FloatLinear
 from ..resources import trim_memory
+from .shards import FileSlice, safetensors_slices
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,16 @@ class SafetensorsCheckpoint:
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.read([name], dtype)[name]
 
+    def mapped(self, name: str) -> tuple[torch.Tensor, "FileSlice"]:
+        """The tensor as stored, a view of the memory-mapped file (its pages are read when used, and can be
+        dropped again by the system), and where its bytes lie in the file (for copying them unread)."""
+        if name not in self.where:
+            raise CorruptFileError(f"the checkpoint in {self.folder} has no tensor {name!r}")
+        f = self.where[name]
+        with self._open(f) as h:
+            t = h.get_tensor(name)
+        return t, safetensors_slices(self.folder / f)[name]
+
 
 def _materialize(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
                  skip: tuple[str, ...] = ()) -> None:
@@ -136,6 +149,58 @@ class SafetensorsLayerSource:
         trim_memory()
 
 
+def _map_embeddings(model: nn.Module, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> dict:
+    """The input embedding and the output head (the largest tensors outside the layers: 1 GB each in bf16
+    for an 8B model) stay in the checkpoint, memory-mapped in their stored dtype: a lookup reads only the
+    rows it uses, and a save copies their bytes file to file. Stored in another dtype than ``dtype`` they
+    become :class:`FloatEmbedding` / :class:`FloatLinear`, which compute in ``dtype`` exactly as the
+    converted weights would (every bf16/fp16 value is an fp32 value). A tied head shares the embedding's
+    tensor. Returns ``{tensor name: (FileSlice, data_ptr)}`` of what is passed through unread."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    emb_name = names.get(id(emb)) if isinstance(emb, nn.Embedding) else None
+    head_name = names.get(id(head)) if isinstance(head, nn.Linear) else None
+    out: dict[str, tuple[FileSlice, int]] = {}
+    shared = None
+    for name, mod in ((emb_name, emb), (head_name, head)):
+        if name is None:
+            continue
+        key = f"{name}.weight"
+        if key not in ckpt:
+            if mod is head and shared is not None and getattr(model.config, "tie_word_embeddings", False):
+                t = shared  # tied: the head is the embedding's tensor
+            else:
+                continue
+        else:
+            t, where = ckpt.mapped(key)
+            out[key] = (where, t.data_ptr())
+            shared = t if mod is emb else shared
+        if tuple(t.shape) != tuple(mod.weight.shape):
+            raise CorruptFileError(f"{key} has shape {tuple(t.shape)} in the checkpoint, the model config says "
+                                   f"{tuple(mod.weight.shape)}")
+        if not t.is_floating_point():
+            raise CorruptFileError(f"{key} is stored as {t.dtype} in the checkpoint; a float weight is needed")
+        if mod is head and mod.bias is not None:
+            bias = ckpt.tensor(f"{name}.bias", dtype) if f"{name}.bias" in ckpt else None
+            if bias is None:
+                raise CorruptFileError(f"the checkpoint in {ckpt.folder} has no tensor {name + '.bias'!r}")
+        if t.dtype == dtype:
+            mod.weight = nn.Parameter(t, requires_grad=False)
+            if mod is head and mod.bias is not None:
+                mod.bias = nn.Parameter(bias, requires_grad=False)
+            continue
+        with torch.device("meta"):
+            new = (FloatEmbedding(mod.num_embeddings, mod.embedding_dim, t.dtype, mod.padding_idx) if mod is emb
+                   else FloatLinear(mod.in_features, mod.out_features, t.dtype, bias=mod.bias is not None,
+                                    bias_dtype=dtype))
+        new.weight = t
+        new.stands_for_linear = mod is head  # selected by targets as the nn.Linear it replaces
+        if mod is head and mod.bias is not None:
+            new.bias = bias
+        replace_module(model, name, new)
+    return out
+
+
 def is_streamed(model: nn.Module) -> bool:
     """True while some of ``model``'s weights are still to be read from its checkpoint."""
     return getattr(model, "llmquant_layer_source", None) is not None
@@ -169,14 +234,11 @@ def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     if layers_path is None:
         raise ModelNotFoundError(f"streaming needs to know where {type(model).__name__}'s decoder layers are: add "
                                  "its family to llmquant.models.arch")
-    tied = getattr(config, "tie_word_embeddings", False)
     skip = (layers_path,)  # read by the pipeline, layer by layer
-    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
-    if tied and head is not None and f"{head}.weight" not in ckpt:
-        skip += (head,)  # tied to the input embedding: tie_weights() shares it
+    passthrough = _map_embeddings(model, ckpt, dtype)
+    skip += tuple(n.rsplit(".", 1)[0] for n in passthrough)
     _materialize(model, "", ckpt, dtype, skip)
-    if tied:
-        model.tie_weights()
+    model.llmquant_passthrough = passthrough
     model.eval()
     model.llmquant_layer_source = SafetensorsLayerSource(ckpt, dtype)
     model.llmquant_source = str(p.resolve())

@@ -49,8 +49,9 @@ def select_linears(
     for name, mod in model.named_modules():
         if matches(name, ignore):
             continue
-        if (by_type and isinstance(mod, by_type)) or (
-                isinstance(mod, types) and (matches(name, targets) if targets else not by_type)):
+        # a module standing in for a linear (a streamed model's head kept in the checkpoint's dtype) counts as one
+        linear = isinstance(mod, types) or (nn.Linear in types and getattr(mod, "stands_for_linear", False))
+        if (by_type and isinstance(mod, by_type)) or (linear and (matches(name, targets) if targets else not by_type)):
             chosen.append((name, mod))
     if not chosen:
         kinds = "/".join(t.__name__ for t in (by_type or types))

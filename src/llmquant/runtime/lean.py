@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedModelError
 from ..models import arch_for, model_types_with
 from ..modules import QuantLinear
+from ..modules.float_modules import FloatEmbedding
 
 _ACTS = {
     "silu": F.silu,
@@ -128,7 +129,9 @@ class LeanModel:
         self.window = getattr(cfg, layout.sliding_window_attr, None) if layout.sliding_window_attr else None
         embed = _get(model, arch.embed)
         self.embed = embed.weight
-        self.dtype = self.embed.dtype if self.embed.dtype.is_floating_point else torch.float32
+        # a FloatEmbedding stores bf16/fp16 and returns fp32, and so does the model it is in
+        stored = self.embed.dtype if self.embed.dtype.is_floating_point else torch.float32
+        self.dtype = torch.float32 if isinstance(embed, FloatEmbedding) else stored
         self.device = self.embed.device
         self.rotary = _get(model, layout.rotary)
         if self.rotary is None:
@@ -200,7 +203,7 @@ class LeanModel:
             mask, causal_flag = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(start), False
         else:
             mask, causal_flag = None, t > 1
-        h = F.embedding(ids, self.embed)
+        h = F.embedding(ids, self.embed).to(self.dtype)
         nh, nkv, hd, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
         kc, vc = cache.k, cache.v
         gqa = nh != nkv
