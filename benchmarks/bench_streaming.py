@@ -19,6 +19,12 @@ import time
 from pathlib import Path
 
 SHAPES = {
+    # Llama-3-8B: 8.03 B parameters, 16.1 GB in bf16 (32 GB in fp32)
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    # Llama-3.2-3B: 3.2 B parameters (tied embeddings), 6.4 GB in bf16, 12.8 GB in fp32
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     # Llama-shaped, about 0.84 B parameters (1.67 GB in bf16): TinyLlama's widths with 16 layers
     "0.8b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000),
@@ -28,20 +34,33 @@ SHAPES = {
 
 
 def write(folder: Path, shape: str) -> None:
+    """A random-weight bf16 checkpoint of ``shape``, written tensor by tensor into 2 GB shards (the model is
+    never whole in memory, so an 8B checkpoint can be written on a 24 GB machine)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, tie_word_embeddings=False)
-    torch.manual_seed(0)
+    from llmquant.io.shards import ShardWriter
+
+    kw = {"tie_word_embeddings": False, **SHAPES[shape]}
+    cfg = LlamaConfig(**kw, max_position_embeddings=8192, torch_dtype="bfloat16")
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    model.save_pretrained(str(folder), max_shard_size="400MB")
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {folder}: {n / 1e9:.2f} B parameters, {sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 1e9:.2f} GB")
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    writer = ShardWriter(folder, 2 * 10**9)
+    n = 0
+    for name, p in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = torch.empty(p.shape, dtype=torch.float32)
+        t.normal_(0, 0.02, generator=gen) if p.dim() > 1 else t.fill_(1.0)
+        writer.add(name, t.to(torch.bfloat16))
+        n += t.numel()
+        del t
+    writer.close()
+    cfg.save_pretrained(str(folder))
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    print(f"wrote {folder}: {n / 1e9:.2f} B parameters, {size / 1e9:.2f} GB")
 
 
 def run(folder: Path, mode: str, method: str, out: Path | None) -> dict:

@@ -223,3 +223,55 @@ def test_failed_or_killed_run_keeps_the_old_output(shards, tmp_path):
     llmquant.load(out)
     llmquant.quantize(llmquant.load_model(shards)[0], "W8", progress=False, output=out, overwrite=True)
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_memory_budget_refused_up_front(shards, calib, tmp_path):
+    from llmquant.errors import BudgetError
+
+    m, _ = llmquant.load_model(shards, stream=True)
+    with pytest.raises(BudgetError, match=r"needs at least [0-9.]+ GB"):
+        llmquant.quantize(m, CASES["gptq"], calib=calib, progress=False, max_memory="1MB", output=tmp_path / "o")
+    assert all(p.is_meta for p in m.model.layers.parameters())  # nothing was read or quantized
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+    with pytest.raises(SchemeError, match="max_memory"):
+        llmquant.quantize(m, "W4G32", progress=False, max_memory="lots")
+    from llmquant.cli import main
+
+    assert main(["quantize", "--model", str(shards), "--stream", "--max-memory", "1MB", "-o", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
+    s = llmquant.quantize(m, "W4G32", progress=False, max_memory="64GB")
+    assert s.memory_budget["max_memory_mb"] == 64000 and not s.memory_budget["activations_spilled"]
+
+
+def test_budget_arithmetic():
+    from llmquant.flows.budget import Estimate, check
+
+    e = Estimate(base=100, layer=50, work=20, activations=400, one_batch=30)
+    assert (e.minimum, e.in_memory) == (200, 570)
+    assert check(e, None) is False and check(e, 570) is False and check(e, 569) is True and check(e, 200) is True
+    with pytest.raises(Exception, match="at least 0.00 GB"):
+        check(e, 199)
+
+
+@pytest.mark.parametrize("name", ["gptq", "awq+gptq", "static"])
+def test_spilled_activations_give_the_same_result(shards, calib, name, monkeypatch):
+    """Calibration activations kept in a file on disk (what a budget too small for them does) quantize
+    exactly as in memory."""
+    import llmquant.flows.budget as budget
+
+    a, _ = llmquant.load_model(shards, stream=True)
+    llmquant.quantize(a, CASES[name], calib=calib, progress=False)
+    used = []
+    orig = budget.SpilledList.__setitem__
+
+    def spy(self, j, t):
+        used.append(j)
+        orig(self, j, t)
+
+    monkeypatch.setattr(budget, "check", lambda est, limit: True)
+    monkeypatch.setattr(budget.SpilledList, "__setitem__", spy)
+    b, _ = llmquant.load_model(shards, stream=True)
+    s = llmquant.quantize(b, CASES[name], calib=calib, progress=False, max_memory="64GB")
+    assert s.memory_budget["activations_spilled"] and used
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

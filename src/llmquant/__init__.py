@@ -48,7 +48,7 @@ def load_model(path=None, *, dtype=None, packed=False, stream=False):
 
 
 def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True, output=None,
-             overwrite: bool = False, shard_size=None):
+             overwrite: bool = False, shard_size=None, max_memory=None):
     """Quantize ``model`` in place with ``config``; returns a :class:`QuantSummary`.
 
     ``config``: a :class:`QuantConfig` whose ``method`` names a registered method (``rtn``, ``gptq``,
@@ -63,12 +63,21 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     work goes: each decoder layer is written when it is finished, and for a model loaded with
     ``stream=True`` it then leaves memory (the returned model reads it back from the folder, memory-mapped).
     ``shard_size`` (e.g. ``"2GB"``): the most each safetensors file holds.
+    ``max_memory`` (e.g. ``"8GB"``): a budget for a layer-by-layer run. Checked against an estimate from the
+    model's shapes before any work: refused (:class:`~llmquant.errors.BudgetError`, with the number it needs)
+    when one layer and its work do not fit; calibration activations spill to a file on disk when all of
+    them do not.
     """
     from pathlib import Path
 
     if isinstance(config, Path) or (isinstance(config, str) and ("/" in config or config.endswith(".json"))):
         config = _io.read_recipe(config)  # a saved folder's recipe, or a QuantConfig / plan JSON file
     cfg = _flows.registry.resolve(config)
+    limit = _io.shards.parse_size(max_memory, "max_memory")
+    if limit is not None and not all(_flows.registry.get_method(m).streams for m in cfg.methods):
+        from .errors import SchemeError
+
+        raise SchemeError(f"max_memory budgets a layer-by-layer run; method {cfg.method!r} does not run layer by layer")
     if _flows.needs_calibration(cfg) and (calib is None or isinstance(calib, (str, Path))):
         spec = cfg.calibration or CalibSpec()
         if calib is not None:
@@ -80,8 +89,18 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
         src = None if spec.source in (None, "default") else Path(spec.source)
         calib = _data.calibration_windows(tok, src, spec.samples, spec.seq_len, context=ctx)
         cfg = cfg.with_(calibration=spec)
-    if output is None:
-        return _flows.quantize(model, cfg, calib=calib, progress=progress)
+    if limit is not None:
+        model.llmquant_max_memory = limit
+    try:
+        if output is None:
+            return _flows.quantize(model, cfg, calib=calib, progress=progress)
+        return _quantize_to(model, cfg, calib, progress, output, overwrite, shard_size, tokenizer)
+    finally:
+        if limit is not None:
+            del model.llmquant_max_memory
+
+
+def _quantize_to(model, cfg, calib, progress, output, overwrite, shard_size, tokenizer):
     _io.folder._check_saveable(model)
     streamed = getattr(model, "llmquant_layer_source", None) is not None
     with _io.OutputFolder(output, overwrite=overwrite, shard_size=shard_size, drop_written=streamed) as out:

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     q.add_argument("--shard-size", default="2GB", help="the most one safetensors file of the output holds "
                    "(default 2GB; the output is written layer by layer as it is quantized)")
+    q.add_argument("--max-memory", help="a memory budget such as 8GB: refused up front when one layer and its work "
+                   "do not fit; calibration activations spill to disk when all of them do not")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity, KL vs the unquantized model, top-1, size")

@@ -145,7 +145,7 @@ def cmd_quantize(args) -> int:
     _check_out(args.output, args.overwrite)
     model, tok = llmquant.load_model(args.model, stream=args.stream)
     summary = llmquant.quantize(model, config, tokenizer=tok, output=args.output, overwrite=args.overwrite,
-                                shard_size=args.shard_size)
+                                shard_size=args.shard_size, max_memory=args.max_memory)
     if config.method == "plan":
         row = _plan_row(llmquant, model, summary)
     else:

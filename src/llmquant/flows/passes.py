@@ -87,9 +87,10 @@ class _Recorder(_StandIn):
 
 
 @torch.no_grad()
-def record_layer_inputs(model, layers: nn.ModuleList, batches, kw) -> tuple[list, list[list[dict]]]:
-    """Layer 0's inputs per batch, and each layer's keyword arguments per batch ([layer][batch])."""
-    inputs: list = []
+def record_layer_inputs(model, layers: nn.ModuleList, batches, kw, store=None) -> tuple[list, list[list[dict]]]:
+    """Layer 0's inputs per batch (appended to ``store``, a list by default), and each layer's keyword
+    arguments per batch ([layer][batch])."""
+    inputs = [] if store is None else store
     kwargs: list[list[dict]] = [[] for _ in layers]
 
     def sink(i, h, k):

@@ -35,6 +35,7 @@ from ..errors import CalibrationError
 from ..models import arch_for
 from ..modules import replace_module, select_linears
 from ..resources import PeakMemory
+from . import budget
 from ..schemes import CalibSpec, QuantConfig, dequantize
 from .passes import _Stop, _device, _raise_stop, _run, decoder_layers, record_layer_inputs
 from .stages import ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, rtn_result, run_block  # noqa: F401
@@ -162,6 +163,7 @@ def calibrated_stages(stages: list[Stage]) -> bool:
 def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> None:
     """Stages that need no data (RTN, dynamic, plans): each linear on its own, layer by layer, in model order."""
     layers = [] if found is None else [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])]
+    _budget(model, [lay for _, lay in layers], chosen, stages, None, summary)
     names = list(chosen)
     with tqdm(total=len(names), desc=f"quantize ({'+'.join(cfg.methods)}, {stages[-1].label})", disable=not progress,
               leave=False) as bar:
@@ -195,9 +197,27 @@ def _observing(stages: list[Stage], ctx: LayerContext):
         yield
 
 
+def _budget(model, layers, chosen, stages, batches, summary) -> bool:
+    """Check the run against the budget (``max_memory=``) before any work; True: spill the activations."""
+    limit = getattr(model, "llmquant_max_memory", None)
+    if limit is None:
+        return False
+    cfg = getattr(model, "config", None)
+    est = budget.estimate(model, layers, chosen, stages, batches, getattr(cfg, "hidden_size", None))
+    spill = budget.check(est, limit)
+    summary.memory_budget = {"max_memory_mb": limit / 1e6, "estimate_mb": est.in_memory / 1e6,
+                             "minimum_mb": est.minimum / 1e6, "activations_spilled": spill}
+    if spill:
+        log.info("activations (%.0f MB) do not fit the budget of %.0f MB: spilled to disk", est.activations / 1e6,
+                 limit / 1e6)
+    return spill
+
+
 def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks) -> None:
     path, layers = found
-    xs, kwargs = record_layer_inputs(model, layers, batches, kw)
+    spill = _budget(model, layers, chosen, stages, batches, summary)
+    store = (lambda: budget.SpilledList()) if spill else list
+    xs, kwargs = record_layer_inputs(model, layers, batches, kw, store=store())
     float_prop = any(s.propagate_float for s in stages)
     # the layer's output error is measured on the batches holding its first error_windows windows
     sizes = [x.shape[0] if isinstance(x, torch.Tensor) else x[0].shape[0] for x in xs]
@@ -214,7 +234,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         inside |= set(lin)
 
         def float_pass(keep: bool):
-            ys = []  # float outputs: all of them when they feed the next layer, else those the error needs
+            ys = store()  # float outputs: all of them when they feed the next layer, else those the error needs
             for j, (x, k) in enumerate(zip(xs, kwargs[i])):
                 y = _run(layer, x, k)
                 _check(y, f"{prefix} (float)")

@@ -45,6 +45,7 @@ class QuantSummary:
     calibration: dict = field(default_factory=dict)
     layer_errors: list[float] = field(default_factory=list)
     peak_memory_mb: float = 0.0  # the process's peak resident memory while quantizing (MB, 1e6 bytes)
+    memory_budget: dict = field(default_factory=dict)  # max_memory=: the budget, the estimate, whether it spilled
 
     @property
     def packed_bytes(self) -> int:
@@ -82,6 +83,7 @@ class QuantSummary:
             "calibration": self.calibration,
             "layer_errors": self.layer_errors,
             "peak_memory_mb": self.peak_memory_mb,
+            "memory_budget": self.memory_budget,
         }
 
     def __str__(self) -> str:

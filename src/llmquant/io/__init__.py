@@ -1,6 +1,7 @@
 """File formats: model loading, llmquant folders, GGUF / compressed-tensors. The only layer (with models/) that imports
 transformers."""
 
+from . import shards
 from .folder import OutputFolder, attach_saved, load, read_manifest, read_recipe, save
 from .compressed_tensors import export_compressed_tensors
 from .gguf_export import GGUFExportReport, export_gguf
