@@ -2,6 +2,8 @@
 
     python benchmarks/bench_streaming.py write DIR [--shape 0.8b]     # a random-weight bf16 checkpoint (shards)
     python benchmarks/bench_streaming.py run DIR --mode whole|stream --method rtn|gptq [--out results.json]
+        [--output QDIR] [--max-memory 3GB]             # QDIR: the quantized folder, written layer by layer
+    python benchmarks/bench_streaming.py generate QDIR [--out results.json]   # memory-mapped load + 32 tokens
     python benchmarks/bench_streaming.py run DIR --mode whole|stream --method reference [--out results.json]
         (the float model's log-probabilities on 4 x 512 random tokens: llmquant.ReferenceLogits)
 
@@ -63,7 +65,19 @@ def write(folder: Path, shape: str) -> None:
     print(f"wrote {folder}: {n / 1e9:.2f} B parameters, {size / 1e9:.2f} GB")
 
 
-def run(folder: Path, mode: str, method: str, out: Path | None) -> dict:
+def _record(out: Path | None, result: dict) -> None:
+    print(json.dumps(result), flush=True)
+    if out is not None:
+        rows = json.loads(out.read_text()) if out.is_file() else []
+        out.write_text(json.dumps(rows + [result], indent=1))
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def run(folder: Path, mode: str, method: str, out: Path | None, output: Path | None = None,
+        max_memory: str | None = None, calib_windows: int = 8) -> dict:
     import torch
 
     import llmquant
@@ -81,31 +95,54 @@ def run(folder: Path, mode: str, method: str, out: Path | None) -> dict:
         result = {"mode": mode, "method": method, "windows": 4, "load_s": t_load, "quantize_s": time.perf_counter() - t1,
                   "peak_after_load_mb": load_mem.peak_mb, "peak_rss_mb": peak_rss_mb(),
                   "logp_sum_first_window": float(ref.log_probs(0, ids[0])[:8].sum())}
-        print(json.dumps(result), flush=True)
-        if out is not None:
-            rows = json.loads(out.read_text()) if out.is_file() else []
-            out.write_text(json.dumps(rows + [result], indent=1))
+        _record(out, result)
         return result
-    cfg = llmquant.QuantConfig(weight="W4G128", method=method,
-                               calibration=llmquant.CalibSpec(samples=8, seq_len=512) if method == "gptq" else None)
+    cfg = llmquant.QuantConfig(
+        weight="W4G128", method=method,
+        calibration=llmquant.CalibSpec(samples=calib_windows, seq_len=512) if method == "gptq" else None)
     calib = None
     if method == "gptq":
-        calib = torch.randint(0, model.config.vocab_size, (8, 512), generator=torch.Generator().manual_seed(0))
+        calib = torch.randint(0, model.config.vocab_size, (calib_windows, 512), generator=torch.Generator().manual_seed(0))
+    n_params = None if mode == "stream" else sum(p.numel() for p in model.parameters()) / 1e9
     t1 = time.perf_counter()
-    summary = llmquant.quantize(model, cfg, calib=calib, progress=False)
+    summary = llmquant.quantize(model, cfg, calib=calib, progress=False, output=output, overwrite=True,
+                                max_memory=max_memory)
     t_q = time.perf_counter() - t1
     result = {
-        "mode": mode, "method": method, "checkpoint": str(folder),
-        "checkpoint_gb": sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9,
-        "params_b": sum(p.numel() for p in model.parameters()) / 1e9 if mode == "whole" else None,
+        "mode": mode, "method": method, "checkpoint": str(folder), "checkpoint_gb": _folder_bytes(folder) / 1e9,
+        "layers": model.config.num_hidden_layers, "params_b": n_params, "calib_tokens": None if calib is None else list(calib.shape),
         "load_s": t_load, "quantize_s": t_q, "per_layer_s": t_q / model.config.num_hidden_layers,
         "packed_mb": summary.packed_bytes / 1e6, "peak_after_load_mb": load_mem.peak_mb,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_quantize_mb": summary.peak_memory_mb, "peak_rss_mb": peak_rss_mb(),
+        "output": None if output is None else str(output),
+        "output_gb": None if output is None else _folder_bytes(output) / 1e9,
+        "max_memory": max_memory, "memory_budget": summary.memory_budget,
     }
-    print(json.dumps(result), flush=True)
-    if out is not None:
-        rows = json.loads(out.read_text()) if out.is_file() else []
-        out.write_text(json.dumps(rows + [result], indent=1))
+    _record(out, result)
+    return result
+
+
+def generate(folder: Path, out: Path | None, tokens: int = 32) -> dict:
+    """Load a quantized folder (memory-mapped) and generate ``tokens`` greedy tokens with the lean runtime."""
+    import torch
+
+    import llmquant
+    from llmquant.resources import rss_bytes, peak_rss_mb
+    from llmquant.runtime import GenerationStats
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    model, _ = llmquant.load(folder)
+    t_load = time.perf_counter() - t0
+    rss_loaded = rss_bytes()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    st = GenerationStats()
+    ids = llmquant.generate(model, prompt, max_new_tokens=tokens, stats=st, use_eos=False)
+    size = _folder_bytes(folder)
+    result = {"folder": str(folder), "folder_gb": size / 1e9, "load_s": t_load, "rss_after_load_gb": rss_loaded / 1e9,
+              "peak_rss_gb": peak_rss_mb() / 1e3, "peak_over_folder": peak_rss_mb() * 1e6 / size,
+              "tokens": int(ids.shape[-1]), "decode_tok_s": st.decode_tok_s, "prefill_s": st.prefill_s}
+    _record(out, result)
     return result
 
 
@@ -120,11 +157,20 @@ def main(argv=None) -> int:
     r.add_argument("--mode", choices=["whole", "stream"], required=True)
     r.add_argument("--method", choices=["rtn", "gptq", "reference"], default="rtn")
     r.add_argument("--out", type=Path)
+    r.add_argument("--output", type=Path, help="write the quantized model here, layer by layer")
+    r.add_argument("--max-memory")
+    r.add_argument("--calib-windows", type=int, default=8)
+    g = sub.add_parser("generate")
+    g.add_argument("folder", type=Path)
+    g.add_argument("--out", type=Path)
+    g.add_argument("--tokens", type=int, default=32)
     a = p.parse_args(argv)
     if a.cmd == "write":
         write(a.folder, a.shape)
+    elif a.cmd == "generate":
+        generate(a.folder, a.out, a.tokens)
     else:
-        run(a.folder, a.mode, a.method, a.out)
+        run(a.folder, a.mode, a.method, a.out, a.output, a.max_memory, a.calib_windows)
     return 0
 
 

@@ -98,6 +98,22 @@ def test_damaged_checkpoints_name_the_file(tmp_path):
         llmquant.load_model(ckpt, stream=True)
     with pytest.raises(LLMQuantError, match="safetensors"):
         llmquant.load_model(tmp_path, stream=True)
+    # an index naming a file that is not there; a tensor in a dtype the layer cannot hold
+    from safetensors.torch import load_file, save_file
+
+    (ckpt / shard).unlink()
+    with pytest.raises(CorruptFileError, match=shard.replace(".", r"\.")):
+        llmquant.load_model(ckpt, stream=True)
+    ckpt = _save(tmp_path / "m2", torch.float32)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors = load_file(str(ckpt / index[name]))
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, str(ckpt / index[name]))
+    m, _ = llmquant.load_model(ckpt, stream=True)
+    with pytest.raises(CorruptFileError, match=f"{index[name]}.*int32.*float"):
+        llmquant.quantize(m, "W4G32", progress=False, output=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_stream(shards, tmp_path):

@@ -128,6 +128,9 @@ def _materialize(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dt
         if tuple(t.shape) != tuple(meta.shape):
             raise CorruptFileError(f"{full} has shape {tuple(t.shape)} in the checkpoint, the model config says "
                                    f"{tuple(meta.shape)}")
+        if meta.is_floating_point() and not t.is_floating_point():
+            raise CorruptFileError(f"{ckpt.folder / ckpt.where[full]}: {full} is stored as {t.dtype}; the model "
+                                   "needs a float tensor there (the checkpoint is not this model's)")
         if kind == "p":
             mod._parameters[name] = nn.Parameter(t, requires_grad=meta.requires_grad)
         else:
