@@ -38,3 +38,17 @@ def test_bad_input():
         pack(torch.tensor([1]), 9)
     with pytest.raises(ValueError, match="cannot hold"):
         unpack(torch.zeros(3, dtype=torch.uint8), 4, 100)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+def test_pack_in_chunks_equals_one_pass(bits, monkeypatch):
+    """pack/unpack work a chunk of codes at a time (bounded temporaries): the bytes are those of one pass."""
+    import llmquant.packing as P
+
+    for n in (1, 7, 8, 9, 64, 65, 1000, 4103):
+        c = torch.randint(0, 2**bits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+        whole = P.pack(c, bits)
+        monkeypatch.setattr(P, "_CHUNK", 64)
+        chunked = P.pack(c, bits)
+        assert torch.equal(chunked, whole) and torch.equal(P.unpack(chunked, bits, n), c)
+        monkeypatch.undo()

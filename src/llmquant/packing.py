@@ -17,6 +17,9 @@ def _check(bits: int) -> None:
         raise ValueError(f"bits must be 1..8, got {bits!r}")
 
 
+_CHUNK = 1 << 23  # codes per step: 64 MB of int64 temporaries
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (any integer dtype, values in [0, 2^bits)) into a flat uint8 tensor."""
     _check(bits)
@@ -26,16 +29,19 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return flat.to(torch.uint8).clone()
     n = flat.numel()
-    pad = (-n) % 8
-    v = flat.to(torch.int64)
-    if pad:
-        v = torch.cat([v, v.new_zeros(pad)])
-    v = v.reshape(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64, device=v.device) * bits
-    word = (v << shifts).sum(dim=1)  # up to 56 bits per 8 values
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=v.device) * 8
-    out = ((word.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return out[: packed_numel(n, bits)].contiguous()
+    out = torch.empty(packed_numel(n, bits), dtype=torch.uint8, device=flat.device)
+    shifts = torch.arange(8, dtype=torch.int64, device=flat.device) * bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
+    for start in range(0, n, _CHUNK):  # int64 temporaries for one chunk, not for the whole weight
+        v = flat[start:start + _CHUNK].to(torch.int64)
+        pad = (-v.numel()) % 8  # only the last chunk (chunks are a multiple of 8 codes)
+        if pad:
+            v = torch.cat([v, v.new_zeros(pad)])
+        word = (v.reshape(-1, 8) << shifts).sum(dim=1)  # up to 56 bits per 8 values
+        chunk = ((word.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+        o = start // 8 * bits
+        out[o:o + chunk.numel()] = chunk[: out.numel() - o]
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -47,13 +53,19 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} values of {bits} bits")
     if bits == 8:
         return packed.reshape(-1)[:numel].clone()
-    b = packed.reshape(-1).to(torch.int64)
-    pad = (-b.numel()) % bits
-    if pad:
-        b = torch.cat([b, b.new_zeros(pad)])
-    b = b.reshape(-1, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=b.device) * 8
-    word = (b << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, dtype=torch.int64, device=b.device) * bits
-    vals = (word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return vals.reshape(-1)[:numel].to(torch.uint8)
+    flat = packed.reshape(-1)
+    out = torch.empty(numel, dtype=torch.uint8, device=packed.device)
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
+    step = _CHUNK // 8 * bits  # bytes holding one chunk of codes
+    for o in range(0, flat.numel(), step):
+        b = flat[o:o + step].to(torch.int64)
+        pad = (-b.numel()) % bits
+        if pad:
+            b = torch.cat([b, b.new_zeros(pad)])
+        word = (b.reshape(-1, bits) << byte_shifts).sum(dim=1)
+        vals = ((word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)
+        start = o // bits * 8
+        take = min(vals.numel(), numel - start)
+        out[start:start + take] = vals[:take].to(torch.uint8)
+    return out

@@ -170,8 +170,8 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
         for i, (prefix, layer) in enumerate(layers):
             lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
             hooks.source.load(i, prefix, layer)
-            if lin:
-                ctx = LayerContext(layer, prefix, lin, StatsCollector({}), cfg)
+            for n, m in lin.items():  # one linear at a time: its codes and temporaries only
+                ctx = LayerContext(layer, prefix, {n: m}, StatsCollector({}), cfg)
                 _install(model, run_block(stages, ctx), chosen, stages[-1], summary)
             for cb in hooks.on_layer_done:
                 cb(i, prefix, layer, summary)

@@ -24,7 +24,7 @@ from ..models import arch_for
 from ..modules import replace_module
 from ..modules.float_modules import FloatEmbedding, FloatLinear
 from ..resources import trim_memory
-from .shards import FileSlice, safetensors_slices
+from .shards import TORCH_DTYPES, FileSlice, safetensors_slices
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class SafetensorsCheckpoint:
         if missing:
             raise CorruptFileError(f"the checkpoint index names shards that are not there: {missing[:3]} in {self.folder}")
         self.where: dict[str, str] = {}
+        self._where_in_file: dict[str, dict[str, FileSlice]] = {}
         for f in files:
             with self._open(f) as h:
                 for k in h.keys():
@@ -77,23 +78,37 @@ class SafetensorsCheckpoint:
         return name in self.where
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors, each in its own memory (not a view of the file), floats in ``dtype``."""
+        """The named tensors, each in its own memory, floats in ``dtype``. Read with plain file reads, one
+        tensor at a time (no mapping that would keep the pages resident): the transient memory is the
+        largest tensor in its stored and its compute dtype."""
         missing = [n for n in names if n not in self.where]
         if missing:
             raise CorruptFileError(f"the checkpoint in {self.folder} has no tensor {missing[0]!r}")
         out: dict[str, torch.Tensor] = {}
         for f in sorted({self.where[n] for n in names}):
-            with self._open(f) as h:
+            slices = self._slices(f)
+            with open(self.folder / f, "rb") as fh:
                 for n in names:
                     if self.where[n] != f:
                         continue
-                    try:
-                        t = h.get_tensor(n)
-                    except Exception as e:
-                        raise CorruptFileError(f"{self.folder / f}: tensor {n!r} cannot be read "
-                                               f"({str(e).splitlines()[0]})") from None
-                    out[n] = t.to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t.clone()
+                    sl = slices[n]
+                    if sl.dtype not in TORCH_DTYPES:
+                        raise CorruptFileError(f"{self.folder / f}: tensor {n!r} has dtype {sl.dtype}, which llmquant "
+                                               "cannot read")
+                    buf = bytearray(sl.nbytes)
+                    fh.seek(sl.offset)
+                    if fh.readinto(buf) != sl.nbytes:
+                        raise CorruptFileError(f"{self.folder / f} ends inside tensor {n!r}: the shard is truncated")
+                    t = (torch.frombuffer(buf, dtype=TORCH_DTYPES[sl.dtype]) if sl.nbytes
+                         else torch.empty(0, dtype=TORCH_DTYPES[sl.dtype])).reshape(sl.shape)
+                    del buf
+                    out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
+
+    def _slices(self, f: str) -> dict[str, FileSlice]:
+        if f not in self._where_in_file:
+            self._where_in_file[f] = safetensors_slices(self.folder / f)
+        return self._where_in_file[f]
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.read([name], dtype)[name]
@@ -106,7 +121,7 @@ class SafetensorsCheckpoint:
         f = self.where[name]
         with self._open(f) as h:
             t = h.get_tensor(name)
-        return t, safetensors_slices(self.folder / f)[name]
+        return t, self._slices(f)[name]
 
 
 def _materialize(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
