@@ -52,3 +52,22 @@ def test_pack_in_chunks_equals_one_pass(bits, monkeypatch):
         chunked = P.pack(c, bits)
         assert torch.equal(chunked, whole) and torch.equal(P.unpack(chunked, bits, n), c)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("name", ["W4G128", "W8", "W3G32", "W2G32"])
+def test_row_blocks_dequantize_and_sqnr_as_the_whole(name):
+    """QuantLinear.dequantize_weight(rows=...) unpacks only those rows' bytes and equals slicing the whole;
+    the block-wise SQNR equals the one over the whole dequantized matrix."""
+    from llmquant import QuantLinear
+    from llmquant.algorithms.rtn import rtn_quantize
+    from llmquant.schemes import PRESETS
+    from llmquant.schemes.primitives import sqnr_db
+
+    sch = PRESETS[name]
+    for o, i in [(300, 256), (17, 200), (33, 24)]:
+        w = torch.randn(o, i, generator=torch.Generator().manual_seed(o))
+        ql = QuantLinear.from_quantized(*rtn_quantize(w, sch), sch)
+        full = ql.dequantize_weight()
+        for r0, r1 in [(0, o), (1, o), (0, 1), (o // 3, o)]:
+            assert torch.equal(ql.dequantize_weight(rows=(r0, r1)), full[r0:r1])
+        assert ql.weight_sqnr_db(w, block=1000) == pytest.approx(sqnr_db(w, full), rel=1e-9)

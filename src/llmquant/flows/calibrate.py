@@ -164,7 +164,7 @@ def convert_linear(name: str, lin: nn.Module, cfg: QuantConfig, in_qparams) -> t
     qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=cfg.activation,
                                       input_scale=in_scale, input_zero=in_zero).to(w.device)
     _remove_observer_hooks(lin)
-    row = layer_row(name, w, qlin.dequantize_weight(dtype=torch.float32, device=w.device), qlin, orig=lin,
+    row = layer_row(name, w, None, qlin, orig=lin,
                     scheme=cfg.weight.name)
     return qlin, row
 

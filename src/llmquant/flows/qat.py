@@ -157,7 +157,7 @@ def convert_qat(model: nn.Module, *, progress: bool = True) -> QuantSummary:
     for name, fq in tqdm(mods, desc="convert_qat", disable=not progress, leave=False):
         ql = to_quant_linear(fq)
         w = fq.merged_weight().detach().float()
-        summary.layers.append(layer_row(name, w, ql.dequantize_weight(torch.float32, device=w.device), ql, orig=fq,
+        summary.layers.append(layer_row(name, w, None, ql, orig=fq,
                                         scheme=fq.scheme.name))
         replace_module(model, name, ql)
     summary.seconds = time.perf_counter() - t0

@@ -119,8 +119,7 @@ def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None, 
     act = cfg.activation if activation is None else activation
     qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=act)
     qlin.to(lin.weight.device)
-    deq = qlin.dequantize_weight(dtype=torch.float32, device=lin.weight.device)
-    return qlin, layer_row(name, w, deq, qlin, orig=lin, scheme=label or cfg.weight.name)
+    return qlin, layer_row(name, w, None, qlin, orig=lin, scheme=label or cfg.weight.name)
 
 
 def rtn_result(linears: dict[str, nn.Module], cfg: QuantConfig) -> Result:

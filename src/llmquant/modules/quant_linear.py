@@ -12,6 +12,7 @@ The forward runs through the kernel :mod:`llmquant.kernels` selects for the devi
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -119,14 +120,47 @@ class QuantLinear(nn.Module):
             return self.zero.to(torch.int16) + self.scheme.qmin
         return self.zero
 
-    def dequantize_weight(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-        q = self.codes()
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32, device=None,
+                          rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The weight as the module computes it; ``rows=(r0, r1)``: only those output rows (unpacking only
+        their bytes when the rows start on a whole byte, which they do for widths that are multiples of 8)."""
+        if rows is not None and not self._rows_packable(*rows):
+            return self.dequantize_weight(dtype, device)[rows[0]:rows[1]]
+        if rows is None:
+            q = self.codes()
+            scale, z = self.scale, self.zero_point()
+        else:
+            r0, r1 = rows
+            n, bits = self.in_features, self.scheme.bits
+            b0 = r0 * n * bits // 8
+            b1 = packed_numel(r1 * n, bits)
+            u = unpack(self.qweight[b0:b1], bits, (r1 - r0) * n)
+            q = (u.to(torch.int16) + self.scheme.qmin).reshape(r1 - r0, n)
+            z = self.zero_point()
+            scale, z = self.scale[r0:r1], None if z is None else z[r0:r1]
         if device is not None:
             q = q.to(device)
-        z = self.zero_point()
-        return dequantize(
-            q, self.scale.to(q.device), None if z is None else z.to(q.device), self.scheme, dtype=dtype
-        )
+        return dequantize(q, scale.to(q.device), None if z is None else z.to(q.device), self.scheme, dtype=dtype)
+
+    def _rows_packable(self, r0: int, r1: int) -> bool:
+        return (self.scheme.granularity != "tensor" and (r0 * self.in_features) % 8 == 0
+                and ((r1 * self.in_features) % 8 == 0 or r1 == self.out_features))
+
+    def weight_sqnr_db(self, ref: torch.Tensor, block: int = 1 << 22) -> float:
+        """SQNR (dB) of this module's weight against the float weight ``ref`` (out, in), a block of rows at a
+        time: the temporaries are those of ``block`` weights, not of the whole matrix."""
+        step = max(1, block // max(self.in_features, 1))
+        while step < self.out_features and (step * self.in_features) % 8:
+            step += 1
+        signal = noise = 0.0
+        for r0 in range(0, self.out_features, step):
+            r1 = min(r0 + step, self.out_features)
+            a = ref[r0:r1].detach().double()
+            d = self.dequantize_weight(torch.float32, ref.device, rows=(r0, r1)).double()
+            noise += float((a - d).pow(2).sum())
+            signal += float(a.pow(2).sum())
+            del a, d
+        return float("inf") if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
 
     @property
     def weight_bits(self) -> float:
