@@ -249,3 +249,27 @@ def test_float_minimum_scheme_refused():
 
     with pytest.raises(SchemeError, match="zero_point='float'"):
         llmquant.prepare_qat(make_tiny_llama(), "gguf:Q4_1", progress=False)
+
+
+def test_block_qat_trains_each_layer_toward_its_float_outputs():
+    """blockqat: each layer's fake-quantized weights and step sizes are trained to its float outputs; the
+    layers' output errors fall below those of the same quantizer untrained (steps=0), the packed model
+    computes what was trained, and the recipe round-trips."""
+    m = make_tiny_llama(vocab_size=1000, layers=3)
+    calib = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(1))
+    errs = {}
+    for steps in (0, 60):
+        q = make_tiny_llama(vocab_size=1000, layers=3)
+        q.load_state_dict(m.state_dict())
+        cfg = llmquant.QuantConfig(weight="W3G32", method="blockqat",
+                                   method_params=llmquant.BlockQATParams(steps=steps, lr=1e-4, lr_qparams=1e-3))
+        s = llmquant.quantize(q, cfg, calib=calib, progress=False)
+        errs[steps] = s.layer_errors
+        assert all(isinstance(mod, QuantLinear) for n, mod in q.named_modules() if n.endswith("proj"))
+    assert all(a < b for a, b in zip(errs[60], errs[0])), errs
+    assert llmquant.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(llmquant.errors.SchemeError):
+        llmquant.BlockQATParams(init="nope")
+    with pytest.raises(llmquant.errors.CalibrationError, match="sequential"):
+        llmquant.quantize(make_tiny_llama(vocab_size=1000, layers=3), cfg.with_(calibration=llmquant.CalibSpec(sequential=False)),
+                          calib=calib, progress=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llmquant
-from llmquant import AWQParams, QuantConfig
+from llmquant import AWQParams, BlockQATParams, QuantConfig
 from llmquant.errors import CalibrationError, CorruptFileError, LLMQuantError, SchemeError, UnsupportedError
 
 from conftest import make_tiny_llama
@@ -47,6 +47,7 @@ CASES = {
     "rtn": QuantConfig(weight="W4G32"),
     "gptq": QuantConfig(weight="W3G32", method="gptq"),
     "awq+gptq": QuantConfig(weight="W4G32", method=["awq", "gptq"], method_params=[AWQParams(grid=4), None]),
+    "blockqat": QuantConfig(weight="W3G32", method="blockqat", method_params=BlockQATParams(steps=4, lr=1e-4)),
     "static": QuantConfig(method="static"),
     "smoothquant": QuantConfig(method="smoothquant"),
     "dynamic": QuantConfig(method="dynamic"),

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from ..schemes import AWQParams, GPTQParams, Plan, QATParams
+from ..schemes import AWQParams, BlockQATParams, GPTQParams, Plan, QATParams
+from .blockqat import BlockQATStage
 from .calibrate import run_static
 from .dynamic import run_dynamic
 from .mixed.apply import run_plan
@@ -28,6 +29,8 @@ for _m in (
     Method("dynamic", run_dynamic, doc="weights ahead of time, activation scales per input at run time"),
     Method("qat", run_qat, params=QATParams, streams=False,
            doc="quantization-aware training (distillation), then convert"),
+    Method("blockqat", _layerwise, params=BlockQATParams, calibrated=True, stage=BlockQATStage,
+           doc="block-wise QAT (EfficientQAT's Block-AP): each layer trained to its float outputs, layer by layer"),
     Method("plan", run_plan, params=Plan, doc="a mixed-precision plan: one format per layer"),
 ):
     register_method(_m)

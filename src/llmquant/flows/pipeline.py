@@ -146,6 +146,9 @@ def _drive(model, cfg, calib, stages, chosen, arch, source, whole_model, summary
         kw = {"use_cache": False} if not calib.is_floating_point() else {}
         if spec.sequential and not whole_model and found is not None:
             _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks)
+        elif any(s.needs_targets for s in stages):
+            raise CalibrationError(f"{'+'.join(cfg.methods)} trains each decoder layer on its own inputs: it needs "
+                                   "CalibSpec(sequential=True) and a model with decoder layers")
         elif source is not None:
             raise CalibrationError("a streamed model is calibrated layer by layer only: keep CalibSpec(sequential=True)"
                                    " and the quantized linears inside the decoder layers (ignore lm_head), or load "
@@ -219,6 +222,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
     store = (lambda: budget.SpilledList()) if spill else list
     xs, kwargs = record_layer_inputs(model, layers, batches, kw, store=store())
     float_prop = any(s.propagate_float for s in stages)
+    targets = any(s.needs_targets for s in stages)
     # the layer's output error is measured on the batches holding its first error_windows windows
     sizes = [x.shape[0] if isinstance(x, torch.Tensor) else x[0].shape[0] for x in xs]
     want, err_batches = min(s.error_windows for s in stages), 0
@@ -238,13 +242,15 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
             for j, (x, k) in enumerate(zip(xs, kwargs[i])):
                 y = _run(layer, x, k)
                 _check(y, f"{prefix} (float)")
-                ys.append(y if keep and (float_prop or j < err_batches) else None)
+                ys.append(y if keep and (float_prop or targets or j < err_batches) else None)
                 del y
             return ys
 
         ctx = LayerContext(layer, prefix, lin, StatsCollector(lin), cfg, rerun=lambda: float_pass(False))
         with _observing(stages, ctx):
             ys = float_pass(True)
+        if targets:
+            ctx.inputs, ctx.kwargs, ctx.targets = xs, kwargs[i], ys
         if hooks.reduce_stats is not None:
             hooks.reduce_stats(ctx.stats)
         results = run_block(stages, ctx)

@@ -53,6 +53,10 @@ class LayerContext:
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     rerun: Callable[[], None] | None = None
     in_layer: bool = True  # False for the linears left outside the decoder layers (no norm -> linear pairs there)
+    # the block's calibration batches: inputs, keyword arguments and float outputs (when a stage needs_targets)
+    inputs: list | None = None
+    kwargs: list | None = None
+    targets: list | None = None
 
     def rel(self, name: str) -> str:
         return name[len(self.prefix) + 1 :] if self.prefix else name
@@ -79,6 +83,7 @@ class Stage:
 
     needs_data = True
     needs_gram = True
+    needs_targets = False  # the float layer's outputs on every calibration batch (ctx.targets), e.g. to train on
     propagate_float = False
     calib_batch: int | None = None
     split_blocks = True

@@ -1,7 +1,7 @@
 """Quantization schemes (what to quantize and how) and the math primitives on tensors."""
 
 from .scheme import PRESETS, QuantConfig, QuantScheme, resolve_config, resolve_scheme, scheme_for
-from .methods import COMPOSABLE, AWQParams, CalibSpec, GPTQParams, METHOD_PARAMS, QATParams
+from .methods import COMPOSABLE, AWQParams, BlockQATParams, CalibSpec, GPTQParams, METHOD_PARAMS, QATParams
 from .primitives import (
     dequantize,
     fake_quantize,
@@ -18,6 +18,7 @@ __all__ = [
     "AWQParams",
     "COMPOSABLE",
     "QATParams",
+    "BlockQATParams",
     "scheme_for",
     "CalibSpec",
     "GPTQParams",

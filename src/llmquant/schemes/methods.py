@@ -142,14 +142,40 @@ class QATParams(_Params):
 
 #: Every method's knobs (None: the method has none). Handlers register in llmquant.flows.registry, which
 #: adds any new method's params type here.
+@dataclass(frozen=True)
+class BlockQATParams(_Params):
+    """Block-wise quantization-aware training, one decoder layer at a time (EfficientQAT's Block-AP, Chen et
+    al. 2024): the layer's fake-quantized weights and step sizes are trained to reproduce the float layer's
+    outputs (MSE) on the calibration inputs, then packed. Needs one layer in memory, so it streams."""
+
+    steps: int = 40  # optimizer steps per layer, one calibration batch each (cycling)
+    lr: float = 1e-5  # weights
+    lr_qparams: float = 1e-4  # step sizes / zero points
+    init: str = "mse"  # initial qparams: "mse" (least-squares clipping) or "rtn" (min-max)
+    learn_scales: bool = True
+    max_grad_norm: float = 1.0
+    version: int = PARAMS_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise SchemeError(f"block QAT steps must be an integer >= 0, got {self.steps!r}")
+        for k in ("lr", "lr_qparams", "max_grad_norm"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or not v == v or v < 0 or v == float("inf"):
+                raise SchemeError(f"block QAT {k} must be a finite number >= 0, got {v!r}")
+        if self.init not in ("mse", "rtn"):
+            raise SchemeError(f"block QAT init must be 'mse' or 'rtn', got {self.init!r}")
+        self._check_version()
+
+
 METHOD_PARAMS: dict[str, type | None] = {
     "rtn": None, "gptq": GPTQParams, "awq": AWQParams, "static": None, "smoothquant": None, "dynamic": None,
-    "qat": QATParams, "plan": None,
+    "qat": QATParams, "plan": None, "blockqat": BlockQATParams,
 }
 
 #: Methods that run layer by layer and compose as a list: every one but the last contributes its transform
 #: (AWQ: scales folded into the weights), the last one quantizes (["awq", "gptq"]: AWQ scales, then GPTQ).
-COMPOSABLE = ["rtn", "gptq", "awq"]
+COMPOSABLE = ["rtn", "gptq", "awq", "blockqat"]
 
 
 def _static_act():
