@@ -173,3 +173,31 @@ def test_default_model_text_prompt_matches_transformers(default_model_and_tokeni
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     ours = llmquant.generate(model, prompt, 8, use_eos=False)
     assert torch.equal(ours, _hf_greedy(model, ids, 8))
+
+
+def test_streamed_bf16_model_generates_as_its_forward(tmp_path, monkeypatch):
+    """A model quantized from a streamed bf16 checkpoint keeps its embedding/head in bf16 (FloatEmbedding /
+    FloatLinear computing in fp32): the lean runtime computes in fp32 too, and its greedy tokens are the
+    model forward's, whether the head is upcast once and kept or a block of rows per call (large heads);
+    prefill without a kept fp16 weight copy (past the budget) gives the same tokens."""
+    import llmquant.kernels.packed_cpu as packed
+    import llmquant.runtime.lean as lean
+
+    make_tiny_llama(vocab_size=1000, layers=2, tie=False).to(torch.bfloat16).save_pretrained(str(tmp_path / "m"))
+    model, _ = llmquant.load_model(tmp_path / "m", stream=True)
+    llmquant.quantize(model, "W4G32", progress=False, output=tmp_path / "q")
+    q, _ = llmquant.load(tmp_path / "q")
+    assert type(q.lm_head).__name__ == "FloatLinear" and q.lm_head.weight.dtype == torch.bfloat16
+    prompt = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(3))
+    ids, ref = prompt, []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = q(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ref.append(int(nxt))
+            ids = torch.cat([ids, nxt], 1)
+    assert llmquant.generate(q, prompt, max_new_tokens=6, use_eos=False)[0].tolist() == ref
+    monkeypatch.setattr(lean, "_UPCAST_KEPT_MAX", 0)
+    monkeypatch.setattr(packed, "PREFILL_CACHE_BYTES", 0)
+    set_kernel(q, None)  # prepared again: no prefill copy may be kept now
+    assert llmquant.generate(q, prompt, max_new_tokens=6, use_eos=False)[0].tolist() == ref
+    assert not any(getattr(getattr(m, "kernel_state", None), "prefill", {}).get("fp16") for m in q.modules())

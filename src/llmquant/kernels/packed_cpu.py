@@ -6,7 +6,8 @@ its run-time state is the packed buffer itself plus one fp32 scale (and offset, 
 group: nothing is dequantized into memory. Numerics are weight-only, ``x @ dequant(W)^T`` up to fp32
 summation order (see ``csrc/qgemm_avx2.cpp`` for the algebra). Batches of at least ``LARGE_M`` rows
 (prefill) go through fbgemm's fp16-weight GEMM instead (the ``fbgemm_fp16`` kernel, prepared on the first
-such call and kept: 2 more bytes per weight at run time once a prompt has been processed). At 512 tokens
+such call and kept: 2 more bytes per weight at run time once a prompt has been processed, up to
+``PREFILL_CACHE_BYTES`` for all modules together; past it, dequantized for each such call). At 512 tokens
 with 2 threads on a quiet machine it measured as fast as fp32 (benchmarks/results/kernels.md), where
 dequantizing to fp32 per call was about 10% slower than fp32; no weight-only path beats fp32 there.
 Without fbgemm they dequantize the weight to fp32 for the call and run PyTorch's float GEMM. Fused calls
@@ -21,6 +22,8 @@ multiple of 32, any zero point, no activation quantization. Everything else goes
 
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +34,25 @@ from .base import KERNELS, Kernel, register
 
 #: Rows of x from which the dequantize-then-float-GEMM path is taken.
 LARGE_M = 16
+
+#: The most bytes of fp16 prefill weights kept across all modules (``LLMQUANT_PREFILL_CACHE_MB``, default
+#: 512): a small model keeps all of them (the default model's are 212 MB); an 8B model's would be 14 GB,
+#: so past the budget a module dequantizes for each many-token call instead of keeping a copy.
+PREFILL_CACHE_BYTES = int(float(os.environ.get("LLMQUANT_PREFILL_CACHE_MB", "512")) * 1e6)
+_kept = [0]
+
+
+def _keep_prefill_copy(state, nbytes: int) -> bool:
+    """Reserve ``nbytes`` of the prefill-copy budget for ``state`` (given back when the state is freed)."""
+    if _kept[0] + nbytes > PREFILL_CACHE_BYTES:
+        return False
+    _kept[0] += nbytes
+    weakref.finalize(state, _release, nbytes)
+    return True
+
+
+def _release(nbytes: int) -> None:
+    _kept[0] -= nbytes
 
 
 def format_supported(module) -> bool:
@@ -95,6 +117,8 @@ class PackedAVX2(Kernel):
             if KERNELS["fbgemm_fp16"].supports(module, x.device):
                 fp16 = KERNELS["fbgemm_fp16"]
                 if "fp16" not in state.prefill:
+                    if not _keep_prefill_copy(state, 2 * module.in_features * module.out_features):
+                        return run_fused([state], x)  # over the budget: dequantized for the call only
                     state.prefill["fp16"] = fp16.prepare(module, x.device, x.dtype)
                 return fp16.run(module, state.prefill["fp16"], x)
         return run_fused([state], x)

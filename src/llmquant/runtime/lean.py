@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedModelError
 from ..models import arch_for, model_types_with
 from ..modules import QuantLinear
-from ..modules.float_modules import FloatEmbedding
+from ..modules.float_modules import FloatEmbedding, FloatLinear
 
 _ACTS = {
     "silu": F.silu,
@@ -52,7 +52,25 @@ def _one_linear(mod: nn.Module, dtype: torch.dtype):
     if isinstance(mod, nn.Linear):
         w, b = mod.weight, mod.bias
         return lambda x: F.linear(x, w, b)
+    if isinstance(mod, FloatLinear) and mod.weight.dtype != dtype and mod.weight.numel() * 4 > _UPCAST_KEPT_MAX:
+        return _upcast_in_rows(mod.weight, mod.bias, dtype)  # an 8B model's bf16 head: no 2 GB fp32 copy kept
     return mod  # any other module that maps x -> y
+
+
+_UPCAST_KEPT_MAX = 256 * 10**6  # bytes: a stored-bf16 linear larger than this in fp32 is upcast a block at a time
+
+
+def _upcast_in_rows(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, rows: int = 8192):
+    """x -> x @ w^T + b with ``w`` converted to ``dtype`` a block of rows per call (exact: every bf16/fp16
+    value is an fp32 value), instead of a converted copy of the whole weight kept."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)
+        for r in range(0, w.shape[0], rows):
+            out[..., r:r + rows] = F.linear(x, w[r:r + rows].to(dtype), None if b is None else b[r:r + rows].to(dtype))
+        return out
+
+    return f
 
 
 def bind_linears(mods: list[nn.Module], dtype: torch.dtype, fuse: bool = True):
