@@ -58,6 +58,10 @@ def cmd_plan(args) -> int:
 
     if (args.target_bits is None) == (args.max_size is None):
         raise BudgetError("give exactly one of --target-bits B or --max-size S (e.g. 60MB)")
+    if args.max_size is not None:
+        from ..flows.mixed.solve import parse_size
+
+        parse_size(args.max_size)  # a size it cannot read is reported before the model loads
     _check_out(args.output, True, kind="file")
     _check_side_files(args)
     model, tok = llmquant.load_model(args.model)
@@ -133,9 +137,11 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
     from ..io import read_manifest
+    from ..io.manifest_schema import check_weights_header
     from ..report import format_table
 
     man = read_manifest(args.folder)
+    check_weights_header(args.folder, man)  # what load checks too, but the data's sha256
     if args.json:
         print(json.dumps(man, indent=1))
         return 0

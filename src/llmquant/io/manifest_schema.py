@@ -303,3 +303,38 @@ def _check_against_model(w: _Where, manifest: dict, model_config, modules: dict,
             raise w.fail(f"tensor {k!r} is recorded as {rdtype}, the layer stores {str(own[k].dtype)[6:]}")
         if k not in own and rdt.is_floating_point != dtype.is_floating_point:
             raise w.fail(f"tensor {k!r} is recorded as {rdtype}, the model needs a {'float' if dtype.is_floating_point else str(dtype)[6:]} tensor")
+
+
+# safetensors' dtype codes -> torch names (as the manifest writes them)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+              "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def check_weights_header(folder, manifest: dict, weights: str = "model.safetensors") -> None:
+    """Compare the manifest's tensor names, shapes and dtypes with the safetensors header of the folder's
+    weights (the header only: the sha256 of the data is checked when the tensors are loaded). For readers
+    that do not load the tensors (``llmquant inspect``), so they refuse the folders ``load`` refuses."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    f = Path(folder).expanduser() / weights
+    if not f.is_file():
+        raise CorruptFileError(f"{f} is missing; the save is incomplete, quantize again")
+    try:
+        with safe_open(str(f), "pt") as st:
+            have = {}
+            for k in st.keys():
+                sl = st.get_slice(k)
+                have[k] = (list(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(f"{f} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                               "quantize again") from None
+    want = manifest["tensors"]
+    if set(want) != set(have):
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        raise CorruptFileError(f"{f} does not match its manifest: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, rec in want.items():
+        if have[k] != (rec["shape"], rec["dtype"]):
+            raise CorruptFileError(f"tensor {k}: file has {have[k][0]} {have[k][1]}, manifest says {rec['shape']} {rec['dtype']}")
