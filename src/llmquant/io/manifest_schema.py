@@ -216,9 +216,9 @@ def validate_manifest(manifest: Any, where: str = "llmquant.json", model_config=
     w = _Where(where)
     if not isinstance(manifest, dict):
         raise CorruptFileError(f"{where} holds a JSON {type(manifest).__name__}, not an llmquant manifest (an object)")
+    check_digest(manifest, where)
     if manifest.get("format") != "llmquant" or manifest.get("format_version") != FORMAT_VERSION:
         raise CorruptFileError(f"{where} is not an llmquant manifest of format version {FORMAT_VERSION}")
-    check_digest(manifest, where)
     for k in REQUIRED:
         if k not in manifest:
             raise w.fail(f"the field {k!r} is missing")
