@@ -12,7 +12,7 @@ from .commands import _add_generation_args, _add_sens_args, add_qat_parser, cmd_
 log = logging.getLogger("llmquant")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> A.Parser:
     from ..version import __version__
 
     p = A.Parser(prog="llmquant", description="Quantize LLMs and measure what it costs.")

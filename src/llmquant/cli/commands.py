@@ -189,9 +189,8 @@ def _itemsize(dtype: str) -> int:
 def cmd_demo(args) -> int:
     """Quantize the default model at a few schemes and print the comparison table."""
     import llmquant
-    from ..report import eval_row, format_table
-
     from ..errors import SchemeError
+    from ..report import eval_row, format_table
     from ..schemes import resolve_scheme
 
     presets = [s.strip() for s in args.schemes.split(",") if s.strip()]

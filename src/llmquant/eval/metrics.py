@@ -7,6 +7,7 @@ agreement the share of positions where both models' most likely next token is th
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -107,16 +108,15 @@ class ReferenceLogits:
         self.close()
 
 
-@torch.inference_mode()
 def check_windows(windows, seq_len, *models) -> None:
     """Refuse evaluation settings that cannot give a result: fewer than one window, windows shorter than two
     tokens (nothing to predict), or longer than a model's context (``max_position_embeddings``)."""
     from ..errors import EvaluationError
     from ..models import context_length
 
-    if not isinstance(windows, int) or isinstance(windows, bool) or windows < 1:
+    if not isinstance(windows, numbers.Integral) or isinstance(windows, bool) or windows < 1:
         raise EvaluationError(f"the number of evaluation windows must be an integer >= 1, got {windows!r}")
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+    if not isinstance(seq_len, numbers.Integral) or isinstance(seq_len, bool) or seq_len < 2:
         raise EvaluationError(f"the evaluation window length (seq_len) must be an integer >= 2, got {seq_len!r}")
     for m in models:
         ctx = context_length(m) if isinstance(m, nn.Module) else None
@@ -125,6 +125,7 @@ def check_windows(windows, seq_len, *models) -> None:
                                   f"max_position_embeddings); use --seq-len {ctx} or less")
 
 
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     reference: "nn.Module | ReferenceLogits | None" = None,

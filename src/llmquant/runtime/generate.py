@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -113,7 +114,7 @@ def generate(
     bf16 autocast (bf16 GEMMs, about 1.7x faster on an int8/int4 model here) and the token-by-token decode
     in fp32 as usual; it changes the prompt's numerics slightly (activations rounded to bf16).
     """
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     if threads is not None:

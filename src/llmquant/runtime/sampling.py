@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +21,9 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         for k in ("temperature", "top_p"):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise GenerationError(f"{k} must be a finite number, got {v!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise GenerationError(f"top_k must be an integer, got {self.top_k!r}")
         if self.temperature <= 0:
             raise GenerationError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")

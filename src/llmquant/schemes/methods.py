@@ -10,6 +10,7 @@ the methods register in :mod:`llmquant.flows.registry`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -26,7 +27,7 @@ def _number(owner: str, name: str, v, lo: float | None = None, hi: float | None 
     """Refuse ``v`` unless it is a finite real number in the range (or None when ``none``)."""
     if v is None and none:
         return
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
     if ok and lo is not None:
         ok = v > lo if lo_open else v >= lo
     if ok and hi is not None:
@@ -39,7 +40,7 @@ def _number(owner: str, name: str, v, lo: float | None = None, hi: float | None 
 def _integer(owner: str, name: str, v, lo: int, *, none: bool = False) -> None:
     if v is None and none:
         return
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
         raise SchemeError(f"{owner} {name} must be an integer >= {lo}{' or null' if none else ''}, got {v!r}")
 
 
