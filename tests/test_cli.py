@@ -96,6 +96,12 @@ def test_output_exists_and_corrupt_folder(tmp_path, tiny_folder, capsys):
     man["tensors"][name]["sha256"] = "0" * 64
     (out / "llmquant.json").write_text(json.dumps(man))
     rc, _, err = run(capsys, "eval", str(out))
+    assert_one_line_error(rc, err, "manifest_sha256 check")  # the manifest was edited after saving
+    from llmquant.io.manifest_schema import manifest_digest
+
+    man["manifest_sha256"] = manifest_digest(man)  # re-signed: the tensor's own sha256 is what fails
+    (out / "llmquant.json").write_text(json.dumps(man))
+    rc, _, err = run(capsys, "eval", str(out))
     assert_one_line_error(rc, err, "sha256")
 
 

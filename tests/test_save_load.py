@@ -85,10 +85,23 @@ def test_flipped_byte_fails_sha(tmp_path):
 
 
 def test_manifest_shape_mismatch(tmp_path):
+    """An edited manifest fails its digest; re-signed, a shape the model config cannot take fails the schema,
+    and a dtype the file does not hold fails the comparison with model.safetensors."""
+    from llmquant.io.manifest_schema import manifest_digest
+
     d = _saved(tmp_path)
     man = json.loads((d / "llmquant.json").read_text())
-    k = next(iter(man["tensors"]))
+    k = "model.norm.weight"
     man["tensors"][k]["shape"] = [1, 2, 3]
+    (d / "llmquant.json").write_text(json.dumps(man))
+    with pytest.raises(CorruptFileError, match="manifest_sha256 check"):
+        llmquant.load(d)
+    man["manifest_sha256"] = manifest_digest(man)
+    (d / "llmquant.json").write_text(json.dumps(man))
+    with pytest.raises(CorruptFileError, match=r"recorded as \[1, 2, 3\], the model needs \[72\]"):
+        llmquant.load(d)
+    man["tensors"][k].update(shape=[72], dtype="float16")
+    man["manifest_sha256"] = manifest_digest(man)
     (d / "llmquant.json").write_text(json.dumps(man))
     with pytest.raises(CorruptFileError, match="manifest says"):
         llmquant.load(d)

@@ -76,3 +76,16 @@ class UnsupportedModelError(LLMQuantError):
 
 class GenerationError(LLMQuantError, ValueError):
     """Invalid generation arguments (no tokenizer for a text prompt, bad sampling settings...)."""
+
+
+class EvaluationError(LLMQuantError, ValueError):
+    """Invalid evaluation settings (no windows, a window shorter than 2 tokens or longer than the model's context)."""
+
+
+class UsageError(LLMQuantError, ValueError):
+    """A command-line argument is missing, malformed or out of range (the CLI's parser reports it)."""
+
+
+class OutputLocationError(LLMQuantError, OSError):
+    """The output path cannot be written: below an existing file, on a read-only location, or a file where a
+    folder is meant (or the other way round)."""

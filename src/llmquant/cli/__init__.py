@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from . import args as A
 from .quantize import cmd_quantize
 from .commands import _add_generation_args, _add_sens_args, add_qat_parser, cmd_chat, cmd_compare, cmd_demo, cmd_eval, cmd_export, cmd_generate, cmd_inspect, cmd_plan, cmd_sensitivity
 
 log = logging.getLogger("llmquant")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> A.Parser:
     from ..version import __version__
 
-    p = argparse.ArgumentParser(prog="llmquant", description="Quantize LLMs and measure what it costs.")
+    p = A.Parser(prog="llmquant", description="Quantize LLMs and measure what it costs.")
     p.add_argument("--version", action="version", version=f"llmquant {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "static: W8A8 with calibrated per-tensor activation scales; smoothquant: SmoothQuant, then "
                         "static W8A8; dynamic: per-token int8 activations at run time; qat: distillation training")
     q.add_argument("--calib", help="calibration text: .txt/.jsonl file, or 'default' (the default)")
-    q.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")
-    q.add_argument("--seq-len", type=int, help="tokens per calibration window (default 512)")
+    q.add_argument("--calib-samples", type=A.positive_int, help="calibration windows (default 64)")
+    q.add_argument("--seq-len", type=A.seq_len, help="tokens per calibration window (default 512)")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     q.add_argument("--scheme", help="a preset: W8, W4G64, W4G128, W3G32, ... (instead of --bits etc.)")
     q.add_argument("--bits", type=int, help="2..8 (default 4; 8 bits: per channel, fewer: groups of 128)")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic: int8 per-channel (default) or int4 g128 weights")
     q.add_argument("--weight-sym", action="store_true",
                    help="dynamic: symmetric weights (default: a zero point per output channel)")
-    q.add_argument("--outlier-threshold", type=float,
+    q.add_argument("--outlier-threshold", type=A.positive_float,
                    help="dynamic: LLM.int8() float path for input columns with |x| >= this (e.g. 6)")
     q.add_argument("--rotation", type=int,
                    help="dynamic: Hadamard block size (e.g. 64) rotating each Linear's input and weights")
@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stream-reference", action="store_true",
                    help="run the float reference layer by layer from its safetensors (a model larger than memory)")
     e.add_argument("--text", help=".txt or .jsonl (text field) file (default: pydoc_data.topics)")
-    e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (8 quick, 40 full)")
-    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--windows", type=A.positive_int, default=8, help="number of 512-token windows (8 quick, 40 full)")
+    e.add_argument("--seq-len", type=A.seq_len,
+                   help="tokens per window (default 512, or the model's context where that is shorter)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
 
@@ -92,18 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", default="quick", choices=["quick", "full"])
     c.add_argument("--strategies", default="ptq,qat,dynamic,mixed")
     c.add_argument("-o", "--output", default="runs/compare", help="report folder")
-    c.add_argument("--threads", type=int, help="CPU threads for the whole run (torch.set_num_threads)")
+    c.add_argument("--threads", type=A.threads, help="CPU threads for the whole run (torch.set_num_threads)")
     c.set_defaults(func=cmd_compare)
 
     se = sub.add_parser("sensitivity", help="per-layer damage of each candidate format (mixed precision)")
     _add_sens_args(se)
-    se.add_argument("--top", type=int, default=20, help="rows to print (most sensitive first)")
+    se.add_argument("--top", type=A.positive_int, default=20, help="rows to print (most sensitive first)")
     se.add_argument("--json", help="write the full result to this JSON file")
     se.set_defaults(func=cmd_sensitivity)
 
     pl = sub.add_parser("plan", help="solve a budget into a per-layer mixed-precision plan (JSON)")
     _add_sens_args(pl)
-    pl.add_argument("--target-bits", type=float, help="average bits per weight over the planned layers")
+    pl.add_argument("--target-bits", type=A.positive_float, help="average bits per weight over the planned layers")
     pl.add_argument("--max-size", help="total stored model size, e.g. 60MB (1 MB = 1e6 bytes)")
     pl.add_argument("-o", "--output", required=True, help="plan file to write")
     pl.set_defaults(func=cmd_plan)
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with the lean runtime (streamed)")
     _add_generation_args(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, type=A.nonempty("the prompt"))
     g.add_argument("--no-stream", action="store_true", help="print the text at the end")
     g.set_defaults(func=cmd_generate)
 
@@ -134,17 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize the default model at a few schemes and compare")
     d.add_argument("--model")
     d.add_argument("--schemes", default="W8,W4G128,W4G64,W4G32A")
-    d.add_argument("--windows", type=int, default=8)
+    d.add_argument("--windows", type=A.positive_int, default=8)
     d.set_defaults(func=cmd_demo)
     add_qat_parser(sub)
     return p
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ..errors import LLMQuantError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except LLMQuantError as e:  # a usage error (args.Parser)
+        print(f"llmquant: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from ..errors import LLMQuantError
     from ..io.hf import quiet_transformers
 
     quiet_transformers()
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LLMQuantError as e:
-        print(f"llmquant: error: {e}", file=sys.stderr)
+        print(f"llmquant: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmquant: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import args as A
 from .quantize import _check_out
 
 log = logging.getLogger("llmquant")
@@ -23,10 +24,18 @@ def _sens_from_args(args, model, tok):
     )
 
 
+def _check_side_files(args) -> None:
+    """--json / --chart files are written at the end of a long run: check their places first."""
+    for f in (getattr(args, "json", None), getattr(args, "chart", None)):
+        if isinstance(f, str):
+            _check_out(f, True, kind="file")
+
+
 def cmd_sensitivity(args) -> int:
     import llmquant
     from ..report import format_table, sensitivity_chart
 
+    _check_side_files(args)
     model, tok = llmquant.load_model(args.model)
     sens = _sens_from_args(args, model, tok)
     rows = sorted(sens.rows(), key=lambda r: -max(v for k, v in r.items() if k != "layer"))
@@ -49,6 +58,12 @@ def cmd_plan(args) -> int:
 
     if (args.target_bits is None) == (args.max_size is None):
         raise BudgetError("give exactly one of --target-bits B or --max-size S (e.g. 60MB)")
+    if args.max_size is not None:
+        from ..flows.mixed.solve import parse_size
+
+        parse_size(args.max_size)  # a size it cannot read is reported before the model loads
+    _check_out(args.output, True, kind="file")
+    _check_side_files(args)
     model, tok = llmquant.load_model(args.model)
     sens = _sens_from_args(args, model, tok)
     plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=args.max_size)
@@ -69,9 +84,9 @@ def _add_sens_args(p) -> None:
     p.add_argument("--method", choices=["fisher", "kl"], default="fisher",
                    help="fisher: 2nd-order KL estimate (fast, default); kl: measured KL per layer and format (slow)")
     p.add_argument("--include-head", action="store_true", help="plan the output head and embeddings too")
-    p.add_argument("--windows", type=int, help="calibration windows (default 4)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
-    p.add_argument("--samples", type=int, default=2, help="fisher: label draws per window")
+    p.add_argument("--windows", type=A.positive_int, help="calibration windows (default 4)")
+    p.add_argument("--seq-len", type=A.seq_len, default=128, help="tokens per calibration window")
+    p.add_argument("--samples", type=A.positive_int, default=2, help="fisher: label draws per window")
     p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
     p.add_argument("--chart", help="write a per-layer sensitivity chart (PNG; needs matplotlib)")
 
@@ -102,7 +117,17 @@ def cmd_eval(args) -> int:
         elif getattr(model, "llmquant_config", None) is not None or getattr(model, "llmquant_plan", None) is not None:
             ref = _reference_for(getattr(model, "llmquant_source", None), stream=args.stream_reference)
     text = Path(args.text) if args.text else None
-    res = llmquant.evaluate(model, reference=ref, text=text, tokenizer=tok, windows=args.windows, seq_len=args.seq_len)
+    seq_len = args.seq_len
+    if seq_len is None:  # the standard 512-token windows, unless the model's context is shorter
+        from ..data import DEFAULT_SEQ_LEN
+        from ..models import context_length
+
+        ctx = min((c for c in (context_length(model), context_length(ref) if ref is not None else None) if c),
+                  default=DEFAULT_SEQ_LEN)
+        seq_len = min(DEFAULT_SEQ_LEN, ctx)
+        if seq_len < DEFAULT_SEQ_LEN:
+            log.warning("windows of %d tokens (the model's context) instead of %d", seq_len, DEFAULT_SEQ_LEN)
+    res = llmquant.evaluate(model, reference=ref, text=text, tokenizer=tok, windows=args.windows, seq_len=seq_len)
     if args.json:
         print(json.dumps(res.to_dict(), indent=1))
     else:
@@ -112,9 +137,11 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
     from ..io import read_manifest
+    from ..io.manifest_schema import check_weights_header
     from ..report import format_table
 
     man = read_manifest(args.folder)
+    check_weights_header(args.folder, man)  # what load checks too, but the data's sha256
     if args.json:
         print(json.dumps(man, indent=1))
         return 0
@@ -162,11 +189,18 @@ def _itemsize(dtype: str) -> int:
 def cmd_demo(args) -> int:
     """Quantize the default model at a few schemes and print the comparison table."""
     import llmquant
+    from ..errors import SchemeError
     from ..report import eval_row, format_table
+    from ..schemes import resolve_scheme
 
+    presets = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if not presets:
+        raise SchemeError("--schemes is empty; give a comma list of presets such as W8,W4G128")
+    for preset in presets:  # an unknown name is reported before the model loads
+        resolve_scheme(preset)
     ref, tok = llmquant.load_model(args.model)
     rows = [eval_row("fp32", llmquant.evaluate(ref, reference=ref, windows=args.windows))]
-    for preset in args.schemes.split(","):
+    for preset in presets:
         model, _ = llmquant.load_model(args.model)
         summary = llmquant.quantize(model, preset)
         res = llmquant.evaluate(model, reference=ref, tokenizer=tok, windows=args.windows)
@@ -182,6 +216,7 @@ def cmd_compare(args) -> int:
     from ..report import compare, format_table
     from ..report.render import detail_rows, recommendations, vs_rows
 
+    _check_out(args.output, True)  # a report folder: existing reports in it are replaced
     result = compare(args.model, profile=args.profile, strategies=args.strategies.split(","), out_dir=args.output,
                      threads=args.threads)
     print(format_table(vs_rows(result["rows"])))
@@ -219,6 +254,7 @@ def cmd_qat(args) -> int:
     cfg = QuantConfig(weight=scheme, method="qat", method_params=params)
     _check_out(args.output, args.overwrite)
     ckpt_dir = args.checkpoint_dir or f"{args.output.rstrip('/')}.qat-ckpt"
+    _check_out(ckpt_dir, True)  # checkpoints are written during training, resumed from with --resume
     model, tok = llmquant.load_model(args.model)
     kw = {k: v for k, v in params.to_dict().items() if k not in ("text", "version")}
     extra = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
@@ -241,21 +277,21 @@ def add_qat_parser(sub) -> None:
     t.add_argument("--bits", type=int, help="2..8 (default 4; 8 bits: per channel, fewer: groups of 128)")
     t.add_argument("--group-size", type=int, help="values per scale (default: 128 below 8 bits)")
     t.add_argument("--asym", action="store_true", help="asymmetric (learned zero points)")
-    t.add_argument("--steps", type=int, help="optimizer steps (default 100)")
-    t.add_argument("--lr", type=float, help="AdamW learning rate, weights and step sizes (default 5e-5)")
-    t.add_argument("--seq-len", type=int, help="tokens per training window (default 256)")
-    t.add_argument("--batch", type=int, help="windows per micro-batch (default 4)")
-    t.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    t.add_argument("--steps", type=A.positive_int, help="optimizer steps (default 100)")
+    t.add_argument("--lr", type=A.positive_float, help="AdamW learning rate, weights and step sizes (default 5e-5)")
+    t.add_argument("--seq-len", type=A.seq_len, help="tokens per training window (default 256)")
+    t.add_argument("--batch", type=A.positive_int, help="windows per micro-batch (default 4)")
+    t.add_argument("--grad-accum", type=A.positive_int, help="micro-batches per step (default 1)")
     t.add_argument("--loss", choices=["kl", "ce"], help="kl: distill the float model (default); ce: next token")
     t.add_argument("--frozen-scales", action="store_true", help="keep the initial step sizes (no LSQ)")
     t.add_argument("--init", choices=["mse", "rtn"], help="initial step sizes: least-squares "
                    "clipping per group (mse, default) or min-max (rtn)")
-    t.add_argument("--lora-rank", type=int, help=">0: frozen base weights + rank-r adapters")
+    t.add_argument("--lora-rank", type=A.count, help=">0: frozen base weights + rank-r adapters")
     t.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing (less memory)")
-    t.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    t.add_argument("--max-minutes", type=A.positive_float, help="stop training after this many minutes")
     t.add_argument("--text", help=".txt or .jsonl training text (default: pydoc_data.topics; windows from its end)")
     t.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT.qat-ckpt)")
-    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50)")
+    t.add_argument("--checkpoint-every", type=A.positive_int, help="steps between checkpoints (default 50)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     t.add_argument("-o", "--output", required=True, help="output folder (loadable with llmquant.load)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
@@ -266,6 +302,18 @@ def cmd_export(args) -> int:
     import llmquant
     from ..report import format_table
 
+    if args.format != "gguf" and (args.requant or args.float_type != "auto" or args.tokenizer_gguf or args.tokenizer_pre):
+        from ..errors import ExportError
+
+        raise ExportError("--requant, --float-type and --tokenizer-* apply to --format gguf only")
+    _check_out(args.output, args.overwrite, kind="file" if args.format == "gguf" else "folder")
+    if args.tokenizer_gguf:  # read only at the end of the export: check it first
+        from ..errors import ExportError
+        from ..io.gguf_check import check_gguf
+
+        if not Path(args.tokenizer_gguf).expanduser().is_file():
+            raise ExportError(f"tokenizer GGUF {args.tokenizer_gguf!r} does not exist")
+        check_gguf(args.tokenizer_gguf)
     model, tok = llmquant.load_model(args.folder, packed=args.packed)
     if args.format == "gguf":
         rep = llmquant.export(model, tok, args.output, format="gguf", overwrite=args.overwrite, requant=args.requant,
@@ -282,10 +330,6 @@ def cmd_export(args) -> int:
         print(f"tokenizer: {rep.tokenizer_source}")
         print(f"wrote {args.output} ({rep.file_bytes / 1e6:.1f} MB)")
     else:
-        if args.requant or args.float_type != "auto" or args.tokenizer_gguf or args.tokenizer_pre:
-            from ..errors import ExportError
-
-            raise ExportError("--requant, --float-type and --tokenizer-* apply to --format gguf only")
         out = llmquant.export(model, tok, args.output, format="compressed-tensors", overwrite=args.overwrite)
         print(f"wrote {out} (compressed-tensors; load with transformers' from_pretrained or vLLM)")
     return 0
@@ -383,12 +427,14 @@ def cmd_chat(args) -> int:
 
 def _add_generation_args(g) -> None:
     g.add_argument("--model", help="a folder saved by llmquant, a local HF folder or .gguf (default: SmolLM2-135M)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, help="sample at this temperature (default and 0: greedy)")
-    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    g.add_argument("--top-p", type=float, help="sample from the smallest set with probability >= p")
-    g.add_argument("--seed", type=int, help="random seed for sampling")
-    g.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); reported with --stats")
+    g.add_argument("--max-new-tokens", type=A.positive_int, default=128)
+    g.add_argument("--temperature", type=A.float_range(0.0),
+                   help="sample at this temperature (default and 0: greedy)")
+    g.add_argument("--top-k", type=A.count, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=A.float_range(0.0, 1.0, lo_open=True),
+                   help="sample from the smallest set with probability >= p")
+    g.add_argument("--seed", type=A.seed, help="random seed for sampling")
+    g.add_argument("--threads", type=A.threads, help="CPU threads (torch.set_num_threads); reported with --stats")
     g.add_argument("--kernel", help="force one kernel (e.g. packed_avx2, fbgemm_fp16, reference)")
     g.add_argument("--stats", action="store_true", help="print tokens/s and threads to stderr")
     g.add_argument("--prefill-bf16", action="store_true",

@@ -29,12 +29,11 @@ def _scheme_from_args(args):
     return scheme_for(args.bits, args.group_size, symmetric=not args.asym, granularity=args.granularity)
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    from ..errors import OutputExistsError
+def _check_out(out: str, overwrite: bool, kind: str = "folder") -> None:
+    """Refuse an output location the save would fail on, before any work (see io.paths)."""
+    from ..io.paths import check_output_location
 
-    p = Path(out).expanduser()
-    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out!r} exists and is not empty; choose another -o or pass --overwrite")
+    check_output_location(out, overwrite, kind=kind)
 
 
 def _float_alpha(v: str | None):

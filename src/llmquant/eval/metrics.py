@@ -7,6 +7,7 @@ agreement the share of positions where both models' most likely next token is th
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -104,6 +105,23 @@ class ReferenceLogits:
         self.close()
 
 
+def check_windows(windows, seq_len, *models) -> None:
+    """Refuse evaluation settings that cannot give a result: fewer than one window, windows shorter than two
+    tokens (nothing to predict), or longer than a model's context (``max_position_embeddings``)."""
+    from ..errors import EvaluationError
+    from ..models import context_length
+
+    if not isinstance(windows, numbers.Integral) or isinstance(windows, bool) or windows < 1:
+        raise EvaluationError(f"the number of evaluation windows must be an integer >= 1, got {windows!r}")
+    if not isinstance(seq_len, numbers.Integral) or isinstance(seq_len, bool) or seq_len < 2:
+        raise EvaluationError(f"the evaluation window length (seq_len) must be an integer >= 2, got {seq_len!r}")
+    for m in models:
+        ctx = context_length(m) if isinstance(m, nn.Module) else None
+        if ctx is not None and seq_len > ctx:
+            raise EvaluationError(f"seq_len {seq_len} is longer than the model's context ({ctx} tokens, "
+                                  f"max_position_embeddings); use --seq-len {ctx} or less")
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -126,6 +144,7 @@ def evaluate(
         raise UnsupportedError("a streamed model (load_model(..., stream=True)) holds its layers only once quantize "
                                "has read them: quantize it first, or pass it as the reference (it is then run "
                                "layer by layer), or load it whole")
+    check_windows(windows, seq_len, model, reference)
     tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
     ids = token_windows(tokenizer, text, windows, seq_len)
     if getattr(reference, "llmquant_layer_source", None) is not None:  # a float reference larger than memory

@@ -26,6 +26,7 @@ from ..version import __version__
 from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, SchemeError, UnsupportedError
 from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme
+from .manifest_schema import manifest_digest, validate_manifest
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class OutputFolder:
             out.parent.mkdir(parents=True, exist_ok=True)
             self.lock = OutputLock(out)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # the finished folder gets a folder's usual mode, not mkdtemp's 0700
         except OSError as e:
             raise OutputExistsError(f"cannot write to {str(out)!r}: {e.strerror or e}") from None
         self.writer = ShardWriter(self.tmp, shard_bytes)
@@ -148,6 +152,7 @@ class OutputFolder:
                 "aliases": dict(sorted(self.aliases.items())),
                 "tensors": dict(sorted(entries.items())),
             }
+            manifest["manifest_sha256"] = manifest_digest(manifest)
             (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             from .shards import swap_in
 
@@ -251,11 +256,19 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise ModelNotFoundError(f"{str(p)!r} has no {MANIFEST}: not a folder saved by llmquant")
     try:
         manifest = json.loads(m.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
         raise CorruptFileError(f"{m} is not valid JSON ({e}); the save is damaged, quantize again") from None
-    if manifest.get("format") != "llmquant" or manifest.get("format_version") != FORMAT_VERSION:
-        raise CorruptFileError(f"{m} is not an llmquant manifest of format version {FORMAT_VERSION}")
-    return manifest
+    # fields, digest, and the layers and tensors against config.json: see manifest_schema
+    return validate_manifest(manifest, str(m), model_config=_model_config(p))
+
+
+def _model_config(p: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CorruptFileError(f"{p / 'config.json'} cannot be read ({str(e).splitlines()[0]})") from None
 
 
 def _weight_files(folder: Path) -> list[Path]:

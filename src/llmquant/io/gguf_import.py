@@ -21,11 +21,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import ExportError, ModelNotFoundError
+from ..errors import CorruptFileError, ExportError, ModelNotFoundError
 from ..models import arch_for_gguf, config_value, gguf_to_hf_name, permute_heads_for, rope_row_order
 from ..modules import replace_module
 from ..schemes import QuantConfig
 from .ggml_blocks import BY_NAME, module_from_blocks
+from .gguf_check import field_value, open_gguf
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,15 @@ class GGUFImport:
 def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer, GGUFImport)`` with the GGUF file's quantized linears packed (default: the default
     model's Q4_1 file)."""
-    from gguf import GGUFReader
-
     from .hf import default_model_file, load_float_model
 
     gpath = default_model_file() if path is None else Path(path).expanduser()
     if not gpath.is_file() or gpath.suffix != ".gguf":
         raise ModelNotFoundError(f"{str(gpath)!r} is not a .gguf file; packed loading reads GGUF files only")
     model, tok, source = load_float_model(None if path is None else gpath, dtype=dtype)
-    reader = GGUFReader(str(gpath))
-    arch_name = reader.fields["general.architecture"].contents()
-    arch = arch_for_gguf(arch_name)
+    reader = open_gguf(gpath)
+    arch_name = field_value(reader, "general.architecture", gpath, required=True)
+    arch = arch_for_gguf(arch_name) if isinstance(arch_name, str) else None
     if arch is None:
         raise ExportError(f"GGUF architecture {arch_name!r} has no tensor-name map in llmquant.models.arch")
     info = GGUFImport(path=str(gpath))
@@ -72,6 +71,9 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
         if tname not in BY_NAME:
             info.kept_float[mod_name] = tname
             continue
+        if t.n_elements != lin.in_features * lin.out_features:
+            raise CorruptFileError(f"{gpath}: tensor {t.name} holds {t.n_elements} values, the model's {mod_name} "
+                                   f"needs {lin.out_features} x {lin.in_features}")
         raw = np.asarray(t.data).reshape(lin.out_features, -1)
         attr = permute_heads_for(arch, hf)
         if attr is not None:  # GGUF row r holds HF row order[r]

@@ -18,7 +18,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import ExportError
+from ..errors import CorruptFileError, ExportError
+from .gguf_check import open_gguf, wrap_gguf_errors
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +41,31 @@ def source_gguf(model) -> Path | None:
 
 def copy_tokenizer_fields(writer, gguf_path: str | os.PathLike) -> int:
     """Copy every ``tokenizer.*`` key of ``gguf_path`` into ``writer``; returns the vocabulary size."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    r = GGUFReader(str(gguf_path))
+    r = open_gguf(gguf_path)
     n = 0
-    for key, f in r.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        if f.types[0] == GGUFValueType.ARRAY:
-            vals = f.contents()
-            writer.add_key_value(key, vals, GGUFValueType.ARRAY, sub_type=f.types[-1])
-            if key == "tokenizer.ggml.tokens":
-                n = len(vals)
-        else:
-            writer.add_key_value(key, f.contents(), f.types[0])
+    with wrap_gguf_errors(gguf_path, "copying its tokenizer"):
+        for key, f in r.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            if f.types[0] == GGUFValueType.ARRAY:
+                if len(f.types) < 2:  # an empty array: its item type is not recorded
+                    log.warning("%s: tokenizer key %s is an empty array; not copied", gguf_path, key)
+                    continue
+                if f.types[1] == GGUFValueType.ARRAY:
+                    raise CorruptFileError(f"{gguf_path}: tokenizer key {key!r} is a nested array, which llmquant does not copy")
+                vals = f.contents()
+                writer.add_key_value(key, vals, GGUFValueType.ARRAY, sub_type=f.types[-1])
+                if key == "tokenizer.ggml.tokens":
+                    n = len(vals)
+            else:
+                writer.add_key_value(key, f.contents(), f.types[0])
     return n
 
 
 def _vocab_size(path: Path) -> int:
-    from gguf import GGUFReader
-
-    f = GGUFReader(str(path)).fields.get("tokenizer.ggml.tokens")
+    f = open_gguf(path).fields.get("tokenizer.ggml.tokens")
     return 0 if f is None else len(f.data)
 
 

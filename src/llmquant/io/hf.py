@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import HubUnavailableError, ModelNotFoundError
+from ..errors import CorruptFileError, HubUnavailableError, ModelNotFoundError
 from ..resources import cache_dir
+from .gguf_check import check_gguf, wrap_gguf_errors
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,11 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
         except (OSError, ValueError) as e:
             log.warning("cached conversion of %s unreadable (%s); converting again", gguf.name, e)
     log.info("converting %s (once; cached in %s)", gguf, cached)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    check_gguf(gguf)  # every length in the header bounded by the file before transformers' reader trusts it
+    with wrap_gguf_errors(gguf, "reading its tokenizer"):
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with wrap_gguf_errors(gguf, "loading its weights"):
+        model = _from_pretrained(gguf, str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     plain_copy_of_gguf_model(model)
     try:
         import shutil
@@ -110,6 +114,66 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
     return model.to(dtype), tok
 
 
+def _missing_path(path, p: Path) -> None:
+    """Raise for a model path that does not exist: a missing local path, unless it can only be a hub id
+    (``org/name`` whose ``org`` is not a local folder)."""
+    s = str(path)
+    head = s.split("/", 1)[0]
+    hub_like = (s.count("/") == 1 and not s.startswith((".", "/", "~")) and not os.path.exists(head)
+                and not p.suffix and all(part for part in s.split("/")))
+    if hub_like:
+        raise HubUnavailableError(
+            f"{s!r} does not exist as a local path, and llmquant never downloads from a hub: if it is a hub id, "
+            "download the model elsewhere and pass its local folder (or .gguf file)")
+    raise ModelNotFoundError(f"model path {s!r} does not exist (looked for {str(p.absolute())!r}); pass an existing "
+                             "local model folder or .gguf file")
+
+
+def _refuse_llmquant_weights_without_manifest(p: Path) -> None:
+    """A folder llmquant saved (its safetensors say ``producer: llmquant``) whose ``llmquant.json`` is gone would
+    otherwise load as a float model with random weights where the packed ones were: refuse it. Exports made
+    for transformers (compressed-tensors: a ``quantization_config`` in config.json) are not such folders."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if "quantization_config" in json.loads((p / "config.json").read_text()):
+            return
+    except (OSError, ValueError, TypeError):
+        pass  # transformers reports an unreadable config.json
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as st:
+                meta = st.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CorruptFileError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+        if meta.get("producer") == "llmquant":
+            raise CorruptFileError(
+                f"{str(p)!r} was saved by llmquant ({f.name} says producer: llmquant) but its llmquant.json manifest "
+                "is missing, so its packed weights cannot be loaded (they would load as random float weights); "
+                "restore llmquant.json from a copy of the folder, or quantize the original model again")
+
+
+def _from_pretrained(where: Path, *args, **kw):
+    """``AutoModelForCausalLM.from_pretrained`` that refuses a checkpoint lacking weights the model needs
+    (transformers would fill them with random values and carry on)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(*args, output_loading_info=True, **kw)
+    missing = sorted(set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
+                                                             for k in info.get("mismatched_keys") or ()})
+    if missing:
+        raise CorruptFileError(
+            f"{str(where)!r} lacks {len(missing)} weight(s) the model's config needs or holds them in another shape "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they would be random: the checkpoint "
+            "is incomplete or does not belong to this config.json")
+    if info.get("unexpected_keys"):
+        log.warning("%s holds %d tensors the model does not use (e.g. %s)", where, len(info["unexpected_keys"]),
+                    sorted(info["unexpected_keys"])[0])
+    return model
+
+
 def load_float_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, source) for the default model (None), a local HF folder or a local .gguf file."""
     _offline_env()
@@ -121,18 +185,13 @@ def load_float_model(path: str | os.PathLike | None = None, dtype: torch.dtype =
     else:
         p = Path(path).expanduser()
         if not p.exists():
-            looks_like_hub_id = "/" in str(path) and not str(path).startswith((".", "/", "~")) and str(path).count("/") == 1
-            if looks_like_hub_id:
-                raise HubUnavailableError(
-                    f"{path!r} is not a local path and llmquant never downloads: download the model elsewhere "
-                    "and pass its local folder (or .gguf file)"
-                )
-            raise ModelNotFoundError(f"model path {str(path)!r} does not exist; pass a local model folder or .gguf file")
+            _missing_path(path, p)
         if p.is_file():
             if p.suffix != ".gguf":
                 raise ModelNotFoundError(f"{str(p)!r} is a file but not a .gguf; pass a model folder or a .gguf file")
             gguf = p
         elif (p / "config.json").exists():
+            _refuse_llmquant_weights_without_manifest(p)
             gguf = None
         else:
             ggufs = sorted(p.glob("*.gguf"))
@@ -146,7 +205,7 @@ def load_float_model(path: str | os.PathLike | None = None, dtype: torch.dtype =
             log.info("loading %s", gguf)
             model, tok = _load_gguf(gguf, dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+            model = _from_pretrained(p, str(p), local_files_only=True, dtype=dtype)
             try:
                 tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
             except (OSError, ValueError, TypeError) as e:

@@ -241,7 +241,8 @@ class FakeQuantLinear(nn.Module):
         self.weight = nn.Parameter(torch.zeros(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         rows = 1 if scheme.granularity == "tensor" else out_features
-        per = {"tensor": out_features * in_features, "group": scheme.group_size}.get(scheme.granularity, in_features)
+        per = {"tensor": out_features * in_features, "group": min(scheme.group_size or in_features, in_features)}.get(
+            scheme.granularity, in_features)
         self.weight_quantizer = FakeQuantizer(scheme, (rows, scheme.num_groups(in_features)), per, learn_scales)
         self.input_quantizer = (
             None if activation_scheme is None else ActivationFakeQuantizer(activation_scheme, in_features, learn_scales)

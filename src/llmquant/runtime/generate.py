@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import GenerationError
+from ..models import context_length
 from ..modules import QuantLinear
 from .lean import LeanModel
 from .sampling import SamplingConfig, next_tokens
@@ -112,8 +114,8 @@ def generate(
     bf16 autocast (bf16 GEMMs, about 1.7x faster on an int8/int4 model here) and the token-by-token decode
     in fp32 as usual; it changes the prompt's numerics slightly (activations rounded to bf16).
     """
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     if threads is not None:
         if threads < 1:
@@ -130,6 +132,12 @@ def generate(
     if mask is not None and bool(mask.all()):
         mask = None
     b, t = ids.shape
+    if t == 0:
+        raise GenerationError("the prompt is empty (it has no tokens); give some text or token ids to continue")
+    ctx = context_length(model)
+    if ctx is not None and t + max_new_tokens > ctx:
+        raise GenerationError(f"the prompt ({t} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                              f"context of {ctx} tokens; shorten the prompt or lower max_new_tokens to at most {max(ctx - t, 0)}")
     stops = set(stop_tokens or ())
     if use_eos:
         stops |= _eos_ids(model, tok)

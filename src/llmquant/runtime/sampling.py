@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,12 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set whose probability reaches p (1.0: all)
 
     def __post_init__(self) -> None:
+        for k in ("temperature", "top_p"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise GenerationError(f"{k} must be a finite number, got {v!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise GenerationError(f"top_k must be an integer, got {self.top_k!r}")
         if self.temperature <= 0:
             raise GenerationError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
         if self.top_k < 0:

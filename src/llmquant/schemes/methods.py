@@ -9,6 +9,8 @@ the methods register in :mod:`llmquant.flows.registry`.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -18,6 +20,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from .scheme import QuantScheme
 
 PARAMS_VERSION = 1
+
+
+def _number(owner: str, name: str, v, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False, none: bool = False) -> None:
+    """Refuse ``v`` unless it is a finite real number in the range (or None when ``none``)."""
+    if v is None and none:
+        return
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
+        raise SchemeError(f"{owner} {name} must be a finite number in {rng}{' or null' if none else ''}, got {v!r}")
+
+
+def _integer(owner: str, name: str, v, lo: int, *, none: bool = False) -> None:
+    if v is None and none:
+        return
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
+        raise SchemeError(f"{owner} {name} must be an integer >= {lo}{' or null' if none else ''}, got {v!r}")
 
 
 class _Params:
@@ -47,10 +71,10 @@ class GPTQParams(_Params):
     version: int = PARAMS_VERSION
 
     def __post_init__(self) -> None:
-        if not 0 <= self.damp < 1:
-            raise SchemeError(f"GPTQ damp must be in [0, 1), got {self.damp!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise SchemeError(f"GPTQ block_size must be an integer >= 1, got {self.block_size!r}")
+        _number("GPTQ", "damp", self.damp, 0, 1, hi_open=True)
+        _integer("GPTQ", "block_size", self.block_size, 1)
+        if not isinstance(self.act_order, bool):
+            raise SchemeError(f"GPTQ act_order must be true or false, got {self.act_order!r}")
         self._check_version()
 
 
@@ -76,12 +100,11 @@ class AWQParams(_Params):
     version: int = PARAMS_VERSION
 
     def __post_init__(self) -> None:
-        if not isinstance(self.grid, int) or self.grid < 1:
-            raise SchemeError(f"AWQ grid must be an integer >= 1, got {self.grid!r}")
-        if not isinstance(self.clip_grid, int) or self.clip_grid < 1:
-            raise SchemeError(f"AWQ clip_grid must be an integer >= 1, got {self.clip_grid!r}")
-        if not 0 <= self.max_shrink < 1:
-            raise SchemeError(f"AWQ max_shrink must be in [0, 1), got {self.max_shrink!r}")
+        _integer("AWQ", "grid", self.grid, 1)
+        _integer("AWQ", "clip_grid", self.clip_grid, 1)
+        _number("AWQ", "max_shrink", self.max_shrink, 0, 1, hi_open=True)
+        if not isinstance(self.clip, bool):
+            raise SchemeError(f"AWQ clip must be true or false, got {self.clip!r}")
         object.__setattr__(self, "norm_to_linears", _pairs(self.norm_to_linears))
         object.__setattr__(self, "linear_to_linears", _pairs(self.linear_to_linears))
         self._check_version()
@@ -135,8 +158,23 @@ class QATParams(_Params):
                 raise SchemeError(f"QAT {k} must be an integer >= 1, got {v!r}")
         if self.loss not in ("kl", "ce"):
             raise SchemeError(f"QAT loss must be 'kl' or 'ce', got {self.loss!r}")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+        if self.init not in ("mse", "rtn"):
+            raise SchemeError(f"QAT init must be 'mse' or 'rtn', got {self.init!r}")
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
             raise SchemeError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        _number("QAT", "lr", self.lr, 0, lo_open=True)
+        _number("QAT", "lr_qparams", self.lr_qparams, 0, lo_open=True, none=True)
+        _number("QAT", "weight_decay", self.weight_decay, 0)
+        _number("QAT", "max_grad_norm", self.max_grad_norm, 0)  # 0: no clipping
+        _number("QAT", "lora_alpha", self.lora_alpha, 0, lo_open=True, none=True)
+        _number("QAT", "max_seconds", self.max_seconds, 0, none=True)
+        _integer("QAT", "warmup", self.warmup, 0, none=True)
+        _integer("QAT", "seed", self.seed, -(2**63))
+        for k in ("learn_scales", "gradient_checkpointing"):
+            if not isinstance(getattr(self, k), bool):
+                raise SchemeError(f"QAT {k} must be true or false, got {getattr(self, k)!r}")
+        if self.text is not None and not isinstance(self.text, str):
+            raise SchemeError(f"QAT text must be a file path or null, got {self.text!r}")
         self._check_version()
 
 

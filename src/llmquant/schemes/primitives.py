@@ -33,6 +33,12 @@ def scale_torch_dtype(scheme: QuantScheme) -> torch.dtype:
     return _DTYPES[scheme.scale_dtype]
 
 
+def group_len(scheme: QuantScheme, k: int) -> int:
+    """Values per group along a dimension of ``k``: the group size, or ``k`` when one group holds them all
+    (so a group larger than the layer costs no padding)."""
+    return min(scheme.group_size, k)
+
+
 def _grouped(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """View ``x`` (..., K) as (rows, groups, group_len); a ragged last group is padded by repeating its
     last value, which changes neither its min nor its max."""
@@ -42,7 +48,7 @@ def _grouped(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     rows = x.reshape(-1, k)
     if scheme.granularity in ("channel", "token"):
         return rows.unsqueeze(1)
-    gs = scheme.group_size
+    gs = group_len(scheme, k)
     g = -(-k // gs)
     pad = g * gs - k
     if pad:
@@ -97,7 +103,7 @@ def compute_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor,
 def expand_groups(p: torch.Tensor, k: int, scheme: QuantScheme) -> torch.Tensor:
     """Broadcast per-(row, group) parameters to (rows, k)."""
     if scheme.granularity == "group":
-        return p.repeat_interleave(scheme.group_size, dim=1)[:, :k]
+        return p.repeat_interleave(group_len(scheme, k), dim=1)[:, :k]
     return p  # (rows, 1) or (1, 1) broadcasts
 
 
@@ -164,7 +170,7 @@ def group_sum(v: torch.Tensor, groups: int, scheme: QuantScheme) -> torch.Tensor
     if scheme.granularity != "group":
         return v.sum(dim=1, keepdim=True)
     rows, k = v.shape
-    gs = scheme.group_size
+    gs = group_len(scheme, k)
     pad = groups * gs - k
     if pad:
         v = torch.cat([v, v.new_zeros(rows, pad)], dim=1)
@@ -214,7 +220,7 @@ def gram_error(w: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme) -> Rang
     if scheme.granularity not in ("group", "channel"):
         raise SchemeError("the Gram-weighted range search needs per-channel or grouped scales")
     rows, k = w.shape
-    gs = scheme.group_size if scheme.granularity == "group" else k
+    gs = group_len(scheme, k) if scheme.granularity == "group" else k
     ng = -(-k // gs)
     gb = gram.new_zeros(ng, gs, gs)  # diagonal blocks, zero-padded
     for gi in range(ng):

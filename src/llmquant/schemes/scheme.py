@@ -16,6 +16,8 @@ SCHEME_VERSION = 1
 GRANULARITIES = ("tensor", "channel", "group", "token")
 ZERO_POINT_KINDS = ("int", "float", "min")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
+# no layer has more input features than this; a larger group is one scale per row under another name
+MAX_GROUP_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,10 @@ class QuantScheme:
         if self.granularity not in GRANULARITIES:
             raise SchemeError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.granularity == "group":
-            if self.group_size is None or not isinstance(self.group_size, int) or self.group_size < 1:
-                raise SchemeError(f"group size must be an integer >= 1, got {self.group_size!r}")
+            gs = self.group_size
+            if gs is None or not isinstance(gs, int) or isinstance(gs, bool) or not 1 <= gs <= MAX_GROUP_SIZE:
+                raise SchemeError(f"group size must be an integer from 1 to {MAX_GROUP_SIZE}, got {gs!r} (for one "
+                                  "scale per output row use per-channel: granularity channel)")
         elif self.group_size is not None:
             object.__setattr__(self, "group_size", None)
         if self.zero_point not in ZERO_POINT_KINDS:
@@ -66,7 +70,7 @@ class QuantScheme:
             if not self.dynamic:
                 raise SchemeError("outlier_threshold applies to dynamic activation schemes only")
             t = self.outlier_threshold
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
                 raise SchemeError(f"outlier_threshold must be a positive number, got {self.outlier_threshold!r}")
             object.__setattr__(self, "outlier_threshold", float(self.outlier_threshold))
         if self.rotation is not None:
