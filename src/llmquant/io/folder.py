@@ -27,6 +27,7 @@ from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, Sc
 from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme
 from .manifest_schema import manifest_digest, validate_manifest
+from .shards import safetensors_slices
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,20 @@ def _sha256(t: torch.Tensor) -> str:
     from .shards import _tensor_bytes
 
     return hashlib.sha256(_tensor_bytes(t)).hexdigest()  # no copy of the tensor's bytes
+
+
+def _file_sha256(sl) -> str:
+    h = hashlib.sha256()
+    with open(sl.path, "rb") as f:
+        f.seek(sl.offset)
+        left = sl.nbytes
+        while left:
+            chunk = f.read(min(left, 16 << 20))
+            if not chunk:
+                raise CorruptFileError(f"{sl.path} ends inside a tensor: the file is truncated")
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
 
 
 def _tensors_and_aliases(module: nn.Module, prefix: str = "", skip=()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -299,10 +314,12 @@ def _read_tensors(folder: Path, manifest: dict, verify: bool = True) -> dict[str
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
+    where: dict = {}
     for f in _weight_files(folder):
         try:
             part = load_file(str(f))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            where.update(safetensors_slices(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise CorruptFileError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); quantize again") from None
         if set(part) & set(tensors):
             raise CorruptFileError(f"{f} repeats tensors of another shard: {sorted(set(part) & set(tensors))[:3]}")
@@ -318,7 +335,8 @@ def _read_tensors(folder: Path, manifest: dict, verify: bool = True) -> dict[str
             raise CorruptFileError(
                 f"tensor {k}: file has {list(t.shape)} {t.dtype}, manifest says {meta['shape']} {meta['dtype']}"
             )
-        if verify and _sha256(t) != meta["sha256"]:
+        # hashed from the file with plain reads: the mapped tensor's pages stay unread until the model uses them
+        if verify and _file_sha256(where[k]) != meta["sha256"]:
             raise CorruptFileError(f"tensor {k} fails its sha256 check: the file was modified or damaged")
     return tensors
 
