@@ -246,7 +246,7 @@ def test_memory_budget_refused_up_front(shards, calib, tmp_path):
     from llmquant.errors import BudgetError
 
     m, _ = llmquant.load_model(shards, stream=True)
-    with pytest.raises(BudgetError, match=r"needs at least [0-9.]+ GB"):
+    with pytest.raises(BudgetError, match=r"needs at least [0-9.]+ [MG]B"):
         llmquant.quantize(m, CASES["gptq"], calib=calib, progress=False, max_memory="1MB", output=tmp_path / "o")
     assert all(p.is_meta for p in m.model.layers.parameters())  # nothing was read or quantized
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
@@ -266,7 +266,7 @@ def test_budget_arithmetic():
     e = Estimate(base=100, layer=50, work=20, activations=400, one_batch=30)
     assert (e.minimum, e.in_memory) == (200, 570)
     assert check(e, None) is False and check(e, 570) is False and check(e, 569) is True and check(e, 200) is True
-    with pytest.raises(Exception, match="at least 0.00 GB"):
+    with pytest.raises(Exception, match="at least 0 MB"):
         check(e, 199)
 
 

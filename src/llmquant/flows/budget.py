@@ -25,7 +25,7 @@ from ..resources import rss_bytes
 
 
 def _gb(b: float) -> str:
-    return f"{b / 1e9:.2f} GB"
+    return f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB"
 
 
 @dataclass
