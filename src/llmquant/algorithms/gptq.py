@@ -40,13 +40,18 @@ def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor of the dampened ``H^-1``; more dampening is tried if H is too ill-conditioned."""
     mean_diag = float(h.diagonal().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(6):
         d = damp * (10**attempt) if damp > 0 else (0.0 if attempt == 0 else 1e-4 * 10**attempt)
         try:
-            lower = torch.linalg.cholesky(h + d * mean_diag * eye)
+            # H + d * mean * I with the damping added to the diagonal only (no K x K identity: at K = 8192
+            # each such matrix is 268 MB), and each factor freed as soon as the next is made
+            lower = h.clone()
+            lower.diagonal().add_(d * mean_diag)
+            lower = torch.linalg.cholesky(lower)
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper = torch.linalg.cholesky(hinv, upper=True)
+            del hinv
             if attempt:
                 log.warning("%s: Hessian needed dampening %.3g (asked %.3g) to be invertible", name, d, damp)
             return upper
@@ -74,17 +79,20 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     name: str = "weight",
+    consume_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Integer codes (int16, shaped like ``weight``), scale and zero point (None if symmetric), as RTN.
 
-    ``hessian``: (in, in), ``2 X X^T / n`` of the layer's calibration inputs.
+    ``hessian``: (in, in), ``2 X X^T / n`` of the layer's calibration inputs. ``consume_hessian``: the caller
+    gives it up (an fp32 tensor made for this call), so it is worked on in place instead of copied (at 8192
+    inputs each copy is 268 MB).
     """
     with _few_threads(weight.device):
-        return _gptq(weight, hessian, scheme, damp, block_size, act_order, name)
+        return _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian)
 
 
-def _gptq(weight, hessian, scheme, damp, block_size, act_order, name):
-    w = weight.detach().float().clone()
+def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian=False):
+    w = weight.detach().float()  # only read: the column loop works on its own (transposed) copy
     check_finite(w, name)
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
@@ -93,13 +101,15 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name):
         raise CalibrationError(f"{name}: the calibration statistics hold NaN/Inf; check the calibration inputs")
     if scheme.granularity == "tensor":
         raise SchemeError("GPTQ needs per-channel or grouped weight scales, not per-tensor")
-    h = hessian.detach().float().clone().to(w.device)
+    own = consume_hessian and hessian.dtype == torch.float32 and hessian.device == w.device
+    h = hessian.detach() if own else hessian.detach().float().clone().to(w.device)
+    del hessian
     dead = h.diagonal() == 0  # inputs that were always zero: their columns do not affect the output
     h[dead, dead] = 1.0
 
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+        h = h[perm[:, None], perm]  # one gather, one copy
     u = _inverse_cholesky(h, damp, name)
     del h
 
@@ -115,11 +125,11 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name):
         pos_of = torch.empty(cols, dtype=torch.long, device=w.device)
         pos_of[orig] = torch.arange(cols, device=w.device)
         orig_list = orig.tolist()
-    else:  # per channel: one scale per row, from the whole (permuted columns do not matter) matrix
-        scale, zero = compute_qparams(w, scheme)
-    # work on W^T so that a column is a contiguous row of memory
-    wt = w.T.contiguous()
+    # work on W^T (columns in processing order) so that a column is a contiguous row of memory: one copy
+    wt = (w.T[perm] if perm is not None else w.T).contiguous()
     del w
+    if not grouped:  # per channel: one scale per row, from the whole (permuted columns do not matter) matrix
+        scale, zero = compute_qparams(wt.T, scheme)
     qcodes = _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list if grouped else None,
                           pos_of if grouped else None, done if grouped else None)
     qcodes = qcodes.T

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError
 from ..models import arch_for
 from ..modules import replace_module, select_linears
-from ..resources import PeakMemory
+from ..resources import PeakMemory, trim_memory
 from . import budget
 from ..schemes import CalibSpec, QuantConfig, dequantize
 from .passes import _Stop, _device, _raise_stop, _run, decoder_layers, record_layer_inputs
@@ -253,6 +253,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
             ctx.inputs, ctx.kwargs, ctx.targets = xs, kwargs[i], ys
         if hooks.reduce_stats is not None:
             hooks.reduce_stats(ctx.stats)
+        trim_memory()  # the float pass's freed intermediates go back to the system before the quantizer's own
         results = run_block(stages, ctx)
         del ctx
         num = den = 0.0

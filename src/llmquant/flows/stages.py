@@ -25,6 +25,7 @@ from ..algorithms.gptq import gptq_quantize
 from ..errors import MappingError, UnsupportedArchitectureError
 from ..schemes.names import matches
 from ..modules import QuantLinear
+from ..resources import trim_memory
 from ..schemes import QuantConfig
 from .stats import StatsCollector
 from .summary import LayerSummary, layer_row
@@ -155,16 +156,17 @@ class GPTQStage(Stage):
             if not names:
                 continue
             ws = [ctx.linears[n].weight.detach().float() for n in names]
-            h = ctx.scaled(names[0], ctx.stats.stats[owner].hessian)
-            q, scale, zero = gptq_quantize(
-                torch.cat(ws, 0), h, self.cfg.weight,
+            q, scale, zero = gptq_quantize(  # the Hessian is made for this call: GPTQ may work on it in place
+                torch.cat(ws, 0), ctx.scaled(names[0], ctx.stats.stats[owner].hessian), self.cfg.weight,
                 damp=p.damp, block_size=p.block_size, act_order=p.act_order, name="+".join(names),
+                consume_hessian=True,
             )
             r = 0
             for n, w in zip(names, ws):
                 k = w.shape[0]
                 out[n] = (q[r : r + k], scale[r : r + k], None if zero is None else zero[r : r + k], w)
                 r += k
+            trim_memory()  # GPTQ's K x K temporaries go back to the system before the next group's
         return out
 
 
