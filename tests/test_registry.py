@@ -33,8 +33,8 @@ def calib():
 
 
 def test_builtin_methods_registered():
-    assert {"rtn", "gptq", "awq", "static", "smoothquant", "dynamic", "qat", "plan"} <= set(METHODS)
-    assert {m for m in METHODS if METHODS[m].stage is not None} == {"rtn", "gptq", "awq"}
+    assert {"rtn", "gptq", "awq", "static", "smoothquant", "dynamic", "qat", "plan", "blockqat"} <= set(METHODS)
+    assert {m for m in METHODS if METHODS[m].stage is not None} == {"rtn", "gptq", "awq", "blockqat"}
     with pytest.raises(SchemeError, match="unknown method 'nope'"):
         QuantConfig(method="nope")
     with pytest.raises(SchemeError, match="cannot be composed"):
