@@ -292,3 +292,27 @@ def test_spilled_activations_give_the_same_result(shards, calib, name, monkeypat
     assert s.memory_budget["activations_spilled"] and used
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_disk_full_is_a_clean_error_and_keeps_the_old_output(shards, tmp_path, monkeypatch):
+    from llmquant.errors import OutputLocationError
+    from llmquant.io.shards import ShardWriter
+
+    out = tmp_path / "out"
+    llmquant.quantize(llmquant.load_model(shards)[0], "W8", progress=False, output=out)
+    before = json.loads((out / "llmquant.json").read_text())["tensors"]
+    calls = []
+    orig = ShardWriter.add
+
+    def add(self, name, t):
+        calls.append(name)
+        if len(calls) > 5:
+            raise OSError(28, "No space left on device")
+        orig(self, name, t)
+
+    monkeypatch.setattr(ShardWriter, "add", add)
+    m, _ = llmquant.load_model(shards, stream=True)
+    with pytest.raises(OutputLocationError, match="is full"):
+        llmquant.quantize(m, "W4G32", progress=False, output=out, overwrite=True)
+    assert json.loads((out / "llmquant.json").read_text())["tensors"] == before
+    assert not list(tmp_path.glob(".out.*"))

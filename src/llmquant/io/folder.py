@@ -10,6 +10,8 @@ folder that looks complete, and an existing folder is replaced only as a whole. 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -23,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from ..version import __version__
-from ..errors import CorruptFileError, ModelNotFoundError, OutputExistsError, SchemeError, UnsupportedError
+from ..errors import (CorruptFileError, ModelNotFoundError, OutputExistsError, OutputLocationError, SchemeError,
+                      UnsupportedError)
 from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme
 from .manifest_schema import manifest_digest, validate_manifest
@@ -127,12 +130,27 @@ class OutputFolder:
         """Write ``module``'s tensors now (named ``prefix.<name>``); with ``drop`` its tensors then move to
         the meta device so their memory is freed."""
         tensors, aliases = _tensors_and_aliases(module, prefix)
-        for name, t in tensors.items():
-            self.writer.add(name, t)
+        with self._disk_errors():
+            for name, t in tensors.items():
+                self.writer.add(name, t)
         self.aliases.update(aliases)
         del tensors
         if self.drop_written if drop is None else drop:
             module.to("meta")
+
+    def _full(self, e: OSError) -> OutputLocationError:
+        return OutputLocationError(f"the disk holding {str(self.out)!r} is full ({e.strerror or e}); free space or "
+                                   "choose another output folder (any previous output there is untouched)")
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        try:
+            yield
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.abort()  # the partial shards go now, not after the rest of the run
+                raise self._full(e) from None
+            raise
 
     def layer_done(self, index: int, prefix: str, layer: nn.Module, summary=None) -> None:
         self.write_module(prefix, layer)
@@ -173,6 +191,11 @@ class OutputFolder:
 
             swap_in(self.tmp, self.out)
             self.done = True
+        except OSError as e:
+            self.abort()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(e) from None
+            raise
         except BaseException:
             self.abort()
             raise
