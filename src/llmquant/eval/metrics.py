@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data import DEFAULT_SEQ_LEN, token_windows
 from ..errors import LLMQuantError
+from ..flows.passes import model_device
 from .size import model_size
 
 
@@ -44,8 +45,6 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = out.logits if hasattr(out, "logits") else out
     return logits.float()
 
-
-from ..flows.passes import model_device as _device  # noqa: E402  (the first tensor that has data)
 
 
 class ReferenceLogits:
@@ -79,7 +78,7 @@ class ReferenceLogits:
                     streamed_logits(model, self.ids, keep)
                 else:
                     for i, w in enumerate(tqdm(self.ids, desc="reference", disable=not progress, leave=False)):
-                        keep(i, _logits(model, w.unsqueeze(0).to(_device(model))))
+                        keep(i, _logits(model, w.unsqueeze(0).to(model_device(model))))
         except BaseException:
             self.close()
             raise
@@ -149,7 +148,7 @@ def evaluate(
     ids = token_windows(tokenizer, text, windows, seq_len)
     if getattr(reference, "llmquant_layer_source", None) is not None:  # a float reference larger than memory
         reference = ReferenceLogits(reference, ids, progress=progress)
-    dev = _device(model)
+    dev = model_device(model)
     nll = kl = agree = 0.0
     n = 0
     t0 = time.perf_counter()
@@ -162,7 +161,7 @@ def evaluate(
         if isinstance(reference, ReferenceLogits):
             ref_logp = reference.log_probs(i, w).to(logp.device)
         elif reference is not None:
-            ref_logp = F.log_softmax(_logits(reference, x.to(_device(reference)))[0, :-1].to(logp.device), dim=-1)
+            ref_logp = F.log_softmax(_logits(reference, x.to(model_device(reference)))[0, :-1].to(logp.device), dim=-1)
         if reference is not None:
             kl += float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
             agree += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())

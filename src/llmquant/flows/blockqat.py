@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from ..modules import replace_module
 from ..modules.fake_quant import FakeQuantLinear
-from ..schemes import BlockQATParams, quantize_to_int
+from ..schemes import BlockQATParams
 from .passes import _run
+from .qat import fake_quant_codes
 from .stages import LayerContext, Stage
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,7 @@ class BlockQATStage(Stage):
                 replace_module(ctx.block, ctx.rel(n), lin)
         if loss is not None:
             log.info("%s: block QAT, output MSE %.3e -> %.3e over %d steps", ctx.prefix, loss[0], loss[1], p.steps)
-        out = {}
-        for n, fq in fqs.items():
-            w = fq.merged_weight().detach().float()
-            scale, zero = fq.weight_quantizer.export()
-            out[n] = (quantize_to_int(w, scale, zero, scheme), scale, zero, w)
-        return out
+        return {n: fake_quant_codes(fq) for n, fq in fqs.items()}
 
 
 def _train(ctx: LayerContext, fqs: dict, p: BlockQATParams) -> tuple[float, float]:

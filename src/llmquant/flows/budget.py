@@ -45,7 +45,7 @@ class Estimate:
         return self.base + self.layer + self.work + self.one_batch
 
 
-def estimate(model: nn.Module, layers, chosen: dict, stages, batches, hidden: int | None,
+def estimate(layers, chosen: dict, stages, batches, hidden: int | None,
              dtype: torch.dtype = torch.float32) -> Estimate:
     size = torch.tensor([], dtype=dtype).element_size()
     layer = work = 0

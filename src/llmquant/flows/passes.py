@@ -31,8 +31,6 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-_device = model_device
-
 
 def decoder_layers(model: nn.Module, arch) -> tuple[str, nn.ModuleList] | None:
     """(path, ModuleList) of the decoder layers: from the architecture record, else the first list of

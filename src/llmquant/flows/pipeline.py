@@ -37,7 +37,7 @@ from ..modules import replace_module, select_linears
 from ..resources import PeakMemory, trim_memory
 from . import budget
 from ..schemes import CalibSpec, QuantConfig, dequantize
-from .passes import _Stop, _device, _raise_stop, _run, decoder_layers, record_layer_inputs
+from .passes import _Stop, _raise_stop, _run, decoder_layers, model_device, record_layer_inputs
 from .stages import ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, rtn_result, run_block  # noqa: F401
 from .stats import StatsCollector
 from .summary import QuantSummary, untie_if_needed
@@ -142,7 +142,7 @@ def _drive(model, cfg, calib, stages, chosen, arch, source, whole_model, summary
         spec = cfg.calibration or CalibSpec()
         summary.calibration = {"windows": int(calib.shape[0]), "shape": list(calib.shape), **spec.to_dict()}
         batch = min([s.calib_batch for s in stages if s.calib_batch] or [spec.batch_size])
-        batches = [b.to(_device(model)) for b in calib.split(batch)]
+        batches = [b.to(model_device(model)) for b in calib.split(batch)]
         kw = {"use_cache": False} if not calib.is_floating_point() else {}
         if spec.sequential and not whole_model and found is not None:
             _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks)
@@ -206,7 +206,7 @@ def _budget(model, layers, chosen, stages, batches, summary) -> bool:
     if limit is None:
         return False
     cfg = getattr(model, "config", None)
-    est = budget.estimate(model, layers, chosen, stages, batches, getattr(cfg, "hidden_size", None))
+    est = budget.estimate(layers, chosen, stages, batches, getattr(cfg, "hidden_size", None))
     spill = budget.check(est, limit)
     summary.memory_budget = {"max_memory_mb": limit / 1e6, "estimate_mb": est.in_memory / 1e6,
                              "minimum_mb": est.minimum / 1e6, "activations_spilled": spill}

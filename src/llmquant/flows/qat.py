@@ -120,11 +120,16 @@ def has_fake_quant(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def to_quant_linear(fq: FakeQuantLinear) -> QuantLinear:
-    """The packed module whose dequantized weight equals ``fq``'s fake-quantized weight."""
+def fake_quant_codes(fq: FakeQuantLinear):
+    """``(codes, scale, zero, float weight)`` of ``fq``'s fake-quantized weight (adapters merged)."""
     w = fq.merged_weight().detach().float()
     scale, zero = fq.weight_quantizer.export()
-    q = quantize_to_int(w, scale, zero, fq.scheme)
+    return quantize_to_int(w, scale, zero, fq.scheme), scale, zero, w
+
+
+def to_quant_linear(fq: FakeQuantLinear) -> QuantLinear:
+    """The packed module whose dequantized weight equals ``fq``'s fake-quantized weight."""
+    q, scale, zero, w = fake_quant_codes(fq)
     in_scale = in_zero = None
     if fq.input_quantizer is not None and fq.input_quantizer.static is not None:
         st = fq.input_quantizer.static

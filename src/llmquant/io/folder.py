@@ -30,7 +30,7 @@ from ..errors import (CorruptFileError, ModelNotFoundError, OutputExistsError, O
 from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme
 from .manifest_schema import manifest_digest, validate_manifest
-from .shards import safetensors_slices
+from .shards import read_chunks, safetensors_slices
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,10 @@ WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def _sha256(t: torch.Tensor) -> str:
-    from .shards import _tensor_bytes
-
-    return hashlib.sha256(_tensor_bytes(t)).hexdigest()  # no copy of the tensor's bytes
-
-
 def _file_sha256(sl) -> str:
     h = hashlib.sha256()
-    with open(sl.path, "rb") as f:
-        f.seek(sl.offset)
-        left = sl.nbytes
-        while left:
-            chunk = f.read(min(left, 16 << 20))
-            if not chunk:
-                raise CorruptFileError(f"{sl.path} ends inside a tensor: the file is truncated")
-            h.update(chunk)
-            left -= len(chunk)
+    for chunk in read_chunks(sl):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -138,19 +125,17 @@ class OutputFolder:
         if self.drop_written if drop is None else drop:
             module.to("meta")
 
-    def _full(self, e: OSError) -> OutputLocationError:
-        return OutputLocationError(f"the disk holding {str(self.out)!r} is full ({e.strerror or e}); free space or "
-                                   "choose another output folder (any previous output there is untouched)")
-
     @contextlib.contextmanager
     def _disk_errors(self):
+        """A full disk while writing: one clean error, the partial shards removed at once."""
         try:
             yield
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                self.abort()  # the partial shards go now, not after the rest of the run
-                raise self._full(e) from None
-            raise
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.abort()
+            raise OutputLocationError(f"the disk holding {str(self.out)!r} is full ({e.strerror or e}); free space "
+                                      "or choose another output folder (any previous output there is untouched)") from None
 
     def layer_done(self, index: int, prefix: str, layer: nn.Module, summary=None) -> None:
         self.write_module(prefix, layer)
@@ -158,50 +143,49 @@ class OutputFolder:
     def finish(self, model: nn.Module, tokenizer, *, base_model: str | None = None) -> Path:
         """Write what is not written yet, the manifest, config and tokenizer; put the folder in place."""
         try:
-            passthrough = getattr(model, "llmquant_passthrough", None) or {}
-            tensors, aliases = _tensors_and_aliases(model, skip=set(self.writer.entries) | set(self.aliases))
-            for name, t in tensors.items():
-                src = passthrough.get(name)
-                self.writer.add(name, src[0] if src is not None and src[1] == t.data_ptr() else t)
-            del tensors
-            self.aliases.update(aliases)
-            entries = self.writer.close()
-            _write_side_files(model, tokenizer, self.tmp)
-            qcfg = getattr(model, "llmquant_config", None)
-            cfg = getattr(model, "config", None)
-            manifest = {
-                "format": "llmquant",
-                "format_version": FORMAT_VERSION,
-                "llmquant_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "base_model": base_model or getattr(model, "llmquant_source", None),
-                "model_class": type(model).__name__,
-                "model_type": getattr(cfg, "model_type", None),
-                "config": None if qcfg is None else qcfg.to_dict(),
-                "quantized_layers": _quant_layers(model),
-                "mixed_modules": {n: m.manifest_entry() for n, m in model.named_modules()
-                                  if type(m).__name__ in MANIFEST_MODULES},
-                "plan": None if getattr(model, "llmquant_plan", None) is None else model.llmquant_plan.to_ordered_dict(),
-                "aliases": dict(sorted(self.aliases.items())),
-                "tensors": dict(sorted(entries.items())),
-            }
-            manifest["manifest_sha256"] = manifest_digest(manifest)
-            (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            from .shards import swap_in
-
-            swap_in(self.tmp, self.out)
-            self.done = True
-        except OSError as e:
-            self.abort()
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._full(e) from None
-            raise
+            with self._disk_errors():
+                self._complete(model, tokenizer, base_model)
         except BaseException:
             self.abort()
             raise
         self.lock.release()
         log.info("saved %s", self.out)
         return self.out
+
+    def _complete(self, model: nn.Module, tokenizer, base_model: str | None) -> None:
+        passthrough = getattr(model, "llmquant_passthrough", None) or {}
+        tensors, aliases = _tensors_and_aliases(model, skip=set(self.writer.entries) | set(self.aliases))
+        for name, t in tensors.items():
+            src = passthrough.get(name)
+            self.writer.add(name, src[0] if src is not None and src[1] == t.data_ptr() else t)
+        del tensors
+        self.aliases.update(aliases)
+        entries = self.writer.close()
+        _write_side_files(model, tokenizer, self.tmp)
+        qcfg = getattr(model, "llmquant_config", None)
+        cfg = getattr(model, "config", None)
+        manifest = {
+            "format": "llmquant",
+            "format_version": FORMAT_VERSION,
+            "llmquant_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base_model": base_model or getattr(model, "llmquant_source", None),
+            "model_class": type(model).__name__,
+            "model_type": getattr(cfg, "model_type", None),
+            "config": None if qcfg is None else qcfg.to_dict(),
+            "quantized_layers": _quant_layers(model),
+            "mixed_modules": {n: m.manifest_entry() for n, m in model.named_modules()
+                              if type(m).__name__ in MANIFEST_MODULES},
+            "plan": None if getattr(model, "llmquant_plan", None) is None else model.llmquant_plan.to_ordered_dict(),
+            "aliases": dict(sorted(self.aliases.items())),
+            "tensors": dict(sorted(entries.items())),
+        }
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        from .shards import swap_in
+
+        swap_in(self.tmp, self.out)
+        self.done = True
 
     def abort(self) -> None:
         """Remove the temporary folder; the previous output (if any) is untouched."""

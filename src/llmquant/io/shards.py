@@ -104,6 +104,19 @@ def safetensors_slices(path: str | os.PathLike) -> dict[str, FileSlice]:
     return out
 
 
+def read_chunks(sl: FileSlice, chunk: int = _CHUNK):
+    """The bytes of ``sl``, ``chunk`` at a time, with plain file reads (no mapping, nothing kept)."""
+    with open(sl.path, "rb") as f:
+        f.seek(sl.offset)
+        left = sl.nbytes
+        while left:
+            data = f.read(min(chunk, left))
+            if not data:
+                raise CorruptFileError(f"{sl.path} ends inside a tensor: the file is truncated")
+            yield data
+            left -= len(data)
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
@@ -143,21 +156,13 @@ class ShardWriter:
             self._header, self._size = {}, 0
         h = hashlib.sha256()
         if isinstance(tensor, FileSlice):
-            with open(tensor.path, "rb") as src:
-                src.seek(tensor.offset)
-                left = nbytes
-                while left:
-                    chunk = src.read(min(_CHUNK, left))
-                    if not chunk:
-                        raise CorruptFileError(f"{tensor.path} ends inside tensor {name!r}: the file is truncated")
-                    h.update(chunk)
-                    self._part.write(chunk)
-                    left -= len(chunk)
+            chunks = read_chunks(tensor)
         else:
             data = _tensor_bytes(tensor)
-            for i in range(0, len(data), _CHUNK):
-                h.update(data[i:i + _CHUNK])
-                self._part.write(data[i:i + _CHUNK])
+            chunks = (data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK))
+        for chunk in chunks:
+            h.update(chunk)
+            self._part.write(chunk)
         self._header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self._size, self._size + nbytes]}
         self._size += nbytes
         self.entries[name] = {"shape": list(shape), "dtype": str(TORCH_DTYPES[dtype]).replace("torch.", ""),
