@@ -164,20 +164,20 @@ def test_output_written_as_it_goes(shards, calib, name, tmp_path):
     llmquant.save(whole, None, tmp_path / "w")
     streamed, _ = llmquant.load_model(shards, stream=True)
     written = []
-    import llmquant.io.folder as folder
+    import llmquant.io.output as output
 
-    orig = folder.OutputFolder.layer_done
+    orig = output.OutputFolder.layer_done
 
     def spy(self, index, prefix, layer, summary=None):
         orig(self, index, prefix, layer, summary)
         written.append(index)
         assert all(p.is_meta for p in layer.parameters()) and all(b.is_meta for b in layer.buffers())
 
-    folder.OutputFolder.layer_done = spy
+    output.OutputFolder.layer_done = spy
     try:
         llmquant.quantize(streamed, CASES[name], calib=calib, progress=False, output=tmp_path / "s", shard_size="40KB")
     finally:
-        folder.OutputFolder.layer_done = orig
+        output.OutputFolder.layer_done = orig
     assert written == [0, 1, 2]
     index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
@@ -203,26 +203,27 @@ def test_failed_or_killed_run_keeps_the_old_output(shards, tmp_path):
     llmquant.quantize(llmquant.load_model(shards)[0], "W8", progress=False, output=out)
     before = json.loads((out / "llmquant.json").read_text())["tensors"]
     m, _ = llmquant.load_model(shards, stream=True)
-    import llmquant.io.folder as folder
+    import llmquant.io.output as output
 
-    orig = folder.OutputFolder.layer_done
+    orig = output.OutputFolder.layer_done
 
     def fail_at_1(self, index, *a):
         if index == 1:
             raise OSError(28, "No space left on device")
         orig(self, index, *a)
 
-    folder.OutputFolder.layer_done = fail_at_1
+    output.OutputFolder.layer_done = fail_at_1
     try:  # fails after a layer was written: the old output stays
         with pytest.raises(OSError, match="No space"):
             llmquant.quantize(m, "W4G32", progress=False, output=out, overwrite=True)
     finally:
-        folder.OutputFolder.layer_done = orig
+        output.OutputFolder.layer_done = orig
     assert json.loads((out / "llmquant.json").read_text())["tensors"] == before
-    assert not list(tmp_path.glob(".out.*"))
+    # layer 0 was finished: its checkpoint stays for --resume (test_resume.py), nothing else
+    assert [p.name for p in tmp_path.glob(".out.*")] == [".out.partial"]
     # a kill -9 in the middle of a streamed run: the old output loads as before; the next run clears the leftovers
     script = (
-        "import time, llmquant, llmquant.io.folder as f\n"
+        "import time, llmquant, llmquant.io.output as f\n"
         "orig = f.OutputFolder.layer_done\n"
         "def slow(self, *a):\n"
         "    orig(self, *a); print('layer', flush=True); time.sleep(30)\n"
@@ -233,7 +234,7 @@ def test_failed_or_killed_run_keeps_the_old_output(shards, tmp_path):
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert p.stdout.readline().strip() == "layer"
-    assert list(tmp_path.glob(".out.tmp-*")) and list(tmp_path.glob(".out.tmp-*/*"))
+    assert list(tmp_path.glob(".out.partial/*.part"))
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert json.loads((out / "llmquant.json").read_text())["tensors"] == before

@@ -48,7 +48,7 @@ def load_model(path=None, *, dtype=None, packed=False, stream=False):
 
 
 def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True, output=None,
-             overwrite: bool = False, shard_size=None, max_memory=None):
+             overwrite: bool = False, shard_size=None, max_memory=None, resume: bool = False):
     """Quantize ``model`` in place with ``config``; returns a :class:`QuantSummary`.
 
     ``config``: a :class:`QuantConfig` whose ``method`` names a registered method (``rtn``, ``gptq``,
@@ -62,7 +62,10 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     ``output``: a folder to save the quantized model to (as :func:`save` does, atomically), written as the
     work goes: each decoder layer is written when it is finished, and for a model loaded with
     ``stream=True`` it then leaves memory (the returned model reads it back from the folder, memory-mapped).
-    ``shard_size`` (e.g. ``"2GB"``): the most each safetensors file holds.
+    ``shard_size`` (e.g. ``"2GB"``): the most each safetensors file holds. A run writing ``output``
+    checkpoints each finished decoder layer in ``.OUTPUT.partial`` beside it; if it is killed or fails,
+    the same call with ``resume=True`` continues from the last finished layer (same result as a run that was
+    never interrupted; a checkpoint of other settings is refused with :class:`~llmquant.errors.CheckpointError`).
     ``max_memory`` (e.g. ``"8GB"``): a budget for a layer-by-layer run. Checked against an estimate from the
     model's shapes before any work: refused (:class:`~llmquant.errors.BudgetError`, with the number it needs)
     when one layer and its work do not fit; calibration activations spill to a file on disk when all of
@@ -70,6 +73,10 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     """
     from pathlib import Path
 
+    if resume and output is None:
+        from .errors import UsageError
+
+        raise UsageError("resume=True continues an interrupted run writing an output: give output=")
     if isinstance(config, Path) or (isinstance(config, str) and ("/" in config or config.endswith(".json"))):
         config = _io.read_recipe(config)  # a saved folder's recipe, or a QuantConfig / plan JSON file
     cfg = _flows.registry.resolve(config)
@@ -94,23 +101,41 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     try:
         if output is None:
             return _flows.quantize(model, cfg, calib=calib, progress=progress)
-        return _quantize_to(model, cfg, calib, progress, output, overwrite, shard_size, tokenizer)
+        return _quantize_to(model, cfg, calib, progress, output, overwrite, shard_size, tokenizer, resume)
     finally:
         if limit is not None:
             del model.llmquant_max_memory
 
 
-def _quantize_to(model, cfg, calib, progress, output, overwrite, shard_size, tokenizer):
-    _io.folder._check_saveable(model)
+def _run_settings(model, cfg, calib) -> dict:
+    """What decides a run's result, for refusing to resume a checkpoint of another run."""
+    import hashlib
+    import json
+
+    import torch
+
+    h = None
+    if isinstance(calib, torch.Tensor):
+        t = calib.detach().contiguous().cpu()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    mcfg = getattr(model, "config", None)
+    return {"config": json.loads(json.dumps(cfg.to_dict())), "calibration": None if h is None else h.hexdigest(),
+            "model": getattr(model, "llmquant_source", None),
+            "model_config": None if mcfg is None else hashlib.sha256(mcfg.to_json_string().encode()).hexdigest()}
+
+
+def _quantize_to(model, cfg, calib, progress, output, overwrite, shard_size, tokenizer, resume=False):
+    _io.output._check_saveable(model)
     streamed = getattr(model, "llmquant_layer_source", None) is not None
-    with _io.OutputFolder(output, overwrite=overwrite, shard_size=shard_size, drop_written=streamed) as out:
+    with _io.OutputFolder(output, overwrite=overwrite, shard_size=shard_size, drop_written=streamed, resumable=True,
+                          resume=resume, settings=_run_settings(model, cfg, calib)) as out:
         model.llmquant_layer_sink = out
         try:
             summary = _flows.quantize(model, cfg, calib=calib, progress=progress)
         finally:
             del model.llmquant_layer_sink
         out.finish(model, tokenizer or getattr(model, "llmquant_tokenizer", None))
-    if streamed:
+    if any(t.is_meta for t in model.state_dict().values()):  # layers written as they went (streamed, resumed)
         _io.attach_saved(model, output)
     return summary
 

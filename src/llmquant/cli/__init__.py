@@ -63,6 +63,8 @@ def build_parser() -> A.Parser:
     q.add_argument("--plan", help="a mixed-precision plan file (JSON) from `llmquant plan` or written by hand")
     q.add_argument("-o", "--output", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run writing the same -o from its "
+                   "last finished layer (the same command otherwise; a run without it starts over)")
     q.add_argument("--shard-size", default="2GB", help="the most one safetensors file of the output holds "
                    "(default 2GB; the output is written layer by layer as it is quantized)")
     q.add_argument("--max-memory", help="a memory budget such as 8GB: refused up front when one layer and its work "

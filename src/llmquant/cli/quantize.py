@@ -142,9 +142,15 @@ def cmd_quantize(args) -> int:
     else:
         config = config_from_args(args)
     _check_out(args.output, args.overwrite)
+    if args.resume and llmquant.io.read_progress(args.output) is None:  # before the model is loaded
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"there is no interrupted run to resume for {args.output!r}; run without --resume")
     model, tok = llmquant.load_model(args.model, stream=args.stream)
     summary = llmquant.quantize(model, config, tokenizer=tok, output=args.output, overwrite=args.overwrite,
-                                shard_size=args.shard_size, max_memory=args.max_memory)
+                                shard_size=args.shard_size, max_memory=args.max_memory, resume=args.resume)
+    if summary.resumed_after:
+        print(f"resumed after decoder layer {summary.resumed_after}: the layers before it come from the checkpoint")
     if config.method == "plan":
         row = _plan_row(llmquant, model, summary)
     else:

@@ -58,12 +58,37 @@ class LayerSource:
 
 
 @dataclass
+class ResumePoint:
+    """Where an interrupted run stopped: ``done`` decoder layers are finished (their modules are already
+    rebuilt in the model, on the meta device), with their summary rows and output errors; ``inputs()``
+    yields the next layer's inputs per calibration batch (None for data-free methods); ``rng``: the torch
+    RNG state after the last finished layer."""
+
+    done: int
+    rows: list
+    errors: list[float]
+    inputs: Callable[[], object] | None
+    rng: torch.Tensor | None = None
+
+
+class Checkpointer:
+    """Per-layer checkpoints (the protocol :class:`llmquant.io.OutputFolder` implements)."""
+
+    def resume_point(self, model: nn.Module, path: str, total: int) -> ResumePoint | None:
+        return None
+
+    def checkpoint(self, model: nn.Module, index: int, path: str, total: int, xs, summary: QuantSummary) -> None:
+        """Called after layer ``index`` is finished and written; ``xs``: layer ``index + 1``'s inputs."""
+
+
+@dataclass
 class Hooks:
     """Points where streaming, distributed runs and resume attach to the pipeline."""
 
     source: LayerSource = field(default_factory=LayerSource)
     reduce_stats: Callable[[StatsCollector], None] | None = None  # e.g. all-reduce of the sums across ranks
     on_layer_done: list[Callable[[int, str, nn.Module, QuantSummary], None]] = field(default_factory=list)
+    checkpoint: Checkpointer = field(default_factory=Checkpointer)  # resume from the last finished layer
 
 
 def _check(t: torch.Tensor, where: str) -> None:
@@ -111,7 +136,8 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
     the whole model instead of layer by layer (also what ``CalibSpec(sequential=False)`` asks)."""
     source = getattr(model, "llmquant_layer_source", None)  # a streamed model: layers read as they are reached
     sink = getattr(model, "llmquant_layer_sink", None)  # an output being written: each layer goes when done
-    hooks = hooks or Hooks(source=source or LayerSource(), on_layer_done=[sink.layer_done] if sink is not None else [])
+    hooks = hooks or Hooks(source=source or LayerSource(), on_layer_done=[sink.layer_done] if sink is not None else [],
+                           checkpoint=sink if sink is not None else Checkpointer())
     stages = stages or make_stages(cfg)
     if calibrated_stages(stages) and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
         raise CalibrationError("calibration data must be a tensor of token ids (windows, seq_len) or of inputs (n, ...)")
@@ -168,17 +194,16 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
     layers = [] if found is None else [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])]
     _budget(model, [lay for _, lay in layers], chosen, stages, None, summary)
     names = list(chosen)
-    with tqdm(total=len(names), desc=f"quantize ({'+'.join(cfg.methods)}, {stages[-1].label})", disable=not progress,
-              leave=False) as bar:
-        for i, (prefix, layer) in enumerate(layers):
+    start = _resume(hooks, model, found, chosen, summary) if layers else 0
+    with tqdm(total=len(names), initial=len(names) - len(chosen), desc=f"quantize ({'+'.join(cfg.methods)}, "
+              f"{stages[-1].label})", disable=not progress, leave=False) as bar:
+        for i, (prefix, layer) in enumerate(layers[start:], start):
             lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
             hooks.source.load(i, prefix, layer)
             for n, m in lin.items():  # one linear at a time: its codes and temporaries only
                 ctx = LayerContext(layer, prefix, {n: m}, StatsCollector({}), cfg)
                 _install(model, run_block(stages, ctx), chosen, stages[-1], summary)
-            for cb in hooks.on_layer_done:
-                cb(i, prefix, layer, summary)
-            hooks.source.release(i, prefix, layer)
+            _layer_done(hooks, model, found, i, layer, None, summary)
             bar.update(len(lin))
         rest = {n: chosen[n] for n in names if n in chosen}  # outside the decoder layers (lm_head, any module)
         if rest:
@@ -186,7 +211,44 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
                      chosen, stages[-1], summary)
             bar.update(len(rest))
     order = {n: k for k, n in enumerate(names)}
-    summary.layers.sort(key=lambda r: order[r.name])
+    summary.layers.sort(key=lambda r: order.get(r.name, -1))
+
+
+def _resume(hooks: Hooks, model, found, chosen, summary, xs=None) -> int:
+    """Continue an interrupted run (``hooks.checkpoint`` knows): the finished layers' rows and errors go in
+    the summary, their linears leave ``chosen``, ``xs`` gets the next layer's inputs; returns the index of
+    the first layer to do."""
+    path, layers = found
+    point = hooks.checkpoint.resume_point(model, path, len(layers))
+    if point is None:
+        return 0
+    finished = tuple(f"{path}.{i}." for i in range(point.done))
+    for n in [n for n in chosen if n.startswith(finished)]:
+        del chosen[n]
+    summary.layers.extend(point.rows)
+    summary.layer_errors.extend(point.errors)
+    if xs is not None and point.done < len(layers):
+        got = 0
+        for j, x in enumerate(point.inputs() if point.inputs is not None else ()):
+            if j >= len(xs) or tuple(x.shape) != tuple(xs[j].shape):
+                raise CalibrationError("the checkpoint's layer inputs do not match this run's calibration batches")
+            xs[j], got = x, got + 1
+        if got != len(xs):
+            raise CalibrationError("the checkpoint holds no layer inputs for this run's calibration batches")
+    if point.rng is not None:
+        torch.set_rng_state(point.rng)
+    summary.resumed_after = point.done
+    return point.done
+
+
+def _layer_done(hooks: Hooks, model, found, i: int, layer, xs, summary) -> None:
+    """Layer ``i`` is finished: written (``on_layer_done``), checkpointed with the next layer's inputs
+    ``xs``, and its weights released."""
+    prefix = f"{found[0]}.{i}"
+    for cb in hooks.on_layer_done:
+        cb(i, prefix, layer, summary)
+    hooks.checkpoint.checkpoint(model, i, found[0], len(found[1]), xs, summary)
+    hooks.source.release(i, prefix, layer)
 
 
 @contextlib.contextmanager
@@ -221,6 +283,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
     spill = _budget(model, layers, chosen, stages, batches, summary)
     store = (lambda: budget.SpilledList()) if spill else list
     xs, kwargs = record_layer_inputs(model, layers, batches, kw, store=store())
+    start = _resume(hooks, model, found, chosen, summary, xs)
     float_prop = any(s.propagate_float for s in stages)
     targets = any(s.needs_targets for s in stages)
     # the layer's output error is measured on the batches holding its first error_windows windows
@@ -229,7 +292,8 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
     while err_batches < len(sizes) and sum(sizes[:err_batches]) < want:
         err_batches += 1
     inside = set()
-    bar = tqdm(range(len(layers)), desc=f"{'+'.join(cfg.methods)} {stages[-1].label}", disable=not progress, unit="layer")
+    bar = tqdm(range(start, len(layers)), initial=start, total=len(layers), desc=f"{'+'.join(cfg.methods)} "
+               f"{stages[-1].label}", disable=not progress, unit="layer")
     for i in bar:
         t = time.perf_counter()
         layer, prefix = layers[i], f"{path}.{i}"
@@ -278,9 +342,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         del results, lin
         err = num / max(den, 1e-30)
         summary.layer_errors.append(err)
-        for cb in hooks.on_layer_done:
-            cb(i, prefix, layer, summary)
-        hooks.source.release(i, prefix, layer)
+        _layer_done(hooks, model, found, i, layer, xs, summary)
         bar.set_postfix(layer=i, rel_mse=f"{err:.2e}", s=f"{time.perf_counter() - t:.1f}")
         log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, nlin, err, time.perf_counter() - t)
     rest = {n: m for n, m in chosen.items() if n not in inside}

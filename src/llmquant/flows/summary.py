@@ -46,6 +46,7 @@ class QuantSummary:
     layer_errors: list[float] = field(default_factory=list)
     peak_memory_mb: float = 0.0  # the process's peak resident memory while quantizing (MB, 1e6 bytes)
     memory_budget: dict = field(default_factory=dict)  # max_memory=: the budget, the estimate, whether it spilled
+    resumed_after: int = 0  # decoder layers taken from an interrupted run's checkpoint (resume)
 
     @property
     def packed_bytes(self) -> int:
@@ -84,6 +85,7 @@ class QuantSummary:
             "layer_errors": self.layer_errors,
             "peak_memory_mb": self.peak_memory_mb,
             "memory_budget": self.memory_budget,
+            "resumed_after": self.resumed_after,
         }
 
     def __str__(self) -> str:

@@ -2,7 +2,8 @@
 transformers."""
 
 from . import shards
-from .folder import OutputFolder, attach_saved, load, read_manifest, read_recipe, save
+from .folder import attach_saved, load, read_manifest, read_recipe
+from .output import OutputFolder, partial_folder, read_progress, save
 from .compressed_tensors import export_compressed_tensors
 from .gguf_export import GGUFExportReport, export_gguf
 from .gguf_import import GGUFImport, load_gguf_packed
@@ -12,6 +13,8 @@ from .loading import load_model, load_saved
 __all__ = [
     "GGUFExportReport",
     "OutputFolder",
+    "partial_folder",
+    "read_progress",
     "attach_saved",
     "GGUFImport",
     "export_compressed_tensors",

@@ -10,26 +10,19 @@ folder that looks complete, and an existing folder is replaced only as a whole. 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..version import __version__
-from ..errors import (CorruptFileError, ModelNotFoundError, OutputExistsError, OutputLocationError, SchemeError,
-                      UnsupportedError)
+from ..errors import CorruptFileError, ModelNotFoundError, SchemeError
 from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
 from ..schemes import QuantScheme
-from .manifest_schema import manifest_digest, validate_manifest
+from .manifest_schema import validate_manifest
 from .shards import read_chunks, safetensors_slices
 
 log = logging.getLogger(__name__)
@@ -46,163 +39,6 @@ def _file_sha256(sl) -> str:
     return h.hexdigest()
 
 
-def _tensors_and_aliases(module: nn.Module, prefix: str = "", skip=()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``module``'s tensors by full name (``prefix`` + its own name), a tensor shared by two names stored once
-    (the second listed as an alias of the first); names in ``skip`` are left out."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in module.state_dict(keep_vars=False).items():
-        name = f"{prefix}.{name}" if prefix else name
-        if name in skip:
-            continue
-        if t.is_meta:
-            raise UnsupportedError(f"tensor {name} has no data (meta device): it was never loaded or was already written")
-        key = (t.data_ptr(), tuple(t.shape), t.dtype, tuple(t.stride())) if t.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = name
-        tensors[name] = t.detach()
-    return tensors, aliases
-
-
-def _quant_layers(model: nn.Module) -> dict[str, dict]:
-    return {
-        name: {
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-            "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None,
-            "scheme": m.scheme.to_dict(),
-            "activation": None if m.activation_scheme is None else m.activation_scheme.to_dict(),
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear)
-    }
-
-
-class OutputFolder:
-    """A save in progress: a temporary folder beside ``folder`` holding a lock on the output. The
-    layer-by-layer pipeline writes each finished decoder layer into it (``layer_done``, a pipeline hook:
-    the layer's tensors go to disk and, with ``drop``, leave memory); :meth:`finish` writes the rest and
-    puts the folder in place in one step. A failure or a kill leaves any previous output as it was."""
-
-    def __init__(self, folder: str | os.PathLike, *, overwrite: bool = False, shard_size=None,
-                 drop_written: bool = True) -> None:
-        from .shards import OutputLock, ShardWriter, parse_size
-
-        out = Path(folder).expanduser()
-        if out.exists() and not out.is_dir():
-            raise OutputExistsError(f"{str(out)!r} is a file, not a folder; choose another output folder")
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise OutputExistsError(f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite")
-        self.out, self.drop_written = out, drop_written
-        shard_bytes = parse_size(shard_size, "shard size")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self.lock = OutputLock(out)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o777 & ~umask)  # the finished folder gets a folder's usual mode, not mkdtemp's 0700
-        except OSError as e:
-            raise OutputExistsError(f"cannot write to {str(out)!r}: {e.strerror or e}") from None
-        self.writer = ShardWriter(self.tmp, shard_bytes)
-        self.aliases: dict[str, str] = {}
-        self.done = False
-
-    def write_module(self, prefix: str, module: nn.Module, drop: bool | None = None) -> None:
-        """Write ``module``'s tensors now (named ``prefix.<name>``); with ``drop`` its tensors then move to
-        the meta device so their memory is freed."""
-        tensors, aliases = _tensors_and_aliases(module, prefix)
-        with self._disk_errors():
-            for name, t in tensors.items():
-                self.writer.add(name, t)
-        self.aliases.update(aliases)
-        del tensors
-        if self.drop_written if drop is None else drop:
-            module.to("meta")
-
-    @contextlib.contextmanager
-    def _disk_errors(self):
-        """A full disk while writing: one clean error, the partial shards removed at once."""
-        try:
-            yield
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            self.abort()
-            raise OutputLocationError(f"the disk holding {str(self.out)!r} is full ({e.strerror or e}); free space "
-                                      "or choose another output folder (any previous output there is untouched)") from None
-
-    def layer_done(self, index: int, prefix: str, layer: nn.Module, summary=None) -> None:
-        self.write_module(prefix, layer)
-
-    def finish(self, model: nn.Module, tokenizer, *, base_model: str | None = None) -> Path:
-        """Write what is not written yet, the manifest, config and tokenizer; put the folder in place."""
-        try:
-            with self._disk_errors():
-                self._complete(model, tokenizer, base_model)
-        except BaseException:
-            self.abort()
-            raise
-        self.lock.release()
-        log.info("saved %s", self.out)
-        return self.out
-
-    def _complete(self, model: nn.Module, tokenizer, base_model: str | None) -> None:
-        passthrough = getattr(model, "llmquant_passthrough", None) or {}
-        tensors, aliases = _tensors_and_aliases(model, skip=set(self.writer.entries) | set(self.aliases))
-        for name, t in tensors.items():
-            src = passthrough.get(name)
-            self.writer.add(name, src[0] if src is not None and src[1] == t.data_ptr() else t)
-        del tensors
-        self.aliases.update(aliases)
-        entries = self.writer.close()
-        _write_side_files(model, tokenizer, self.tmp)
-        qcfg = getattr(model, "llmquant_config", None)
-        cfg = getattr(model, "config", None)
-        manifest = {
-            "format": "llmquant",
-            "format_version": FORMAT_VERSION,
-            "llmquant_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "base_model": base_model or getattr(model, "llmquant_source", None),
-            "model_class": type(model).__name__,
-            "model_type": getattr(cfg, "model_type", None),
-            "config": None if qcfg is None else qcfg.to_dict(),
-            "quantized_layers": _quant_layers(model),
-            "mixed_modules": {n: m.manifest_entry() for n, m in model.named_modules()
-                              if type(m).__name__ in MANIFEST_MODULES},
-            "plan": None if getattr(model, "llmquant_plan", None) is None else model.llmquant_plan.to_ordered_dict(),
-            "aliases": dict(sorted(self.aliases.items())),
-            "tensors": dict(sorted(entries.items())),
-        }
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        from .shards import swap_in
-
-        swap_in(self.tmp, self.out)
-        self.done = True
-
-    def abort(self) -> None:
-        """Remove the temporary folder; the previous output (if any) is untouched."""
-        if not self.done:
-            self.writer.abort()
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.done = True
-        self.lock.release()
-
-    def __enter__(self) -> "OutputFolder":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or not self.done:
-            self.abort()
-
-
 def attach_saved(model: nn.Module, folder: str | os.PathLike) -> None:
     """Give ``model``'s tensors that are on the meta device (written out as the pipeline went) their
     memory-mapped copies from ``folder``, just saved from this model: the model runs again, with its
@@ -214,38 +50,6 @@ def attach_saved(model: nn.Module, folder: str | os.PathLike) -> None:
     hollow = {n: tensors[aliases.get(n, n)] for n, t in model.state_dict(keep_vars=True).items()
               if t.is_meta and aliases.get(n, n) in tensors}
     model.load_state_dict(hollow, strict=False, assign=True)
-
-
-def _write_side_files(model: nn.Module, tokenizer, folder: Path) -> None:
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        cfg.to_json_file(str(folder / "config.json"))
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        try:
-            gen.save_pretrained(str(folder))
-        except Exception as e:  # a generation config that does not validate is not worth failing a save
-            log.warning("generation config not saved: %s", e)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-
-
-def _check_saveable(model: nn.Module) -> None:
-    foreign = [n for n, m in model.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
-    if foreign:
-        raise UnsupportedError(
-            f"cannot save {foreign[:3]}: PyTorch's dynamically quantized LSTM/GRU modules have no place in "
-            "llmquant's folder format; save the float model and run quantize_dynamic again after loading it"
-        )
-
-
-def save(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: bool = False,
-         base_model: str | None = None, shard_size=None) -> Path:
-    """Save a (quantized or float) model with its tokenizer to ``folder``; returns the folder.
-    ``shard_size`` (bytes, or a string such as ``"2GB"``): the most each safetensors shard holds."""
-    _check_saveable(model)
-    with OutputFolder(folder, overwrite=overwrite, shard_size=shard_size) as out:
-        return out.finish(model, tokenizer, base_model=base_model)
 
 
 def read_recipe(path: str | os.PathLike) -> dict:
@@ -348,6 +152,34 @@ def _read_tensors(folder: Path, manifest: dict, verify: bool = True) -> dict[str
     return tensors
 
 
+def build_modules(model: nn.Module, quantized_layers: dict, mixed_modules: dict) -> None:
+    """Put the manifest's quantized modules (QuantLinears, mixed-precision modules) in ``model``, on the meta
+    device: their tensors are assigned from the files after."""
+    for name, layer in quantized_layers.items():
+        with torch.device("meta"):
+            q = QuantLinear(
+                layer["in_features"],
+                layer["out_features"],
+                QuantScheme.from_dict(layer["scheme"]),
+                bias=layer["bias"],
+                activation_scheme=None if layer["activation"] is None else QuantScheme.from_dict(layer["activation"]),
+                bias_dtype=getattr(torch, layer["bias_dtype"]) if layer.get("bias_dtype") else torch.float32,
+            )
+        try:
+            replace_module(model, name, q)
+        except AttributeError:
+            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
+    for name, entry in mixed_modules.items():  # bf16/fp16 layers, quantized embeddings
+        if entry.get("type") not in MANIFEST_MODULES:
+            raise CorruptFileError(f"manifest names module type {entry.get('type')!r} for {name!r}, unknown to this llmquant")
+        try:
+            with torch.device("meta"):
+                new = MANIFEST_MODULES[entry["type"]].from_manifest(entry)
+            replace_module(model, name, new)
+        except AttributeError:
+            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
+
+
 def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild a model saved by :func:`save`: ``(model, tokenizer)`` with bit-identical weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -363,29 +195,7 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
 
     with init_empty_weights(include_buffers=False):  # no memory for weights: the files' tensors are assigned
         model = AutoModelForCausalLM.from_config(config)
-    for name, layer in manifest["quantized_layers"].items():
-        with torch.device("meta"):
-            q = QuantLinear(
-                layer["in_features"],
-                layer["out_features"],
-                QuantScheme.from_dict(layer["scheme"]),
-                bias=layer["bias"],
-                activation_scheme=None if layer["activation"] is None else QuantScheme.from_dict(layer["activation"]),
-                bias_dtype=getattr(torch, layer["bias_dtype"]) if layer.get("bias_dtype") else torch.float32,
-            )
-        try:
-            replace_module(model, name, q)
-        except AttributeError:
-            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
-    for name, entry in (manifest.get("mixed_modules") or {}).items():  # bf16/fp16 layers, quantized embeddings
-        if entry.get("type") not in MANIFEST_MODULES:
-            raise CorruptFileError(f"manifest names module type {entry.get('type')!r} for {name!r}, unknown to this llmquant")
-        try:
-            with torch.device("meta"):
-                new = MANIFEST_MODULES[entry["type"]].from_manifest(entry)
-            replace_module(model, name, new)
-        except AttributeError:
-            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
+    build_modules(model, manifest["quantized_layers"], manifest.get("mixed_modules") or {})
     state = dict(tensors)
     for alias, src in manifest.get("aliases", {}).items():
         state[alias] = tensors[src]

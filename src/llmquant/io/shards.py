@@ -220,6 +220,49 @@ class ShardWriter:
             self._part.close()
             self._part = None
 
+    def state(self) -> dict:
+        """What is on disk so far, made durable (the open shard's data flushed and synced), as JSON: a
+        killed run's writer continues from it (:meth:`restore`)."""
+        if self._part is not None:
+            self._part.flush()
+            os.fsync(self._part.fileno())
+        return {"files": list(self.files), "weight_map": dict(self.weight_map), "entries": dict(self.entries),
+                "part": None if self._part is None else {"size": self._size, "header": dict(self._header)}}
+
+    @classmethod
+    def restore(cls, folder, shard_bytes: int | None, state: dict) -> "ShardWriter":
+        """The writer as it was when ``state`` was taken, whatever was written after it. A shard that was
+        finished after that point gives its data back to the open shard (the part file is cut to its
+        recorded size); later shards are removed."""
+        w = cls(folder, shard_bytes)
+        w.files, w.weight_map, w.entries = list(state["files"]), dict(state["weight_map"]), dict(state["entries"])
+        n = len(w.files)
+        for f in w.folder.glob(".shard-*"):
+            idx = int(f.name[len(".shard-"):].split(".")[0])
+            if idx > n or (idx == n and state["part"] is None):
+                f.unlink()
+        for f in w.files:
+            if not (w.folder / f).is_file():
+                raise CorruptFileError(f"the checkpoint in {w.folder} lists shard {f}, which is missing")
+        part = state["part"]
+        if part is not None:
+            path, done = w.folder / f".shard-{n:05d}.part", w.folder / f".shard-{n:05d}.safetensors"
+            if not path.exists():  # the shard was finished after the checkpoint: take its data back
+                if not done.exists():
+                    raise CorruptFileError(f"the checkpoint in {w.folder} lists data in {path.name}, which is missing")
+                with open(done, "rb") as src, open(path, "wb") as out:
+                    src.seek(8 + struct.unpack("<Q", src.read(8))[0])  # the data follows the header
+                    shutil.copyfileobj(src, out, _CHUNK)
+            if done.exists():
+                done.unlink()
+            if path.stat().st_size < part["size"]:
+                raise CorruptFileError(f"{path} is shorter than the checkpoint says: the checkpoint is damaged")
+            w._part = open(path, "r+b")
+            w._part.truncate(part["size"])
+            w._part.seek(part["size"])
+            w._header, w._size = dict(part["header"]), int(part["size"])
+        return w
+
 
 _RENAME_EXCHANGE = 2
 
