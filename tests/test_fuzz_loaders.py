@@ -346,3 +346,22 @@ def test_gguf_load_fuzz(gguf_file, tmp_path, monkeypatch):
             with torch.no_grad():  # flipped bits in the data may give any values, but the model runs
                 assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 400)
     assert outcomes["refused"] >= GGUF_LOAD_MUTATIONS // 2, outcomes
+
+
+def test_converted_gguf_cache_key_sees_a_rewrite_in_place(tmp_path):
+    """The cache of converted GGUF files is keyed by a fingerprint that changes when the bytes change, even
+    with the same size and modification time (a rewrite within one timestamp tick)."""
+    import os
+
+    from llmquant.io.hf import _fingerprint
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(bytes(3 << 20))
+    st = f.stat()
+    before = _fingerprint(f)
+    assert _fingerprint(f) == before
+    with open(f, "r+b") as h:  # one byte in the middle, same size, same mtime
+        h.seek(st.st_size // 2)
+        h.write(b"\x01")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and _fingerprint(f) != before

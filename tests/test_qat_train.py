@@ -61,10 +61,17 @@ def test_resume_is_exact(tmp_path, tokenizer):
     assert rb.stopped_by_time and rb.steps == 1
     saved = ckpt.load_checkpoint(tmp_path / "ck")
     assert saved["step"] == 1 and saved["history"]["losses"] == rb.losses
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "ck" / f".{ckpt.CHECKPOINT}.tmp-{int(dead.stdout)}"  # a kill -9 during a checkpoint write
+    stale.write_bytes(b"\0" * 1000)
     c = make_tiny_llama()
     rc = llmquant.train_qat(c, config="W3G32", tokenizer=tokenizer, steps=3, lr=1e-3, convert=False,
                             checkpoint_dir=tmp_path / "ck", resume=True, **KW)
     assert rc.start_step == 1 and rc.steps == 3 and rc.losses == ra.losses
+    assert not stale.exists()
     sa, sc = _qat_tensors(a), _qat_tensors(c)
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
     # a different scheme cannot resume from it; nor can a folder without a checkpoint

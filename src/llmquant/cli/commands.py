@@ -255,6 +255,10 @@ def cmd_qat(args) -> int:
     _check_out(args.output, args.overwrite)
     ckpt_dir = args.checkpoint_dir or f"{args.output.rstrip('/')}.qat-ckpt"
     _check_out(ckpt_dir, True)  # checkpoints are written during training, resumed from with --resume
+    if args.resume:  # before the model is loaded and the training set up
+        from ..flows.qat_checkpoint import load_checkpoint
+
+        load_checkpoint(ckpt_dir)
     model, tok = llmquant.load_model(args.model)
     kw = {k: v for k, v in params.to_dict().items() if k not in ("text", "version")}
     extra = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}

@@ -54,6 +54,7 @@ def save_checkpoint(folder, model: nn.Module, optimizer: torch.optim.Optimizer, 
         "model": qat_state(model),
         "optimizer": optimizer.state_dict(),
     }
+    clear_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(payload, tmp)
@@ -65,8 +66,25 @@ def save_checkpoint(folder, model: nn.Module, optimizer: torch.optim.Optimizer, 
     return path
 
 
+def clear_stale_temporaries(path: Path) -> None:
+    """Remove half-written checkpoints (``.NAME.tmp-PID``) of processes that no longer run (a kill during a
+    write): up to the size of the model each."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+            if pid == os.getpid():
+                raise ProcessLookupError
+        except (ValueError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by a run that was killed while writing a checkpoint", tmp)
+        except PermissionError:  # another user's live process
+            pass
+
+
 def load_checkpoint(folder) -> dict:
     path = checkpoint_path(folder)
+    clear_stale_temporaries(path)
     if not path.is_file():
         raise CheckpointError(f"no QAT checkpoint at {str(path)!r}; run without --resume to start from step 0")
     try:

@@ -77,14 +77,30 @@ def plain_copy_of_gguf_model(model):
     return model
 
 
+def _fingerprint(path: Path, samples: int = 16, block: int = 1 << 16) -> str:
+    """A key that changes when the file does: its size, times and inode, and a hash of its first and last
+    megabyte and ``samples`` blocks spread over it (a file rewritten in place within one timestamp tick
+    still differs in its bytes; hashing a whole multi-GB file on every load would cost seconds)."""
+    import hashlib
+
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())
+    with open(path, "rb") as f:
+        offsets = [0, max(st.st_size - (1 << 20), 0)]
+        offsets += [st.st_size * k // (samples + 1) for k in range(1, samples + 1)]
+        for off in offsets:
+            f.seek(off)
+            h.update(f.read(1 << 20 if off in offsets[:2] else block))
+    return h.hexdigest()[:16]
+
+
 def _load_gguf(gguf: Path, dtype: torch.dtype):
     """Load a GGUF file through transformers (dequantized to float). The first load converts it (tens of
     seconds for the tokenizer and the dequantization) and keeps the result as a plain Hugging Face folder
     in the cache; later loads read that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = gguf.stat()
-    cached = cache_dir() / "gguf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+    cached = cache_dir() / "gguf" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         try:
             tok = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
