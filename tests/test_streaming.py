@@ -317,3 +317,22 @@ def test_disk_full_is_a_clean_error_and_keeps_the_old_output(shards, tmp_path, m
         llmquant.quantize(m, "W4G32", progress=False, output=out, overwrite=True)
     assert json.loads((out / "llmquant.json").read_text())["tensors"] == before
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_gguf_file_streams_layer_by_layer(tmp_path, tiny_bpe_tokenizer, monkeypatch):
+    """A .gguf file streams too: each layer's tensors are dequantized from the memory-mapped file when the
+    pipeline reaches it (q/k rows back in Hugging Face order), bit-identical to the model loaded whole."""
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    m = make_tiny_llama(vocab_size=400, hidden=64, layers=3)
+    llmquant.quantize(m, llmquant.QuantConfig(weight="gguf:Q4_1", targets=("re:.*self_attn.[qk]_proj",)), progress=False)
+    llmquant.quantize(m, "gguf:Q8_0", progress=False)
+    llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "m.gguf", progress=False)
+    whole, _ = llmquant.load_model(tmp_path / "m.gguf")
+    streamed, tok = llmquant.load_model(tmp_path / "m.gguf", stream=True)
+    assert tok is not None and all(p.is_meta for p in streamed.model.layers.parameters())
+    calib = torch.randint(0, 400, (4, 32), generator=torch.Generator().manual_seed(2))
+    llmquant.quantize(whole, CASES["gptq"], calib=calib, progress=False)
+    llmquant.quantize(streamed, CASES["gptq"], calib=calib, progress=False, output=tmp_path / "s")
+    with torch.no_grad():
+        assert torch.equal(whole(calib[:2]).logits, streamed(calib[:2]).logits)
+    assert json.loads((tmp_path / "s" / "llmquant.json").read_text())["base_model"] == str((tmp_path / "m.gguf").resolve())

@@ -56,8 +56,8 @@ def build_parser() -> A.Parser:
     q.add_argument("--rotation", type=int,
                    help="dynamic: Hadamard block size (e.g. 64) rotating each Linear's input and weights")
     q.add_argument("--stream", action="store_true",
-                   help="read each decoder layer from the model's safetensors when it is quantized (models larger "
-                        "than memory; methods that run layer by layer)")
+                   help="read each decoder layer from the model's safetensors or .gguf file when it is quantized "
+                        "(models larger than memory; methods that run layer by layer)")
     q.add_argument("--recipe", help="reproduce a recipe: a folder written by llmquant (its manifest's config or "
                    "plan) or a QuantConfig JSON file")
     q.add_argument("--plan", help="a mixed-precision plan file (JSON) from `llmquant plan` or written by hand")

@@ -108,3 +108,52 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
     model.llmquant_gguf_import = info
     log.info("packed %d linears from %s: %s", len(info.packed), gpath.name, info.type_counts())
     return model.eval(), tok, info
+
+
+class GGUFCheckpoint:
+    """A GGUF file's tensors under their Hugging Face names, for the streaming load: each is read from the
+    memory-mapped file when asked for, dequantized with the ``gguf`` package (as transformers does) and
+    its q/k rows put back in Hugging Face's order; nothing else of the file is read."""
+
+    def __init__(self, path: str | os.PathLike, config) -> None:
+        self.path = Path(path).expanduser()
+        self.folder, self.config = self.path.parent, config
+        self.reader = open_gguf(self.path)
+        arch_name = field_value(self.reader, "general.architecture", self.path, required=True)
+        self.arch = arch_for_gguf(arch_name) if isinstance(arch_name, str) else None
+        if self.arch is None:
+            raise ExportError(f"GGUF architecture {arch_name!r} has no tensor-name map in llmquant.models.arch: "
+                              "load this file whole (without streaming)")
+        self.tensors = {}
+        for t in self.reader.tensors:
+            hf = gguf_to_hf_name(self.arch, t.name)
+            if hf is not None:
+                self.tensors[hf] = t
+        self.where = {n: self.path.name for n in self.tensors}  # named in error messages
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {n: self.tensor(n, dtype) for n in names}
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self.tensors.get(name)
+        if t is None:
+            raise CorruptFileError(f"{self.path} has no tensor for {name!r}")
+        shape = tuple(int(d) for d in reversed(list(t.shape)))  # GGUF lists dimensions fastest first
+        try:
+            arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        except (ValueError, NotImplementedError, TypeError) as e:
+            raise CorruptFileError(f"{self.path}: tensor {t.name} cannot be read ({e})") from None
+        attr = permute_heads_for(self.arch, name)
+        if attr is not None:  # GGUF row r holds HF row order[r]
+            order = np.asarray(rope_row_order(shape[0], int(config_value(self.config, (attr,)))))
+            unperm = np.empty_like(arr)
+            unperm[order] = arr
+            arr = unperm
+        arr = np.ascontiguousarray(arr)
+        out = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 data is a view of the mapped file
+        return out.to(dtype) if dtype is not None else out

@@ -94,13 +94,37 @@ def _fingerprint(path: Path, samples: int = 16, block: int = 1 << 16) -> str:
     return h.hexdigest()[:16]
 
 
+def _gguf_cache(gguf: Path) -> Path:
+    return cache_dir() / "gguf" / f"{gguf.stem}-{_fingerprint(gguf)}"
+
+
+def gguf_tokenizer(gguf: Path):
+    """The tokenizer of a GGUF file: from the cached conversion when there is one, else converted (tens of
+    seconds) and cached beside it."""
+    from transformers import AutoTokenizer
+
+    for cached in (_gguf_cache(gguf), _gguf_cache(gguf).with_name(_gguf_cache(gguf).name + "-tokenizer")):
+        if (cached / "tokenizer_config.json").is_file():
+            try:
+                return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+            except (OSError, ValueError) as e:
+                log.warning("cached tokenizer of %s unreadable (%s); converting again", gguf.name, e)
+    with wrap_gguf_errors(gguf, "reading its tokenizer"):
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        tok.save_pretrained(str(cached))
+    except OSError as e:
+        log.warning("could not cache the converted tokenizer: %s", e)
+    return tok
+
+
 def _load_gguf(gguf: Path, dtype: torch.dtype):
     """Load a GGUF file through transformers (dequantized to float). The first load converts it (tens of
     seconds for the tokenizer and the dequantization) and keeps the result as a plain Hugging Face folder
     in the cache; later loads read that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = cache_dir() / "gguf" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    cached = _gguf_cache(gguf)
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         try:
             tok = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)

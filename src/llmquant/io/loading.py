@@ -26,11 +26,12 @@ def load_model(path=None, *, dtype=None, packed=False, stream=False):
     """``(model, tokenizer)``: the default model when ``path`` is None, a local Hugging Face folder, a local
     ``.gguf`` file, or a folder saved by :func:`llmquant.io.save` (quantized). ``packed=True`` (GGUF only):
     the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 linears become packed QuantLinear modules holding its own codes.
-    ``stream=True`` (a Hugging Face folder with safetensors): the decoder layers stay in the checkpoint until
-    ``quantize`` reaches them (:mod:`llmquant.io.streaming`)."""
+    ``stream=True`` (a Hugging Face folder with safetensors, or a .gguf file, the default model's included):
+    the decoder layers stay in the checkpoint until ``quantize`` reaches them (:mod:`llmquant.io.streaming`)."""
     if stream:
-        if path is None or packed:
-            raise ModelNotFoundError("stream=True takes a local Hugging Face folder with safetensors weights")
+        if packed:
+            raise ModelNotFoundError("stream=True reads float weights layer by layer; packed=True keeps a GGUF "
+                                     "file's codes: choose one")
         return load_streaming(path, dtype=dtype or torch.float32)
     if packed:
         model, tok, _ = load_gguf_packed(path, dtype=dtype or torch.float32)

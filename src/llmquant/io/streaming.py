@@ -7,6 +7,8 @@ layer-by-layer pipeline (:mod:`llmquant.flows.pipeline`) calls its ``load(i)`` j
 layer i, so the float model is never whole in memory: what stays is the quantized layers, the
 embeddings/head, and one float layer at a time. Tensors are read memory-mapped (``safe_open``) in their
 stored dtype and converted to the compute dtype (fp32 by default) layer by layer, never the whole model.
+A ``.gguf`` file streams the same way through :class:`~llmquant.io.gguf_import.GGUFCheckpoint` (each tensor
+dequantized from the memory-mapped file when read; the embedding, block-quantized, is dequantized at load).
 """
 
 from __future__ import annotations
@@ -233,38 +235,63 @@ def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .hf import _offline_env
+    from .hf import _offline_env, default_model_file
 
     _offline_env()
-    p = Path(folder).expanduser()
-    if not (p / "config.json").is_file():
+    p = default_model_file() if folder is None else Path(folder).expanduser()
+    gguf = p if p.suffix == ".gguf" and p.is_file() else None
+    if gguf is not None:
+        from .gguf_check import wrap_gguf_errors
+        from .gguf_import import GGUFCheckpoint
+
+        with wrap_gguf_errors(gguf, "reading its metadata"):
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        for attr in ("quantization_config",):  # the file's block types; the float model does not have them
+            if hasattr(config, attr):
+                delattr(config, attr)
+        ckpt = GGUFCheckpoint(gguf, config)
+    elif not (p / "config.json").is_file():
         raise ModelNotFoundError(f"{str(folder)!r} holds no config.json: streaming takes a Hugging Face folder "
-                                 "with safetensors weights")
-    ckpt = SafetensorsCheckpoint(p)
-    try:
-        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CorruptFileError(f"{p / 'config.json'} cannot be read ({str(e).splitlines()[0]})") from None
+                                 "with safetensors weights or a .gguf file")
+    else:
+        ckpt = SafetensorsCheckpoint(p)
+        try:
+            config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise CorruptFileError(f"{p / 'config.json'} cannot be read ({str(e).splitlines()[0]})") from None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    config.architectures = config.architectures or [type(model).__name__]
     arch = arch_for(model)
     layers_path = arch.layers if arch is not None else None
     if layers_path is None:
         raise ModelNotFoundError(f"streaming needs to know where {type(model).__name__}'s decoder layers are: add "
                                  "its family to llmquant.models.arch")
     skip = (layers_path,)  # read by the pipeline, layer by layer
-    passthrough = _map_embeddings(model, ckpt, dtype)
+    if gguf is None:
+        passthrough = _map_embeddings(model, ckpt, dtype)
+    else:  # GGUF embeddings are block-quantized: dequantized now, like every other tensor of the file
+        passthrough = {}
+        tied = getattr(config, "tie_word_embeddings", False) and f"{arch.lm_head}.weight" not in ckpt
+        skip += (arch.lm_head,) if tied else ()  # the head gets the embedding's tensor
     skip += tuple(n.rsplit(".", 1)[0] for n in passthrough)
     _materialize(model, "", ckpt, dtype, skip)
+    if gguf is not None and tied:
+        model.tie_weights()
     model.llmquant_passthrough = passthrough
     model.eval()
     model.llmquant_layer_source = SafetensorsLayerSource(ckpt, dtype)
-    model.llmquant_source = str(p.resolve())
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        log.warning("no tokenizer in %s (%s)", p, str(e).splitlines()[0])
-        tok = None
+    model.llmquant_source = "default" if folder is None else str(p.resolve())
+    if gguf is not None:
+        from .hf import gguf_tokenizer
+
+        tok = gguf_tokenizer(gguf)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("no tokenizer in %s (%s)", p, str(e).splitlines()[0])
+            tok = None
     model.llmquant_tokenizer = tok
     return model, tok
 
