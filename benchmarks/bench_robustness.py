@@ -86,12 +86,52 @@ def _kills(n: int, seed: int) -> dict:
     return {"tensors_written_per_run": total_adds, "runs": rows, "torch": torch.__version__}
 
 
+def _overhead(methods: list[str]) -> list[dict]:
+    """Time spent writing resume checkpoints within a default-model run writing an output (same run)."""
+    import time
+
+    import llmquant
+    import llmquant.io.output as output
+
+    rows = []
+    for method in methods:
+        seen = {}
+        orig = output.OutputFolder.finish
+
+        def finish(self, *a, **k):
+            seen["checkpoint_s"] = self.checkpoint_seconds
+            return orig(self, *a, **k)
+
+        output.OutputFolder.finish = finish
+        try:
+            model, _ = llmquant.load_model()
+            with tempfile.TemporaryDirectory() as d:
+                t = time.perf_counter()
+                llmquant.quantize(model, llmquant.QuantConfig(weight="W4G64", method=method), progress=False,
+                                  output=Path(d) / "out")
+                total = time.perf_counter() - t
+        finally:
+            output.OutputFolder.finish = orig
+        rows.append({"method": method, "total_s": round(total, 1), "checkpoints_s": round(seen["checkpoint_s"], 2),
+                     "share": round(seen["checkpoint_s"] / total, 4)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
+    ap.add_argument("--overhead", nargs="*", metavar="METHOD",
+                    help="only measure the checkpoints' share of a default-model W4G64 run per method (e.g. rtn gptq)")
     a = ap.parse_args()
+    if a.overhead:
+        rows = _overhead(a.overhead)
+        out = Path(a.out).with_name("resume_overhead.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+        return
     from test_bad_inputs import CASES
     import test_fuzz_loaders as fz
 

@@ -141,6 +141,7 @@ class OutputFolder:
         self.resumable = resumable or resume
         self.settings = {**(settings or {}), "shard_bytes": shard_bytes, "llmquant_version": __version__}
         self.progress: dict | None = None
+        self.checkpoint_seconds = 0.0  # time spent writing resume checkpoints
         self.aliases: dict[str, str] = {}
         self.done = False
         try:
@@ -268,6 +269,7 @@ class OutputFolder:
             return
         from .shards import ShardWriter
 
+        t0 = time.perf_counter()
         with self._disk_errors():
             folder = self.tmp / RESUME_DIR
             folder.mkdir(exist_ok=True)
@@ -295,6 +297,8 @@ class OutputFolder:
             for old in folder.glob("inputs-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
+        self.checkpoint_seconds += time.perf_counter() - t0
+        log.debug("checkpoint after layer %d: %.2fs", index, time.perf_counter() - t0)
 
     def finish(self, model: nn.Module, tokenizer, *, base_model: str | None = None) -> Path:
         """Write what is not written yet, the manifest, config and tokenizer; put the folder in place."""
@@ -305,7 +309,7 @@ class OutputFolder:
             self.abort()
             raise
         self.lock.release()
-        log.info("saved %s", self.out)
+        log.info("saved %s (resume checkpoints: %.1fs)", self.out, self.checkpoint_seconds)
         return self.out
 
     def _complete(self, model: nn.Module, tokenizer, base_model: str | None) -> None:
