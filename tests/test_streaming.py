@@ -336,3 +336,35 @@ def test_gguf_file_streams_layer_by_layer(tmp_path, tiny_bpe_tokenizer, monkeypa
     with torch.no_grad():
         assert torch.equal(whole(calib[:2]).logits, streamed(calib[:2]).logits)
     assert json.loads((tmp_path / "s" / "llmquant.json").read_text())["base_model"] == str((tmp_path / "m.gguf").resolve())
+
+
+def test_sensitivity_streams_layer_by_layer(shards, tmp_path, tiny_bpe_tokenizer):
+    """The Fisher sensitivity of a streamed model (forward, then backward one layer at a time) equals the
+    whole model's; the layers go back to the checkpoint; `plan --stream` solves a plan from it."""
+    ids = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(3))
+    cands = ["W4G32", "W8", "W3G32"]
+    whole, _ = llmquant.load_model(shards)
+    streamed, _ = llmquant.load_model(shards, stream=True)
+    a = llmquant.sensitivity(whole, ids, cands, cache=False, progress=False, windows=3, seq_len=32)
+    b = llmquant.sensitivity(streamed, ids, cands, cache=False, progress=False, windows=3, seq_len=32)
+    assert [u.name for u in a.units] == [u.name for u in b.units]
+    assert torch.allclose(torch.tensor(b.damage), torch.tensor(a.damage), rtol=1e-5, atol=0)
+    assert (a.fp32_bytes, a.nbytes) == (b.fp32_bytes, b.nbytes)
+    # what the output stores besides the planned linears: a bf16 checkpoint's embedding stays bf16 when streamed
+    assert b.fixed_bytes == a.fixed_bytes if shards_dtype(shards) == torch.float32 else b.fixed_bytes < a.fixed_bytes
+    assert all(p.is_meta for p in streamed.model.layers.parameters())
+    with pytest.raises(SchemeError, match="fisher"):
+        llmquant.sensitivity(streamed, ids, cands, method="kl", cache=False, progress=False)
+    with pytest.raises(SchemeError, match="include-head|outside"):
+        llmquant.sensitivity(streamed, ids, cands, include_head=True, cache=False, progress=False)
+    from llmquant.cli import main
+
+    import shutil
+
+    text, folder = tmp_path / "t.txt", tmp_path / "m"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    shutil.copytree(shards, folder)
+    tiny_bpe_tokenizer.save_pretrained(str(folder))
+    assert main(["plan", "--model", str(folder), "--stream", "--text", str(text), "--windows", "2", "--seq-len", "32",
+                 "--candidates", "W4G32,W8", "--target-bits", "6", "--no-cache", "-o", str(tmp_path / "p.json")]) == 0
+    assert len(json.loads((tmp_path / "p.json").read_text())["layers"]) == len(a.units)

@@ -36,7 +36,7 @@ def cmd_sensitivity(args) -> int:
     from ..report import format_table, sensitivity_chart
 
     _check_side_files(args)
-    model, tok = llmquant.load_model(args.model)
+    model, tok = llmquant.load_model(args.model, stream=args.stream)
     sens = _sens_from_args(args, model, tok)
     rows = sorted(sens.rows(), key=lambda r: -max(v for k, v in r.items() if k != "layer"))
     print(format_table(rows[: args.top]))
@@ -64,7 +64,7 @@ def cmd_plan(args) -> int:
         parse_size(args.max_size)  # a size it cannot read is reported before the model loads
     _check_out(args.output, True, kind="file")
     _check_side_files(args)
-    model, tok = llmquant.load_model(args.model)
+    model, tok = llmquant.load_model(args.model, stream=args.stream)
     sens = _sens_from_args(args, model, tok)
     plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=args.max_size)
     plan.save(args.output)
@@ -88,6 +88,8 @@ def _add_sens_args(p) -> None:
     p.add_argument("--seq-len", type=A.seq_len, default=128, help="tokens per calibration window")
     p.add_argument("--samples", type=A.positive_int, default=2, help="fisher: label draws per window")
     p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
+    p.add_argument("--stream", action="store_true", help="read one decoder layer at a time from the checkpoint "
+                   "(models larger than memory; fisher, decoder-layer linears)")
     p.add_argument("--chart", help="write a per-layer sensitivity chart (PNG; needs matplotlib)")
 
 

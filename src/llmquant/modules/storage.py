@@ -34,12 +34,13 @@ def stored_tensors(module: nn.Module) -> list[torch.Tensor]:
 def unique_stored(model: nn.Module) -> Iterator[tuple[nn.Module, list[torch.Tensor]]]:
     """Each module of ``model`` with the tensors it stores that no module before it stored (a tied
     embedding and head, or a packed embedding sharing the head's tensors, count once)."""
-    seen: set[int] = set()
+    seen: set = set()
     for mod in model.modules():
         fresh = []
         for t in stored_tensors(mod):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
+            key = ("meta", id(t)) if t.is_meta else t.data_ptr()  # tensors still in a checkpoint have no address
+            if key not in seen:
+                seen.add(key)
                 fresh.append(t)
         yield mod, fresh
 

@@ -182,6 +182,16 @@ def _fingerprint(model: nn.Module, units: list[Unit]) -> str:
     return h.hexdigest()
 
 
+def _streamed_fingerprint(model: nn.Module) -> str:
+    """A streamed model's weights are in its checkpoint: its path, size and time, and the config."""
+    src = getattr(model, "llmquant_source", None)
+    p = Path(src) if src and src != "default" else None
+    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.glob("*")) if f.is_file()] \
+        if p is not None and p.is_dir() else ([(str(p), p.stat().st_size, p.stat().st_mtime_ns)] if p else [src])
+    cfg = getattr(model, "config", None)
+    return hashlib.sha256(json.dumps([stamp, None if cfg is None else cfg.to_json_string()]).encode()).hexdigest()
+
+
 def _fixed_bytes(model: nn.Module, units: list[Unit]) -> tuple[int, int]:
     """(bytes the model stores besides the units' weights, the model's fp32 bytes), summed from what each
     module stores (:mod:`llmquant.modules.storage`) as ``llmquant.model_size`` sums it."""
@@ -340,7 +350,12 @@ def sensitivity(
     windows = windows or 4
     ids, text_key = _windows(tokenizer or getattr(model, "llmquant_tokenizer", None), text, windows, seq_len)
     units = plan_units(model, include_head=include_head, targets=targets, ignore=ignore)
-    settings = {"v": CACHE_VERSION, "model": _fingerprint(model, units), "text": text_key,
+    streamed = getattr(model, "llmquant_layer_source", None) is not None
+    if streamed and method != "fisher":
+        raise SchemeError("a streamed model's sensitivity is measured with method='fisher' (the exact 'kl' measure "
+                          "runs the model once per layer and format); load the model whole for 'kl'")
+    settings = {"v": CACHE_VERSION, "model": _streamed_fingerprint(model) if streamed else _fingerprint(model, units),
+                "text": text_key,
                 "candidates": names, "method": method, "windows": windows, "seq_len": seq_len,
                 "samples": samples if method == "fisher" else None, "units": [u.name for u in units]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
@@ -359,7 +374,12 @@ def sensitivity(
     if method == "kl":
         damage = _kl_scan(model, units, fmts, ids, progress)
     else:
-        damage, full = _fisher_scan(model, units, fmts, ids, samples, progress)
+        if streamed:
+            from .streamed import fisher_scan_streamed
+
+            damage, full = fisher_scan_streamed(model, units, fmts, ids, samples, progress)
+        else:
+            damage, full = _fisher_scan(model, units, fmts, ids, samples, progress)
         extra_damage["fisher_full"] = full
     model.train(was_training)
     fixed, fp32 = _fixed_bytes(model, units)
