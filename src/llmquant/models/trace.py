@@ -62,7 +62,7 @@ def _out_features(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.nf
 
 
-def _is_norm(m: nn.Module) -> bool:
+def is_norm(m: nn.Module) -> bool:
     """A module with a per-channel (1-D) weight and no children: a norm, as far as a fold is concerned."""
     w = getattr(m, "weight", None)
     return isinstance(w, torch.Tensor) and w.dim() == 1 and not is_linear(m) and not list(m.children())
@@ -157,7 +157,7 @@ class LayerTrace:
         """``offset`` of a norm computing ``n(x) * (offset + w) + b``, or None when the module does not
         scale its output channels by its weight that way (a fold cannot go into it)."""
         mod, x = self.modules.get(name), self.inputs.get(name)
-        if mod is None or x is None or not _is_norm(mod):
+        if mod is None or x is None or not is_norm(mod):
             return None
         w = mod.weight
         saved = w.detach().clone()
@@ -205,7 +205,7 @@ class LayerTrace:
         unseen_widths = {_in_features(self.modules[n]) for n in unseen}
         n2l, offsets, fed = [], {}, set()
         for name, mod in self.modules.items():
-            if not _is_norm(mod):
+            if not is_norm(mod):
                 continue
             consumers = self.consumers_of(name)
             if not consumers:
