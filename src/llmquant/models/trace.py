@@ -49,6 +49,12 @@ def decoder_layers(model: nn.Module, arch) -> tuple[str, nn.ModuleList] | None:
     return None
 
 
+def fused_expert_params(model: nn.Module) -> list[str]:
+    """Names of 3-D parameters: mixture-of-experts weights kept fused, (experts, out, in) or (experts, in,
+    out), as transformers keeps Mixtral's and Qwen-MoE's; they are not linears llmquant can select."""
+    return [n for n, p in model.named_parameters() if p.dim() == 3]
+
+
 def is_linear(m: nn.Module) -> bool:
     """An ``nn.Linear`` or a module with the same role (GPT-2's ``Conv1D``: weight (in, out), ``nf`` = out)."""
     return isinstance(m, nn.Linear) or (getattr(m, "nf", None) is not None and getattr(m, "weight", None) is not None)
