@@ -3,7 +3,7 @@
 Families whose experts transformers keeps as fused 3-D parameters (Mixtral, Qwen2-MoE) are refused unless
 the user names the linears to quantize; GPT-2's Conv1D linears are refused. Everything else works."""
 
-import copy
+import json
 
 import pytest
 import torch
@@ -146,3 +146,25 @@ def test_generate_matches_transformers_greedy(family):
             LeanModel(model)
     ids = IDS[:, :7]
     assert torch.equal(llmquant.generate(model, ids, 10, use_eos=False), _hf_greedy(model, ids, 10))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
+def test_exports(family, tmp_path):
+    """compressed-tensors: transformers loads the folder and gives the same logits, for every family. GGUF:
+    written for the families llama.cpp's llama-style converter covers, a clear refusal for the others."""
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.errors import ExportError
+
+    model = make_family(family)
+    llmquant.quantize(model, "W4G32", progress=False)
+    set_kernel(model, "reference")
+    llmquant.export(model, None, tmp_path / "ct", format="compressed-tensors")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    if family != "falcon":  # transformers cannot run it: FalconLinear's forward reads .weight, which its packed modules lack
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+        assert torch.allclose(_logits(hf), _logits(model), atol=1e-5, rtol=0)
+    if family not in LEAN:
+        with pytest.raises(ExportError, match="GGUF export knows no tensor names"):
+            llmquant.export(model, None, tmp_path / "m.gguf", format="gguf")
