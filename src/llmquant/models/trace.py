@@ -52,7 +52,8 @@ def decoder_layers(model: nn.Module, arch) -> tuple[str, nn.ModuleList] | None:
 def fused_expert_params(model: nn.Module) -> list[str]:
     """Names of 3-D parameters: mixture-of-experts weights kept fused, (experts, out, in) or (experts, in,
     out), as transformers keeps Mixtral's and Qwen-MoE's; they are not linears llmquant can select."""
-    return [n for n, p in model.named_parameters() if p.dim() == 3]
+    return [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules() if not isinstance(m, nn.modules.conv._ConvNd)
+            for pn, p in m.named_parameters(recurse=False) if p.dim() == 3]
 
 
 def is_linear(m: nn.Module) -> bool:
