@@ -157,8 +157,11 @@ def test_rotated_w8a8_through_lean():
 def test_errors():
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
     with pytest.raises(UnsupportedModelError, match="Llama-family"):
-        llmquant.generate(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), torch.tensor([1, 2]), 2)
+        LeanModel(gpt2)
+    # generate falls back to the model's own forward for a family the lean runtime does not run
+    assert torch.equal(llmquant.generate(gpt2, torch.tensor([1, 2]), 3, use_eos=False), _hf_greedy(gpt2, torch.tensor([[1, 2]]), 3))
     m = make_tiny_llama(vocab_size=512)
     with pytest.raises(GenerationError, match="tokenizer"):
         llmquant.generate(m, "hello", 2)

@@ -46,6 +46,11 @@ class UnsupportedArchitectureError(LLMQuantError, ValueError):
     """An algorithm needs per-architecture facts (e.g. which norm feeds which linears) llmquant lacks."""
 
 
+class ArchitectureMismatchError(UnsupportedArchitectureError):
+    """Declared architecture facts (a table entry, or pairs a user passed) disagree with what tracing the
+    model's decoder layer finds."""
+
+
 # SmoothQuant's name for the same condition
 MappingError = UnsupportedArchitectureError
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
 from ..models import arch_for
+from ..models.trace import decoder_layers  # noqa: F401  (the pipeline's import)
 
 
 class _Stop(Exception):
@@ -30,20 +31,6 @@ def model_device(model: nn.Module) -> torch.device:
             return t.device
     return torch.device("cpu")
 
-
-
-def decoder_layers(model: nn.Module, arch) -> tuple[str, nn.ModuleList] | None:
-    """(path, ModuleList) of the decoder layers: from the architecture record, else the first list of
-    repeated blocks holding linears; None for a model without such a list."""
-    if arch is not None:
-        try:
-            return arch.layers, model.get_submodule(arch.layers)
-        except AttributeError:
-            pass
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and all(any(isinstance(c, nn.Linear) for c in b.modules()) for b in mod):
-            return name, mod
-    return None
 
 
 def _run(module: nn.Module, x, kwargs: dict):

@@ -16,7 +16,8 @@ from ..models import ArchSpec, arch_for
 from ..observers import MinMaxObserver
 from ..schemes import QuantScheme
 from ..schemes.primitives import from_grid, round_to_grid
-from .stages import layer_pairs
+from ..models.trace import decoder_layers
+from .folds import fold_plan, layer_pairs
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +28,25 @@ _STATS_SCHEME = QuantScheme(bits=8, granularity="tensor")  # only used for layou
 class SmoothPair:
     source: str  # a norm or a linear whose output feeds `targets`
     targets: tuple[str, ...]
+    offset: float = 0.0  # the source norm's weight offset (see fold_scale)
 
 
 def smoothing_pairs(model: nn.Module, arch: ArchSpec | None = None, *, linear_pairs: bool = True) -> list[SmoothPair]:
-    """Every (source, consuming linears) pair of ``model``, from ``arch`` or the known architectures."""
-    spec = arch or arch_for(model)
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if spec is None or not spec.norm_to_linears:
-        raise MappingError(
-            f"no norm -> linear mapping is known for {type(model).__name__} (model_type {mt!r}): pass "
-            "arch=llmquant.models.ArchSpec(model_types=(...), layers='model.layers', embed=..., final_norm=..., "
-            "norm_to_linears=(('input_layernorm', ('self_attn.q_proj', ...)), ...)), or add an entry to "
-            "llmquant.models.arch.ARCHS"
-        )
-    try:
-        layers = model.get_submodule(spec.layers)
-    except AttributeError:
-        raise MappingError(f"{type(model).__name__} has no module {spec.layers!r} (the arch's decoder layers)") from None
-    rel = list(spec.norm_to_linears) + (list(spec.linear_to_linears) if linear_pairs else [])
+    """Every (source, consuming linears) pair of ``model``, from ``arch`` or the known architectures, checked
+    against (or, when none are declared, found by) a trace of its first decoder layer."""
+    plan = fold_plan(
+        model, arch, what="SmoothQuant", linear_pairs=linear_pairs,
+        hint="pass arch=llmquant.models.ArchSpec(model_types=(...), layers='model.layers', embed=..., final_norm=..., "
+             "norm_to_linears=(('input_layernorm', ('self_attn.q_proj', ...)), ...)), or add an entry to "
+             "llmquant.models.arch.ARCHS")
+    found = decoder_layers(model, arch or arch_for(model))
+    if found is None:
+        raise MappingError(f"{type(model).__name__} has no list of decoder layers to fold scales in")
+    path, layers = found
     pairs = []
     for i in range(len(layers)):
-        what = f"the mapping for {type(model).__name__}"
-        for src, targets in layer_pairs(layers[i], rel, what):
-            pairs.append(SmoothPair(f"{spec.layers}.{i}.{src}", tuple(f"{spec.layers}.{i}.{t}" for t in targets)))
+        for src, targets in layer_pairs(layers[i], plan.pairs, f"the mapping for {type(model).__name__}"):
+            pairs.append(SmoothPair(f"{path}.{i}.{src}", tuple(f"{path}.{i}.{t}" for t in targets), plan.offset(src)))
     return pairs
 
 
@@ -121,7 +118,7 @@ def smooth(model: nn.Module, stats: SmoothingStats, alpha: float | str = 0.5, *,
             a, _ = search_alpha(x, stats.absmax(p.source), targets, grid, fq)
             stats.chosen_alphas[p.source] = a
         s = smoothing_factors(stats.absmax(p.source).to(targets[0].weight.device), weight_absmax(targets), a)
-        fold_scale_modules(model.get_submodule(p.source), targets, s)
+        fold_scale_modules(model.get_submodule(p.source), targets, s, p.offset)
         factors[p.source] = s
     log.info("SmoothQuant (alpha %s) folded into %d sources", alpha, len(factors))
     return factors

@@ -22,11 +22,10 @@ from ..algorithms import rtn_quantize
 from ..algorithms.awq import awq_clip_quantize, awq_search_scale
 from ..algorithms.fold import fold_scale_modules
 from ..algorithms.gptq import gptq_quantize
-from ..errors import MappingError, UnsupportedArchitectureError
-from ..schemes.names import matches
 from ..modules import QuantLinear
 from ..resources import trim_memory
 from ..schemes import QuantConfig
+from .folds import FoldPlan, fold_plan, layer_pairs  # noqa: F401  (layer_pairs: re-exported)
 from .stats import StatsCollector
 from .summary import LayerSummary, layer_row
 
@@ -174,15 +173,19 @@ class AWQStage(Stage):
     """AWQ (algorithms/awq.py): the scale search folded into each (source, linears) pair, then (as the last
     stage) the clipping search on the scaled weights."""
 
-    pairs: tuple = ()
+    plan: FoldPlan | None = None
 
     def setup(self, model: nn.Module, arch) -> None:
-        self.pairs = norm_linear_pairs(model, self.params, arch)
+        p = self.params
+        self.plan = fold_plan(
+            model, arch, getattr(p, "norm_to_linears", None), getattr(p, "linear_to_linears", None), what="AWQ",
+            hint="pass them as AWQParams(norm_to_linears=[['input_layernorm', ['self_attn.q_proj', ...]], ...]) "
+                 "with paths inside one decoder layer, or add an entry to llmquant.models.arch")
 
     def transform(self, ctx: LayerContext) -> None:
         p, col = self.params, ctx.stats
         rel = {ctx.rel(n): n for n in ctx.linears}
-        for src, dsts in (layer_pairs(ctx.block, self.pairs, "AWQ") if ctx.in_layer else ()):
+        for src, dsts in (layer_pairs(ctx.block, self.plan.pairs, "AWQ") if ctx.in_layer else ()):
             names = [rel[d] for d in dsts if d in rel]
             if not names or any(n not in col.owner for n in names):
                 continue
@@ -195,7 +198,8 @@ class AWQStage(Stage):
             log.debug("AWQ %s%s -> %s: alpha %.2f, loss %.4g (RTN %.4g)", ctx.prefix and ctx.prefix + ".", src,
                       dsts, alpha, losses[alpha], losses[0.0])
             with torch.no_grad():  # a norm's weight and bias, or a linear's / Conv1D's output rows
-                fold_scale_modules(ctx.block.get_submodule(src), [ctx.linears[n] for n in names], s)
+                fold_scale_modules(ctx.block.get_submodule(src), [ctx.linears[n] for n in names], s,
+                                   self.plan.offset(src))
             for n in names:
                 ctx.input_scales[n] = s
 
@@ -209,41 +213,6 @@ class AWQStage(Stage):
             w = m.weight.detach().float()
             out[n] = (*awq_clip_quantize(w, g, self.cfg.weight, grid=p.clip_grid, max_shrink=p.max_shrink, clip=p.clip), w)
         return out
-
-
-def norm_linear_pairs(model: nn.Module, params, arch) -> tuple:
-    """AWQ's (source, (linear, ...)) pairs inside one decoder layer: the params' override, else the
-    architecture record's."""
-    n2l, l2l = getattr(params, "norm_to_linears", None), getattr(params, "linear_to_linears", None)
-    n2l = n2l if n2l is not None else (arch.norm_to_linears if arch else None)
-    l2l = l2l if l2l is not None else (arch.linear_to_linears if arch else ())
-    if not n2l:
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        raise UnsupportedArchitectureError(
-            f"AWQ needs to know which norm feeds which linears in {type(model).__name__} (model_type {mt!r}); "
-            "pass them as AWQParams(norm_to_linears=[['input_layernorm', ['self_attn.q_proj', ...]], ...]) "
-            "with paths inside one decoder layer, or add an entry to llmquant.models.arch"
-        )
-    return tuple(n2l) + tuple(l2l or ())
-
-
-def layer_pairs(layer: nn.Module, pairs, what: str = "the norm -> linears mapping") -> list[tuple[str, tuple[str, ...]]]:
-    """``pairs`` (source, (consumers, ...)) resolved against one decoder layer's module names: each entry is
-    an exact path inside the layer or a ``re:`` regex matching the whole path (llm-compressor's style:
-    ``("re:.*input_layernorm", ("re:.*(q|k|v)_proj",))``). A source must name exactly one module and each
-    consumer pattern at least one; consumers keep the layer's module order."""
-    names = [n for n, _ in layer.named_modules() if n]
-    out = []
-    for src, dsts in pairs:
-        found = [n for n in names if matches(n, (src,))]
-        if len(found) != 1:
-            raise MappingError(f"{what}: source {src!r} matches {len(found)} modules of the layer "
-                               f"({found[:3]}); it must match exactly one")
-        missing = [d for d in dsts if not any(matches(n, (d,)) for n in names)]
-        if missing:
-            raise MappingError(f"{what}: {missing[:3]} match no module of the layer (modules: {names[:6]} ...)")
-        out.append((found[0], tuple(n for n in names if matches(n, dsts))))
-    return out
 
 
 def run_block(stages: list[Stage], ctx: LayerContext) -> Result:

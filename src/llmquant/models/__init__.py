@@ -2,6 +2,7 @@
 lean-runtime and GGUF facts), plus tied embeddings and context length."""
 
 from .arch import ARCHS, arch_for, arch_for_gguf, context_length, model_types_with, tied_lm_head
+from .trace import decoder_layers, fused_expert_params, is_linear, trace_layer
 from .spec import (
     ArchSpec,
     GGUFSpec,
@@ -24,6 +25,10 @@ __all__ = [
     "arch_for",
     "arch_for_gguf",
     "config_value",
+    "decoder_layers",
+    "fused_expert_params",
+    "is_linear",
+    "trace_layer",
     "context_length",
     "gguf_tensor_names",
     "gguf_to_hf_name",

@@ -32,6 +32,8 @@ _LLAMA_GGUF = GGUFSpec(
     permute_rows=(("q", "num_attention_heads"), ("k", "num_key_value_heads")),
 )
 _GATED = LayerModules()  # Llama's decoder layer: input/post-attention norms, q/k/v/o, gate/up/down
+_QKV = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),)
+_UP_DOWN = (("mlp.up_proj", ("mlp.down_proj",)),)
 
 ARCHS: list[ArchSpec] = [
     ArchSpec(model_types=("llama",), modules=_GATED, runtime=RuntimeSpec(), gguf=_LLAMA_GGUF),
@@ -64,6 +66,34 @@ ARCHS: list[ArchSpec] = [
             ("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
     ),
+    # Gemma 2/3: RMSNorms scale by (1 + weight); norms before and after attention and MLP, and the one
+    # feeding the MLP is pre_feedforward_layernorm (post_attention_layernorm's output joins the residual)
+    ArchSpec(
+        model_types=("gemma2", "gemma3_text"),
+        norm_to_linears=_QKV + (("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),),
+        linear_to_linears=_UP_DOWN,
+        norm_offset=1.0,
+    ),
+    # mixture-of-experts: post_attention_layernorm feeds the router and the experts, so only attention folds
+    ArchSpec(model_types=("mixtral", "qwen3_moe"), norm_to_linears=_QKV),
+    ArchSpec(model_types=("qwen2_moe",), norm_to_linears=_QKV,
+             linear_to_linears=(("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),)),
+    # OLMo 2 normalizes after attention and MLP: its linears read the residual stream, no norm feeds them
+    ArchSpec(model_types=("olmo2",), linear_to_linears=_UP_DOWN),
+    ArchSpec(
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="embed_out",
+        norm_to_linears=(("input_layernorm", ("attention.query_key_value",)),
+                         ("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+    ),
+    # Falcon and StableLM blocks are parallel (one norm, or two, feeding attention and MLP) or sequential
+    # depending on the config: their pairs come from tracing the model
+    ArchSpec(model_types=("falcon",), layers="transformer.h", embed="transformer.word_embeddings",
+             final_norm="transformer.ln_f"),
+    ArchSpec(model_types=("stablelm",)),
     ArchSpec(
         model_types=("opt",),
         layers="model.decoder.layers",

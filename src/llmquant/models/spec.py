@@ -4,6 +4,10 @@
   linears: ``norm_to_linears`` / ``linear_to_linears``, paths relative to one decoder layer. A scale folded
   into the source (a norm's weight, or a linear's output rows) can be undone in the inputs of the listed
   linears, which is what SmoothQuant and AWQ need.
+- ``norm_offset``: the norms' kind: a norm's output is ``n(x) * (norm_offset + weight) (+ bias)``; 0 for
+  RMSNorm and LayerNorm, 1 for Gemma's RMSNorm. A scale folded into a norm scales ``norm_offset + weight``.
+- Pairs not declared are found by tracing one decoder layer (:mod:`llmquant.models.trace`), which also
+  checks declared ones: use that for facts that depend on the config (parallel or sequential blocks).
 - ``modules``: the paths inside one decoder layer of a pre-norm attention + gated-MLP block. The pairs
   above, the lean runtime's module lookups and the GGUF tensor names are all derived from them.
 - ``runtime``: set when the lean runtime (:mod:`llmquant.runtime`) runs the family.
@@ -92,6 +96,7 @@ class ArchSpec:
     lm_head: str = "lm_head"
     norm_to_linears: Pairs = ()
     linear_to_linears: Pairs = ()
+    norm_offset: float = 0.0  # a norm scales by norm_offset + weight (Gemma: 1)
     modules: LayerModules | None = None
     runtime: RuntimeSpec | None = None
     gguf: GGUFSpec | None = None

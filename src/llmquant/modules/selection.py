@@ -7,7 +7,8 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from ..errors import SelectionError
+from ..errors import SelectionError, UnsupportedModelError
+from ..models import fused_expert_params, is_linear
 from ..schemes.names import check_patterns as _check_patterns
 from ..schemes.names import matches
 
@@ -55,7 +56,17 @@ def select_linears(
             chosen.append((name, mod))
     if not chosen:
         kinds = "/".join(t.__name__ for t in (by_type or types))
-        raise SelectionError(f"no {kinds} module matches targets={list(targets) or 'all'} ignore={list(ignore)}")
+        conv1d = [n for n, m in model.named_modules() if is_linear(m) and not isinstance(m, nn.Linear)]
+        why = (f"; its {len(conv1d)} linears ({conv1d[0]}, ...) are GPT-2-style Conv1D modules (weight stored "
+               "in x out), which llmquant does not quantize") if conv1d else ""
+        raise SelectionError(f"no {kinds} module matches targets={list(targets) or 'all'} ignore={list(ignore)}{why}")
+    fused = fused_expert_params(model)
+    if fused and not targets:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} keeps its mixture-of-experts weights as fused 3-D parameters ({fused[0]}, ... "
+            f"{len(fused)} in all), which llmquant cannot quantize: quantizing every linear would leave the experts, "
+            "most of the model, in float. To quantize the other linears only (attention, shared experts), name "
+            "them: targets=['re:.*self_attn.*'] (or --targets)")
     return chosen
 
 

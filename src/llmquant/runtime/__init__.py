@@ -7,8 +7,9 @@ model's own forward (a layer between kernels/modules and flows; see README "Laye
     print(tok.decode(ids[0]))
 """
 
+from .forward import ModelForward
 from .generate import GenerationStats, chat_prompt, encode_prompt, generate
 from .lean import KVCache, LeanModel
 from .sampling import SamplingConfig, next_tokens
 
-__all__ = ["GenerationStats", "KVCache", "LeanModel", "SamplingConfig", "chat_prompt", "encode_prompt", "generate", "next_tokens"]
+__all__ = ["GenerationStats", "KVCache", "LeanModel", "ModelForward", "SamplingConfig", "chat_prompt", "encode_prompt", "generate", "next_tokens"]

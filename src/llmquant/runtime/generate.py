@@ -19,9 +19,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import GenerationError
+from ..errors import GenerationError, UnsupportedModelError
 from ..models import context_length
 from ..modules import QuantLinear
+from .forward import ModelForward
 from .lean import LeanModel
 from .sampling import SamplingConfig, next_tokens
 
@@ -109,7 +110,8 @@ def generate(
     """Generate up to ``max_new_tokens`` tokens after ``prompt``; returns the new ids (B, n).
 
     ``attention_mask`` (B, T) marks real tokens of a left-padded id batch. ``threads`` sets
-    ``torch.set_num_threads`` (process-wide). ``lean`` reuses a built :class:`LeanModel`; ``stats``
+    ``torch.set_num_threads`` (process-wide). ``lean`` reuses a built :class:`LeanModel`; a model the lean
+runtime does not run generates through its own forward (:class:`~llmquant.runtime.forward.ModelForward`); ``stats``
     (a :class:`GenerationStats`) is filled with timings. ``prefill_bf16`` runs the prompt's forward under
     bf16 autocast (bf16 GEMMs, about 1.7x faster on an int8/int4 model here) and the token-by-token decode
     in fp32 as usual; it changes the prompt's numerics slightly (activations rounded to bf16).
@@ -124,7 +126,11 @@ def generate(
     tok = tokenizer if tokenizer is not None else getattr(model, "llmquant_tokenizer", None)
     t0 = time.perf_counter()
     if lean is None:
-        lean = LeanModel(model)
+        try:
+            lean = LeanModel(model)
+        except UnsupportedModelError as e:  # a family (or setting) the lean runtime does not run
+            log.info("generating with the model's own forward: %s", e)
+            lean = ModelForward(model, str(e))
     build_s = time.perf_counter() - t0
     ids, mask = encode_prompt(prompt, tok, lean.device)
     if attention_mask is not None:
@@ -148,7 +154,12 @@ def generate(
     if seed is not None:
         gen = torch.Generator(device=lean.device).manual_seed(seed)
 
-    cache = lean.new_cache(b, t + max_new_tokens)
+    try:
+        cache = lean.new_cache(b, t + max_new_tokens)
+    except UnsupportedModelError as e:  # e.g. a sequence longer than the attention window the lean runtime lacks
+        log.info("generating with the model's own forward: %s", e)
+        lean = ModelForward(model, str(e))
+        cache = lean.new_cache(b, t + max_new_tokens)
     key_mask = positions = None
     if mask is not None:
         key_mask = torch.ones(b, cache.max_len, dtype=torch.bool, device=lean.device)

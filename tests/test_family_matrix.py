@@ -1,0 +1,170 @@
+"""Every strategy on a tiny random model of every decoder family: it works, or refuses with a clear error.
+
+Families whose experts transformers keeps as fused 3-D parameters (Mixtral, Qwen2-MoE) are refused unless
+the user names the linears to quantize; GPT-2's Conv1D linears are refused. Everything else works."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmquant
+from llmquant import PRESETS, QuantConfig, QuantScheme
+from llmquant.errors import SelectionError, UnsupportedModelError
+from llmquant.kernels import set_kernel
+from llmquant.modules import QuantLinear
+from llmquant.modules.fake_quant import FakeQuantLinear
+from llmquant.runtime import LeanModel
+
+from families import FAMILIES, make_family
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: family -> (the error every strategy raises, what its message says)
+REFUSED = {
+    "gpt2": (SelectionError, "Conv1D"),
+    "mixtral": (UnsupportedModelError, "fused 3-D"),
+    "qwen2_moe": (UnsupportedModelError, "fused 3-D"),
+}
+LEAN = {"llama", "mistral", "qwen2", "qwen3"}  # families the lean runtime runs; the others use their forward
+A8 = QuantScheme(bits=8, granularity="tensor")
+CALIB = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(4))
+IDS = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _kl(out, ref):
+    """Mean KL(p_ref || p_out) per position."""
+    return float(F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum")) / (ref.numel() / ref.shape[-1])
+
+
+def _n_linears(model):
+    return sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n != "lm_head" and not n.endswith(".lm_head") and "embed_out" not in n)
+
+
+STRATEGIES = {
+    "rtn": (lambda m: llmquant.quantize(m, "W4G32", progress=False), 1.0),
+    "gptq": (lambda m: llmquant.quantize(m, QuantConfig(weight="W4G32", method="gptq"), calib=CALIB, progress=False), 2.0),
+    "awq": (lambda m: llmquant.quantize(m, QuantConfig(weight="W4G32", method="awq"), calib=CALIB, progress=False), 1.0),
+    "smoothquant": (lambda m: llmquant.quantize(m, QuantConfig(weight="W8", activation=A8, method="smoothquant",
+                                                               smooth_alpha=0.5), calib=CALIB, progress=False), 0.1),
+    "dynamic": (lambda m: llmquant.quantize_dynamic(m, progress=False), 0.02),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_ptq_and_dynamic(family, strategy):
+    """Each linear becomes a QuantLinear, and the logits stay near the float model's (random models: loose
+    bounds; W8A8 and dynamic int8 far tighter than 4-bit)."""
+    model = make_family(family)
+    run, bound = STRATEGIES[strategy]
+    if family in REFUSED:
+        err, msg = REFUSED[family]
+        with pytest.raises(err, match=msg):
+            run(model)
+        return
+    ref = _logits(model)
+    n = _n_linears(model)
+    run(model)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n
+    assert 0 < _kl(_logits(model), ref) < bound
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_with_named_targets_quantizes_the_rest(family):
+    """A fused-expert model quantizes what the user names; experts and the router stay float."""
+    model = make_family(family)
+    ref = _logits(model)
+    cfg = QuantConfig(weight="W4G32", method="awq", targets=("re:.*self_attn\\..*",))
+    llmquant.quantize(model, cfg, calib=CALIB, progress=False)
+    q = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert q and all(".self_attn." in n for n in q)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+    assert 0 < _kl(_logits(model), ref) < 1.0
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
+def test_qat_step_then_convert(family):
+    """One optimizer step through the fake-quantized model, then convert: the packed model computes what
+    the trained fake-quantized one does."""
+    model = make_family(family)
+    llmquant.prepare_qat(model, "W4G32", progress=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    before = _logits(model)
+    loss = F.cross_entropy(model(CALIB).logits[:, :-1].flatten(0, 1), CALIB[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    trained = _logits(model)
+    assert torch.isfinite(loss) and not torch.equal(trained, before)
+    fakes = {n: m.quantized_weight().detach() for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    llmquant.convert_qat(model, progress=False)
+    assert len(fakes) == _n_linears(make_family(family))
+    assert all(torch.equal(model.get_submodule(n).dequantize_weight(), w) for n, w in fakes.items())
+    set_kernel(model, "reference")  # the exact kernel: the fake-quantized model's very logits
+    assert torch.equal(_logits(model), trained)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
+def test_mixed_plan_and_save_load(family, tmp_path):
+    """A sensitivity-solved plan between W8 and W4G32, applied, saved and loaded: bit-identical logits."""
+    model = make_family(family)
+    text = torch.randint(3, 256, (256,), generator=torch.Generator().manual_seed(6))
+    plan = llmquant.plan_mixed_precision(model, target_bits=6.5, text=text, candidates=["W8", "W4G32"], windows=2,
+                                         seq_len=16, cache=False, progress=False)
+    llmquant.quantize(model, plan, progress=False)
+    schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear)}
+    assert schemes == {PRESETS["W8"], PRESETS["W4G32"]}
+    before = _logits(model)
+    llmquant.save(model, None, tmp_path / "q")
+    loaded, _ = llmquant.load(tmp_path / "q")
+    assert torch.equal(_logits(loaded), before)
+
+
+def _hf_greedy(model, ids, n):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_matches_transformers_greedy(family):
+    """After RTN (float for the refused families): llmquant.generate gives transformers' greedy tokens, by
+    the lean runtime for the families it runs, by the model's own forward for the others."""
+    model = make_family(family)
+    if family not in REFUSED:
+        llmquant.quantize(model, "W4G32", progress=False)
+    if family in LEAN:
+        LeanModel(model)
+    else:
+        with pytest.raises(UnsupportedModelError, match="lean runtime"):
+            LeanModel(model)
+    ids = IDS[:, :7]
+    assert torch.equal(llmquant.generate(model, ids, 10, use_eos=False), _hf_greedy(model, ids, 10))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
+def test_exports(family, tmp_path):
+    """compressed-tensors: transformers loads the folder and gives the same logits, for every family. GGUF:
+    written for the families llama.cpp's llama-style converter covers, a clear refusal for the others."""
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.errors import ExportError
+
+    model = make_family(family)
+    llmquant.quantize(model, "W4G32", progress=False)
+    set_kernel(model, "reference")
+    llmquant.export(model, None, tmp_path / "ct", format="compressed-tensors")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    if family != "falcon":  # transformers cannot run it: FalconLinear's forward reads .weight, which its packed modules lack
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+        assert torch.allclose(_logits(hf), _logits(model), atol=1e-5, rtol=0)
+    if family not in LEAN:
+        with pytest.raises(ExportError, match="GGUF export knows no tensor names"):
+            llmquant.export(model, None, tmp_path / "m.gguf", format="gguf")
