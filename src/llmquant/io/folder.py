@@ -27,8 +27,8 @@ import torch.nn as nn
 from ..version import __version__
 from ..errors import (CorruptFileError, ModelNotFoundError, OutputExistsError, OutputLocationError, SchemeError,
                       UnsupportedError)
-from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
-from ..schemes import QuantScheme
+from ..modules import MANIFEST_MODULES, QuantLinear
+from .layout import attach_recipe, file_state, install_modules
 from .manifest_schema import manifest_digest, validate_manifest
 from .shards import read_chunks, safetensors_slices
 
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "llmquant.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+# 1: the first format; 2: config.json names llmquant as its quant_method (transformers' from_pretrained loads
+# the folder through llmquant.io.hf_quantizer) and the folder carries a README.md model card. Both load.
+FORMAT_VERSION = 2
 
 
 def _file_sha256(sl) -> str:
@@ -182,6 +184,9 @@ class OutputFolder:
         }
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        from .model_card import write_model_card
+
+        write_model_card(self.tmp, manifest, self.out.name)
         from .shards import swap_in
 
         swap_in(self.tmp, self.out)
@@ -218,8 +223,13 @@ def attach_saved(model: nn.Module, folder: str | os.PathLike) -> None:
 
 def _write_side_files(model: nn.Module, tokenizer, folder: Path) -> None:
     cfg = getattr(model, "config", None)
-    if cfg is not None:
+    if cfg is not None:  # naming llmquant as the quant_method: transformers' from_pretrained loads the folder
+        from .hf_quantizer import config_entry
+
         cfg.to_json_file(str(folder / "config.json"))
+        d = json.loads((folder / "config.json").read_text())
+        d["quantization_config"] = config_entry()
+        (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         try:
@@ -273,6 +283,9 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     p = Path(folder).expanduser()
     if not p.is_dir():
         raise ModelNotFoundError(f"{str(p)!r} is not a folder saved by llmquant")
+    from .hf_quantizer import refuse_foreign
+
+    refuse_foreign(p)
     m = p / MANIFEST
     if not m.is_file():
         raise ModelNotFoundError(f"{str(p)!r} has no {MANIFEST}: not a folder saved by llmquant")
@@ -363,32 +376,8 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
 
     with init_empty_weights(include_buffers=False):  # no memory for weights: the files' tensors are assigned
         model = AutoModelForCausalLM.from_config(config)
-    for name, layer in manifest["quantized_layers"].items():
-        with torch.device("meta"):
-            q = QuantLinear(
-                layer["in_features"],
-                layer["out_features"],
-                QuantScheme.from_dict(layer["scheme"]),
-                bias=layer["bias"],
-                activation_scheme=None if layer["activation"] is None else QuantScheme.from_dict(layer["activation"]),
-                bias_dtype=getattr(torch, layer["bias_dtype"]) if layer.get("bias_dtype") else torch.float32,
-            )
-        try:
-            replace_module(model, name, q)
-        except AttributeError:
-            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
-    for name, entry in (manifest.get("mixed_modules") or {}).items():  # bf16/fp16 layers, quantized embeddings
-        if entry.get("type") not in MANIFEST_MODULES:
-            raise CorruptFileError(f"manifest names module type {entry.get('type')!r} for {name!r}, unknown to this llmquant")
-        try:
-            with torch.device("meta"):
-                new = MANIFEST_MODULES[entry["type"]].from_manifest(entry)
-            replace_module(model, name, new)
-        except AttributeError:
-            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
-    state = dict(tensors)
-    for alias, src in manifest.get("aliases", {}).items():
-        state[alias] = tensors[src]
+    install_modules(model, manifest)
+    state = file_state(p, manifest, tensors)
     # match float dtypes of the saved tensors (a bf16-saved model stays bf16)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -396,15 +385,7 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
         raise CorruptFileError(f"saved tensors do not fit the model config: {str(e).splitlines()[0]}") from None
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in manifest.get("aliases", {}):
         model.tie_weights()
-    if manifest.get("config"):
-        from ..schemes import QuantConfig
-
-        model.llmquant_config = QuantConfig.from_dict(manifest["config"])
-    if manifest.get("plan"):
-        from ..schemes import Plan
-
-        model.llmquant_plan = Plan.from_dict(manifest["plan"])
-    model.llmquant_source = manifest.get("base_model")
+    attach_recipe(model, manifest)
     model.eval().to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
