@@ -71,7 +71,7 @@ def record_figures(folder: str | os.PathLike, name: str, figures: dict) -> None:
     p = Path(folder).expanduser()
     data = read_figures(p)
     data[name] = figures
-    (p / FIGURES).write_text(json.dumps(data, indent=1, sort_keys=True))
+    (p / FIGURES).write_text(json.dumps(data, indent=1))
     write_model_card(p, read_manifest(p))
 
 
@@ -84,15 +84,15 @@ def _fmt(v) -> str:
 def render(manifest: dict, figures: dict | None = None, folder_name: str = "this-folder") -> str:
     """The model card's text for ``manifest`` (and the recorded ``figures``)."""
     base = manifest.get("base_model")
-    base_id = DEFAULT_BASE if base in (None, "default") else str(base)
+    base_id = DEFAULT_BASE if base == "default" else None if base is None else str(base)
     methods = _methods(manifest)
     schemes = _schemes(manifest)
     tags = ["llmquant", "quantized", *methods, *schemes]
-    header = ["---", f"base_model: {_yaml_str(base_id)}", "library_name: llmquant", "pipeline_tag: text-generation",
+    header = ["---", *([f"base_model: {_yaml_str(base_id)}"] if base_id else []), "library_name: llmquant", "pipeline_tag: text-generation",
               "tags:", *[f"- {_yaml_str(t)}" for t in dict.fromkeys(tags)], "---", ""]
     what = ", ".join(f"{n} x {s}" for s, n in schemes.most_common()) or "nothing (a float model saved by llmquant)"
     lines = [f"# {folder_name}", "",
-             f"{base_id} quantized by llmquant {manifest.get('llmquant_version')} "
+             f"{base_id or 'A model'} quantized by llmquant {manifest.get('llmquant_version')} "
              f"(method: {', '.join(methods) or 'none'}).", "",
              "## What was quantized", "",
              f"- Layers: {what}.",
@@ -114,7 +114,8 @@ def render(manifest: dict, figures: dict | None = None, folder_name: str = "this
         lines += ["", "Measured by `llmquant eval` on this folder (KL and top-1 against the base model).", ""]
     lines += ["## How to use", "", "### llmquant", "", "```python", "import llmquant", "",
               f'model, tokenizer = llmquant.load("{folder_name}")',
-              'print(llmquant.generate(model, "The capital of France is", max_new_tokens=20))', "```", "",
+              'new_ids = llmquant.generate(model, "The capital of France is", max_new_tokens=20)',
+              "print(tokenizer.decode(new_ids[0]))", "```", "",
               "### transformers", "", "`import llmquant` registers llmquant's loader with transformers; the layers "
               "stay packed and run llmquant's kernels.", "", "```python", "import llmquant  # noqa: F401",
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
