@@ -41,6 +41,7 @@ def default_model_file() -> Path:
 def _offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's tasks: data sets from the local cache only
 
 
 def quiet_transformers() -> None:

@@ -18,10 +18,7 @@ Registration happens when ``transformers.quantizers.auto`` is imported (at once 
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import logging
-import sys
 from pathlib import Path
 
 from ..errors import ForeignFormatError, ModelNotFoundError, OutputExistsError, UnsupportedError
@@ -29,7 +26,6 @@ from ..errors import ForeignFormatError, ModelNotFoundError, OutputExistsError, 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "llmquant"
-_HOOKED_MODULE = "transformers.quantizers.auto"
 _registered = False
 
 
@@ -77,32 +73,11 @@ def register() -> None:
     _registered = True
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register` right after ``transformers.quantizers.auto`` has been imported."""
-
-    def find_spec(self, name, path, target=None):
-        if name != _HOOKED_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_register(module):
-            exec_module(module)
-            sys.modules[name] = module  # register() imports it by name
-            register()
-
-        spec.loader.exec_module = exec_and_register
-        return spec
-
-
 def install() -> None:
     """Make transformers know llmquant folders: now if transformers' quantizers are imported, else when they are."""
-    if _HOOKED_MODULE in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    from .._hooks import after_import
+
+    after_import("transformers.quantizers.auto", register)
 
 
 def bind_save_pretrained(model) -> None:
