@@ -12,7 +12,7 @@ requests with one forward per request, in the model's own dtypes and kernels:
 
 Needs the optional ``lm-eval`` package (``pip install 'llmquant[lmeval]'``). After ``import llmquant``
 lm-eval's registry knows ``llmquant`` (``lm_eval.simple_evaluate(model="llmquant", ...)``); from the
-shell, ``python -m llmquant.eval.harness`` takes lm-eval's own command line with that model known.
+shell, ``python -m llmquant.eval`` takes lm-eval's own command line with that model known.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_paths=(), limit: in
 
 def main(argv=None) -> int:
     """lm-eval's own command line, with the ``llmquant`` model registered and llmquant's tasks on the path:
-    ``python -m llmquant.eval.harness --model llmquant --model_args path=out/w4g64 --tasks ...``."""
+    ``python -m llmquant.eval --model llmquant --model_args path=out/w4g64 --tasks ...``."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
@@ -198,6 +198,3 @@ def main(argv=None) -> int:
     cli_evaluate()
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
