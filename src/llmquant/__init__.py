@@ -98,6 +98,8 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
         cfg = cfg.with_(calibration=spec)
     if limit is not None:
         model.llmquant_max_memory = limit
+    if hasattr(model, "save_pretrained"):  # a transformers model: its save_pretrained writes an llmquant folder
+        _io.hf_quantizer.bind_save_pretrained(model)
     try:
         if output is None:
             return _flows.quantize(model, cfg, calib=calib, progress=progress)

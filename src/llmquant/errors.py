@@ -94,3 +94,11 @@ class UsageError(LLMQuantError, ValueError):
 class OutputLocationError(LLMQuantError, OSError):
     """The output path cannot be written: below an existing file, on a read-only location, or a file where a
     folder is meant (or the other way round)."""
+
+
+class NewerFormatError(LLMQuantError):
+    """A folder was written by a newer llmquant, in a format version this one cannot read."""
+
+
+class ForeignFormatError(LLMQuantError):
+    """A folder holds another tool's quantization (its config.json names another quant_method than llmquant)."""

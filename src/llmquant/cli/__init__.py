@@ -83,6 +83,9 @@ def build_parser() -> A.Parser:
     e.add_argument("--seq-len", type=A.seq_len,
                    help="tokens per window (default 512, or the model's context where that is shorter)")
     e.add_argument("--json", action="store_true", help="print JSON")
+    from .eval_tasks import add_task_args
+
+    add_task_args(e)
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer schemes and sizes of a saved folder")

@@ -130,10 +130,19 @@ def cmd_eval(args) -> int:
         if seq_len < DEFAULT_SEQ_LEN:
             log.warning("windows of %d tokens (the model's context) instead of %d", seq_len, DEFAULT_SEQ_LEN)
     res = llmquant.evaluate(model, reference=ref, text=text, tokenizer=tok, windows=args.windows, seq_len=seq_len)
+    from . import eval_tasks
+
+    name = "quantized" if ref is not None else "measured"
+    figures = {name: {"perplexity": res.perplexity, "KL": res.kl, "top-1": res.top1}}
+    task_rows = eval_tasks.run(args, model, tok, ref, figures, name) if args.tasks else []
+    eval_tasks.record(args, figures)
     if args.json:
-        print(json.dumps(res.to_dict(), indent=1))
+        print(json.dumps({**res.to_dict(), "tasks": task_rows}, indent=1))
     else:
         print(format_table([eval_row(args.folder or args.model, res)]))
+        if task_rows:
+            print()
+            print(format_table(task_rows))
     return 0
 
 

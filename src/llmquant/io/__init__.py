@@ -9,6 +9,9 @@ from .gguf_export import GGUFExportReport, export_gguf
 from .gguf_import import GGUFImport, load_gguf_packed
 from .hf import DEFAULT_MODEL_NAME, default_model_file, load_float_model, plain_copy_of_gguf_model, quiet_transformers
 from .loading import load_model, load_saved
+from .hf_quantizer import install as _install_hf_loader
+
+_install_hf_loader()  # transformers' from_pretrained loads llmquant folders
 
 __all__ = [
     "GGUFExportReport",

@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CorruptFileError, ModelNotFoundError, SchemeError
-from ..modules import MANIFEST_MODULES, QuantLinear, replace_module
-from ..schemes import QuantScheme
+from .layout import attach_recipe, file_state, install_modules
 from .manifest_schema import validate_manifest
 from .shards import read_chunks, safetensors_slices
 
@@ -29,7 +28,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "llmquant.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+# 1: the first format; 2: config.json names llmquant as its quant_method (transformers' from_pretrained loads
+# the folder through llmquant.io.hf_quantizer) and the folder carries a README.md model card. Both load.
+FORMAT_VERSION = 2
 
 
 def _file_sha256(sl) -> str:
@@ -77,6 +78,9 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     p = Path(folder).expanduser()
     if not p.is_dir():
         raise ModelNotFoundError(f"{str(p)!r} is not a folder saved by llmquant")
+    from .hf_quantizer import refuse_foreign
+
+    refuse_foreign(p)
     m = p / MANIFEST
     if not m.is_file():
         raise ModelNotFoundError(f"{str(p)!r} has no {MANIFEST}: not a folder saved by llmquant")
@@ -152,34 +156,6 @@ def _read_tensors(folder: Path, manifest: dict, verify: bool = True) -> dict[str
     return tensors
 
 
-def build_modules(model: nn.Module, quantized_layers: dict, mixed_modules: dict) -> None:
-    """Put the manifest's quantized modules (QuantLinears, mixed-precision modules) in ``model``, on the meta
-    device: their tensors are assigned from the files after."""
-    for name, layer in quantized_layers.items():
-        with torch.device("meta"):
-            q = QuantLinear(
-                layer["in_features"],
-                layer["out_features"],
-                QuantScheme.from_dict(layer["scheme"]),
-                bias=layer["bias"],
-                activation_scheme=None if layer["activation"] is None else QuantScheme.from_dict(layer["activation"]),
-                bias_dtype=getattr(torch, layer["bias_dtype"]) if layer.get("bias_dtype") else torch.float32,
-            )
-        try:
-            replace_module(model, name, q)
-        except AttributeError:
-            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
-    for name, entry in mixed_modules.items():  # bf16/fp16 layers, quantized embeddings
-        if entry.get("type") not in MANIFEST_MODULES:
-            raise CorruptFileError(f"manifest names module type {entry.get('type')!r} for {name!r}, unknown to this llmquant")
-        try:
-            with torch.device("meta"):
-                new = MANIFEST_MODULES[entry["type"]].from_manifest(entry)
-            replace_module(model, name, new)
-        except AttributeError:
-            raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
-
-
 def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild a model saved by :func:`save`: ``(model, tokenizer)`` with bit-identical weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -195,10 +171,8 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
 
     with init_empty_weights(include_buffers=False):  # no memory for weights: the files' tensors are assigned
         model = AutoModelForCausalLM.from_config(config)
-    build_modules(model, manifest["quantized_layers"], manifest.get("mixed_modules") or {})
-    state = dict(tensors)
-    for alias, src in manifest.get("aliases", {}).items():
-        state[alias] = tensors[src]
+    install_modules(model, manifest)
+    state = file_state(p, manifest, tensors)
     # match float dtypes of the saved tensors (a bf16-saved model stays bf16)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -206,15 +180,7 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu"):
         raise CorruptFileError(f"saved tensors do not fit the model config: {str(e).splitlines()[0]}") from None
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in manifest.get("aliases", {}):
         model.tie_weights()
-    if manifest.get("config"):
-        from ..schemes import QuantConfig
-
-        model.llmquant_config = QuantConfig.from_dict(manifest["config"])
-    if manifest.get("plan"):
-        from ..schemes import Plan
-
-        model.llmquant_plan = Plan.from_dict(manifest["plan"])
-    model.llmquant_source = manifest.get("base_model")
+    attach_recipe(model, manifest)
     model.eval().to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)

@@ -41,6 +41,7 @@ def default_model_file() -> Path:
 def _offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's tasks: data sets from the local cache only
 
 
 def quiet_transformers() -> None:
@@ -172,16 +173,14 @@ def _missing_path(path, p: Path) -> None:
 def _refuse_llmquant_weights_without_manifest(p: Path) -> None:
     """A folder llmquant saved (its safetensors say ``producer: llmquant``) whose ``llmquant.json`` is gone would
     otherwise load as a float model with random weights where the packed ones were: refuse it. Exports made
-    for transformers (compressed-tensors: a ``quantization_config`` in config.json) are not such folders."""
-    import json
+    for transformers (compressed-tensors: another quant_method in config.json) are not such folders."""
 
     from safetensors import SafetensorError, safe_open
 
-    try:
-        if "quantization_config" in json.loads((p / "config.json").read_text()):
-            return
-    except (OSError, ValueError, TypeError):
-        pass  # transformers reports an unreadable config.json
+    from .hf_quantizer import QUANT_METHOD, quant_method_of
+
+    if quant_method_of(p) not in (None, QUANT_METHOD):
+        return
     for f in sorted(p.glob("*.safetensors")):
         try:
             with safe_open(str(f), "pt") as st:
@@ -200,7 +199,12 @@ def _from_pretrained(where: Path, *args, **kw):
     (transformers would fill them with random values and carry on)."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(*args, output_loading_info=True, **kw)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(*args, output_loading_info=True, **kw)
+    except ImportError as e:  # another tool's quantization whose package is not installed
+        from ..errors import ForeignFormatError
+
+        raise ForeignFormatError(f"{str(where)!r} needs a package that is not installed: {str(e).splitlines()[0]}") from None
     missing = sorted(set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
                                                              for k in info.get("mismatched_keys") or ()})
     if missing:

@@ -11,6 +11,7 @@ import torch
 from .folder import MANIFEST, load
 from .gguf_import import load_gguf_packed
 from .hf import load_float_model
+from .hf_quantizer import bind_save_pretrained
 from .streaming import load_streaming
 from ..errors import ModelNotFoundError
 
@@ -19,6 +20,7 @@ def load_saved(folder, *, device="cpu"):
     """``(model, tokenizer)`` from a folder written by :func:`llmquant.io.save`."""
     model, tok = load(folder, device=device)
     model.llmquant_tokenizer = tok
+    bind_save_pretrained(model)
     return model, tok
 
 
@@ -36,10 +38,12 @@ def load_model(path=None, *, dtype=None, packed=False, stream=False):
     if packed:
         model, tok, _ = load_gguf_packed(path, dtype=dtype or torch.float32)
         model.llmquant_tokenizer = tok
+        bind_save_pretrained(model)
         return model, tok
     if path is not None and (Path(path).expanduser() / MANIFEST).is_file():
         return load_saved(path)
     model, tok, source = load_float_model(path, dtype=dtype or torch.float32)
     model.llmquant_tokenizer = tok
     model.llmquant_source = source
+    bind_save_pretrained(model)
     return model, tok

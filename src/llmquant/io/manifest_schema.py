@@ -211,14 +211,13 @@ def validate_manifest(manifest: Any, where: str = "llmquant.json", model_config=
     """Check ``manifest`` (the parsed ``llmquant.json``) field by field; with ``model_config`` (the folder's
     transformers config) also check that its layers and tensors are the ones that model has. Returns the
     manifest; raises :class:`CorruptFileError` saying which field is wrong."""
-    from ..io.folder import FORMAT_VERSION
-
     w = _Where(where)
     if not isinstance(manifest, dict):
         raise CorruptFileError(f"{where} holds a JSON {type(manifest).__name__}, not an llmquant manifest (an object)")
+    if manifest.get("format") != "llmquant":
+        raise CorruptFileError(f"{where} is not an llmquant manifest (no \"format\": \"llmquant\")")
+    check_format_version(manifest.get("format_version"), where, manifest.get("llmquant_version"))
     check_digest(manifest, where)
-    if manifest.get("format") != "llmquant" or manifest.get("format_version") != FORMAT_VERSION:
-        raise CorruptFileError(f"{where} is not an llmquant manifest of format version {FORMAT_VERSION}")
     for k in REQUIRED:
         if k not in manifest:
             raise w.fail(f"the field {k!r} is missing")
@@ -254,6 +253,24 @@ def validate_manifest(manifest: Any, where: str = "llmquant.json", model_config=
     if model_config is not None:
         _check_against_model(w, manifest, model_config, modules, tensors, aliases)
     return manifest
+
+
+def check_format_version(version: Any, where: str, written_by: Any = None) -> int:
+    """``version`` (a folder's format version) if this llmquant reads it: every version from 1 (folders written
+    before transformers could load them still load with ``llmquant.load``) up to the one it writes."""
+    from ..errors import NewerFormatError
+    from ..io.folder import FORMAT_VERSION
+    from ..version import __version__
+
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptFileError(f"{where}: format_version must be a positive integer, got {_short(version)}; the "
+                               "folder is damaged, quantize again")
+    if version > FORMAT_VERSION:
+        by = f" (llmquant {written_by})" if isinstance(written_by, str) else ""
+        raise NewerFormatError(f"{where} is in llmquant format version {version}, written by a newer llmquant{by}; "
+                               f"this llmquant {__version__} reads versions 1 to {FORMAT_VERSION}: upgrade llmquant "
+                               "(pip install -U llmquant)")
+    return version
 
 
 def _check_against_model(w: _Where, manifest: dict, model_config, modules: dict, tensors: dict, aliases: dict) -> None:

@@ -35,7 +35,8 @@ import torch.nn as nn
 from ..errors import CheckpointError, CorruptFileError, OutputExistsError, OutputLocationError, UnsupportedError
 from ..modules import MANIFEST_MODULES, QuantLinear
 from ..version import __version__
-from .folder import FORMAT_VERSION, MANIFEST, build_modules
+from .folder import FORMAT_VERSION, MANIFEST
+from .layout import install_modules
 from .manifest_schema import manifest_digest
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ class OutputFolder:
         if p["layers_path"] != path or p["total"] != total:
             raise CheckpointError(f"the checkpoint in {str(self.tmp)!r} is of a model with {p['total']} layers at "
                                   f"{p['layers_path']!r}, not {total} at {path!r}; run without --resume")
-        build_modules(model, p["quantized_layers"], p["mixed_modules"])
+        install_modules(model, p)
         for i in range(p["done"]):
             model.get_submodule(f"{path}.{i}").to("meta")
         rows = [LayerSummary(**{**r, "shape": tuple(r["shape"])}) for r in p["rows"]]
@@ -342,6 +343,9 @@ class OutputFolder:
         }
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        from .model_card import write_model_card
+
+        write_model_card(self.tmp, manifest, self.out.name)
         from .shards import swap_in
 
         swap_in(self.tmp, self.out)
@@ -371,8 +375,13 @@ class OutputFolder:
 
 def _write_side_files(model: nn.Module, tokenizer, folder: Path) -> None:
     cfg = getattr(model, "config", None)
-    if cfg is not None:
+    if cfg is not None:  # naming llmquant as the quant_method: transformers' from_pretrained loads the folder
+        from .hf_quantizer import config_entry
+
         cfg.to_json_file(str(folder / "config.json"))
+        d = json.loads((folder / "config.json").read_text())
+        d["quantization_config"] = config_entry()
+        (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         try:
