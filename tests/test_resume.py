@@ -93,7 +93,7 @@ elif kind == "finish":
 m, _ = llmquant.load_model(sys.argv[2], stream=True)
 calib = torch.randint(0, 1000, (6, 32), generator=torch.Generator().manual_seed(1))
 llmquant.quantize(m, llmquant.QuantConfig.from_dict(json.loads(sys.argv[4])), calib=calib, progress=False,
-                  output=sys.argv[3], shard_size="40KB")
+                  output=sys.argv[3], shard_size="40KB", overwrite=True)
 print("finished")
 """
 
