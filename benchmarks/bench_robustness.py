@@ -80,8 +80,13 @@ def _kills(n: int, seed: int) -> dict:
         lost = not (out / "llmquant.json").is_file() or _tensors(out) != before
         if not lost:
             llmquant.load(out)
-        s = run(out, resume=True)
-        rows.append({"kill_at_tensor": point, "of": total_adds, "resumed_after_layer": s.resumed_after,
+        if llmquant.io.read_progress(out) is None:  # killed before the first layer was finished (or after the
+            s = run(out)  # checkpoint was cleared in the final save): nothing to resume, the run starts over
+            resumed = "nothing to resume"
+        else:
+            s = run(out, resume=True)
+            resumed = s.resumed_after
+        rows.append({"kill_at_tensor": point, "of": total_adds, "resumed_after_layer": resumed,
                      "identical": _tensors(out) == ref, "output_lost": lost})
     return {"tensors_written_per_run": total_adds, "runs": rows, "torch": torch.__version__}
 
