@@ -118,7 +118,8 @@ def _unmappable_message(names: list[tuple[str, str]]) -> str:
     maps = ", ".join(f"{b.preset} -> {b.name}" for b in BLOCK_TYPES)
     return (
         f"{len(names)} quantized layer(s) have no exact GGUF block type: {shown}. GGUF holds blocks of 32 "
-        f"values with fp16 scales; schemes that map exactly: {maps} (any symmetric or asymmetric scheme "
+        f"values with fp16 scales, or super-blocks of 256 with two-level scales (k-quants, input width a "
+        f"multiple of 256); schemes that map exactly: {maps} (any symmetric or asymmetric scheme "
         f"with group size 32, scale_dtype float16 and at most 5 or 8 bits maps too). Quantize with one of "
         f"those, or re-quantize with --requant TYPE ({', '.join(REQUANT_TYPES)}) to accept a measured extra error"
     )
@@ -266,7 +267,8 @@ def export_gguf(
 
 
 _FTYPE = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
-          "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0"}
+          "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K",
+          "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
 
 
 def _file_type(report: GGUFExportReport) -> int:

@@ -66,6 +66,10 @@ def qparams_from_minmax(
     xmin: torch.Tensor, xmax: torch.Tensor, scheme: QuantScheme
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point from ranges. Zero is None for symmetric schemes."""
+    if scheme.super_group is not None:  # llama.cpp k-quants: two-level scales
+        from .kquant import kquant_qparams
+
+        return kquant_qparams(xmin.float(), xmax.float(), scheme)
     sdt = scale_torch_dtype(scheme)
     if scheme.symmetric:
         if scheme.signed_scale:
