@@ -178,3 +178,49 @@ def test_kquant_needs_whole_super_blocks(tmp_path, tiny_bpe_tokenizer):
     with pytest.raises(ExportError, match="super-blocks of 256"):
         llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "x.gguf", progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_llama_cpp_mixture_rules():
+    """llama.cpp's Q4_K_M / Q3_K_M / Q2_K per-tensor types (llama_tensor_get_type) for an 8-layer model:
+    attn_v and ffn_down in Q6_K where use_more_bits (layers 0, 3, 6, 7), the head (tied) in Q6_K, widths
+    that are not multiples of 256 (down_proj: 160) on llama.cpp's fallback types."""
+    from llmquant.flows.mixed.llama_presets import more_bits
+
+    m = make_tiny_llama(vocab_size=400, hidden=256, layers=8)
+    assert [i for i in range(8) if more_bits(i, 8)] == [0, 3, 6, 7]
+    assert [i for i in range(32) if more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    lay = llmquant.llama_cpp_plan(m, "Q4_K_M").to_dict()["layers"]
+    assert lay["model.embed_tokens"] == lay["lm_head"] == "gguf:Q6_K"
+    for i in range(8):
+        p = f"model.layers.{i}."
+        big = i in (0, 3, 6, 7)
+        assert lay[p + "self_attn.v_proj"] == ("gguf:Q6_K" if big else "gguf:Q4_K")
+        assert lay[p + "mlp.down_proj"] == ("gguf:Q8_0" if big else "gguf:Q5_0")  # Q6_K / Q4_K fallbacks
+        assert all(lay[p + r] == "gguf:Q4_K" for r in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj",
+                                                        "mlp.gate_proj", "mlp.up_proj"))
+    q3 = llmquant.llama_cpp_plan(m, "gguf:Q3_K_M").to_dict()["layers"]
+    assert [q3[f"model.layers.{i}.self_attn.v_proj"] for i in (0, 1, 2)] == ["gguf:Q5_K", "gguf:Q5_K", "gguf:Q4_K"]
+    assert q3["model.layers.5.self_attn.o_proj"] == "gguf:Q4_K" and q3["model.layers.5.mlp.up_proj"] == "gguf:Q3_K"
+    q2 = llmquant.llama_cpp_plan(m, "Q2_K", head=False).to_dict()["layers"]
+    assert "lm_head" not in q2 and q2["model.layers.1.self_attn.v_proj"] == "gguf:Q3_K"  # n_head / n_kv = 2 < 4
+    assert q2["model.layers.1.mlp.down_proj"] == "gguf:Q4_0"  # Q3_K on 160 columns: IQ4_NL there, Q4_0 here
+    with pytest.raises(SchemeError, match="unknown llama.cpp mixture"):
+        llmquant.llama_cpp_plan(m, "Q4_K_X")
+
+
+def test_q4_k_m_model_exports_exactly(tmp_path, tiny_bpe_tokenizer, monkeypatch):
+    """quantize(model, "gguf:Q4_K_M") -> GGUF with llama.cpp's mixture, every tensor exact, the tied head
+    written once as token_embd (Q6_K); transformers reads the file back with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    m = make_tiny_llama(vocab_size=400, hidden=256, layers=8)
+    llmquant.quantize(m, "gguf:Q4_K_M", progress=False)
+    set_kernel(m, "reference")
+    rep = llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "m.gguf", progress=False)
+    assert not rep.inexact
+    assert rep.type_counts() == {"Q4_K": 44, "Q6_K": 5, "Q8_0": 4, "Q5_0": 4, "F32": 17}
+    assert [t.type for t in rep.tensors if t.name == "token_embd.weight"] == ["Q6_K"]
+    assert not any(t.name == "output.weight" for t in rep.tensors)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    assert torch.allclose(_logits(hf), _logits(m), atol=1e-5, rtol=0)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ExportError, OutputExistsError
 from ..models import arch_for, config_value, hf_to_gguf_name, model_types_with, permute_heads_for, rope_row_order
-from ..modules import QuantLinear
+from ..modules import QuantEmbedding, QuantLinear
 from ..schemes import sqnr_db
 from .ggml_blocks import BLOCK_TYPES, BY_NAME, REQUANT_TYPES, dequantize_bytes, exact_blocks, ggml_type
 from .gguf_tokenizer import add_tokenizer
@@ -125,13 +125,21 @@ def _unmappable_message(names: list[tuple[str, str]]) -> str:
     )
 
 
+_QUANT = (QuantLinear, QuantEmbedding)  # packed modules written as GGML blocks
+
+
 def _model_tensors(model: nn.Module):
-    """(hf_name, QuantLinear or float tensor) for every parameter/buffer to write; tied copies once."""
+    """(hf_name, QuantLinear / QuantEmbedding or float tensor) for every parameter/buffer to write; tied
+    copies once (a quantized head sharing a QuantEmbedding's tensors is written as the embedding: llama.cpp
+    reads a missing output.weight from token_embd.weight)."""
     seen: set[int] = set()
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    shared = {id(m.qweight) for m in quant.values() if isinstance(m, QuantEmbedding)}
     for n, m in quant.items():
+        if isinstance(m, QuantLinear) and id(m.qweight) in shared:
+            continue
         yield f"{n}.weight", m
-        if m.bias is not None:
+        if getattr(m, "bias", None) is not None:
             yield f"{n}.bias", m.bias.detach()
     skip = tuple(f"{n}." for n in quant)
     for n, t in model.state_dict().items():
@@ -188,7 +196,7 @@ def export_gguf(
         raise ExportError(f"tensors without a GGUF name for architecture {gg.arch!r}: {unmapped[:5]}")
     plan, bad = [], []
     for n, obj in items:
-        if isinstance(obj, QuantLinear):
+        if isinstance(obj, _QUANT):
             found = exact_blocks(obj)
             if found is None and requant is None:
                 bad.append((n, obj.scheme.name))
@@ -221,9 +229,9 @@ def export_gguf(
             heads_attr = permute_heads_for(arch, n)
             order = None
             if heads_attr is not None:
-                rows = obj.out_features if isinstance(obj, QuantLinear) else obj.shape[0]
+                rows = obj.out_features if isinstance(obj, _QUANT) else obj.shape[0]
                 order = np.asarray(rope_row_order(rows, int(config_value(cfg, (heads_attr,)))))
-            if isinstance(obj, QuantLinear):
+            if isinstance(obj, _QUANT):
                 if found is not None:
                     bt, raw = found
                     rec = TensorRecord(gname, n, bt.name, True, raw.nbytes)
