@@ -185,10 +185,10 @@ def export_gguf(
     gg = arch.gguf
     from ..schemes import PRESETS
 
-    llama_act = PRESETS["gguf:Q8_0-act"]
-    if any(isinstance(m, QuantLinear) and m.activation_scheme not in (None, llama_act) for m in model.modules()):
+    llama_act = (None, PRESETS["gguf:Q8_0-act"], PRESETS["gguf:Q8_K-act"])
+    if any(isinstance(m, QuantLinear) and m.activation_scheme not in llama_act for m in model.modules()):
         raise ExportError("GGUF holds weight-only quantized models; llama.cpp quantizes activations itself. "
-                          "Export a weight-only model (or one with activation scheme gguf:Q8_0-act, llama.cpp's own "
+                          "Export a weight-only model (or one with activation schemes gguf:Q8_0-act / gguf:Q8_K-act, llama.cpp's own "
                           "rounding), or use --format compressed-tensors for W8A8")
     items = list(_model_tensors(model))
     unmapped = [n for n, _ in items if hf_to_gguf_name(arch, n) is None]

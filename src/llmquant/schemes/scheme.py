@@ -197,6 +197,9 @@ PRESETS: dict[str, QuantScheme] = {
     # evaluation compute what llama.cpp computes; GGUF export accepts it (llama.cpp applies it itself).
     "gguf:Q8_0-act": QuantScheme(bits=8, granularity="group", group_size=32, scale_dtype="float16",
                                  restricted_range=True, dynamic=True),
+    # ... and for k-quant weights (vec_dot_type Q8_K): blocks of 256, d = max|x| / 127 in float32
+    # (quantize_row_q8_K_ref: iscale = -127 / x_e)
+    "gguf:Q8_K-act": QuantScheme(bits=8, granularity="group", group_size=256, restricted_range=True, dynamic=True),
 }
 
 
