@@ -224,3 +224,24 @@ def test_q4_k_m_model_exports_exactly(tmp_path, tiny_bpe_tokenizer, monkeypatch)
     assert not any(t.name == "output.weight" for t in rep.tensors)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
     assert torch.allclose(_logits(hf), _logits(m), atol=1e-5, rtol=0)
+
+
+def test_cli_quantize_llama_cpp_mixture(tmp_path, tiny_folder, capsys, monkeypatch):
+    """`llmquant quantize --scheme gguf:Q4_K_M` applies the mixture for the loaded model (its width, 72, has
+    no whole 32-value block: llama.cpp keeps such tensors in fp16, so does the plan; down_proj, 160 wide, gets
+    Q4_K's fallback Q5_0 in layer 0, Q6_K's Q8_0 in layer 1 of 2: use_more_bits); other flags refused."""
+    import json
+
+    from test_cli import assert_one_line_error, run
+
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    rc, o, _ = run(capsys, "quantize", "--model", str(tiny_folder), "--scheme", "gguf:Q4_K_M", "-o", str(tmp_path / "q"))
+    assert rc == 0
+    man = json.loads((tmp_path / "q" / "llmquant.json").read_text())
+    assert man["plan"]["info"] == {"llama_cpp_mixture": "Q4_K_M"}
+    layers = dict(man["plan"]["layers"])
+    assert {v for k, v in layers.items() if "down_proj" not in k} == {"fp16"}
+    assert [layers[f"model.layers.{i}.mlp.down_proj"] for i in (0, 1)] == ["gguf:Q5_0", "gguf:Q8_0"]  # 160 wide
+    rc, _, err = run(capsys, "quantize", "--model", str(tiny_folder), "--scheme", "gguf:Q4_K_M", "--bits", "4",
+                     "-o", str(tmp_path / "c"))
+    assert_one_line_error(rc, err, "llama.cpp's per-tensor mixture")

@@ -63,12 +63,17 @@ def needs_calibration(cfg: QuantConfig) -> bool:
     return any(get_method(m).calibrated for m in cfg.methods)
 
 
+def is_llama_mixture(config) -> bool:
+    """True for the name of a llama.cpp per-tensor mixture (``"gguf:Q4_K_M"``, :data:`LLAMA_MIXTURES`)."""
+    return isinstance(config, str) and config.lower().startswith("gguf:") and config[5:].upper() in LLAMA_MIXTURES
+
+
 def resolve(config, model: nn.Module | None = None) -> QuantConfig:
     """A QuantConfig from anything ``quantize`` takes: a config, scheme, preset name or dict, or a
     mixed-precision Plan (or its dict or .json file), or, given the ``model``, a llama.cpp mixture name
     (``"gguf:Q4_K_M"``). A saved folder's recipe is read by :func:`llmquant.io.read_recipe`
     (``llmquant.quantize`` does it for a path)."""
-    if isinstance(config, str) and config.lower().startswith("gguf:") and config[5:].upper() in LLAMA_MIXTURES:
+    if is_llama_mixture(config):
         if model is None:
             raise SchemeError(f"{config} is llama.cpp's per-tensor mixture: it needs the model to choose each "
                               "tensor's type (quantize(model, ...) or llmquant.llama_cpp_plan(model, ...))")
