@@ -143,7 +143,6 @@ CASES = [
     (["quantize", *O, "--recipe", "{base}/nope"], "neither a preset nor an existing folder"),
     (["quantize", *O, "--recipe", "{emptydir}"], "holds no llmquant.json"),
     (["quantize", *O, "--recipe", "{tampered}"], "fails its manifest_sha256 check"),
-    (["quantize", *O, "--stream"], "stream=True takes a local Hugging Face folder"),
     (["quantize", "--model", "{afile}", *O], "is a file but not a .gguf"),
     (["quantize", "--model", "{emptydir}", *O], "not a model folder"),
     (["quantize", *T, "--targets", "model.nothing", *O], "targets name modules that do not exist"),
