@@ -99,7 +99,13 @@ def scale_from_absmax(amax: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
 
 
 def compute_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max (round-to-nearest) qparams; shapes (rows, groups) or (1, 1) for per-tensor."""
+    """Min-max (round-to-nearest) qparams; shapes (rows, groups) or (1, 1) for per-tensor. k-quant schemes
+    (two-level scales) search each group's scale and minimum as llama.cpp's quantizer does
+    (:func:`llmquant.schemes.kquant.search_qparams`)."""
+    if scheme.super_group is not None:
+        from .kquant import search_qparams
+
+        return search_qparams(_grouped(x.float(), scheme), scheme)
     xmin, xmax = minmax(x, scheme)
     return qparams_from_minmax(xmin, xmax, scheme)
 
