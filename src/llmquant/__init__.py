@@ -29,7 +29,7 @@ from . import io as _io
 from . import data as _data
 from .report import compare
 from .schemes import Plan
-from .flows.mixed import autocast, plan_mixed_precision, sensitivity, to_half
+from .flows.mixed import autocast, llama_cpp_plan, plan_mixed_precision, sensitivity, to_half
 from .runtime import generate
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
@@ -79,7 +79,7 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
         raise UsageError("resume=True continues an interrupted run writing an output: give output=")
     if isinstance(config, Path) or (isinstance(config, str) and ("/" in config or config.endswith(".json"))):
         config = _io.read_recipe(config)  # a saved folder's recipe, or a QuantConfig / plan JSON file
-    cfg = _flows.registry.resolve(config)
+    cfg = _flows.registry.resolve(config, model)
     limit = _io.shards.parse_size(max_memory, "max_memory")
     if limit is not None and not all(_flows.registry.get_method(m).streams for m in cfg.methods):
         from .errors import SchemeError
@@ -215,6 +215,7 @@ __all__ = [
     "GPTQParams",
     "Plan",
     "autocast",
+    "llama_cpp_plan",
     "plan_mixed_precision",
     "sensitivity",
     "to_half",

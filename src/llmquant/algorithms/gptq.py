@@ -125,6 +125,11 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
         pos_of = torch.empty(cols, dtype=torch.long, device=w.device)
         pos_of[orig] = torch.arange(cols, device=w.device)
         orig_list = orig.tolist()
+    if grouped and scheme.super_group is not None:
+        # two-level scales tie a super-block's groups together: fixed up front from the weights (RTN's grid),
+        # GPTQ then chooses the codes on it
+        scale, zero = compute_qparams(w, scheme)
+        done = [True] * ngroups
     # work on W^T (columns in processing order) so that a column is a contiguous row of memory: one copy
     wt = (w.T[perm] if perm is not None else w.T).contiguous()
     del w

@@ -139,6 +139,13 @@ def cmd_quantize(args) -> int:
             config = QuantConfig(method="plan", method_params=Plan.load(args.plan))
         else:
             config = llmquant.flows.registry.resolve(llmquant.io.read_recipe(recipe))
+    elif args.scheme and llmquant.flows.registry.is_llama_mixture(args.scheme):
+        rest = [f for f in ("bits", "group_size", "asym", "granularity", "targets", "observer", "alpha", "act_order",
+                            *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
+        if rest or args.ignore is not None or args.method != "rtn":
+            raise SchemeError(f"--scheme {args.scheme} is llama.cpp's per-tensor mixture (RTN onto each tensor's "
+                              f"type); leave out --method/--bits/... (got {', '.join(rest) or '--method/--ignore'})")
+        config = None  # made from the model once it is loaded
     else:
         config = config_from_args(args)
     _check_out(args.output, args.overwrite)
@@ -147,6 +154,8 @@ def cmd_quantize(args) -> int:
 
         raise CheckpointError(f"there is no interrupted run to resume for {args.output!r}; run without --resume")
     model, tok = llmquant.load_model(args.model, stream=args.stream)
+    if config is None:
+        config = llmquant.flows.registry.resolve(args.scheme, model)
     summary = llmquant.quantize(model, config, tokenizer=tok, output=args.output, overwrite=args.overwrite,
                                 shard_size=args.shard_size, max_memory=args.max_memory, resume=args.resume)
     if summary.resumed_after:

@@ -38,6 +38,9 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+#: llama.cpp file types that name a per-tensor mixture ("gguf:Q4_K_M"); "gguf:Q6_K" / "gguf:Q2_K" stay one
+#: scheme for every Linear (the mixtures of those names: :func:`llmquant.flows.mixed.llama_cpp_plan`)
+LLAMA_MIXTURES = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
 
 
 def register_method(method: Method) -> Method:
@@ -60,10 +63,23 @@ def needs_calibration(cfg: QuantConfig) -> bool:
     return any(get_method(m).calibrated for m in cfg.methods)
 
 
-def resolve(config) -> QuantConfig:
+def is_llama_mixture(config) -> bool:
+    """True for the name of a llama.cpp per-tensor mixture (``"gguf:Q4_K_M"``, :data:`LLAMA_MIXTURES`)."""
+    return isinstance(config, str) and config.lower().startswith("gguf:") and config[5:].upper() in LLAMA_MIXTURES
+
+
+def resolve(config, model: nn.Module | None = None) -> QuantConfig:
     """A QuantConfig from anything ``quantize`` takes: a config, scheme, preset name or dict, or a
-    mixed-precision Plan (or its dict or .json file). A saved folder's recipe is read by
-    :func:`llmquant.io.read_recipe` (``llmquant.quantize`` does it for a path)."""
+    mixed-precision Plan (or its dict or .json file), or, given the ``model``, a llama.cpp mixture name
+    (``"gguf:Q4_K_M"``). A saved folder's recipe is read by :func:`llmquant.io.read_recipe`
+    (``llmquant.quantize`` does it for a path)."""
+    if is_llama_mixture(config):
+        if model is None:
+            raise SchemeError(f"{config} is llama.cpp's per-tensor mixture: it needs the model to choose each "
+                              "tensor's type (quantize(model, ...) or llmquant.llama_cpp_plan(model, ...))")
+        from .mixed.llama_presets import llama_cpp_plan
+
+        config = llama_cpp_plan(model, config)
     if is_plan_like(config):
         from ..schemes import resolve_plan
 
@@ -75,11 +91,12 @@ def quantize(model: nn.Module, config="W4G128", *, calib=None, progress: bool = 
     """Quantize ``model`` in place with ``config`` and return a :class:`~llmquant.flows.QuantSummary`.
 
     ``config``: a :class:`QuantConfig` (its ``method`` picks the registered handler), a scheme or preset
-    name (RTN), a dict, or a mixed-precision Plan.
+    name (RTN), a dict, a mixed-precision Plan, or a llama.cpp mixture (``"gguf:Q4_K_M"``, ``"gguf:Q3_K_M"``,
+    ... : llama.cpp's per-tensor k-quant types for this model, see :mod:`llmquant.flows.mixed.llama_presets`).
     Calibrated methods take ``calib``: token ids (windows, seq_len) or float inputs (n, ...);
     :func:`llmquant.quantize` makes them from text.
     """
-    cfg = resolve(config)
+    cfg = resolve(config, model)
     methods = [get_method(m) for m in cfg.methods]
     if getattr(model, "llmquant_layer_source", None) is not None and not all(m.streams for m in methods):
         raise SchemeError(f"method {cfg.method!r} needs the whole model in memory; load it without stream=True "

@@ -11,7 +11,8 @@ types) and computes, in float32::
     Q5_1  x = u * d + m        u 5-bit                 24 bytes
 
 (ggml-quants.c, ``dequantize_row_*``; the ``gguf`` package's ``gguf.quants`` does the same in numpy.)
-:func:`exact_blocks` finds the smallest type whose values equal a QuantLinear's ``dequantize_weight()``
+The k-quant super-block types Q2_K .. Q6_K (256 values, two-level scales) are listed here too and encoded
+by :mod:`llmquant.io.ggml_kquants`. :func:`exact_blocks` finds the smallest type whose values equal a QuantLinear's ``dequantize_weight()``
 bit for bit and proves it by decoding with ``gguf.quants.dequantize``.
 """
 
@@ -22,7 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-QK = 32  # values per block for every type here
+from . import ggml_kquants as kq
+
+QK = 32  # values per block of the Q*_0 / Q*_1 / Q8_0 types
+QK_K = kq.QK_K  # values per k-quant super-block
 
 
 @dataclass(frozen=True)
@@ -34,18 +38,28 @@ class BlockType:
     code_max: int
     preset: str  # the llmquant scheme preset that quantizes onto this grid
     bytes_per_block: int
+    block_values: int = QK  # values per block (256 for the k-quants)
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * self.bytes_per_block / QK
+        return 8 * self.bytes_per_block / self.block_values
+
+    @property
+    def kquant(self) -> bool:
+        return self.block_values == QK_K
 
 
 #: Ordered by size: :func:`exact_blocks` takes the first that represents a layer exactly.
 BLOCK_TYPES: tuple[BlockType, ...] = (
+    BlockType("Q2_K", 2, True, 0, 3, "gguf:Q2_K", 84, QK_K),
+    BlockType("Q3_K", 3, False, -4, 3, "gguf:Q3_K", 110, QK_K),
     BlockType("Q4_0", 4, False, -8, 7, "gguf:Q4_0", 18),
+    BlockType("Q4_K", 4, True, 0, 15, "gguf:Q4_K", 144, QK_K),
     BlockType("Q4_1", 4, True, 0, 15, "gguf:Q4_1", 20),
     BlockType("Q5_0", 5, False, -16, 15, "gguf:Q5_0", 22),
+    BlockType("Q5_K", 5, True, 0, 31, "gguf:Q5_K", 176, QK_K),
     BlockType("Q5_1", 5, True, 0, 31, "gguf:Q5_1", 24),
+    BlockType("Q6_K", 6, False, -32, 31, "gguf:Q6_K", 210, QK_K),
     BlockType("Q8_0", 8, False, -128, 127, "gguf:Q8_0", 34),
 )
 BY_NAME = {b.name: b for b in BLOCK_TYPES}
@@ -75,7 +89,7 @@ def _qh(u: np.ndarray) -> np.ndarray:
 
 
 def encode(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, bt: BlockType) -> np.ndarray:
-    """Bytes (rows, K/32 * bytes_per_block) from codes (rows, K) — signed ``c`` for Q*_0, unsigned ``u``
+    """Bytes (rows, K/32 * bytes_per_block) of a 32-value block type from codes (rows, K) — signed ``c`` for Q*_0, unsigned ``u``
     for Q*_1 — and per-block fp16 ``d`` (rows, K/32) and ``m`` (Q*_1 only)."""
     rows, k = codes.shape
     c = codes.reshape(-1, QK).astype(np.int32)
@@ -93,8 +107,15 @@ def encode(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, bt: BlockType
 
 
 def decode(raw: np.ndarray, bt: BlockType, k: int):
-    """Inverse of :func:`encode`: codes (rows, K) int16, d (rows, K/32) fp16, m or None."""
+    """Inverse of :func:`encode`: codes (rows, K) int16, d (rows, K/32) fp16, m or None. For the k-quants:
+    codes, the float32 group scales ``d * sc`` and minima ``-(dmin * mc)`` (or None), (rows, K / group)."""
     rows = raw.shape[0]
+    if bt.kquant:
+        kt = kq.KTYPES[bt.name]
+        u, d, sc, dmin, mc = kq.decode(raw, kt)
+        scale = (d[:, None] * sc.astype(np.float32)).reshape(rows, -1)
+        m = None if dmin is None else -(dmin[:, None] * mc.astype(np.float32)).reshape(rows, -1)
+        return (u - kt.code_offset).astype(np.int16).reshape(rows, k), scale, m
     b = raw.reshape(-1, bt.bytes_per_block)
     d = b[:, 0:2].copy().view(np.float16).reshape(rows, -1)
     pos = 2
@@ -131,6 +152,8 @@ def _fp16_exact(t: torch.Tensor) -> bool:
 def candidate_blocks(module, bt: BlockType) -> np.ndarray | None:
     """The bytes that would hold ``module``'s weights in ``bt`` if its grid maps onto that type's grid
     (group size 32, fp16-representable parameters, codes in range), else None. Not yet verified."""
+    if bt.kquant:
+        return _kquant_candidate(module, kq.KTYPES[bt.name])
     s = module.scheme
     k = module.in_features
     if s.granularity != "group" or s.group_size != QK or k % QK:
@@ -158,6 +181,28 @@ def candidate_blocks(module, bt: BlockType) -> np.ndarray | None:
     if int(c.min()) < bt.code_min or int(c.max()) > bt.code_max:
         return None
     return encode(c.numpy(), scale.numpy(), None, bt)
+
+
+def _kquant_candidate(module, kt: kq.KType) -> np.ndarray | None:
+    """Super-block bytes for ``module`` if its codes and group scales lie on ``kt``'s grid, else None."""
+    s = module.scheme
+    k, rows = module.in_features, module.out_features
+    if s.granularity != "group" or s.group_size != kt.group or k % QK_K or s.bits != kt.bits:
+        return None
+    if kt.offset != (not s.symmetric) or (kt.offset and s.zero_point != "min") or s.qmin != -kt.code_offset:
+        return None
+    u = (module.codes().to(torch.int32) - s.qmin).numpy().reshape(-1, QK_K)
+    split = kq.split_scales(module.scale.float().numpy().reshape(-1, kt.n_sub), *kt.sc_range)
+    if split is None:
+        return None
+    d, sc = split
+    dmin = mc = None
+    if kt.offset:
+        minima = kq.split_scales(-module.zero_point().float().numpy().reshape(-1, kt.n_sub), *kt.sc_range)
+        if minima is None:
+            return None
+        dmin, mc = minima
+    return kq.encode(u, d, sc, dmin, mc, kt).reshape(rows, -1)
 
 
 def exact_blocks(module, types: tuple[BlockType, ...] = BLOCK_TYPES) -> tuple[BlockType, np.ndarray] | None:

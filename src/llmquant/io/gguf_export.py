@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ExportError, OutputExistsError
 from ..models import arch_for, config_value, hf_to_gguf_name, model_types_with, permute_heads_for, rope_row_order
-from ..modules import QuantLinear
+from ..modules import QuantEmbedding, QuantLinear
 from ..schemes import sqnr_db
 from .ggml_blocks import BLOCK_TYPES, BY_NAME, REQUANT_TYPES, dequantize_bytes, exact_blocks, ggml_type
 from .gguf_tokenizer import add_tokenizer
@@ -118,19 +118,28 @@ def _unmappable_message(names: list[tuple[str, str]]) -> str:
     maps = ", ".join(f"{b.preset} -> {b.name}" for b in BLOCK_TYPES)
     return (
         f"{len(names)} quantized layer(s) have no exact GGUF block type: {shown}. GGUF holds blocks of 32 "
-        f"values with fp16 scales; schemes that map exactly: {maps} (any symmetric or asymmetric scheme "
+        f"values with fp16 scales, or super-blocks of 256 with two-level scales (k-quants, input width a "
+        f"multiple of 256); schemes that map exactly: {maps} (any symmetric or asymmetric scheme "
         f"with group size 32, scale_dtype float16 and at most 5 or 8 bits maps too). Quantize with one of "
         f"those, or re-quantize with --requant TYPE ({', '.join(REQUANT_TYPES)}) to accept a measured extra error"
     )
 
 
+_QUANT = (QuantLinear, QuantEmbedding)  # packed modules written as GGML blocks
+
+
 def _model_tensors(model: nn.Module):
-    """(hf_name, QuantLinear or float tensor) for every parameter/buffer to write; tied copies once."""
+    """(hf_name, QuantLinear / QuantEmbedding or float tensor) for every parameter/buffer to write; tied
+    copies once (a quantized head sharing a QuantEmbedding's tensors is written as the embedding: llama.cpp
+    reads a missing output.weight from token_embd.weight)."""
     seen: set[int] = set()
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    shared = {id(m.qweight) for m in quant.values() if isinstance(m, QuantEmbedding)}
     for n, m in quant.items():
+        if isinstance(m, QuantLinear) and id(m.qweight) in shared:
+            continue
         yield f"{n}.weight", m
-        if m.bias is not None:
+        if getattr(m, "bias", None) is not None:
             yield f"{n}.bias", m.bias.detach()
     skip = tuple(f"{n}." for n in quant)
     for n, t in model.state_dict().items():
@@ -176,10 +185,10 @@ def export_gguf(
     gg = arch.gguf
     from ..schemes import PRESETS
 
-    llama_act = PRESETS["gguf:Q8_0-act"]
-    if any(isinstance(m, QuantLinear) and m.activation_scheme not in (None, llama_act) for m in model.modules()):
+    llama_act = (None, PRESETS["gguf:Q8_0-act"], PRESETS["gguf:Q8_K-act"])
+    if any(isinstance(m, QuantLinear) and m.activation_scheme not in llama_act for m in model.modules()):
         raise ExportError("GGUF holds weight-only quantized models; llama.cpp quantizes activations itself. "
-                          "Export a weight-only model (or one with activation scheme gguf:Q8_0-act, llama.cpp's own "
+                          "Export a weight-only model (or one with activation schemes gguf:Q8_0-act / gguf:Q8_K-act, llama.cpp's own "
                           "rounding), or use --format compressed-tensors for W8A8")
     items = list(_model_tensors(model))
     unmapped = [n for n, _ in items if hf_to_gguf_name(arch, n) is None]
@@ -187,7 +196,7 @@ def export_gguf(
         raise ExportError(f"tensors without a GGUF name for architecture {gg.arch!r}: {unmapped[:5]}")
     plan, bad = [], []
     for n, obj in items:
-        if isinstance(obj, QuantLinear):
+        if isinstance(obj, _QUANT):
             found = exact_blocks(obj)
             if found is None and requant is None:
                 bad.append((n, obj.scheme.name))
@@ -220,9 +229,9 @@ def export_gguf(
             heads_attr = permute_heads_for(arch, n)
             order = None
             if heads_attr is not None:
-                rows = obj.out_features if isinstance(obj, QuantLinear) else obj.shape[0]
+                rows = obj.out_features if isinstance(obj, _QUANT) else obj.shape[0]
                 order = np.asarray(rope_row_order(rows, int(config_value(cfg, (heads_attr,)))))
-            if isinstance(obj, QuantLinear):
+            if isinstance(obj, _QUANT):
                 if found is not None:
                     bt, raw = found
                     rec = TensorRecord(gname, n, bt.name, True, raw.nbytes)
@@ -266,7 +275,8 @@ def export_gguf(
 
 
 _FTYPE = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
-          "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0"}
+          "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K",
+          "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
 
 
 def _file_type(report: GGUFExportReport) -> int:

@@ -2,10 +2,12 @@
 
 ``load_gguf_packed(path)`` builds the model through transformers (config, tokenizer, float tensors such as
 norms and embeddings, dequantized) and then replaces every linear whose GGUF tensor is a block type
-llmquant holds exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; see :mod:`llmquant.io.ggml_blocks`) by a QuantLinear
-built from the file's own codes and fp16 scales / minima, undoing llama.cpp's q/k row permutation. Each
-imported layer's ``dequantize_weight()`` is checked to equal transformers' dequantized weight bit for bit.
-Linears stored in other types (K-quants, IQ, F16...) stay float, with a log line saying so. The
+llmquant holds exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the k-quants Q2_K .. Q6_K; see
+:mod:`llmquant.io.ggml_blocks`) by a QuantLinear built from the file's own codes and scales / minima (for
+k-quants the float32 products of the fp16 super-scales and the integer group scales), undoing llama.cpp's
+q/k row permutation. Each imported layer's ``dequantize_weight()`` is checked to equal transformers'
+dequantized weight bit for bit. Linears stored in other types (IQ*, F16...) stay float, with a log line
+saying so. The
 embedding stays float (llmquant quantizes linears only), so a tied lm_head stays tied.
 """
 

@@ -66,6 +66,10 @@ def qparams_from_minmax(
     xmin: torch.Tensor, xmax: torch.Tensor, scheme: QuantScheme
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point from ranges. Zero is None for symmetric schemes."""
+    if scheme.super_group is not None:  # llama.cpp k-quants: two-level scales
+        from .kquant import kquant_qparams
+
+        return kquant_qparams(xmin.float(), xmax.float(), scheme)
     sdt = scale_torch_dtype(scheme)
     if scheme.symmetric:
         if scheme.signed_scale:
@@ -95,7 +99,13 @@ def scale_from_absmax(amax: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
 
 
 def compute_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max (round-to-nearest) qparams; shapes (rows, groups) or (1, 1) for per-tensor."""
+    """Min-max (round-to-nearest) qparams; shapes (rows, groups) or (1, 1) for per-tensor. k-quant schemes
+    (two-level scales) search each group's scale and minimum as llama.cpp's quantizer does
+    (:func:`llmquant.schemes.kquant.search_qparams`)."""
+    if scheme.super_group is not None:
+        from .kquant import search_qparams
+
+        return search_qparams(_grouped(x.float(), scheme), scheme)
     xmin, xmax = minmax(x, scheme)
     return qparams_from_minmax(xmin, xmax, scheme)
 

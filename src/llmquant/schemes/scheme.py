@@ -46,6 +46,11 @@ class QuantScheme:
     # x_e lands exactly on qmin = -2^(b-1) and the full grid is used on that side (llama.cpp Q4_0 / Q5_0:
     # d = x_e / -8); scales may then be negative
     signed_scale: bool = False
+    # two-level scales (llama.cpp k-quants, see :mod:`llmquant.schemes.kquant`): every ``super_group`` values
+    # share an fp16 super-scale ``d`` (and ``dmin`` for float minima), and each group's scale (and minimum) is
+    # ``d`` times an integer of ``sub_scale_bits`` bits (signed for symmetric schemes, unsigned for minima)
+    super_group: int | None = None
+    sub_scale_bits: int | None = None
     version: int = SCHEME_VERSION
 
     def __post_init__(self) -> None:
@@ -81,6 +86,23 @@ class QuantScheme:
                 raise SchemeError(f"rotation must be a power of two >= 2 (a Hadamard block size), got {r!r}")
         if self.signed_scale and (not self.symmetric or self.restricted_range):
             raise SchemeError("signed_scale applies to symmetric schemes on the full grid (not restricted_range)")
+        if (self.super_group is None) != (self.sub_scale_bits is None):
+            raise SchemeError("super_group and sub_scale_bits go together (two-level scales need both)")
+        if self.super_group is not None:
+            sg, sb = self.super_group, self.sub_scale_bits
+            if self.granularity != "group" or self.dynamic:
+                raise SchemeError("two-level scales (super_group) apply to grouped weight schemes only")
+            if isinstance(sg, bool) or not isinstance(sg, int) or sg < 1 or sg % self.group_size:
+                raise SchemeError(f"super_group must be a positive multiple of the group size "
+                                  f"{self.group_size}, got {sg!r}")
+            if isinstance(sb, bool) or not isinstance(sb, int) or not 2 <= sb <= 8:
+                raise SchemeError(f"sub_scale_bits must be an integer from 2 to 8, got {sb!r}")
+            if not self.symmetric and self.zero_point != "min":
+                raise SchemeError("asymmetric two-level scales keep a float minimum: use zero_point 'min'")
+            if self.scale_dtype != "float32":
+                raise SchemeError("two-level scales are stored as float32 products d * sc: use scale_dtype float32")
+            if self.restricted_range:
+                raise SchemeError("two-level scales use the full grid (not restricted_range)")
         if self.version != SCHEME_VERSION:
             raise SchemeError(f"scheme version {self.version} is not supported (this llmquant reads {SCHEME_VERSION})")
 
@@ -103,7 +125,8 @@ class QuantScheme:
             s = "-r" if self.restricted_range else ("-sgn" if self.signed_scale else "")
         else:
             s = {"int": "-asym", "float": "-asymf", "min": "-asymm"}[self.zero_point]
-        return f"int{self.bits}{g}{s}"
+        k = "" if self.super_group is None else f"-s{self.super_group}x{self.sub_scale_bits}"
+        return f"int{self.bits}{g}{s}{k}"
 
     def num_groups(self, in_features: int) -> int:
         if self.granularity == "group":
@@ -160,11 +183,23 @@ PRESETS: dict[str, QuantScheme] = {
     "gguf:Q4_1": _w(4, 32, sym=False, zero_point="min", scale_dtype="float16"),
     "gguf:Q5_0": _w(5, 32, scale_dtype="float16", signed_scale=True),
     "gguf:Q5_1": _w(5, 32, sym=False, zero_point="min", scale_dtype="float16"),
+    # llama.cpp k-quants (super-blocks of 256 values, ggml-common.h): group scales (and minima) are an fp16
+    # super-scale d (dmin) times a small integer; Q4_K / Q5_K: groups of 32, x = (d sc) q - dmin m, sc and m
+    # 6-bit; Q6_K: groups of 16, x = (d sc) c, c in [-32, 31], sc int8; Q3_K: groups of 16, c in [-4, 3],
+    # sc in [-32, 31]; Q2_K: groups of 16, q in [0, 3], sc and m 4-bit.
+    "gguf:Q2_K": _w(2, 16, sym=False, zero_point="min", super_group=256, sub_scale_bits=4),
+    "gguf:Q3_K": _w(3, 16, signed_scale=True, super_group=256, sub_scale_bits=6),
+    "gguf:Q4_K": _w(4, 32, sym=False, zero_point="min", super_group=256, sub_scale_bits=6),
+    "gguf:Q5_K": _w(5, 32, sym=False, zero_point="min", super_group=256, sub_scale_bits=6),
+    "gguf:Q6_K": _w(6, 16, signed_scale=True, super_group=256, sub_scale_bits=8),
     # activations as llama.cpp's CPU matmul rounds them for Q4_0/Q5_0/Q8_0 weights (vec_dot_type Q8_0): per
     # token, blocks of 32, d = max|x| / 127 in fp16. As QuantConfig(activation=...) it makes llmquant's own
     # evaluation compute what llama.cpp computes; GGUF export accepts it (llama.cpp applies it itself).
     "gguf:Q8_0-act": QuantScheme(bits=8, granularity="group", group_size=32, scale_dtype="float16",
                                  restricted_range=True, dynamic=True),
+    # ... and for k-quant weights (vec_dot_type Q8_K): blocks of 256, d = max|x| / 127 in float32
+    # (quantize_row_q8_K_ref: iscale = -127 / x_e)
+    "gguf:Q8_K-act": QuantScheme(bits=8, granularity="group", group_size=256, restricted_range=True, dynamic=True),
 }
 
 

@@ -1,0 +1,110 @@
+"""k-quant GGUF files of the default model, every figure computed by llama.cpp itself (the prebuilt wheel
+cyllama) in one run: llama.cpp's own Q4_K_M (its quantizer, from an F32 export of the same fp32 model)
+against llmquant's files on the same mixture (``gguf:Q4_K_M``: llama.cpp's per-tensor types) made by RTN
+and by GPTQ, plus uniform Q6_K-where-possible rows. KL(p_fp32 || p_file) over the predicted positions of
+the standard evaluation windows; the fp32 reference is llmquant's own fp32 model (transformers).
+
+    PYTHONPATH=src python benchmarks/bench_kquants.py [--windows 8] [--calib 32] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import llmquant
+from llmquant.data.text import token_windows
+from llmquant.eval.llama_cpp import llama_cpp_logits
+
+
+def _kl_nll(ref_logp: list[torch.Tensor], ids: torch.Tensor, logits: list[np.ndarray]) -> tuple[float, float, float]:
+    kl = nll = agree = 0.0
+    n = 0
+    for w, rl, lg in zip(ids, ref_logp, logits):
+        logp = F.log_softmax(torch.from_numpy(lg[:-1]).double(), -1)
+        kl += float(F.kl_div(logp, rl, log_target=True, reduction="sum"))
+        nll += float(F.nll_loss(logp, w[1:], reduction="sum"))
+        agree += float((rl.argmax(-1) == logp.argmax(-1)).sum())
+        n += w.numel() - 1
+    return kl / n, float(np.exp(nll / n)), agree / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--calib", type=int, default=32, help="GPTQ calibration windows (512 tokens each)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--work", default="/tmp/llmquant-bench-kquants")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    model, tok = llmquant.load_model()
+    ids = token_windows(tok, None, args.windows)
+    with torch.no_grad():
+        ref = [F.log_softmax(model(w[None]).logits[0, :-1].double(), -1) for w in ids]
+
+    rows = []
+
+    def measure(label: str, path: Path, notes: str = "") -> None:
+        t0 = time.perf_counter()
+        logits = [llama_cpp_logits(path, w.tolist(), threads=args.threads) for w in ids]
+        kl, ppl, top1 = _kl_nll(ref, ids, logits)
+        rows.append({"file": label, "mb": path.stat().st_size / 1e6, "kl": kl, "ppl": ppl, "top1": top1,
+                     "llama_cpp_seconds": time.perf_counter() - t0, "notes": notes})
+        print(json.dumps(rows[-1]), flush=True)
+
+    # llama.cpp's own quantizer, from the same fp32 weights
+    f32 = work / "f32.gguf"
+    llmquant.export(model, tok, f32, float_type="F32", overwrite=True, progress=False)
+    import cyllama.llama.llama_cpp as cpp
+
+    for name, ftype in (("Q4_K_M", 15), ("Q6_K", 18)):
+        p = cpp.LlamaModelQuantizeParams()
+        p.ftype, p.nthread = ftype, args.threads
+        out = work / f"llamacpp-{name}.gguf"
+        cpp.model_quantize(str(f32), str(out), p)
+        measure(f"llama.cpp {name} (llama_model_quantize)", out)
+
+    for mixture in ("gguf:Q4_K_M",):
+        for method in ("rtn", "gptq"):
+            m, _ = llmquant.load_model()
+            plan = llmquant.llama_cpp_plan(m, mixture)
+            if method == "rtn":
+                llmquant.quantize(m, plan, progress=False)
+            else:  # GPTQ onto each decoder linear's planned grid (one pass per grid), then the plan's head
+                from llmquant.schemes.methods import CalibSpec
+
+                layers = plan.to_dict()["layers"]
+                for fmt in sorted({v for k, v in layers.items() if ".layers." in k}):
+                    names = tuple(k for k, v in layers.items() if v == fmt and ".layers." in k)
+                    cfg = llmquant.QuantConfig(method="gptq", weight=fmt, targets=names,
+                                               calibration=CalibSpec(samples=args.calib))
+                    t0 = time.perf_counter()
+                    llmquant.quantize(m, cfg, tokenizer=tok, progress=False)
+                    print(f"gptq {fmt}: {len(names)} linears, {time.perf_counter() - t0:.0f} s", flush=True)
+                head = {k: v for k, v in layers.items() if ".layers." not in k}
+                llmquant.quantize(m, plan.__class__.from_layers(head), progress=False)
+            out = work / f"llmquant-{method}-{mixture[5:]}.gguf"
+            rep = llmquant.export(m, tok, out, overwrite=True, progress=False)
+            measure(f"llmquant {method.upper()} -> {mixture}", out, f"types {rep.type_counts()}")
+
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "kquants.json").write_text(json.dumps({"windows": args.windows, "rows": rows}, indent=1))
+    lines = ["| file | MB | KL in llama.cpp | ppl | top-1 | notes |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['file']} | {r['mb']:.1f} | {r['kl']:.4f} | {r['ppl']:.3f} | {r['top1']:.3f} | {r['notes']} |"
+              for r in rows]
+    (outdir / "kquants.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
