@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 def _pytest_counts(test_file: str) -> tuple[int, int]:
     """(passed, failed) of one test file."""
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / test_file)],
+    p = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / test_file)],
                        capture_output=True, text=True, cwd=ROOT)
     tail = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-300:]
     passed = int(m.group(1)) if (m := re.search(r"(\d+) passed", tail)) else 0
