@@ -30,6 +30,7 @@ CONFIGS = [
     ("awq W4G64", {"weight": "W4G64", "method": "awq"}),
     ("rtn W3G32", {"weight": "W3G32"}),
     ("gptq W3G32", {"weight": "W3G32", "method": "gptq"}),
+    ("qat W4G64", {"weight": "W4G64", "method": "qat"}),  # params from --qat-minutes (see main)
 ]
 
 
@@ -37,6 +38,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tasks.json"))
     ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--configs", nargs="*", help="only these configs (fp32 is always measured)")
+    ap.add_argument("--qat-minutes", type=float, default=12.0,
+                    help="QAT: 300 steps of 2 x 128 tokens (lr 5e-5, MSE init, KL distillation), at most this long")
     a = ap.parse_args()
     import logging
 
@@ -55,9 +59,14 @@ def main() -> None:
     ref = ReferenceLogits(base, ids, progress=False)
     rows = []
     for name, cfg in CONFIGS:
+        if cfg is not None and a.configs and name not in a.configs:
+            continue
         t = time.perf_counter()
         m = base if cfg is None else copy.deepcopy(base)
         if cfg is not None:
+            if cfg.get("method") == "qat":
+                cfg = {**cfg, "method_params": llmquant.QATParams(steps=300, seq_len=128, batch=2, lr=5e-5,
+                                                                  max_seconds=60 * a.qat_minutes)}
             llmquant.quantize(m, llmquant.QuantConfig(**cfg), progress=False)
         qs = time.perf_counter() - t
         ev = llmquant.evaluate(m, ref, windows=a.windows, progress=False)
