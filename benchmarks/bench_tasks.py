@@ -78,15 +78,18 @@ def main() -> None:
             del m
     q = [r for r in rows if r["config"] != "fp32"]
     acc_key = next(k for k in q[0] if k.startswith("acc") and "norm" not in k and "stderr" not in k)
-    res = {"rows": rows, "spearman_kl_vs_accuracy": spearman([-r["kl"] for r in q], [r[acc_key] for r in q]),
+    rho = spearman([-r["kl"] for r in q], [r[acc_key] for r in q]) if len(q) >= 3 else None
+    res = {"rows": rows, "spearman_kl_vs_accuracy": rho,
            "accuracy_metric": acc_key, "windows": a.windows, "torch": torch.__version__}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    out = Path(a.out) if not a.configs else Path(a.out).with_name("tasks_" + "_".join(a.configs).replace(" ", "-") + ".json")
+    out.write_text(json.dumps(res, indent=1))
     keys = [k for k in rows[0] if k not in ("config", "quantize_s")]
     print("| config | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for r in rows:
         print(f"| {r['config']} | " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
-    print(f"Spearman(-KL, {acc_key}) over the quantized configs: {res['spearman_kl_vs_accuracy']:.3f}")
+    if rho is not None:
+        print(f"Spearman(-KL, {acc_key}) over the quantized configs: {rho:.3f}")
 
 
 if __name__ == "__main__":
