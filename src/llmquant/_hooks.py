@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.abc
+import logging
 import importlib.machinery
 import sys
 from typing import Callable
@@ -24,7 +25,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             exec_module(module)
             sys.modules[name] = module  # the callbacks import it by name
             for fn in _pending.pop(name, []):
-                fn()
+                try:
+                    fn()
+                except Exception as e:  # a registration that fails must not break the user's import
+                    logging.getLogger("llmquant").warning("llmquant could not register with %s: %s", name, e)
 
         spec.loader.exec_module = exec_then_run
         return spec
