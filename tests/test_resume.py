@@ -54,7 +54,8 @@ def reference(ckpt, tmp_path_factory):
 
 
 # kill -9 at: the end of layer 1's checkpoint; inside layer 2's tensors (the 40th tensor written); a shard
-# finished but its data file not yet removed; the final save (every layer done)
+# finished but its data file not yet removed; the final save (every layer done); half-way through giving the
+# shards their final names
 KILL_SCRIPT = """
 import json, os, signal, sys, torch, llmquant
 import llmquant.io.shards as sh, llmquant.io.output as out
@@ -84,6 +85,14 @@ elif kind == "shard":
             hit()
         return orig_unlink(p, *a, **k)
     os.unlink = patched
+elif kind == "close":  # the shards are being given their final names
+    orig_replace = os.replace
+    def patched(a, b, *r, **k):
+        out = orig_replace(a, b, *r, **k)
+        if os.path.basename(str(b)).startswith("model-"):
+            hit()
+        return out
+    os.replace = patched
 elif kind == "finish":
     orig = out.OutputFolder._complete
     def patched(self, *a):
@@ -105,14 +114,14 @@ def _killed_run(ckpt, out, point, cfg):
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
 
 
-@pytest.mark.parametrize("point", ["checkpoint:2", "add:40", "shard:3", "finish:1"])
+@pytest.mark.parametrize("point", ["checkpoint:2", "add:40", "shard:3", "finish:1", "close:2"])
 def test_kill_and_resume_is_identical(ckpt, reference, tmp_path, point):
     ref_out, ref_summary, ref_logits = reference
     out = tmp_path / "out"
     _killed_run(ckpt, out, point, GPTQ)
     assert not out.exists() and (tmp_path / ".out.partial").is_dir()
     m, s = _run(ckpt, out, GPTQ, resume=True)
-    assert s.resumed_after == {"checkpoint:2": 2, "add:40": 2, "shard:3": 1, "finish:1": 4}[point]
+    assert s.resumed_after == {"checkpoint:2": 2, "add:40": 2, "shard:3": 1, "finish:1": 4, "close:2": 4}[point]
     assert _tensors(out) == _tensors(ref_out)
     assert [r.__dict__ for r in s.layers] == [r.__dict__ for r in ref_summary.layers]
     assert s.layer_errors == ref_summary.layer_errors

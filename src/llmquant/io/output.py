@@ -322,7 +322,6 @@ class OutputFolder:
         del tensors
         self.aliases.update(aliases)
         entries = self.writer.close()
-        shutil.rmtree(self.tmp / RESUME_DIR, ignore_errors=True)
         _write_side_files(model, tokenizer, self.tmp)
         qcfg = getattr(model, "llmquant_config", None)
         cfg = getattr(model, "config", None)
@@ -348,6 +347,7 @@ class OutputFolder:
         write_model_card(self.tmp, manifest, self.out.name)
         from .shards import swap_in
 
+        shutil.rmtree(self.tmp / RESUME_DIR, ignore_errors=True)  # the checkpoint lasts until the folder is whole
         swap_in(self.tmp, self.out)
         self.done = True
 

@@ -237,6 +237,11 @@ class ShardWriter:
         w = cls(folder, shard_bytes)
         w.files, w.weight_map, w.entries = list(state["files"]), dict(state["weight_map"]), dict(state["entries"])
         n = len(w.files)
+        for f in [*w.folder.glob("model-*-of-*.safetensors"), w.folder / SINGLE]:  # a kill inside close():
+            if f.is_file():  # the shards get their working names back
+                i = 0 if f.name == SINGLE else int(f.name[len("model-"):].split("-")[0]) - 1
+                os.replace(f, w.folder / f".shard-{i:05d}.safetensors")
+        (w.folder / INDEX).unlink(missing_ok=True)
         for f in w.folder.glob(".shard-*"):
             idx = int(f.name[len(".shard-"):].split(".")[0])
             if idx > n or (idx == n and state["part"] is None):
