@@ -43,6 +43,18 @@ class GGUFImport:
         return dict(Counter(self.packed.values()))
 
 
+def hf_row_order(rows: np.ndarray, arch, hf_name: str, config) -> np.ndarray:
+    """``rows`` of tensor ``hf_name`` as a GGUF file stores them, in Hugging Face's order: llama.cpp's
+    converter reorders q/k rows for its rope layout (GGUF row r holds HF row ``order[r]``)."""
+    attr = permute_heads_for(arch, hf_name)
+    if attr is None:
+        return rows
+    order = np.asarray(rope_row_order(rows.shape[0], int(config_value(config, (attr,)))))
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
+
+
 def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer, GGUFImport)`` with the GGUF file's quantized linears packed (default: the default
     model's Q4_1 file)."""
@@ -76,13 +88,7 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
         if t.n_elements != lin.in_features * lin.out_features:
             raise CorruptFileError(f"{gpath}: tensor {t.name} holds {t.n_elements} values, the model's {mod_name} "
                                    f"needs {lin.out_features} x {lin.in_features}")
-        raw = np.asarray(t.data).reshape(lin.out_features, -1)
-        attr = permute_heads_for(arch, hf)
-        if attr is not None:  # GGUF row r holds HF row order[r]
-            order = np.asarray(rope_row_order(lin.out_features, int(config_value(model.config, (attr,)))))
-            unperm = np.empty_like(raw)
-            unperm[order] = raw
-            raw = unperm
+        raw = hf_row_order(np.asarray(t.data).reshape(lin.out_features, -1), arch, hf, model.config)
         q = module_from_blocks(raw, tname, lin.in_features, bias=None if lin.bias is None else lin.bias.detach())
         if not torch.equal(q.dequantize_weight(torch.float32), lin.weight.detach().float()):
             mismatched.append(mod_name)
@@ -150,12 +156,6 @@ class GGUFCheckpoint:
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CorruptFileError(f"{self.path}: tensor {t.name} cannot be read ({e})") from None
-        attr = permute_heads_for(self.arch, name)
-        if attr is not None:  # GGUF row r holds HF row order[r]
-            order = np.asarray(rope_row_order(shape[0], int(config_value(self.config, (attr,)))))
-            unperm = np.empty_like(arr)
-            unperm[order] = arr
-            arr = unperm
-        arr = np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(hf_row_order(arr, self.arch, name, self.config))
         out = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 data is a view of the mapped file
         return out.to(dtype) if dtype is not None else out

@@ -86,12 +86,12 @@ def _fingerprint(path: Path, samples: int = 16, block: int = 1 << 16) -> str:
 
     st = path.stat()
     h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())
+    reads = [(0, 1 << 20), (max(st.st_size - (1 << 20), 0), 1 << 20)]
+    reads += [(st.st_size * k // (samples + 1), block) for k in range(1, samples + 1)]
     with open(path, "rb") as f:
-        offsets = [0, max(st.st_size - (1 << 20), 0)]
-        offsets += [st.st_size * k // (samples + 1) for k in range(1, samples + 1)]
-        for off in offsets:
-            f.seek(off)
-            h.update(f.read(1 << 20 if off in offsets[:2] else block))
+        for offset, size in reads:
+            f.seek(offset)
+            h.update(f.read(size))
     return h.hexdigest()[:16]
 
 
@@ -104,7 +104,9 @@ def gguf_tokenizer(gguf: Path):
     seconds) and cached beside it."""
     from transformers import AutoTokenizer
 
-    for cached in (_gguf_cache(gguf), _gguf_cache(gguf).with_name(_gguf_cache(gguf).name + "-tokenizer")):
+    full = _gguf_cache(gguf)  # the whole model's conversion, when a load made one
+    own = full.with_name(full.name + "-tokenizer")
+    for cached in (full, own):
         if (cached / "tokenizer_config.json").is_file():
             try:
                 return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
@@ -113,7 +115,7 @@ def gguf_tokenizer(gguf: Path):
     with wrap_gguf_errors(gguf, "reading its tokenizer"):
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     try:
-        tok.save_pretrained(str(cached))
+        tok.save_pretrained(str(own))
     except OSError as e:
         log.warning("could not cache the converted tokenizer: %s", e)
     return tok

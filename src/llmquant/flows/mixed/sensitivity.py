@@ -186,8 +186,8 @@ def _streamed_fingerprint(model: nn.Module) -> str:
     """A streamed model's weights are in its checkpoint: its path, size and time, and the config."""
     src = getattr(model, "llmquant_source", None)
     p = Path(src) if src and src != "default" else None
-    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.glob("*")) if f.is_file()] \
-        if p is not None and p.is_dir() else ([(str(p), p.stat().st_size, p.stat().st_mtime_ns)] if p else [src])
+    files = [] if p is None else sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else [p]
+    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files] or [src]
     cfg = getattr(model, "config", None)
     return hashlib.sha256(json.dumps([stamp, None if cfg is None else cfg.to_json_string()]).encode()).hexdigest()
 

@@ -32,14 +32,14 @@ from ...models import arch_for
 from ..passes import _Replay, _run, _unload, decoder_layers, record_layer_inputs
 
 
-def _layer_weights(layer: nn.Module, prefix: str, units, offset: int) -> list[tuple[int, nn.Parameter]]:
+def _layer_weights(layer: nn.Module, prefix: str, units) -> list[tuple[int, nn.Parameter]]:
     """(index in ``units``, weight) of the planned units inside ``layer``."""
     mods = dict(layer.named_modules())
     out = []
     for k, u in enumerate(units):
         name = u.modules[0]
         if name.startswith(prefix + "."):
-            out.append((offset + k, mods[name[len(prefix) + 1:]].weight))
+            out.append((k, mods[name[len(prefix) + 1:]].weight))
     return out
 
 
@@ -103,7 +103,7 @@ def fisher_scan_streamed(model, units, fmts, ids, samples, progress, seed=0, flu
                   disable=not progress, leave=False):
         prefix = f"{path}.{i}"
         source.load(i, prefix, layers[i])
-        mine = _layer_weights(layers[i], prefix, units, 0)
+        mine = _layer_weights(layers[i], prefix, units)
         for p in layers[i].parameters():
             p.requires_grad_(False)
         weights = [w for _, w in mine]
