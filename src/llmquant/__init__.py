@@ -66,6 +66,9 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     checkpoints each finished decoder layer in ``.OUTPUT.partial`` beside it; if it is killed or fails,
     the same call with ``resume=True`` continues from the last finished layer (same result as a run that was
     never interrupted; a checkpoint of other settings is refused with :class:`~llmquant.errors.CheckpointError`).
+    Started by ``torchrun`` (or ``llmquant ... --workers N``) as one of several processes, the calibration
+    is split over them (:mod:`llmquant.flows.distributed`): every process gets the same quantized model and
+    rank 0 alone writes ``output``.
     ``max_memory`` (e.g. ``"8GB"``): a budget for a layer-by-layer run. Checked against an estimate from the
     model's shapes before any work: refused (:class:`~llmquant.errors.BudgetError`, with the number it needs)
     when one layer and its work do not fit; calibration activations spill to a file on disk when all of
@@ -73,6 +76,11 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     """
     from pathlib import Path
 
+    group = _flows.distributed.init() if _flows.distributed.launched() else None  # started by torchrun
+    if group is not None and group.rank != 0:  # rank 0 alone prints progress and writes the output
+        progress, output_here = False, None
+    else:
+        output_here = output
     if resume and output is None:
         from .errors import UsageError
 
@@ -101,7 +109,7 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     if hasattr(model, "save_pretrained"):  # a transformers model: its save_pretrained writes an llmquant folder
         _io.hf_quantizer.bind_save_pretrained(model)
     try:
-        if output is None:
+        if output_here is None:
             return _flows.quantize(model, cfg, calib=calib, progress=progress)
         return _quantize_to(model, cfg, calib, progress, output, overwrite, shard_size, tokenizer, resume)
     finally:

@@ -102,3 +102,7 @@ class NewerFormatError(LLMQuantError):
 
 class ForeignFormatError(LLMQuantError):
     """A folder holds another tool's quantization (its config.json names another quant_method than llmquant)."""
+
+
+class DistributedError(LLMQuantError):
+    """A distributed run stopped: a rank died, hung past the timeout, or could not join the group."""

@@ -69,6 +69,7 @@ def build_parser() -> A.Parser:
                    "(default 2GB; the output is written layer by layer as it is quantized)")
     q.add_argument("--max-memory", help="a memory budget such as 8GB: refused up front when one layer and its work "
                    "do not fit; calibration activations spill to disk when all of them do not")
+    _add_dist_args(q)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity, KL vs the unquantized model, top-1, size")
@@ -146,6 +147,14 @@ def build_parser() -> A.Parser:
     return p
 
 
+def _add_dist_args(p) -> None:
+    p.add_argument("--workers", type=A.positive_int, default=1,
+                   help="run as this many processes on this machine (torch.distributed, gloo): the calibration "
+                        "is split over them; the same as torchrun --standalone --nproc-per-node N -m llmquant ...")
+    p.add_argument("--timeout", type=A.positive_float, default=600.0,
+                   help="distributed runs: seconds a process waits for the others before the run stops (default 600)")
+
+
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -164,7 +173,15 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_transformers()
 
+    from ..flows import distributed
+
+    if getattr(args, "workers", 1) > 1 and not distributed.launched():
+        from .launch import launch
+
+        return launch(list(sys.argv[1:] if argv is None else argv), args.workers, args.timeout)
     try:
+        if distributed.launched():
+            distributed.init(timeout=getattr(args, "timeout", None))
         return args.func(args)
     except LLMQuantError as e:
         print(f"llmquant: error: {_one_line(e)}", file=sys.stderr)
@@ -172,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmquant: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

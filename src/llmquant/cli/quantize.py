@@ -158,6 +158,8 @@ def cmd_quantize(args) -> int:
         config = llmquant.flows.registry.resolve(args.scheme, model)
     summary = llmquant.quantize(model, config, tokenizer=tok, output=args.output, overwrite=args.overwrite,
                                 shard_size=args.shard_size, max_memory=args.max_memory, resume=args.resume)
+    if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run reports
+        return 0
     if summary.resumed_after:
         print(f"resumed after decoder layer {summary.resumed_after}: the layers before it come from the checkpoint")
     if config.method == "plan":

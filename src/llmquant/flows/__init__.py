@@ -12,6 +12,7 @@ from .calibrate import calibrate, convert, prepare, quantize_static, unprepare
 from .dynamic import quantize_dynamic
 from .qat import convert_qat, prepare_qat
 from .qat_train import QATResult, train_qat
+from . import distributed  # noqa: F401
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 
 __all__ = ["LayerSummary", "METHODS", "Method", "QuantSummary", "get_method", "needs_calibration", "quantize",

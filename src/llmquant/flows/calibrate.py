@@ -277,6 +277,31 @@ class StaticStage(Stage):
                 h.remove()
         self._state[ctx.prefix] = (stats, chan)
 
+    def reduce(self, ctx) -> None:
+        """A distributed run: the observers' and SmoothQuant's statistics combined over the ranks."""
+        from . import distributed
+
+        group = distributed.active()
+        if group is None:
+            return
+        if self.cfg.smooth_alpha is None:
+            self._reduce_inputs(ctx)
+            return
+        stats, chan = self._state[ctx.prefix]
+        for src, obs in stats.observers.items():
+            distributed.reduce_observer(obs, f"SmoothQuant's statistics of {src}")
+        for src in stats.samples:  # the alpha search's samples: the first batch's, which rank 0 holds
+            stats.samples[src] = group.broadcast(stats.samples[src], 0, f"SmoothQuant's samples of {src}")
+        for name, obs in chan.items():
+            distributed.reduce_observer(obs, f"the input channels of {name}")
+
+    def _reduce_inputs(self, ctx) -> None:
+        from . import distributed
+
+        if _static(self.cfg):
+            for name, lin in ctx.linears.items():
+                distributed.reduce_observer(getattr(lin, INPUT_OBSERVER), f"the input observer of {name}")
+
     def transform(self, ctx) -> None:
         from .smooth import smooth
 
@@ -296,6 +321,7 @@ class StaticStage(Stage):
                 obs.count, obs.out_shape = 1, (1, 1)
         else:
             ctx.rerun()  # the observers see the smoothed block's inputs
+            self._reduce_inputs(ctx)
 
     def quantize(self, ctx):
         chosen = list(ctx.linears.items())

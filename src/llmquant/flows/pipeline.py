@@ -35,7 +35,7 @@ from ..errors import CalibrationError
 from ..models import arch_for
 from ..modules import replace_module, select_linears
 from ..resources import PeakMemory, trim_memory
-from . import budget
+from . import budget, distributed
 from ..schemes import CalibSpec, QuantConfig, dequantize
 from .passes import _Stop, _raise_stop, _run, decoder_layers, model_device, record_layer_inputs
 from .stages import ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, rtn_result, run_block  # noqa: F401
@@ -137,7 +137,8 @@ def run_stages(model: nn.Module, cfg: QuantConfig, calib=None, *, progress: bool
     source = getattr(model, "llmquant_layer_source", None)  # a streamed model: layers read as they are reached
     sink = getattr(model, "llmquant_layer_sink", None)  # an output being written: each layer goes when done
     hooks = hooks or Hooks(source=source or LayerSource(), on_layer_done=[sink.layer_done] if sink is not None else [],
-                           checkpoint=sink if sink is not None else Checkpointer())
+                           checkpoint=sink if sink is not None else Checkpointer(),
+                           reduce_stats=distributed.reduce_stats if distributed.active() is not None else None)
     stages = stages or make_stages(cfg)
     if calibrated_stages(stages) and (not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[0] < 1):
         raise CalibrationError("calibration data must be a tensor of token ids (windows, seq_len) or of inputs (n, ...)")
@@ -214,12 +215,21 @@ def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> N
     summary.layers.sort(key=lambda r: order.get(r.name, -1))
 
 
-def _resume(hooks: Hooks, model, found, chosen, summary, xs=None) -> int:
+def _resume(hooks: Hooks, model, found, chosen, summary, xs=None, shared=None) -> int:
     """Continue an interrupted run (``hooks.checkpoint`` knows): the finished layers' rows and errors go in
     the summary, their linears leave ``chosen``, ``xs`` gets the next layer's inputs; returns the index of
-    the first layer to do."""
+    the first layer to do. ``shared``: a distributed run's (group, this rank's global batch indices, every
+    batch's input shape): rank 0 reads the checkpoint and hands each rank its batches' inputs."""
     path, layers = found
+    group = shared[0] if shared else None
     point = hooks.checkpoint.resume_point(model, path, len(layers))
+    if group is not None:
+        done = group.broadcast(None if point is None else (point.done, point.inputs is not None), 0,
+                               "the checkpoint to resume from")
+        if done is None:
+            return 0
+        if group.rank != 0:
+            point = ResumePoint(done[0], [], [], (lambda: None) if done[1] else None)
     if point is None:
         return 0
     finished = tuple(f"{path}.{i}." for i in range(point.done))
@@ -228,25 +238,45 @@ def _resume(hooks: Hooks, model, found, chosen, summary, xs=None) -> int:
     summary.layers.extend(point.rows)
     summary.layer_errors.extend(point.errors)
     if xs is not None and point.done < len(layers):
-        got = 0
-        for j, x in enumerate(point.inputs() if point.inputs is not None else ()):
-            if j >= len(xs) or tuple(x.shape) != tuple(xs[j].shape):
+        if group is not None:  # rank 0 reads every batch's inputs and sends each rank its own
+            got_all = list(point.inputs()) if group.rank == 0 and point.inputs is not None else None
+            shapes = shared[2]
+            if group.rank == 0 and (got_all is None or [tuple(x.shape) for x in got_all] != [tuple(t) for t in shapes]):
+                got_all = None
+            ok = group.broadcast(got_all is not None, 0, "the checkpoint's layer inputs")
+            if not ok:
                 raise CalibrationError("the checkpoint's layer inputs do not match this run's calibration batches")
-            xs[j], got = x, got + 1
-        if got != len(xs):
-            raise CalibrationError("the checkpoint holds no layer inputs for this run's calibration batches")
-    if point.rng is not None:
-        torch.set_rng_state(point.rng)
+            dtype = group.broadcast(got_all[0].dtype if group.rank == 0 else None, 0, "the checkpoint's layer inputs")
+            mine = group.from_rank0(got_all, shared[1], shapes, dtype, "the checkpoint's layer inputs")
+            for j, x in enumerate(mine):
+                xs[j] = x
+        else:
+            got = 0
+            for j, x in enumerate(point.inputs() if point.inputs is not None else ()):
+                if j >= len(xs) or tuple(x.shape) != tuple(xs[j].shape):
+                    raise CalibrationError("the checkpoint's layer inputs do not match this run's calibration batches")
+                xs[j], got = x, got + 1
+            if got != len(xs):
+                raise CalibrationError("the checkpoint holds no layer inputs for this run's calibration batches")
+    rng = point.rng
+    if group is not None:
+        rng = group.broadcast(rng, 0, "the checkpoint's random state")
+    if rng is not None:
+        torch.set_rng_state(rng)
     summary.resumed_after = point.done
     return point.done
 
 
-def _layer_done(hooks: Hooks, model, found, i: int, layer, xs, summary) -> None:
+def _layer_done(hooks: Hooks, model, found, i: int, layer, xs, summary, shared=None) -> None:
     """Layer ``i`` is finished: written (``on_layer_done``), checkpointed with the next layer's inputs
-    ``xs``, and its weights released."""
+    ``xs``, and its weights released. ``shared`` (a distributed run that checkpoints): the other ranks send
+    rank 0 their inputs, so the checkpoint holds every batch's."""
     prefix = f"{found[0]}.{i}"
     for cb in hooks.on_layer_done:
         cb(i, prefix, layer, summary)
+    if shared is not None and xs is not None and i + 1 < len(found[1]):
+        group, idx, shapes = shared
+        xs = group.to_rank0(list(xs), idx, shapes, xs[0].dtype, "sending the next layer's inputs to rank 0")
     hooks.checkpoint.checkpoint(model, i, found[0], len(found[1]), xs, summary)
     hooks.source.release(i, prefix, layer)
 
@@ -280,23 +310,36 @@ def _budget(model, layers, chosen, stages, batches, summary) -> bool:
 
 def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks) -> None:
     path, layers = found
-    spill = _budget(model, layers, chosen, stages, batches, summary)
+    group = distributed.active()
+    gidx, local = distributed.split(batches)  # a distributed run: this rank's share of the batches
+    if group is not None and not local:
+        raise CalibrationError(f"{len(batches)} calibration batches cannot be shared by {group.world} ranks: give "
+                               f"at least {group.world} batches (more windows, or a smaller batch size)")
+    spill = _budget(model, layers, chosen, stages, local, summary)
     store = (lambda: budget.SpilledList()) if spill else list
-    xs, kwargs = record_layer_inputs(model, layers, batches, kw, store=store())
-    start = _resume(hooks, model, found, chosen, summary, xs)
+    xs, kwargs = record_layer_inputs(model, layers, local, kw, store=store())
+    shared = None
+    if group is not None and isinstance(xs[0], torch.Tensor):
+        shapes = [(b.shape[0], *xs[0].shape[1:]) for b in batches]
+        if group.broadcast(getattr(hooks.checkpoint, "resumable", False), 0, "the checkpoint settings"):
+            shared = (group, gidx, shapes)
+    start = _resume(hooks, model, found, chosen, summary, xs, shared)
     float_prop = any(s.propagate_float for s in stages)
     targets = any(s.needs_targets for s in stages)
-    # the layer's output error is measured on the batches holding its first error_windows windows
-    sizes = [x.shape[0] if isinstance(x, torch.Tensor) else x[0].shape[0] for x in xs]
+    # the layer's output error is measured on the batches holding the first error_windows windows
+    sizes = [b.shape[0] for b in batches]
     want, err_batches = min(s.error_windows for s in stages), 0
     while err_batches < len(sizes) and sum(sizes[:err_batches]) < want:
         err_batches += 1
+    err = [g < err_batches for g in gidx]
     inside = set()
     bar = tqdm(range(start, len(layers)), initial=start, total=len(layers), desc=f"{'+'.join(cfg.methods)} "
                f"{stages[-1].label}", disable=not progress, unit="layer")
     for i in bar:
         t = time.perf_counter()
         layer, prefix = layers[i], f"{path}.{i}"
+        if group is not None:
+            group.where = f"decoder layer {i} ({prefix})"
         hooks.source.load(i, prefix, layer)
         lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
         inside |= set(lin)
@@ -306,7 +349,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
             for j, (x, k) in enumerate(zip(xs, kwargs[i])):
                 y = _run(layer, x, k)
                 _check(y, f"{prefix} (float)")
-                ys.append(y if keep and (float_prop or targets or j < err_batches) else None)
+                ys.append(y if keep and (float_prop or targets or err[j]) else None)
                 del y
             return ys
 
@@ -315,36 +358,45 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
             ys = float_pass(True)
         if targets:
             ctx.inputs, ctx.kwargs, ctx.targets = xs, kwargs[i], ys
+        if group is not None:
+            group.check("the float pass")  # every rank is here; rank 0 names those that are not
         if hooks.reduce_stats is not None:
             hooks.reduce_stats(ctx.stats)
+        ctx.stats.finish()
+        for s in stages:
+            s.reduce(ctx)
         trim_memory()  # the float pass's freed intermediates go back to the system before the quantizer's own
         results = run_block(stages, ctx)
         del ctx
-        num = den = 0.0
+        parts = []  # (global batch, error numerator, denominator)
         if float_prop:  # the quantized layer measures the error; the float outputs feed the next layer
             _install(model, results, chosen, stages[-1], summary)
         else:
             _simulate(chosen, results, cfg)  # propagate through x @ dequant(W)^T, then swap in the QuantLinears
         for j, (x, k) in enumerate(zip(xs, kwargs[i])):
-            if float_prop and j >= err_batches:
+            if float_prop and not err[j]:
                 xs[j], ys[j] = ys[j], None
                 continue
             yq = _run(layer, x, k)
             _check(yq, f"{prefix} (quantized)")
             if ys[j] is not None:
-                num += float((yq.float() - ys[j].float()).pow(2).sum())
-                den += float(ys[j].float().pow(2).sum())
+                parts.append((gidx[j], (float((yq.float() - ys[j].float()).pow(2).sum()),
+                                        float(ys[j].float().pow(2).sum()))))
             xs[j] = ys[j] if float_prop else yq  # the next layer sees the quantized layer's outputs
             ys[j] = None
         if not float_prop:
             _install(model, results, chosen, stages[-1], summary)
         nlin = len(lin)
         del results, lin
-        err = num / max(den, 1e-30)
-        summary.layer_errors.append(err)
-        _layer_done(hooks, model, found, i, layer, xs, summary)
-        bar.set_postfix(layer=i, rel_mse=f"{err:.2e}", s=f"{time.perf_counter() - t:.1f}")
-        log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, nlin, err, time.perf_counter() - t)
+        num = den = 0.0
+        for a, b in distributed.sum_in_order(parts, "the layer's output error"):  # one process's order
+            num += a
+            den += b
+        err_i = num / max(den, 1e-30)
+        summary.layer_errors.append(err_i)
+        _layer_done(hooks, model, found, i, layer, xs, summary, shared)
+        bar.set_postfix(layer=i, rel_mse=f"{err_i:.2e}", s=f"{time.perf_counter() - t:.1f}")
+        log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, nlin, err_i, time.perf_counter() - t)
     rest = {n: m for n, m in chosen.items() if n not in inside}
     if rest:
         log.warning("%s are outside the decoder layers: quantized with RTN", sorted(rest))
@@ -352,6 +404,10 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
 
 
 def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, progress) -> None:
+    group = distributed.active()
+    _, batches = distributed.split(batches)
+    if group is not None and not batches:
+        raise CalibrationError(f"too few calibration batches for {group.world} ranks")
     stop = None
     if found is not None and arch is not None and all(n.startswith(found[0] + ".") for n in chosen):
         try:  # nothing after the last layer is quantized: skip the final norm and the logits
@@ -370,6 +426,10 @@ def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, 
     try:
         with _observing(stages, whole):
             model_pass()
+        distributed.reduce_stats(whole.stats)  # a distributed run: the sums over every rank's batches
+        whole.stats.finish()
+        for s in stages:
+            s.reduce(whole)
         if not all(s.split_blocks for s in stages):  # the model is one block: transforms see every layer
             _install(model, run_block(stages, whole), chosen, stages[-1], summary)
             return

@@ -25,6 +25,7 @@ from ..algorithms.gptq import gptq_quantize
 from ..modules import QuantLinear
 from ..resources import trim_memory
 from ..schemes import QuantConfig
+from .distributed import share
 from .folds import FoldPlan, fold_plan, layer_pairs  # noqa: F401  (layer_pairs: re-exported)
 from .stats import StatsCollector
 from .summary import LayerSummary, layer_row
@@ -104,6 +105,10 @@ class Stage:
         """A context manager holding the stage's own hooks during the block's float pass."""
         return contextlib.nullcontext()
 
+    def reduce(self, ctx: LayerContext) -> None:
+        """After the block's float pass, with the input statistics summed: combine the stage's own
+        statistics over the ranks of a distributed run (:mod:`llmquant.flows.distributed`; default: none)."""
+
     def transform(self, ctx: LayerContext) -> None:
         """Change the block's float weights before quantization (default: nothing)."""
 
@@ -149,23 +154,32 @@ class GPTQStage(Stage):
 
     def quantize(self, ctx: LayerContext) -> Result:
         p = self.params
-        out: Result = {}
-        for owner, names in ctx.stats.groups().items():
-            names = [n for n in names if n in ctx.linears]
-            if not names:
-                continue
-            ws = [ctx.linears[n].weight.detach().float() for n in names]
+        jobs = [[n for n in names if n in ctx.linears] for names in ctx.stats.groups().values()]
+        jobs = [names for names in jobs if names]
+
+        def solve(names):
+            w = torch.cat([ctx.linears[n].weight.detach().float() for n in names], 0)
             q, scale, zero = gptq_quantize(  # the Hessian is made for this call: GPTQ may work on it in place
-                torch.cat(ws, 0), ctx.scaled(names[0], ctx.stats.stats[owner].hessian), self.cfg.weight,
+                w, ctx.scaled(names[0], ctx.stats.of(names[0]).hessian), self.cfg.weight,
                 damp=p.damp, block_size=p.block_size, act_order=p.act_order, name="+".join(names),
                 consume_hessian=True,
             )
+            del w
+            trim_memory()  # GPTQ's K x K temporaries go back to the system before the next group's
+            return q, scale, zero
+
+        def cost(names):  # the column loop: rows x K^2, plus the K^3 inverse
+            k = ctx.linears[names[0]].weight.shape[1]
+            return sum(ctx.linears[n].weight.shape[0] for n in names) * k * k + k ** 3
+
+        out: Result = {}
+        for names, (q, scale, zero) in zip(jobs, share(jobs, solve, cost, "GPTQ")):
             r = 0
-            for n, w in zip(names, ws):
+            for n in names:
+                w = ctx.linears[n].weight.detach().float()
                 k = w.shape[0]
                 out[n] = (q[r : r + k], scale[r : r + k], None if zero is None else zero[r : r + k], w)
                 r += k
-            trim_memory()  # GPTQ's K x K temporaries go back to the system before the next group's
         return out
 
 
@@ -205,14 +219,15 @@ class AWQStage(Stage):
 
     def quantize(self, ctx: LayerContext) -> Result:
         p = self.params
-        out: Result = {}
-        for n, m in ctx.linears.items():
-            if n not in ctx.stats.owner:
-                continue
+        names = [n for n in ctx.linears if n in ctx.stats.owner]
+
+        def clip(n):
             g = ctx.scaled(n, ctx.stats.of(n).gram)
-            w = m.weight.detach().float()
-            out[n] = (*awq_clip_quantize(w, g, self.cfg.weight, grid=p.clip_grid, max_shrink=p.max_shrink, clip=p.clip), w)
-        return out
+            return awq_clip_quantize(ctx.linears[n].weight.detach().float(), g, self.cfg.weight, grid=p.clip_grid,
+                                     max_shrink=p.max_shrink, clip=p.clip)
+
+        done = share(names, clip, lambda n: ctx.linears[n].weight.numel(), "AWQ clipping")
+        return {n: (*r, ctx.linears[n].weight.detach().float()) for n, r in zip(names, done)}
 
 
 def run_block(stages: list[Stage], ctx: LayerContext) -> Result:

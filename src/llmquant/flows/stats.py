@@ -2,6 +2,12 @@
 
 Linears fed by the very same tensor (q/k/v after a norm, gate/up) share one accumulator, so each distinct
 input's Gram matrix is computed once. NaN/Inf in an input raises :class:`CalibrationError`.
+
+The sums are kept in float64 while they accumulate, each batch's float32 product added once: a float64 sum
+of float32 terms rounds back to the same float32 whatever order the batches come in, so the statistics
+(and GPTQ's / AWQ's codes) are the same when the batches are split over several processes
+(:mod:`llmquant.flows.distributed`). :meth:`InputStats.finish` turns them into float32 once the pass is
+over (the sums of one (K, K) Gram matrix take twice the memory only while the pass runs).
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ import torch.nn as nn
 from ..errors import CalibrationError
 
 
+#: rows of ``X^T X`` made per product: bounds the float32 temporary of a wide input (8 MB rows at K = 14336)
+_ROWS = 4096
+
+
 class InputStats:
     def __init__(self, k: int, device) -> None:
-        self.xtx = torch.zeros(k, k, dtype=torch.float32, device=device)
-        self.abs_sum = torch.zeros(k, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor, name: str) -> None:
@@ -25,23 +35,33 @@ class InputStats:
         if not torch.isfinite(x2).all():
             raise CalibrationError(f"NaN/Inf in the calibration inputs of {name}: the model overflows on the "
                                    "calibration text (try float32, or other calibration text)")
-        self.xtx.addmm_(x2.T, x2)
+        if self.xtx.dtype != torch.float64:
+            raise CalibrationError(f"the statistics of {name} were finished; a new pass needs new statistics")
+        k = x2.shape[1]
+        for i in range(0, k, _ROWS):  # float32 products, float64 sums (see the module docstring)
+            self.xtx[i : i + _ROWS] += x2[:, i : i + _ROWS].T @ x2
         self.abs_sum += x2.abs().sum(0)
         self.n += x2.shape[0]
+
+    def finish(self) -> None:
+        """The pass is over: keep the sums in float32 (half the memory; what the quantizers read)."""
+        if self.xtx.dtype == torch.float64:
+            self.xtx = self.xtx.float()
+            self.abs_sum = self.abs_sum.float()
 
     @property
     def hessian(self) -> torch.Tensor:
         """GPTQ's ``H = 2 X X^T / n``."""
-        return self.xtx * (2.0 / max(self.n, 1))
+        return (self.xtx * (2.0 / max(self.n, 1))).float()
 
     @property
     def gram(self) -> torch.Tensor:
         """``X^T X / n``: the mean squared output error of a weight error D is ``sum((D G) * D)``."""
-        return self.xtx / max(self.n, 1)
+        return (self.xtx / max(self.n, 1)).float()
 
     @property
     def absmean(self) -> torch.Tensor:
-        return self.abs_sum / max(self.n, 1)
+        return (self.abs_sum / max(self.n, 1)).float()
 
 
 class StatsCollector:
@@ -85,6 +105,10 @@ class StatsCollector:
             h.remove()
         self._handles = []
         self._recent = []
+
+    def finish(self) -> None:
+        for st in self.stats.values():
+            st.finish()
 
     def groups(self) -> dict[str, list[str]]:
         """owner -> the linears sharing its input, in the order of ``linears``."""
