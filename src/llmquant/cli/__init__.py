@@ -87,6 +87,7 @@ def build_parser() -> A.Parser:
     from .eval_tasks import add_task_args
 
     add_task_args(e)
+    _add_dist_args(e)
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer schemes and sizes of a saved folder")

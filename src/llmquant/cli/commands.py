@@ -130,6 +130,8 @@ def cmd_eval(args) -> int:
         if seq_len < DEFAULT_SEQ_LEN:
             log.warning("windows of %d tokens (the model's context) instead of %d", seq_len, DEFAULT_SEQ_LEN)
     res = llmquant.evaluate(model, reference=ref, text=text, tokenizer=tok, windows=args.windows, seq_len=seq_len)
+    if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run has the sums and reports
+        return 0
     from . import eval_tasks
 
     name = "quantized" if ref is not None else "measured"
@@ -275,6 +277,8 @@ def cmd_qat(args) -> int:
     extra = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
     res = llmquant.train_qat(model, Path(params.text) if params.text else None, config=cfg, tokenizer=tok,
                              checkpoint_dir=ckpt_dir, resume=args.resume, **extra, **kw)
+    if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run writes and reports
+        return 0
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
     s = res.summary
     print(format_table([{
@@ -310,6 +314,9 @@ def add_qat_parser(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     t.add_argument("-o", "--output", required=True, help="output folder (loadable with llmquant.load)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    from . import _add_dist_args
+
+    _add_dist_args(t)
     t.set_defaults(func=cmd_qat)
 
 

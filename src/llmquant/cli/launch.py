@@ -56,7 +56,9 @@ def launch(argv: list[str], workers: int, timeout: float, threads: int | None = 
                 code = p.poll()
                 if code not in (None, 0) and first is None:
                     first = (r, code)
-                    deadline = time.monotonic() + timeout + 10
+                    # the others get the timeout to notice and say where the run stopped (rank 0, the
+                    # coordinator, failing: they cannot say more than it did)
+                    deadline = time.monotonic() + (5 if r == 0 else timeout + 10)
                     how = f"signal {-code}" if code < 0 else f"status {code}"
                     print(f"llmquant: worker rank {r} of {workers} exited with {how}", file=sys.stderr)
             if deadline is not None and time.monotonic() > deadline:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data import DEFAULT_SEQ_LEN, token_windows
 from ..errors import LLMQuantError
+from ..flows import distributed
 from ..flows.passes import model_device
 from .size import model_size
 
@@ -76,9 +77,9 @@ class ReferenceLogits:
                     from ..flows.passes import streamed_logits
 
                     streamed_logits(model, self.ids, keep)
-                else:
-                    for i, w in enumerate(tqdm(self.ids, desc="reference", disable=not progress, leave=False)):
-                        keep(i, _logits(model, w.unsqueeze(0).to(model_device(model))))
+                else:  # a distributed run: the windows this rank evaluates
+                    for i in tqdm(distributed.split(self.ids)[0], desc="reference", disable=not progress, leave=False):
+                        keep(i, _logits(model, self.ids[i].unsqueeze(0).to(model_device(model))))
         except BaseException:
             self.close()
             raise
@@ -135,7 +136,9 @@ def evaluate(
     """Evaluate ``model`` (and compare with ``reference``, the unquantized model, when given).
 
     ``text``: None for the default text, a ``Path`` to a .txt/.jsonl file, or a string of text.
-    ``reference`` may be a :class:`ReferenceLogits` computed once on the same windows.
+    ``reference`` may be a :class:`ReferenceLogits` computed once on the same windows. Started as one of
+    several processes (torchrun, ``--workers``), each evaluates its share of the windows and every process
+    gets the sums over all of them, added in window order (the one-process result).
     """
     if getattr(model, "llmquant_layer_source", None) is not None:
         from ..errors import UnsupportedError
@@ -149,23 +152,28 @@ def evaluate(
     if getattr(reference, "llmquant_layer_source", None) is not None:  # a float reference larger than memory
         reference = ReferenceLogits(reference, ids, progress=progress)
     dev = model_device(model)
-    nll = kl = agree = 0.0
-    n = 0
     t0 = time.perf_counter()
-    for i, w in enumerate(tqdm(ids, desc="evaluate", disable=not progress, leave=False)):
+    mine, _ = distributed.split(ids)  # a distributed run: this rank's windows; the sums are gathered below
+    parts = []
+    for i in tqdm(mine, desc="evaluate", disable=not (progress and distributed.is_writer()), leave=False):
+        w = ids[i]
         x = w.unsqueeze(0).to(dev)
         logits = _logits(model, x)[0, :-1]
         target = x[0, 1:]
         logp = F.log_softmax(logits, dim=-1)
-        nll += float(F.nll_loss(logp, target, reduction="sum"))
+        row = [float(F.nll_loss(logp, target, reduction="sum")), 0.0, 0.0, target.numel()]
         if isinstance(reference, ReferenceLogits):
             ref_logp = reference.log_probs(i, w).to(logp.device)
         elif reference is not None:
             ref_logp = F.log_softmax(_logits(reference, x.to(model_device(reference)))[0, :-1].to(logp.device), dim=-1)
         if reference is not None:
-            kl += float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
-            agree += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
-        n += target.numel()
+            row[1] = float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
+            row[2] = float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+        parts.append((i, row))
+    nll = kl = agree = 0.0
+    n = 0
+    for a, b, c, d in distributed.sum_in_order(parts, "the evaluation sums"):  # window order, as one process
+        nll, kl, agree, n = nll + a, kl + b, agree + c, n + d
     return EvalResult(
         perplexity=math.exp(nll / n),
         kl=kl / n if reference is not None else None,

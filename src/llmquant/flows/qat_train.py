@@ -13,6 +13,7 @@ last good checkpoint on disk.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -30,7 +31,7 @@ from ..errors import CheckpointError, SchemeError, TrainingDivergedError
 from ..resources import PeakMemory
 from ..modules.fake_quant import FakeQuantLinear
 from ..schemes import QATParams, resolve_config
-from . import qat_checkpoint as ckpt
+from . import distributed, qat_checkpoint as ckpt
 from .qat import convert_qat, has_fake_quant, prepare_qat
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,13 @@ def train_qat(
     if gradient_checkpointing:
         _checkpointing_methods(model)[0]()
     model.train()
+    group = distributed.active()
+    if group is not None:
+        if batch < group.world:
+            raise SchemeError(f"a distributed QAT run splits each micro-batch over the ranks: batch ({batch}) must be "
+                              f"at least the number of ranks ({group.world})")
+        progress = progress and group.rank == 0
+    student = model if group is None else _ddp(model, group)
     losses = list(history["losses"])
     first = losses[0] if losses else None
     tokens, t0, stopped_by_time = 0, time.perf_counter(), False
@@ -237,16 +245,28 @@ def train_qat(
                 opt.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for a in range(grad_accum):
-                    ids = windows[_batch_indices(windows.shape[0], step * grad_accum + a, batch, seed)].to(dev)
+                    ids = windows[_batch_indices(windows.shape[0], step * grad_accum + a, batch, seed)]
+                    share = 1.0
+                    if group is not None:  # this rank's windows of the micro-batch, weighted by their share
+                        share = len(group.mine(batch)) / batch
+                        ids = ids[group.mine(batch)]
+                    ids = ids.to(dev)
                     t_logp = None
                     if loss == "kl":
                         with torch.no_grad():
                             t_logp = F.log_softmax(_logits(teacher, ids).float(), dim=-1)
-                    lval = distill_loss(_logits(model, ids), ids, t_logp, loss) / grad_accum
-                    if not torch.isfinite(lval):
-                        _diverged(f"the loss became {float(lval.detach())} at step {step + 1}", last_saved)
-                    lval.backward()
-                    step_loss += float(lval.detach())
+                    sync = group is None or a == grad_accum - 1
+                    with (contextlib.nullcontext() if sync else student.no_sync()):
+                        lval = distill_loss(_logits(student, ids), ids, t_logp, loss) * (share / grad_accum)
+                        # DistributedDataParallel averages the ranks' gradients: scaled by the number of ranks,
+                        # their sum is the gradient of the whole micro-batch's loss
+                        (lval * (group.world if group is not None else 1)).backward()
+                    part = float(lval.detach())
+                    if group is not None:  # every rank sees the same loss (the checks below agree)
+                        part = float(group.sum_(torch.tensor([part], dtype=torch.float64), "the QAT loss").item())
+                    if not math.isfinite(part):
+                        _diverged(f"the loss became {part} at step {step + 1}", last_saved)
+                    step_loss += part
                     tokens += ids.numel()
                 params = [p for g in opt.param_groups for p in g["params"]]
                 gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
@@ -264,12 +284,15 @@ def train_qat(
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(el, 1e-9):.0f}")
                 done = step + 1
                 if checkpoint_dir and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-                    last_saved = ckpt.save_checkpoint(checkpoint_dir, model, opt, done, settings, {"losses": losses})
-                if max_seconds is not None and el > max_seconds and done < steps:
+                    last_saved = _save(checkpoint_dir, model, opt, done, settings, losses, group)
+                over = max_seconds is not None and el > max_seconds and done < steps
+                if group is not None:  # rank 0's clock decides, so every rank stops at the same step
+                    over = bool(group.broadcast(over, 0, "the time budget"))
+                if over:
                     stopped_by_time = True
                     log.info("time budget of %.0f s used after %d steps", max_seconds, done)
                     if checkpoint_dir:
-                        last_saved = ckpt.save_checkpoint(checkpoint_dir, model, opt, done, settings, {"losses": losses})
+                        last_saved = _save(checkpoint_dir, model, opt, done, settings, losses, group)
                     break
         finally:
             bar.close()
@@ -287,6 +310,26 @@ def train_qat(
     if convert:
         res.summary = convert_qat(model, progress=progress).to_dict()
     return res
+
+
+def _ddp(model: nn.Module, group):
+    """``model`` wrapped in DistributedDataParallel (gradients averaged over the ranks as they are made)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(p.device for p in model.parameters())
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   process_group=group.pg)
+
+
+def _save(folder, model, opt, done: int, settings: dict, losses: list, group):
+    """A checkpoint at step ``done`` (written by rank 0; the others wait for it, so a resume finds it)."""
+    path = None
+    if group is None or group.rank == 0:
+        path = ckpt.save_checkpoint(folder, model, opt, done, settings, {"losses": losses})
+    if group is not None:
+        group.check(f"the checkpoint at step {done}")
+        path = ckpt.checkpoint_path(folder)
+    return path
 
 
 def _checkpointing_methods(model):
