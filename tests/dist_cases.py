@@ -1,0 +1,29 @@
+"""What the distributed tests run, shared by the test (one process) and tests/dist_worker.py (each rank)."""
+
+import torch
+
+import llmquant
+from llmquant import CalibSpec, QuantConfig, QuantScheme
+
+VOCAB = 1000
+ONE = CalibSpec(batch_size=1)  # six batches of one window: three per rank
+CASES = {
+    "gptq": QuantConfig(weight="W3G32", method="gptq", calibration=ONE),
+    "awq": QuantConfig(weight="W4G32", method="awq", calibration=ONE),
+    "awq_gptq": QuantConfig(weight="W3G32", method=["awq", "gptq"], calibration=ONE),
+    "static": QuantConfig(weight="W8", activation=QuantScheme(bits=8, granularity="tensor"), method="static",
+                          observer="mse"),
+    "smoothquant": QuantConfig(method="smoothquant"),
+}
+
+
+def calib() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def qat_run(ckpt):
+    """Three QAT steps on the tiny model: (losses, trained state)."""
+    m, tok = llmquant.load_model(ckpt)
+    res = llmquant.train_qat(m, None, config="W4G32", tokenizer=tok, steps=3, batch=2, seq_len=32, lr=1e-3,
+                             progress=False, convert=False)
+    return res.losses, {k: v.clone() for k, v in m.state_dict().items()}

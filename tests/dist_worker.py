@@ -1,0 +1,57 @@
+"""One rank of the distributed tests (started by tests/test_distributed.py with torchrun's environment):
+quantizes / trains / evaluates a tiny model the way the one-process run in the test does, rank 0 writing.
+
+    python tests/dist_worker.py CKPT OUT_DIR [--kill-rank R --kill-layer L] [--resume]
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+import llmquant  # noqa: E402
+from llmquant.flows import distributed  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dist_cases import CASES, calib, qat_run  # noqa: E402
+
+
+def main() -> None:
+    ckpt, out = sys.argv[1], sys.argv[2]
+    kill = "--kill-layer" in sys.argv
+    if kill and os.environ.get("RANK") == sys.argv[sys.argv.index("--kill-rank") + 1]:
+        import llmquant.flows.pipeline as P
+
+        layer = f".{sys.argv[sys.argv.index('--kill-layer') + 1]}"
+        run_block = P.run_block
+
+        def dying(stages, ctx):
+            if ctx.prefix.endswith(layer):
+                os.kill(os.getpid(), 9)
+            return run_block(stages, ctx)
+
+        P.run_block = dying
+    distributed.init()
+    cases = ["gptq"] if kill or "--resume" in sys.argv else list(CASES)
+    for name in cases:
+        m, _ = llmquant.load_model(ckpt)
+        llmquant.quantize(m, CASES[name], calib=calib(), progress=False, output=os.path.join(out, name),
+                          resume="--resume" in sys.argv)
+    if kill or "--resume" in sys.argv:
+        return
+    losses, state = qat_run(ckpt)
+    m, tok = llmquant.load_model(ckpt)
+    ref, _ = llmquant.load_model(ckpt)
+    llmquant.quantize(m, "W3G32", progress=False)
+    ev = llmquant.evaluate(m, reference=ref, tokenizer=tok, windows=3, seq_len=32, progress=False).to_dict()
+    if distributed.is_writer():
+        torch.save({"losses": losses, "state": state, "eval": ev}, os.path.join(out, "qat_eval.pt"))
+        with open(os.path.join(out, "done.json"), "w") as f:
+            json.dump({"world": distributed.active().world}, f)
+
+
+if __name__ == "__main__":
+    main()
