@@ -199,6 +199,7 @@ class AWQStage(Stage):
     def transform(self, ctx: LayerContext) -> None:
         p, col = self.params, ctx.stats
         rel = {ctx.rel(n): n for n in ctx.linears}
+        jobs = []  # (source, its linears' full names)
         for src, dsts in (layer_pairs(ctx.block, self.plan.pairs, "AWQ") if ctx.in_layer else ()):
             names = [rel[d] for d in dsts if d in rel]
             if not names or any(n not in col.owner for n in names):
@@ -206,16 +207,37 @@ class AWQStage(Stage):
             if len(names) != len(dsts):
                 log.warning("AWQ pair %s -> %s: only %s are quantized; pair skipped", src, dsts, names)
                 continue
-            st = col.of(names[0])
-            s, alpha, losses = awq_search_scale([ctx.linears[n].weight for n in names], st.gram, st.absmean,
-                                                self.cfg.weight, grid=p.grid)
+            jobs.append((src, names))
+
+        def search(job):
+            st = col.of(job[1][0])
+            return awq_search_scale([ctx.linears[n].weight for n in job[1]], st.gram, st.absmean, self.cfg.weight,
+                                    grid=p.grid)
+
+        def fold(job, found):
+            (src, names), (s, alpha, losses) = job, found
             log.debug("AWQ %s%s -> %s: alpha %.2f, loss %.4g (RTN %.4g)", ctx.prefix and ctx.prefix + ".", src,
-                      dsts, alpha, losses[alpha], losses[0.0])
+                      names, alpha, losses[alpha], losses[0.0])
             with torch.no_grad():  # a norm's weight and bias, or a linear's / Conv1D's output rows
                 fold_scale_modules(ctx.block.get_submodule(src), [ctx.linears[n] for n in names], s,
                                    self.plan.offset(src))
             for n in names:
                 ctx.input_scales[n] = s
+
+        # a search reads its linears' weights; a fold changes its source and its linears. When no search reads
+        # what an earlier pair's fold changes, the searches can all be made first (and dealt to the ranks of a
+        # distributed run), else each waits for the folds before it
+        changed, independent = set(), True
+        for src, names in jobs:
+            independent = independent and not (changed & set(names))
+            changed |= {rel.get(src, src), *names}
+        if independent:
+            found = share(jobs, search, lambda j: sum(ctx.linears[n].weight.numel() for n in j[1]), "AWQ scales")
+            for job, f in zip(jobs, found):
+                fold(job, f)
+        else:
+            for job in jobs:
+                fold(job, search(job))
 
     def quantize(self, ctx: LayerContext) -> Result:
         p = self.params

@@ -1,0 +1,102 @@
+"""One process vs two on this machine: GPTQ W4G64 and QAT W4G64 on the default model, through the CLI
+(``--workers 2`` is the same as ``torchrun --standalone --nproc-per-node 2 -m llmquant ...``).
+
+Configurations, in one run: 1 process x 1 thread, 1 process x 2 threads, 2 processes x 1 thread. Each
+command is timed from start to exit (model loading and saving included) and, from its own output, the
+quantization / training seconds. The outputs are then compared (tensor sha256) and evaluated (KL against
+the float model on the standard 8 x 512-token windows), so "the results match" is checked, not assumed.
+
+    flock /tmp/llmquant-bench.lock python benchmarks/bench_distributed.py --qat-steps 40
+
+Writes benchmarks/results/distributed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
+
+
+def _run(cmd: list[str], threads: int) -> tuple[float, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE.parent / "src")}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "llmquant", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return wall, r.stdout
+
+
+def _tensors(folder: Path) -> dict:
+    return {k: v["sha256"] for k, v in json.loads((folder / "llmquant.json").read_text())["tensors"].items()}
+
+
+def _kl(folder: Path) -> float:
+    _, out = _run(["eval", str(folder), "--windows", "8", "--json"], 2)
+    return json.loads(out[out.index("{"):])["kl"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--qat-steps", type=int, default=100)
+    ap.add_argument("--skip", default="", help="comma-separated: gptq, qat")
+    ap.add_argument("--out", default=str(HERE / "results" / "distributed"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="llmquant-dist-bench-"))
+    jobs = {
+        "gptq": ["quantize", "--method", "gptq", "--scheme", "W4G64", "--calib-samples", str(args.calib_samples),
+                 "--seq-len", "512"],
+        "qat": ["qat", "--bits", "4", "--group-size", "64", "--steps", str(args.qat_steps)],
+    }
+    rows = []
+    for what, base in jobs.items():
+        if what in args.skip.split(","):
+            continue
+        outs = []
+        for label, procs, threads in CONFIGS:
+            out = tmp / f"{what}-{procs}x{threads}"
+            cmd = [*base, "-o", str(out)] + (["--workers", str(procs)] if procs > 1 else [])
+            wall, stdout = _run(cmd, threads)
+            table = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+            cols = dict(zip([h.strip() for h in table[0].strip("|").split("|")],
+                            [v.strip() for v in table[-1].strip("|").split("|")]))
+            secs = float(cols["seconds"]) if what == "gptq" else float(cols["minutes"]) * 60
+            outs.append(out)
+            rows.append({"job": what, "config": label, "processes": procs, "threads": threads, "wall_s": wall,
+                         "work_s": secs})
+            print(rows[-1], flush=True)
+        ref = _tensors(outs[0])
+        for out, row in zip(outs, rows[-len(outs):]):
+            t = _tensors(out)
+            row["tensors_identical_to_1x1"] = t == ref
+            row["tensors_differing"] = sum(t[k] != ref[k] for k in ref)
+            row["kl"] = _kl(out)
+            print(row, flush=True)
+        one = rows[-len(outs)]["work_s"]
+        for row in rows[-len(outs):]:
+            row["speedup_vs_1x1"] = one / row["work_s"]
+            row["efficiency"] = row["speedup_vs_1x1"] / (row["processes"] * row["threads"])
+    Path(args.out + ".json").write_text(json.dumps({"calib_samples": args.calib_samples, "qat_steps": args.qat_steps,
+                                                    "cpus": os.cpu_count(), "rows": rows}, indent=1))
+    lines = ["| job | configuration | command wall s | quantize / train s | speed-up vs 1x1 | efficiency | "
+             "tensors = 1x1 | KL (8 x 512) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = "yes" if r["tensors_identical_to_1x1"] else f"no ({r['tensors_differing']} differ)"
+        lines.append(f"| {r['job']} | {r['config']} | {r['wall_s']:.1f} | {r['work_s']:.1f} | {r['speedup_vs_1x1']:.2f}x "
+                     f"| {r['efficiency']:.2f} | {same} | {r['kl']:.4f} |")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
