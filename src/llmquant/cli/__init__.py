@@ -101,6 +101,7 @@ def build_parser() -> A.Parser:
     c.add_argument("--strategies", default="ptq,qat,dynamic,mixed")
     c.add_argument("-o", "--output", default="runs/compare", help="report folder")
     c.add_argument("--threads", type=A.threads, help="CPU threads for the whole run (torch.set_num_threads)")
+    _add_dist_args(c)
     c.set_defaults(func=cmd_compare)
 
     se = sub.add_parser("sensitivity", help="per-layer damage of each candidate format (mixed precision)")

@@ -38,6 +38,8 @@ def cmd_sensitivity(args) -> int:
     _check_side_files(args)
     model, tok = llmquant.load_model(args.model, stream=args.stream)
     sens = _sens_from_args(args, model, tok)
+    if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run reports
+        return 0
     rows = sorted(sens.rows(), key=lambda r: -max(v for k, v in r.items() if k != "layer"))
     print(format_table(rows[: args.top]))
     print(f"{len(sens.units)} layers x {len(sens.candidates)} candidates, {sens.method}, {sens.tokens} calibration "
@@ -66,6 +68,8 @@ def cmd_plan(args) -> int:
     _check_side_files(args)
     model, tok = llmquant.load_model(args.model, stream=args.stream)
     sens = _sens_from_args(args, model, tok)
+    if not llmquant.flows.distributed.is_writer():
+        return 0
     plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=args.max_size)
     plan.save(args.output)
     print(format_table([plan_row(plan)]))
@@ -91,6 +95,9 @@ def _add_sens_args(p) -> None:
     p.add_argument("--stream", action="store_true", help="read one decoder layer at a time from the checkpoint "
                    "(models larger than memory; fisher, decoder-layer linears)")
     p.add_argument("--chart", help="write a per-layer sensitivity chart (PNG; needs matplotlib)")
+    from . import _add_dist_args
+
+    _add_dist_args(p)
 
 
 def _reference_for(manifest_source: str | None, stream: bool = False):
@@ -232,6 +239,10 @@ def cmd_compare(args) -> int:
     _check_out(args.output, True)  # a report folder: existing reports in it are replaced
     result = compare(args.model, profile=args.profile, strategies=args.strategies.split(","), out_dir=args.output,
                      threads=args.threads)
+    from ..flows import distributed
+
+    if not distributed.is_writer():  # rank 0 of a distributed run reports
+        return 0
     print(format_table(vs_rows(result["rows"])))
     print()
     print(format_table(detail_rows(result["rows"])))

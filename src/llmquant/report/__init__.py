@@ -9,7 +9,9 @@ def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dyna
             progress=True, candidates=None, threads=None):
     """Run every strategy on the same model and text; write report.md/.json/.html to ``out_dir`` if given.
 
-    ``threads`` sets torch's CPU threads for the whole run (default: torch's own choice).
+    ``threads`` sets torch's CPU threads for the whole run (default: torch's own choice). Started as several
+    processes (torchrun, ``--workers``), the calibrations and evaluations are split over them, the speed is
+    measured by rank 0 alone (the others wait) and rank 0 writes the report.
     Returns the raw result dict (environment, profile, one row per configuration)."""
     from pathlib import Path
 
@@ -21,7 +23,9 @@ def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dyna
                          strategies=tuple(s.strip().lower() for s in strategies), progress=progress,
                          threads=threads)
     result["model"] = model_path
-    if out_dir is not None:
+    from ..flows import distributed
+
+    if out_dir is not None and distributed.is_writer():  # a distributed run: rank 0 writes the report
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(markdown(result))

@@ -143,7 +143,7 @@ def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu:
     ctx.step("speed")
     t0 = time.perf_counter()
     with run_ctx():
-        sp = measure_speed(model, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
+        sp = _speed(model, p)
     t_speed = time.perf_counter() - t0
     return {
         "strategy": cand.strategy,
@@ -169,6 +169,18 @@ def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu:
     }
 
 
+def _speed(model, p: Profile):
+    """measure_speed's result; in a distributed run measured by rank 0 alone (the machine otherwise runs
+    every rank's measurement at once) and sent to the others."""
+    from ..flows import distributed
+
+    group = distributed.active()
+    sp = None
+    if group is None or group.rank == 0:
+        sp = measure_speed(model, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
+    return sp if group is None else group.broadcast(sp, 0, "the speed measurement")
+
+
 def run_compare(
     candidates: list[Candidate],
     *,
@@ -181,6 +193,8 @@ def run_compare(
     """Run every candidate of the chosen strategies; returns {"env", "profile", "rows", "shared"}.
 
     ``threads`` sets ``torch.set_num_threads`` for the whole run (all timings, the fp32 baseline included)."""
+
+    from ..flows import distributed
 
     if not isinstance(profile, Profile) and profile not in PROFILES:
         raise LLMQuantError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -199,6 +213,7 @@ def run_compare(
         ctx = Context(model_path, prof, ref, tok, load=lambda: load_model(model_path)[0])
         # One fp32 forward per evaluation window for the whole run, instead of one per configuration.
         ids = token_windows(tok, None, prof.eval_windows, prof.seq_len)
+        progress = progress and distributed.is_writer()
         ctx.reference_logits = ReferenceLogits(ref, ids, progress=progress)
         chosen = [c for c in candidates
                   if (prof.name in c.profiles or prof.name not in PROFILES)
@@ -255,8 +270,7 @@ def _remeasure_baseline(rows: list[dict], ctx: Context) -> None:
     base = next((r for r in rows if r["strategy"] == "fp32" and r["status"] == "ok"), None)
     if base is None:
         return
-    p = ctx.profile
-    sp = measure_speed(ctx.reference, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
+    sp = _speed(ctx.reference, ctx.profile)
     for key, again in (("prefill_tok_s", sp.prefill_tokens_per_s), ("decode_tok_s", sp.decode_tokens_per_s)):
         base[key + "_runs"] = [base[key], again]
         base[key] = max(base[key], again)

@@ -47,7 +47,7 @@ from ...schemes.formats import DEFAULT_CANDIDATES, FP32, fake_weight, format_byt
 from .apply import head_names
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: label samples drawn per window (a seeded generator each)
 
 
 @dataclass
@@ -224,6 +224,19 @@ def _logits(model, ids):
 
 @torch.no_grad()
 def _kl_scan(model, units, fmts, ids, progress):
+    """Measured KL of each unit in each format. A distributed run: each rank runs its share of the windows
+    (one batch) and the sums are added in rank order (one process's up to the rounding of the batched
+    products)."""
+    from .. import distributed
+
+    mine, _ = distributed.split(ids)
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    sums = _kl_sums(model, units, fmts, ids[mine], progress) if mine else [[0.0] * len(fmts) for _ in units]
+    total = distributed.sum_in_order([(mine[0] if mine else len(ids), sums)], "the KL sums")
+    return [[max(0.0, sum(t[i][j] for t in total)) / n for j in range(len(fmts))] for i in range(len(units))]
+
+
+def _kl_sums(model, units, fmts, ids, progress):
     arch = arch_for(model)
     blocks = model.get_submodule(arch.layers) if arch else None
     inputs: dict[int, tuple] = {}
@@ -251,7 +264,6 @@ def _kl_scan(model, units, fmts, ids, progress):
         h = model.get_submodule(arch.final_norm)(h)
         return model.get_submodule(arch.lm_head)(h)[:, :-1].float()
 
-    n = ref.shape[0] * ref.shape[1]
     damage = []
     for u in tqdm(units, desc="sensitivity (kl)", disable=not progress, leave=False):
         w = _weight(model, u)
@@ -260,7 +272,7 @@ def _kl_scan(model, units, fmts, ids, progress):
         for f in fmts:
             w.data.copy_(fake_weight(f, orig))
             logp = F.log_softmax(run_from(u.block), -1)
-            row.append(max(0.0, float(F.kl_div(logp, ref, log_target=True, reduction="sum")) / n))  # >= 0 up to rounding
+            row.append(float(F.kl_div(logp, ref, log_target=True, reduction="sum")))  # >= 0 up to rounding
         w.data.copy_(orig)
         damage.append(row)
     return damage
@@ -282,23 +294,29 @@ def _flush(weights, fmts, grads, acc, diag) -> None:
 
 
 def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every=4):
+    """Each window's sums are made on their own (its label samples drawn from a generator seeded by the
+    window's index) and added in window order: the same damages whichever process of a distributed run
+    measures which windows (:mod:`llmquant.flows.distributed` deals them out)."""
+    from .. import distributed
+
     weights = [_weight(model, u) for u in units]
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for w in {id(w): w for w in weights}.values():
         w.requires_grad_(True)
-    gen = torch.Generator().manual_seed(seed)
-    acc = torch.zeros(len(units), len(fmts), dtype=torch.float64)
-    diag = torch.zeros_like(acc)
-    n, pending = 0, []
-    bar = tqdm(total=len(ids) * samples, desc="sensitivity (fisher)", disable=not progress, leave=False)
+    mine, _ = distributed.split(ids)
+    parts = []  # (window, its (diag, acc) sums, its positions)
+    bar = tqdm(total=len(mine) * samples, desc="sensitivity (fisher)", disable=not progress, leave=False)
     try:
-        for win in ids:
+        for i in mine:
+            gen = torch.Generator().manual_seed(seed * 1000003 + i)
+            acc = torch.zeros(len(units), len(fmts), dtype=torch.float64)
+            diag = torch.zeros_like(acc)
+            pending = []
             with torch.enable_grad():
-                logp = F.log_softmax(_logits(model, win[None])[0], -1)
+                logp = F.log_softmax(_logits(model, ids[i][None])[0], -1)
                 probs = logp.detach().exp()
-                n += logp.shape[0]
                 for s in range(samples):
                     y = torch.multinomial(probs, 1, generator=gen)
                     grads = torch.autograd.grad(logp.gather(1, y).sum(), weights, retain_graph=s < samples - 1)
@@ -308,13 +326,19 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
                     if len(pending) == flush_every:
                         _flush(weights, fmts, pending, acc, diag)
                         pending = []
+            if pending:
+                _flush(weights, fmts, pending, acc, diag)
+            parts.append((i, (diag, acc, logp.shape[0])))
             del logp, probs
-        if pending:
-            _flush(weights, fmts, pending, acc, diag)
     finally:
         bar.close()
         for p, r in saved.items():
             p.requires_grad_(r)
+    acc = torch.zeros(len(units), len(fmts), dtype=torch.float64)
+    diag = torch.zeros_like(acc)
+    n = 0
+    for d, a, k in distributed.sum_in_order(parts, "the Fisher sums"):
+        diag, acc, n = diag + d, acc + a, n + k
     scale = 0.5 / (samples * max(n, 1))
     return (scale * diag).tolist(), (scale * acc).tolist()
 
@@ -341,6 +365,9 @@ def sensitivity(
     the end of the text (default 4 x 128). ``cache``: True (default cache
     folder), False, or a folder.
     """
+    from .. import distributed
+
+    progress = progress and distributed.is_writer()  # a distributed run: rank 0 shows the progress
     if method not in ("fisher", "kl"):
         raise SchemeError(f"sensitivity method must be 'fisher' or 'kl', got {method!r}")
     fmts = [resolve_format(c) for c in candidates]
@@ -392,7 +419,7 @@ def sensitivity(
                **extra_damage},
     )
     log.info("sensitivity (%s) of %d layers x %d candidates in %.1fs", method, len(units), len(fmts), res.seconds)
-    if folder is not None:
+    if folder is not None and distributed.is_writer():
         try:
             res.save(folder / f"{key}.json")
         except OSError as e:

@@ -43,9 +43,10 @@ def _layer_weights(layer: nn.Module, prefix: str, units) -> list[tuple[int, nn.P
     return out
 
 
-def _head_grads(model, layers, last_inputs, batches, samples, gen):
+def _head_grads(model, layers, last_inputs, batches, samples, seed):
     """Per window: (number of predicted positions, the upstream gradient of each label draw) at the
-    input of the last layer's output, i.e. d sum log p(y) / d h_L, computed through the model's own head."""
+    input of the last layer's output, i.e. d sum log p(y) / d h_L, computed through the model's own head.
+    Window j's labels are drawn as the whole model's Fisher scan draws them (a generator seeded by j)."""
     originals = list(layers)
     out = []
     for j, b in enumerate(batches):
@@ -62,6 +63,7 @@ def _head_grads(model, layers, last_inputs, batches, samples, gen):
             for i, layer in enumerate(originals):
                 layers[i] = layer
         probs = logp.detach().exp()
+        gen = torch.Generator().manual_seed(seed * 1000003 + j)
         ups = []
         for s in range(samples):
             y = torch.multinomial(probs, 1, generator=gen)
@@ -93,8 +95,7 @@ def fisher_scan_streamed(model, units, fmts, ids, samples, progress, seed=0, flu
             xs = [_run(layers[i], x, k) for x, k in zip(xs, kwargs[i])]
             _unload(layers[i])
             source.release(i, f"{path}.{i}", layers[i])
-    gen = torch.Generator().manual_seed(seed)
-    heads = _head_grads(model, layers, xs, batches, samples, gen)
+    heads = _head_grads(model, layers, xs, batches, samples, seed)
     n = sum(h[0] for h in heads)
     upstream = [h[1] for h in heads]  # [window][draw]
     acc = torch.zeros(len(units), len(fmts), dtype=torch.float64)
