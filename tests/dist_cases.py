@@ -21,9 +21,9 @@ def calib() -> torch.Tensor:
     return torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(1))
 
 
-def qat_run(ckpt):
-    """Three QAT steps on the tiny model: (losses, trained state)."""
+def qat_run(ckpt, steps=3, **kw):
+    """A few QAT steps on the tiny model: (losses, trained state)."""
     m, tok = llmquant.load_model(ckpt)
-    res = llmquant.train_qat(m, None, config="W4G32", tokenizer=tok, steps=3, batch=2, seq_len=32, lr=1e-3,
-                             progress=False, convert=False)
+    res = llmquant.train_qat(m, None, config="W4G32", tokenizer=tok, steps=steps, batch=2, seq_len=32, lr=1e-3,
+                             progress=False, convert=False, **kw)
     return res.losses, {k: v.clone() for k, v in m.state_dict().items()}

@@ -35,6 +35,20 @@ def main() -> None:
 
         P.run_block = dying
     distributed.init()
+    if "--qat-kill" in sys.argv:  # rank 1 dies right after the step-2 checkpoint of a 4-step QAT run
+        from llmquant.flows import qat_train
+
+        save = qat_train._save
+
+        def dying(folder, model, opt, done, *a):
+            path = save(folder, model, opt, done, *a)
+            if done == 2 and os.environ.get("RANK") == "1":
+                os.kill(os.getpid(), 9)
+            return path
+
+        qat_train._save = dying
+        qat_run(ckpt, steps=4, checkpoint_dir=out, checkpoint_every=2)
+        return
     cases = ["gptq"] if kill or "--resume" in sys.argv else list(CASES)
     for name in cases:
         m, _ = llmquant.load_model(ckpt)

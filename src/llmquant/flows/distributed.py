@@ -84,7 +84,7 @@ class Group:
         who = (f"rank {', '.join(map(str, ranks))}" if ranks else "another rank") + " stopped answering"
         return DistributedError(f"{who} during {self.where} ({what}); every rank stopped, nothing was written. "
                                 f"Fix the cause and run the same command with --resume to continue from the last "
-                                f"finished layer (this rank: {self.rank} of {self.world}; timeout {self.timeout:.0f} s; "
+                                f"checkpoint (this rank: {self.rank} of {self.world}; timeout {self.timeout:.0f} s; "
                                 f"{msg.splitlines()[0][:160] if msg else type(e).__name__})")
 
     def _probe(self) -> list[int]:

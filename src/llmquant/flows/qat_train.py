@@ -240,6 +240,8 @@ def train_qat(
     with PeakMemory() as mem:
         try:
             for step in range(start, steps):
+                if group is not None:
+                    group.where = f"QAT step {step + 1}"
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * _lr_factor(step, steps, warmup)
                 opt.zero_grad(set_to_none=True)
