@@ -71,9 +71,11 @@ def main() -> None:
             cols = dict(zip([h.strip() for h in table[0].strip("|").split("|")],
                             [v.strip() for v in table[-1].strip("|").split("|")]))
             secs = float(cols["seconds"]) if what == "gptq" else float(cols["minutes"]) * 60
+            phases = [ln for ln in stdout.splitlines() if ln.startswith("seconds by phase: ")]
+            phases = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in phases[0][18:].split(", "))} if phases else {}
             outs.append(out)
             rows.append({"job": what, "config": label, "processes": procs, "threads": threads, "wall_s": wall,
-                         "work_s": secs})
+                         "work_s": secs, "phases_s": phases})
             print(rows[-1], flush=True)
         ref = _tensors(outs[0])
         for out, row in zip(outs, rows[-len(outs):]):
@@ -89,11 +91,12 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps({"calib_samples": args.calib_samples, "qat_steps": args.qat_steps,
                                                     "cpus": os.cpu_count(), "rows": rows}, indent=1))
     lines = ["| job | configuration | command wall s | quantize / train s | speed-up vs 1x1 | efficiency | "
-             "tensors = 1x1 | KL (8 x 512) |", "|---|---|---|---|---|---|---|---|"]
+             "tensors = 1x1 | KL (8 x 512) | seconds by phase (rank 0) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = "yes" if r["tensors_identical_to_1x1"] else f"no ({r['tensors_differing']} differ)"
+        ph = ", ".join(f"{k} {v:.0f}" for k, v in r["phases_s"].items() if v >= 0.5)
         lines.append(f"| {r['job']} | {r['config']} | {r['wall_s']:.1f} | {r['work_s']:.1f} | {r['speedup_vs_1x1']:.2f}x "
-                     f"| {r['efficiency']:.2f} | {same} | {r['kl']:.4f} |")
+                     f"| {r['efficiency']:.2f} | {same} | {r['kl']:.4f} | {ph} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

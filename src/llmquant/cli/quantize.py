@@ -168,5 +168,7 @@ def cmd_quantize(args) -> int:
         name = summary.layers[0].scheme if config.method == "dynamic" and summary.layers else config.weight.name
         row = _summary_row(summary, name)
     print(format_table([row]))
+    if summary.phase_seconds:
+        print("seconds by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.phase_seconds.items()))
     print(f"saved to {args.output}")
     return 0

@@ -333,10 +333,18 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         err_batches += 1
     err = [g < err_batches for g in gidx]
     inside = set()
+    last = [time.perf_counter()]
+
+    def clock(phase: str) -> None:  # the seconds since the last call go to ``phase``
+        now = time.perf_counter()
+        summary.phase_seconds[phase] = summary.phase_seconds.get(phase, 0.0) + now - last[0]
+        last[0] = now
+
     bar = tqdm(range(start, len(layers)), initial=start, total=len(layers), desc=f"{'+'.join(cfg.methods)} "
                f"{stages[-1].label}", disable=not progress, unit="layer")
     for i in bar:
         t = time.perf_counter()
+        clock("other")
         layer, prefix = layers[i], f"{path}.{i}"
         if group is not None:
             group.where = f"decoder layer {i} ({prefix})"
@@ -356,6 +364,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         ctx = LayerContext(layer, prefix, lin, StatsCollector(lin), cfg, rerun=lambda: float_pass(False))
         with _observing(stages, ctx):
             ys = float_pass(True)
+        clock("float pass")
         if targets:
             ctx.inputs, ctx.kwargs, ctx.targets = xs, kwargs[i], ys
         if group is not None:
@@ -365,9 +374,11 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         ctx.stats.finish()
         for s in stages:
             s.reduce(ctx)
+        clock("reduce")
         trim_memory()  # the float pass's freed intermediates go back to the system before the quantizer's own
         results = run_block(stages, ctx)
         del ctx
+        clock("quantize")
         parts = []  # (global batch, error numerator, denominator)
         if float_prop:  # the quantized layer measures the error; the float outputs feed the next layer
             _install(model, results, chosen, stages[-1], summary)
@@ -386,6 +397,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
             ys[j] = None
         if not float_prop:
             _install(model, results, chosen, stages[-1], summary)
+        clock("quantized pass")
         nlin = len(lin)
         del results, lin
         num = den = 0.0
@@ -395,6 +407,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         err_i = num / max(den, 1e-30)
         summary.layer_errors.append(err_i)
         _layer_done(hooks, model, found, i, layer, xs, summary, shared)
+        clock("write")
         bar.set_postfix(layer=i, rel_mse=f"{err_i:.2e}", s=f"{time.perf_counter() - t:.1f}")
         log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, nlin, err_i, time.perf_counter() - t)
     rest = {n: m for n, m in chosen.items() if n not in inside}

@@ -47,6 +47,9 @@ class QuantSummary:
     peak_memory_mb: float = 0.0  # the process's peak resident memory while quantizing (MB, 1e6 bytes)
     memory_budget: dict = field(default_factory=dict)  # max_memory=: the budget, the estimate, whether it spilled
     resumed_after: int = 0  # decoder layers taken from an interrupted run's checkpoint (resume)
+    # a layer-by-layer calibrated run: seconds spent in each phase, summed over the layers ("float pass"
+    # with the statistics hooks, "reduce" across ranks, "quantize" (the stages), "quantized pass", "write")
+    phase_seconds: dict = field(default_factory=dict)
 
     @property
     def packed_bytes(self) -> int:
@@ -86,6 +89,7 @@ class QuantSummary:
             "peak_memory_mb": self.peak_memory_mb,
             "memory_budget": self.memory_budget,
             "resumed_after": self.resumed_after,
+            "phase_seconds": self.phase_seconds,
         }
 
     def __str__(self) -> str:
