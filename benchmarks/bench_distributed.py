@@ -7,6 +7,7 @@ quantization / training seconds. The outputs are then compared (tensor sha256) a
 the float model on the standard 8 x 512-token windows), so "the results match" is checked, not assumed.
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_distributed.py --qat-steps 40
+    flock /tmp/llmquant-bench.lock python benchmarks/bench_distributed.py --layer-costs 8   # one 8B-shaped layer
 
 Writes benchmarks/results/distributed.{json,md}.
 """
@@ -45,13 +46,50 @@ def _kl(folder: Path) -> float:
     return json.loads(out[out.index("{"):])["kl"]
 
 
+def layer_costs(windows: int, threads: int) -> dict:
+    """Seconds by phase of GPTQ W4G128 on one decoder layer of Llama-3-8B's shape (random weights, one
+    layer built in memory), ``windows`` x 512 calibration tokens: what a distributed run splits (the float
+    and quantized passes), deals out (the solves) and sends (X^T X sums, codes)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import llmquant
+    from llmquant import CalibSpec, QuantConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    calib = torch.randint(0, 1024, (windows, 512), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    s = llmquant.quantize(model, QuantConfig(weight="W4G128", method="gptq", calibration=CalibSpec(samples=windows)),
+                          calib=calib, progress=False)
+    sums = [(4096 * 4096 * 3 + 14336 * 14336) * 8, (4096 + 14336) * 8]  # float64 X^T X and sum|X| per layer
+    return {"windows": windows, "threads": threads, "seconds": time.perf_counter() - t0,
+            "phases_s": s.phase_seconds, "stats_bytes_per_layer": sum(sums),
+            "codes_bytes_per_layer": (4096 * (4096 + 1024 * 2 + 4096) + 3 * 4096 * 14336) * 2}  # int16 codes sent
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--qat-steps", type=int, default=100)
     ap.add_argument("--skip", default="", help="comma-separated: gptq, qat")
     ap.add_argument("--out", default=str(HERE / "results" / "distributed"))
+    ap.add_argument("--layer-costs", type=int, metavar="WINDOWS",
+                    help="only measure one Llama-3-8B-shaped layer's GPTQ phases with this many 512-token windows")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.layer_costs:
+        res = layer_costs(args.layer_costs, args.threads)
+        print(json.dumps(res, indent=1))
+        Path(args.out + "_layer8b.json").write_text(json.dumps(res, indent=1))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="llmquant-dist-bench-"))
     jobs = {
         "gptq": ["quantize", "--method", "gptq", "--scheme", "W4G64", "--calib-samples", str(args.calib_samples),
