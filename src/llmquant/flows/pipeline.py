@@ -311,6 +311,11 @@ def _budget(model, layers, chosen, stages, batches, summary) -> bool:
 def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks) -> None:
     path, layers = found
     group = distributed.active()
+    if group is not None and any(s.needs_targets for s in stages):
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"{'+'.join(cfg.methods)} trains each decoder layer on every calibration batch: it "
+                               "does not split over processes yet; run it in one process (no --workers / torchrun)")
     gidx, local = distributed.split(batches)  # a distributed run: this rank's share of the batches
     if group is not None and not local:
         raise CalibrationError(f"{len(batches)} calibration batches cannot be shared by {group.world} ranks: give "
