@@ -187,3 +187,16 @@ def test_qat_checkpoint_of_two_ranks_resumes_in_one_process(ckpt, tmp_path):
     assert losses == pytest.approx(straight_losses, rel=1e-5)
     for k in state:
         torch.testing.assert_close(state[k], straight[k], rtol=0, atol=1e-5)
+
+
+def test_layer_training_is_refused_in_a_distributed_run(ckpt):
+    from llmquant.errors import UnsupportedError
+    from llmquant.flows import distributed
+
+    distributed._ACTIVE = distributed.Group(0, 2, 5.0, "gloo")  # refused before any collective
+    try:
+        m, _ = llmquant.load_model(ckpt)
+        with pytest.raises(UnsupportedError, match="does not split over processes"):
+            llmquant.quantize(m, llmquant.QuantConfig(weight="W4G32", method="blockqat"), calib=calib(), progress=False)
+    finally:
+        distributed._ACTIVE = None
