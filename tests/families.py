@@ -17,6 +17,8 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", dict(_GQA, head_dim=16)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(_GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=48)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_GQA, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32)),
     "mixtral": ("MixtralConfig", dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
     "gemma2": ("Gemma2Config", dict(_GQA, head_dim=16, sliding_window=4)),
     "gemma3_text": ("Gemma3TextConfig", dict(_GQA, head_dim=16, sliding_window=4)),

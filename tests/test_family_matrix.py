@@ -1,7 +1,7 @@
 """Every strategy on a tiny random model of every decoder family: it works, or refuses with a clear error.
 
-Families whose experts transformers keeps as fused 3-D parameters (Mixtral, Qwen2-MoE) are refused unless
-the user names the linears to quantize; GPT-2's Conv1D linears are refused. Everything else works."""
+Mixture-of-experts families whose experts transformers keeps as fused 3-D parameters (Mixtral, Qwen2-MoE,
+Qwen3-MoE) are quantized one linear per expert; GPT-2's Conv1D linears are refused. Everything else works."""
 
 import json
 
@@ -24,9 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: family -> (the error every strategy raises, what its message says)
 REFUSED = {
     "gpt2": (SelectionError, "Conv1D"),
-    "mixtral": (UnsupportedModelError, "fused 3-D"),
-    "qwen2_moe": (UnsupportedModelError, "fused 3-D"),
 }
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 LEAN = {"llama", "mistral", "qwen2", "qwen3"}  # families the lean runtime runs; the others use their forward
 A8 = QuantScheme(bits=8, granularity="tensor")
 CALIB = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(4))
@@ -44,7 +43,12 @@ def _kl(out, ref):
 
 
 def _n_linears(model):
-    return sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n != "lm_head" and not n.endswith(".lm_head") and "embed_out" not in n)
+    """The linears quantizing selects: every Linear (experts one per expert) but heads and MoE routers."""
+    from llmquant.modules.experts import unfuse_experts
+
+    unfuse_experts(model)  # what selecting does (the same function)
+    return sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules()
+               if n != "lm_head" and not n.endswith((".lm_head", "shared_expert_gate")) and "embed_out" not in n)
 
 
 STRATEGIES = {
@@ -76,17 +80,45 @@ def test_ptq_and_dynamic(family, strategy):
     assert 0 < _kl(_logits(model), ref) < bound
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_moe_with_named_targets_quantizes_the_rest(family):
-    """A fused-expert model quantizes what the user names; experts and the router stay float."""
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_moe_with_named_targets_quantizes_the_rest(family, tmp_path):
+    """A fused-expert model quantizes what the user names; experts and the router stay float (and load)."""
     model = make_family(family)
     ref = _logits(model)
     cfg = QuantConfig(weight="W4G32", method="awq", targets=("re:.*self_attn\\..*",))
     llmquant.quantize(model, cfg, calib=CALIB, progress=False)
     q = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert q and all(".self_attn." in n for n in q)
-    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+    assert type(model.model.layers[0].mlp.experts.gate_up_proj[0]) is torch.nn.Linear
     assert 0 < _kl(_logits(model), ref) < 1.0
+    llmquant.save(model, None, tmp_path / "q")
+    assert torch.equal(_logits(llmquant.load(tmp_path / "q")[0]), _logits(model))
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_moe_experts_quantized_per_expert(family):
+    """Unfused, the float model computes exactly what transformers' eager experts compute; GPTQ gathers
+    each expert's statistics from the tokens routed to it (an expert that got too few falls back to RTN
+    and is counted); routers stay float."""
+    from llmquant.modules.experts import ExpertLinears, unfuse_experts
+
+    model = make_family(family)
+    model.config._experts_implementation = "eager"
+    ref = _logits(model)
+    unfuse_experts(model)
+    assert torch.equal(_logits(model), ref)
+    gptq = QuantConfig(weight="W4G32", method="gptq")
+    s = llmquant.quantize(model, gptq, calib=CALIB, progress=False)
+    experts = [m for m in model.modules() if isinstance(m, ExpertLinears)]
+    assert experts and all(isinstance(lin, QuantLinear) for e in experts for lin in (*e.gate_up_proj, *e.down_proj))
+    routers = [n for n, m in model.named_modules() if n.endswith((".gate", "shared_expert_gate"))]
+    assert routers and not any(isinstance(model.get_submodule(n), QuantLinear) for n in routers)
+    assert 0 < _kl(_logits(model), ref) < 2.0
+    # one token of calibration: most experts see none or almost none
+    starved = make_family(family)
+    s = llmquant.quantize(starved, gptq, calib=CALIB[:1, :1], progress=False)  # two of four experts chosen
+    assert s.rtn_fallback and all(".experts." in n for n in s.rtn_fallback)
+    assert f"{len(s.rtn_fallback)} linears with too few calibration tokens" in str(s)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
@@ -159,6 +191,13 @@ def test_exports(family, tmp_path):
     model = make_family(family)
     llmquant.quantize(model, "W4G32", progress=False)
     set_kernel(model, "reference")
+    if family in MOE:
+        with pytest.raises(ExportError, match="one linear per expert"):
+            llmquant.export(model, None, tmp_path / "ct", format="compressed-tensors")
+        with pytest.raises(ExportError, match="GGUF export knows no tensor names"):
+            llmquant.export(model, None, tmp_path / "m.gguf", format="gguf")
+        assert not (tmp_path / "ct").exists() and not (tmp_path / "m.gguf").exists()
+        return
     llmquant.export(model, None, tmp_path / "ct", format="compressed-tensors")
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"

@@ -382,6 +382,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         clock("reduce")
         trim_memory()  # the float pass's freed intermediates go back to the system before the quantizer's own
         results = run_block(stages, ctx)
+        summary.rtn_fallback.extend(ctx.rtn_fallback)
         del ctx
         clock("quantize")
         parts = []  # (global batch, error numerator, denominator)
@@ -450,6 +451,7 @@ def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, 
             s.reduce(whole)
         if not all(s.split_blocks for s in stages):  # the model is one block: transforms see every layer
             _install(model, run_block(stages, whole), chosen, stages[-1], summary)
+            summary.rtn_fallback.extend(whole.rtn_fallback)
             return
     finally:
         if stop is not None:
@@ -460,7 +462,9 @@ def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, 
     for prefix, block in tqdm(blocks, desc=f"{'+'.join(cfg.methods)} {stages[-1].label}", disable=not progress):
         lin = {n: m for n, m in chosen.items() if (not prefix or n.startswith(prefix + ".")) and n not in done}
         done |= set(lin)
-        _install(model, run_block(stages, LayerContext(block, prefix, lin, col, cfg)), chosen, stages[-1], summary)
+        bctx = LayerContext(block, prefix, lin, col, cfg)
+        _install(model, run_block(stages, bctx), chosen, stages[-1], summary)
+        summary.rtn_fallback.extend(bctx.rtn_fallback)
     rest = {n: m for n, m in chosen.items() if n not in done}
     if rest:
         _install(model, run_block(stages[-1:], LayerContext(model, "", rest, col, cfg, in_layer=False)), chosen,

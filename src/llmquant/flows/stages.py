@@ -58,6 +58,7 @@ class LayerContext:
     inputs: list | None = None
     kwargs: list | None = None
     targets: list | None = None
+    rtn_fallback: list = field(default_factory=list)  # linears quantized with RTN for want of calibration tokens
 
     def rel(self, name: str) -> str:
         return name[len(self.prefix) + 1 :] if self.prefix else name
@@ -252,14 +253,25 @@ class AWQStage(Stage):
         return {n: (*r, ctx.linears[n].weight.detach().float()) for n, r in zip(names, done)}
 
 
+#: a linear that saw fewer calibration tokens than this (and than a quarter of what the block's busiest linear
+#: saw: a mixture-of-experts expert the router seldom chose) is quantized with RTN
+MIN_CALIB_TOKENS = 16
+
+
 def run_block(stages: list[Stage], ctx: LayerContext) -> Result:
-    """Every stage's transform, then the last stage's quantize; linears that saw no calibration input
-    (when the stages need input statistics) fall back to RTN with a warning."""
+    """Every stage's transform, then the last stage's quantize; linears that saw no calibration input, or
+    too few tokens (:data:`MIN_CALIB_TOKENS`), fall back to RTN with a warning (when the stages need input
+    statistics); their names go to ``ctx.rtn_fallback``."""
     out: Result = {}
     if any(s.needs_gram for s in stages):
-        unseen = {n: m for n, m in ctx.linears.items() if n not in ctx.stats.owner}
+        seen = {n: ctx.stats.of(n).n for n in ctx.linears if n in ctx.stats.owner}
+        least = min(MIN_CALIB_TOKENS, max(seen.values(), default=0) // 4)
+        unseen = {n: m for n, m in ctx.linears.items() if seen.get(n, 0) < max(least, 1)}
         for n in unseen:
-            log.warning("%s saw no calibration input; quantized with RTN", n)
+            log.warning("%s saw %d calibration tokens; quantized with RTN", n, seen.get(n, 0))
+        ctx.rtn_fallback = list(unseen)
+        for n in unseen:  # the stages work on the linears that saw enough
+            ctx.stats.owner.pop(n, None)
         out.update(rtn_result(unseen, ctx.cfg))
     for s in stages:
         s.transform(ctx)

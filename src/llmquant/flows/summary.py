@@ -50,6 +50,9 @@ class QuantSummary:
     # a layer-by-layer calibrated run: seconds spent in each phase, summed over the layers ("float pass"
     # with the statistics hooks, "reduce" across ranks, "quantize" (the stages), "quantized pass", "write")
     phase_seconds: dict = field(default_factory=dict)
+    # linears a calibrated method quantized with RTN: they saw no (or too few) calibration tokens, e.g.
+    # mixture-of-experts experts the router seldom chose on the calibration text
+    rtn_fallback: list = field(default_factory=list)
 
     @property
     def packed_bytes(self) -> int:
@@ -90,6 +93,7 @@ class QuantSummary:
             "memory_budget": self.memory_budget,
             "resumed_after": self.resumed_after,
             "phase_seconds": self.phase_seconds,
+            "rtn_fallback": self.rtn_fallback,
         }
 
     def __str__(self) -> str:
@@ -98,6 +102,8 @@ class QuantSummary:
             f"{self.float_bytes / 1e6:.1f} MB -> {self.packed_bytes / 1e6:.1f} MB, mean weight SQNR "
             f"{self.mean_sqnr_db:.1f} dB, kernel(s) {', '.join(self.kernels)}, {self.seconds:.1f}s"
             + (f", peak memory {self.peak_memory_mb:.0f} MB" if self.peak_memory_mb else "")
+            + (f", {len(self.rtn_fallback)} linears with too few calibration tokens quantized with RTN"
+               if self.rtn_fallback else "")
         )
 
 

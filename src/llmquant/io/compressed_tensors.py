@@ -122,6 +122,13 @@ def export_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.Path
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quant:
         raise ExportError("the model has no quantized layers; quantize it first (llmquant quantize)")
+    from ..modules.experts import ExpertLinears
+
+    experts = [n for n, m in model.named_modules() if isinstance(m, ExpertLinears)]
+    if experts:
+        raise ExportError(f"{type(model).__name__}'s mixture-of-experts weights are quantized one linear per expert "
+                          f"({experts[0]}.gate_up_proj.0, ...); compressed-tensors readers expect transformers' fused "
+                          "experts, which this export does not write yet: save the llmquant folder instead")
     problems = [p for n, m in quant.items() if (p := _check(n, m))]
     if problems:
         raise ExportError(f"{len(problems)} layer(s) cannot be written as compressed-tensors: " + "; ".join(problems[:3]))

@@ -28,7 +28,12 @@ def quant_linear_from_entry(layer: dict) -> QuantLinear:
 
 def install_modules(model: nn.Module, manifest: dict) -> None:
     """Replace the float modules the manifest names with empty llmquant modules (QuantLinear for each
-    quantized layer; FloatLinear / FloatEmbedding / QuantEmbedding for mixed-precision entries)."""
+    quantized layer; FloatLinear / FloatEmbedding / QuantEmbedding for mixed-precision entries). Fused
+    mixture-of-experts weights saved one linear per expert are unfused first, as quantizing did."""
+    from ..modules.experts import unfuse_for_names
+
+    unfuse_for_names(model, [*manifest["quantized_layers"], *(manifest.get("mixed_modules") or {}),
+                             *(manifest.get("tensors") or {})])
     for name, layer in manifest["quantized_layers"].items():
         _replace(model, name, quant_linear_from_entry(layer))
     for name, entry in (manifest.get("mixed_modules") or {}).items():  # bf16/fp16 layers, quantized embeddings

@@ -287,6 +287,9 @@ def _check_against_model(w: _Where, manifest: dict, model_config, modules: dict,
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptFileError(f"{w.where}: the folder's config.json does not describe a model transformers can "
                                f"build ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    from ..modules.experts import unfuse_for_names
+
+    unfuse_for_names(model, [*modules, *tensors])  # experts saved one linear per expert, as load rebuilds them
     own: dict[str, torch.Tensor] = {}  # tensors of llmquant's modules: their dtype is part of the format
     for name, new in modules.items():
         try:

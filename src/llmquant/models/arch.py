@@ -77,7 +77,8 @@ ARCHS: list[ArchSpec] = [
     # mixture-of-experts: post_attention_layernorm feeds the router and the experts, so only attention folds
     ArchSpec(model_types=("mixtral", "qwen3_moe"), norm_to_linears=_QKV),
     ArchSpec(model_types=("qwen2_moe",), norm_to_linears=_QKV,
-             linear_to_linears=(("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),)),
+             linear_to_linears=(("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),),
+             float_modules=("mlp.shared_expert_gate",)),
     # OLMo 2 normalizes after attention and MLP: its linears read the residual stream, no norm feeds them
     ArchSpec(model_types=("olmo2",), linear_to_linears=_UP_DOWN),
     ArchSpec(

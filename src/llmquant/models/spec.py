@@ -100,6 +100,8 @@ class ArchSpec:
     modules: LayerModules | None = None
     runtime: RuntimeSpec | None = None
     gguf: GGUFSpec | None = None
+    # linears inside a decoder layer kept in float unless targets name them (a MoE router that is a Linear)
+    float_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         if (self.runtime is not None or self.gguf is not None) and self.modules is None:

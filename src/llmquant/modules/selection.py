@@ -3,6 +3,7 @@ modules in place."""
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch.nn as nn
@@ -39,8 +40,16 @@ def select_linears(
     Exact names that name no module raise :class:`SelectionError`, as does a selection that matches
     nothing: a silent no-op quantization is never what a user wants.
     """
+    from .experts import fused_experts, unfuse_experts
+
+    experts = fused_experts(model)
+    if experts:  # mixture-of-experts weights kept fused: one linear per expert instead (the same function)
+        if any(p.is_meta for n in experts for p in model.get_submodule(n).parameters()):
+            raise UnsupportedModelError(f"{type(model).__name__} is a mixture-of-experts model read layer by layer "
+                                        "(stream=True / --stream); its fused experts need the model loaded whole")
+        unfuse_experts(model, experts)
     by_type, targets = _split(tuple(targets))
-    ignore = tuple(ignore)
+    ignore = tuple(ignore) + _float_by_default(model, targets)
     _check_patterns(targets + ignore)
     names = {n for n, _ in model.named_modules()}
     missing = [t for t in targets if not t.startswith("re:") and t not in names]
@@ -68,6 +77,16 @@ def select_linears(
             "most of the model, in float. To quantize the other linears only (attention, shared experts), name "
             "them: targets=['re:.*self_attn.*'] (or --targets)")
     return chosen
+
+
+def _float_by_default(model: nn.Module, targets) -> tuple[str, ...]:
+    """Patterns of the linears the model's family keeps in float unless targets name them (MoE routers)."""
+    from ..models import arch_for
+
+    arch = arch_for(model)
+    if arch is None or not arch.float_modules or targets:
+        return ()
+    return tuple(rf"re:{re.escape(arch.layers)}\.\d+\.{re.escape(m)}" for m in arch.float_modules)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

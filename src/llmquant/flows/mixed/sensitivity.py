@@ -319,8 +319,10 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
                 probs = logp.detach().exp()
                 for s in range(samples):
                     y = torch.multinomial(probs, 1, generator=gen)
-                    grads = torch.autograd.grad(logp.gather(1, y).sum(), weights, retain_graph=s < samples - 1)
-                    pending.append([g.detach().to(torch.bfloat16) for g in grads])
+                    grads = torch.autograd.grad(logp.gather(1, y).sum(), weights, retain_graph=s < samples - 1,
+                                                allow_unused=True)  # an expert no token was routed to: no gradient
+                    pending.append([torch.zeros_like(w, dtype=torch.bfloat16) if g is None else g.detach().to(torch.bfloat16)
+                                    for g, w in zip(grads, weights)])
                     del grads
                     bar.update(1)
                     if len(pending) == flush_every:
