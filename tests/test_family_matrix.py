@@ -207,3 +207,19 @@ def test_exports(family, tmp_path):
     if family not in LEAN:
         with pytest.raises(ExportError, match="GGUF export knows no tensor names"):
             llmquant.export(model, None, tmp_path / "m.gguf", format="gguf")
+
+
+def test_layers_of_two_structures_get_their_own_fold_pairs():
+    """Qwen2-MoE with a dense first layer: the shared-expert pair applies to the MoE layer only (each
+    structure is traced), and AWQ and SmoothQuant run where a single mapping for all layers was refused."""
+    from llmquant.flows.folds import fold_plan
+
+    model = make_family("qwen2_moe", mlp_only_layers=[0])
+    plan = fold_plan(model, what="AWQ", hint="")
+    assert [s for s, _ in plan.pairs_of(0)] == ["input_layernorm"]
+    assert [s for s, _ in plan.pairs_of(1)] == ["input_layernorm", "mlp.shared_expert.up_proj"]
+    for strategy in ("awq", "smoothquant"):
+        model = make_family("qwen2_moe", mlp_only_layers=[0])
+        ref = _logits(model)
+        STRATEGIES[strategy][0](model)
+        assert 0 < _kl(_logits(model), ref) < STRATEGIES[strategy][1]

@@ -3,7 +3,7 @@ decoder layer and each source norm's kind.
 
 Pairs are declared (a method's own parameters, an :class:`~llmquant.models.ArchSpec` given by the user, or
 the family's entry in :data:`llmquant.models.ARCHS`) and then checked against a trace of the model's first
-decoder layer (:mod:`llmquant.models.trace`): a declared pair whose fold would change the layer's output,
+decoder layer of each structure (:mod:`llmquant.models.trace`): a declared pair whose fold would change the layer's output,
 or a declared norm kind the norm does not have, is an :class:`ArchitectureMismatchError`. With nothing
 declared, the trace's own pairs are used, so a family without an entry still gets its folds.
 """
@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..errors import ArchitectureMismatchError, MappingError, UnsupportedArchitectureError
 from ..models import arch_for
-from ..models.trace import is_norm, trace_layer
+from ..models.trace import decoder_layers, is_norm, trace_layer
 from ..schemes.names import matches
 
 log = logging.getLogger(__name__)
@@ -35,28 +35,61 @@ class FoldPlan:
     offsets: dict[str, float] = field(default_factory=dict)
     norm_offset: float = 0.0
     traced: bool = False
+    # decoder layers of another structure than layer 0 (a dense MLP among MoE blocks, ...): their own pairs
+    by_layer: dict[int, Pairs] = field(default_factory=dict)
 
     def offset(self, source: str) -> float:
         """The weight offset of ``source`` (a path inside the layer), for :func:`fold_scale_modules`."""
         return self.offsets.get(source, self.norm_offset)
+
+    def pairs_of(self, index: int) -> Pairs:
+        """The pairs of decoder layer ``index``."""
+        return self.by_layer.get(index, self.pairs)
 
 
 def _fmt(pairs) -> str:
     return "; ".join(f"{s} -> {list(d)}" for s, d in pairs) or "none"
 
 
+def _structure(layer: nn.Module) -> tuple:
+    return tuple((n, type(m).__name__) for n, m in layer.named_modules())
+
+
 def fold_plan(model: nn.Module, arch=None, norm_to_linears=None, linear_to_linears=None, *, what: str,
               hint: str, linear_pairs: bool = True) -> FoldPlan:
     """The fold pairs of ``model`` (see the module docs). ``arch``: the record to use (default: the table's);
     ``norm_to_linears``/``linear_to_linears``: a method's own declared pairs, which take precedence;
-    ``hint``: how the user passes pairs, for the error when none can be found."""
+    ``hint``: how the user passes pairs, for the error when none can be found. Decoder layers come in
+    structures (most models: one); one layer of each is traced, and a declared pair whose source a
+    structure lacks does not apply to its layers."""
     declared = arch or arch_for(model)
     n2l = norm_to_linears if norm_to_linears is not None else (declared.norm_to_linears if declared else ())
     l2l = linear_to_linears if linear_to_linears is not None else (declared.linear_to_linears if declared else ())
     pairs = tuple(n2l or ()) + (tuple(l2l or ()) if linear_pairs else ())
-    trace = trace_layer(model, declared)
+    found = decoder_layers(model, declared)
+    first: dict[tuple, int] = {}  # layer structure -> the first layer that has it
+    layer_kind = [first.setdefault(_structure(lay), i) for i, lay in enumerate(found[1])] if found else [0]
+    plans = {k: _kind_plan(model, declared, pairs, linear_pairs, k, what, hint, multi=len(first) > 1)
+             for k in dict.fromkeys(layer_kind)}
+    base = plans[layer_kind[0]]
+    offsets = {src: off for p in plans.values() for src, off in p.offsets.items()}
+    by_layer = {i: plans[k].pairs for i, k in enumerate(layer_kind) if k != layer_kind[0]}
+    if not any(p.pairs for p in plans.values()):
+        raise UnsupportedArchitectureError(f"{what}: none of the pairs {_fmt(pairs)} applies to any decoder layer of "
+                                           f"{type(model).__name__}; {hint}")
+    return FoldPlan(base.pairs, offsets, base.norm_offset, base.traced, by_layer)
+
+
+def _kind_plan(model, declared, pairs, linear_pairs, index, what, hint, multi) -> FoldPlan:
+    """The plan of decoder layer ``index`` (and the layers of its structure)."""
+    trace = trace_layer(model, declared, index)
     mt = getattr(getattr(model, "config", None), "model_type", None)
     who = f"{type(model).__name__} (model_type {mt!r})"
+    if pairs and multi and trace is not None:  # pairs whose source this structure lacks are not its
+        names = {n for n, _ in trace.layer.named_modules() if n}
+        pairs = tuple((src, dsts) for src, dsts in pairs if any(matches(n, (src,)) for n in names))
+        if not pairs:
+            return FoldPlan((), traced=True)
     if not pairs:
         if trace is None:
             raise UnsupportedArchitectureError(f"{what} needs to know which norm feeds which linears in {who}, and "
@@ -66,7 +99,7 @@ def fold_plan(model: nn.Module, arch=None, norm_to_linears=None, linear_to_linea
         if not pairs:
             raise UnsupportedArchitectureError(f"{what}: tracing {who} finds no norm or linear whose output reaches "
                                                f"only linears, so there is nowhere to fold a scale; {hint}")
-        log.info("%s: fold pairs of %s found by tracing its first decoder layer: %s", what, who, _fmt(pairs))
+        log.info("%s: fold pairs of %s found by tracing its decoder layer %d: %s", what, who, index, _fmt(pairs))
         return FoldPlan(pairs, offsets, traced=True)
     norm_offset = declared.norm_offset if declared is not None else 0.0
     if trace is None:

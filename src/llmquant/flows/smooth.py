@@ -45,7 +45,7 @@ def smoothing_pairs(model: nn.Module, arch: ArchSpec | None = None, *, linear_pa
     path, layers = found
     pairs = []
     for i in range(len(layers)):
-        for src, targets in layer_pairs(layers[i], plan.pairs, f"the mapping for {type(model).__name__}"):
+        for src, targets in layer_pairs(layers[i], plan.pairs_of(i), f"the mapping for {type(model).__name__}"):
             pairs.append(SmoothPair(f"{path}.{i}.{src}", tuple(f"{path}.{i}.{t}" for t in targets), plan.offset(src)))
     return pairs
 

@@ -201,7 +201,8 @@ class AWQStage(Stage):
         p, col = self.params, ctx.stats
         rel = {ctx.rel(n): n for n in ctx.linears}
         jobs = []  # (source, its linears' full names)
-        for src, dsts in (layer_pairs(ctx.block, self.plan.pairs, "AWQ") if ctx.in_layer else ()):
+        index = int(ctx.prefix.rsplit(".", 1)[1]) if ctx.in_layer and ctx.prefix.rsplit(".", 1)[-1].isdigit() else 0
+        for src, dsts in (layer_pairs(ctx.block, self.plan.pairs_of(index), "AWQ") if ctx.in_layer else ()):
             names = [rel[d] for d in dsts if d in rel]
             if not names or any(n not in col.owner for n in names):
                 continue

@@ -14,7 +14,8 @@ What a scale fold needs to know is which module's output reaches which linears a
   gives ``n(x)`` and ``offset`` (0 for RMSNorm/LayerNorm, 1 for Gemma's RMSNorm), and shows whether the
   weight scales per channel at all.
 
-Only decoder layer 0 is traced: the families llmquant meets repeat one layer structure.
+One decoder layer of each structure is traced (most models repeat one; a model mixing dense and MoE
+blocks has two): :func:`llmquant.flows.folds.fold_plan` asks for each.
 """
 
 from __future__ import annotations
