@@ -1,7 +1,7 @@
 """Every strategy on a tiny random model of every decoder family: it works, or refuses with a clear error.
 
 Mixture-of-experts families whose experts transformers keeps as fused 3-D parameters (Mixtral, Qwen2-MoE,
-Qwen3-MoE) are quantized one linear per expert; GPT-2's Conv1D linears are refused. Everything else works."""
+Qwen3-MoE) are quantized one linear per expert; GPT-2's Conv1D linears as the nn.Linear they compute."""
 
 import json
 
@@ -22,9 +22,7 @@ from families import FAMILIES, make_family
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: family -> (the error every strategy raises, what its message says)
-REFUSED = {
-    "gpt2": (SelectionError, "Conv1D"),
-}
+REFUSED: dict = {}
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 LEAN = {"llama", "mistral", "qwen2", "qwen3"}  # families the lean runtime runs; the others use their forward
 A8 = QuantScheme(bits=8, granularity="tensor")
@@ -46,8 +44,10 @@ def _n_linears(model):
     """The linears quantizing selects: every Linear (experts one per expert) but heads and MoE routers."""
     from llmquant.modules.experts import unfuse_experts
 
+    from llmquant.models import is_linear
+
     unfuse_experts(model)  # what selecting does (the same function)
-    return sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules()
+    return sum(is_linear(m) for n, m in model.named_modules()
                if n != "lm_head" and not n.endswith((".lm_head", "shared_expert_gate")) and "embed_out" not in n)
 
 
@@ -191,6 +191,11 @@ def test_exports(family, tmp_path):
     model = make_family(family)
     llmquant.quantize(model, "W4G32", progress=False)
     set_kernel(model, "reference")
+    if family == "gpt2":
+        with pytest.raises(ExportError, match="Conv1D"):
+            llmquant.export(model, None, tmp_path / "ct", format="compressed-tensors")
+        assert not (tmp_path / "ct").exists()
+        return
     if family in MOE:
         with pytest.raises(ExportError, match="one linear per expert"):
             llmquant.export(model, None, tmp_path / "ct", format="compressed-tensors")

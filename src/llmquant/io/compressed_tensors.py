@@ -112,6 +112,31 @@ def _format(m: QuantLinear) -> str:
     return "int-quantized" if m.activation_scheme is not None else "naive-quantized"
 
 
+def _conv1d_origin(model: nn.Module, names) -> list[str]:
+    """The quantized layers that the model's own class builds as Conv1D (weight in x out), not nn.Linear."""
+    from ..models import is_linear
+
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return []
+    try:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError):
+        return []
+    out = []
+    for n in names:
+        try:
+            m = fresh.get_submodule(n)
+        except AttributeError:
+            continue
+        if is_linear(m) and not isinstance(m, nn.Linear):
+            out.append(n)
+    return out
+
+
 def export_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``model`` to ``folder`` in the compressed-tensors layout; see the module doc."""
     from safetensors.torch import save_file
@@ -124,6 +149,12 @@ def export_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.Path
         raise ExportError("the model has no quantized layers; quantize it first (llmquant quantize)")
     from ..modules.experts import ExpertLinears
 
+    conv1d = _conv1d_origin(model, quant)
+    if conv1d:
+        raise ExportError(f"{conv1d[0]} (and {len(conv1d) - 1} more) are GPT-2-style Conv1D modules in "
+                          f"{type(model).__name__}'s own code, quantized as the linears they compute; compressed-tensors "
+                          "readers replace nn.Linear modules only, so they would not load them: save the llmquant folder "
+                          "instead")
     experts = [n for n, m in model.named_modules() if isinstance(m, ExpertLinears)]
     if experts:
         raise ExportError(f"{type(model).__name__}'s mixture-of-experts weights are quantized one linear per expert "

@@ -296,12 +296,15 @@ def _check_against_model(w: _Where, manifest: dict, model_config, modules: dict,
             old = model.get_submodule(name)
         except AttributeError:
             raise w.fail(f"layer {name!r} has no place in the model config.json describes") from None
+        from ..models import is_linear
+
         lin = isinstance(new, QuantLinear) or type(new).__name__ == "FloatLinear"
         want = nn.Linear if lin else nn.Embedding
         dims = (new.in_features, new.out_features) if lin else (new.num_embeddings, new.embedding_dim)
         have = ((old.in_features, old.out_features) if isinstance(old, nn.Linear)
+                else (old.weight.shape[0], old.nf) if is_linear(old)  # GPT-2's Conv1D: weight (in, out)
                 else (old.num_embeddings, old.embedding_dim) if isinstance(old, nn.Embedding) else None)
-        if not isinstance(old, want) or have != dims:
+        if not (is_linear(old) if lin else isinstance(old, want)) or have != dims:
             raise w.fail(f"layer {name!r} is recorded as a {want.__name__} {dims}, the model has {type(old).__name__} "
                          f"{have or ''} there")
         replace_module(model, name, new)

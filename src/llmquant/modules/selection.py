@@ -56,19 +56,21 @@ def select_linears(
     if missing:
         raise SelectionError(f"targets name modules that do not exist: {missing}")
     chosen = []
-    for name, mod in model.named_modules():
+    for name, mod in list(model.named_modules()):
         if matches(name, ignore):
             continue
+        conv1d = is_linear(mod) and not isinstance(mod, nn.Linear) and not mod.weight.is_meta
+        if conv1d:  # GPT-2's Conv1D (weight in x out): chosen, it becomes the nn.Linear computing the same
+            mod = _as_linear(mod)
         # a module standing in for a linear (a streamed model's head kept in the checkpoint's dtype) counts as one
         linear = isinstance(mod, types) or (nn.Linear in types and getattr(mod, "stands_for_linear", False))
         if (by_type and isinstance(mod, by_type)) or (linear and (matches(name, targets) if targets else not by_type)):
+            if conv1d:
+                replace_module(model, name, mod)
             chosen.append((name, mod))
     if not chosen:
         kinds = "/".join(t.__name__ for t in (by_type or types))
-        conv1d = [n for n, m in model.named_modules() if is_linear(m) and not isinstance(m, nn.Linear)]
-        why = (f"; its {len(conv1d)} linears ({conv1d[0]}, ...) are GPT-2-style Conv1D modules (weight stored "
-               "in x out), which llmquant does not quantize") if conv1d else ""
-        raise SelectionError(f"no {kinds} module matches targets={list(targets) or 'all'} ignore={list(ignore)}{why}")
+        raise SelectionError(f"no {kinds} module matches targets={list(targets) or 'all'} ignore={list(ignore)}")
     fused = fused_expert_params(model)
     if fused and not targets:
         raise UnsupportedModelError(
@@ -77,6 +79,16 @@ def select_linears(
             "most of the model, in float. To quantize the other linears only (attention, shared experts), name "
             "them: targets=['re:.*self_attn.*'] (or --targets)")
     return chosen
+
+
+def _as_linear(conv1d: nn.Module) -> nn.Linear:
+    """GPT-2's ``Conv1D`` (``y = x @ W + b``, W stored in x out) as the ``nn.Linear`` computing the same."""
+    w = conv1d.weight
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=conv1d.bias is not None, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    if conv1d.bias is not None:
+        lin.bias = conv1d.bias
+    return lin
 
 
 def _float_by_default(model: nn.Module, targets) -> tuple[str, ...]:
