@@ -7,7 +7,7 @@ import sys
 
 from . import args as A
 from .quantize import cmd_quantize
-from .commands import _add_generation_args, _add_sens_args, add_qat_parser, cmd_chat, cmd_compare, cmd_demo, cmd_eval, cmd_export, cmd_generate, cmd_inspect, cmd_plan, cmd_sensitivity
+from .commands import _add_generation_args, _add_sens_args, add_imatrix_parser, add_qat_parser, cmd_chat, cmd_compare, cmd_demo, cmd_eval, cmd_export, cmd_generate, cmd_inspect, cmd_plan, cmd_sensitivity
 
 log = logging.getLogger("llmquant")
 
@@ -146,6 +146,7 @@ def build_parser() -> A.Parser:
     d.add_argument("--windows", type=A.positive_int, default=8)
     d.set_defaults(func=cmd_demo)
     add_qat_parser(sub)
+    add_imatrix_parser(sub)
     return p
 
 

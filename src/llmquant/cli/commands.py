@@ -472,3 +472,34 @@ def _add_generation_args(g) -> None:
     g.add_argument("--stats", action="store_true", help="print tokens/s and threads to stderr")
     g.add_argument("--prefill-bf16", action="store_true",
                    help="run the prompt's forward under bf16 autocast (faster prefill; decode stays fp32)")
+
+
+def cmd_imatrix(args) -> int:
+    """llama.cpp's importance matrix of a model on calibration text (for ``llama-quantize --imatrix``)."""
+    import llmquant
+    from ..data import calibration_windows
+    from ..io.imatrix import imatrix_from_calibration, write_imatrix
+    from ..models import context_length
+
+    if Path(args.output).exists() and not args.overwrite:
+        from ..errors import OutputExistsError
+
+        raise OutputExistsError(f"{args.output!r} exists; choose another -o or pass --overwrite")
+    model, tok = llmquant.load_model(args.model)
+    src = None if args.calib in (None, "default") else Path(args.calib)
+    windows = calibration_windows(tok, src, args.calib_samples, args.seq_len, context=context_length(model))
+    im = imatrix_from_calibration(model, windows, dataset=str(src) if src else "llmquant default text")
+    write_imatrix(im, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}: {len(im.sums)} weights, {windows.shape[0]} x {windows.shape[1]} tokens")
+    return 0
+
+
+def add_imatrix_parser(sub) -> None:
+    m = sub.add_parser("imatrix", help="llama.cpp's importance matrix (GGUF) of a model on calibration text")
+    m.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    m.add_argument("--calib", help="calibration text: .txt/.jsonl file, or 'default' (the default)")
+    m.add_argument("--calib-samples", type=A.positive_int, default=64, help="calibration windows (default 64)")
+    m.add_argument("--seq-len", type=A.seq_len, default=512, help="tokens per window (default 512)")
+    m.add_argument("-o", "--output", required=True, help="the imatrix file to write (.gguf)")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_imatrix)

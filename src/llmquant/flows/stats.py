@@ -117,3 +117,33 @@ class StatsCollector:
             if n in self.owner:
                 out.setdefault(self.owner[n], []).append(n)
         return out
+
+
+@torch.no_grad()
+def input_square_sums(model: nn.Module, linears: dict[str, nn.Module], batches, *,
+                      progress: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per linear: the sum over the calibration tokens of each input column's square (float64) and the token
+    count, from one pass of ``model`` over ``batches`` (token ids): llama.cpp's importance matrix."""
+    from tqdm.auto import tqdm
+
+    sums: dict[str, list] = {}
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if not torch.isfinite(x).all():
+                raise CalibrationError(f"NaN/Inf in the calibration inputs of {name}")
+            s = sums.setdefault(name, [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device), 0])
+            s[0] += x.pow(2).sum(0)
+            s[1] += x.shape[0]
+
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for b in tqdm(batches, desc="imatrix", disable=not progress, leave=False):
+            model(b, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (s, c) for n, (s, c) in sums.items()}
