@@ -25,7 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import ExportError, OutputExistsError
-from ..models import arch_for, config_value, hf_to_gguf_name, model_types_with, permute_heads_for, rope_row_order
+from ..models import arch_for, hf_to_gguf_name, model_types_with, resolve, row_order_for
 from ..modules import QuantEmbedding, QuantLinear
 from ..schemes import sqnr_db
 from .ggml_blocks import BLOCK_TYPES, BY_NAME, REQUANT_TYPES, dequantize_bytes, exact_blocks, ggml_type
@@ -131,8 +131,12 @@ _QUANT = (QuantLinear, QuantEmbedding)  # packed modules written as GGML blocks
 def _model_tensors(model: nn.Module):
     """(hf_name, QuantLinear / QuantEmbedding or float tensor) for every parameter/buffer to write; tied
     copies once (a quantized head sharing a QuantEmbedding's tensors is written as the embedding: llama.cpp
-    reads a missing output.weight from token_embd.weight)."""
+    reads a missing output.weight from token_embd.weight). A transformers Conv1D (GPT-2) keeps its weight as
+    (in, out): written transposed, as llama.cpp's (out, in) linears."""
+    from transformers.pytorch_utils import Conv1D
+
     seen: set[int] = set()
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     shared = {id(m.qweight) for m in quant.values() if isinstance(m, QuantEmbedding)}
     for n, m in quant.items():
@@ -148,7 +152,7 @@ def _model_tensors(model: nn.Module):
         if t.data_ptr() in seen:  # tied lm_head: llama.cpp falls back to token_embd
             continue
         seen.add(t.data_ptr())
-        yield n, t.detach()
+        yield n, (t.detach().T if n in conv1d else t.detach())
 
 
 def export_gguf(
@@ -183,6 +187,10 @@ def export_gguf(
             f"supported: {', '.join(model_types_with('gguf'))} (add GGUF facts to its entry in llmquant.models.arch)"
         )
     gg = arch.gguf
+    unmet = [what for what, ok in gg.requires if not ok(model)]
+    if unmet:
+        raise ExportError(f"llama.cpp's {gg.arch!r} architecture cannot run this {cfg.model_type} model: it needs "
+                          + "; ".join(unmet) + ". Nothing was written")
     from ..schemes import PRESETS
 
     llama_act = (None, PRESETS["gguf:Q8_0-act"], PRESETS["gguf:Q8_K-act"])
@@ -214,23 +222,19 @@ def export_gguf(
         w = gguf.GGUFWriter(tmp, gg.arch)
         w.add_name(str(getattr(cfg, "_name_or_path", "") or getattr(model, "llmquant_source", None) or "llmquant export"))
         w.add_string("general.quantized_by", "llmquant")
-        for key, attrs, kind in gg.metadata:
-            v = config_value(cfg, attrs)
+        for key, source, kind in gg.metadata:
+            v = resolve(cfg, source)
             if v is None:
                 continue
-            if kind == "u32":
-                w.add_uint32(f"{gg.arch}.{key}", int(v))
-            else:
-                w.add_float32(f"{gg.arch}.{key}", float(v))
+            add = {"u32": lambda k, x: w.add_uint32(k, int(x)), "f32": lambda k, x: w.add_float32(k, float(x)),
+                   "bool": lambda k, x: w.add_bool(k, bool(x))}[kind]
+            add(f"{gg.arch}.{key}", v)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         report.tokenizer_source = add_tokenizer(w, tokenizer, model, tokenizer_gguf, pre=tokenizer_pre)
         for n, obj, found in tqdm(plan, desc="gguf tensors", disable=not progress, leave=False):
             gname = hf_to_gguf_name(arch, n)
-            heads_attr = permute_heads_for(arch, n)
-            order = None
-            if heads_attr is not None:
-                rows = obj.out_features if isinstance(obj, _QUANT) else obj.shape[0]
-                order = np.asarray(rope_row_order(rows, int(config_value(cfg, (heads_attr,)))))
+            order = row_order_for(arch, n, cfg, obj.out_features if isinstance(obj, _QUANT) else obj.shape[0])
+            order = None if order is None else np.asarray(order)
             if isinstance(obj, _QUANT):
                 if found is not None:
                     bt, raw = found
@@ -248,6 +252,8 @@ def export_gguf(
                 arr = obj.float().cpu().numpy()
                 if order is not None:
                     arr = arr[order]
+                if arch.norm_offset and arr.ndim == 1 and "norm" in gname and gname.endswith(".weight"):
+                    arr = arr + np.float32(arch.norm_offset)  # llama.cpp's norms scale by the stored weight alone
                 tname, raw, exact = _write_float(arr, float_type)
                 rec = TensorRecord(gname, n, tname, exact, raw.nbytes)
                 if not exact:

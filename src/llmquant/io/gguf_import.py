@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CorruptFileError, ExportError, ModelNotFoundError
-from ..models import arch_for_gguf, config_value, gguf_to_hf_name, permute_heads_for, rope_row_order
+from ..models import arch_for_gguf, gguf_to_hf_name, row_order_for
 from ..modules import replace_module
 from ..schemes import QuantConfig
 from .ggml_blocks import BY_NAME, module_from_blocks
@@ -45,11 +45,12 @@ class GGUFImport:
 
 def hf_row_order(rows: np.ndarray, arch, hf_name: str, config) -> np.ndarray:
     """``rows`` of tensor ``hf_name`` as a GGUF file stores them, in Hugging Face's order: llama.cpp's
-    converter reorders q/k rows for its rope layout (GGUF row r holds HF row ``order[r]``)."""
-    attr = permute_heads_for(arch, hf_name)
-    if attr is None:
+    converter reorders q/k rows for its rope layout, and fused q/k/v rows grouped per head (GGUF row r holds
+    HF row ``order[r]``)."""
+    order = row_order_for(arch, hf_name, config, rows.shape[0])
+    if order is None:
         return rows
-    order = np.asarray(rope_row_order(rows.shape[0], int(config_value(config, (attr,)))))
+    order = np.asarray(order)
     out = np.empty_like(rows)
     out[order] = rows
     return out

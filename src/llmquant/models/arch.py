@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .spec import ArchSpec, GGUFSpec, LayerModules, RuntimeSpec
+from .spec import ArchSpec, GGUFSpec, LayerModules, RuntimeSpec, config_value
 
 # GGUF metadata of llama.cpp's llama-like architectures: (key without "<arch>.", config attributes, kind)
 _LLAMA_META = (
@@ -31,9 +31,136 @@ _LLAMA_GGUF = GGUFSpec(
     metadata=_LLAMA_META,
     permute_rows=(("q", "num_attention_heads"), ("k", "num_key_value_heads")),
 )
+# --- GGUF facts of the other families llama.cpp runs (each checked by loading a tiny model in llama.cpp) ---
+_THETA = ("rope_parameters.rope_theta", "rope_theta")
+
+
+def _head_dim(c) -> int:
+    return config_value(c, ("head_dim",)) or c.hidden_size // c.num_attention_heads
+
+
+def _rope_dims(c) -> int:
+    """Rotary dimensions per head: partial rotary (Phi, StableLM, GPT-NeoX) rotates a fraction of each head."""
+    factor = config_value(c, ("rope_parameters.partial_rotary_factor", "partial_rotary_factor", "rotary_pct"))
+    return int((1.0 if factor is None else factor) * _head_dim(c))
+
+
+def _plain_rope(m) -> bool:
+    rp = config_value(m.config, ("rope_parameters", "rope_scaling")) or {}
+    entries = list(rp.values()) if rp and all(isinstance(v, dict) for v in rp.values()) else [rp]
+    return all(e.get("rope_type", e.get("type", "default")) == "default" for e in entries)
+
+
+_PLAIN_ROPE = ("rope without scaling (rope_type 'default'; llmquant writes no rope-scaling keys)", _plain_rope)
+_TIED = ("the output head tied to the embedding (llama.cpp reads this family's head from token_embd)",
+         lambda m: tied_lm_head(m))
+
+
+def _swa_every(n: int):
+    """llama.cpp's fixed sliding-window pattern: layer i slides iff i % n < n - 1."""
+    def ok(m) -> bool:
+        kinds = getattr(m.config, "layer_types", None) or ()
+        return all((t == "sliding_attention") == (i % n < n - 1) for i, t in enumerate(kinds))
+    return (f"sliding-window attention on every layer but each {n}th (config.layer_types; llama.cpp's fixed pattern)", ok)
+
+
+def _meta(*keys, eps="attention.layer_norm_rms_epsilon", eps_attrs=("rms_norm_eps",), theta=_THETA):
+    """The metadata llama.cpp's loaders read for every family, plus ``keys`` (a key given again overrides)."""
+    base = (
+        ("context_length", ("max_position_embeddings", "n_positions"), "u32"),
+        ("embedding_length", ("hidden_size",), "u32"),
+        ("block_count", ("num_hidden_layers",), "u32"),
+        ("feed_forward_length", ("intermediate_size",), "u32"),
+        ("attention.head_count", ("num_attention_heads",), "u32"),
+        ("attention.head_count_kv", ("num_key_value_heads", "num_attention_heads"), "u32"),
+        (eps, eps_attrs, "f32"),
+        ("rope.freq_base", theta, "f32"),
+        ("vocab_size", ("vocab_size",), "u32"),
+    )
+    return tuple({k: (k, src, kind) for k, src, kind in base + keys}.values())
+
+
+# Gemma 2/3: llama.cpp scales attention by 1/sqrt(head_dim) and reads the head from token_embd
+_GEMMA_TENSORS = (
+    ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "post_attention_norm"), ("pre_feedforward_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+)
+_GEMMA_REQ = (
+    ("query_pre_attn_scalar equal to head_dim (llama.cpp scales attention scores by 1/sqrt(head_dim))",
+     lambda m: m.config.query_pre_attn_scalar == _head_dim(m.config)),
+    _TIED, _PLAIN_ROPE,
+)
+_HEAD_DIM_META = (("attention.key_length", _head_dim, "u32"), ("attention.value_length", _head_dim, "u32"))
+_GEMMA2_GGUF = GGUFSpec(
+    arch="gemma2",
+    metadata=_meta(*_HEAD_DIM_META, ("attention.sliding_window", ("sliding_window",), "u32"),
+                   ("attn_logit_softcapping", ("attn_logit_softcapping",), "f32"),
+                   ("final_logit_softcapping", ("final_logit_softcapping",), "f32")),
+    layer_tensors=_GEMMA_TENSORS,
+    requires=_GEMMA_REQ + (
+        _swa_every(2),
+        ("attention and final-logit soft-capping both set (llama.cpp's Gemma 2 always caps)",
+         lambda m: m.config.attn_logit_softcapping is not None and m.config.final_logit_softcapping is not None),
+    ),
+)
+_GEMMA3_GGUF = GGUFSpec(
+    arch="gemma3",
+    metadata=_meta(*_HEAD_DIM_META, ("attention.sliding_window", ("sliding_window",), "u32"),
+                   ("final_logit_softcapping", ("final_logit_softcapping",), "f32"),
+                   theta=("rope_parameters.full_attention.rope_theta",) + _THETA),
+    layer_tensors=_GEMMA_TENSORS + (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
+    requires=_GEMMA_REQ + (
+        _swa_every(6),
+        ("no attention soft-capping (llama.cpp's Gemma 3 has none)", lambda m: m.config.attn_logit_softcapping is None),
+        ("sliding layers with rope_theta 10000 (llama.cpp's fixed value for Gemma 3)",
+         lambda m: config_value(m.config, ("rope_parameters.sliding_attention.rope_theta", "rope_local_base_freq"))
+         in (None, 10000.0)),
+    ),
+)
+_PHI3_GGUF = GGUFSpec(
+    arch="phi3",
+    metadata=_meta(("rope.dimension_count", _rope_dims, "u32"),
+                   ("rope.scaling.original_context_length", ("original_max_position_embeddings",), "u32")),
+    layer_tensors=(("input_layernorm", "attn_norm"), ("self_attn.qkv_proj", "attn_qkv"),
+                   ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+                   # gate and up fused, gate first: llama.cpp's fused SwiGLU splits ffn_up the same way
+                   ("mlp.gate_up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")),
+    requires=(_PLAIN_ROPE,
+              ("no sliding window shorter than the context (llama.cpp runs Phi-3 with full attention)",
+               lambda m: (m.config.sliding_window or 1 << 62) >= m.config.max_position_embeddings)),
+)
+_OLMO2_GGUF = GGUFSpec(
+    arch="olmo2",
+    metadata=_meta(),
+    layer_tensors=(("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                   ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm", "attn_q_norm"),
+                   ("self_attn.k_norm", "attn_k_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                   ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
+                   ("post_feedforward_layernorm", "post_ffw_norm")),
+    requires=(_PLAIN_ROPE,),
+)
+_LAYERNORM_EPS = dict(eps="attention.layer_norm_epsilon", eps_attrs=("layer_norm_eps", "layer_norm_epsilon"))
+# StableLM: parallel residual blocks have no post_attention_layernorm, which llama.cpp reads as parallel
+_STABLELM_GGUF = GGUFSpec(
+    arch="stablelm",
+    metadata=_meta(("rope.dimension_count", _rope_dims, "u32"),
+                   ("use_parallel_residual", ("use_parallel_residual",), "bool"), **_LAYERNORM_EPS),
+    layer_tensors=(("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+                   ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                   ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"),
+                   ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")),
+    requires=(_PLAIN_ROPE,
+              ("no per-head q/k layer norms (qk_layernorm=False; llmquant does not stack them as llama.cpp wants)",
+               lambda m: not getattr(m.config, "qk_layernorm", False))),
+)
+
 _GATED = LayerModules()  # Llama's decoder layer: input/post-attention norms, q/k/v/o, gate/up/down
 _QKV = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),)
 _UP_DOWN = (("mlp.up_proj", ("mlp.down_proj",)),)
+_GEMMA_PAIRS = _QKV + (("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),)
 
 ARCHS: list[ArchSpec] = [
     ArchSpec(model_types=("llama",), modules=_GATED, runtime=RuntimeSpec(), gguf=_LLAMA_GGUF),
@@ -65,21 +192,20 @@ ARCHS: list[ArchSpec] = [
             ("input_layernorm", ("self_attn.qkv_proj",)),
             ("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
+        gguf=_PHI3_GGUF,
     ),
     # Gemma 2/3: RMSNorms scale by (1 + weight); norms before and after attention and MLP, and the one
     # feeding the MLP is pre_feedforward_layernorm (post_attention_layernorm's output joins the residual)
-    ArchSpec(
-        model_types=("gemma2", "gemma3_text"),
-        norm_to_linears=_QKV + (("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),),
-        linear_to_linears=_UP_DOWN,
-        norm_offset=1.0,
-    ),
+    ArchSpec(model_types=("gemma2",), norm_to_linears=_GEMMA_PAIRS, linear_to_linears=_UP_DOWN, norm_offset=1.0,
+             gguf=_GEMMA2_GGUF),
+    ArchSpec(model_types=("gemma3_text",), norm_to_linears=_GEMMA_PAIRS, linear_to_linears=_UP_DOWN, norm_offset=1.0,
+             gguf=_GEMMA3_GGUF),
     # mixture-of-experts: post_attention_layernorm feeds the router and the experts, so only attention folds
     ArchSpec(model_types=("mixtral", "qwen3_moe"), norm_to_linears=_QKV),
     ArchSpec(model_types=("qwen2_moe",), norm_to_linears=_QKV,
              linear_to_linears=(("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),)),
     # OLMo 2 normalizes after attention and MLP: its linears read the residual stream, no norm feeds them
-    ArchSpec(model_types=("olmo2",), linear_to_linears=_UP_DOWN),
+    ArchSpec(model_types=("olmo2",), linear_to_linears=_UP_DOWN, gguf=_OLMO2_GGUF),
     ArchSpec(
         model_types=("gpt_neox",),
         layers="gpt_neox.layers",
@@ -93,7 +219,7 @@ ARCHS: list[ArchSpec] = [
     # depending on the config: their pairs come from tracing the model
     ArchSpec(model_types=("falcon",), layers="transformer.h", embed="transformer.word_embeddings",
              final_norm="transformer.ln_f"),
-    ArchSpec(model_types=("stablelm",)),
+    ArchSpec(model_types=("stablelm",), gguf=_STABLELM_GGUF),
     ArchSpec(
         model_types=("opt",),
         layers="model.decoder.layers",
