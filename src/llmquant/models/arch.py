@@ -157,6 +157,52 @@ _STABLELM_GGUF = GGUFSpec(
                lambda m: not getattr(m.config, "qk_layernorm", False))),
 )
 
+_GELU = ("a GELU MLP (llama.cpp computes the tanh approximation)",
+         lambda m: config_value(m.config, ("hidden_act", "activation_function", "activation"))
+         in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"))
+_GPTNEOX_GGUF = GGUFSpec(
+    arch="gptneox",
+    metadata=_meta(("rope.dimension_count", _rope_dims, "u32"),
+                   ("use_parallel_residual", ("use_parallel_residual",), "bool"), **_LAYERNORM_EPS),
+    layer_tensors=(("input_layernorm", "attn_norm"), ("attention.query_key_value", "attn_qkv"),
+                   ("attention.dense", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+                   ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")),
+    grouped_qkv=(("attention.query_key_value", ("num_attention_heads",), ("num_attention_heads",)),),
+    requires=(_PLAIN_ROPE, _GELU),
+)
+_GPT2_GGUF = GGUFSpec(
+    arch="gpt2",
+    metadata=_meta(("feed_forward_length", lambda c: c.n_inner or 4 * c.n_embd, "u32"), **_LAYERNORM_EPS),
+    model_tensors=(("transformer.wpe", "position_embd"),),
+    layer_tensors=(("ln_1", "attn_norm"), ("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"),
+                   ("ln_2", "ffn_norm"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")),
+    requires=(_GELU, ("attention scores scaled by 1/sqrt(head_dim) alone (scale_attn_weights=True, "
+                      "scale_attn_by_inverse_layer_idx=False)",
+                      lambda m: m.config.scale_attn_weights and not m.config.scale_attn_by_inverse_layer_idx)),
+)
+
+
+def _falcon_kv_heads(c) -> int:
+    """Falcon's key/value head count: num_kv_heads in the new decoder layout, else 1 (multi-query) or one
+    per query head."""
+    return c.num_kv_heads if c.new_decoder_architecture else (1 if c.multi_query else c.num_attention_heads)
+
+
+_FALCON_GGUF = GGUFSpec(
+    arch="falcon",
+    metadata=_meta(("attention.head_count_kv", _falcon_kv_heads, "u32"),
+                   ("feed_forward_length", ("ffn_hidden_size",), "u32"), **_LAYERNORM_EPS),
+    layer_tensors=(("input_layernorm", "attn_norm"), ("ln_attn", "attn_norm"), ("ln_mlp", "attn_norm_2"),
+                   ("self_attention.query_key_value", "attn_qkv"), ("self_attention.dense", "attn_output"),
+                   ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")),
+    grouped_qkv=(("self_attention.query_key_value", ("num_attention_heads",), _falcon_kv_heads),),
+    requires=(_PLAIN_ROPE, _GELU,
+              ("attention and MLP in parallel (parallel_attn=True; llama.cpp has no sequential Falcon block)",
+               lambda m: m.config.parallel_attn or m.config.new_decoder_architecture),
+              ("rotary positions (alibi=False)", lambda m: not m.config.alibi),
+              ("linears without biases (bias=False)", lambda m: not m.config.bias)),
+)
+
 _GATED = LayerModules()  # Llama's decoder layer: input/post-attention norms, q/k/v/o, gate/up/down
 _QKV = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),)
 _UP_DOWN = (("mlp.up_proj", ("mlp.down_proj",)),)
@@ -211,14 +257,14 @@ ARCHS: list[ArchSpec] = [
         layers="gpt_neox.layers",
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        gguf=_GPTNEOX_GGUF,
         norm_to_linears=(("input_layernorm", ("attention.query_key_value",)),
                          ("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
     ),
     # Falcon and StableLM blocks are parallel (one norm, or two, feeding attention and MLP) or sequential
     # depending on the config: their pairs come from tracing the model
     ArchSpec(model_types=("falcon",), layers="transformer.h", embed="transformer.word_embeddings",
-             final_norm="transformer.ln_f"),
+             final_norm="transformer.ln_f", gguf=_FALCON_GGUF),
     ArchSpec(model_types=("stablelm",), gguf=_STABLELM_GGUF),
     ArchSpec(
         model_types=("opt",),
@@ -236,6 +282,7 @@ ARCHS: list[ArchSpec] = [
         embed="transformer.wte",
         final_norm="transformer.ln_f",
         norm_to_linears=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        gguf=_GPT2_GGUF,
     ),
 ]
 
