@@ -128,10 +128,11 @@ def _unmappable_message(names: list[tuple[str, str]]) -> str:
 _QUANT = (QuantLinear, QuantEmbedding)  # packed modules written as GGML blocks
 
 
-def _model_tensors(model: nn.Module):
+def _model_tensors(model: nn.Module, head: str | None = None):
     """(hf_name, QuantLinear / QuantEmbedding or float tensor) for every parameter/buffer to write; tied
     copies once (a quantized head sharing a QuantEmbedding's tensors is written as the embedding: llama.cpp
-    reads a missing output.weight from token_embd.weight). A transformers Conv1D (GPT-2) keeps its weight as
+    reads a missing output.weight from token_embd.weight), except the head ``head`` (the module path of a
+    head the family's llama.cpp loader needs even when tied), written again under its own name. A transformers Conv1D (GPT-2) keeps its weight as
     (in, out): written transposed, as llama.cpp's (out, in) linears."""
     from transformers.pytorch_utils import Conv1D
 
@@ -140,7 +141,7 @@ def _model_tensors(model: nn.Module):
     quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     shared = {id(m.qweight) for m in quant.values() if isinstance(m, QuantEmbedding)}
     for n, m in quant.items():
-        if isinstance(m, QuantLinear) and id(m.qweight) in shared:
+        if isinstance(m, QuantLinear) and id(m.qweight) in shared and n != head:
             continue
         yield f"{n}.weight", m
         if getattr(m, "bias", None) is not None:
@@ -149,7 +150,7 @@ def _model_tensors(model: nn.Module):
     for n, t in model.state_dict().items():
         if n.startswith(skip) or not t.is_floating_point():
             continue
-        if t.data_ptr() in seen:  # tied lm_head: llama.cpp falls back to token_embd
+        if t.data_ptr() in seen and n != f"{head}.weight":  # tied lm_head: llama.cpp falls back to token_embd
             continue
         seen.add(t.data_ptr())
         yield n, (t.detach().T if n in conv1d else t.detach())
@@ -198,7 +199,7 @@ def export_gguf(
         raise ExportError("GGUF holds weight-only quantized models; llama.cpp quantizes activations itself. "
                           "Export a weight-only model (or one with activation schemes gguf:Q8_0-act / gguf:Q8_K-act, llama.cpp's own "
                           "rounding), or use --format compressed-tensors for W8A8")
-    items = list(_model_tensors(model))
+    items = list(_model_tensors(model, arch.lm_head if gg.head_required else None))
     unmapped = [n for n, _ in items if hf_to_gguf_name(arch, n) is None]
     if unmapped:
         raise ExportError(f"tensors without a GGUF name for architecture {gg.arch!r}: {unmapped[:5]}")

@@ -52,7 +52,7 @@ def _plain_rope(m) -> bool:
 
 
 _PLAIN_ROPE = ("rope without scaling (rope_type 'default'; llmquant writes no rope-scaling keys)", _plain_rope)
-_TIED = ("the output head tied to the embedding (llama.cpp reads this family's head from token_embd)",
+_TIED = ("the output head tied to the embedding (llama.cpp reads this family's head from token_embd only)",
          lambda m: tied_lm_head(m))
 
 
@@ -80,7 +80,7 @@ def _meta(*keys, eps="attention.layer_norm_rms_epsilon", eps_attrs=("rms_norm_ep
     return tuple({k: (k, src, kind) for k, src, kind in base + keys}.values())
 
 
-# Gemma 2/3: llama.cpp scales attention by 1/sqrt(head_dim) and reads the head from token_embd
+# Gemma 2/3: llama.cpp scales attention by 1/sqrt(head_dim); its Gemma 2 reads the head from token_embd
 _GEMMA_TENSORS = (
     ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
     ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
@@ -91,7 +91,7 @@ _GEMMA_TENSORS = (
 _GEMMA_REQ = (
     ("query_pre_attn_scalar equal to head_dim (llama.cpp scales attention scores by 1/sqrt(head_dim))",
      lambda m: m.config.query_pre_attn_scalar == _head_dim(m.config)),
-    _TIED, _PLAIN_ROPE,
+    _PLAIN_ROPE,
 )
 _HEAD_DIM_META = (("attention.key_length", _head_dim, "u32"), ("attention.value_length", _head_dim, "u32"))
 _GEMMA2_GGUF = GGUFSpec(
@@ -101,6 +101,7 @@ _GEMMA2_GGUF = GGUFSpec(
                    ("final_logit_softcapping", ("final_logit_softcapping",), "f32")),
     layer_tensors=_GEMMA_TENSORS,
     requires=_GEMMA_REQ + (
+        _TIED,
         _swa_every(2),
         ("attention and final-logit soft-capping both set (llama.cpp's Gemma 2 always caps)",
          lambda m: m.config.attn_logit_softcapping is not None and m.config.final_logit_softcapping is not None),
@@ -134,6 +135,7 @@ _PHI3_GGUF = GGUFSpec(
 )
 _OLMO2_GGUF = GGUFSpec(
     arch="olmo2",
+    head_required=True,
     metadata=_meta(),
     layer_tensors=(("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
                    ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm", "attn_q_norm"),
@@ -146,6 +148,7 @@ _LAYERNORM_EPS = dict(eps="attention.layer_norm_epsilon", eps_attrs=("layer_norm
 # StableLM: parallel residual blocks have no post_attention_layernorm, which llama.cpp reads as parallel
 _STABLELM_GGUF = GGUFSpec(
     arch="stablelm",
+    head_required=True,
     metadata=_meta(("rope.dimension_count", _rope_dims, "u32"),
                    ("use_parallel_residual", ("use_parallel_residual",), "bool"), **_LAYERNORM_EPS),
     layer_tensors=(("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
@@ -162,6 +165,7 @@ _GELU = ("a GELU MLP (llama.cpp computes the tanh approximation)",
          in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"))
 _GPTNEOX_GGUF = GGUFSpec(
     arch="gptneox",
+    head_required=True,
     metadata=_meta(("rope.dimension_count", _rope_dims, "u32"),
                    ("use_parallel_residual", ("use_parallel_residual",), "bool"), **_LAYERNORM_EPS),
     layer_tensors=(("input_layernorm", "attn_norm"), ("attention.query_key_value", "attn_qkv"),
@@ -192,7 +196,8 @@ _FALCON_GGUF = GGUFSpec(
     arch="falcon",
     metadata=_meta(("attention.head_count_kv", _falcon_kv_heads, "u32"),
                    ("feed_forward_length", ("ffn_hidden_size",), "u32"), **_LAYERNORM_EPS),
-    layer_tensors=(("input_layernorm", "attn_norm"), ("ln_attn", "attn_norm"), ("ln_mlp", "attn_norm_2"),
+    # Falcon-40B's two norms: llama.cpp feeds attention from attn_norm_2 and the MLP from attn_norm
+    layer_tensors=(("input_layernorm", "attn_norm"), ("ln_mlp", "attn_norm"), ("ln_attn", "attn_norm_2"),
                    ("self_attention.query_key_value", "attn_qkv"), ("self_attention.dense", "attn_output"),
                    ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")),
     grouped_qkv=(("self_attention.query_key_value", ("num_attention_heads",), _falcon_kv_heads),),

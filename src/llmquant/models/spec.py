@@ -93,6 +93,8 @@ class GGUFSpec:
     # a fused q/k/v whose rows HF groups per key/value head ([q heads of the group, k, v] per group) and
     # llama.cpp wants as all q rows, then all k rows, then all v rows (GPT-NeoX, Falcon)
     grouped_qkv: tuple[tuple[str, Any, Any], ...] = ()
+    # llama.cpp's loader needs output.weight even when the head is tied to the embedding: written twice
+    head_required: bool = False
     # (what llama.cpp needs, in words; predicate on the model): export refuses a model failing one
     requires: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
 
