@@ -7,6 +7,8 @@ in :mod:`llmquant.models.spec`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.nn as nn
 
 from .spec import ArchSpec, GGUFSpec, LayerModules, RuntimeSpec, config_value
@@ -31,6 +33,19 @@ _LLAMA_GGUF = GGUFSpec(
     metadata=_LLAMA_META,
     permute_rows=(("q", "num_attention_heads"), ("k", "num_key_value_heads")),
 )
+
+
+def _full_attention(m) -> bool:
+    """No layer attends through a sliding window shorter than the context."""
+    c = m.config
+    kinds = getattr(c, "layer_types", None)
+    if kinds is not None and "sliding_attention" not in kinds:
+        return True
+    window = getattr(c, "sliding_window", None)
+    return window is None or window >= c.max_position_embeddings
+
+
+_NO_SWA = ("no sliding window shorter than the context (llama.cpp runs this family with full attention)", _full_attention)
 # --- GGUF facts of the other families llama.cpp runs (each checked by loading a tiny model in llama.cpp) ---
 _THETA = ("rope_parameters.rope_theta", "rope_theta")
 
@@ -129,9 +144,7 @@ _PHI3_GGUF = GGUFSpec(
                    ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
                    # gate and up fused, gate first: llama.cpp's fused SwiGLU splits ffn_up the same way
                    ("mlp.gate_up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")),
-    requires=(_PLAIN_ROPE,
-              ("no sliding window shorter than the context (llama.cpp runs Phi-3 with full attention)",
-               lambda m: (m.config.sliding_window or 1 << 62) >= m.config.max_position_embeddings)),
+    requires=(_PLAIN_ROPE, _NO_SWA),
 )
 _OLMO2_GGUF = GGUFSpec(
     arch="olmo2",
@@ -219,7 +232,7 @@ ARCHS: list[ArchSpec] = [
         model_types=("mistral",),
         modules=_GATED,
         runtime=RuntimeSpec(sliding_window_attr="sliding_window"),
-        gguf=_LLAMA_GGUF,
+        gguf=dataclasses.replace(_LLAMA_GGUF, requires=(_NO_SWA,)),
     ),
     ArchSpec(
         model_types=("qwen2",),
