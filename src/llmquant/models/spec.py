@@ -207,8 +207,9 @@ def rope_row_order(rows: int, n_head: int) -> list[int]:
 def grouped_qkv_order(rows: int, n_head: int, n_groups: int) -> list[int]:
     """Row order of a fused q/k/v that HF stores per key/value group (``[q of the group's heads, k, v]``
     each ``head_dim`` rows) and llama.cpp as all q, all k, all v: GGUF row r holds HF row ``order[r]``."""
-    per = n_head // n_groups
-    hd = rows // (n_head + 2 * n_groups)
+    per, (hd, rest) = n_head // n_groups, divmod(rows, n_head + 2 * n_groups)
+    if rest or n_head % n_groups:
+        raise ValueError(f"{rows} rows do not hold {n_head} query heads in {n_groups} key/value groups")
     group = (per + 2) * hd
     q = [g * group + i * hd + p for g in range(n_groups) for i in range(per) for p in range(hd)]
     k = [g * group + per * hd + p for g in range(n_groups) for p in range(hd)]
