@@ -80,7 +80,7 @@ def test_llama_cpp_computes_float_export(case, tmp_path, tiny_bpe_tokenizer, mon
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] not in NOT_QUANTIZABLE])
 def test_llama_cpp_computes_quantized_export(case, tmp_path, tiny_bpe_tokenizer, monkeypatch):
     """RTN onto gguf:Q4_0, written as Q4_0 blocks bit for bit: KL(llmquant emulating llama.cpp's Q8_0
-    activation rounding || llama.cpp) below 0.005 (measured 1e-4..1e-3), and at least 10x closer than the
+    activation rounding || llama.cpp) below 0.005 (measured 1e-4..1.2e-3), and at least 10x closer than the
     float model is to the file (float: 0.02..0.25 away), so the quantized values are what llama.cpp runs."""
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
     m = _model(case)

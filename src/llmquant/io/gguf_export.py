@@ -7,6 +7,9 @@ is refused, listing what would map, unless ``requant`` names a type: it is then 
 ``gguf`` package's (llama.cpp reference) quantizer and the extra error is measured and reported.
 Float tensors: 1-D ones (norms) are F32 as llama.cpp wants; 2-D ones (embeddings, unquantized linears)
 take ``float_type`` ("auto": the smallest of Q8_0 / F16 / BF16 / F32 that holds them exactly).
+Per-family facts (names, metadata, row orders, norm offsets, what llama.cpp cannot run) are data in the
+family's :class:`~llmquant.models.spec.GGUFSpec`; a model failing one of its requirements, or of a family
+without one, is refused before anything is written.
 Tokenizer: copied from the GGUF the model came from (the default model's, or ``tokenizer_gguf``) when its
 vocabulary matches, else built from the Hugging Face tokenizer (byte-level BPE only).
 """

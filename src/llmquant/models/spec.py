@@ -11,8 +11,10 @@
 - ``modules``: the paths inside one decoder layer of a pre-norm attention + gated-MLP block. The pairs
   above, the lean runtime's module lookups and the GGUF tensor names are all derived from them.
 - ``runtime``: set when the lean runtime (:mod:`llmquant.runtime`) runs the family.
-- ``gguf``: set when GGUF export/import know the family (llama.cpp architecture name, metadata keys, q/k
-  row permutation). Tensor names follow llama.cpp's ``gguf-py/gguf/tensor_mapping.py``.
+- ``gguf``: set when GGUF export/import know the family (llama.cpp architecture name, metadata keys, tensor
+  names, row orders, and what a config must satisfy for llama.cpp to compute what transformers does).
+  Tensor names follow llama.cpp's ``gguf-py/gguf/tensor_mapping.py``; each family's facts were checked by
+  loading a tiny exported model in llama.cpp (``tests/test_gguf_families.py``).
 
 The table of families is :data:`llmquant.models.arch.ARCHS`; adding a family is adding an entry there.
 """
