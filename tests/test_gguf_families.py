@@ -19,12 +19,12 @@ IDS = [(7 * i) % 400 for i in range(48)]
 # llama.cpp scales Gemma's attention by 1/sqrt(head_dim) (the config's default query_pre_attn_scalar, 256, is
 # refused below); Gemma 3 gets 6 layers so that layer 5 is global, as llama.cpp's fixed pattern has it (an
 # all-sliding model leaves llama.cpp a global KV cache of no layers, which it cannot allocate)
-_GEMMA2 = dict(query_pre_attn_scalar=16)
-_GEMMA3 = dict(query_pre_attn_scalar=16, num_hidden_layers=6)
+_GEMMA2 = {"query_pre_attn_scalar": 16}
+_GEMMA3 = {"query_pre_attn_scalar": 16, "num_hidden_layers": 6}
 #: case -> (family, config overrides); the layouts llama.cpp branches on get a case each
 CASES = {
     "llama": ("llama", {}),
-    "mistral-full-attention": ("mistral", dict(sliding_window=None)),
+    "mistral-full-attention": ("mistral", {"sliding_window": None}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
     "gemma2": ("gemma2", _GEMMA2),
@@ -32,13 +32,13 @@ CASES = {
     "gemma3_text-untied": ("gemma3_text", dict(_GEMMA3, tie_word_embeddings=False)),
     "phi3": ("phi3", {}),
     "olmo2": ("olmo2", {}),
-    "olmo2-tied": ("olmo2", dict(tie_word_embeddings=True)),
+    "olmo2-tied": ("olmo2", {"tie_word_embeddings": True}),
     "stablelm": ("stablelm", {}),
-    "stablelm-parallel-qkv-bias": ("stablelm", dict(use_parallel_residual=True, use_qkv_bias=True)),
+    "stablelm-parallel-qkv-bias": ("stablelm", {"use_parallel_residual": True, "use_qkv_bias": True}),
     "gpt_neox": ("gpt_neox", {}),
-    "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
+    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
     "falcon": ("falcon", {}),
-    "falcon-40b-layout": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon-40b-layout": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
     "gpt2": ("gpt2", {}),
 }
 NOT_QUANTIZABLE = {"gpt2"}  # llmquant refuses GPT-2's Conv1D linears (test_family_matrix)
@@ -112,10 +112,10 @@ def test_family_without_gguf_facts_refused(family, tmp_path, tiny_bpe_tokenizer)
     ("gemma2", dict(_GEMMA2, final_logit_softcapping=None), "soft-capping both set"),
     ("gemma3_text", dict(_GEMMA3, attn_logit_softcapping=20.0), "no attention soft-capping"),
     ("mistral", {}, "no sliding window shorter than the context"),
-    ("phi3", dict(sliding_window=8), "no sliding window shorter than the context"),
-    ("stablelm", dict(qk_layernorm=True), "per-head q/k layer norms"),
-    ("falcon", dict(alibi=True), "alibi=False"),
-    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=False"),
+    ("phi3", {"sliding_window": 8}, "no sliding window shorter than the context"),
+    ("stablelm", {"qk_layernorm": True}, "per-head q/k layer norms"),
+    ("falcon", {"alibi": True}, "alibi=False"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=False"),
 ])
 def test_config_llama_cpp_cannot_run_refused(family, overrides, needs, tmp_path, tiny_bpe_tokenizer):
     """A supported family whose config asks for what llama.cpp does not compute: one ExportError saying

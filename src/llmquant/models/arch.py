@@ -157,7 +157,7 @@ _OLMO2_GGUF = GGUFSpec(
                    ("post_feedforward_layernorm", "post_ffw_norm")),
     requires=(_PLAIN_ROPE,),
 )
-_LAYERNORM_EPS = dict(eps="attention.layer_norm_epsilon", eps_attrs=("layer_norm_eps", "layer_norm_epsilon"))
+_LAYERNORM_EPS = {"eps": "attention.layer_norm_epsilon", "eps_attrs": ("layer_norm_eps", "layer_norm_epsilon")}
 # StableLM: parallel residual blocks have no post_attention_layernorm, which llama.cpp reads as parallel
 _STABLELM_GGUF = GGUFSpec(
     arch="stablelm",
@@ -193,8 +193,8 @@ _GPT2_GGUF = GGUFSpec(
     model_tensors=(("transformer.wpe", "position_embd"),),
     layer_tensors=(("ln_1", "attn_norm"), ("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"),
                    ("ln_2", "ffn_norm"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")),
-    requires=(_GELU, ("attention scores scaled by 1/sqrt(head_dim) alone (scale_attn_weights=True, "
-                      "scale_attn_by_inverse_layer_idx=False)",
+    requires=(_GELU, (("attention scores scaled by 1/sqrt(head_dim) alone (scale_attn_weights=True, "
+                       "scale_attn_by_inverse_layer_idx=False)"),
                       lambda m: m.config.scale_attn_weights and not m.config.scale_attn_by_inverse_layer_idx)),
 )
 
