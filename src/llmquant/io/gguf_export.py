@@ -28,7 +28,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import ExportError, OutputExistsError
-from ..models import arch_for, hf_to_gguf_name, model_types_with, resolve, row_order_for
+from ..models import arch_for, gguf_value_change, hf_to_gguf_name, model_types_with, resolve, row_order_for
 from ..modules import QuantEmbedding, QuantLinear
 from ..schemes import sqnr_db
 from .ggml_blocks import BLOCK_TYPES, BY_NAME, REQUANT_TYPES, dequantize_bytes, exact_blocks, ggml_type
@@ -135,12 +135,8 @@ def _model_tensors(model: nn.Module, head: str | None = None):
     """(hf_name, QuantLinear / QuantEmbedding or float tensor) for every parameter/buffer to write; tied
     copies once (a quantized head sharing a QuantEmbedding's tensors is written as the embedding: llama.cpp
     reads a missing output.weight from token_embd.weight), except the head ``head`` (the module path of a
-    head the family's llama.cpp loader needs even when tied), written again under its own name. A transformers Conv1D (GPT-2) keeps its weight as
-    (in, out): written transposed, as llama.cpp's (out, in) linears."""
-    from transformers.pytorch_utils import Conv1D
-
+    head the family's llama.cpp loader needs even when tied), written again under its own name."""
     seen: set[int] = set()
-    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     shared = {id(m.qweight) for m in quant.values() if isinstance(m, QuantEmbedding)}
     for n, m in quant.items():
@@ -156,7 +152,7 @@ def _model_tensors(model: nn.Module, head: str | None = None):
         if t.data_ptr() in seen and n != f"{head}.weight":  # tied lm_head: llama.cpp falls back to token_embd
             continue
         seen.add(t.data_ptr())
-        yield n, (t.detach().T if n in conv1d else t.detach())
+        yield n, t.detach()
 
 
 def export_gguf(
@@ -253,11 +249,13 @@ def export_gguf(
                 if order is not None:
                     raw = raw[order]
             else:
+                transposed, offset = gguf_value_change(arch, n, gname)
                 arr = obj.float().cpu().numpy()
+                arr = arr.T if transposed else arr  # HF (in, out) -> llama.cpp's (out, in)
                 if order is not None:
                     arr = arr[order]
-                if arch.norm_offset and arr.ndim == 1 and "norm" in gname and gname.endswith(".weight"):
-                    arr = arr + np.float32(arch.norm_offset)  # llama.cpp's norms scale by the stored weight alone
+                if offset:
+                    arr = arr + np.float32(offset)  # Gemma's 1 + w: llama.cpp's norms scale by the stored weight
                 tname, raw, exact = _write_float(arr, float_type)
                 rec = TensorRecord(gname, n, tname, exact, raw.nbytes)
                 if not exact:

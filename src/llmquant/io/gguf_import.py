@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CorruptFileError, ExportError, ModelNotFoundError
-from ..models import arch_for_gguf, gguf_to_hf_name, row_order_for
+from ..models import arch_for_gguf, gguf_to_hf_name, gguf_value_change, row_order_for
 from ..modules import replace_module
 from ..schemes import QuantConfig
 from .ggml_blocks import BY_NAME, module_from_blocks
@@ -157,6 +157,9 @@ class GGUFCheckpoint:
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CorruptFileError(f"{self.path}: tensor {t.name} cannot be read ({e})") from None
-        arr = np.ascontiguousarray(hf_row_order(arr, self.arch, name, self.config))
+        arr = hf_row_order(arr, self.arch, name, self.config)
+        transposed, offset = gguf_value_change(self.arch, name, t.name)  # undo what the converter changed
+        arr = np.ascontiguousarray(arr.T if transposed else arr)
+        arr = arr - np.float32(offset) if offset else arr
         out = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 data is a view of the mapped file
         return out.to(dtype) if dtype is not None else out

@@ -193,6 +193,7 @@ _GPT2_GGUF = GGUFSpec(
     model_tensors=(("transformer.wpe", "position_embd"),),
     layer_tensors=(("ln_1", "attn_norm"), ("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"),
                    ("ln_2", "ffn_norm"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")),
+    transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),  # Conv1D
     requires=(_GELU, (("attention scores scaled by 1/sqrt(head_dim) alone (scale_attn_weights=True, "
                        "scale_attn_by_inverse_layer_idx=False)"),
                       lambda m: m.config.scale_attn_weights and not m.config.scale_attn_by_inverse_layer_idx)),

@@ -96,6 +96,8 @@ class GGUFSpec:
     # a fused q/k/v whose rows HF groups per key/value head ([q heads of the group, k, v] per group) and
     # llama.cpp wants as all q rows, then all k rows, then all v rows (GPT-NeoX, Falcon)
     grouped_qkv: tuple[tuple[str, Any, Any], ...] = ()
+    # module paths in a decoder layer whose HF weight is (in, out) (GPT-2's Conv1D): GGUF holds it transposed
+    transposed: tuple[str, ...] = ()
     # llama.cpp's loader needs output.weight even when the head is tied to the embedding: written twice
     head_required: bool = False
     # (what llama.cpp needs, in words; predicate on the model): export refuses a model failing one
@@ -231,6 +233,15 @@ def row_order_for(spec: ArchSpec, hf_name: str, config, rows: int) -> list[int] 
         if _template_regex(f"{base}.weight").match(hf_name) or _template_regex(f"{base}.bias").match(hf_name):
             return grouped_qkv_order(rows, int(resolve(config, heads)), int(resolve(config, groups)))
     return None
+
+
+def gguf_value_change(spec: ArchSpec, hf_name: str, gguf_name: str) -> tuple[bool, float]:
+    """How a tensor's values differ between HF and GGUF beyond row order: (transposed, offset added), the
+    offset being ``norm_offset`` for a norm weight (llama.cpp's norms scale by the stored weight alone)."""
+    transposed = any(_template_regex(f"{spec.layers}.{{i}}.{p}.weight").match(hf_name)
+                     for p in (spec.gguf.transposed if spec.gguf else ()))
+    norm = "norm" in gguf_name and gguf_name.endswith(".weight")
+    return transposed, spec.norm_offset if norm else 0.0
 
 
 def resolve(config, source):
