@@ -125,3 +125,23 @@ def test_config_llama_cpp_cannot_run_refused(family, overrides, needs, tmp_path,
         llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "m.gguf", progress=False)
     assert needs in str(e.value)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gpt2", "gpt_neox", "falcon-40b-layout"])
+def test_gguf_reader_undoes_the_export(case, tmp_path, tiny_bpe_tokenizer):
+    """The streaming GGUF reader gives back the Hugging Face tensors: rows regrouped back, GPT-2's Conv1D
+    weights transposed back (exact), Gemma's stored 1 + w less 1 (float32 rounding of the sum: < 1e-6)."""
+    from llmquant.io.gguf_import import GGUFCheckpoint
+
+    m = _model(case)
+    llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "m.gguf", float_type="F32", progress=False)
+    ckpt = GGUFCheckpoint(tmp_path / "m.gguf", m.config)
+    sd = m.state_dict()
+    names = set(ckpt.tensors) & set(sd)  # the reader also offers a Falcon norm under its other layout's name
+    assert len(names) >= len(sd) - 1  # a tied head is read from the embedding
+    for name in names:
+        got = ckpt.tensor(name)
+        if "norm" in name and case == "gemma2":
+            assert torch.allclose(got, sd[name], atol=1e-6, rtol=0) and not torch.equal(got, sd[name] + 1), name
+        else:
+            assert torch.equal(got, sd[name]), name

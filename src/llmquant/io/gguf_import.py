@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CorruptFileError, ExportError, ModelNotFoundError
-from ..models import arch_for_gguf, gguf_to_hf_name, gguf_value_change, row_order_for
+from ..models import arch_for_gguf, gguf_to_hf_name, gguf_to_hf_names, gguf_value_change, row_order_for
 from ..modules import replace_module
 from ..schemes import QuantConfig
 from .ggml_blocks import BY_NAME, module_from_blocks
@@ -135,8 +135,7 @@ class GGUFCheckpoint:
                               "load this file whole (without streaming)")
         self.tensors = {}
         for t in self.reader.tensors:
-            hf = gguf_to_hf_name(self.arch, t.name)
-            if hf is not None:
+            for hf in gguf_to_hf_names(self.arch, t.name):  # the model asks for the one it has
                 self.tensors[hf] = t
         self.where = {n: self.path.name for n in self.tensors}  # named in error messages
 

@@ -192,6 +192,12 @@ def gguf_to_hf_name(spec: ArchSpec, gguf_name: str) -> str | None:
     return _translate(((gg, hf) for hf, gg in gguf_tensor_names(spec)), gguf_name)
 
 
+def gguf_to_hf_names(spec: ArchSpec, gguf_name: str) -> list[str]:
+    """Every Hugging Face name a GGUF tensor may come from: more than one where a family's configs name the
+    same tensor differently (Falcon's attn_norm: input_layernorm, or ln_mlp in the 40B layout)."""
+    return [n for hf, gg in gguf_tensor_names(spec) if (n := _translate(((gg, hf),), gguf_name)) is not None]
+
+
 def permute_heads_for(spec: ArchSpec, hf_name: str) -> str | None:
     """Config attribute with the head count ``hf_name``'s rows are permuted by (rope pair order), or None."""
     for role, attr in spec.gguf.permute_rows if spec.gguf else ():
