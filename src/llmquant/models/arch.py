@@ -46,6 +46,7 @@ def _full_attention(m) -> bool:
 
 
 _NO_SWA = ("no sliding window shorter than the context (llama.cpp runs this family with full attention)", _full_attention)
+
 # --- GGUF facts of the other families llama.cpp runs (each checked by loading a tiny model in llama.cpp) ---
 _THETA = ("rope_parameters.rope_theta", "rope_theta")
 
@@ -75,6 +76,8 @@ def _swa_every(n: int):
     """llama.cpp's fixed sliding-window pattern: layer i slides iff i % n < n - 1."""
     def ok(m) -> bool:
         kinds = getattr(m.config, "layer_types", None) or ()
+        if getattr(m.config, "sliding_window", None) is None and "sliding_attention" not in kinds:
+            return True  # no window written: llama.cpp attends fully everywhere
         return all((t == "sliding_attention") == (i % n < n - 1) for i, t in enumerate(kinds))
     return (f"sliding-window attention on every layer but each {n}th (config.layer_types; llama.cpp's fixed pattern)", ok)
 
