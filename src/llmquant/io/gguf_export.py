@@ -227,7 +227,7 @@ def export_gguf(
             if v is None:
                 continue
             add = {"u32": lambda k, x: w.add_uint32(k, int(x)), "f32": lambda k, x: w.add_float32(k, float(x)),
-                   "bool": lambda k, x: w.add_bool(k, bool(x))}[kind]
+                   "bool": lambda k, x: w.add_bool(k, bool(x)), "str": lambda k, x: w.add_string(k, str(x))}[kind]
             add(f"{gg.arch}.{key}", v)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         report.tokenizer_source = add_tokenizer(w, tokenizer, model, tokenizer_gguf, pre=tokenizer_pre)

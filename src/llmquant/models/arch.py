@@ -109,7 +109,6 @@ _GEMMA_TENSORS = (
 _GEMMA_REQ = (
     ("query_pre_attn_scalar equal to head_dim (llama.cpp scales attention scores by 1/sqrt(head_dim))",
      lambda m: m.config.query_pre_attn_scalar == _head_dim(m.config)),
-    _PLAIN_ROPE,
 )
 _HEAD_DIM_META = (("attention.key_length", _head_dim, "u32"), ("attention.value_length", _head_dim, "u32"))
 _GEMMA2_GGUF = GGUFSpec(
@@ -119,19 +118,35 @@ _GEMMA2_GGUF = GGUFSpec(
                    ("final_logit_softcapping", ("final_logit_softcapping",), "f32")),
     layer_tensors=_GEMMA_TENSORS,
     requires=_GEMMA_REQ + (
+        _PLAIN_ROPE,
         _TIED,
         _swa_every(2),
         ("attention and final-logit soft-capping both set (llama.cpp's Gemma 2 always caps)",
          lambda m: m.config.attn_logit_softcapping is not None and m.config.final_logit_softcapping is not None),
     ),
 )
+def _gemma3_linear_rope(m) -> bool:
+    """Gemma 3's rope: unscaled on sliding layers; unscaled or linearly scaled (4B and up) on global ones."""
+    rp = getattr(m.config, "rope_parameters", None) or {}
+    full, sliding = rp.get("full_attention", rp), rp.get("sliding_attention", {})
+    return sliding.get("rope_type", "default") == "default" and full.get("rope_type", "default") in ("default", "linear")
+
+
+def _linear_rope_factor(c):
+    full = (getattr(c, "rope_parameters", None) or {}).get("full_attention", {})
+    return full.get("factor") if full.get("rope_type") == "linear" else None
+
+
 _GEMMA3_GGUF = GGUFSpec(
     arch="gemma3",
     metadata=_meta(*_HEAD_DIM_META, ("attention.sliding_window", ("sliding_window",), "u32"),
                    ("final_logit_softcapping", ("final_logit_softcapping",), "f32"),
+                   ("rope.scaling.type", lambda c: "linear" if _linear_rope_factor(c) else None, "str"),
+                   ("rope.scaling.factor", _linear_rope_factor, "f32"),
                    theta=("rope_parameters.full_attention.rope_theta",) + _THETA),
     layer_tensors=_GEMMA_TENSORS + (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
     requires=_GEMMA_REQ + (
+        ("rope unscaled, or linearly scaled on the global layers only", _gemma3_linear_rope),
         _swa_every(6),
         ("no attention soft-capping (llama.cpp's Gemma 3 has none)", lambda m: m.config.attn_logit_softcapping is None),
         ("sliding layers with rope_theta 10000 (llama.cpp's fixed value for Gemma 3)",

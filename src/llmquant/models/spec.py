@@ -83,7 +83,7 @@ class GGUFSpec:
     weight``: llama.cpp's norms scale by the stored weight alone (its converter adds 1 for Gemma)."""
 
     arch: str  # GGUF general.architecture
-    # (GGUF key without the "<arch>." prefix, source, kind: "u32" | "f32" | "bool"); the source is candidate
+    # (GGUF key without the "<arch>." prefix, source, kind: "u32" | "f32" | "bool" | "str"); the source is candidate
     # config attribute paths (first found wins) or a function of the config; a None value is not written
     metadata: tuple[tuple[str, Any, str], ...]
     # (LayerModules role, config attribute holding the head count its rows are permuted with): llama.cpp's
