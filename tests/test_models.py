@@ -42,7 +42,20 @@ def test_llama_facts_derive_from_its_module_paths():
     assert arch_for_gguf("llama") is spec and arch_for_gguf("qwen3") is arch_for("qwen3")
     assert hf_to_gguf_name(arch_for("qwen3"), "model.layers.0.self_attn.k_norm.weight") == "blk.0.attn_k_norm.weight"
     assert hf_to_gguf_name(arch_for("qwen2"), "model.layers.0.self_attn.v_proj.bias") == "blk.0.attn_v.bias"
-    assert model_types_with("gguf") == model_types_with("runtime") == ["llama", "mistral", "qwen2", "qwen3"]
+    assert model_types_with("runtime") == ["llama", "mistral", "qwen2", "qwen3"]
+    assert model_types_with("gguf") == ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2",
+                                        "gpt_neox", "falcon", "stablelm", "gpt2"]
+
+
+def test_gguf_names_of_families_without_llama_modules():
+    """GGUF names from a record's layer_tensors / model_tensors: weight and bias both map, one-to-one."""
+    neox, gpt2 = arch_for("gpt_neox"), arch_for("gpt2")
+    assert hf_to_gguf_name(neox, "gpt_neox.layers.1.attention.query_key_value.bias") == "blk.1.attn_qkv.bias"
+    assert hf_to_gguf_name(neox, "gpt_neox.final_layer_norm.bias") == "output_norm.bias"
+    assert hf_to_gguf_name(gpt2, "transformer.wpe.weight") == "position_embd.weight"
+    assert hf_to_gguf_name(arch_for("gemma2"), "model.layers.0.post_feedforward_layernorm.weight") == "blk.0.post_ffw_norm.weight"
+    for hf, gg in gguf_tensor_names(gpt2):
+        assert gguf_to_hf_name(gpt2, gg.format(i=5)) == hf.format(i=5)
 
 
 def test_a_new_family_is_one_data_entry():
@@ -56,3 +69,12 @@ def test_a_new_family_is_one_data_entry():
     assert gguf_to_hf_name(spec, "blk.1.attn_q.bias") == "net.blocks.1.attn.wq.bias"
     with pytest.raises(ValueError, match="need modules"):
         ArchSpec(model_types=("bad",), runtime=RuntimeSpec())
+
+
+def test_grouped_qkv_order():
+    """Per-group [q..., k, v] rows (GPT-NeoX: one group per head; Falcon: per kv head) become q | k | v."""
+    from llmquant.models import grouped_qkv_order
+
+    assert grouped_qkv_order(6, 2, 2) == [0, 3, 1, 4, 2, 5]  # [q0 k0 v0 q1 k1 v1], head_dim 1
+    assert grouped_qkv_order(4, 2, 1) == [0, 1, 2, 3]  # multi-query: already q q k v
+    assert grouped_qkv_order(8, 4, 2) == [0, 1, 4, 5, 2, 6, 3, 7]  # [q0 q1 k0 v0 q2 q3 k1 v1]

@@ -7,6 +7,9 @@ is refused, listing what would map, unless ``requant`` names a type: it is then 
 ``gguf`` package's (llama.cpp reference) quantizer and the extra error is measured and reported.
 Float tensors: 1-D ones (norms) are F32 as llama.cpp wants; 2-D ones (embeddings, unquantized linears)
 take ``float_type`` ("auto": the smallest of Q8_0 / F16 / BF16 / F32 that holds them exactly).
+Per-family facts (names, metadata, row orders, norm offsets, what llama.cpp cannot run) are data in the
+family's :class:`~llmquant.models.spec.GGUFSpec`; a model failing one of its requirements, or of a family
+without one, is refused before anything is written.
 Tokenizer: copied from the GGUF the model came from (the default model's, or ``tokenizer_gguf``) when its
 vocabulary matches, else built from the Hugging Face tokenizer (byte-level BPE only).
 """
@@ -25,7 +28,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import ExportError, OutputExistsError
-from ..models import arch_for, config_value, hf_to_gguf_name, model_types_with, permute_heads_for, rope_row_order
+from ..models import arch_for, gguf_value_change, hf_to_gguf_name, model_types_with, resolve, row_order_for
 from ..modules import QuantEmbedding, QuantLinear
 from ..schemes import sqnr_db
 from .ggml_blocks import BLOCK_TYPES, BY_NAME, REQUANT_TYPES, dequantize_bytes, exact_blocks, ggml_type
@@ -128,15 +131,16 @@ def _unmappable_message(names: list[tuple[str, str]]) -> str:
 _QUANT = (QuantLinear, QuantEmbedding)  # packed modules written as GGML blocks
 
 
-def _model_tensors(model: nn.Module):
+def _model_tensors(model: nn.Module, head: str | None = None):
     """(hf_name, QuantLinear / QuantEmbedding or float tensor) for every parameter/buffer to write; tied
     copies once (a quantized head sharing a QuantEmbedding's tensors is written as the embedding: llama.cpp
-    reads a missing output.weight from token_embd.weight)."""
+    reads a missing output.weight from token_embd.weight), except the head ``head`` (the module path of a
+    head the family's llama.cpp loader needs even when tied), written again under its own name."""
     seen: set[int] = set()
     quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     shared = {id(m.qweight) for m in quant.values() if isinstance(m, QuantEmbedding)}
     for n, m in quant.items():
-        if isinstance(m, QuantLinear) and id(m.qweight) in shared:
+        if isinstance(m, QuantLinear) and id(m.qweight) in shared and n != head:
             continue
         yield f"{n}.weight", m
         if getattr(m, "bias", None) is not None:
@@ -145,7 +149,7 @@ def _model_tensors(model: nn.Module):
     for n, t in model.state_dict().items():
         if n.startswith(skip) or not t.is_floating_point():
             continue
-        if t.data_ptr() in seen:  # tied lm_head: llama.cpp falls back to token_embd
+        if t.data_ptr() in seen and n != f"{head}.weight":  # tied lm_head: llama.cpp falls back to token_embd
             continue
         seen.add(t.data_ptr())
         yield n, t.detach()
@@ -183,6 +187,10 @@ def export_gguf(
             f"supported: {', '.join(model_types_with('gguf'))} (add GGUF facts to its entry in llmquant.models.arch)"
         )
     gg = arch.gguf
+    unmet = [what for what, ok in gg.requires if not ok(model)]
+    if unmet:
+        raise ExportError(f"llama.cpp's {gg.arch!r} architecture cannot run this {cfg.model_type} model: it needs "
+                          + "; ".join(unmet) + ". Nothing was written")
     from ..schemes import PRESETS
 
     llama_act = (None, PRESETS["gguf:Q8_0-act"], PRESETS["gguf:Q8_K-act"])
@@ -190,7 +198,7 @@ def export_gguf(
         raise ExportError("GGUF holds weight-only quantized models; llama.cpp quantizes activations itself. "
                           "Export a weight-only model (or one with activation schemes gguf:Q8_0-act / gguf:Q8_K-act, llama.cpp's own "
                           "rounding), or use --format compressed-tensors for W8A8")
-    items = list(_model_tensors(model))
+    items = list(_model_tensors(model, arch.lm_head if gg.head_required else None))
     unmapped = [n for n, _ in items if hf_to_gguf_name(arch, n) is None]
     if unmapped:
         raise ExportError(f"tensors without a GGUF name for architecture {gg.arch!r}: {unmapped[:5]}")
@@ -214,23 +222,19 @@ def export_gguf(
         w = gguf.GGUFWriter(tmp, gg.arch)
         w.add_name(str(getattr(cfg, "_name_or_path", "") or getattr(model, "llmquant_source", None) or "llmquant export"))
         w.add_string("general.quantized_by", "llmquant")
-        for key, attrs, kind in gg.metadata:
-            v = config_value(cfg, attrs)
+        for key, source, kind in gg.metadata:
+            v = resolve(cfg, source)
             if v is None:
                 continue
-            if kind == "u32":
-                w.add_uint32(f"{gg.arch}.{key}", int(v))
-            else:
-                w.add_float32(f"{gg.arch}.{key}", float(v))
+            add = {"u32": lambda k, x: w.add_uint32(k, int(x)), "f32": lambda k, x: w.add_float32(k, float(x)),
+                   "bool": lambda k, x: w.add_bool(k, bool(x)), "str": lambda k, x: w.add_string(k, str(x))}[kind]
+            add(f"{gg.arch}.{key}", v)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         report.tokenizer_source = add_tokenizer(w, tokenizer, model, tokenizer_gguf, pre=tokenizer_pre)
         for n, obj, found in tqdm(plan, desc="gguf tensors", disable=not progress, leave=False):
             gname = hf_to_gguf_name(arch, n)
-            heads_attr = permute_heads_for(arch, n)
-            order = None
-            if heads_attr is not None:
-                rows = obj.out_features if isinstance(obj, _QUANT) else obj.shape[0]
-                order = np.asarray(rope_row_order(rows, int(config_value(cfg, (heads_attr,)))))
+            order = row_order_for(arch, n, cfg, obj.out_features if isinstance(obj, _QUANT) else obj.shape[0])
+            order = None if order is None else np.asarray(order)
             if isinstance(obj, _QUANT):
                 if found is not None:
                     bt, raw = found
@@ -245,9 +249,15 @@ def export_gguf(
                 if order is not None:
                     raw = raw[order]
             else:
+                transposed, offset = gguf_value_change(arch, n, gname)
+                # a Conv1D quantizing made an nn.Linear (weight already (out, in)) is not transposed again
+                transposed = transposed and not isinstance(model.get_submodule(n.rpartition(".")[0]), nn.Linear)
                 arr = obj.float().cpu().numpy()
+                arr = arr.T if transposed else arr  # HF (in, out) -> llama.cpp's (out, in)
                 if order is not None:
                     arr = arr[order]
+                if offset:
+                    arr = arr + np.float32(offset)  # Gemma's 1 + w: llama.cpp's norms scale by the stored weight
                 tname, raw, exact = _write_float(arr, float_type)
                 rec = TensorRecord(gname, n, tname, exact, raw.nbytes)
                 if not exact:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CorruptFileError, ExportError, ModelNotFoundError
-from ..models import arch_for_gguf, config_value, gguf_to_hf_name, permute_heads_for, rope_row_order
+from ..models import arch_for_gguf, gguf_to_hf_name, gguf_to_hf_names, gguf_value_change, row_order_for
 from ..modules import replace_module
 from ..schemes import QuantConfig
 from .ggml_blocks import BY_NAME, module_from_blocks
@@ -45,11 +45,12 @@ class GGUFImport:
 
 def hf_row_order(rows: np.ndarray, arch, hf_name: str, config) -> np.ndarray:
     """``rows`` of tensor ``hf_name`` as a GGUF file stores them, in Hugging Face's order: llama.cpp's
-    converter reorders q/k rows for its rope layout (GGUF row r holds HF row ``order[r]``)."""
-    attr = permute_heads_for(arch, hf_name)
-    if attr is None:
+    converter reorders q/k rows for its rope layout, and fused q/k/v rows grouped per head (GGUF row r holds
+    HF row ``order[r]``)."""
+    order = row_order_for(arch, hf_name, config, rows.shape[0])
+    if order is None:
         return rows
-    order = np.asarray(rope_row_order(rows.shape[0], int(config_value(config, (attr,)))))
+    order = np.asarray(order)
     out = np.empty_like(rows)
     out[order] = rows
     return out
@@ -134,8 +135,7 @@ class GGUFCheckpoint:
                               "load this file whole (without streaming)")
         self.tensors = {}
         for t in self.reader.tensors:
-            hf = gguf_to_hf_name(self.arch, t.name)
-            if hf is not None:
+            for hf in gguf_to_hf_names(self.arch, t.name):  # the model asks for the one it has
                 self.tensors[hf] = t
         self.where = {n: self.path.name for n in self.tensors}  # named in error messages
 
@@ -156,6 +156,9 @@ class GGUFCheckpoint:
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CorruptFileError(f"{self.path}: tensor {t.name} cannot be read ({e})") from None
-        arr = np.ascontiguousarray(hf_row_order(arr, self.arch, name, self.config))
+        arr = hf_row_order(arr, self.arch, name, self.config)
+        transposed, offset = gguf_value_change(self.arch, name, t.name)  # undo what the converter changed
+        arr = np.ascontiguousarray(arr.T if transposed else arr)
+        arr = arr - np.float32(offset) if offset else arr
         out = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 data is a view of the mapped file
         return out.to(dtype) if dtype is not None else out

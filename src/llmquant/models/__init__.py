@@ -11,9 +11,14 @@ from .spec import (
     config_value,
     gguf_tensor_names,
     gguf_to_hf_name,
+    gguf_to_hf_names,
+    gguf_value_change,
+    grouped_qkv_order,
     hf_to_gguf_name,
     permute_heads_for,
+    resolve,
     rope_row_order,
+    row_order_for,
 )
 
 __all__ = [
@@ -32,9 +37,14 @@ __all__ = [
     "context_length",
     "gguf_tensor_names",
     "gguf_to_hf_name",
+    "gguf_to_hf_names",
+    "gguf_value_change",
+    "grouped_qkv_order",
     "hf_to_gguf_name",
     "model_types_with",
     "permute_heads_for",
+    "resolve",
     "rope_row_order",
+    "row_order_for",
     "tied_lm_head",
 ]
