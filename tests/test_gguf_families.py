@@ -24,6 +24,12 @@ _GEMMA3 = {"query_pre_attn_scalar": 16, "num_hidden_layers": 6}
 #: case -> (family, config overrides); the layouts llama.cpp branches on get a case each
 CASES = {
     "llama": ("llama", {}),
+    # Llama 3.1's rope scaling (rope_freqs.weight, computed from the config) with a short original context,
+    # so that most frequencies are scaled; linear scaling (rope.scaling.* keys)
+    "llama-rope-llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                                         "rope_theta": 10000.0}}),
+    "llama-rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}),
     "mistral-full-attention": ("mistral", {"sliding_window": None}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
@@ -118,6 +124,10 @@ def test_family_without_gguf_facts_refused(family, tmp_path, tiny_bpe_tokenizer)
                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
      "linearly scaled on the global layers only"),
     ("mistral", {}, "no sliding window shorter than the context"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 32}}, "scaled as Llama 3.1 does"),
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 32}}, "rope unscaled or linearly scaled"),
     ("phi3", {"sliding_window": 8}, "no sliding window shorter than the context"),
     ("stablelm", {"qk_layernorm": True}, "per-head q/k layer norms"),
     ("falcon", {"alibi": True}, "alibi=False"),

@@ -269,6 +269,11 @@ def export_gguf(
             else:
                 w.add_tensor(gname, np.ascontiguousarray(raw), raw_dtype=ggml_type(rec.type))
             report.tensors.append(rec)
+        for gname, fn in gg.computed_tensors:  # what llama.cpp's converter computes from the config
+            arr = fn(cfg)
+            if arr is not None:
+                w.add_tensor(gname, np.ascontiguousarray(arr, dtype=np.float32))
+                report.tensors.append(TensorRecord(gname, "(computed from the config)", "F32", True, arr.nbytes))
         w.add_file_type(_file_type(report))
         w.write_header_to_file()
         w.write_kv_data_to_file()

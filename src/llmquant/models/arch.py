@@ -28,10 +28,61 @@ _LLAMA_META = (
     ("attention.value_length", ("head_dim",), "u32"),
     ("vocab_size", ("vocab_size",), "u32"),
 )
+def _rope(c) -> dict:
+    rp = config_value(c, ("rope_parameters", "rope_scaling")) or {}
+    return rp if isinstance(rp, dict) else {}
+
+
+def _rope_type(c) -> str:
+    rp = _rope(c)
+    return rp.get("rope_type", rp.get("type", "default")) or "default"
+
+
+def _llama3_rope_factors(c):
+    """Llama 3.1's frequency-dependent rope scaling as llama.cpp takes it: one factor per rotary frequency
+    (``rope_freqs.weight``; llama.cpp divides each frequency by its factor). Long wavelengths are slowed by
+    ``factor``, short ones kept, those between interpolated smoothly (Meta's reference formula)."""
+    import math
+
+    import numpy as np
+
+    if _rope_type(c) != "llama3":
+        return None
+    rp = _rope(c)
+    dim = config_value(c, ("head_dim",)) or c.hidden_size // c.num_attention_heads
+    base = config_value(c, ("rope_parameters.rope_theta", "rope_theta"))
+    factor, lo, hi = rp["factor"], rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old = rp.get("original_max_position_embeddings", 8192)
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _linear_factor(c):
+    return _rope(c).get("factor") if _rope_type(c) == "linear" else None
+
+
+_LLAMA_ROPE = ("rope unscaled, linearly scaled, or scaled as Llama 3.1 does (rope_type 'default', 'linear' or "
+               "'llama3'; llmquant writes no other scaling)",
+               lambda m: _rope_type(m.config) in ("default", "linear", "llama3"))
+_LINEAR_ROPE_META = (("rope.scaling.type", lambda c: "linear" if _linear_factor(c) else None, "str"),
+                     ("rope.scaling.factor", _linear_factor, "f32"))
+_LINEAR_ROPE = ("rope unscaled or linearly scaled (rope_type 'default' or 'linear'; llmquant writes no other "
+                "scaling)", lambda m: _rope_type(m.config) in ("default", "linear"))
 _LLAMA_GGUF = GGUFSpec(
     arch="llama",
-    metadata=_LLAMA_META,
+    metadata=_LLAMA_META + _LINEAR_ROPE_META,
     permute_rows=(("q", "num_attention_heads"), ("k", "num_key_value_heads")),
+    requires=(_LLAMA_ROPE,),
+    computed_tensors=(("rope_freqs.weight", _llama3_rope_factors),),
 )
 
 
@@ -257,13 +308,14 @@ ARCHS: list[ArchSpec] = [
         model_types=("qwen2",),
         modules=_GATED,
         runtime=RuntimeSpec(),
-        gguf=GGUFSpec(arch="qwen2", metadata=_LLAMA_META, biases=("q", "k", "v")),
+        gguf=GGUFSpec(arch="qwen2", metadata=_LLAMA_META + _LINEAR_ROPE_META, biases=("q", "k", "v"),
+                      requires=(_LINEAR_ROPE,)),
     ),
     ArchSpec(
         model_types=("qwen3",),
         modules=LayerModules(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
         runtime=RuntimeSpec(),
-        gguf=GGUFSpec(arch="qwen3", metadata=_LLAMA_META),
+        gguf=GGUFSpec(arch="qwen3", metadata=_LLAMA_META + _LINEAR_ROPE_META, requires=(_LINEAR_ROPE,)),
     ),
     # Llama's modules, but a forward the lean runtime does not reproduce: SmolLM3 has layers without RoPE,
     # Granite scales embeddings, residuals, attention and logits by multipliers.

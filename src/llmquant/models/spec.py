@@ -102,6 +102,9 @@ class GGUFSpec:
     head_required: bool = False
     # (what llama.cpp needs, in words; predicate on the model): export refuses a model failing one
     requires: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
+    # (GGUF tensor name, function of the config giving a float32 array or None): tensors llama.cpp's converter
+    # computes from the config (Llama 3's rope frequency factors, ``rope_freqs.weight``)
+    computed_tensors: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
 
 
 @dataclass(frozen=True)
