@@ -110,3 +110,24 @@ def test_reference_logits_match_a_live_reference(tiny_folder):
     assert os.path.exists(path)
     cached.close()
     assert not os.path.exists(path)
+
+
+def test_compare_with_llama_cpp_rows(tmp_path, tokenizer):
+    """--with-llama-cpp: llama.cpp's own Q8_0 and Q4_K_M of the same model, made by its quantizer and
+    evaluated inside llama.cpp: sizes are the files', Q4_K_M further from fp32 than Q8_0, and Q8_0's KL
+    agrees with llmquant's own RTN W8 in magnitude (both are 8-bit weights)."""
+    from conftest import make_tiny_llama
+
+    folder = tmp_path / "tiny64"  # widths that are multiples of llama.cpp's 32-value blocks
+    make_tiny_llama(hidden=64).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    res = llmquant.compare(str(folder), profile=TINY, strategies=("ptq",), progress=False, threads=1,
+                           candidates=[c for c in default_candidates() if c.label in ("fp32", "PTQ RTN int8 (W8)")],
+                           llama_cpp=["Q8_0", "Q4_K_M"])
+    by = {r["label"]: r for r in res["rows"]}
+    assert all(r["status"] == "ok" for r in res["rows"]), [(r["label"], r.get("error")) for r in res["rows"]]
+    q8, q4 = by["llama.cpp Q8_0"], by["llama.cpp Q4_K_M"]
+    assert q8["strategy"] == "llama.cpp" and q8["kernel"] == "llama.cpp"
+    assert 0 < q8["kl"] < q4["kl"] and q4["size_bytes"] < q8["size_bytes"] < by["fp32"]["size_bytes"]
+    assert 0.2 < q8["kl"] / by["PTQ RTN int8 (W8)"]["kl"] < 5
+    assert q8["decode_tok_s"] > 0 and q8["prefill_tok_s"] > 0

@@ -101,6 +101,9 @@ def build_parser() -> A.Parser:
     c.add_argument("--strategies", default="ptq,qat,dynamic,mixed")
     c.add_argument("-o", "--output", default="runs/compare", help="report folder")
     c.add_argument("--threads", type=A.threads, help="CPU threads for the whole run (torch.set_num_threads)")
+    c.add_argument("--with-llama-cpp", nargs="?", const="", metavar="TYPES",
+                   help="add llama.cpp's own quantizations of the model (Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K, or those "
+                        "named), evaluated and timed inside llama.cpp (needs the prebuilt wheel cyllama)")
     _add_dist_args(c)
     c.set_defaults(func=cmd_compare)
 

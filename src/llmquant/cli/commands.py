@@ -237,8 +237,11 @@ def cmd_compare(args) -> int:
     from ..report.render import detail_rows, recommendations, vs_rows
 
     _check_out(args.output, True)  # a report folder: existing reports in it are replaced
+    types = None
+    if args.with_llama_cpp is not None:
+        types = [t.strip().upper() for t in args.with_llama_cpp.split(",") if t.strip()] or True
     result = compare(args.model, profile=args.profile, strategies=args.strategies.split(","), out_dir=args.output,
-                     threads=args.threads)
+                     threads=args.threads, llama_cpp=types)
     from ..flows import distributed
 
     if not distributed.is_writer():  # rank 0 of a distributed run reports

@@ -6,10 +6,12 @@ __all__ = ["eval_row", "format_table", "compare"]
 
 
 def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dynamic", "mixed"), out_dir=None,
-            progress=True, candidates=None, threads=None):
+            progress=True, candidates=None, threads=None, llama_cpp=None):
     """Run every strategy on the same model and text; write report.md/.json/.html to ``out_dir`` if given.
 
-    ``threads`` sets torch's CPU threads for the whole run (default: torch's own choice). Started as several
+    ``threads`` sets torch's CPU threads for the whole run (default: torch's own choice). ``llama_cpp``: True
+    (or file type names, e.g. ``["Q4_K_M", "Q2_K"]``) adds llama.cpp's own quantizations of the same model as
+    rows, made by its quantizer and evaluated and timed inside llama.cpp (the ``llamacpp`` extra). Started as several
     processes (torchrun, ``--workers``), the calibrations and evaluations are split over them, the speed is
     measured by rank 0 alone (the others wait) and rank 0 writes the report.
     Returns the raw result dict (environment, profile, one row per configuration)."""
@@ -19,8 +21,14 @@ def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dyna
     from .runner import run_compare, write_json
     from .render import html_report, markdown
 
-    result = run_compare(candidates or default_candidates(), model_path=model_path, profile=profile,
-                         strategies=tuple(s.strip().lower() for s in strategies), progress=progress,
+    strategies = tuple(s.strip().lower() for s in strategies)
+    candidates = list(candidates or default_candidates())
+    if llama_cpp:  # llama.cpp's own quantizations of the same model, run in llama.cpp
+        from .candidates import LLAMA_CPP_TYPES, llama_cpp_candidates
+
+        candidates += llama_cpp_candidates(LLAMA_CPP_TYPES if llama_cpp is True else tuple(llama_cpp))
+        strategies += ("llama.cpp",)
+    result = run_compare(candidates, model_path=model_path, profile=profile, strategies=strategies, progress=progress,
                          threads=threads)
     result["model"] = model_path
     from ..flows import distributed

@@ -178,6 +178,44 @@ def weight_histogram(model, layer: str = "model.layers.0.mlp.down_proj") -> dict
     return {"layer": layer, "weights": w.flatten().tolist(), "quantized": {k: v.flatten().tolist() for k, v in q.items()}}
 
 
+#: llama.cpp's own files ``compare --with-llama-cpp`` adds, made by its quantizer from the same float model
+LLAMA_CPP_TYPES = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def llama_cpp_file(file_type: str):
+    """llama.cpp's own quantization of the reference model (an F32 GGUF export, then ``llama_model_quantize``
+    through the prebuilt wheel), evaluated and timed inside llama.cpp."""
+
+    def build(ctx: Context):
+        import tempfile
+        from pathlib import Path
+
+        from ..eval.llama_cpp import llama_cpp_quantize
+        from ..io.gguf_export import export_gguf
+
+        if "llama_cpp" not in ctx.scratch:
+            ctx.scratch["llama_cpp"] = tempfile.mkdtemp(prefix="llmquant-compare-gguf-")
+        folder = Path(ctx.scratch["llama_cpp"])
+        src = folder / "f32.gguf"
+        if not src.exists():
+            ctx.step("export F32 GGUF")
+            export_gguf(ctx.reference, ctx.tokenizer, src, float_type="F32", progress=False)
+        out = folder / f"{file_type}.gguf"
+        ctx.step(f"llama-quantize {file_type}")
+        llama_cpp_quantize(src, out, file_type, threads=torch.get_num_threads())
+        size = out.stat().st_size
+        params = sum(p.numel() for p in ctx.reference.parameters())
+        return None, {"llama_cpp": str(out), "steps": ["export F32 GGUF", f"llama-quantize {file_type}"], "data": "none",
+                      "kernel": "llama.cpp", "size_bytes": size, "bits_per_weight": 8 * size / params,
+                      "notes": f"llama.cpp's own {file_type} (its quantizer, file size), run in llama.cpp"}
+
+    return build
+
+
+def llama_cpp_candidates(types=LLAMA_CPP_TYPES) -> list[Candidate]:
+    return [Candidate("llama.cpp", f"llama.cpp {t}", llama_cpp_file(t)) for t in types]
+
+
 def default_candidates() -> list[Candidate]:
     """Every configuration; ``profiles`` says which profiles run it, ``cost`` estimates its build time
     for the progress bar's time-left estimate."""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import time
 import traceback
@@ -68,6 +69,7 @@ class Context:
     shared: dict = field(default_factory=dict)  # results one candidate leaves for others / the report
     on_step: Callable[[str], None] = lambda step: None  # progress: the step a builder is in
     reference_logits: Any = None  # the fp32 model's log-probabilities on the evaluation windows, computed once
+    scratch: dict = field(default_factory=dict)  # files builders share during the run (not reported)
 
     def step(self, name: str) -> None:
         """Builders call this as they go (``ctx.step("calibrate")``); the progress bar shows it."""
@@ -136,14 +138,21 @@ def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu:
     run_ctx = info.get("run_context") or contextlib.nullcontext
     ctx.step("evaluate")
     t0 = time.perf_counter()
+    gguf_file = info.get("llama_cpp")  # a GGUF file llama.cpp runs: evaluated and timed inside llama.cpp
     with run_ctx():
-        res = evaluate(model, reference=ctx.reference_logits or ctx.reference, tokenizer=ctx.tokenizer, windows=p.eval_windows,
-                                seq_len=p.seq_len, progress=False)
+        if gguf_file is not None:
+            from ..eval.llama_cpp import evaluate_llama_cpp
+
+            res = evaluate_llama_cpp(gguf_file, ctx.reference_logits.ids, ctx.reference_logits,
+                                     threads=torch.get_num_threads())
+        else:
+            res = evaluate(model, reference=ctx.reference_logits or ctx.reference, tokenizer=ctx.tokenizer,
+                           windows=p.eval_windows, seq_len=p.seq_len, progress=False)
     t_eval = time.perf_counter() - t0
     ctx.step("speed")
     t0 = time.perf_counter()
     with run_ctx():
-        sp = _speed(model, p)
+        sp = _speed(model, p, gguf_file)
     t_speed = time.perf_counter() - t0
     return {
         "strategy": cand.strategy,
@@ -152,8 +161,8 @@ def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu:
         "perplexity": res.perplexity,
         "kl": res.kl,
         "top1": res.top1,
-        "size_bytes": info.get("size_bytes", res.size["total_bytes"]),
-        "bits_per_weight": info.get("bits_per_weight", res.size["bits_per_weight_model"]),
+        "size_bytes": info["size_bytes"] if "size_bytes" in info else res.size["total_bytes"],
+        "bits_per_weight": info["bits_per_weight"] if "bits_per_weight" in info else res.size["bits_per_weight_model"],
         "prefill_tok_s": sp.prefill_tokens_per_s,
         "decode_tok_s": sp.decode_tokens_per_s,
         "build_wall_s": wall,
@@ -169,14 +178,19 @@ def _measure(ctx: Context, cand: Candidate, model, info: dict, wall: float, cpu:
     }
 
 
-def _speed(model, p: Profile):
-    """measure_speed's result; in a distributed run measured by rank 0 alone (the machine otherwise runs
-    every rank's measurement at once) and sent to the others."""
+def _speed(model, p: Profile, gguf_file=None):
+    """measure_speed's result (llama.cpp's own speed for a GGUF file); in a distributed run measured by rank
+    0 alone (the machine otherwise runs every rank's measurement at once) and sent to the others."""
     from ..flows import distributed
 
     group = distributed.active()
     sp = None
-    if group is None or group.rank == 0:
+    if (group is None or group.rank == 0) and gguf_file is not None:
+        from ..eval.llama_cpp import LlamaCpp
+
+        with LlamaCpp(gguf_file, threads=torch.get_num_threads()) as m:
+            sp = m.speed(prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
+    elif group is None or group.rank == 0:
         sp = measure_speed(model, prefill_len=p.prefill_len, new_tokens=p.new_tokens, repeats=p.speed_repeats)
     return sp if group is None else group.broadcast(sp, 0, "the speed measurement")
 
@@ -218,7 +232,11 @@ def run_compare(
         chosen = [c for c in candidates
                   if (prof.name in c.profiles or prof.name not in PROFILES)
                   and (c.strategy == "fp32" or c.strategy.lower() in strategies)]
-        rows = _run_all(chosen, ctx, progress)
+        try:
+            rows = _run_all(chosen, ctx, progress)
+        finally:
+            for path in ctx.scratch.values():  # e.g. the GGUF files made for llama.cpp's rows
+                shutil.rmtree(path, ignore_errors=True)
         ctx.reference_logits.close()
         _remeasure_baseline(rows, ctx)
         return {"env": environment(), "profile": prof.__dict__, "rows": rows, "shared": ctx.shared}
