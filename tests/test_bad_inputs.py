@@ -152,6 +152,14 @@ CASES = [
     (["quantize", *T, "--method", "gptq", "--seq-len", "64", "--calib", "{empty_txt}", *O], "empty"),
     (["quantize", *T, "--method", "gptq", "--seq-len", "64", "--calib", "{base}/nope.txt", *O], "nope.txt' does not exist"),
     (["quantize", *T, "--method", "gptq", "--seq-len", "4096", *O], "longer than the model's context"),
+    (["quantize", *T, "--workers", "0", *O], "--workers: must be an integer >= 1"),
+    (["quantize", *T, "--timeout", "0", *O], "--timeout: must be a number > 0"),
+    # ---- imatrix ----
+    (["imatrix"], "required: -o/--output"),
+    (["imatrix", *T, "--calib-samples", "0", *O], "--calib-samples: must be an integer >= 1"),
+    (["imatrix", *T, "-o", "{afile}"], "exists; choose another -o or pass --overwrite"),
+    (["imatrix", *T, "--calib", "{base}/nope.txt", *O], "nope.txt' does not exist"),
+    (["imatrix", "--model", "{base}/nowhere", *O], "does not exist"),
     # ---- eval ----
     (["eval"], "give either a quantized folder or --model"),
     (["eval", "{q}", "--model", "{tiny}"], "give either a quantized folder or --model"),
@@ -172,6 +180,7 @@ CASES = [
     (["compare", "--threads", "100000"], "--threads: must be a thread count from 1 to 1024"),
     (["compare", "-o", "{afile}"], "is an existing file, and llmquant writes a folder"),
     (["compare", *T, "--strategies", "bogus", "-o", "{new}"], "unknown strategies"),
+    (["compare", *T, "--with-llama-cpp", "Q9_Z", "-o", "{new}"], "llama.cpp file type 'Q9_Z' unknown"),
     # ---- sensitivity / plan ----
     (["sensitivity", "--method", "exact"], "--method: invalid choice"),
     (["sensitivity", "--windows", "0"], "--windows: must be an integer >= 1"),

@@ -488,9 +488,15 @@ def cmd_imatrix(args) -> int:
         from ..errors import OutputExistsError
 
         raise OutputExistsError(f"{args.output!r} exists; choose another -o or pass --overwrite")
-    model, tok = llmquant.load_model(args.model)
     src = None if args.calib in (None, "default") else Path(args.calib)
-    windows = calibration_windows(tok, src, args.calib_samples, args.seq_len, context=context_length(model))
+    if src is not None and not src.is_file():  # before the model loads
+        from ..errors import TextError
+
+        raise TextError(f"calibration text {str(src)!r} does not exist")
+    model, tok = llmquant.load_model(args.model)
+    ctx = context_length(model)
+    seq_len = args.seq_len or min(512, ctx or 512)  # the standard windows, or the model's whole context
+    windows = calibration_windows(tok, src, args.calib_samples, seq_len, context=ctx)
     im = imatrix_from_calibration(model, windows, dataset=str(src) if src else "llmquant default text")
     write_imatrix(im, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {len(im.sums)} weights, {windows.shape[0]} x {windows.shape[1]} tokens")
@@ -502,7 +508,7 @@ def add_imatrix_parser(sub) -> None:
     m.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     m.add_argument("--calib", help="calibration text: .txt/.jsonl file, or 'default' (the default)")
     m.add_argument("--calib-samples", type=A.positive_int, default=64, help="calibration windows (default 64)")
-    m.add_argument("--seq-len", type=A.seq_len, default=512, help="tokens per window (default 512)")
+    m.add_argument("--seq-len", type=A.seq_len, help="tokens per window (default 512, or the model's context if shorter)")
     m.add_argument("-o", "--output", required=True, help="the imatrix file to write (.gguf)")
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_imatrix)

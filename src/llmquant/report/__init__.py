@@ -24,9 +24,15 @@ def compare(model_path=None, *, profile="quick", strategies=("ptq", "qat", "dyna
     strategies = tuple(s.strip().lower() for s in strategies)
     candidates = list(candidates or default_candidates())
     if llama_cpp:  # llama.cpp's own quantizations of the same model, run in llama.cpp
+        from ..errors import LLMQuantError
+        from ..eval.llama_cpp import FTYPES
         from .candidates import LLAMA_CPP_TYPES, llama_cpp_candidates
 
-        candidates += llama_cpp_candidates(LLAMA_CPP_TYPES if llama_cpp is True else tuple(llama_cpp))
+        types = LLAMA_CPP_TYPES if llama_cpp is True else tuple(t.upper() for t in llama_cpp)
+        bad = [t for t in types if t not in FTYPES]
+        if bad:
+            raise LLMQuantError(f"llama.cpp file type {bad[0]!r} unknown; choose from {', '.join(FTYPES)}")
+        candidates += llama_cpp_candidates(types)
         strategies += ("llama.cpp",)
     result = run_compare(candidates, model_path=model_path, profile=profile, strategies=strategies, progress=progress,
                          threads=threads)
