@@ -56,7 +56,7 @@ class AutoRoundStage(Stage):
         p = self.params or AutoRoundParams()
         srs = {n: SignRoundWeight(lin.weight, self.cfg.weight, p.minmax, p.clip_min, name=n)
                for n, lin in ctx.linears.items()}
-        if p.steps and ctx.inputs:
+        if p.steps and ctx.inputs and srs:
             frozen = [t for t in ctx.block.parameters() if t.requires_grad]
             for t in frozen:
                 t.requires_grad_(False)
