@@ -67,19 +67,19 @@ def hqq_quantize(
     p: float = 0.7,
     beta: float = 10.0,
     kappa: float = 1.01,
-    optimize_scale: bool | None = None,
+    optimize_scale: bool = True,
     name: str = "weight",
     history: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Integer codes (int16, shaped like ``weight``), scale and zero point (None if symmetric), as
-    :func:`llmquant.algorithms.rtn_quantize` gives them. ``optimize_scale``: also update the scale (None:
-    only for symmetric schemes, which have no zero point to move). ``history``: if given, the kept-best
+    :func:`llmquant.algorithms.rtn_quantize` gives them. ``optimize_scale``: also update the scale (False: the
+    zero point alone, the paper's; symmetric schemes, having no zero point, always update the scale). ``history``: if given, the kept-best
     objective ``sum |W - W_r|^p`` is appended after the start and after each iteration."""
     if scheme.super_group is not None:
         raise SchemeError(f"HQQ does not optimize two-level (k-quant) scales ({scheme.name}); use rtn or gptq for it")
     w = weight.detach().float()
     check_finite(w, name)
-    opt_scale = scheme.symmetric if optimize_scale is None else bool(optimize_scale)
+    opt_scale = scheme.symmetric or bool(optimize_scale)
     scale0, zero0 = compute_qparams(w, scheme)
     xg = _grouped(w, scheme)  # (rows, groups, gs); a ragged last group padded (masked out below)
     rows, ng, gs = xg.shape
@@ -118,6 +118,8 @@ def hqq_quantize(
                 s = s.clamp(min=EPS)
         if z is not None:
             z = ((q - target / s) * mask).sum(-1, keepdim=True) / n
+            if scheme.zero_point == "int":  # integer zero points: the scale is fitted to the rounded zero
+                z = z.round().clamp(qmin, qmax)
         b *= kappa
         cs, cz = _project(s.squeeze(-1), None if z is None else z.squeeze(-1), scheme)
         cur = objective(cs, cz)
