@@ -281,3 +281,26 @@ def test_cli_hqq(tmp_path, tiny_folder):
     assert main(["quantize", "--model", str(tiny_folder), "--method", "hqq", "--scheme", "W4G32", "-o", str(out)]) == 0
     man = json.loads((out / "llmquant.json").read_text())
     assert man["config"]["method"] == "hqq" and man["config"]["method_params"]["iterations"] == 20
+
+
+# ---- streaming ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("method,params", [("hqq", None), (["awq", "autoround"], [AWQParams(grid=4), AutoRoundParams(steps=6)])],
+                         ids=["hqq", "awq+autoround"])
+def test_streamed_equals_whole(tmp_path, calib, dtype, method, params):
+    """Layers read from the checkpoint's shards as the pipeline reaches them quantize bit for bit as the
+    model loaded whole does."""
+    path = tmp_path / "m"
+    make_tiny_llama(vocab_size=VOCAB, layers=3).to(dtype).save_pretrained(str(path), max_shard_size="60KB")
+    whole, _ = llmquant.load_model(path)
+    streamed, _ = llmquant.load_model(path, stream=True)
+    assert any(p.is_meta for p in streamed.model.layers.parameters())
+    cfg = QuantConfig(weight="W3G32", method=method, method_params=params)
+    llmquant.quantize(whole, cfg, calib=calib, progress=False)
+    llmquant.quantize(streamed, cfg, calib=calib, progress=False)
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if "layers" in k:
+            assert torch.equal(a[k], b[k]), k
