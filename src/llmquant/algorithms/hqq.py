@@ -73,7 +73,8 @@ def hqq_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Integer codes (int16, shaped like ``weight``), scale and zero point (None if symmetric), as
     :func:`llmquant.algorithms.rtn_quantize` gives them. ``optimize_scale``: also update the scale (False: the
-    zero point alone, the paper's; symmetric schemes, having no zero point, always update the scale). ``history``: if given, the kept-best
+    zero point alone, the paper's; symmetric schemes, having no zero point, always update the scale).
+    ``history``: if given, the kept-best
     objective ``sum |W - W_r|^p`` is appended after the start and after each iteration."""
     if scheme.super_group is not None:
         raise SchemeError(f"HQQ does not optimize two-level (k-quant) scales ({scheme.name}); use rtn or gptq for it")
@@ -83,9 +84,9 @@ def hqq_quantize(
     scale0, zero0 = compute_qparams(w, scheme)
     xg = _grouped(w, scheme)  # (rows, groups, gs); a ragged last group padded (masked out below)
     rows, ng, gs = xg.shape
-    k = w.reshape(-1, w.shape[-1]).shape[-1] if scheme.granularity != "tensor" else xg.shape[-1]
+    k = w.shape[-1]
     mask = torch.ones(1, ng, gs, device=w.device)
-    if scheme.granularity == "group" and ng * gs > k:
+    if scheme.granularity == "group" and ng * gs > k:  # the padding of a ragged last group
         mask[0, -1, k - (ng - 1) * gs:] = 0
     n = mask.sum(-1, keepdim=True)
     qmin, qmax = scheme.qmin, scheme.qmax
