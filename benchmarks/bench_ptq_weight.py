@@ -50,7 +50,7 @@ def weight_scheme(name: str):
 
 def method_config(method: str, args):
     """``(method, method_params)`` for a variant name: ``gptq-ao`` (act_order), ``gptq-awq`` / ``gptq-ao-awq``
-    (AWQ's scales first), ``awq-hqq`` / ``awq-autoround`` (compositions after AWQ's scales); autoround takes
+    (AWQ's scales first), ``hqq-z`` (HQQ's zero point alone, no scale update), ``awq-hqq`` / ``awq-autoround`` (compositions after AWQ's scales); autoround takes
     ``--ar-steps`` / ``--ar-batch``."""
     base, *opts = method.split("-")
     if base == "gptq" and opts:
@@ -60,6 +60,10 @@ def method_config(method: str, args):
         if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
             return ["awq", "gptq"], [None, params]
         return base, params
+    if base == "hqq" and opts == ["z"]:  # the paper's HQQ: the zero point alone
+        from llmquant import HQQParams
+
+        return base, HQQParams(optimize_scale=False)
     last = opts[-1] if base == "awq" and opts else base
     params = None
     if last == "autoround":
