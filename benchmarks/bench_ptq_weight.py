@@ -138,6 +138,7 @@ def main() -> int:
     ap.add_argument("--ar-batch", type=int, default=None, help="autoround: calibration windows per step")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 row (when another run of the same "
                     "protocol has it)")
+    ap.add_argument("--jobs", help="METHOD:SCHEME,... in this order (instead of --methods x --schemes)")
     ap.add_argument("--out", default="ptq_weight")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "SCHEME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -147,7 +148,10 @@ def main() -> int:
         return 0
     RESULTS.mkdir(exist_ok=True)
     jobs = [] if args.no_fp32 else [("fp32", "-")]
-    jobs += [(m, s) for s in args.schemes.split(",") for m in args.methods.split(",")]
+    if args.jobs:  # an explicit order, e.g. when a run may be stopped before its end (rows are saved as they come)
+        jobs += [tuple(j.split(":")) for j in args.jobs.split(",")]
+    else:
+        jobs += [(m, s) for s in args.schemes.split(",") for m in args.methods.split(",")]
     rows = []
     base = [sys.executable, __file__, "--windows", str(args.windows), "--calib-samples", str(args.calib_samples),
             "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--ar-steps", str(args.ar_steps)]
