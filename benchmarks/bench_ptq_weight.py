@@ -162,7 +162,7 @@ def main() -> int:
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{m} {s} failed")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "windows": args.windows})
         r = rows[-1]
         (RESULTS / f"{args.out}.partial.json").write_text(json.dumps(rows, indent=1))
         print(f"{m:5s} {s:7s} ppl {r['perplexity']:.3f} KL {r['kl']:.4f} top1 {r['top1']:.3f} "

@@ -23,9 +23,7 @@ def main() -> int:
             continue  # the finished run's file holds the same rows
         d = json.loads(f.read_text())
         rows, meta = (d["rows"], d["meta"]) if isinstance(d, dict) else (d, {"command": "(stopped early: partial)"})
-        windows = meta.get("windows")
-        if windows is None:  # a partial file: its windows are in its name's run (see BENCHMARKS.md)
-            windows = 40
+        windows = meta.get("windows") or rows[0].get("windows") or 40  # the first partial file predates the field: 40
         runs.append({"file": f.name, "windows": windows, "meta": meta, "rows": rows})
     fp32 = {r["windows"]: row["perplexity"] for r in runs for row in r["rows"] if row["method"] == "fp32"}
     out = ["| eval windows | method | scheme | ppl | ppl / fp32 | KL | top-1 | bits/weight | quantize s (wall) | "
