@@ -48,31 +48,18 @@ def weight_scheme(name: str):
     return resolve_scheme(name)
 
 
-def method_config(method: str, args):
-    """``(method, method_params)`` for a variant name: ``gptq-ao`` (act_order), ``gptq-awq`` / ``gptq-ao-awq``
-    (AWQ's scales first), ``hqq-z`` (HQQ's zero point alone, no scale update), ``awq-hqq`` / ``awq-autoround`` (compositions after AWQ's scales); autoround takes
-    ``--ar-steps`` / ``--ar-batch``."""
+def frontier_config(method: str, args):
+    """``(method, method_params)`` for the HQQ / AutoRound variants: ``hqq``, ``hqq-z`` (HQQ's zero point
+    alone, no scale update), ``autoround`` (``--ar-steps`` / ``--ar-batch``), and ``awq-hqq`` /
+    ``awq-autoround`` (compositions after AWQ's scales)."""
+    from llmquant import AutoRoundParams, HQQParams
+
     base, *opts = method.split("-")
-    if base == "gptq" and opts:
-        from llmquant import GPTQParams
-
-        params = GPTQParams(act_order="ao" in opts)
-        if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
-            return ["awq", "gptq"], [None, params]
-        return base, params
-    if base == "hqq" and opts == ["z"]:  # the paper's HQQ: the zero point alone
-        from llmquant import HQQParams
-
-        return base, HQQParams(optimize_scale=False)
-    last = opts[-1] if base == "awq" and opts else base
-    params = None
-    if last == "autoround":
-        from llmquant import AutoRoundParams
-
-        params = AutoRoundParams(steps=args.ar_steps, batch=args.ar_batch)
-    if last != base:
-        return [base, last], [None, params]
-    return base, params
+    if base == "hqq":
+        return base, HQQParams(optimize_scale=opts != ["z"])
+    last = opts[-1] if base == "awq" else base
+    params = AutoRoundParams(steps=args.ar_steps, batch=args.ar_batch) if last == "autoround" else None
+    return ([base, last], [None, params]) if last != base else (base, params)
 
 
 def run_one(method: str, scheme: str, args) -> dict:
@@ -86,7 +73,16 @@ def run_one(method: str, scheme: str, args) -> dict:
     model, tok = llmquant.load_model()
     rss_loaded = _rss_mb()
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
-    base, params = method_config(method, args)
+    base, *opts = method.split("-")  # variants: gptq-ao (act_order), gptq-awq (AWQ scales first), gptq-ao-awq
+    params = None
+    if base == "gptq" and opts:
+        from llmquant import GPTQParams
+
+        params = GPTQParams(act_order="ao" in opts)
+        if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
+            base, params = ["awq", "gptq"], [None, params]
+    elif base in ("hqq", "autoround") or (base == "awq" and opts):
+        base, params = frontier_config(method, args)
     cfg = QuantConfig(weight=weight_scheme(scheme), method=base, method_params=params,
                       calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
     t0, c0 = time.perf_counter(), _cpu_s()
