@@ -1,4 +1,4 @@
-"""RTN vs GPTQ vs AWQ weight-only PTQ on the default model (SmolLM2-135M-Instruct), fp32 in the same run.
+"""RTN vs GPTQ vs AWQ vs HQQ vs AutoRound weight-only PTQ on the default model (SmolLM2-135M-Instruct), fp32 in the same run.
 
 Calibration: ``--calib-samples`` x ``--seq-len`` tokens from the end of the default text (disjoint from the
 evaluation windows at its start). Evaluation: the first ``--windows`` 512-token windows of the default text.
@@ -35,11 +35,39 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def weight_scheme(name: str):
+    """A preset name, or one with an ``F`` suffix (``W4G64F``): asymmetric with float zero points and fp16
+    scales and zeros, the grid the HQQ library stores."""
+    from llmquant import QuantScheme
+    from llmquant.schemes import resolve_scheme
+
+    if name.upper().endswith("F"):
+        s = resolve_scheme(name[:-1])
+        return QuantScheme(bits=s.bits, symmetric=False, group_size=s.group_size, zero_point="float",
+                           scale_dtype="float16")
+    return resolve_scheme(name)
+
+
+def frontier_config(method: str, args):
+    """``(method, method_params)`` for the HQQ / AutoRound variants: ``hqq``, ``hqq-z`` (HQQ's zero point
+    alone, no scale update), ``autoround`` (``--ar-steps`` / ``--ar-batch``), and ``awq-hqq`` /
+    ``awq-autoround`` (compositions after AWQ's scales)."""
+    from llmquant import AutoRoundParams, HQQParams
+
+    base, *opts = method.split("-")
+    if base == "hqq":
+        return base, HQQParams(optimize_scale=opts != ["z"])
+    last = opts[-1] if base == "awq" else base
+    params = AutoRoundParams(steps=args.ar_steps, batch=args.ar_batch) if last == "autoround" else None
+    return ([base, last], [None, params]) if last != base else (base, params)
+
+
 def run_one(method: str, scheme: str, args) -> dict:
     import torch
 
     import llmquant
     from llmquant import CalibSpec, QuantConfig
+    from llmquant.schemes.methods import params_to_json
 
     torch.set_num_threads(args.threads)
     model, tok = llmquant.load_model()
@@ -53,7 +81,9 @@ def run_one(method: str, scheme: str, args) -> dict:
         params = GPTQParams(act_order="ao" in opts)
         if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
             base, params = ["awq", "gptq"], [None, params]
-    cfg = QuantConfig(weight=scheme, method=base, method_params=params,
+    elif base in ("hqq", "autoround") or (base == "awq" and opts):
+        base, params = frontier_config(method, args)
+    cfg = QuantConfig(weight=weight_scheme(scheme), method=base, method_params=params,
                       calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
     t0, c0 = time.perf_counter(), _cpu_s()
     summary = llmquant.quantize(model, cfg, progress=False)
@@ -65,6 +95,7 @@ def run_one(method: str, scheme: str, args) -> dict:
         "method": method, "scheme": scheme, "perplexity": res.perplexity, "kl": res.kl, "top1": res.top1,
         "quantize_s": seconds, "quantize_cpu_s": cpu, "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded, "fp32_model_mb": fp32_mb,
         "layer_errors": getattr(summary, "layer_errors", None), "bits_per_weight": summary.bits_per_weight,
+        "weight_scheme": cfg.weight.name, "method_params": params_to_json(cfg.method_params),
     }
 
 
@@ -99,6 +130,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ar-steps", type=int, default=200, help="autoround: signed-gradient steps per layer")
+    ap.add_argument("--ar-batch", type=int, default=None, help="autoround: calibration windows per step")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 row (when another run of the same "
+                    "protocol has it)")
+    ap.add_argument("--jobs", help="METHOD:SCHEME,... in this order (instead of --methods x --schemes)")
     ap.add_argument("--out", default="ptq_weight")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "SCHEME"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -107,21 +143,27 @@ def main() -> int:
         print(json.dumps(run_fp32(args) if m == "fp32" else run_one(m, s, args)))
         return 0
     RESULTS.mkdir(exist_ok=True)
-    jobs = [("fp32", "-")] + [(m, s) for s in args.schemes.split(",") for m in args.methods.split(",")]
+    jobs = [] if args.no_fp32 else [("fp32", "-")]
+    if args.jobs:  # an explicit order, e.g. when a run may be stopped before its end (rows are saved as they come)
+        jobs += [tuple(j.split(":")) for j in args.jobs.split(",")]
+    else:
+        jobs += [(m, s) for s in args.schemes.split(",") for m in args.methods.split(",")]
     rows = []
     base = [sys.executable, __file__, "--windows", str(args.windows), "--calib-samples", str(args.calib_samples),
-            "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+            "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--ar-steps", str(args.ar_steps)]
+    if args.ar_batch:
+        base += ["--ar-batch", str(args.ar_batch)]
     for m, s in jobs:
         out = subprocess.run(base + ["--one", m, s], capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{m} {s} failed")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "windows": args.windows})
         r = rows[-1]
         (RESULTS / f"{args.out}.partial.json").write_text(json.dumps(rows, indent=1))
         print(f"{m:5s} {s:7s} ppl {r['perplexity']:.3f} KL {r['kl']:.4f} top1 {r['top1']:.3f} "
               f"{r['quantize_s']:.1f}s peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-    fp32 = rows[0]["perplexity"]
+    fp32 = rows[0]["perplexity"] if not args.no_fp32 else float("nan")
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,

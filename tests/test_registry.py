@@ -34,7 +34,7 @@ def calib():
 
 def test_builtin_methods_registered():
     assert {"rtn", "gptq", "awq", "static", "smoothquant", "dynamic", "qat", "plan", "blockqat"} <= set(METHODS)
-    assert {m for m in METHODS if METHODS[m].stage is not None} == {"rtn", "gptq", "awq", "blockqat"}
+    assert {m for m in METHODS if METHODS[m].stage is not None} == {"rtn", "gptq", "awq", "blockqat", "hqq", "autoround"}
     with pytest.raises(SchemeError, match="unknown method 'nope'"):
         QuantConfig(method="nope")
     with pytest.raises(SchemeError, match="cannot be composed"):

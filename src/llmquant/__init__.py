@@ -17,6 +17,7 @@ import logging as _logging
 
 from .errors import LLMQuantError
 from .schemes import AWQParams, BlockQATParams, CalibSpec, GPTQParams, PRESETS, QATParams, QuantConfig, QuantScheme, scheme_for
+from .schemes import AutoRoundParams, HQQParams
 from .modules import QuantLinear
 from .flows import METHODS, Method, QuantSummary, register_method
 from .flows import convert, prepare
@@ -218,6 +219,8 @@ __all__ = [
     "Method",
     "QATParams",
     "BlockQATParams",
+    "AutoRoundParams",
+    "HQQParams",
     "register_method",
     "scheme_for",
     "GPTQParams",

@@ -28,7 +28,8 @@ def build_parser() -> A.Parser:
                    help="one of " + ", ".join(m for m in METHODS if m != "plan") + "; or a comma list of layer-wise "
                         "methods that compose (awq,gptq). rtn (weights only); gptq/awq (weights only, calibrated); "
                         "static: W8A8 with calibrated per-tensor activation scales; smoothquant: SmoothQuant, then "
-                        "static W8A8; dynamic: per-token int8 activations at run time; qat: distillation training")
+                        "static W8A8; dynamic: per-token int8 activations at run time; qat: distillation training; "
+                        "hqq (weights only, no data); autoround (weights only, calibrated, 200 steps per layer)")
     q.add_argument("--calib", help="calibration text: .txt/.jsonl file, or 'default' (the default)")
     q.add_argument("--calib-samples", type=A.positive_int, help="calibration windows (default 64)")
     q.add_argument("--seq-len", type=A.seq_len, help="tokens per calibration window (default 512)")

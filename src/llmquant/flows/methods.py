@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 from ..schemes import AWQParams, BlockQATParams, GPTQParams, Plan, QATParams
+from ..schemes import AutoRoundParams, HQQParams
+from .autoround import AutoRoundStage
 from .blockqat import BlockQATStage
 from .calibrate import run_static
 from .dynamic import run_dynamic
+from .hqq import HQQStage
 from .mixed.apply import run_plan
 from .pipeline import run_stages
 from .qat import run_qat
@@ -31,6 +34,10 @@ for _m in (
            doc="quantization-aware training (distillation), then convert"),
     Method("blockqat", _layerwise, params=BlockQATParams, calibrated=True, stage=BlockQATStage,
            doc="block-wise QAT (EfficientQAT's Block-AP): each layer trained to its float outputs, layer by layer"),
+    Method("hqq", _layerwise, params=HQQParams, stage=HQQStage,
+           doc="HQQ (Badri & Shaji 2023): half-quadratic zero point / scale optimization per group; no data"),
+    Method("autoround", _layerwise, params=AutoRoundParams, calibrated=True, stage=AutoRoundStage,
+           doc="AutoRound (Cheng et al. 2023): rounding and ranges by signed gradient descent, layer by layer"),
     Method("plan", run_plan, params=Plan, doc="a mixed-precision plan: one format per layer"),
 ):
     register_method(_m)

@@ -2,6 +2,7 @@
 
 from .scheme import PRESETS, QuantConfig, QuantScheme, resolve_config, resolve_scheme, scheme_for
 from .methods import COMPOSABLE, AWQParams, BlockQATParams, CalibSpec, GPTQParams, METHOD_PARAMS, QATParams
+from .methods import AutoRoundParams, HQQParams
 from .primitives import (
     dequantize,
     fake_quantize,
@@ -19,6 +20,8 @@ __all__ = [
     "COMPOSABLE",
     "QATParams",
     "BlockQATParams",
+    "AutoRoundParams",
+    "HQQParams",
     "scheme_for",
     "CalibSpec",
     "GPTQParams",
