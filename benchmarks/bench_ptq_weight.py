@@ -35,6 +35,30 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def method_config(method: str):
+    """``(method, method_params)`` for a variant name. ``gptq`` / ``rtn`` / ``awq``: the defaults;
+    ``gptq-<opt>-<opt>...``: the paper's GPTQ (columns in order, min-max groups in the sweep, damp 0.01)
+    plus each option: ``ao`` (act_order "full"), ``gao`` (act_order "group"), ``sg`` (static groups),
+    ``mse`` / ``imse`` (the groups' range search), ``d05`` (damp 0.05), ``awq`` (AWQ's scales first);
+    ``rtn-mse`` / ``rtn-imse``: RTN with that range search."""
+    from llmquant import GPTQParams, RTNParams
+
+    base, *opts = method.split("-")
+    if base == "rtn" and opts:
+        return base, RTNParams(observer=opts[0])
+    if base != "gptq" or not opts:
+        return base, None
+    known = {"ao", "gao", "sg", "mse", "imse", "d05", "awq", "plain"}
+    if set(opts) - known:
+        raise SystemExit(f"unknown GPTQ options {sorted(set(opts) - known)}; known: {sorted(known)}")
+    params = GPTQParams(act_order="full" if "ao" in opts else "group" if "gao" in opts else "off",
+                        static_groups="sg" in opts, damp=0.05 if "d05" in opts else 0.01,
+                        observer="imse" if "imse" in opts else "mse" if "mse" in opts else "minmax")
+    if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
+        return ["awq", "gptq"], [None, params]
+    return base, params
+
+
 def run_one(method: str, scheme: str, args) -> dict:
     import torch
 
@@ -45,14 +69,7 @@ def run_one(method: str, scheme: str, args) -> dict:
     model, tok = llmquant.load_model()
     rss_loaded = _rss_mb()
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
-    base, *opts = method.split("-")  # variants: gptq-ao (act_order), gptq-awq (AWQ scales first), gptq-ao-awq
-    params = None
-    if base == "gptq" and opts:
-        from llmquant import GPTQParams
-
-        params = GPTQParams(act_order="ao" in opts)
-        if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
-            base, params = ["awq", "gptq"], [None, params]
+    base, params = method_config(method)
     cfg = QuantConfig(weight=scheme, method=base, method_params=params,
                       calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
     t0, c0 = time.perf_counter(), _cpu_s()
