@@ -40,14 +40,17 @@ def method_config(method: str):
     ``gptq-<opt>-<opt>...``: the paper's GPTQ (columns in order, min-max groups in the sweep, damp 0.01)
     plus each option: ``ao`` (act_order "full"), ``gao`` (act_order "group"), ``sg`` (static groups),
     ``mse`` / ``imse`` (the groups' range search), ``d05`` (damp 0.05), ``awq`` (AWQ's scales first);
-    ``rtn-mse`` / ``rtn-imse``: RTN with that range search."""
-    from llmquant import GPTQParams, RTNParams
-
-    base, *opts = method.split("-")
+    ``rtn-mse`` / ``rtn-imse``: RTN with that range search. ``bf16`` (any method): the calibration passes in
+    bfloat16 (``CalibSpec(compute="bfloat16")``), handled by :func:`run_one`."""
+    base, *opts = [o for o in method.split("-") if o != "bf16"]
     if base == "rtn" and opts:
+        from llmquant import RTNParams
+
         return base, RTNParams(observer=opts[0])
     if base != "gptq" or not opts:
         return base, None
+    from llmquant import GPTQParams
+
     known = {"ao", "gao", "sg", "mse", "imse", "d05", "awq", "plain"}
     if set(opts) - known:
         raise SystemExit(f"unknown GPTQ options {sorted(set(opts) - known)}; known: {sorted(known)}")
@@ -70,8 +73,10 @@ def run_one(method: str, scheme: str, args) -> dict:
     rss_loaded = _rss_mb()
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
     base, params = method_config(method)
+    bf16 = "bf16" in method.split("-") or args.compute == "bfloat16"
+    compute = {"compute": "bfloat16"} if bf16 else {}  # (older llmquant has no compute field)
     cfg = QuantConfig(weight=scheme, method=base, method_params=params,
-                      calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
+                      calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len, **compute))
     t0, c0 = time.perf_counter(), _cpu_s()
     summary = llmquant.quantize(model, cfg, progress=False)
     seconds, cpu = time.perf_counter() - t0, _cpu_s() - c0
@@ -114,6 +119,7 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compute", default="float32", help="calibration passes' arithmetic: float32 or bfloat16")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default="ptq_weight")
@@ -127,7 +133,7 @@ def main() -> int:
     jobs = [("fp32", "-")] + [(m, s) for s in args.schemes.split(",") for m in args.methods.split(",")]
     rows = []
     base = [sys.executable, __file__, "--windows", str(args.windows), "--calib-samples", str(args.calib_samples),
-            "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+            "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--compute", args.compute]
     for m, s in jobs:
         out = subprocess.run(base + ["--one", m, s], capture_output=True, text=True)
         if out.returncode:
@@ -143,6 +149,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
         "windows": args.windows, "calibration": f"{args.calib_samples} x {args.seq_len} tokens from the end of the default text",
+        "compute": args.compute,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -230,3 +230,44 @@ def test_importance_weighted_rtn_is_a_calibrated_method(tiny, calib, tmp_path, t
     assert errs["imse"] != errs["minmax"]
     llmquant.save(m, tokenizer, tmp_path / "q")
     assert llmquant.load(tmp_path / "q")[0].llmquant_config.method_params == RTNParams(observer="imse")
+
+
+def test_statistics_pass_skips_the_tail_without_changing_them(tiny, calib):
+    """A float pass whose output goes unused stops at the last linear's input: the statistics are those of
+    whole passes (same tokens, same sums), and symmetric accumulation gives a symmetric X^T X."""
+    from llmquant.flows.passes import TailSkip, _run, record_layer_inputs
+    from llmquant.flows.stats import StatsCollector
+
+    m = copy.deepcopy(tiny)
+    layers = m.model.layers
+    xs, kw = record_layer_inputs(m, layers, list(calib.split(2)), {"use_cache": False})
+    layer = layers[0]
+    lin = {n: mod for n, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+    whole, skipped = StatsCollector(lin), StatsCollector(lin)
+    with torch.no_grad():
+        with whole:
+            for x, k in zip(xs, kw[0]):
+                _run(layer, x, k)
+        with skipped, TailSkip(lin) as tail:
+            tail.full(layer, xs[0], kw[0][0])
+            assert tail.target == "mlp.down_proj"
+            assert all(tail.run(layer, x, k) for x, k in zip(xs[1:], kw[0][1:]))
+    for n in whole.stats:
+        a, b = whole.stats[n], skipped.stats[n]
+        assert a.n == b.n and torch.allclose(a.xtx, b.xtx, rtol=1e-5, atol=1e-4)
+        assert torch.equal(a.xtx, a.xtx.T)
+
+
+def test_bfloat16_calibration_passes(tiny, calib):
+    ids = torch.randint(0, VOCAB, (2, 30))
+    ref = _logits(tiny, ids)
+    err = {}
+    for compute in ("float32", "bfloat16"):
+        m = copy.deepcopy(tiny)
+        cfg = QuantConfig(weight="W4G32", method="gptq", calibration=CalibSpec(samples=8, seq_len=48, compute=compute))
+        llmquant.quantize(m, cfg, calib=calib, progress=False)
+        assert m.model.layers[0].self_attn.q_proj.scale.dtype == torch.float32
+        err[compute] = float((_logits(m, ids) - ref).pow(2).mean())
+    assert err["bfloat16"] < 1.5 * err["float32"], err
+    with pytest.raises(SchemeError, match="compute"):
+        CalibSpec(compute="float16")

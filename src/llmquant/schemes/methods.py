@@ -173,6 +173,9 @@ class CalibSpec(_Params):
     seq_len: int = 512  # tokens per window
     batch_size: int = 4  # windows per forward pass (memory: activations of one batch inside a layer)
     sequential: bool = True  # layer by layer, feeding quantized outputs on; False: one float pass for all
+    # the layer passes' arithmetic: "float32", or "bfloat16" (autocast: matrix products in bfloat16, the
+    # statistics still accumulated in float32); the quantizers always work on the float32 weights
+    compute: str = "float32"
     version: int = PARAMS_VERSION
 
     def __post_init__(self) -> None:
@@ -180,6 +183,8 @@ class CalibSpec(_Params):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SchemeError(f"calibration {k} must be an integer >= 1, got {v!r}")
+        if self.compute not in ("float32", "bfloat16"):
+            raise SchemeError(f"calibration compute must be 'float32' or 'bfloat16', got {self.compute!r}")
         self._check_version()
 
 
