@@ -124,7 +124,9 @@ class GPTQParams(_Params):
 class RTNParams(_Params):
     """Round to nearest: the weight range search. "imse" weights each input column's rounding error by
     its calibration statistic ``diag(X^T X) / n`` (llama.cpp's importance matrix idea), so it needs
-    calibration data; "minmax" and "mse" need none."""
+    calibration data; "minmax" and "mse" need none. Measured on the default model at W4G64 (16 x 512
+    calibration tokens, KL on 8 windows): min-max KL 0.437, "imse" 0.242 (as good as the paper's GPTQ,
+    0.260). The default stays min-max: RTN is the data-free baseline."""
 
     observer: str = "minmax"  # one of RANGE_SEARCHES
     version: int = PARAMS_VERSION
