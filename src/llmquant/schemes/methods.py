@@ -90,16 +90,16 @@ def _search(owner: str, v) -> None:
 class GPTQParams(_Params):
     """GPTQ's knobs. Defaults measured on the default model at W4G64 (BENCHMARKS.md, "PTQ frontier: GPTQ
     options and importance-weighted RTN"; 16 x 512 calibration tokens, KL on 8 windows): the paper's form
-    (columns in order, min-max groups in the sweep) KL 0.260; act_order "full" 0.153; plus static groups
-    0.196 (worse: the sweep moves the weights away from the ranges fixed before it); plus the
-    importance-weighted range search ("imse") 0.101. Version 1 dicts (written before these options) load
-    as the paper's form they meant."""
+    (columns in order, min-max groups in the sweep) KL 0.260; act_order "full" 0.153 ("group" order with
+    "imse": 0.104); plus the importance-weighted range search ("imse") 0.101; plus static groups 0.097
+    (static groups with min-max ranges: 0.196, worse than without). Version 1 dicts (written before these
+    options) load as the paper's form they meant."""
 
     VERSION = 2  # 2: act_order became a name, static_groups and observer were added
     damp: float = 0.01  # dampening added to H's diagonal, as a fraction of its mean diagonal
     block_size: int = 128  # columns per lazy batch update
     act_order: str = "full"  # column order, one of ACT_ORDERS (true / false: "full" / "off"); output format unchanged
-    static_groups: bool = False  # every group's qparams from the original weights before the sweep
+    static_groups: bool = True  # every group's qparams from the original weights before the sweep
     observer: str = "imse"  # the groups' range search, one of RANGE_SEARCHES ("imse": weighted by diag H)
     version: int = 2
 
