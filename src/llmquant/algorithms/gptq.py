@@ -110,7 +110,8 @@ def gptq_quantize(
     order (:data:`ACT_ORDERS`; True / False mean "full" / "off"). ``static_groups``: every group's qparams
     from the original weights before the sweep (else from the updated weights when the sweep reaches the
     group). ``observer``: the range search for those qparams
-    (:func:`llmquant.schemes.primitives.range_qparams`; "imse" weights each column by ``diag H``). The
+    (:func:`llmquant.schemes.primitives.range_qparams`; "imse" weights each column by ``diag H``; k-quant
+    grids keep llama.cpp's search). The
     defaults are the paper's algorithm; :class:`llmquant.schemes.GPTQParams` holds the measured best.
     ``consume_hessian``: the caller gives it up (an fp32 tensor made for this call), so it is worked on in
     place instead of copied (at 8192 inputs each copy is 268 MB).
@@ -145,8 +146,12 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
     u = _inverse_cholesky(h, damp, name)
     del h
 
+    # k-quant grids keep llama.cpp's own group search (a weighted least-squares search already; the
+    # range searches were not measured on them)
+    search = "minmax" if scheme.super_group is not None else observer
+
     def qparams(x, cols_imp):
-        return range_qparams(x, scheme, observer, cols_imp)
+        return range_qparams(x, scheme, search, cols_imp)
 
     ngroups = scheme.num_groups(cols)
     sdt = scale_torch_dtype(scheme)
