@@ -107,12 +107,12 @@ def gptq_quantize(
     """Integer codes (int16, shaped like ``weight``), scale and zero point (None if symmetric), as RTN.
 
     ``hessian``: (in, in), ``2 X X^T / n`` of the layer's calibration inputs. ``act_order``: the column
-    order (:data:`ACT_ORDERS`; True / False mean "full" / "off"). ``static_groups``: every group's qparams
+    order (:data:`llmquant.schemes.methods.ACT_ORDERS`; True / False mean "full" / "off"). ``static_groups``: every group's qparams
     from the original weights before the sweep (else from the updated weights when the sweep reaches the
     group). ``observer``: the range search for those qparams
     (:func:`llmquant.schemes.primitives.range_qparams`; "imse" weights each column by ``diag H``; k-quant
-    grids keep llama.cpp's search). The
-    defaults are the paper's algorithm; :class:`llmquant.schemes.GPTQParams` holds the measured best.
+    grids keep llama.cpp's search). The defaults are the paper's algorithm;
+    :class:`llmquant.schemes.GPTQParams` holds the measured best.
     ``consume_hessian``: the caller gives it up (an fp32 tensor made for this call), so it is worked on in
     place instead of copied (at 8192 inputs each copy is 268 MB).
     """
@@ -135,9 +135,9 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
     own = consume_hessian and hessian.dtype == torch.float32 and hessian.device == w.device
     h = hessian.detach() if own else hessian.detach().float().clone().to(w.device)
     del hessian
-    dead = h.diagonal() == 0  # inputs that were always zero: their columns do not affect the output
-    h[dead, dead] = 1.0
     imp = h.diagonal().clone()  # each column's importance for the "imse" range search (original order)
+    dead = imp == 0  # inputs that were always zero: their columns do not affect the output
+    h[dead, dead] = 1.0
 
     grouped = scheme.granularity == "group"
     perm = column_order(imp, act_order, scheme.group_size if grouped else None)
