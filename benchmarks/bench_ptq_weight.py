@@ -62,6 +62,33 @@ def frontier_config(method: str, args):
     return ([base, last], [None, params]) if last != base else (base, params)
 
 
+def method_config(method: str):
+    """``(method, method_params)`` for a variant name. ``gptq`` / ``rtn`` / ``awq``: the defaults;
+    ``gptq-<opt>-<opt>...``: the paper's GPTQ (columns in order, min-max groups in the sweep, damp 0.01)
+    plus each option: ``ao`` (act_order "full"), ``gao`` (act_order "group"), ``sg`` (static groups),
+    ``mse`` / ``imse`` (the groups' range search), ``d05`` (damp 0.05), ``awq`` (AWQ's scales first);
+    ``rtn-mse`` / ``rtn-imse``: RTN with that range search. ``bf16`` (any method): the calibration passes in
+    bfloat16 (``CalibSpec(compute="bfloat16")``), handled by :func:`run_one`."""
+    base, *opts = [o for o in method.split("-") if o != "bf16"]
+    if base == "rtn" and opts:
+        from llmquant import RTNParams
+
+        return base, RTNParams(observer=opts[0])
+    if base != "gptq" or not opts:
+        return base, None
+    from llmquant import GPTQParams
+
+    known = {"ao", "gao", "sg", "mse", "imse", "d05", "awq", "plain"}
+    if set(opts) - known:
+        raise SystemExit(f"unknown GPTQ options {sorted(set(opts) - known)}; known: {sorted(known)}")
+    params = GPTQParams(act_order="full" if "ao" in opts else "group" if "gao" in opts else "off",
+                        static_groups="sg" in opts, damp=0.05 if "d05" in opts else 0.01,
+                        observer="imse" if "imse" in opts else "mse" if "mse" in opts else "minmax")
+    if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
+        return ["awq", "gptq"], [None, params]
+    return base, params
+
+
 def run_one(method: str, scheme: str, args) -> dict:
     import torch
 
@@ -73,18 +100,13 @@ def run_one(method: str, scheme: str, args) -> dict:
     model, tok = llmquant.load_model()
     rss_loaded = _rss_mb()
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
-    base, *opts = method.split("-")  # variants: gptq-ao (act_order), gptq-awq (AWQ scales first), gptq-ao-awq
-    params = None
-    if base == "gptq" and opts:
-        from llmquant import GPTQParams
-
-        params = GPTQParams(act_order="ao" in opts)
-        if "awq" in opts:  # AWQ's scales folded in first, then GPTQ: a composition of two methods
-            base, params = ["awq", "gptq"], [None, params]
-    elif base in ("hqq", "autoround") or (base == "awq" and opts):
+    base, params = method_config(method)
+    if base in ("hqq", "autoround") or (base == "awq" and method.split("-")[-1] in ("hqq", "autoround")):
         base, params = frontier_config(method, args)
+    bf16 = "bf16" in method.split("-") or args.compute == "bfloat16"
+    compute = {"compute": "bfloat16"} if bf16 else {}  # (older llmquant has no compute field)
     cfg = QuantConfig(weight=weight_scheme(scheme), method=base, method_params=params,
-                      calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len))
+                      calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len, **compute))
     t0, c0 = time.perf_counter(), _cpu_s()
     summary = llmquant.quantize(model, cfg, progress=False)
     seconds, cpu = time.perf_counter() - t0, _cpu_s() - c0
@@ -128,6 +150,7 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compute", default="float32", help="calibration passes' arithmetic: float32 or bfloat16")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ar-steps", type=int, default=200, help="autoround: signed-gradient steps per layer")
@@ -150,7 +173,8 @@ def main() -> int:
         jobs += [(m, s) for s in args.schemes.split(",") for m in args.methods.split(",")]
     rows = []
     base = [sys.executable, __file__, "--windows", str(args.windows), "--calib-samples", str(args.calib_samples),
-            "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--ar-steps", str(args.ar_steps)]
+            "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--compute", args.compute,
+            "--ar-steps", str(args.ar_steps)]
     if args.ar_batch:
         base += ["--ar-batch", str(args.ar_batch)]
     for m, s in jobs:
@@ -168,6 +192,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
         "windows": args.windows, "calibration": f"{args.calib_samples} x {args.seq_len} tokens from the end of the default text",
+        "compute": args.compute,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -16,7 +16,7 @@ from .version import __version__
 import logging as _logging
 
 from .errors import LLMQuantError
-from .schemes import AWQParams, BlockQATParams, CalibSpec, GPTQParams, PRESETS, QATParams, QuantConfig, QuantScheme, scheme_for
+from .schemes import AWQParams, BlockQATParams, CalibSpec, GPTQParams, PRESETS, QATParams, QuantConfig, QuantScheme, RTNParams, scheme_for
 from .schemes import AutoRoundParams, HQQParams
 from .modules import QuantLinear
 from .flows import METHODS, Method, QuantSummary, register_method
@@ -224,6 +224,7 @@ __all__ = [
     "register_method",
     "scheme_for",
     "GPTQParams",
+    "RTNParams",
     "Plan",
     "autocast",
     "llama_cpp_plan",

@@ -10,11 +10,16 @@ columns by the optimal-brain-surgeon update
 using rows of the upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), so the inverse is never
 updated. Columns are processed in blocks: updates inside a block are applied at once, the rest of the
 matrix gets the block's accumulated error in one matrix product ("lazy batch updates"). ``H`` is dampened
-by ``damp * mean(diag H)`` before the inverse. With ``act_order`` columns go by decreasing ``diag H``;
-the permutation is undone at the end, and groups stay contiguous in the original column order, so the
-output (codes, scale, zero) has exactly the format of :func:`llmquant.algorithms.rtn_quantize`. A group's
-qparams are computed (min-max, as RTN) when the loop reaches the first of its columns, from the group's
-weights as updated so far; the last group may be ragged when the group size does not divide the width.
+by ``damp * mean(diag H)`` before the inverse. With ``act_order="full"`` columns go by decreasing
+``diag H``; with ``"group"`` whole groups go by decreasing summed ``diag H`` and the columns inside each by
+decreasing ``diag H``. The permutation is undone at the end, and groups stay contiguous in the original
+column order, so the output (codes, scale, zero) has exactly the format of
+:func:`llmquant.algorithms.rtn_quantize`. A group's qparams are computed when the loop reaches the first
+of its columns, from the group's weights as updated so far, or, with ``static_groups``, for every group up
+front from the original weights; either way by one range search
+(:func:`llmquant.schemes.primitives.range_qparams`: min-max as RTN, least squared error, or least
+squared error weighted per column by ``diag H``, i.e. by the mean square of that input). The last group
+may be ragged when the group size does not divide the width.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import CalibrationError, SchemeError
-from ..schemes import QuantScheme, check_finite, compute_qparams
-from ..schemes.primitives import from_grid, round_to_grid, scale_torch_dtype
+from ..schemes import QuantScheme, check_finite
+from ..schemes.methods import act_order_name
+from ..schemes.primitives import from_grid, range_qparams, round_to_grid, scale_torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,21 @@ def _column_qparams(scale: torch.Tensor, zero: torch.Tensor | None, col: int, sc
     return s, z
 
 
+def column_order(diag: torch.Tensor, act_order: bool | str, group_size: int | None) -> torch.Tensor | None:
+    """The processing order of the columns (None: as stored) from the Hessian's diagonal."""
+    mode = act_order_name(act_order)
+    if mode == "off":
+        return None
+    if mode == "full" or group_size is None:
+        return torch.argsort(diag, descending=True, stable=True)
+    k = diag.numel()
+    starts = list(range(0, k, group_size))
+    weight = torch.stack([diag[a : a + group_size].sum() for a in starts])
+    parts = [a + torch.argsort(diag[a : a + group_size], descending=True, stable=True)
+             for a in (starts[i] for i in torch.argsort(weight, descending=True, stable=True).tolist())]
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -77,21 +98,31 @@ def gptq_quantize(
     *,
     damp: float = 0.01,
     block_size: int = 128,
-    act_order: bool = False,
+    act_order: bool | str = False,
+    static_groups: bool = False,
+    observer: str = "minmax",
     name: str = "weight",
     consume_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Integer codes (int16, shaped like ``weight``), scale and zero point (None if symmetric), as RTN.
 
-    ``hessian``: (in, in), ``2 X X^T / n`` of the layer's calibration inputs. ``consume_hessian``: the caller
-    gives it up (an fp32 tensor made for this call), so it is worked on in place instead of copied (at 8192
-    inputs each copy is 268 MB).
+    ``hessian``: (in, in), ``2 X X^T / n`` of the layer's calibration inputs. ``act_order``: the column
+    order (:data:`llmquant.schemes.methods.ACT_ORDERS`; True / False mean "full" / "off"). ``static_groups``: every group's qparams
+    from the original weights before the sweep (else from the updated weights when the sweep reaches the
+    group). ``observer``: the range search for those qparams
+    (:func:`llmquant.schemes.primitives.range_qparams`; "imse" weights each column by ``diag H``; k-quant
+    grids keep llama.cpp's search). The defaults are the paper's algorithm;
+    :class:`llmquant.schemes.GPTQParams` holds the measured best.
+    ``consume_hessian``: the caller gives it up (an fp32 tensor made for this call), so it is worked on in
+    place instead of copied (at 8192 inputs each copy is 268 MB).
     """
     with _few_threads(weight.device):
-        return _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian)
+        return _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian, static_groups,
+                     observer)
 
 
-def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian=False):
+def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian=False, static_groups=False,
+          observer="minmax"):
     w = weight.detach().float()  # only read: the column loop works on its own (transposed) copy
     check_finite(w, name)
     rows, cols = w.shape
@@ -104,18 +135,27 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
     own = consume_hessian and hessian.dtype == torch.float32 and hessian.device == w.device
     h = hessian.detach() if own else hessian.detach().float().clone().to(w.device)
     del hessian
-    dead = h.diagonal() == 0  # inputs that were always zero: their columns do not affect the output
+    imp = h.diagonal().clone()  # each column's importance for the "imse" range search (original order)
+    dead = imp == 0  # inputs that were always zero: their columns do not affect the output
     h[dead, dead] = 1.0
 
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    grouped = scheme.granularity == "group"
+    perm = column_order(imp, act_order, scheme.group_size if grouped else None)
     if perm is not None:
         h = h[perm[:, None], perm]  # one gather, one copy
     u = _inverse_cholesky(h, damp, name)
     del h
 
-    grouped = scheme.granularity == "group"
+    # k-quant grids keep llama.cpp's own group search (a weighted least-squares search already; the
+    # range searches were not measured on them)
+    search = "minmax" if scheme.super_group is not None else observer
+
+    def qparams(x, cols_imp):
+        return range_qparams(x, scheme, search, cols_imp)
+
     ngroups = scheme.num_groups(cols)
     sdt = scale_torch_dtype(scheme)
+    done = orig_list = pos_of = None
     if grouped:
         scale = torch.zeros(rows, ngroups, dtype=sdt, device=w.device)
         zero = None if scheme.symmetric else torch.zeros(rows, ngroups, dtype=torch.int16 if scheme.zero_point == "int" else sdt, device=w.device)
@@ -125,18 +165,18 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
         pos_of = torch.empty(cols, dtype=torch.long, device=w.device)
         pos_of[orig] = torch.arange(cols, device=w.device)
         orig_list = orig.tolist()
-    if grouped and scheme.super_group is not None:
-        # two-level scales tie a super-block's groups together: fixed up front from the weights (RTN's grid),
-        # GPTQ then chooses the codes on it
-        scale, zero = compute_qparams(w, scheme)
-        done = [True] * ngroups
+        if static_groups or scheme.super_group is not None:
+            # every group's qparams up front from the original weights (two-level k-quant scales tie a
+            # super-block's groups together, so they are always fixed so); GPTQ then chooses the codes on them
+            scale, zero = qparams(w, imp)
+            done = [True] * ngroups
+    else:  # per channel: one scale per row, from the whole matrix
+        scale, zero = qparams(w, imp)
     # work on W^T (columns in processing order) so that a column is a contiguous row of memory: one copy
     wt = (w.T[perm] if perm is not None else w.T).contiguous()
     del w
-    if not grouped:  # per channel: one scale per row, from the whole (permuted columns do not matter) matrix
-        scale, zero = compute_qparams(wt.T, scheme)
-    qcodes = _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list if grouped else None,
-                          pos_of if grouped else None, done if grouped else None)
+    qcodes = _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done,
+                          lambda cur, g: qparams(cur, imp[g * scheme.group_size : (g + 1) * scheme.group_size]))
     qcodes = qcodes.T
     if perm is not None:
         qcodes = qcodes[:, torch.argsort(perm)]
@@ -157,7 +197,7 @@ def _few_threads(device):
             torch.set_num_threads(n)
 
 
-def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done):
+def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done, group_qparams):
     """GPTQ's loop over columns (rows of ``wt``), in blocks with lazy batch updates; returns codes (cols, rows)."""
     cols, rows = wt.shape
     qcodes = torch.zeros(cols, rows, dtype=torch.int16, device=wt.device)
@@ -174,7 +214,7 @@ def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos
                 if not done[g]:  # first column of this group reached: its qparams from current weights
                     members = pos_of[g * scheme.group_size : min((g + 1) * scheme.group_size, cols)]
                     cur = _current_columns(wt, w1, err1, u, members, i1, i2, i)
-                    s_g, z_g = compute_qparams(cur, scheme)
+                    s_g, z_g = group_qparams(cur, g)
                     scale[:, g] = s_g[:, 0]
                     if zero is not None:
                         zero[:, g] = z_g[:, 0]

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..schemes import AWQParams, BlockQATParams, GPTQParams, Plan, QATParams
+from ..schemes import AWQParams, BlockQATParams, GPTQParams, Plan, QATParams, RTNParams
 from ..schemes import AutoRoundParams, HQQParams
 from .autoround import AutoRoundStage
 from .blockqat import BlockQATStage
@@ -22,7 +22,8 @@ def _layerwise(model, cfg, calib=None, progress=True):
 
 
 for _m in (
-    Method("rtn", _layerwise, stage=RTNStage, doc="round to nearest, min-max qparams; no data"),
+    Method("rtn", _layerwise, params=RTNParams, stage=RTNStage,
+           doc="round to nearest; min-max or searched ranges (no data), or importance-weighted (calibrated)"),
     Method("gptq", _layerwise, params=GPTQParams, calibrated=True, stage=GPTQStage,
            doc="GPTQ (Frantar et al. 2022), layer by layer"),
     Method("awq", _layerwise, params=AWQParams, calibrated=True, stage=AWQStage,

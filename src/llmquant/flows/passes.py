@@ -40,6 +40,64 @@ def _run(module: nn.Module, x, kwargs: dict):
     return getattr(out, "logits", out) if not isinstance(out, torch.Tensor) else out
 
 
+class TailSkip:
+    """Context manager that ends a layer's calibration pass early: once a first full pass has shown the order
+    in which the layer calls its ``linears`` (after the statistics hooks, which it is entered after), an
+    ``armed`` pass stops (raises ``_Stop``) as the last of them receives its input, so the rest of the layer
+    (e.g. the MLP's down projection) is not computed for batches whose outputs nobody needs. It never arms
+    when the first pass did not call every linear (e.g. a mixture of experts whose router skipped one)."""
+
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        self.linears, self.seq = linears, []
+        self.target: str | None = None
+        self.need = self.count = 0
+        self.armed = False
+        self._handles = []
+
+    def _hook(self, name: str):
+        def pre(mod, args):
+            if self.target is None:
+                self.seq.append(name)
+            elif self.armed and name == self.target:
+                self.count += 1
+                if self.count == self.need:
+                    raise _Stop
+        return pre
+
+    def full(self, layer: nn.Module, x, kwargs: dict):
+        """A whole pass (its output returned); until a pass has called every linear, it learns where to stop."""
+        self.seq = []
+        y = _run(layer, x, kwargs)
+        if self.target is None and self.seq and set(self.seq) == set(self.linears):
+            self.target = self.seq[-1]
+            self.need = self.seq.count(self.target)
+        return y
+
+    def run(self, layer: nn.Module, x, kwargs: dict) -> bool:
+        """A pass whose output is not needed: it stops at the last linear when a full pass has shown which
+        that is; True if it did."""
+        if self.target is None:
+            self.full(layer, x, kwargs)
+            return False
+        self.armed, self.count = True, 0
+        try:
+            _run(layer, x, kwargs)
+            return False
+        except _Stop:
+            return True
+        finally:
+            self.armed = False
+
+    def __enter__(self) -> "TailSkip":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 class _StandIn(nn.Module):
     """A module put in a decoder layer's place for one pass; attributes the model reads off its layers
     (``attention_type``, ...) are the layer's."""

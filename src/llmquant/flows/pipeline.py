@@ -37,7 +37,8 @@ from ..modules import replace_module, select_linears
 from ..resources import PeakMemory, trim_memory
 from . import budget, distributed
 from ..schemes import CalibSpec, QuantConfig, dequantize
-from .passes import _Stop, _raise_stop, _run, decoder_layers, model_device, record_layer_inputs
+from ..schemes.primitives import all_finite
+from .passes import TailSkip, _Stop, _raise_stop, _run, decoder_layers, model_device, record_layer_inputs
 from .stages import ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, rtn_result, run_block  # noqa: F401
 from .stats import StatsCollector
 from .summary import QuantSummary, untie_if_needed
@@ -92,7 +93,7 @@ class Hooks:
 
 
 def _check(t: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise CalibrationError(f"NaN/Inf in the activations of {where} on the calibration data; "
                                "the model overflows (try float32, or other calibration text)")
 
@@ -184,6 +185,13 @@ def _drive(model, cfg, calib, stages, chosen, arch, source, whole_model, summary
             _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, progress)
     if source is not None:
         del model.llmquant_layer_source  # every layer has been read: the model is whole (and quantized)
+
+
+def _compute(spec: CalibSpec, device: torch.device):
+    """The layer passes' arithmetic (``CalibSpec.compute``): bfloat16 autocast, or as the model is."""
+    if spec.compute == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def calibrated_stages(stages: list[Stage]) -> bool:
@@ -331,6 +339,9 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
     start = _resume(hooks, model, found, chosen, summary, xs, shared)
     float_prop = any(s.propagate_float for s in stages)
     targets = any(s.needs_targets for s in stages)
+    # a float pass whose outputs go unused may stop at the last linear's input, unless a stage watches more
+    skip_tail = all(type(s).observe is Stage.observe for s in stages)
+    spec = cfg.calibration or CalibSpec()
     # the layer's output error is measured on the batches holding the first error_windows windows
     sizes = [b.shape[0] for b in batches]
     want, err_batches = min(s.error_windows for s in stages), 0
@@ -359,11 +370,17 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
 
         def float_pass(keep: bool):
             ys = store()  # float outputs: all of them when they feed the next layer, else those the error needs
-            for j, (x, k) in enumerate(zip(xs, kwargs[i])):
-                y = _run(layer, x, k)
-                _check(y, f"{prefix} (float)")
-                ys.append(y if keep and (float_prop or targets or err[j]) else None)
-                del y
+            # TailSkip's hooks come after the statistics hooks: batches whose outputs go unused stop early
+            with TailSkip(lin) as tail, _compute(spec, model_device(model)):
+                for j, (x, k) in enumerate(zip(xs, kwargs[i])):
+                    if j and skip_tail and not (keep and (float_prop or targets or err[j])):
+                        tail.run(layer, x, k)
+                        ys.append(None)
+                        continue
+                    y = tail.full(layer, x, k)
+                    _check(y, f"{prefix} (float)")
+                    ys.append(y if keep and (float_prop or targets or err[j]) else None)
+                    del y
             return ys
 
         ctx = LayerContext(layer, prefix, lin, StatsCollector(lin), cfg, rerun=lambda: float_pass(False))
@@ -394,7 +411,8 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
             if float_prop and not err[j]:
                 xs[j], ys[j] = ys[j], None
                 continue
-            yq = _run(layer, x, k)
+            with _compute(spec, model_device(model)):
+                yq = _run(layer, x, k)
             _check(yq, f"{prefix} (quantized)")
             if ys[j] is not None:
                 parts.append((gidx[j], (float((yq.float() - ys[j].float()).pow(2).sum()),

@@ -36,6 +36,11 @@ class Method:
     doc: str = ""
     streams: bool = True  # runs on a streamed model (layers read from the checkpoint as the pipeline reaches them)
 
+    def needs_data(self, params=None) -> bool:
+        """Whether it needs calibration data with these knobs (a params type may ask for it itself through a
+        ``calibrated`` property, e.g. RTN's importance-weighted range search)."""
+        return self.calibrated or bool(getattr(params, "calibrated", False))
+
 
 METHODS: dict[str, Method] = {}
 #: llama.cpp file types that name a per-tensor mixture ("gguf:Q4_K_M"); "gguf:Q6_K" / "gguf:Q2_K" stay one
@@ -60,7 +65,8 @@ def get_method(name: str) -> Method:
 
 
 def needs_calibration(cfg: QuantConfig) -> bool:
-    return any(get_method(m).calibrated for m in cfg.methods)
+    params = cfg.method_params if isinstance(cfg.method, tuple) else (cfg.method_params,)
+    return any(get_method(m).needs_data(p) for m, p in zip(cfg.methods, params))
 
 
 def is_llama_mixture(config) -> bool:
@@ -101,7 +107,7 @@ def quantize(model: nn.Module, config="W4G128", *, calib=None, progress: bool = 
     if getattr(model, "llmquant_layer_source", None) is not None and not all(m.streams for m in methods):
         raise SchemeError(f"method {cfg.method!r} needs the whole model in memory; load it without stream=True "
                           "(methods that stream: " + ", ".join(m for m, v in METHODS.items() if v.streams) + ")")
-    if any(m.calibrated for m in methods) and calib is None:
+    if needs_calibration(cfg) and calib is None:
         raise SchemeError(f"method {cfg.method!r} needs calibration data: pass calib= (token ids or inputs)")
     if len(methods) > 1:  # a composition: the layer-wise stages of each, on the pipeline
         from .pipeline import run_stages

@@ -142,12 +142,24 @@ def rtn_result(linears: dict[str, nn.Module], cfg: QuantConfig) -> Result:
 
 
 class RTNStage(Stage):
-    """Round to nearest with min-max qparams: needs no data."""
+    """Round to nearest (algorithms/rtn.py) with RTNParams' range search: needs no data, except for the
+    importance-weighted search ("imse"), whose importance is each input's mean square ``diag(X^T X) / n``
+    (of the scaled inputs after an earlier stage's fold)."""
 
-    needs_data = needs_gram = False
+    def __init__(self, cfg: QuantConfig, params=None) -> None:
+        super().__init__(cfg, params)
+        self.observer = getattr(params, "observer", "minmax")
+        self.needs_data = self.needs_gram = self.observer == "imse"
 
     def quantize(self, ctx: LayerContext) -> Result:
-        return rtn_result(ctx.linears, self.cfg)
+        if self.observer == "minmax":
+            return rtn_result(ctx.linears, self.cfg)
+        out: Result = {}
+        for n, m in ctx.linears.items():
+            imp = ctx.scaled(n, ctx.stats.of(n).gram).diagonal() if self.needs_gram else None
+            w = m.weight.detach().float()
+            out[n] = (*rtn_quantize(w, self.cfg.weight, name=n, observer=self.observer, importance=imp), w)
+        return out
 
 
 class GPTQStage(Stage):
@@ -162,8 +174,8 @@ class GPTQStage(Stage):
             w = torch.cat([ctx.linears[n].weight.detach().float() for n in names], 0)
             q, scale, zero = gptq_quantize(  # the Hessian is made for this call: GPTQ may work on it in place
                 w, ctx.scaled(names[0], ctx.stats.of(names[0]).hessian), self.cfg.weight,
-                damp=p.damp, block_size=p.block_size, act_order=p.act_order, name="+".join(names),
-                consume_hessian=True,
+                damp=p.damp, block_size=p.block_size, act_order=p.act_order, static_groups=p.static_groups,
+                observer=p.observer, name="+".join(names), consume_hessian=True,
             )
             del w
             trim_memory()  # GPTQ's K x K temporaries go back to the system before the next group's

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..schemes import QuantScheme, compute_qparams, expand_groups, minmax, qparams_from_minmax
-from ..schemes.primitives import EPS, group_sum, scale_torch_dtype, search_range, squared_error
+from ..schemes import QuantScheme, compute_qparams, expand_groups
+from ..schemes.primitives import EPS, group_sum, range_qparams, scale_torch_dtype
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -63,10 +63,7 @@ def mse_qparams(x: torch.Tensor, scheme: QuantScheme, shrinks: int = 16, lowest:
     With a = 1 this is RTN; on the full signed grid RTN puts each group's largest-magnitude value exactly on
     a rounding boundary (``max|x| / s = (qmax - qmin) / 2``), so the slightest change of weight or step
     flips it: a knife edge for QAT. Shrinking moves it off the edge (and clips outliers when that pays)."""
-    x = x.detach().float()
-    xmin, xmax = minmax(x, scheme)
-    ratios = torch.linspace(1.0, lowest, shrinks).tolist()
-    return qparams_from_minmax(*search_range(xmin, xmax, ratios, squared_error(x, scheme)), scheme)
+    return range_qparams(x, scheme, "mse", steps=shrinks, lowest=lowest)
 
 
 class _FakeQuant(torch.autograd.Function):

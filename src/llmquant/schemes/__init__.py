@@ -1,7 +1,7 @@
 """Quantization schemes (what to quantize and how) and the math primitives on tensors."""
 
 from .scheme import PRESETS, QuantConfig, QuantScheme, resolve_config, resolve_scheme, scheme_for
-from .methods import COMPOSABLE, AWQParams, BlockQATParams, CalibSpec, GPTQParams, METHOD_PARAMS, QATParams
+from .methods import COMPOSABLE, AWQParams, BlockQATParams, CalibSpec, GPTQParams, METHOD_PARAMS, QATParams, RTNParams
 from .methods import AutoRoundParams, HQQParams
 from .primitives import (
     dequantize,
@@ -25,6 +25,7 @@ __all__ = [
     "scheme_for",
     "CalibSpec",
     "GPTQParams",
+    "RTNParams",
     "METHOD_PARAMS",
     "PRESETS",
     "QuantConfig",

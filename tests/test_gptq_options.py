@@ -1,0 +1,273 @@
+"""GPTQ's options (column order, static groups, range search, dampening) and the importance-weighted range
+search shared by RTN and GPTQ: each moves the output error the way the theory says on layers built for it,
+every combination still beats RTN, and the options round-trip through configs, old configs and saved folders."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import llmquant
+from llmquant import CalibSpec, GPTQParams, QuantConfig, RTNParams
+from llmquant.algorithms import rtn_quantize
+from llmquant.algorithms.gptq import column_order, gptq_quantize, hessian_from_inputs
+from llmquant.errors import SchemeError
+from llmquant.flows import needs_calibration
+from llmquant.flows import quantize as flows_quantize
+from llmquant.modules.fake_quant import mse_qparams
+from llmquant.schemes import QuantScheme, dequantize
+from llmquant.schemes.primitives import range_qparams
+
+from conftest import make_tiny_llama
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+W4 = QuantScheme(bits=4, group_size=32)
+W3 = QuantScheme(bits=3, group_size=32)
+W2A = QuantScheme(bits=2, group_size=32, symmetric=False)
+
+
+def skewed_inputs(n=3000, k=128, seed=0, skew=1.0):
+    """Correlated inputs whose channels have log-normally spread scales (a few dominate, as in LLMs)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    x = torch.randn(n, k, generator=g) @ mix + 0.05 * torch.randn(n, k, generator=g)
+    return x * torch.exp(skew * torch.randn(k, generator=g))
+
+
+def salient_inputs(n=3000, k=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g)
+    x[:, :: 16] *= 20  # one dominant channel in each group of 32 / 16
+    return x
+
+
+def out_err(x, w, q, scale, zero, scheme):
+    return float((x @ (dequantize(q, scale, zero, scheme) - w).T).pow(2).mean())
+
+
+def weight(rows=64, k=128, seed=10):
+    return torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("scheme", [W4, W3, W2A], ids=lambda s: s.name)
+def test_importance_weighted_rtn_lowers_output_error(scheme):
+    """On a layer with a few dominant input channels, weighting each column's rounding error by its mean
+    square input ("imse") lowers the output error below min-max and below the unweighted search."""
+    x, w = salient_inputs(), weight()
+    imp = x.pow(2).mean(0)
+    e = {o: out_err(x, w, *rtn_quantize(w, scheme, observer=o, importance=imp), scheme) for o in ("minmax", "mse", "imse")}
+    assert e["imse"] < 0.8 * e["minmax"], e
+    assert e["imse"] < e["mse"], e
+    # with uniform importance the weighted search is the unweighted one
+    a = range_qparams(w, scheme, "imse", torch.full((128,), 3.0))
+    b = range_qparams(w, scheme, "mse")
+    assert torch.equal(a[0], b[0])
+
+
+def test_range_search_errors_and_the_mse_observer_is_the_shared_search():
+    w = weight()
+    with pytest.raises(SchemeError, match="needs per-column importance"):
+        range_qparams(w, W4, "imse")
+    with pytest.raises(SchemeError, match="unknown range search"):
+        range_qparams(w, W4, "kl")
+    with pytest.raises(SchemeError, match="importance has"):
+        range_qparams(w, W4, "imse", torch.ones(5))
+    s1, _ = mse_qparams(w, W4, shrinks=20, lowest=0.5)
+    s2, _ = range_qparams(w, W4, "mse", steps=20, lowest=0.5)
+    assert torch.equal(s1, s2)
+    s3, _ = range_qparams(w, W4, "minmax")
+    assert torch.equal(s3, rtn_quantize(w, W4)[1])
+
+
+@pytest.mark.parametrize("scheme", [W4, W2A], ids=lambda s: s.name)
+def test_static_and_dynamic_groups_both_beat_rtn(scheme):
+    x, w = skewed_inputs(), weight()
+    h = hessian_from_inputs(x)
+    rtn = out_err(x, w, *rtn_quantize(w, scheme), scheme)
+    dyn = out_err(x, w, *gptq_quantize(w, h, scheme, act_order="full", block_size=32), scheme)
+    sta = out_err(x, w, *gptq_quantize(w, h, scheme, act_order="full", static_groups=True, block_size=32), scheme)
+    assert dyn < 0.7 * rtn and sta < 0.7 * rtn, (dyn, sta, rtn)
+    # static groups: the scales are RTN's, whatever the sweep does to the weights
+    assert torch.equal(gptq_quantize(w, h, scheme, static_groups=True)[1], rtn_quantize(w, scheme)[1])
+
+
+def test_static_groups_keep_2bit_gptq_in_range():
+    """At 2 bits the sweep's updates push weights out of their group's original range; min-max groups
+    computed in the sweep then follow them and lose (in order, GPTQ with dynamic groups is no better than
+    RTN here), static groups do not."""
+    x, w = skewed_inputs(), weight()
+    h = hessian_from_inputs(x)
+    dyn = out_err(x, w, *gptq_quantize(w, h, W2A, block_size=32), W2A)
+    sta = out_err(x, w, *gptq_quantize(w, h, W2A, static_groups=True, block_size=32), W2A)
+    assert sta < 0.8 * dyn, (sta, dyn)
+
+
+@pytest.mark.parametrize("scheme", [W4, W3], ids=lambda s: s.name)
+def test_act_order_helps_on_skewed_inputs(scheme):
+    x, w = skewed_inputs(), weight()
+    h = hessian_from_inputs(x)
+    e = {a: out_err(x, w, *gptq_quantize(w, h, scheme, act_order=a, block_size=32), scheme)
+         for a in ("off", "full", "group")}
+    assert e["full"] < 0.8 * e["off"] and e["group"] < e["off"], e
+    # True / False are the old spellings of "full" / "off"
+    assert torch.equal(gptq_quantize(w, h, scheme, act_order=True)[0], gptq_quantize(w, h, scheme, act_order="full")[0])
+
+
+def test_group_order_keeps_groups_whole():
+    d = torch.tensor([1.0, 5, 2, 0, 9, 9, 0, 0, 3, 1])  # groups of 4: sums 8, 18, 4
+    assert column_order(d, "group", 4).tolist() == [4, 5, 6, 7, 1, 2, 0, 3, 8, 9]
+    assert column_order(d, "full", 4)[:2].tolist() == [4, 5]
+    assert column_order(d, "off", 4) is None and column_order(d, False, 4) is None
+    with pytest.raises(SchemeError, match="act_order"):
+        column_order(d, "random", 4)
+
+
+OPTIONS = [dict(act_order=a, static_groups=s, observer=o, damp=d)
+           for a in ("off", "full", "group") for s in (False, True) for o in ("minmax", "mse", "imse")
+           for d in (0.01, 0.05)]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_every_gptq_option_beats_rtn(opts):
+    x, w = skewed_inputs(), weight()
+    rtn = out_err(x, w, *rtn_quantize(w, W3), W3)
+    q, scale, zero = gptq_quantize(w, hessian_from_inputs(x), W3, block_size=32, **opts)
+    assert q.dtype == torch.int16 and int(q.min()) >= W3.qmin and int(q.max()) <= W3.qmax
+    assert out_err(x, w, q, scale, zero, W3) < 0.75 * rtn
+
+
+def test_importance_weighted_gptq_beats_min_max_gptq():
+    x, w = skewed_inputs(), weight()
+    h = hessian_from_inputs(x)
+    for scheme in (W4, W3):
+        e = {o: out_err(x, w, *gptq_quantize(w, h, scheme, act_order="full", observer=o, block_size=32), scheme)
+             for o in ("minmax", "imse")}
+        assert e["imse"] < 0.9 * e["minmax"], e
+
+
+def test_params_validate_and_round_trip():
+    p = GPTQParams(damp=0.05, act_order="group", static_groups=True, observer="imse")
+    assert GPTQParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert GPTQParams(act_order=True).act_order == "full" and GPTQParams(act_order=False).act_order == "off"
+    for bad in (dict(act_order="sideways"), dict(observer="kl"), dict(static_groups="yes"), dict(damp=1.5)):
+        with pytest.raises(SchemeError):
+            GPTQParams(**bad)
+    assert RTNParams.from_dict(RTNParams(observer="imse").to_dict()) == RTNParams(observer="imse")
+    with pytest.raises(SchemeError, match="observer"):
+        RTNParams(observer="percentile")
+    cfg = QuantConfig(weight="W3G32", method=["awq", "gptq"], method_params=[None, p])
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    assert QuantConfig.from_json(QuantConfig(method="rtn", method_params={"observer": "mse"}).to_json()).method_params \
+        == RTNParams(observer="mse")
+
+
+def test_old_gptq_params_still_load_with_their_old_meaning():
+    """Version 1 (before the options) was the paper's algorithm: min-max groups in the sweep."""
+    old = {"damp": 0.01, "block_size": 128, "act_order": True, "version": 1}
+    p = GPTQParams.from_dict(old)
+    assert (p.act_order, p.static_groups, p.observer, p.version) == ("full", False, "minmax", 2)
+    cfg = QuantConfig.from_dict({"weight": "W4G64", "method": "gptq", "method_params": old})
+    assert cfg.method_params == p
+    legacy = {"weight": "W4G64", "method": "gptq", "method_params": {**old, "awq_scales": True, "awq_grid": 5}}
+    assert QuantConfig.from_dict(legacy).method_params[1] == p
+    # a hand-written dict without a version takes today's defaults for what it leaves out
+    assert GPTQParams.from_dict({"damp": 0.02}) == GPTQParams(damp=0.02)
+    # a config written before RTN had knobs (method_params null)
+    assert QuantConfig.from_dict({"weight": "W4G64", "method": "rtn", "method_params": None}).method_params == RTNParams()
+
+
+VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llama(vocab_size=VOCAB, layers=2)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, VOCAB, (8, 48), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(m, ids):
+    with torch.no_grad():
+        return m(ids).logits
+
+
+def test_options_survive_a_saved_folder(tiny, calib, tmp_path, tokenizer):
+    m = copy.deepcopy(tiny)
+    p = GPTQParams(act_order="group", static_groups=True, observer="imse", damp=0.05)
+    cfg = QuantConfig(weight="W4G32", method="gptq", method_params=p, calibration=CalibSpec(samples=8, seq_len=48))
+    llmquant.quantize(m, cfg, calib=calib, progress=False)
+    ids = torch.randint(0, VOCAB, (2, 30))
+    before = _logits(m, ids)
+    llmquant.save(m, tokenizer, tmp_path / "q")
+    m2, _ = llmquant.load(tmp_path / "q")
+    assert torch.equal(_logits(m2, ids), before)
+    man = json.loads((tmp_path / "q" / "llmquant.json").read_text())
+    assert man["config"]["method_params"] == p.to_dict()
+    assert m2.llmquant_config == cfg
+
+
+def test_importance_weighted_rtn_is_a_calibrated_method(tiny, calib, tmp_path, tokenizer):
+    cfg = QuantConfig(weight="W3G32", method="rtn", method_params=RTNParams(observer="imse"))
+    assert needs_calibration(cfg) and not needs_calibration(QuantConfig(weight="W3G32"))
+    assert not needs_calibration(QuantConfig(method="rtn", method_params=RTNParams(observer="mse")))
+    with pytest.raises(SchemeError, match="needs calibration data"):
+        flows_quantize(copy.deepcopy(tiny), cfg)
+    ids = torch.randint(0, VOCAB, (2, 30))
+    ref = _logits(tiny, ids)
+    errs = {}
+    for obs in ("minmax", "imse"):
+        m = copy.deepcopy(tiny)
+        c = QuantConfig(weight="W3G32", method="rtn", method_params=RTNParams(observer=obs))
+        s = llmquant.quantize(m, c, calib=calib if obs == "imse" else None, progress=False)
+        errs[obs] = float((_logits(m, ids) - ref).pow(2).mean())
+    assert s.layer_errors  # calibrated: measured layer by layer
+    assert errs["imse"] != errs["minmax"]
+    llmquant.save(m, tokenizer, tmp_path / "q")
+    assert llmquant.load(tmp_path / "q")[0].llmquant_config.method_params == RTNParams(observer="imse")
+
+
+def test_statistics_pass_skips_the_tail_without_changing_them(tiny, calib):
+    """A float pass whose output goes unused stops at the last linear's input: the statistics are those of
+    whole passes (same tokens, same sums), and symmetric accumulation gives a symmetric X^T X."""
+    from llmquant.flows.passes import TailSkip, _run, record_layer_inputs
+    from llmquant.flows.stats import StatsCollector
+
+    m = copy.deepcopy(tiny)
+    layers = m.model.layers
+    xs, kw = record_layer_inputs(m, layers, list(calib.split(2)), {"use_cache": False})
+    layer = layers[0]
+    lin = {n: mod for n, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+    whole, skipped = StatsCollector(lin), StatsCollector(lin)
+    with torch.no_grad():
+        with whole:
+            for x, k in zip(xs, kw[0]):
+                _run(layer, x, k)
+        with skipped, TailSkip(lin) as tail:
+            tail.full(layer, xs[0], kw[0][0])
+            assert tail.target == "mlp.down_proj"
+            assert all(tail.run(layer, x, k) for x, k in zip(xs[1:], kw[0][1:]))
+    for n in whole.stats:
+        a, b = whole.stats[n], skipped.stats[n]
+        assert a.n == b.n and torch.allclose(a.xtx, b.xtx, rtol=1e-5, atol=1e-4)
+        assert torch.equal(a.xtx, a.xtx.T)
+
+
+def test_bfloat16_calibration_passes(tiny, calib):
+    ids = torch.randint(0, VOCAB, (2, 30))
+    ref = _logits(tiny, ids)
+    err = {}
+    for compute in ("float32", "bfloat16"):
+        m = copy.deepcopy(tiny)
+        cfg = QuantConfig(weight="W4G32", method="gptq", calibration=CalibSpec(samples=8, seq_len=48, compute=compute))
+        llmquant.quantize(m, cfg, calib=calib, progress=False)
+        assert m.model.layers[0].self_attn.q_proj.scale.dtype == torch.float32
+        err[compute] = float((_logits(m, ids) - ref).pow(2).mean())
+    assert err["bfloat16"] < 1.5 * err["float32"], err
+    with pytest.raises(SchemeError, match="compute"):
+        CalibSpec(compute="float16")
