@@ -12,10 +12,10 @@ from llmquant.kernels import set_kernel
 from llmquant.models import model_types_with
 
 from families import make_family
+from test_llama_cpp import IDS, _kl, _logits  # the same 48 token ids, the same measures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-IDS = [(7 * i) % 400 for i in range(48)]
 # llama.cpp scales Gemma's attention by 1/sqrt(head_dim) (the config's default query_pre_attn_scalar, 256, is
 # refused below); Gemma 3 gets 6 layers so that layer 5 is global, as llama.cpp's fixed pattern has it (an
 # all-sliding model leaves llama.cpp a global KV cache of no layers, which it cannot allocate)
@@ -53,15 +53,6 @@ CASES = {
 NOT_QUANTIZABLE: set = set()  # every family quantizes (GPT-2's Conv1D as the nn.Linear it computes)
 
 
-def _kl(p_logits, q_logits):
-    p = torch.as_tensor(p_logits).double().log_softmax(-1)
-    q = torch.as_tensor(q_logits).double().log_softmax(-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
-def _logits(m):
-    with torch.no_grad():
-        return m(torch.tensor([IDS])).logits[0]
 
 
 def _model(case):

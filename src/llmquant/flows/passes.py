@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError
 from ..models import arch_for
 from ..models.trace import decoder_layers  # noqa: F401  (the pipeline's import)
+from .stats import PreHooks
 
 
 class _Stop(Exception):
@@ -40,7 +41,7 @@ def _run(module: nn.Module, x, kwargs: dict):
     return getattr(out, "logits", out) if not isinstance(out, torch.Tensor) else out
 
 
-class TailSkip:
+class TailSkip(PreHooks):
     """Context manager that ends a layer's calibration pass early: once a first full pass has shown the order
     in which the layer calls its ``linears`` (after the statistics hooks, which it is entered after), an
     ``armed`` pass stops (raises ``_Stop``) as the last of them receives its input, so the rest of the layer
@@ -88,14 +89,6 @@ class TailSkip:
         finally:
             self.armed = False
 
-    def __enter__(self) -> "TailSkip":
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 class _StandIn(nn.Module):

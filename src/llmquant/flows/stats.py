@@ -87,7 +87,26 @@ class InputStats:
         return (self.abs_sum / max(self.n, 1)).float()
 
 
-class StatsCollector:
+class PreHooks:
+    """A context manager attaching ``self._hook(name)`` as a forward pre-hook to each of ``self.linears``."""
+
+    linears: dict[str, nn.Module]
+    _handles: list
+
+    def _hook(self, name: str):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class StatsCollector(PreHooks):
     """Context manager: hooks on ``linears`` (name -> module) accumulate their inputs' statistics.
 
     ``owner[name]`` is the linear whose accumulator ``name`` shares; ``stats[owner]`` holds it.
@@ -119,14 +138,8 @@ class StatsCollector:
     def of(self, name: str) -> InputStats:
         return self.stats[self.owner[name]]
 
-    def __enter__(self) -> "StatsCollector":
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
-        return self
-
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        super().__exit__(*exc)
         self._recent = []
 
     def finish(self) -> None:
