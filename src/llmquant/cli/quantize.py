@@ -83,7 +83,8 @@ def config_from_args(args):
         params = gp if method == "gptq" else [gp if m == "gptq" else None for m in methods]
     cfg = QuantConfig(weight=weight, activation=activation, method=method, targets=tuple(args.targets or ()),
                       observer=args.observer, smooth_alpha=_float_alpha(args.alpha), method_params=params,
-                      **({"ignore": tuple(args.ignore)} if args.ignore is not None else {}))
+                      **({"ignore": tuple(args.ignore)} if args.ignore is not None else {}),
+                      **({"head": args.head} if getattr(args, "head", None) else {}))
     if needs_calibration(cfg):
         given = {k: v for k, v in (("source", None if args.calib in (None, "default") else args.calib),
                                    ("samples", args.calib_samples), ("seq_len", args.seq_len)) if v is not None}
@@ -96,6 +97,8 @@ def _summary_row(summary, scheme_name: str) -> dict:
     return {
         "layers": len(summary.layers),
         "scheme": scheme_name,
+        "embedding/head": (summary.head["format"] + (" tied" if summary.head.get("tied") else "")) if summary.head
+        else "as loaded",
         "bits/w": summary.bits_per_weight,
         "fp32 MB": summary.float_bytes / 1e6,
         "packed MB": summary.packed_bytes / 1e6,
@@ -129,7 +132,7 @@ def cmd_quantize(args) -> int:
     recipe = getattr(args, "plan", None) or getattr(args, "recipe", None)
     if recipe:
         rest = [f for f in ("scheme", "bits", "group_size", "asym", "granularity", "targets", "observer", "alpha",
-                            "act_order", *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
+                            "act_order", "head", *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
         if rest or args.ignore is not None or args.method != "rtn":
             what = "--plan names each layer's format" if args.plan else "--recipe gives the whole config"
             raise SchemeError(f"{what}; leave out --method/--scheme/--bits/... (got {', '.join(rest) or '--method/--ignore'})")
@@ -141,7 +144,7 @@ def cmd_quantize(args) -> int:
             config = llmquant.flows.registry.resolve(llmquant.io.read_recipe(recipe))
     elif args.scheme and llmquant.flows.registry.is_llama_mixture(args.scheme):
         rest = [f for f in ("bits", "group_size", "asym", "granularity", "targets", "observer", "alpha", "act_order",
-                            *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
+                            "head", *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
         if rest or args.ignore is not None or args.method != "rtn":
             raise SchemeError(f"--scheme {args.scheme} is llama.cpp's per-tensor mixture (RTN onto each tensor's "
                               f"type); leave out --method/--bits/... (got {', '.join(rest) or '--method/--ignore'})")

@@ -112,5 +112,10 @@ def quantize(model: nn.Module, config="W4G128", *, calib=None, progress: bool = 
     if len(methods) > 1:  # a composition: the layer-wise stages of each, on the pipeline
         from .pipeline import run_stages
 
-        return run_stages(model, cfg, calib, progress=progress)
-    return methods[0].run(model, cfg, calib, progress)
+        summary = run_stages(model, cfg, calib, progress=progress)
+    else:
+        summary = methods[0].run(model, cfg, calib, progress)
+    from .heads import quantize_heads
+
+    quantize_heads(model, cfg, summary)  # the embedding and the output head (cfg.head)
+    return summary

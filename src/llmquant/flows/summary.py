@@ -53,6 +53,8 @@ class QuantSummary:
     # linears a calibrated method quantized with RTN: they saw no (or too few) calibration tokens, e.g.
     # mixture-of-experts experts the router seldom chose on the calibration text
     rtn_fallback: list = field(default_factory=list)
+    # the embedding / output head stored in a format of their own (QuantConfig.head): format, modules, tied
+    head: dict = field(default_factory=dict)
 
     @property
     def packed_bytes(self) -> int:
@@ -94,6 +96,7 @@ class QuantSummary:
             "resumed_after": self.resumed_after,
             "phase_seconds": self.phase_seconds,
             "rtn_fallback": self.rtn_fallback,
+            "head": self.head,
         }
 
     def __str__(self) -> str:
@@ -104,6 +107,7 @@ class QuantSummary:
             + (f", peak memory {self.peak_memory_mb:.0f} MB" if self.peak_memory_mb else "")
             + (f", {len(self.rtn_fallback)} linears with too few calibration tokens quantized with RTN"
                if self.rtn_fallback else "")
+            + (f", embedding/head {self.head['format']}{' (tied)' if self.head.get('tied') else ''}" if self.head else "")
         )
 
 

@@ -11,6 +11,8 @@ Layout per quantized linear ``L`` (x_hat = (q - zp) * scale, codes on the signed
 llmquant's unsigned stored codes ``q - qmin`` are exactly these offset codes for both symmetric and
 asymmetric schemes, so values carry over bit for bit. Scales are written in float32 (widening fp16/bf16
 scales is exact), because compressed-tensors dequantizes in the scale's dtype.
+A quantized embedding is written as its dequantized float weight (compressed-tensors quantizes linears
+only); a quantized output head is a quantized linear like the others.
 Not representable, refused with a message: float zero points / float minima (the format's zero points are
 integers) and ragged groups (compressed-tensors requires in_features to be a multiple of the group size;
 the layer is not padded, since padding would change the model's shapes).
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError, OutputExistsError
-from ..modules import QuantLinear
+from ..modules import QuantEmbedding, QuantLinear
 from ..packing import pack
 
 log = logging.getLogger(__name__)
@@ -170,7 +172,12 @@ def export_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.Path
         tensors.update(_layer_tensors(n, m))
         a = m.activation_scheme
         groups[(m.scheme.to_json(), None if a is None else a.to_json(), _format(m))].append(n)
-    skip = tuple(f"{n}." for n in quant)
+    # a quantized embedding (llmquant's QuantEmbedding, the tied pair's input side included) has no
+    # compressed-tensors form: its dequantized rows, which are what the model computes, as a float weight
+    embeddings = {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    for n, m in embeddings.items():
+        tensors[f"{n}.weight"] = m.dequantize_weight(dtype=torch.float32).contiguous().cpu()
+    skip = tuple(f"{n}." for n in (*quant, *embeddings))
     seen = set()
     for n, t in model.state_dict().items():
         if n.startswith(skip):

@@ -37,7 +37,7 @@ LARGE_M = 16
 
 #: The most bytes of fp16 prefill weights kept across all modules (``LLMQUANT_PREFILL_CACHE_MB``, default
 #: 512): a small model keeps all of them (the default model's are 212 MB); an 8B model's would be 14 GB,
-#: so past the budget a module dequantizes for each many-token call instead of keeping a copy.
+#: so past the budget a module prepares its fp16 weight for each many-token call instead of keeping it.
 PREFILL_CACHE_BYTES = int(float(os.environ.get("LLMQUANT_PREFILL_CACHE_MB", "512")) * 1e6)
 _kept = [0]
 
@@ -118,7 +118,9 @@ class PackedAVX2(Kernel):
                 fp16 = KERNELS["fbgemm_fp16"]
                 if "fp16" not in state.prefill:
                     if not _keep_prefill_copy(state, 2 * module.in_features * module.out_features):
-                        return run_fused([state], x)  # over the budget: dequantized for the call only
+                        # over the budget: the same fp16 weight, prepared for this call only (the numerics do
+                        # not depend on what else the process holds)
+                        return fp16.run(module, fp16.prepare(module, x.device, x.dtype), x)
                     state.prefill["fp16"] = fp16.prepare(module, x.device, x.dtype)
                 return fp16.run(module, state.prefill["fp16"], x)
         return run_fused([state], x)

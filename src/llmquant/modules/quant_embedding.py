@@ -1,5 +1,6 @@
 """``QuantEmbedding``: an embedding holding packed integer codes with QuantLinear's layout (``qweight``,
-``scale``, ``zero``); rows are dequantized once and kept. A tied embedding and output head can share one
+``scale``, ``zero``); a lookup dequantizes the rows of the tokens asked for, nothing else (no float copy of
+the table is kept, so the packed size is the memory it takes). A tied embedding and output head can share one
 set of tensors: ``QuantEmbedding.sharing(qlinear)`` (saved once). Records what ``load`` needs in the
 manifest (``manifest_entry`` / ``from_manifest``).
 """
@@ -9,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..packing import packed_numel
-from ..schemes import QuantScheme
+from ..packing import packed_numel, unpack
+from ..schemes import QuantScheme, dequantize
 from ..schemes.primitives import scale_torch_dtype
 from .float_modules import _CachedCast
 from .quant_linear import QuantLinear
@@ -57,7 +58,21 @@ class QuantEmbedding(_CachedCast):
 
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self._weight_as(torch.float32), self.padding_idx)
+        return self.lookup(ids)
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``ids`` (any shape) -> their rows dequantized, shape ``(*ids.shape, embedding_dim)``; the same
+        values as the rows of ``dequantize_weight()``."""
+        flat = ids.reshape(-1).to(torch.long)
+        n, bits, s = self.embedding_dim, self.scheme.bits, self.scheme
+        if (n * bits) % 8 or s.granularity == "tensor":  # rows do not start on whole bytes: the whole table
+            return F.embedding(ids, self._weight_as(dtype), self.padding_idx)
+        per_row = n * bits // 8
+        u = unpack(self.qweight.view(self.num_embeddings, per_row)[flat].reshape(-1), bits, flat.numel() * n)
+        q = (u.to(torch.int16) + s.qmin).reshape(-1, n)
+        z = self.zero_point()
+        w = dequantize(q, self.scale[flat], None if z is None else z[flat], s, dtype=dtype)
+        return w.reshape(*ids.shape, n)
 
     def manifest_entry(self) -> dict:
         return {"type": "QuantEmbedding", "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
 from ..models import arch_for, model_types_with
-from ..modules import QuantLinear
+from ..modules import QuantEmbedding, QuantLinear
 from ..modules.float_modules import FloatEmbedding, FloatLinear
 
 _ACTS = {
@@ -146,16 +146,22 @@ class LeanModel:
         self.act = _ACTS[act]
         self.window = getattr(cfg, layout.sliding_window_attr, None) if layout.sliding_window_attr else None
         embed = _get(model, arch.embed)
+        norm = _get(model, arch.final_norm)
+        self.final_w = norm.weight
         self.embed = embed.weight
-        # a FloatEmbedding stores bf16/fp16 and returns fp32, and so does the model it is in
-        stored = self.embed.dtype if self.embed.dtype.is_floating_point else torch.float32
-        self.dtype = torch.float32 if isinstance(embed, FloatEmbedding) else stored
+        # a FloatEmbedding stores bf16/fp16 and returns fp32, and so does the model it is in; a QuantEmbedding
+        # returns the dtype the rest of the model computes in (its norms')
+        if isinstance(embed, QuantEmbedding):
+            self.dtype = self.final_w.dtype
+            self._lookup = lambda ids: embed.lookup(ids, self.dtype)  # the tokens' rows only
+        else:
+            stored = self.embed.dtype if self.embed.dtype.is_floating_point else torch.float32
+            self.dtype = torch.float32 if isinstance(embed, FloatEmbedding) else stored
+            self._lookup = lambda ids: F.embedding(ids, self.embed).to(self.dtype)
         self.device = self.embed.device
         self.rotary = _get(model, layout.rotary)
         if self.rotary is None:
             raise UnsupportedModelError(f"no rotary embedding module at {layout.rotary!r}")
-        norm = _get(model, arch.final_norm)
-        self.final_w = norm.weight
         self.head = _one_linear(_get(model, arch.lm_head), self.dtype)
         self.layers: list[_Layer] = []
         for layer in _get(model, arch.layers):
@@ -221,7 +227,7 @@ class LeanModel:
             mask, causal_flag = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(start), False
         else:
             mask, causal_flag = None, t > 1
-        h = F.embedding(ids, self.embed).to(self.dtype)
+        h = self._lookup(ids)
         nh, nkv, hd, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
         kc, vc = cache.k, cache.v
         gqa = nh != nkv

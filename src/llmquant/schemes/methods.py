@@ -369,16 +369,19 @@ def dynamic_schemes(
 #: W8A8 clips activations by MSE without smoothing and uses min-max after SmoothQuant (alpha 0.8); dynamic
 #: gives each int8 weight row a zero point (W8 weight-only KL 0.0022 against 0.0029 symmetric).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "static": {"weight": "W8", "activation": _static_act, "observer": "mse"},
-    "smoothquant": {"weight": "W8", "activation": _static_act, "observer": "minmax", "smooth_alpha": 0.8},
-    "dynamic": {"weight": lambda: dynamic_schemes()[0], "activation": lambda: dynamic_schemes()[1]},
+    "static": {"weight": "W8", "activation": _static_act, "observer": "mse", "head": "fp32"},
+    "smoothquant": {"weight": "W8", "activation": _static_act, "observer": "minmax", "smooth_alpha": 0.8,
+                    "head": "fp32"},
+    "dynamic": {"weight": lambda: dynamic_schemes()[0], "activation": lambda: dynamic_schemes()[1], "head": "fp32"},
+    "plan": {"head": "fp32"},  # a plan gives the embedding and head their formats itself
 }
+# "head": "auto" for every other method means int8 (flows.heads: Q8_0 blocks, or per row for odd widths)
 DEFAULT_WEIGHT = "W4G128"  # every other method
 DEFAULT_OBSERVER = "minmax"
 
 
 def method_default(method: str | tuple[str, ...], key: str, fallback: Any = None) -> Any:
-    """The default of ``key`` ("weight", "activation", "observer", "smooth_alpha") for ``method``."""
+    """The default of ``key`` ("weight", "activation", "observer", "smooth_alpha", "head") for ``method``."""
     last = method[-1] if isinstance(method, tuple) else method
     v = METHOD_DEFAULTS.get(last, {}).get(key, fallback)
     return v() if callable(v) else v
@@ -446,7 +449,10 @@ def params_to_json(params) -> Any:
 
 def migrate_config_dict(d: dict) -> dict:
     """Read configs written by earlier llmquant versions: ``GPTQParams(awq_scales=True, awq_grid=g)`` (the
-    flag that chained AWQ's scales before GPTQ) becomes the method list ``["awq", "gptq"]``."""
+    flag that chained AWQ's scales before GPTQ) becomes the method list ``["awq", "gptq"]``; a saved config
+    without ``head`` (written before the embedding and head had a format of their own) kept them in float."""
+    if "version" in d and "weight" in d and "head" not in d:
+        d = {**d, "head": "fp32"}
     p = d.get("method_params")
     if d.get("method") == "gptq" and isinstance(p, Mapping) and ("awq_scales" in p or "awq_grid" in p):
         p = dict(p)

@@ -246,8 +246,12 @@ class QuantConfig:
     compose (``["awq", "gptq"]``: AWQ's scales folded in, then GPTQ); ``method_params`` holds its typed
     knobs (a tuple, one per method, for a list). ``targets`` and ``ignore`` hold exact module names or
     ``re:`` regexes (full match). An empty ``targets`` means every ``nn.Linear``. Embeddings are never
-    touched (they are not Linear), and ``lm_head`` is ignored by default; remove it from ``ignore`` to
-    quantize it (a tied lm_head is then untied: the embedding stays in float). Fields left as None take
+    touched by the method (they are not Linear), and ``lm_head`` is ignored by the method by default; remove
+    it from ``ignore`` to quantize it with the method (a tied lm_head is then untied). ``head`` is the format
+    of the input embedding and of an output head the method did not quantize, given after the method ran
+    (round to nearest): ``"auto"`` (weight-only methods: int8 in blocks of 32, llama.cpp's Q8_0 grid, the pair
+    kept tied; activation-quantized methods and plans: left as they are), ``"fp32"`` (left as they are),
+    ``"bf16"`` / ``"fp16"``, or any weight scheme (``"W8"``, ``"W4G64"``, ``"gguf:Q6_K"`` ...). Fields left as None take
     the method's defaults (:data:`llmquant.schemes.methods.METHOD_DEFAULTS`), so a saved config is
     complete.
     """
@@ -265,6 +269,7 @@ class QuantConfig:
     # the method's knobs (GPTQParams / AWQParams / QATParams ...; defaults when None) and calibration data
     method_params: Any = None
     calibration: Any = None  # CalibSpec; None: the defaults (64 x 512 tokens from the end of the default text)
+    head: Any = "auto"  # the embedding / output head's format (see above)
 
     def __post_init__(self) -> None:
         from .methods import DEFAULT_OBSERVER, DEFAULT_WEIGHT, method_chain, method_default, resolve_calib, resolve_method_params
@@ -283,6 +288,10 @@ class QuantConfig:
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "method_params", resolve_method_params(self.method, self.method_params))
         object.__setattr__(self, "calibration", resolve_calib(self.calibration))
+        if self.head != "auto":
+            from .formats import format_to_json, resolve_format
+
+            object.__setattr__(self, "head", format_to_json(resolve_format(self.head)))
         for f in ("observer", "weight_observer"):
             if not isinstance(getattr(self, f), str) or not getattr(self, f):
                 raise SchemeError(f"{f} must be an observer name such as 'minmax', got {getattr(self, f)!r}")
@@ -313,6 +322,7 @@ class QuantConfig:
             "version": self.version,
             "method_params": params_to_json(self.method_params),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "head": self.head,
         }
 
     @classmethod

@@ -52,7 +52,7 @@ def autocast(dtype="bf16", device: str | torch.device = "cpu"):
 
 def half_plan(model: nn.Module, dtype="bf16", *, embeddings: bool = True) -> Plan:
     """A plan storing every Linear (and, with ``embeddings``, the embedding and head) in bf16/fp16."""
-    from .apply import head_names
+    from ..heads import head_names
 
     fmt = resolve_format("bf16" if _dtype(dtype) == torch.bfloat16 else "fp16")
     assert isinstance(fmt, FloatFormat)

@@ -31,7 +31,8 @@ import torch.nn as nn
 from ...errors import SchemeError
 from ...models import arch_for, config_value, hf_to_gguf_name, tied_lm_head
 from ...schemes import Plan
-from .apply import head_names, plan_targets
+from ..heads import head_names
+from .apply import plan_targets
 
 MIXTURES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
 _DEFAULT = {"Q2_K": "Q2_K", "Q3_K_M": "Q3_K", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}

@@ -44,7 +44,7 @@ from ...models import arch_for, tied_lm_head
 from ...modules import select_linears, tensor_bytes, unique_stored, weights_held
 from ...resources import cache_dir
 from ...schemes.formats import DEFAULT_CANDIDATES, FP32, fake_weight, format_bytes, format_name, resolve_format
-from .apply import head_names
+from ..heads import head_names
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: label samples drawn per window (a seeded generator each)
