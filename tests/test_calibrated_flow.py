@@ -47,11 +47,11 @@ def test_calibrated_quantize_makes_rtn_format_quantlinears(tiny, calib, method):
     m = copy.deepcopy(tiny)
     cfg = QuantConfig(weight="W3G32", method=method, calibration=CalibSpec(batch_size=5))
     s = llmquant.quantize(m, cfg, calib=calib, progress=False)
-    assert len(s.layers) == 3 * 7 and len(s.layer_errors) == 3
+    assert len(s.layers) == 3 * 7 + 1 and len(s.layer_errors) == 3  # + the tied embedding/head (Q8_0)
     assert all(0 < e < 1 for e in s.layer_errors)
     q = m.model.layers[0].mlp.down_proj
     assert isinstance(q, QuantLinear) and q.scheme == cfg.weight and q.scale.shape == (72, 5)  # 160 = 4 x 32 + 32
-    assert isinstance(m.lm_head, nn.Linear) and m.lm_head.weight is m.model.embed_tokens.weight
+    assert isinstance(m.lm_head, QuantLinear) and m.lm_head.qweight is m.model.embed_tokens.qweight  # int8, tied
     # better than RTN on held-out tokens (KL to the float model)
     ev = torch.randint(0, VOCAB, (4, 48), generator=torch.Generator().manual_seed(2))
     r = copy.deepcopy(tiny)
@@ -193,7 +193,7 @@ def test_gptq_after_awq_scales(tiny, calib):
     m = copy.deepcopy(tiny)
     cfg = QuantConfig(weight="W3G32", method=["awq", "gptq"], method_params=[AWQParams(grid=5), None])
     s = llmquant.quantize(m, cfg, calib=calib, progress=False)
-    assert len(s.layers) == 21 and not torch.equal(m.model.layers[0].input_layernorm.weight, tiny.model.layers[0].input_layernorm.weight)
+    assert len(s.layers) == 22 and not torch.equal(m.model.layers[0].input_layernorm.weight, tiny.model.layers[0].input_layernorm.weight)
     ev = torch.randint(0, VOCAB, (4, 48), generator=torch.Generator().manual_seed(2))
     r = copy.deepcopy(tiny)
     llmquant.quantize(r, "W3G32", progress=False)

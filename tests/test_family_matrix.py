@@ -76,7 +76,10 @@ def test_ptq_and_dynamic(family, strategy):
     ref = _logits(model)
     n = _n_linears(model)
     run(model)
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n
+    head = model.get_output_embeddings()
+    assert sum(isinstance(m, QuantLinear) for m in model.modules() if m is not head) == n
+    # weight-only methods give the output head (and the embedding) int8 by default; W8A8 leaves them float
+    assert isinstance(head, QuantLinear) == (strategy in ("rtn", "gptq", "awq"))
     assert 0 < _kl(_logits(model), ref) < bound
 
 

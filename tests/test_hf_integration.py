@@ -42,7 +42,7 @@ def test_from_pretrained_matches_llmquant_load(saved):
     q = theirs.model.layers[0].mlp.down_proj
     assert isinstance(q, QuantLinear) and q.qweight.dtype == torch.uint8 and q.scheme.bits == 4
     assert torch.equal(_logits(theirs), _logits(ours))
-    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight  # still tied
+    assert theirs.lm_head.qweight is theirs.model.embed_tokens.qweight  # still tied (Q8_0, stored once)
     assert theirs.llmquant_config.weight.group_size == 64
 
 

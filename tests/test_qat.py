@@ -138,7 +138,8 @@ def test_range_learning_reduces_error(bits, sym):
 @pytest.mark.parametrize("preset", ["W4G64A", "W3G32", "Q41F", "W8"])
 def test_convert_matches_fake_quant(preset):
     m = make_tiny_llama()
-    llmquant.prepare_qat(m, PRESETS[preset], progress=False)
+    # head="fp32": the float head the student trained with (the default rounds it to int8 at convert)
+    llmquant.prepare_qat(m, llmquant.QuantConfig(weight=PRESETS[preset], head="fp32"), progress=False)
     with torch.no_grad():  # move qparams and weights off their initial values
         for mod in m.modules():
             if isinstance(mod, FakeQuantLinear):

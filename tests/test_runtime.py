@@ -7,6 +7,7 @@ import llmquant
 from llmquant.errors import GenerationError, UnsupportedModelError
 from llmquant.kernels import set_kernel
 from llmquant.runtime import GenerationStats, LeanModel
+from llmquant.schemes import QuantConfig
 
 from conftest import make_tiny_llama
 
@@ -112,7 +113,7 @@ def test_prefill_bf16(monkeypatch):
     from llmquant.kernels import packed_cpu
 
     m = make_tiny_llama(vocab_size=512, hidden=128)
-    llmquant.quantize(m, "W8", progress=False)
+    llmquant.quantize(m, QuantConfig(weight="W8", head="fp32"), progress=False)
     lean = LeanModel(m)
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(7))
     exact = lean(ids, lean.new_cache(1, 24))
@@ -188,7 +189,7 @@ def test_streamed_bf16_model_generates_as_its_forward(tmp_path, monkeypatch):
 
     make_tiny_llama(vocab_size=1000, layers=2, tie=False).to(torch.bfloat16).save_pretrained(str(tmp_path / "m"))
     model, _ = llmquant.load_model(tmp_path / "m", stream=True)
-    llmquant.quantize(model, "W4G32", progress=False, output=tmp_path / "q")
+    llmquant.quantize(model, QuantConfig(weight="W4G32", head="fp32"), progress=False, output=tmp_path / "q")
     q, _ = llmquant.load(tmp_path / "q")
     assert type(q.lm_head).__name__ == "FloatLinear" and q.lm_head.weight.dtype == torch.bfloat16
     prompt = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(3))

@@ -29,10 +29,42 @@ def test_save_load_bit_identical(tmp_path, preset, tokenizer):
         assert n1 == n2 and type(a) is type(b)
         if isinstance(a, QuantLinear):
             assert torch.equal(a.qweight, b.qweight) and a.scheme == b.scheme
-    # the tied embedding stayed tied and in float
+    # the tied embedding and head became int8 (per row: width 72 is not a multiple of Q8_0's 32-value blocks)
+    # and stayed tied: one set of tensors, saved once
+    assert m2.lm_head.qweight is m2.model.embed_tokens.qweight and m2.lm_head.scheme.name == "int8-ch"
+    tensors = json.loads((tmp_path / "q" / "llmquant.json").read_text())["tensors"]
+    assert any(k.startswith("lm_head") for k in tensors) != any(k.startswith("model.embed_tokens") for k in tensors)
+    assert not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_head_fp32_keeps_the_tied_float_pair(tmp_path):
+    m = make_tiny_llama()
+    s = llmquant.quantize(m, llmquant.QuantConfig(weight="W4G32", head="fp32"), progress=False)
+    assert not s.head and len(s.layers) == 2 * 7
+    llmquant.save(m, None, tmp_path / "q")
+    m2, _ = llmquant.load(tmp_path / "q")
     assert m2.lm_head.weight is m2.model.embed_tokens.weight
     assert not any(k.startswith("lm_head") for k in json.loads((tmp_path / "q" / "llmquant.json").read_text())["tensors"])
-    assert not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_head_formats_save_load_and_cost(tmp_path):
+    """Any scheme or float format for the tied pair: tied, saved once, bit-identical after load; fewer bits,
+    further from the logits with the float pair."""
+    def w8(head):
+        m = make_tiny_llama(hidden=256, vocab_size=1000)
+        return m, llmquant.quantize(m, llmquant.QuantConfig(weight="W8", head=head), progress=False)
+
+    ref = _logits(w8("fp32")[0])
+    err = {}
+    for head in ["bf16", "gguf:Q6_K", "W4G32"]:
+        m, s = w8(head)
+        assert s.head["tied"] and s.head["modules"] == ["model.embed_tokens", "lm_head"]
+        before = _logits(m)
+        llmquant.save(m, None, tmp_path / head)
+        m2, _ = llmquant.load(tmp_path / head)
+        assert torch.equal(_logits(m2), before)
+        err[head] = float((before - ref).pow(2).mean())
+    assert 0 < err["bf16"] < err["gguf:Q6_K"] < err["W4G32"], err
 
 
 def test_bias_and_untied_lm_head(tmp_path):
@@ -50,7 +82,7 @@ def test_bias_and_untied_lm_head(tmp_path):
 def test_quantizing_tied_lm_head_unties_it(tmp_path):
     m = make_tiny_llama(tie=True)
     emb = m.model.embed_tokens.weight.detach().clone()
-    s = llmquant.quantize(m, llmquant.QuantConfig(weight="W8", ignore=()), progress=False)
+    s = llmquant.quantize(m, llmquant.QuantConfig(weight="W8", ignore=(), head="fp32"), progress=False)
     assert s.untied_lm_head and isinstance(m.lm_head, QuantLinear)
     assert torch.equal(m.model.embed_tokens.weight, emb)
     before = _logits(m)

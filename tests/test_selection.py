@@ -10,7 +10,7 @@ from conftest import make_tiny_llama
 
 def test_default_leaves_lm_head_and_embeddings():
     m = make_tiny_llama()
-    s = llmquant.quantize(m, "W4G64", progress=False)
+    s = llmquant.quantize(m, llmquant.QuantConfig(weight="W4G64", head="fp32"), progress=False)
     assert len(s.layers) == 2 * 7
     assert isinstance(m.lm_head, nn.Linear) and not isinstance(m.lm_head, QuantLinear)
     assert isinstance(m.model.embed_tokens, nn.Embedding)

@@ -42,7 +42,7 @@ def build_parser() -> A.Parser:
     q.add_argument("--targets", nargs="*", help="module names or re:regex to quantize (default: all Linear)")
     q.add_argument("--ignore", nargs="*", help="module names or re:regex to leave alone (default: lm_head)")
     q.add_argument("--head", help="format of the input embedding and output head: auto (default: weight-only "
-                   "methods int8 in blocks of 32, i.e. llama.cpp's Q8_0, a tied pair kept tied; W8A8 methods: as "
+                   "methods and plans int8 in blocks of 32, i.e. llama.cpp's Q8_0, a tied pair kept tied; W8A8 methods: as "
                    "loaded), fp32 (as loaded), bf16, fp16, or a scheme (W8, W4G64, gguf:Q6_K, ...)")
     q.add_argument("--observer", help="activation observer for static/smoothquant: minmax, moving_average, "
                    "percentile[:p], mse, histogram (default: mse for static, minmax for smoothquant)")

@@ -26,6 +26,7 @@ from ..algorithms import ALGORITHMS
 from ..errors import SchemeError
 from ..models import tied_lm_head
 from ..modules import FloatEmbedding, FloatLinear, QuantEmbedding, QuantLinear, replace_module
+from ..modules.float_modules import embed_scale_of
 from ..schemes import FloatFormat
 from ..schemes.formats import FP32, format_bytes, format_name, resolve_format
 from ..schemes.methods import method_default
@@ -36,6 +37,15 @@ log = logging.getLogger(__name__)
 #: ``head="auto"``: the format for a tied or untied embedding / head of this width
 AUTO_HEAD = "gguf:Q8_0"
 AUTO_HEAD_RAGGED = "W8"  # widths that are not a multiple of Q8_0's 32-value blocks
+
+
+_FLOAT_HEADS = (nn.Linear, nn.Embedding, FloatLinear, FloatEmbedding)  # stored bf16/fp16 (a streamed checkpoint)
+
+
+def _float_head(mod: nn.Module) -> bool:
+    """A float Linear or Embedding (a family's own subclass too: Gemma's scaled embedding) or llmquant's
+    bf16/fp16 storage of one; not a quantized module."""
+    return isinstance(mod, _FLOAT_HEADS) and not isinstance(mod, (QuantLinear, QuantEmbedding))
 
 
 def head_names(model: nn.Module) -> tuple[str, ...]:
@@ -59,8 +69,11 @@ def untie(model: nn.Module, emb_name: str, head_name: str) -> None:
 def head_format(cfg, width: int):
     """The format ``cfg.head`` gives an embedding / head of ``width`` columns, or None to leave it as it is."""
     spec = cfg.head
+    if spec == "auto" and cfg.targets:
+        return None  # modules named by the user: those and no others
     if spec == "auto":
-        spec = method_default(cfg.method, "head", "int8")
+        # weight-only methods: int8; a method that quantizes activations (W8A8) leaves them as they are
+        spec = method_default(cfg.method, "head", "int8") if cfg.activation is None else "fp32"
         if spec == "int8":
             spec = AUTO_HEAD if width % 32 == 0 else AUTO_HEAD_RAGGED
     fmt = resolve_format(spec)
@@ -71,7 +84,7 @@ def head_format(cfg, width: int):
 def quantize_heads(model: nn.Module, cfg, summary: QuantSummary) -> None:
     """Store the embedding and the output head as ``cfg.head`` says, in place; their rows go in ``summary``.
     A module the method already replaced (a quantized head) is left alone."""
-    heads = [n for n in head_names(model) if type(model.get_submodule(n)) in (nn.Linear, nn.Embedding)]
+    heads = [n for n in head_names(model) if _float_head(model.get_submodule(n))]
     if not heads:
         return
     width = model.get_submodule(heads[0]).weight.shape[1]
@@ -81,9 +94,7 @@ def quantize_heads(model: nn.Module, cfg, summary: QuantSummary) -> None:
     if any(model.get_submodule(n).weight.is_meta for n in heads):
         raise SchemeError("the embedding / head weights are not loaded; quantize with head='fp32' or load them")
     build_heads(model, {n: fmt for n in heads}, ALGORITHMS["rtn"], summary)
-    summary.head = {"format": format_name(fmt), "modules": heads,
-                    "tied": isinstance(model.get_submodule(heads[0]), QuantEmbedding) and len(heads) == 2
-                    and model.get_submodule(heads[0]).qweight is model.get_submodule(heads[-1]).qweight}
+    summary.head = {"format": format_name(fmt), "modules": heads, "tied": len(heads) == 2 and tied_lm_head(model)}
 
 
 def build_heads(model: nn.Module, assign: dict, algo, summary: QuantSummary) -> bool:
@@ -108,8 +119,9 @@ def build_heads(model: nn.Module, assign: dict, algo, summary: QuantSummary) -> 
         fmt, mod = assign[name], model.get_submodule(name)
         if name in shared_from:
             src = built[shared_from[name]]
-            new = (QuantEmbedding.sharing(src, mod.padding_idx) if isinstance(src, QuantLinear)
-                   else FloatEmbedding(mod.num_embeddings, mod.embedding_dim, src.weight.dtype, mod.padding_idx))
+            es = embed_scale_of(mod)
+            new = (QuantEmbedding.sharing(src, mod.padding_idx, es) if isinstance(src, QuantLinear)
+                   else FloatEmbedding(mod.num_embeddings, mod.embedding_dim, src.weight.dtype, mod.padding_idx, es))
             if isinstance(new, FloatEmbedding):
                 new.weight = src.weight
             replace_module(model, name, new)
@@ -126,18 +138,19 @@ def build_heads(model: nn.Module, assign: dict, algo, summary: QuantSummary) -> 
 def build_module(name: str, mod: nn.Module, fmt, algo):
     """The module that stores ``mod`` (a Linear or an Embedding) in format ``fmt``, and its summary row."""
     w = mod.weight
+    linear = isinstance(mod, (nn.Linear, FloatLinear))
     if isinstance(fmt, FloatFormat):
-        new = (FloatLinear.from_linear(mod, fmt.torch_dtype) if isinstance(mod, nn.Linear)
+        new = (FloatLinear.from_linear(mod, fmt.torch_dtype) if linear
                else FloatEmbedding.from_embedding(mod, fmt.torch_dtype))
         deq, kernel = new.weight.float(), f"float-{fmt.name}"
     else:
         q, scale, zero = algo(w, fmt, name=name)
-        bias = mod.bias if isinstance(mod, nn.Linear) else None
+        bias = mod.bias if linear else None
         qlin = QuantLinear.from_quantized(q, scale, zero, fmt, bias=bias).to(w.device)
-        if isinstance(mod, nn.Linear):
+        if linear:
             new, kernel = qlin, qlin.kernel.name
         else:
-            new, kernel = QuantEmbedding.sharing(qlin, mod.padding_idx), "embedding-rows"
+            new, kernel = QuantEmbedding.sharing(qlin, mod.padding_idx, embed_scale_of(mod)), "embedding-rows"
         deq = qlin.dequantize_weight(dtype=torch.float32, device=w.device)
     bias = getattr(mod, "bias", None)
     nbytes = format_bytes(fmt, *w.shape) + (0 if bias is None else bias.numel() * bias.element_size())

@@ -58,7 +58,8 @@ def prepare_qat(
 ) -> nn.Module:
     """Swap ``model``'s selected linears (and any ``QuantLinear``s) for :class:`FakeQuantLinear` in place.
 
-    ``config``: a :class:`QuantConfig`, scheme, preset name or dict (``lm_head`` stays float by default).
+    ``config``: a :class:`QuantConfig`, scheme, preset name or dict (``lm_head`` and the embedding are not
+    fake-quantized; :func:`convert_qat` rounds them to ``config.head``, int8 by default, after training).
     ``learn_scales``: LSQ-learned step sizes (and zero points) or ones frozen at their initial values.
     ``lora_rank`` > 0: freeze the float weights and train rank-``r`` adapters instead (merged at convert).
     ``init``: ``"mse"`` (least-squares clipping per group), ``"rtn"`` (min-max: the model computes exactly
@@ -165,6 +166,9 @@ def convert_qat(model: nn.Module, *, progress: bool = True) -> QuantSummary:
         summary.layers.append(layer_row(name, w, None, ql, orig=fq,
                                         scheme=fq.scheme.name))
         replace_module(model, name, ql)
+    from .heads import quantize_heads
+
+    quantize_heads(model, cfg, summary)  # the embedding and output head (cfg.head), as every weight-only method
     summary.seconds = time.perf_counter() - t0
     model.llmquant_config = cfg
     if hasattr(model, "llmquant_qat"):

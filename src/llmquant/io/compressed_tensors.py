@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError, OutputExistsError
+from ..models import tied_lm_head
 from ..modules import QuantEmbedding, QuantLinear
 from ..packing import pack
 
@@ -147,6 +148,9 @@ def export_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.Path
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"{str(out)!r} exists and is not empty; choose another -o or pass --overwrite")
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    out_head = getattr(model, "get_output_embeddings", lambda: None)()
+    heads = {n: quant.pop(n) for n in [n for n, m in quant.items() if m is out_head]}
+    tied = tied_lm_head(model)
     if not quant:
         raise ExportError("the model has no quantized layers; quantize it first (llmquant quantize)")
     from ..modules.experts import ExpertLinears
@@ -168,16 +172,22 @@ def export_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.Path
 
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list[str]] = defaultdict(list)
+    for n, m in heads.items():
+        if not tied:
+            tensors[f"{n}.weight"] = m.dequantize_weight(dtype=torch.float32).contiguous().cpu()
+            if m.bias is not None:
+                tensors[f"{n}.bias"] = m.bias.detach().float().contiguous().cpu()
     for n, m in quant.items():
         tensors.update(_layer_tensors(n, m))
         a = m.activation_scheme
         groups[(m.scheme.to_json(), None if a is None else a.to_json(), _format(m))].append(n)
-    # a quantized embedding (llmquant's QuantEmbedding, the tied pair's input side included) has no
-    # compressed-tensors form: its dequantized rows, which are what the model computes, as a float weight
+    # a quantized embedding and output head (QuantConfig.head) have no compressed-tensors form that
+    # transformers loads: their dequantized weights, which are what the model computes, as float tensors
+    # (a tied pair once, tied again by config.tie_word_embeddings)
     embeddings = {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
     for n, m in embeddings.items():
         tensors[f"{n}.weight"] = m.dequantize_weight(dtype=torch.float32).contiguous().cpu()
-    skip = tuple(f"{n}." for n in (*quant, *embeddings))
+    skip = tuple(f"{n}." for n in (*quant, *embeddings, *heads))
     seen = set()
     for n, t in model.state_dict().items():
         if n.startswith(skip):
@@ -217,6 +227,8 @@ def export_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.Path
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "llmquant"})
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
+        if tied:
+            cfg["tie_word_embeddings"] = True
         cfg["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         gen = getattr(model, "generation_config", None)

@@ -159,8 +159,9 @@ def _classes():
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .layout import attach_recipe, check_loaded
+            from .layout import attach_recipe, check_loaded, share_aliases
 
+            share_aliases(model, self.manifest)  # a tied pair stored once: one tensor again, as llmquant.load gives
             check_loaded(model, self.folder, self.manifest)
             attach_recipe(model, self.manifest)
             bind_save_pretrained(model)

@@ -51,6 +51,18 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
         raise CorruptFileError(f"manifest names layer {name!r}, which the model config has no place for") from None
 
 
+def share_aliases(model, manifest: dict) -> None:
+    """Make the tensors a folder stores once under two names (a tied embedding and head) one tensor again,
+    after a loader that filled each name with its own copy (transformers' from_pretrained)."""
+    for name, target in manifest.get("aliases", {}).items():
+        mod_name, _, attr = name.rpartition(".")
+        tmod_name, _, tattr = target.rpartition(".")
+        mod, src = model.get_submodule(mod_name), getattr(model.get_submodule(tmod_name), tattr)
+        for store in (mod._parameters, mod._buffers):
+            if attr in store:
+                store[attr] = src
+
+
 def attach_recipe(model: nn.Module, manifest: dict) -> None:
     """Give a loaded model what the manifest records about how it was made: its QuantConfig or mixed-precision
     Plan (so it can be saved again, or reproduced) and the base model it came from."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.nn as nn
 
 from .spec import ArchSpec, GGUFSpec, LayerModules, RuntimeSpec, config_value
@@ -401,9 +402,13 @@ def tied_lm_head(model: nn.Module) -> bool:
     if get_out is None or get_in is None:
         return False
     out, inp = get_out(), get_in()
-    if out is None or inp is None or not hasattr(out, "weight") or not hasattr(inp, "weight"):
+    if out is None or inp is None:
         return False
-    return out.weight is inp.weight or out.weight.data_ptr() == inp.weight.data_ptr()
+    for attr in ("weight", "qweight"):  # float modules, or packed ones sharing their codes (QuantEmbedding.sharing)
+        a, b = getattr(out, attr, None), getattr(inp, attr, None)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel())
+    return False
 
 
 def context_length(model: nn.Module) -> int | None:

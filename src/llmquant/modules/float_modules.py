@@ -104,27 +104,44 @@ class FloatLinear(_CachedCast):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={_dtype_name(self.weight.dtype)}"
 
 
+def embed_scale_of(emb: nn.Module) -> float | None:
+    """The constant a model family's embedding multiplies its rows by (Gemma's ``*ScaledWordEmbedding``:
+    sqrt(hidden)), or None for a plain embedding."""
+    v = getattr(emb, "scalar_embed_scale", None)
+    if v is None and isinstance(getattr(emb, "embed_scale", None), torch.Tensor):
+        v = emb.embed_scale.item()
+    return None if v is None else float(v)
+
+
+def apply_embed_scale(rows: torch.Tensor, scale: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """``rows * scale`` as those embeddings compute it: the scale rounded to the stored weight's dtype."""
+    return rows if scale is None else rows * torch.tensor(scale).to(dtype)
+
+
 class FloatEmbedding(_CachedCast):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
-                 padding_idx: int | None = None) -> None:
+                 padding_idx: int | None = None, embed_scale: float | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.embed_scale = embed_scale
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=dtype))
         self._reset()
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, dtype: torch.dtype, weight: torch.Tensor | None = None) -> "FloatEmbedding":
-        m = cls(emb.num_embeddings, emb.embedding_dim, dtype, padding_idx=emb.padding_idx)
+        m = cls(emb.num_embeddings, emb.embedding_dim, dtype, padding_idx=emb.padding_idx, embed_scale=embed_scale_of(emb))
         m.weight = (emb.weight if weight is None else weight).detach().to(dtype).clone()
         return m.to(emb.weight.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight, self.padding_idx).float()
+        rows = F.embedding(ids, self.weight, self.padding_idx)
+        return apply_embed_scale(rows, self.embed_scale, self.weight.dtype).float()
 
     def manifest_entry(self) -> dict:
         return {"type": "FloatEmbedding", "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "dtype": _dtype_name(self.weight.dtype), "padding_idx": self.padding_idx}
+                "dtype": _dtype_name(self.weight.dtype), "padding_idx": self.padding_idx, "embed_scale": self.embed_scale}
 
     @classmethod
     def from_manifest(cls, e: dict) -> "FloatEmbedding":
-        return cls(e["num_embeddings"], e["embedding_dim"], FLOAT_DTYPES[e["dtype"]], e.get("padding_idx"))
+        return cls(e["num_embeddings"], e["embedding_dim"], FLOAT_DTYPES[e["dtype"]], e.get("padding_idx"),
+                   e.get("embed_scale"))

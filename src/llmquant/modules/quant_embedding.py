@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..packing import packed_numel, unpack
 from ..schemes import QuantScheme, dequantize
 from ..schemes.primitives import scale_torch_dtype
-from .float_modules import _CachedCast
+from .float_modules import _CachedCast, apply_embed_scale
 from .quant_linear import QuantLinear
 
 
@@ -25,9 +25,11 @@ class QuantEmbedding(_CachedCast):
     dequantize_weight = QuantLinear.dequantize_weight
     stored_tensors = QuantLinear.stored_tensors
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, padding_idx: int | None = None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, padding_idx: int | None = None,
+                 embed_scale: float | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.embed_scale = embed_scale  # rows times this constant (Gemma's scaled embeddings), or None
         self.out_features, self.in_features = num_embeddings, embedding_dim
         self.scheme = scheme
         rows = 1 if scheme.granularity == "tensor" else num_embeddings
@@ -48,9 +50,9 @@ class QuantEmbedding(_CachedCast):
         return self.dequantize_weight(dtype=dtype, device=self.qweight.device)
 
     @classmethod
-    def sharing(cls, q: QuantLinear, padding_idx: int | None = None) -> "QuantEmbedding":
+    def sharing(cls, q: QuantLinear, padding_idx: int | None = None, embed_scale: float | None = None) -> "QuantEmbedding":
         """An embedding that reads the same packed tensors as the output head ``q`` (tied weights)."""
-        m = cls(q.out_features, q.in_features, q.scheme, padding_idx)
+        m = cls(q.out_features, q.in_features, q.scheme, padding_idx, embed_scale)
         m.qweight, m.scale = q.qweight, q.scale
         if q.zero is not None:
             m.zero = q.zero
@@ -58,11 +60,11 @@ class QuantEmbedding(_CachedCast):
 
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lookup(ids)
+        return apply_embed_scale(self.lookup(ids), self.embed_scale, torch.float32)
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``ids`` (any shape) -> their rows dequantized, shape ``(*ids.shape, embedding_dim)``; the same
-        values as the rows of ``dequantize_weight()``."""
+        values as the rows of ``dequantize_weight()`` (without ``embed_scale``)."""
         flat = ids.reshape(-1).to(torch.long)
         n, bits, s = self.embedding_dim, self.scheme.bits, self.scheme
         if (n * bits) % 8 or s.granularity == "tensor":  # rows do not start on whole bytes: the whole table
@@ -76,11 +78,12 @@ class QuantEmbedding(_CachedCast):
 
     def manifest_entry(self) -> dict:
         return {"type": "QuantEmbedding", "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "scheme": self.scheme.to_dict(), "padding_idx": self.padding_idx}
+                "scheme": self.scheme.to_dict(), "padding_idx": self.padding_idx, "embed_scale": self.embed_scale}
 
     @classmethod
     def from_manifest(cls, e: dict) -> "QuantEmbedding":
-        return cls(e["num_embeddings"], e["embedding_dim"], QuantScheme.from_dict(e["scheme"]), e.get("padding_idx"))
+        return cls(e["num_embeddings"], e["embedding_dim"], QuantScheme.from_dict(e["scheme"]), e.get("padding_idx"),
+                   e.get("embed_scale"))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"

@@ -373,9 +373,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "smoothquant": {"weight": "W8", "activation": _static_act, "observer": "minmax", "smooth_alpha": 0.8,
                     "head": "fp32"},
     "dynamic": {"weight": lambda: dynamic_schemes()[0], "activation": lambda: dynamic_schemes()[1], "head": "fp32"},
-    "plan": {"head": "fp32"},  # a plan gives the embedding and head their formats itself
 }
-# "head": "auto" for every other method means int8 (flows.heads: Q8_0 blocks, or per row for odd widths)
+# "head": "auto" for every other method means int8 (flows.heads: Q8_0 blocks, or per row for odd widths); a
+# plan that gives the embedding and head formats itself has quantized them already, and they are left alone
 DEFAULT_WEIGHT = "W4G128"  # every other method
 DEFAULT_OBSERVER = "minmax"
 

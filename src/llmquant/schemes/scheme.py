@@ -249,8 +249,9 @@ class QuantConfig:
     touched by the method (they are not Linear), and ``lm_head`` is ignored by the method by default; remove
     it from ``ignore`` to quantize it with the method (a tied lm_head is then untied). ``head`` is the format
     of the input embedding and of an output head the method did not quantize, given after the method ran
-    (round to nearest): ``"auto"`` (weight-only methods: int8 in blocks of 32, llama.cpp's Q8_0 grid, the pair
-    kept tied; activation-quantized methods and plans: left as they are), ``"fp32"`` (left as they are),
+    (round to nearest): ``"auto"`` (weight-only methods and plans that leave them out: int8 in blocks of 32,
+    llama.cpp's Q8_0 grid, the pair kept tied; methods that quantize activations, or a config with explicit
+    ``targets``: left as they are), ``"fp32"`` (left as they are),
     ``"bf16"`` / ``"fp16"``, or any weight scheme (``"W8"``, ``"W4G64"``, ``"gguf:Q6_K"`` ...). Fields left as None take
     the method's defaults (:data:`llmquant.schemes.methods.METHOD_DEFAULTS`), so a saved config is
     complete.
