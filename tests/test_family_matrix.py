@@ -129,7 +129,7 @@ def test_qat_step_then_convert(family):
     """One optimizer step through the fake-quantized model, then convert: the packed model computes what
     the trained fake-quantized one does."""
     model = make_family(family)
-    llmquant.prepare_qat(model, "W4G32", progress=False)
+    llmquant.prepare_qat(model, QuantConfig(weight="W4G32", head="fp32"), progress=False)  # the head it trained with
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     before = _logits(model)
     loss = F.cross_entropy(model(CALIB).logits[:, :-1].flatten(0, 1), CALIB[:, 1:].flatten())
@@ -153,8 +153,10 @@ def test_mixed_plan_and_save_load(family, tmp_path):
     plan = llmquant.plan_mixed_precision(model, target_bits=6.5, text=text, candidates=["W8", "W4G32"], windows=2,
                                          seq_len=16, cache=False, progress=False)
     llmquant.quantize(model, plan, progress=False)
-    schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear)}
+    head = model.get_output_embeddings()
+    schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear) and m is not head}
     assert schemes == {PRESETS["W8"], PRESETS["W4G32"]}
+    assert isinstance(head, QuantLinear) and head.scheme.bits == 8  # a plan leaving the head out: int8 (the default)
     before = _logits(model)
     llmquant.save(model, None, tmp_path / "q")
     loaded, _ = llmquant.load(tmp_path / "q")
