@@ -122,7 +122,8 @@ def test_gguf_file_round_trip(tmp_path, tiny_bpe_tokenizer, monkeypatch):
 
     packed, _ = llmquant.load_model(tmp_path / "m.gguf", packed=True)
     info = packed.llmquant_gguf_import
-    assert info.type_counts() == {"Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q8_0": 2} and not info.kept_float
+    assert info.type_counts() == {"Q4_0": 4, "Q4_1": 4, "Q5_0": 4, "Q8_0": 3} and not info.kept_float
+    assert info.embedding == ("model.embed_tokens", "lm_head") and packed.lm_head.qweight is packed.model.embed_tokens.qweight
     for name, mod in packed.named_modules():
         if isinstance(mod, QuantLinear):
             assert torch.equal(mod.codes(), mods[name].codes()) or mod.scheme.bits != mods[name].scheme.bits
@@ -169,7 +170,9 @@ def test_default_model_q4_1_file_imports_packed_and_exports_its_own_bytes():
 
     model, tok = llmquant.load_model(packed=True)
     info = model.llmquant_gguf_import
-    assert info.type_counts() == {"Q4_1": 210} and not info.kept_float
+    # the linears' Q4_1 blocks, and the tied embedding/head's Q8_0 blocks (one QuantEmbedding + QuantLinear pair)
+    assert info.type_counts() == {"Q4_1": 210, "Q8_0": 1} and not info.kept_float
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight and model.lm_head.scheme.name == "int8-g32-r"
     float_model, _ = llmquant.load_model()
     fw = dict(float_model.named_parameters())
     tensors = {t.name: t for t in GGUFReader(str(default_model_file())).tensors}

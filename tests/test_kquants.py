@@ -163,7 +163,7 @@ def test_kquant_gguf_file_round_trip(tmp_path, tiny_bpe_tokenizer, monkeypatch):
     assert torch.allclose(_logits(hf), ref, atol=1e-5, rtol=0)
 
     packed, _ = llmquant.load_model(tmp_path / "m.gguf", packed=True)
-    assert packed.llmquant_gguf_import.type_counts() == {"Q4_K": 8, "Q6_K": 2, "Q3_K": 2, "Q8_0": 2}
+    assert packed.llmquant_gguf_import.type_counts() == {"Q4_K": 8, "Q6_K": 2, "Q3_K": 2, "Q8_0": 3}
     for name, mod in packed.named_modules():
         if isinstance(mod, QuantLinear):
             assert mod.scheme == mods[name].scheme and torch.equal(mod.codes(), mods[name].codes()), name

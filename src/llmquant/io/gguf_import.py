@@ -7,8 +7,8 @@ llmquant holds exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the k-quants Q2_K .. Q6
 k-quants the float32 products of the fp16 super-scales and the integer group scales), undoing llama.cpp's
 q/k row permutation. Each imported layer's ``dequantize_weight()`` is checked to equal transformers'
 dequantized weight bit for bit. Linears stored in other types (IQ*, F16...) stay float, with a log line
-saying so. The
-embedding stays float (llmquant quantizes linears only), so a tied lm_head stays tied.
+saying so. The token embedding in one of those types becomes a :class:`QuantEmbedding` holding the file's
+blocks, and a head tied to it the QuantLinear sharing them (the tied pair stays tied, stored once).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class GGUFImport:
     path: str
     packed: dict[str, str] = field(default_factory=dict)  # HF module name -> GGML type
     kept_float: dict[str, str] = field(default_factory=dict)  # linears left float -> their GGML type
+    embedding: tuple[str, ...] = ()  # the packed embedding (and the head tied to it), when its type is held
 
     def type_counts(self) -> dict[str, int]:
         return dict(Counter(self.packed.values()))
@@ -74,12 +75,16 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
     modules = dict(model.named_modules())
     scheme_count: Counter = Counter()
     mismatched = []
+    embedding = None
     for t in reader.tensors:
         hf = gguf_to_hf_name(arch, t.name)
         if hf is None or not hf.endswith(".weight"):
             continue
         mod_name = hf[: -len(".weight")]
         lin = modules.get(mod_name)
+        if isinstance(lin, nn.Embedding) and lin is model.get_input_embeddings():
+            embedding = (t, mod_name, lin)  # after the linears: a tied head becomes the embedding's QuantLinear
+            continue
         if not isinstance(lin, nn.Linear):
             continue
         tname = t.tensor_type.name
@@ -98,6 +103,7 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
         replace_module(model, mod_name, q.to(lin.weight.device))
         info.packed[mod_name] = tname
         scheme_count[q.scheme] += 1
+    head_scheme = None if embedding is None else _import_embedding(model, *embedding, info, mismatched)
     if mismatched:
         log.warning("%d imported layers differ from transformers' dequantization: %s", len(mismatched), mismatched[:3])
     if info.kept_float:
@@ -108,7 +114,9 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
         schemes = {n: m.scheme for n, m in model.named_modules() if n in info.packed}
         if len(scheme_count) == 1:
             main = scheme_count.most_common(1)[0][0]
-            model.llmquant_config = QuantConfig(weight=main, method="rtn", targets=tuple(info.packed), ignore=())
+            model.llmquant_config = QuantConfig(weight=main, method="rtn", ignore=(),
+                                                targets=tuple(n for n in info.packed if n not in info.embedding),
+                                                head="fp32" if head_scheme is None else head_scheme.to_dict())
         else:
             from ..schemes import Plan
 
@@ -117,6 +125,35 @@ def load_gguf_packed(path: str | os.PathLike | None = None, *, dtype: torch.dtyp
     model.llmquant_gguf_import = info
     log.info("packed %d linears from %s: %s", len(info.packed), gpath.name, info.type_counts())
     return model.eval(), tok, info
+
+
+def _import_embedding(model, t, name: str, emb: nn.Module, info: "GGUFImport", mismatched: list):
+    """The file's token embedding as a :class:`QuantEmbedding` holding its own blocks (and a head tied to it
+    as the QuantLinear sharing them); returns the scheme, or None when its type stays float."""
+    from ..modules import QuantEmbedding
+    from ..modules.float_modules import embed_scale_of
+
+    tname = t.tensor_type.name
+    if tname not in BY_NAME or emb.embedding_dim % BY_NAME[tname].block_values:
+        if tname not in ("F32", "F16", "BF16"):
+            info.kept_float[name] = tname
+        return None
+    raw = np.asarray(t.data).reshape(emb.num_embeddings, -1)
+    q = module_from_blocks(raw, tname, emb.embedding_dim).to(emb.weight.device)
+    if not torch.equal(q.dequantize_weight(torch.float32), emb.weight.detach().float()):
+        mismatched.append(name)
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    replace_module(model, name, QuantEmbedding.sharing(q, emb.padding_idx, embed_scale_of(emb)))
+    info.packed[name] = tname
+    info.embedding = (name,)
+    if tied:
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        replace_module(model, head_name, q)
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False  # the modules share the tensors; keep HF from re-tying
+        info.embedding = (name, head_name)
+    return q.scheme
 
 
 class GGUFCheckpoint:
