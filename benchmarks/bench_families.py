@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--families", nargs="*")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "families.json"))
+    ap.add_argument("--head", default="fp32", help="the embedding / head format (QuantConfig.head; fp32: the "
+                    "methods compared on the linears alone, as the first runs of this table)")
     a = ap.parse_args()
     import torch
     import torch.nn.functional as F
@@ -70,12 +72,16 @@ def main() -> None:
     calib = data[-32 * 128:].reshape(32, 128)
     a8 = llmquant.QuantScheme(bits=8, symmetric=True, granularity="tensor", dynamic=False)
     strategies = {
-        "rtn W4G32": lambda m: llmquant.quantize(m, "W4G32", progress=False),
-        "gptq W4G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W4G32", method="gptq"), calib=calib, progress=False),
-        "awq W4G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W4G32", method="awq"), calib=calib, progress=False),
-        "rtn W3G32": lambda m: llmquant.quantize(m, "W3G32", progress=False),
-        "gptq W3G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W3G32", method="gptq"), calib=calib, progress=False),
-        "awq W3G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W3G32", method="awq"), calib=calib, progress=False),
+        "rtn W4G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W4G32", head=a.head), progress=False),
+        "gptq W4G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W4G32", method="gptq", head=a.head), calib=calib,
+                                                  progress=False),
+        "awq W4G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W4G32", method="awq", head=a.head), calib=calib,
+                                                 progress=False),
+        "rtn W3G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W3G32", head=a.head), progress=False),
+        "gptq W3G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W3G32", method="gptq", head=a.head), calib=calib,
+                                                  progress=False),
+        "awq W3G32": lambda m: llmquant.quantize(m, QuantConfig(weight="W3G32", method="awq", head=a.head), calib=calib,
+                                                 progress=False),
         "smoothquant W8A8": lambda m: llmquant.quantize(m, QuantConfig(weight="W8", activation=a8, method="smoothquant",
                                                                        smooth_alpha=0.5), calib=calib, progress=False),
         "dynamic W8A8": lambda m: llmquant.quantize_dynamic(m, progress=False),
@@ -101,7 +107,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"steps": a.steps, "rows": rows, "torch": torch.__version__}, indent=1))
+    Path(a.out).write_text(json.dumps({"steps": a.steps, "head": a.head, "rows": rows, "torch": torch.__version__}, indent=1))
     names = list(strategies)
     print("| family | train loss | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
     for r in rows:

@@ -100,3 +100,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---- shared by the method tests: constructed layers and a tiny model with calibration ids ------------------
+def correlated_inputs(n=3000, k=100, seed=0):
+    """Inputs whose features are correlated (what GPTQ and AutoRound exploit)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    return torch.randn(n, k, generator=g) @ mix + 0.05 * torch.randn(n, k, generator=g)
+
+
+def out_err(x, w, q, scale, zero, scheme):
+    """Mean squared output error of the quantized weight against ``w`` on inputs ``x``."""
+    from llmquant.schemes import dequantize
+
+    return float((x @ (dequantize(q, scale, zero, scheme) - w).T).pow(2).mean())
+
+
+def calib_ids(n, seq_len, vocab=1000, seed=1):
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A two-layer tiny Llama with a 1000-token vocabulary (one per test module)."""
+    return make_tiny_llama(vocab_size=1000, layers=2)

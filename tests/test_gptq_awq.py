@@ -11,20 +11,12 @@ from llmquant.errors import SchemeError
 from llmquant.modules import QuantLinear
 from llmquant.schemes import PRESETS, QuantScheme, dequantize
 
-from conftest import make_tiny_llama
+from conftest import correlated_inputs, make_tiny_llama, out_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def correlated_inputs(n=3000, k=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=g) / k**0.5
-    return torch.randn(n, k, generator=g) @ mix + 0.05 * torch.randn(n, k, generator=g)
-
-
-def out_err(x, w, q, scale, zero, scheme):
-    return float((x @ (dequantize(q, scale, zero, scheme) - w).T).pow(2).mean())
 
 
 SCHEMES = [

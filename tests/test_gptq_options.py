@@ -16,10 +16,10 @@ from llmquant.errors import SchemeError
 from llmquant.flows import needs_calibration
 from llmquant.flows import quantize as flows_quantize
 from llmquant.modules.fake_quant import mse_qparams
-from llmquant.schemes import QuantScheme, dequantize
+from llmquant.schemes import QuantScheme
 from llmquant.schemes.primitives import range_qparams
 
-from conftest import make_tiny_llama
+from conftest import out_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,8 +44,6 @@ def salient_inputs(n=3000, k=128, seed=0):
     return x
 
 
-def out_err(x, w, q, scale, zero, scheme):
-    return float((x @ (dequantize(q, scale, zero, scheme) - w).T).pow(2).mean())
 
 
 def weight(rows=64, k=128, seed=10):
@@ -182,9 +180,6 @@ def test_old_gptq_params_still_load_with_their_old_meaning():
 VOCAB = 1000
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return make_tiny_llama(vocab_size=VOCAB, layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from llmquant.kernels import set_kernel
 from llmquant.modules import QuantLinear
 from llmquant.schemes import PRESETS, QuantScheme, dequantize
 
-from conftest import make_tiny_llama
+from conftest import correlated_inputs, make_tiny_llama, out_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,14 +41,6 @@ def heavy_tailed(rows=64, k=100, seed=0):
     return torch.distributions.StudentT(3.0).sample((rows, k)) * 0.02
 
 
-def correlated_inputs(n=512, k=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=g) / k**0.5
-    return torch.randn(n, k, generator=g) @ mix + 0.05 * torch.randn(n, k, generator=g)
-
-
-def out_err(x, w, q, scale, zero, scheme):
-    return float((x @ (dequantize(q, scale, zero, scheme) - w).T).pow(2).mean())
 
 
 def _same_format(got, rtn, scheme, shape):
@@ -123,7 +115,7 @@ def test_autoround_starts_at_rtn(scheme):
 def test_autoround_beats_rtn_on_correlated_inputs(scheme):
     """A linear layer fed correlated inputs: rounding to nearest ignores the correlations, SignRound's
     output loss does not; the kept-best loss never increases."""
-    x, w = correlated_inputs(), torch.randn(48, 100)
+    x, w = correlated_inputs(n=512), torch.randn(48, 100)
     y = x @ w.T
     sr = SignRoundWeight(w, scheme)
     hist = []

@@ -15,16 +15,12 @@ from llmquant.flows import METHODS, Method, register_method
 from llmquant.flows.passes import record_layer_inputs
 from llmquant.flows.summary import QuantSummary
 
-from conftest import make_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 1000
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return make_tiny_llama(vocab_size=VOCAB, layers=2)
 
 
 @pytest.fixture(scope="module")

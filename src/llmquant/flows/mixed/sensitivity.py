@@ -44,10 +44,11 @@ from ...models import arch_for, tied_lm_head
 from ...modules import select_linears, tensor_bytes, unique_stored, weights_held
 from ...resources import cache_dir
 from ...schemes.formats import DEFAULT_CANDIDATES, FP32, fake_weight, format_bytes, format_name, resolve_format
-from ..heads import head_names
+from ...schemes import QuantConfig
+from ..heads import head_format, head_names
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 3: label samples drawn per window (a seeded generator each)
+CACHE_VERSION = 4  # 3: label samples drawn per window (a seeded generator each); 4: fixed bytes with the int8 head
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Sensitivity:
     method: str
     seconds: float
     tokens: int
-    fixed_bytes: int  # bytes of everything the plan does not choose (norms, float embeddings, biases)
+    fixed_bytes: int  # bytes of everything the plan does not choose (norms, biases, the embedding / head in the default head format)
     fp32_bytes: int  # whole model in fp32
     key: str = ""
     extra: dict = field(default_factory=dict)
@@ -199,7 +200,19 @@ def _fixed_bytes(model: nn.Module, units: list[Unit]) -> tuple[int, int]:
     for mod, fresh in unique_stored(model):
         total += tensor_bytes(fresh)
         params += weights_held(mod, fresh)
-    return total - tensor_bytes(_weight(model, u) for u in units), 4 * params
+    fixed = total - tensor_bytes(_weight(model, u) for u in units)
+    # an embedding / head the plan leaves out is stored as quantize() stores it by default (QuantConfig.head)
+    planned = {m for u in units for m in u.modules}
+    seen: set[int] = set()
+    for n in head_names(model):
+        w = getattr(model.get_submodule(n), "weight", None)
+        if n in planned or not isinstance(w, torch.Tensor) or not w.is_floating_point() or id(w) in seen:
+            continue
+        seen.add(id(w))
+        fmt = head_format(QuantConfig(), w.shape[1])
+        if fmt is not None:
+            fixed += format_bytes(fmt, *w.shape) - tensor_bytes([w])
+    return fixed, 4 * params
 
 
 def _windows(tokenizer, text, n: int, seq_len: int) -> tuple[torch.Tensor, str]:
