@@ -1,0 +1,210 @@
+// Packed int4 / int8 GEMM for decode with the activations rounded to int8 per block of 32 values, as
+// llama.cpp's CPU matmul does for Q4_0 / Q8_0 weights (its vec_dot_type Q8_0), and integer dot products.
+//
+// Weights are llmquant's packed codes as stored (see qgemm_avx2.cpp): unsigned u, W = (u - b) * s + o per
+// (row, group), b = 0 at 4 bits and 128 at 8 bits, groups a multiple of 32 values.
+//
+// Activations: each row of x is cut into blocks of 32 values; per block d = fp16(max|x| / 127) (the scale
+// kept in fp32 after that rounding) and xq = round(x / d) in [-127, 127] (round half to even; xq = 0 when d
+// is 0): exactly llmquant's ``gguf:Q8_0-act`` activation scheme, and llama.cpp's Q8_0 blocks up to its
+// rounding with 1 / d computed before the fp16 rounding of d. Then, exactly in int32 per block b,
+//   y[i,n] = sum_g s[n,g] sum_{b in g} d[i,b] sum_{k in b} (u[n,k] - b) xq[i,k]  +  sum_g o[n,g] xg[i,g],
+// xg[i,g] = sum_{b in g} d[i,b] sum_{k in b} xq[i,k] (the block sums of the rounded x), and the rest in fp32.
+//
+// Unsigned times signed: the instructions multiply unsigned bytes by signed bytes. 4-bit codes u in [0, 15]
+// are unsigned as stored (vpmaddubsw pairs stay below 2 * 15 * 127, no saturation). 8-bit codes: with
+// AVX512-VNNI, vpdpbusd sums u * xq without saturation into an accumulator that starts at -128 times the
+// lane's sum of xq (kept per block with the rounded x), which gives sum (u - 128) xq exactly; with AVX2,
+// w = u - 128 is a signed byte and |w| * sign(xq, w) keeps the pairs of vpmaddubsw within int16
+// (2 * 128 * 127 < 32768), llama.cpp's trick.
+//
+// Instruction set chosen at run time: the VNNI path (256-bit vpdpbusd, AVX512-VL + AVX512-VNNI) is compiled
+// for that target only (#pragma GCC target, i.e. a target attribute on its functions) and runs when
+// __builtin_cpu_supports says the CPU has it; the AVX2 path runs otherwise or when the caller asks for it.
+#include "qgemm_common.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+using llmquant_kernels::hsum;
+using llmquant_kernels::Segment;
+
+// x rounded per block of 32: codes (M, K) (4 bits: permuted within each block to the nibble order, even
+// positions then odd), scales d (M, nb), group sums xg (M, G), and for the VNNI 8-bit path the lane
+// corrections corr (M, nb, 8) = -128 * (sum of the 4 codes each int32 lane of vpdpbusd sees).
+struct Q8X {
+  const int8_t* q;
+  const float* d;
+  const float* xg;
+  const int32_t* corr;
+};
+
+namespace avx2 {
+struct Wv {
+  __m256i u, a;  // 4 bits: codes; 8 bits: signed codes u - 128 and their magnitudes
+};
+template <int BITS>
+inline Wv prep(__m256i u) {
+  if constexpr (BITS == 4) {
+    return {u, u};
+  } else {
+    const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return {w, _mm256_abs_epi8(w)};
+  }
+}
+template <int BITS>
+inline __m256i dot(const Wv& w, __m256i xv, const int32_t*) {
+  const __m256i p = BITS == 4 ? _mm256_maddubs_epi16(w.u, xv) : _mm256_maddubs_epi16(w.a, _mm256_sign_epi8(xv, w.u));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+#include "qgemm_q8act_rows.inc"
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512vnni")
+namespace vnni {
+struct Wv {
+  __m256i u;
+};
+template <int BITS>
+inline Wv prep(__m256i u) {
+  return {u};
+}
+template <int BITS>
+inline __m256i dot(const Wv& w, __m256i xv, const int32_t* corr) {
+  const __m256i init = BITS == 4 ? _mm256_setzero_si256() : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));
+  return _mm256_dpbusd_epi32(init, w.u, xv);
+}
+#include "qgemm_q8act_rows.inc"
+}  // namespace vnni
+#pragma GCC pop_options
+
+using RowsFn = void (*)(const Q8X&, int64_t, int64_t, const uint8_t*, const float*, const float*, float*, int64_t,
+                        int64_t, int64_t, int64_t, int64_t);
+
+template <int BITS>
+void pick(bool use_vnni, RowsFn fn[5]) {
+  if (use_vnni) {
+    fn[1] = vnni::rows<BITS, 1>, fn[2] = vnni::rows<BITS, 2>, fn[4] = vnni::rows<BITS, 4>;
+  } else {
+    fn[1] = avx2::rows<BITS, 1>, fn[2] = avx2::rows<BITS, 2>, fn[4] = avx2::rows<BITS, 4>;
+  }
+}
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f");
+}
+
+inline float fp16_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
+
+// Rounds rows of x (M, K) to int8 per block of 32 (codes natural order, or permuted for 4 bits); d (M, K/32);
+// bsum (M, K/32) the blocks' sums of codes.
+void quantize_rows(const float* x, int64_t M, int64_t K, bool interleave, int8_t* xq, float* d, int32_t* bsum) {
+  const int64_t nb = K / 32;
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + i * K + b * 32;
+      float amax = 0.f;
+      for (int t = 0; t < 32; ++t) amax = std::max(amax, std::fabs(xb[t]));
+      const float db = fp16_round(std::max(amax / 127.f, 1e-10f));  // as scale_from_absmax, then fp16
+      int8_t* qb = xq + i * K + b * 32;
+      int32_t sum = 0;
+      for (int t = 0; t < 32; ++t) {
+        const float v = db > 0.f ? std::nearbyint(xb[t] / db) : 0.f;
+        const int8_t c = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+        qb[interleave ? (t >> 1) + 16 * (t & 1) : t] = c;
+        sum += c;
+      }
+      d[i * nb + b] = db;
+      bsum[i * nb + b] = sum;
+    }
+  }
+}
+
+}  // namespace
+
+int64_t q8_best_isa() {
+  static const bool has = cpu_has_vnni();
+  return has ? 1 : 0;
+}
+
+// x (M, K) fp32 -> [codes (M, K) int8, scales (M, K / 32) fp32], the rounding q8gemm applies.
+std::vector<torch::Tensor> q8_quantize(torch::Tensor x) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0,
+              "x must be 2-D contiguous fp32 with a multiple of 32 columns");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto d = torch::empty({M, K / 32}, torch::dtype(torch::kFloat32));
+  auto bs = torch::empty({M, K / 32}, torch::dtype(torch::kInt32));
+  quantize_rows(x.data_ptr<float>(), M, K, false, xq.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int32_t>());
+  return {xq, d};
+}
+
+// y (M, sum N_j) = Q8_0(x) @ [W_1; W_2; ...]^T for weights sharing the input. isa: -1 the best this CPU has,
+// 0 the AVX2 path, 1 the VNNI path (an error where the CPU lacks it).
+torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
+                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be 2-D contiguous fp32");
+  TORCH_CHECK(isa >= -1 && isa <= 1, "isa must be -1 (best), 0 (AVX2) or 1 (VNNI)");
+  TORCH_CHECK(isa != 1 || q8_best_isa() == 1, "this CPU has no AVX512-VNNI");
+  const bool use_vnni = isa == -1 ? q8_best_isa() == 1 : isa == 1;
+  const int64_t K = x.size(1), M = x.size(0);
+  int64_t N = 0;
+  const std::vector<Segment> segs = llmquant_kernels::make_segments(qs, ss, ms, bits, K, gs, N);
+  const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;
+
+  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto d = torch::empty({M, nb}, torch::dtype(torch::kFloat32));
+  auto bs = torch::empty({M, nb}, torch::dtype(torch::kInt32));
+  auto xg = torch::zeros({M, G}, torch::dtype(torch::kFloat32));
+  const bool need_corr = use_vnni && bits == 8;
+  auto corr = torch::empty({need_corr ? M * nb * 8 : 0}, torch::dtype(torch::kInt32));
+  quantize_rows(x.data_ptr<float>(), M, K, bits == 4, xq.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int32_t>());
+  const int8_t* xqp = xq.data_ptr<int8_t>();
+  const float* dp = d.data_ptr<float>();
+  const int32_t* bsp = bs.data_ptr<int32_t>();
+  float* xgp = xg.data_ptr<float>();
+  int32_t* cp = corr.data_ptr<int32_t>();
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      xgp[i * G + b / bpg] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b]);
+      if (need_corr) {
+        for (int l = 0; l < 8; ++l) {
+          const int8_t* c = xqp + i * K + b * 32 + 4 * l;
+          cp[(i * nb + b) * 8 + l] = -128 * (c[0] + c[1] + c[2] + c[3]);
+        }
+      }
+    }
+  }
+  const Q8X qx{xqp, dp, xgp, cp};
+
+  RowsFn fn[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  if (bits == 4)
+    pick<4>(use_vnni, fn);
+  else
+    pick<8>(use_vnni, fn);
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(8, N / (4 * at::get_num_threads()));
+  const int64_t row_bytes = K * bits / 8;
+  at::parallel_for(0, N, grain, [&](int64_t b0, int64_t b1) {
+    for (const Segment& sg : segs) {  // the part of [b0, b1) that falls in this segment
+      const int64_t n0 = std::max(b0, sg.start), n1 = std::min(b1, sg.start + sg.rows);
+      if (n0 >= n1) continue;
+      const uint8_t* q = sg.q - sg.start * row_bytes;  // row index n (global) addresses the segment's row
+      const float* s = sg.s - sg.start * G;
+      const float* o = sg.mn - sg.start * G;
+      int64_t i = 0;
+      for (; i + 4 <= M; i += 4) fn[4](qx, i, K, q, s, o, yp, N, G, gs, n0, n1);
+      for (; i + 2 <= M; i += 2) fn[2](qx, i, K, q, s, o, yp, N, G, gs, n0, n1);
+      for (; i < M; ++i) fn[1](qx, i, K, q, s, o, yp, N, G, gs, n0, n1);
+    }
+  });
+  return y;
+}
