@@ -104,25 +104,52 @@ bool cpu_has_vnni() {
 inline float fp16_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
 
 // Rounds rows of x (M, K) to int8 per block of 32 (codes natural order, or permuted for 4 bits); d (M, K/32);
-// bsum (M, K/32) the blocks' sums of codes.
+// bsum (M, K/32) the blocks' sums of codes. AVX2: divisions and rounding (half to even) as torch's.
 void quantize_rows(const float* x, int64_t M, int64_t K, bool interleave, int8_t* xq, float* d, int32_t* bsum) {
   const int64_t nb = K / 32;
+  const __m256 sign = _mm256_set1_ps(-0.f), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the lane interleave of the packs
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + i * K + b * 32;
-      float amax = 0.f;
-      for (int t = 0; t < 32; ++t) amax = std::max(amax, std::fabs(xb[t]));
-      const float db = fp16_round(std::max(amax / 127.f, 1e-10f));  // as scale_from_absmax, then fp16
-      int8_t* qb = xq + i * K + b * 32;
-      int32_t sum = 0;
-      for (int t = 0; t < 32; ++t) {
-        const float v = db > 0.f ? std::nearbyint(xb[t] / db) : 0.f;
-        const int8_t c = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
-        qb[interleave ? (t >> 1) + 16 * (t & 1) : t] = c;
-        sum += c;
+      __m256 v[4];
+      __m256 am = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(xb + 8 * j);
+        am = _mm256_max_ps(am, _mm256_andnot_ps(sign, v[j]));
       }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float amax = _mm_cvtss_f32(m4);
+      const float db = fp16_round(std::max(amax / 127.f, 1e-10f));  // as scale_from_absmax, then fp16
       d[i * nb + b] = db;
-      bsum[i * nb + b] = sum;
+      int8_t* qb = xq + i * K + b * 32;
+      if (!(db > 0.f)) {  // an underflowed scale: every value of the block is 0 at this scale
+        std::fill(qb, qb + 32, 0);
+        bsum[i * nb + b] = 0;
+        continue;
+      }
+      const __m256 dv = _mm256_set1_ps(db);
+      __m256i c[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(v[j], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c[j] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+      }
+      const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+      __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+      s2 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0x4E));
+      s2 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1));
+      bsum[i * nb + b] = _mm_cvtsi128_si32(s2);
+      const __m256i p8 = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3])), order);
+      if (interleave) {
+        alignas(32) int8_t t[32];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t), p8);
+        for (int k = 0; k < 32; ++k) qb[(k >> 1) + 16 * (k & 1)] = t[k];
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p8);
+      }
     }
   }
 }
