@@ -83,7 +83,7 @@ def test_extension_builds_and_reports_isa():
     if ext.q8_best_isa() == 0:  # no AVX512-VNNI here: asking for it is an error, not a silent AVX2 run
         with pytest.raises(RuntimeError, match="VNNI"):
             ext.q8gemm(torch.zeros(1, 32), [torch.zeros(16, dtype=torch.uint8)], [torch.ones(1, 1)],
-                       [torch.zeros(1, 1)], 4, 32, 1)
+                       [torch.zeros(1, 1)], 4, 32, 1, [0])
 
 
 def test_rounding_is_the_q8_0_activation_scheme():

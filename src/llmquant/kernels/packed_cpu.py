@@ -147,12 +147,12 @@ def can_fuse(states: list[PackedState]) -> bool:
 
 
 def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | None = None,
-              q8_isa: int | None = None) -> torch.Tensor:
+              few_rows=None) -> torch.Tensor:
     """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
     (fused QKV or gate/up: one pass, one thread launch, buffers left where they are).
 
-    With ``q8_isa`` (``packed_q8act``), rows below ``LARGE_M`` take the int8-activation kernel
-    (``csrc/qgemm_q8act.cpp``; -1 its best instruction set here, 0 AVX2, 1 AVX512-VNNI).
+    ``few_rows(states, x2)``, when given, computes the product (without bias) for fewer than ``LARGE_M`` rows
+    of fp32 ``x2`` in place of the int16-activation kernel (``packed_q8act``'s int8 one).
 
     Under bf16 autocast, many-token inputs take a bf16 GEMM (output bf16, as autocast's linear) with the
     stacked dequantized weight rounded to bf16 once: what autocast does for a float Linear, at 2 bytes per
@@ -188,9 +188,11 @@ def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | Non
         w = torch.cat([dequant(st) for st in states]) if len(states) > 1 else dequant(s0)
         y = F.linear(x2, w, bias)
     else:
-        args = (x2.contiguous(), [st.codes for st in states], [st.scale for st in states],
-                [st.offsets for st in states], bits, gs)
-        y = ext.qgemm(*args) if q8_isa is None else ext.q8gemm(*args, q8_isa)
+        if few_rows is not None:
+            y = few_rows(states, x2.contiguous())
+        else:
+            y = ext.qgemm(x2.contiguous(), [st.codes for st in states], [st.scale for st in states],
+                          [st.offsets for st in states], bits, gs)
         if bias is not None:
             y = y + bias
     return y.reshape(*shape[:-1], n).to(x.dtype)

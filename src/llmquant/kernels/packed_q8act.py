@@ -59,9 +59,21 @@ def isa_from_env() -> int:
 
 @dataclass(frozen=True, eq=False)
 class Q8State(PackedState):
-    """:class:`~llmquant.kernels.packed_cpu.PackedState` plus the instruction set chosen at preparation."""
+    """:class:`~llmquant.kernels.packed_cpu.PackedState` plus what the int8 kernel reads: the scales in fp16
+    where that is exact (GGUF's are fp16), and for symmetric schemes no offsets but the integer base ``-qmin``
+    of ``W = (u + qmin) * scale`` (so fewer bytes per group are read); the instruction set chosen."""
 
+    qscale: torch.Tensor | None = None  # (out_features, groups) fp16 or fp32
+    qoffsets: torch.Tensor | None = None  # the fp32 offsets, or an empty tensor for a symmetric scheme
+    qbase: int = 0  # -qmin for a symmetric scheme
     isa: int = -1
+
+
+def _few_rows(states: list[Q8State], x2: torch.Tensor) -> torch.Tensor:
+    s0 = states[0]
+    return native.load().q8gemm(x2, [st.codes for st in states], [st.qscale for st in states],
+                                [st.qoffsets for st in states], s0.bits, s0.group_size, s0.isa,
+                                [st.qbase for st in states])
 
 
 class PackedQ8Act(PackedAVX2):
@@ -78,12 +90,18 @@ class PackedQ8Act(PackedAVX2):
 
     def prepare(self, module, device, dtype) -> Q8State:
         st = super().prepare(module, device, dtype)
-        return Q8State(**{f.name: getattr(st, f.name) for f in fields(PackedState)}, isa=isa_from_env())
+        s = module.scheme
+        symmetric = module.zero_point() is None and s.zero_point != "min"
+        half = st.scale.half()
+        qscale = half if torch.equal(half.float(), st.scale) else st.scale
+        return Q8State(**{f.name: getattr(st, f.name) for f in fields(PackedState)}, qscale=qscale,
+                       qoffsets=torch.empty(0) if symmetric else st.offsets, qbase=-s.qmin if symmetric else 0,
+                       isa=isa_from_env())
 
     def run(self, module, state: Q8State, x):
         if x.numel() >= LARGE_M * module.in_features:
             return super().run(module, state, fake_quant_input(module, x))
-        return run_fused([state], x, q8_isa=state.isa)
+        return run_fused([state], x, few_rows=_few_rows)
 
     def fuse(self, modules, states):
         if not can_fuse(states) or len({m.activation_scheme for m in modules}) != 1:
@@ -95,7 +113,7 @@ class PackedQ8Act(PackedAVX2):
         def f(x: torch.Tensor) -> torch.Tensor:
             if x.numel() >= LARGE_M * first.in_features:
                 return run_fused(states, fake_quant_input(first, x), bf16_cache)
-            return run_fused(states, x, q8_isa=states[0].isa)
+            return run_fused(states, x, few_rows=_few_rows)
 
         return f
 

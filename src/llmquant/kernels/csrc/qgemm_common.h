@@ -30,11 +30,11 @@ struct Segment {
 };
 
 inline void check_args(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& mn, int64_t bits,
-                       int64_t N, int64_t K, int64_t gs) {
+                       int64_t N, int64_t K, int64_t gs, bool half_scales = false) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(K % 32 == 0 && gs % 32 == 0, "in_features and group size must be multiples of 32");
   TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous() && q.numel() == N * K * bits / 8, "bad packed weights");
-  TORCH_CHECK(s.dtype() == torch::kFloat32 && s.is_contiguous() && s.size(0) == N && s.size(1) == (K + gs - 1) / gs,
+  TORCH_CHECK((s.dtype() == torch::kFloat32 || (half_scales && s.dtype() == torch::kFloat16)) && s.is_contiguous() && s.size(0) == N && s.size(1) == (K + gs - 1) / gs,
               "bad scales");
   TORCH_CHECK(mn.numel() == 0 || (mn.dtype() == torch::kFloat32 && mn.is_contiguous() && mn.sizes() == s.sizes()),
               "bad minimums");
@@ -62,6 +62,6 @@ inline std::vector<Segment> make_segments(const std::vector<torch::Tensor>& qs, 
 
 // qgemm_q8act.cpp
 torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
-                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa);
+                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs);
 std::vector<torch::Tensor> q8_quantize(torch::Tensor x);
 int64_t q8_best_isa();

@@ -11,6 +11,12 @@
 //   y[i,n] = sum_g s[n,g] sum_{b in g} d[i,b] sum_{k in b} (u[n,k] - b) xq[i,k]  +  sum_g o[n,g] xg[i,g],
 // xg[i,g] = sum_{b in g} d[i,b] sum_{k in b} xq[i,k] (the block sums of the rounded x), and the rest in fp32.
 //
+// Symmetric weights (no offsets passed) are W = (u - c) * s with an integer base c (-qmin: 8 for Q4_0, 127
+// for Q8_0, 128 for int8): then sum_k (u - c) xq is exact in int32 too, and neither offsets nor the group sums
+// are read. Scales may be given in fp16 (where the stored scales are fp16, as GGUF's): 2 bytes per group.
+// The integer base enters as a per-lane correction -c' * (lane sum of xq) (c' = c less what the path's dot
+// product already subtracts), kept per block with the rounded x and added to each block's lane sums.
+//
 // Unsigned times signed: the instructions multiply unsigned bytes by signed bytes. 4-bit codes u in [0, 15]
 // are unsigned as stored (vpmaddubsw pairs stay below 2 * 15 * 127, no saturation). 8-bit codes: with
 // AVX512-VNNI, vpdpbusd sums u * xq without saturation into an accumulator that starts at -128 times the
@@ -34,13 +40,22 @@ using llmquant_kernels::hsum;
 using llmquant_kernels::Segment;
 
 // x rounded per block of 32: codes (M, K) (4 bits: permuted within each block to the nibble order, even
-// positions then odd), scales d (M, nb), group sums xg (M, G), and for the VNNI 8-bit path the lane
-// corrections corr (M, nb, 8) = -128 * (sum of the 4 codes each int32 lane of vpdpbusd sees).
+// positions then odd), scales d (M, nb), group sums xg (M, G).
 struct Q8X {
   const int8_t* q;
   const float* d;
   const float* xg;
+};
+
+// One weight segment of a fused call, its pointers shifted so that global output row n addresses its row;
+// corr (M, nb, 8): -c' times the sum of the 4 codes of x each int32 lane of the dot product sees.
+struct Q8Seg {
+  const uint8_t* q;
+  const void* s;      // fp32 or fp16 scales
+  const float* mn;    // offsets, or nullptr (symmetric: the base is in corr)
   const int32_t* corr;
+  bool half;
+  int64_t start, rows;
 };
 
 namespace avx2 {
@@ -57,9 +72,14 @@ inline Wv prep(__m256i u) {
   }
 }
 template <int BITS>
-inline __m256i dot(const Wv& w, __m256i xv, const int32_t*) {
-  const __m256i p = BITS == 4 ? _mm256_maddubs_epi16(w.u, xv) : _mm256_maddubs_epi16(w.a, _mm256_sign_epi8(xv, w.u));
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+inline __m256i dot(const Wv& w, __m256i xv, const int32_t* corr) {
+  __m256i p;
+  if constexpr (BITS == 4)
+    p = _mm256_maddubs_epi16(w.u, xv);
+  else
+    p = _mm256_maddubs_epi16(w.a, _mm256_sign_epi8(xv, w.u));
+  return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
 }
 #include "qgemm_q8act_rows.inc"
 }  // namespace avx2
@@ -76,23 +96,32 @@ inline Wv prep(__m256i u) {
 }
 template <int BITS>
 inline __m256i dot(const Wv& w, __m256i xv, const int32_t* corr) {
-  const __m256i init = BITS == 4 ? _mm256_setzero_si256() : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));
-  return _mm256_dpbusd_epi32(init, w.u, xv);
+  return _mm256_dpbusd_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)), w.u, xv);
 }
 #include "qgemm_q8act_rows.inc"
 }  // namespace vnni
 #pragma GCC pop_options
 
-using RowsFn = void (*)(const Q8X&, int64_t, int64_t, const uint8_t*, const float*, const float*, float*, int64_t,
-                        int64_t, int64_t, int64_t, int64_t);
+using RowsFn = void (*)(const Q8X&, const Q8Seg&, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int64_t,
+                        int64_t);
+
+// fn[mt][half][offs] for mt = 1, 2, 4 rows of x at a time
+template <int BITS, int MT>
+void pick_mt(bool use_vnni, RowsFn fn[2][2]) {
+  if (use_vnni) {
+    fn[0][0] = vnni::rows<BITS, MT, false, false>, fn[0][1] = vnni::rows<BITS, MT, false, true>;
+    fn[1][0] = vnni::rows<BITS, MT, true, false>, fn[1][1] = vnni::rows<BITS, MT, true, true>;
+  } else {
+    fn[0][0] = avx2::rows<BITS, MT, false, false>, fn[0][1] = avx2::rows<BITS, MT, false, true>;
+    fn[1][0] = avx2::rows<BITS, MT, true, false>, fn[1][1] = avx2::rows<BITS, MT, true, true>;
+  }
+}
 
 template <int BITS>
-void pick(bool use_vnni, RowsFn fn[5]) {
-  if (use_vnni) {
-    fn[1] = vnni::rows<BITS, 1>, fn[2] = vnni::rows<BITS, 2>, fn[4] = vnni::rows<BITS, 4>;
-  } else {
-    fn[1] = avx2::rows<BITS, 1>, fn[2] = avx2::rows<BITS, 2>, fn[4] = avx2::rows<BITS, 4>;
-  }
+void pick(bool use_vnni, RowsFn fn[5][2][2]) {
+  pick_mt<BITS, 1>(use_vnni, fn[1]);
+  pick_mt<BITS, 2>(use_vnni, fn[2]);
+  pick_mt<BITS, 4>(use_vnni, fn[4]);
 }
 
 bool cpu_has_vnni() {
@@ -173,45 +202,69 @@ std::vector<torch::Tensor> q8_quantize(torch::Tensor x) {
   return {xq, d};
 }
 
-// y (M, sum N_j) = Q8_0(x) @ [W_1; W_2; ...]^T for weights sharing the input. isa: -1 the best this CPU has,
-// 0 the AVX2 path, 1 the VNNI path (an error where the CPU lacks it).
+// y (M, sum N_j) = Q8_0(x) @ [W_1; W_2; ...]^T for weights sharing the input. Per weight j: packed codes,
+// scales (fp32 or fp16), and either offsets (W = (u - b) * s + o, b = 0 / 128 at 4 / 8 bits) or no offsets
+// (an empty tensor) and the integer base cs[j] of W = (u - c) * s. isa: -1 the best this CPU has, 0 the
+// AVX2 path, 1 the VNNI path (an error where the CPU lacks it).
 torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
-                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa) {
+                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be 2-D contiguous fp32");
   TORCH_CHECK(isa >= -1 && isa <= 1, "isa must be -1 (best), 0 (AVX2) or 1 (VNNI)");
   TORCH_CHECK(isa != 1 || q8_best_isa() == 1, "this CPU has no AVX512-VNNI");
+  TORCH_CHECK(!qs.empty() && qs.size() == ss.size() && qs.size() == ms.size() && qs.size() == cs.size(),
+              "one scale, offset and base per weight");
   const bool use_vnni = isa == -1 ? q8_best_isa() == 1 : isa == 1;
   const int64_t K = x.size(1), M = x.size(0);
-  int64_t N = 0;
-  const std::vector<Segment> segs = llmquant_kernels::make_segments(qs, ss, ms, bits, K, gs, N);
   const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;
 
   auto xq = torch::empty({M, K}, torch::dtype(torch::kInt8));
   auto d = torch::empty({M, nb}, torch::dtype(torch::kFloat32));
   auto bs = torch::empty({M, nb}, torch::dtype(torch::kInt32));
   auto xg = torch::zeros({M, G}, torch::dtype(torch::kFloat32));
-  const bool need_corr = use_vnni && bits == 8;
-  auto corr = torch::empty({need_corr ? M * nb * 8 : 0}, torch::dtype(torch::kInt32));
   quantize_rows(x.data_ptr<float>(), M, K, bits == 4, xq.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int32_t>());
   const int8_t* xqp = xq.data_ptr<int8_t>();
   const float* dp = d.data_ptr<float>();
   const int32_t* bsp = bs.data_ptr<int32_t>();
   float* xgp = xg.data_ptr<float>();
-  int32_t* cp = corr.data_ptr<int32_t>();
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t b = 0; b < nb; ++b) {
-      xgp[i * G + b / bpg] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b]);
-      if (need_corr) {
-        for (int l = 0; l < 8; ++l) {
-          const int8_t* c = xqp + i * K + b * 32 + 4 * l;
-          cp[(i * nb + b) * 8 + l] = -128 * (c[0] + c[1] + c[2] + c[3]);
-        }
-      }
-    }
-  }
-  const Q8X qx{xqp, dp, xgp, cp};
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < nb; ++b) xgp[i * G + b / bpg] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b]);
 
-  RowsFn fn[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  // what each path's dot product already subtracts from the codes: 128 for AVX2 at 8 bits (|w| sign(x, w))
+  const int64_t done = (bits == 8 && !use_vnni) ? 128 : 0;
+  std::vector<std::pair<int64_t, torch::Tensor>> corrs;  // one lane-correction buffer per distinct c'
+  auto corr_for = [&](int64_t c) -> const int32_t* {
+    for (auto& kv : corrs)
+      if (kv.first == c) return kv.second.data_ptr<int32_t>();
+    auto t = torch::empty({M * nb * 8}, torch::dtype(torch::kInt32));
+    int32_t* cp = t.data_ptr<int32_t>();
+    for (int64_t i = 0; i < M * nb * 8; ++i) {
+      const int8_t* v = xqp + 4 * i;  // lane i % 8 of block i / 8 (rows are whole blocks)
+      cp[i] = static_cast<int32_t>(-c * (v[0] + v[1] + v[2] + v[3]));
+    }
+    corrs.emplace_back(c, t);
+    return cp;
+  };
+  std::vector<Q8Seg> segs;
+  int64_t N = 0;
+  const int64_t row_bytes = K * bits / 8;
+  for (size_t j = 0; j < qs.size(); ++j) {
+    const int64_t rows = ss[j].size(0);
+    const bool half = ss[j].dtype() == torch::kFloat16;
+    llmquant_kernels::check_args(qs[j], ss[j], ms[j], bits, rows, K, gs, true);
+    TORCH_CHECK(ss[j].size(1) == G, "all weights must have the same groups");
+    const bool offs = ms[j].numel() > 0;
+    // offsets: the codes' base is b (0 at 4 bits, 128 at 8); none: the integer base c
+    const int64_t c = (offs ? (bits == 8 ? 128 : 0) : cs[j]) - done;
+    const void* sp = half ? static_cast<const void*>(ss[j].data_ptr<at::Half>()) : static_cast<const void*>(ss[j].data_ptr<float>());
+    const int64_t sz = half ? 2 : 4;
+    segs.push_back({qs[j].data_ptr<uint8_t>() - N * row_bytes,
+                    static_cast<const char*>(sp) - N * G * sz,
+                    offs ? ms[j].data_ptr<float>() - N * G : nullptr, corr_for(c), half, N, rows});
+    N += rows;
+  }
+  const Q8X qx{xqp, dp, xgp};
+
+  RowsFn fn[5][2][2] = {};
   if (bits == 4)
     pick<4>(use_vnni, fn);
   else
@@ -219,18 +272,15 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(8, N / (4 * at::get_num_threads()));
-  const int64_t row_bytes = K * bits / 8;
   at::parallel_for(0, N, grain, [&](int64_t b0, int64_t b1) {
-    for (const Segment& sg : segs) {  // the part of [b0, b1) that falls in this segment
+    for (const Q8Seg& sg : segs) {  // the part of [b0, b1) that falls in this segment
       const int64_t n0 = std::max(b0, sg.start), n1 = std::min(b1, sg.start + sg.rows);
       if (n0 >= n1) continue;
-      const uint8_t* q = sg.q - sg.start * row_bytes;  // row index n (global) addresses the segment's row
-      const float* s = sg.s - sg.start * G;
-      const float* o = sg.mn - sg.start * G;
+      const int h = sg.half ? 1 : 0, o = sg.mn ? 1 : 0;
       int64_t i = 0;
-      for (; i + 4 <= M; i += 4) fn[4](qx, i, K, q, s, o, yp, N, G, gs, n0, n1);
-      for (; i + 2 <= M; i += 2) fn[2](qx, i, K, q, s, o, yp, N, G, gs, n0, n1);
-      for (; i < M; ++i) fn[1](qx, i, K, q, s, o, yp, N, G, gs, n0, n1);
+      for (; i + 4 <= M; i += 4) fn[4][h][o](qx, sg, i, K, yp, N, G, gs, n0, n1);
+      for (; i + 2 <= M; i += 2) fn[2][h][o](qx, sg, i, K, yp, N, G, gs, n0, n1);
+      for (; i < M; ++i) fn[1][h][o](qx, sg, i, K, yp, N, G, gs, n0, n1);
     }
   });
   return y;
