@@ -4,8 +4,10 @@ against llmquant's packed int4 / int8 codes (C++, AVX512-VNNI or AVX2; ``csrc/qg
 This is what llama.cpp's CPU matmul computes for Q4_0 / Q8_0 weights: each row of ``x`` rounded to int8 in
 blocks of 32 values with ``d = max|x| / 127`` (llmquant's ``gguf:Q8_0-act`` activation scheme: ``d``
 rounded to fp16, ``round(x / d)`` half to even), int32 dot products per block, the block and weight-group
-scales applied in fp32. Per weight it moves the same bytes as ``packed_avx2`` and does a quarter of the
-multiply work (bytes times bytes instead of 16-bit products).
+scales applied in fp32. It reads the same packed codes as ``packed_avx2``, with fewer bytes per group where
+the format allows (no offsets for symmetric schemes, whose integer base ``-qmin`` goes into the int32 sums;
+fp16 scales where the stored ones are fp16: 2 bytes per 32 weights for Q4_0 / Q8_0 instead of 8), and
+multiplies bytes by bytes (``vpdpbusd`` / ``vpmaddubsw``) instead of 16-bit products.
 
 Numerics: for a weight-only module this changes the model's numerics (activations are rounded to about 2-3
 significant digits per block), so the kernel is opt-in: ``set_kernel(model, "packed_q8act")``,
@@ -79,7 +81,7 @@ def _few_rows(states: list[Q8State], x2: torch.Tensor) -> torch.Tensor:
 class PackedQ8Act(PackedAVX2):
     name = "packed_q8act"
     numerics = ("activations rounded to int8 per block of 32 (llama.cpp's Q8_0), integer dot products with "
-                "int4/int8 codes, fp32 scales; prefill: packed_avx2's")
+                "int4/int8 codes, scales applied in fp32; prefill: packed_avx2's")
     runtime_bytes_per_weight = 0.0
 
     def supports(self, module, device) -> bool:
