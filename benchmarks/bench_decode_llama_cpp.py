@@ -117,6 +117,41 @@ def reference_tokens(model, prompt, decode_rounded: bool):
     return torch.tensor([out])
 
 
+@torch.inference_mode()
+def per_call_error(model, ids) -> float:
+    """Every packed_q8act call of a prompt pass and one decode step of the weight-only model against float64
+    on the same input (activations rounded by the gguf:Q8_0-act scheme, weights dequantized): the largest
+    |error| / (|x_hat| @ |W|^T). Greedy tokens of whole runs cannot show this: an fp32 rounding difference
+    upstream moves some activation across a rounding boundary of the int8 grid, and that code step (1/127 of
+    its block's largest value) then propagates (the first differing call is exact on its own input)."""
+    from llmquant.kernels import packed_q8act
+    from llmquant.schemes import compute_qparams, dequantize, quantize_to_int
+
+    ext, inner, worst = native.load(), packed_q8act._few_rows, [0.0]
+
+    def checked(states, x2):
+        y = inner(states, x2)
+        s, z = compute_qparams(x2, ACT)
+        xh = dequantize(quantize_to_int(x2, s, z, ACT), s, z, ACT).double()
+        w = torch.cat([ext.dequant(st.codes, st.scale, st.offsets, st.bits, st.out_features, st.in_features,
+                                   st.group_size) for st in states]).double()
+        err = (y.double() - xh @ w.T).abs() / (xh.abs() @ w.abs().T).clamp(min=1e-30)
+        worst[0] = max(worst[0], float(err.max()))
+        return y
+
+    packed_q8act._few_rows = checked
+    try:
+        set_kernel(model, "packed_q8act")
+        lean = LeanModel(model)
+        cache = lean.new_cache(1, PROMPT + 1)
+        lean(ids[:, :PROMPT], cache)
+        lean(ids[:, PROMPT:PROMPT + 1], cache)
+    finally:
+        packed_q8act._few_rows = inner
+        set_kernel(model, None)
+    return worst[0]
+
+
 def first_diff(a, b) -> int:
     """Tokens equal before the first difference (NEW when all are equal)."""
     d = (a[0] != b[0]).nonzero()
@@ -211,6 +246,8 @@ def main() -> None:
         exact_check[c] = first_diff(got["packed_q8act"], got["dequant_cached"])
         print(f"[check] {c}: packed_q8act = reference on the gguf:Q8_0-act model for {exact_check[c]}/{NEW} tokens",
               flush=True)
+    call_err = {c: per_call_error(models[c], ids[:1]) for c in args.configs if c != "fp32"}
+    print(f"[check] packed_q8act calls vs float64 on the same inputs, largest relative error: {call_err}", flush=True)
     print(f"[setup] references done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     llama = {ft: LlamaCpp(files[ft], threads=1) for ft in sorted({FORMATS[c] for c in args.configs})}
@@ -251,7 +288,9 @@ def main() -> None:
                 "threads done": args.threads[: args.threads.index(threads) + 1],
                 "seconds": round(time.perf_counter() - t_start), "quality": quality,
                 "greedy tokens equal before the first difference, packed_q8act vs dequant_cached, linears with "
-                "gguf:Q8_0-act": exact_check}
+                "gguf:Q8_0-act": exact_check,
+                "packed_q8act calls vs float64 on the same input (prompt + 1 decode step), largest error / "
+                "(|x_hat| @ |W|^T)": call_err}
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         md = format_table(rows) + "\n\nQuality (2 windows of 512 tokens, KL against fp32):\n\n" + format_table(quality)
