@@ -147,16 +147,14 @@ def test_isa_paths_agree_and_threads_do_not_change_results(monkeypatch):
         assert torch.equal(y, outs[0])
 
 
-def test_bad_isa_name():
-    m = _qlin(PRESETS["W4G64"])
-    m.kernel_override = "packed_q8act"
-    os.environ["LLMQUANT_Q8ACT_ISA"] = "sse"
-    try:
-        if _ext() is not None:
-            with pytest.raises(LLMQuantError, match="LLMQUANT_Q8ACT_ISA"):
-                m(torch.randn(1, 256))
-    finally:
-        del os.environ["LLMQUANT_Q8ACT_ISA"]
+def test_isa_switch(monkeypatch):
+    monkeypatch.setenv("LLMQUANT_Q8ACT_ISA", "sse")
+    with pytest.raises(LLMQuantError, match="LLMQUANT_Q8ACT_ISA"):
+        packed_q8act.isa_from_env()
+    monkeypatch.setenv("LLMQUANT_Q8ACT_ISA", "AVX2")
+    assert packed_q8act.isa_from_env() == 0
+    monkeypatch.delenv("LLMQUANT_Q8ACT_ISA")
+    assert packed_q8act.isa_from_env() == -1
 
 
 def test_fused_call_equals_separate_calls():
