@@ -1,9 +1,11 @@
 """Build and load llmquant's compiled CPU kernels (``csrc/qgemm_avx2.cpp``, ``csrc/qgemm_q8act.cpp``) on first use.
 
 The extension (one module from the files in ``csrc``) is compiled from source with the system C++ compiler through
-``torch.utils.cpp_extension.load`` (``-O3 -mavx2 -mfma``) and cached under ``$LLMQUANT_CACHE/ext``
-(default ``~/.cache/llmquant/ext``), keyed by the torch and Python versions and a hash of the source and of the torch installation, so a
-later process loads it in well under a second. The first build takes about a minute on 2 cores.
+``torch.utils.cpp_extension.load`` (``-O3 -mavx2 -mfma``; the AVX512-VNNI functions of ``qgemm_q8act.cpp``
+are compiled for that target alone and called only where the CPU has it) and cached under
+``$LLMQUANT_CACHE/ext`` (default ``~/.cache/llmquant/ext``), keyed by the torch and Python versions and a hash
+of the sources and of the torch installation, so a later process loads it in well under a second. The first
+build takes about a minute and a half on 2 cores.
 
 Nothing here is required: when the CPU lacks AVX2/FMA, no compiler (or ninja) is found, the build fails,
 or ``LLMQUANT_NATIVE=0`` is set, :func:`load` returns None once (with a warning saying why) and the kernel
