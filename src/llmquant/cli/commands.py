@@ -471,7 +471,7 @@ def _add_generation_args(g) -> None:
                    help="sample from the smallest set with probability >= p")
     g.add_argument("--seed", type=A.seed, help="random seed for sampling")
     g.add_argument("--threads", type=A.threads, help="CPU threads (torch.set_num_threads); reported with --stats")
-    g.add_argument("--kernel", help="force one kernel (e.g. packed_avx2, fbgemm_fp16, reference)")
+    g.add_argument("--kernel", help="force one kernel (e.g. packed_avx2, packed_q8act: int8 activations as llama.cpp, fbgemm_fp16, reference)")
     g.add_argument("--stats", action="store_true", help="print tokens/s and threads to stderr")
     g.add_argument("--prefill-bf16", action="store_true",
                    help="run the prompt's forward under bf16 autocast (faster prefill; decode stays fp32)")

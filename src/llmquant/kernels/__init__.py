@@ -11,7 +11,8 @@ qparams) beats ``torch._int_mm`` at one token (``benchmarks/bench_dynamic.py``; 
 measured faster there, a hybrid is not done yet). ``packed_avx2`` (a C++ extension built on first use)
 reads int4/int8 packed codes directly for decode and hands many-token inputs to fbgemm's fp16 GEMM; it
 comes before ``fbgemm_fp16`` for the formats it takes, and when it cannot be built the order falls
-through to ``fbgemm_fp16``.
+through to ``fbgemm_fp16``. ``packed_q8act`` (the same packed codes, activations rounded to int8 per block
+of 32 as llama.cpp does, integer dot products) is opt-in: it is in no preference list.
 
 ``LLMQUANT_KERNEL=<name>`` in the environment, or :func:`set_kernel`, forces one kernel.
 """
@@ -27,6 +28,7 @@ from . import fbgemm as _fbgemm  # noqa: F401  (registers)
 from . import int8 as _int8  # noqa: F401  (registers)
 from . import fbgemm_int8 as _fbgemm_int8  # noqa: F401  (registers)
 from . import packed_cpu as _packed_cpu  # noqa: F401  (registers; compiled on first use, see native.py)
+from . import packed_q8act as _packed_q8act  # noqa: F401  (registers; opt-in, not in PREFERENCE)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

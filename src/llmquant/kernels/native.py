@@ -1,9 +1,11 @@
-"""Build and load llmquant's compiled CPU kernels (``csrc/qgemm_avx2.cpp``) on first use.
+"""Build and load llmquant's compiled CPU kernels (``csrc/qgemm_avx2.cpp``, ``csrc/qgemm_q8act.cpp``) on first use.
 
-The extension is compiled from source with the system C++ compiler through
-``torch.utils.cpp_extension.load`` (``-O3 -mavx2 -mfma``) and cached under ``$LLMQUANT_CACHE/ext``
-(default ``~/.cache/llmquant/ext``), keyed by the torch and Python versions and a hash of the source and of the torch installation, so a
-later process loads it in well under a second. The first build takes about a minute on 2 cores.
+The extension (one module from the files in ``csrc``) is compiled from source with the system C++ compiler through
+``torch.utils.cpp_extension.load`` (``-O3 -mavx2 -mfma``; the AVX512-VNNI functions of ``qgemm_q8act.cpp``
+are compiled for that target alone and called only where the CPU has it) and cached under
+``$LLMQUANT_CACHE/ext`` (default ``~/.cache/llmquant/ext``), keyed by the torch and Python versions and a hash
+of the sources and of the torch installation, so a later process loads it in well under a second. The first
+build takes about a minute and a half on 2 cores.
 
 Nothing here is required: when the CPU lacks AVX2/FMA, no compiler (or ninja) is found, the build fails,
 or ``LLMQUANT_NATIVE=0`` is set, :func:`load` returns None once (with a warning saying why) and the kernel
@@ -26,7 +28,9 @@ from ..resources import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "qgemm_avx2.cpp"
+CSRC = Path(__file__).with_name("csrc")
+#: The compiled sources; the headers and ``.inc`` files they include are copied and hashed with them.
+SOURCES = [CSRC / "qgemm_avx2.cpp", CSRC / "qgemm_q8act.cpp"]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -42,9 +46,14 @@ def build_dir() -> Path:
     base = cache_dir()
     # Keyed by the source and by the torch installation (its headers' path goes into the build file): two
     # checkouts or venvs sharing the cache would otherwise make torch's builder recompile on every switch.
-    digest = hashlib.sha256(SOURCE.read_bytes() + str(Path(torch.__file__).parent).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in _files()) + str(Path(torch.__file__).parent).encode()).hexdigest()[:12]
     tv = torch.__version__.replace("+", "_")
     return base / "ext" / f"qgemm-torch{tv}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
+
+
+def _files() -> list[Path]:
+    """Every file of the extension: the sources and what they include."""
+    return sorted(set(SOURCES) | set(CSRC.glob("*.h")) | set(CSRC.glob("*.inc")))
 
 
 def _ninja_on_path() -> bool:
@@ -66,7 +75,8 @@ def why_unavailable() -> str | None:
 
 
 def load():
-    """The compiled module (functions ``qgemm`` and ``dequant``), or None when it cannot be had."""
+    """The compiled module (functions ``qgemm``, ``dequant``, ``q8gemm``, ``q8_quantize``, ``q8_best_isa``), or
+    None when it cannot be had."""
     if "module" in _state:
         return _state["module"]
     with _lock:
@@ -89,12 +99,13 @@ def load():
                 d.mkdir(parents=True, exist_ok=True)
                 if not (d / "qgemm_avx2.so").exists() and not list(d.glob("*.so")):
                     log.warning("building llmquant's AVX2 kernels (once, about a minute; cached in %s)", d)
-                src = d / SOURCE.name  # compiled from a copy in the cache: a path that does not move with the checkout
-                if not src.exists() or src.read_bytes() != SOURCE.read_bytes():
-                    shutil.copyfile(SOURCE, src)
+                for f in _files():  # compiled from a copy in the cache: a path that does not move with the checkout
+                    dst = d / f.name
+                    if not dst.exists() or dst.read_bytes() != f.read_bytes():
+                        shutil.copyfile(f, dst)
                 mod = cpp_extension.load(
                     name="llmquant_qgemm_avx2",
-                    sources=[str(src)],
+                    sources=[str(d / f.name) for f in SOURCES],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(d),

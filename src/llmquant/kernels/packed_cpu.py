@@ -55,10 +55,11 @@ def _release(nbytes: int) -> None:
     _kept[0] -= nbytes
 
 
-def format_supported(module) -> bool:
+def format_supported(module, weight_only: bool = True) -> bool:
+    """Whether the packed kernels read this module's weights (``weight_only``: and it has no activation scheme)."""
     s = module.scheme
     k = module.in_features
-    if module.activation_scheme is not None or s.bits not in (4, 8) or k % 32:
+    if (weight_only and module.activation_scheme is not None) or s.bits not in (4, 8) or k % 32:
         return False
     if s.granularity == "group":
         return s.group_size % 32 == 0
@@ -145,9 +146,13 @@ def can_fuse(states: list[PackedState]) -> bool:
     return len({(st.bits, st.in_features, st.group_size, st.groups) for st in states}) == 1
 
 
-def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | None = None) -> torch.Tensor:
+def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | None = None,
+              few_rows=None) -> torch.Tensor:
     """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
     (fused QKV or gate/up: one pass, one thread launch, buffers left where they are).
+
+    ``few_rows(states, x2)``, when given, computes the product (without bias) for fewer than ``LARGE_M`` rows
+    of fp32 ``x2`` in place of the int16-activation kernel (``packed_q8act``'s int8 one).
 
     Under bf16 autocast, many-token inputs take a bf16 GEMM (output bf16, as autocast's linear) with the
     stacked dequantized weight rounded to bf16 once: what autocast does for a float Linear, at 2 bytes per
@@ -183,8 +188,11 @@ def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | Non
         w = torch.cat([dequant(st) for st in states]) if len(states) > 1 else dequant(s0)
         y = F.linear(x2, w, bias)
     else:
-        y = ext.qgemm(x2.contiguous(), [st.codes for st in states], [st.scale for st in states],
-                      [st.offsets for st in states], bits, gs)
+        if few_rows is not None:
+            y = few_rows(states, x2.contiguous())
+        else:
+            y = ext.qgemm(x2.contiguous(), [st.codes for st in states], [st.scale for st in states],
+                          [st.offsets for st in states], bits, gs)
         if bias is not None:
             y = y + bias
     return y.reshape(*shape[:-1], n).to(x.dtype)

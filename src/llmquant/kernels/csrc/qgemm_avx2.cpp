@@ -15,9 +15,9 @@
 // where xg[i,g] = sum_{k in g} xs xq[i,k] are the group sums of the rounded x.
 // For 4 bits the rounded x is stored permuted within each block of 32 (even positions, then odd) to match
 // the nibble order, so no shuffle is needed in the inner loop.
-#include <torch/extension.h>
+#include "qgemm_common.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -26,16 +26,8 @@
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  lo = _mm_add_ss(lo, sh);
-  return _mm_cvtss_f32(lo);
-}
+using llmquant_kernels::hsum;
+using llmquant_kernels::Segment;
 
 // 32 codes of one row as two vectors of 16 int16, in the order x is given: u for 4 bits, u - 128 for 8 bits.
 template <int BITS>
@@ -112,14 +104,6 @@ void gemm_rows(const QX& x, int64_t i0, int64_t K, const uint8_t* q, const float
   }
 }
 
-// One weight segment: rows [start, start + rows) of the output, read from their own packed buffer.
-struct Segment {
-  const uint8_t* q;
-  const float* s;
-  const float* mn;  // nullptr: no offsets (symmetric)
-  int64_t start, rows;
-};
-
 template <int BITS>
 void gemm_impl(const QX& qx, int64_t M, int64_t K, const std::vector<Segment>& segs, torch::Tensor& y, int64_t G,
                int64_t gs) {
@@ -174,17 +158,6 @@ void quantize_x(const float* x, int64_t M, int64_t K, int64_t gs, int64_t G, boo
   }
 }
 
-void check_args(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& mn, int64_t bits, int64_t N,
-                int64_t K, int64_t gs) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  TORCH_CHECK(K % 32 == 0 && gs % 32 == 0, "in_features and group size must be multiples of 32");
-  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous() && q.numel() == N * K * bits / 8, "bad packed weights");
-  TORCH_CHECK(s.dtype() == torch::kFloat32 && s.is_contiguous() && s.size(0) == N && s.size(1) == (K + gs - 1) / gs,
-              "bad scales");
-  TORCH_CHECK(mn.numel() == 0 || (mn.dtype() == torch::kFloat32 && mn.is_contiguous() && mn.sizes() == s.sizes()),
-              "bad minimums");
-}
-
 }  // namespace
 
 // y (M, sum N_j) = x (M, K) @ [W_1; W_2; ...]^T: one call for several weights that share the input (fused
@@ -192,18 +165,9 @@ void check_args(const torch::Tensor& q, const torch::Tensor& s, const torch::Ten
 torch::Tensor qgemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be 2-D contiguous fp32");
-  TORCH_CHECK(!qs.empty() && qs.size() == ss.size() && qs.size() == ms.size(), "one scale and offset per weight");
   const int64_t K = x.size(1), M = x.size(0);
-  std::vector<Segment> segs;
   int64_t N = 0;
-  for (size_t j = 0; j < qs.size(); ++j) {
-    const int64_t rows = ss[j].size(0);
-    check_args(qs[j], ss[j], ms[j], bits, rows, K, gs);
-    TORCH_CHECK(ms[j].numel() == ss[j].numel(), "offsets (m - c*s) are required");
-    TORCH_CHECK(ss[j].size(1) == ss[0].size(1), "all weights must have the same groups");
-    segs.push_back({qs[j].data_ptr<uint8_t>(), ss[j].data_ptr<float>(), ms[j].data_ptr<float>(), N, rows});
-    N += rows;
-  }
+  const std::vector<Segment> segs = llmquant_kernels::make_segments(qs, ss, ms, bits, K, gs, N);
   const int64_t G = ss[0].size(1);
   const int64_t nch = (K + XCHUNK - 1) / XCHUNK;
   auto xq = torch::empty({M, K}, torch::dtype(torch::kInt16));
@@ -222,7 +186,7 @@ torch::Tensor qgemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<
 // The dequantized weight (N, K) fp32 in natural column order, for large batches (then a float GEMM).
 torch::Tensor dequant(torch::Tensor q, torch::Tensor s, torch::Tensor mn, int64_t bits, int64_t N, int64_t K,
                       int64_t gs) {
-  check_args(q, s, mn, bits, N, K, gs);
+  llmquant_kernels::check_args(q, s, mn, bits, N, K, gs);
   auto w = torch::empty({N, K}, torch::dtype(torch::kFloat32));
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
@@ -255,4 +219,7 @@ torch::Tensor dequant(torch::Tensor q, torch::Tensor s, torch::Tensor mn, int64_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "packed int4/int8 weight-only GEMM (AVX2+FMA)");
   m.def("dequant", &dequant, "packed int4/int8 weights to fp32");
+  m.def("q8gemm", &q8gemm, "packed int4/int8 GEMM with activations rounded to int8 per block of 32 (qgemm_q8act.cpp)");
+  m.def("q8_quantize", &q8_quantize, "rows of x rounded to int8 per block of 32: (codes int8, scales fp32)");
+  m.def("q8_best_isa", &q8_best_isa, "1 when q8gemm's VNNI path runs on this CPU, 0 for the AVX2 path");
 }

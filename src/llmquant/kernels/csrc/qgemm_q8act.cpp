@@ -1,0 +1,287 @@
+// Packed int4 / int8 GEMM for decode with the activations rounded to int8 per block of 32 values, as
+// llama.cpp's CPU matmul does for Q4_0 / Q8_0 weights (its vec_dot_type Q8_0), and integer dot products.
+//
+// Weights are llmquant's packed codes as stored (see qgemm_avx2.cpp): unsigned u, W = (u - b) * s + o per
+// (row, group), b = 0 at 4 bits and 128 at 8 bits, groups a multiple of 32 values.
+//
+// Activations: each row of x is cut into blocks of 32 values; per block d = fp16(max|x| / 127) (the scale
+// kept in fp32 after that rounding) and xq = round(x / d) in [-127, 127] (round half to even; xq = 0 when d
+// is 0): exactly llmquant's ``gguf:Q8_0-act`` activation scheme, and llama.cpp's Q8_0 blocks up to its
+// rounding with 1 / d computed before the fp16 rounding of d. Then, exactly in int32 per block b,
+//   y[i,n] = sum_g s[n,g] sum_{b in g} d[i,b] sum_{k in b} (u[n,k] - b) xq[i,k]  +  sum_g o[n,g] xg[i,g],
+// xg[i,g] = sum_{b in g} d[i,b] sum_{k in b} xq[i,k] (the block sums of the rounded x), and the rest in fp32.
+//
+// Symmetric weights (no offsets passed) are W = (u - c) * s with an integer base c (-qmin: 8 for Q4_0, 127
+// for Q8_0, 128 for int8): then sum_k (u - c) xq is exact in int32 too, and neither offsets nor the group sums
+// are read. Scales may be given in fp16 (where the stored scales are fp16, as GGUF's): 2 bytes per group.
+// The integer base enters as a per-lane correction -c' * (lane sum of xq) (c' = c less what the path's dot
+// product already subtracts), kept per block with the rounded x and added to each block's lane sums.
+//
+// Unsigned times signed: the instructions multiply unsigned bytes by signed bytes. 4-bit codes u in [0, 15]
+// are unsigned as stored (vpmaddubsw pairs stay below 2 * 15 * 127, no saturation). 8-bit codes: with
+// AVX512-VNNI, vpdpbusd sums u * xq without saturation into an accumulator that starts at -128 times the
+// lane's sum of xq (kept per block with the rounded x), which gives sum (u - 128) xq exactly; with AVX2,
+// w = u - 128 is a signed byte and |w| * sign(xq, w) keeps the pairs of vpmaddubsw within int16
+// (2 * 128 * 127 < 32768), llama.cpp's trick.
+//
+// Instruction set chosen at run time: the VNNI path (256-bit vpdpbusd, AVX512-VL + AVX512-VNNI) is compiled
+// for that target only (#pragma GCC target, i.e. a target attribute on its functions) and runs when
+// __builtin_cpu_supports says the CPU has it; the AVX2 path runs otherwise or when the caller asks for it.
+#include "qgemm_common.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+using llmquant_kernels::hsum;
+using llmquant_kernels::Segment;
+
+// x rounded per block of 32: codes (M, K) (4 bits: permuted within each block to the nibble order, even
+// positions then odd), scales d (M, nb), group sums xg (M, G).
+struct Q8X {
+  const int8_t* q;
+  const float* d;
+  const float* xg;
+};
+
+// One weight segment of a fused call, its pointers shifted so that global output row n addresses its row;
+// corr (M, nb, 8): -c' times the sum of the 4 codes of x each int32 lane of the dot product sees.
+struct Q8Seg {
+  const uint8_t* q;
+  const void* s;      // fp32 or fp16 scales
+  const float* mn;    // offsets, or nullptr (symmetric: the base is in corr)
+  const int32_t* corr;
+  bool half;
+  int64_t start, rows;
+};
+
+namespace avx2 {
+struct Wv {
+  __m256i u, a;  // 4 bits: codes; 8 bits: signed codes u - 128 and their magnitudes
+};
+template <int BITS>
+inline Wv prep(__m256i u) {
+  if constexpr (BITS == 4) {
+    return {u, u};
+  } else {
+    const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return {w, _mm256_abs_epi8(w)};
+  }
+}
+template <int BITS>
+inline __m256i dot(const Wv& w, __m256i xv, const int32_t* corr) {
+  __m256i p;
+  if constexpr (BITS == 4)
+    p = _mm256_maddubs_epi16(w.u, xv);
+  else
+    p = _mm256_maddubs_epi16(w.a, _mm256_sign_epi8(xv, w.u));
+  return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
+}
+#include "qgemm_q8act_rows.inc"
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512vnni")
+namespace vnni {
+struct Wv {
+  __m256i u;
+};
+template <int BITS>
+inline Wv prep(__m256i u) {
+  return {u};
+}
+template <int BITS>
+inline __m256i dot(const Wv& w, __m256i xv, const int32_t* corr) {
+  return _mm256_dpbusd_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)), w.u, xv);
+}
+#include "qgemm_q8act_rows.inc"
+}  // namespace vnni
+#pragma GCC pop_options
+
+using RowsFn = void (*)(const Q8X&, const Q8Seg&, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int64_t,
+                        int64_t);
+
+// fn[mt][half][offs] for mt = 1, 2, 4 rows of x at a time
+template <int BITS, int MT>
+void pick_mt(bool use_vnni, RowsFn fn[2][2]) {
+  if (use_vnni) {
+    fn[0][0] = vnni::rows<BITS, MT, false, false>, fn[0][1] = vnni::rows<BITS, MT, false, true>;
+    fn[1][0] = vnni::rows<BITS, MT, true, false>, fn[1][1] = vnni::rows<BITS, MT, true, true>;
+  } else {
+    fn[0][0] = avx2::rows<BITS, MT, false, false>, fn[0][1] = avx2::rows<BITS, MT, false, true>;
+    fn[1][0] = avx2::rows<BITS, MT, true, false>, fn[1][1] = avx2::rows<BITS, MT, true, true>;
+  }
+}
+
+template <int BITS>
+void pick(bool use_vnni, RowsFn fn[5][2][2]) {
+  pick_mt<BITS, 1>(use_vnni, fn[1]);
+  pick_mt<BITS, 2>(use_vnni, fn[2]);
+  pick_mt<BITS, 4>(use_vnni, fn[4]);
+}
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f");
+}
+
+inline float fp16_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
+
+// Rounds rows of x (M, K) to int8 per block of 32 (codes natural order, or permuted for 4 bits); d (M, K/32);
+// bsum (M, K/32) the blocks' sums of codes. AVX2: divisions and rounding (half to even) as torch's.
+void quantize_rows(const float* x, int64_t M, int64_t K, bool interleave, int8_t* xq, float* d, int32_t* bsum) {
+  const int64_t nb = K / 32;
+  const __m256 sign = _mm256_set1_ps(-0.f), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the lane interleave of the packs
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + i * K + b * 32;
+      __m256 v[4];
+      __m256 am = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(xb + 8 * j);
+        am = _mm256_max_ps(am, _mm256_andnot_ps(sign, v[j]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float amax = _mm_cvtss_f32(m4);
+      const float db = fp16_round(std::max(amax / 127.f, 1e-10f));  // as scale_from_absmax, then fp16
+      d[i * nb + b] = db;
+      int8_t* qb = xq + i * K + b * 32;
+      if (!(db > 0.f)) {  // an underflowed scale: every value of the block is 0 at this scale
+        std::fill(qb, qb + 32, 0);
+        bsum[i * nb + b] = 0;
+        continue;
+      }
+      const __m256 dv = _mm256_set1_ps(db);
+      __m256i c[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(v[j], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c[j] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+      }
+      const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+      __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+      s2 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0x4E));
+      s2 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1));
+      bsum[i * nb + b] = _mm_cvtsi128_si32(s2);
+      const __m256i p8 = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3])), order);
+      if (interleave) {
+        alignas(32) int8_t t[32];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t), p8);
+        for (int k = 0; k < 32; ++k) qb[(k >> 1) + 16 * (k & 1)] = t[k];
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p8);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t q8_best_isa() {
+  static const bool has = cpu_has_vnni();
+  return has ? 1 : 0;
+}
+
+// x (M, K) fp32 -> [codes (M, K) int8, scales (M, K / 32) fp32], the rounding q8gemm applies.
+std::vector<torch::Tensor> q8_quantize(torch::Tensor x) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0,
+              "x must be 2-D contiguous fp32 with a multiple of 32 columns");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto d = torch::empty({M, K / 32}, torch::dtype(torch::kFloat32));
+  auto bs = torch::empty({M, K / 32}, torch::dtype(torch::kInt32));
+  quantize_rows(x.data_ptr<float>(), M, K, false, xq.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int32_t>());
+  return {xq, d};
+}
+
+// y (M, sum N_j) = Q8_0(x) @ [W_1; W_2; ...]^T for weights sharing the input. Per weight j: packed codes,
+// scales (fp32 or fp16), and either offsets (W = (u - b) * s + o, b = 0 / 128 at 4 / 8 bits) or no offsets
+// (an empty tensor) and the integer base cs[j] of W = (u - c) * s. isa: -1 the best this CPU has, 0 the
+// AVX2 path, 1 the VNNI path (an error where the CPU lacks it).
+torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
+                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be 2-D contiguous fp32");
+  TORCH_CHECK(isa >= -1 && isa <= 1, "isa must be -1 (best), 0 (AVX2) or 1 (VNNI)");
+  TORCH_CHECK(isa != 1 || q8_best_isa() == 1, "this CPU has no AVX512-VNNI");
+  TORCH_CHECK(!qs.empty() && qs.size() == ss.size() && qs.size() == ms.size() && qs.size() == cs.size(),
+              "one scale, offset and base per weight");
+  const bool use_vnni = isa == -1 ? q8_best_isa() == 1 : isa == 1;
+  const int64_t K = x.size(1), M = x.size(0);
+  const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;
+
+  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto d = torch::empty({M, nb}, torch::dtype(torch::kFloat32));
+  auto bs = torch::empty({M, nb}, torch::dtype(torch::kInt32));
+  auto xg = torch::zeros({M, G}, torch::dtype(torch::kFloat32));
+  quantize_rows(x.data_ptr<float>(), M, K, bits == 4, xq.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int32_t>());
+  const int8_t* xqp = xq.data_ptr<int8_t>();
+  const float* dp = d.data_ptr<float>();
+  const int32_t* bsp = bs.data_ptr<int32_t>();
+  float* xgp = xg.data_ptr<float>();
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < nb; ++b) xgp[i * G + b / bpg] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b]);
+
+  // what each path's dot product already subtracts from the codes: 128 for AVX2 at 8 bits (|w| sign(x, w))
+  const int64_t done = (bits == 8 && !use_vnni) ? 128 : 0;
+  std::vector<std::pair<int64_t, torch::Tensor>> corrs;  // one lane-correction buffer per distinct c'
+  auto corr_for = [&](int64_t c) -> const int32_t* {
+    for (auto& kv : corrs)
+      if (kv.first == c) return kv.second.data_ptr<int32_t>();
+    auto t = torch::empty({M * nb * 8}, torch::dtype(torch::kInt32));
+    int32_t* cp = t.data_ptr<int32_t>();
+    for (int64_t i = 0; i < M * nb * 8; ++i) {
+      const int8_t* v = xqp + 4 * i;  // lane i % 8 of block i / 8 (rows are whole blocks)
+      cp[i] = static_cast<int32_t>(-c * (v[0] + v[1] + v[2] + v[3]));
+    }
+    corrs.emplace_back(c, t);
+    return cp;
+  };
+  std::vector<Q8Seg> segs;
+  int64_t N = 0;
+  const int64_t row_bytes = K * bits / 8;
+  for (size_t j = 0; j < qs.size(); ++j) {
+    const int64_t rows = ss[j].size(0);
+    const bool half = ss[j].dtype() == torch::kFloat16;
+    llmquant_kernels::check_args(qs[j], ss[j], ms[j], bits, rows, K, gs, true);
+    TORCH_CHECK(ss[j].size(1) == G, "all weights must have the same groups");
+    const bool offs = ms[j].numel() > 0;
+    // offsets: the codes' base is b (0 at 4 bits, 128 at 8); none: the integer base c
+    const int64_t c = (offs ? (bits == 8 ? 128 : 0) : cs[j]) - done;
+    const void* sp = half ? static_cast<const void*>(ss[j].data_ptr<at::Half>()) : static_cast<const void*>(ss[j].data_ptr<float>());
+    const int64_t sz = half ? 2 : 4;
+    segs.push_back({qs[j].data_ptr<uint8_t>() - N * row_bytes,
+                    static_cast<const char*>(sp) - N * G * sz,
+                    offs ? ms[j].data_ptr<float>() - N * G : nullptr, corr_for(c), half, N, rows});
+    N += rows;
+  }
+  const Q8X qx{xqp, dp, xgp};
+
+  RowsFn fn[5][2][2] = {};
+  if (bits == 4)
+    pick<4>(use_vnni, fn);
+  else
+    pick<8>(use_vnni, fn);
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(8, N / (4 * at::get_num_threads()));
+  at::parallel_for(0, N, grain, [&](int64_t b0, int64_t b1) {
+    for (const Q8Seg& sg : segs) {  // the part of [b0, b1) that falls in this segment
+      const int64_t n0 = std::max(b0, sg.start), n1 = std::min(b1, sg.start + sg.rows);
+      if (n0 >= n1) continue;
+      const int h = sg.half ? 1 : 0, o = sg.mn ? 1 : 0;
+      int64_t i = 0;
+      for (; i + 4 <= M; i += 4) fn[4][h][o](qx, sg, i, K, yp, N, G, gs, n0, n1);
+      for (; i + 2 <= M; i += 2) fn[2][h][o](qx, sg, i, K, yp, N, G, gs, n0, n1);
+      for (; i < M; ++i) fn[1][h][o](qx, sg, i, K, yp, N, G, gs, n0, n1);
+    }
+  });
+  return y;
+}

@@ -1,0 +1,123 @@
+"""``packed_q8act``: decode with the activations rounded to int8 per block of 32 and integer dot products
+against llmquant's packed int4 / int8 codes (C++, AVX512-VNNI or AVX2; ``csrc/qgemm_q8act.cpp``).
+
+This is what llama.cpp's CPU matmul computes for Q4_0 / Q8_0 weights: each row of ``x`` rounded to int8 in
+blocks of 32 values with ``d = max|x| / 127`` (llmquant's ``gguf:Q8_0-act`` activation scheme: ``d``
+rounded to fp16, ``round(x / d)`` half to even), int32 dot products per block, the block and weight-group
+scales applied in fp32. It reads the same packed codes as ``packed_avx2``, with fewer bytes per group where
+the format allows (no offsets for symmetric schemes, whose integer base ``-qmin`` goes into the int32 sums;
+fp16 scales where the stored ones are fp16: 2 bytes per 32 weights for Q4_0 / Q8_0 instead of 8), and
+multiplies bytes by bytes (``vpdpbusd`` / ``vpmaddubsw``) instead of 16-bit products.
+
+Numerics: for a weight-only module this changes the model's numerics (activations are rounded to about 2-3
+significant digits per block), so the kernel is opt-in: ``set_kernel(model, "packed_q8act")``,
+``LLMQUANT_KERNEL=packed_q8act`` or ``llmquant generate --kernel packed_q8act``; the automatic choice never
+takes it for such a module. For a module whose activation scheme is ``gguf:Q8_0-act`` (what
+:func:`llmquant.eval.llama_cpp.emulate_llama_cpp` gives Q4_0 / Q8_0 layers) it computes exactly the
+module's numerics, up to fp32 summation order.
+
+Rows of ``x`` below ``packed_cpu.LARGE_M`` run the int8 kernel; prefill (more rows) runs ``packed_avx2``'s
+prefill path (fbgemm's fp16-weight GEMM, or a dequantized fp32 GEMM) on the input as the module's
+activation scheme sees it (rounded to int8 blocks for ``gguf:Q8_0-act`` modules, as is for weight-only ones).
+
+The instruction set is the best the CPU has (VNNI's ``vpdpbusd`` when AVX512-VNNI is there, else AVX2's
+``vpmaddubsw``); ``LLMQUANT_Q8ACT_ISA=avx2`` (read when a module is prepared) forces the AVX2 path.
+
+Supported: what ``packed_avx2`` supports (CPU, 4 or 8 bits, ``in_features`` and groups multiples of 32),
+weight-only or with the ``gguf:Q8_0-act`` activation scheme.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import native
+from .base import register
+from .packed_cpu import LARGE_M, PackedAVX2, PackedState, can_fuse, format_supported, run_fused
+from .reference import fake_quant_input
+
+#: ``LLMQUANT_Q8ACT_ISA`` values: the instruction set of the int8 dot products (-1: the best available).
+ISAS = {"auto": -1, "avx2": 0, "vnni": 1}
+
+
+def q8_0_activation():
+    """The activation scheme this kernel applies (llama.cpp's Q8_0 blocks; one definition, in the presets)."""
+    from ..schemes import PRESETS
+
+    return PRESETS["gguf:Q8_0-act"]
+
+
+def isa_from_env() -> int:
+    name = os.environ.get("LLMQUANT_Q8ACT_ISA", "auto").lower()
+    if name not in ISAS:
+        from ..errors import LLMQuantError
+
+        raise LLMQuantError(f"LLMQUANT_Q8ACT_ISA must be one of {', '.join(ISAS)}, got {name!r}")
+    return ISAS[name]
+
+
+@dataclass(frozen=True, eq=False)
+class Q8State(PackedState):
+    """:class:`~llmquant.kernels.packed_cpu.PackedState` plus what the int8 kernel reads: the scales in fp16
+    where that is exact (GGUF's are fp16), and for symmetric schemes no offsets but the integer base ``-qmin``
+    of ``W = (u + qmin) * scale`` (so fewer bytes per group are read); the instruction set chosen."""
+
+    qscale: torch.Tensor | None = None  # (out_features, groups) fp16 or fp32
+    qoffsets: torch.Tensor | None = None  # the fp32 offsets, or an empty tensor for a symmetric scheme
+    qbase: int = 0  # -qmin for a symmetric scheme
+    isa: int = -1
+
+
+def _few_rows(states: list[Q8State], x2: torch.Tensor) -> torch.Tensor:
+    s0 = states[0]
+    return native.load().q8gemm(x2, [st.codes for st in states], [st.qscale for st in states],
+                                [st.qoffsets for st in states], s0.bits, s0.group_size, s0.isa,
+                                [st.qbase for st in states])
+
+
+class PackedQ8Act(PackedAVX2):
+    name = "packed_q8act"
+    numerics = ("activations rounded to int8 per block of 32 (llama.cpp's Q8_0), integer dot products with "
+                "int4/int8 codes, scales applied in fp32; prefill: packed_avx2's")
+    runtime_bytes_per_weight = 0.0
+
+    def supports(self, module, device) -> bool:
+        a = module.activation_scheme
+        if a is not None and a != q8_0_activation():
+            return False
+        return device.type == "cpu" and format_supported(module, weight_only=False) and native.load() is not None
+
+    def prepare(self, module, device, dtype) -> Q8State:
+        st = super().prepare(module, device, dtype)
+        s = module.scheme
+        symmetric = module.zero_point() is None and s.zero_point != "min"
+        half = st.scale.half()
+        qscale = half if torch.equal(half.float(), st.scale) else st.scale
+        return Q8State(**{f.name: getattr(st, f.name) for f in fields(PackedState)}, qscale=qscale,
+                       qoffsets=torch.empty(0) if symmetric else st.offsets, qbase=-s.qmin if symmetric else 0,
+                       isa=isa_from_env())
+
+    def run(self, module, state: Q8State, x):
+        if x.numel() >= LARGE_M * module.in_features:
+            return super().run(module, state, fake_quant_input(module, x))
+        return run_fused([state], x, few_rows=_few_rows)
+
+    def fuse(self, modules, states):
+        if not can_fuse(states) or len({m.activation_scheme for m in modules}) != 1:
+            return None
+        states = list(states)
+        first = modules[0]
+        bf16_cache: dict = {}
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            if x.numel() >= LARGE_M * first.in_features:
+                return run_fused(states, fake_quant_input(first, x), bf16_cache)
+            return run_fused(states, x, few_rows=_few_rows)
+
+        return f
+
+
+register(PackedQ8Act())
