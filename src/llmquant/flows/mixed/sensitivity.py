@@ -206,9 +206,9 @@ def _fixed_bytes(model: nn.Module, units: list[Unit]) -> tuple[int, int]:
     seen: set[int] = set()
     for n in head_names(model):
         w = getattr(model.get_submodule(n), "weight", None)
-        if n in planned or not isinstance(w, torch.Tensor) or not w.is_floating_point() or id(w) in seen:
+        if n in planned or not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.data_ptr() in seen:
             continue
-        seen.add(id(w))
+        seen.add(w.data_ptr())  # a tied pair once, however its tensors are wrapped
         fmt = head_format(QuantConfig(), w.shape[1])
         if fmt is not None:
             fixed += format_bytes(fmt, *w.shape) - tensor_bytes([w])
