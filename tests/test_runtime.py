@@ -102,9 +102,9 @@ def test_quantized_model_through_packed_kernel():
     set_kernel(m, "reference")
     with torch.no_grad():
         ref_logits = m(ids).logits
-    # 16 tokens at once: unfused linears take fbgemm's fp16-weight GEMM (grouped weights rounded to fp16,
-    # 2^-11 relative), fused ones the exact fp32 dequant path
-    assert (lean_logits - ref_logits).abs().max() <= 1e-3 * ref_logits.abs().max()
+    # 16 tokens at once: unfused and fused linears take fbgemm's fp16-weight GEMM (grouped weights rounded
+    # to fp16, 2^-11 relative each; measured 1.3e-3 of the largest logit through the tiny model)
+    assert (lean_logits - ref_logits).abs().max() <= 4e-3 * ref_logits.abs().max()
     assert torch.equal(llmquant.generate(m, ids, 12, use_eos=False), fast)
 
 

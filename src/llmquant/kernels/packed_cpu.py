@@ -11,7 +11,8 @@ such call and kept: 2 more bytes per weight at run time once a prompt has been p
 with 2 threads on a quiet machine it measured as fast as fp32 (benchmarks/results/kernels.md), where
 dequantizing to fp32 per call was about 10% slower than fp32; no weight-only path beats fp32 there.
 Without fbgemm they dequantize the weight to fp32 for the call and run PyTorch's float GEMM. Fused calls
-(:meth:`PackedAVX2.fuse`, the lean runtime's q/k/v and gate/up) keep the dequantize path. Under
+(:meth:`PackedAVX2.fuse`, the lean runtime's q/k/v and gate/up) take the same fp16 GEMM with their stacked
+weight (kept within the same budget). Under
 ``llmquant.autocast("bf16")`` (CPU bf16 autocast), many-token inputs instead take a bf16 GEMM with the
 dequantized weight rounded to bf16 once and kept: the opt-in way to a prefill faster than fp32, at
 autocast's numerics (bf16 activations).
@@ -146,6 +147,16 @@ def can_fuse(states: list[PackedState]) -> bool:
     return len({(st.bits, st.in_features, st.group_size, st.groups) for st in states}) == 1
 
 
+class _PrefillCopy:
+    """Owner of a fused call's kept fp16 prefill weight (its budget is given back when the owner goes)."""
+
+
+def _fbgemm_fp16_available() -> bool:
+    from .fbgemm import _AVAILABLE
+
+    return _AVAILABLE
+
+
 def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | None = None,
               few_rows=None) -> torch.Tensor:
     """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
@@ -184,7 +195,21 @@ def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | Non
     if x2.dtype != torch.float32:
         x2 = x2.float()
     bias = stacked_bias()
-    if m >= LARGE_M:
+    if m >= LARGE_M and bf16_cache is not None and _fbgemm_fp16_available():  # a fused call (fuse() keeps a cache)
+        # fbgemm's fp16-weight GEMM, as an unfused module's prefill takes (the same fp16 weights): the stacked
+        # weight prepared once and kept within the prefill-copy budget, else prepared for this call
+        cache = bf16_cache
+        packed = cache.get("fp16")
+        if packed is None:
+            w = torch.cat([dequant(st) for st in states]) if len(states) > 1 else dequant(s0)
+            packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+            owner = _PrefillCopy()
+            if _keep_prefill_copy(owner, 2 * n * k):
+                cache["fp16"], cache["owner"] = packed, owner
+        y = torch.ops.quantized.linear_dynamic_fp16(x2.contiguous(), packed)
+        if bias is not None:
+            y = y + bias
+    elif m >= LARGE_M:
         w = torch.cat([dequant(st) for st in states]) if len(states) > 1 else dequant(s0)
         y = F.linear(x2, w, bias)
     else:
