@@ -13,7 +13,7 @@ from llmquant import AWQParams, CalibSpec, GPTQParams, QuantConfig
 from llmquant.errors import CalibrationError, TextError, UnsupportedArchitectureError
 from llmquant.modules import QuantLinear
 
-from conftest import make_tiny_llama
+from conftest import calib_ids, make_tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +29,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def calib():
-    return torch.randint(0, VOCAB, (12, 48), generator=torch.Generator().manual_seed(1))
+    return calib_ids(12, 48)
 
 
 def _logits(m, ids):

@@ -19,7 +19,7 @@ from llmquant.modules.fake_quant import mse_qparams
 from llmquant.schemes import QuantScheme
 from llmquant.schemes.primitives import range_qparams
 
-from conftest import out_err
+from conftest import calib_ids, out_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,7 +184,7 @@ VOCAB = 1000
 
 @pytest.fixture(scope="module")
 def calib():
-    return torch.randint(0, VOCAB, (8, 48), generator=torch.Generator().manual_seed(1))
+    return calib_ids(8, 48)
 
 
 def _logits(m, ids):

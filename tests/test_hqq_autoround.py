@@ -20,7 +20,7 @@ from llmquant.kernels import set_kernel
 from llmquant.modules import QuantLinear
 from llmquant.schemes import PRESETS, QuantScheme, dequantize
 
-from conftest import correlated_inputs, make_tiny_llama, out_err
+from conftest import calib_ids, correlated_inputs, make_tiny_llama, out_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,7 +139,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def calib():
-    return torch.randint(0, VOCAB, (8, 48), generator=torch.Generator().manual_seed(1))
+    return calib_ids(8, 48)
 
 
 def _kl(ref, m):

@@ -15,6 +15,8 @@ from llmquant.flows import METHODS, Method, register_method
 from llmquant.flows.passes import record_layer_inputs
 from llmquant.flows.summary import QuantSummary
 
+from conftest import calib_ids
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +27,7 @@ VOCAB = 1000
 
 @pytest.fixture(scope="module")
 def calib():
-    return torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(1))
+    return calib_ids(6, 32)
 
 
 def test_builtin_methods_registered():

@@ -129,12 +129,12 @@ class PackedAVX2(Kernel):
 
     def fuse(self, modules, states):
         """One pass over the modules' packed buffers (nothing copied) when they have the same bits, width and
-        groups; the stacked bf16 weight for prefill under bf16 autocast is built on first use and kept."""
+        groups; the stacked prefill weight (fp16, or bf16 under bf16 autocast) is built on first use and kept."""
         if not can_fuse(states):
             return None
         states = list(states)
-        bf16_cache: dict = {}
-        return lambda x: run_fused(states, x, bf16_cache)
+        cache: dict = {}
+        return lambda x: run_fused(states, x, cache)
 
 
 def autocast_bf16(x: torch.Tensor) -> bool:
@@ -157,7 +157,7 @@ def _fbgemm_fp16_available() -> bool:
     return _AVAILABLE
 
 
-def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | None = None,
+def run_fused(states: list[PackedState], x: torch.Tensor, cache: dict | None = None,
               few_rows=None) -> torch.Tensor:
     """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
     (fused QKV or gate/up: one pass, one thread launch, buffers left where they are).
@@ -165,9 +165,11 @@ def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | Non
     ``few_rows(states, x2)``, when given, computes the product (without bias) for fewer than ``LARGE_M`` rows
     of fp32 ``x2`` in place of the int16-activation kernel (``packed_q8act``'s int8 one).
 
-    Under bf16 autocast, many-token inputs take a bf16 GEMM (output bf16, as autocast's linear) with the
-    stacked dequantized weight rounded to bf16 once: what autocast does for a float Linear, at 2 bytes per
-    weight kept as ``bf16_cache["bf16"]`` (the caller's dict; without one, it is rebuilt per call)."""
+    ``cache``: a fused call's dict (from :meth:`PackedAVX2.fuse`) for its many-token weights. Under bf16
+    autocast, many-token inputs take a bf16 GEMM (output bf16, as autocast's linear) with the stacked
+    dequantized weight rounded to bf16 once, what autocast does for a float Linear (``cache["bf16"]``; without
+    a cache, rebuilt per call); otherwise fbgemm's fp16-weight GEMM, the stacked weight kept as
+    ``cache["fp16"]`` within the prefill-copy budget."""
     s0 = states[0]
     bits, k, gs = s0.bits, s0.in_features, s0.group_size
     ext = native.load()
@@ -185,7 +187,7 @@ def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | Non
             [b if b is not None else torch.zeros(st.out_features) for b, st in zip(biases, states)])
 
     if m >= LARGE_M and autocast_bf16(x):
-        cache = {} if bf16_cache is None else bf16_cache
+        cache = {} if cache is None else cache
         if "bf16" not in cache:
             w = torch.cat([dequant(st) for st in states])
             b = stacked_bias()
@@ -195,10 +197,9 @@ def run_fused(states: list[PackedState], x: torch.Tensor, bf16_cache: dict | Non
     if x2.dtype != torch.float32:
         x2 = x2.float()
     bias = stacked_bias()
-    if m >= LARGE_M and bf16_cache is not None and _fbgemm_fp16_available():  # a fused call (fuse() keeps a cache)
+    if m >= LARGE_M and cache is not None and _fbgemm_fp16_available():  # a fused call (fuse() keeps a cache)
         # fbgemm's fp16-weight GEMM, as an unfused module's prefill takes (the same fp16 weights): the stacked
         # weight prepared once and kept within the prefill-copy budget, else prepared for this call
-        cache = bf16_cache
         packed = cache.get("fp16")
         if packed is None:
             w = torch.cat([dequant(st) for st in states]) if len(states) > 1 else dequant(s0)

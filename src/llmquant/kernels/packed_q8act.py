@@ -110,11 +110,11 @@ class PackedQ8Act(PackedAVX2):
             return None
         states = list(states)
         first = modules[0]
-        bf16_cache: dict = {}
+        cache: dict = {}  # run_fused's many-token weights
 
         def f(x: torch.Tensor) -> torch.Tensor:
             if x.numel() >= LARGE_M * first.in_features:
-                return run_fused(states, fake_quant_input(first, x), bf16_cache)
+                return run_fused(states, fake_quant_input(first, x), cache)
             return run_fused(states, x, few_rows=_few_rows)
 
         return f
