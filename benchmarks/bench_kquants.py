@@ -1,10 +1,11 @@
 """k-quant GGUF files of the default model, every figure computed by llama.cpp itself (the prebuilt wheel
 cyllama) in one run: llama.cpp's own Q4_K_M (its quantizer, from an F32 export of the same fp32 model)
-against llmquant's files on the same mixture (``gguf:Q4_K_M``: llama.cpp's per-tensor types) made by RTN
-and by GPTQ, plus uniform Q6_K-where-possible rows. KL(p_fp32 || p_file) over the predicted positions of
+against llmquant's files on the same mixture (``gguf:Q4_K_M``: llama.cpp's per-tensor types, hence the
+same file size) made by RTN and by GPTQ (one calibrated pass, every linear onto its own type), for each
+of llama.cpp's types named (mixtures Q6_K, Q4_K_M, Q3_K_M, Q2_K; one-type files such as Q4_0). KL(p_fp32 || p_file) over the predicted positions of
 the standard evaluation windows; the fp32 reference is llmquant's own fp32 model (transformers).
 
-    PYTHONPATH=src python benchmarks/bench_kquants.py [--windows 8] [--calib 32] [--out benchmarks/results]
+    PYTHONPATH=src python benchmarks/bench_kquants.py [--windows 8] [--calib 64] [--mixtures Q6_K,Q4_K_M,...] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import llmquant
+from llmquant.data import calibration_windows
 from llmquant.data.text import token_windows
-from llmquant.eval.llama_cpp import llama_cpp_logits
+from llmquant.eval.llama_cpp import llama_cpp_logits, llama_cpp_quantize
+from llmquant.flows.mixed.llama_presets import MIXTURES
 
 
 def _kl_nll(ref_logp: list[torch.Tensor], ids: torch.Tensor, logits: list[np.ndarray]) -> tuple[float, float, float]:
@@ -38,9 +41,13 @@ def _kl_nll(ref_logp: list[torch.Tensor], ids: torch.Tensor, logits: list[np.nda
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--calib", type=int, default=32, help="GPTQ calibration windows (512 tokens each)")
+    ap.add_argument("--calib", type=int, default=64, help="GPTQ calibration windows (512 tokens each)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--mixtures", default="Q6_K,Q4_K_M,Q3_K_M,Q2_K,Q4_0",
+                    help="llama.cpp file types: its per-tensor mixtures, or one type for every linear (Q4_0 ...)")
+    ap.add_argument("--methods", default="rtn,gptq", help="llmquant's methods onto the same types (rtn, gptq)")
+    ap.add_argument("--name", default="kquants", help="results file name")
     ap.add_argument("--work", default="/tmp/llmquant-bench-kquants")
     args = ap.parse_args()
     work = Path(args.work)
@@ -64,45 +71,35 @@ def main() -> None:
     # llama.cpp's own quantizer, from the same fp32 weights
     f32 = work / "f32.gguf"
     llmquant.export(model, tok, f32, float_type="F32", overwrite=True, progress=False)
-    import cyllama.llama.llama_cpp as cpp
-
-    for name, ftype in (("Q4_K_M", 15), ("Q6_K", 18)):
-        p = cpp.LlamaModelQuantizeParams()
-        p.ftype, p.nthread = ftype, args.threads
-        out = work / f"llamacpp-{name}.gguf"
-        cpp.model_quantize(str(f32), str(out), p)
-        measure(f"llama.cpp {name} (llama_model_quantize)", out)
-
-    for mixture in ("gguf:Q4_K_M",):
-        for method in ("rtn", "gptq"):
+    calib = None
+    for mixture in args.mixtures.split(","):
+        out = work / f"llamacpp-{mixture}.gguf"
+        llama_cpp_quantize(f32, out, mixture, threads=args.threads)
+        measure(f"llama.cpp {mixture} (llama_model_quantize)", out)
+        for method in args.methods.split(","):
             m, _ = llmquant.load_model()
-            plan = llmquant.llama_cpp_plan(m, mixture)
-            if method == "rtn":
-                llmquant.quantize(m, plan, progress=False)
-            else:  # GPTQ onto each decoder linear's planned grid (one pass per grid), then the plan's head
-                from llmquant.schemes.methods import CalibSpec
-
-                layers = plan.to_dict()["layers"]
-                for fmt in sorted({v for k, v in layers.items() if ".layers." in k}):
-                    names = tuple(k for k, v in layers.items() if v == fmt and ".layers." in k)
-                    cfg = llmquant.QuantConfig(method="gptq", weight=fmt, targets=names,
-                                               calibration=CalibSpec(samples=args.calib))
-                    t0 = time.perf_counter()
-                    llmquant.quantize(m, cfg, tokenizer=tok, progress=False)
-                    print(f"gptq {fmt}: {len(names)} linears, {time.perf_counter() - t0:.0f} s", flush=True)
-                head = {k: v for k, v in layers.items() if ".layers." not in k}
-                llmquant.quantize(m, plan.__class__.from_layers(head), progress=False)
-            out = work / f"llmquant-{method}-{mixture[5:]}.gguf"
+            if mixture in MIXTURES:  # llama.cpp's per-tensor types, every decoder linear made by `method`
+                config = llmquant.llama_cpp_plan(m, mixture, method=method)
+            else:  # one type for every linear (Q4_0, Q8_0 ...); the tied embedding/head as llama.cpp: Q8_0
+                config = llmquant.QuantConfig(method=method, weight=f"gguf:{mixture}")
+            if method != "rtn" and calib is None:
+                calib = calibration_windows(tok, None, args.calib, 512)
+            t0 = time.perf_counter()
+            llmquant.quantize(m, config, calib=calib if method != "rtn" else None, progress=False)
+            secs = time.perf_counter() - t0
+            out = work / f"llmquant-{method}-{mixture}.gguf"
             rep = llmquant.export(m, tok, out, overwrite=True, progress=False)
-            measure(f"llmquant {method.upper()} -> {mixture}", out, f"types {rep.type_counts()}")
+            measure(f"llmquant {method.upper()} -> gguf:{mixture}", out,
+                    f"quantize {secs:.0f} s; types {rep.type_counts()}")
+            del m
 
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "kquants.json").write_text(json.dumps({"windows": args.windows, "rows": rows}, indent=1))
+    (outdir / f"{args.name}.json").write_text(json.dumps({"windows": args.windows, "rows": rows}, indent=1))
     lines = ["| file | MB | KL in llama.cpp | ppl | top-1 | notes |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['file']} | {r['mb']:.1f} | {r['kl']:.4f} | {r['ppl']:.3f} | {r['top1']:.3f} | {r['notes']} |"
               for r in rows]
-    (outdir / "kquants.md").write_text("\n".join(lines) + "\n")
+    (outdir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -124,30 +124,59 @@ def _plan_row(llmquant, model, summary) -> dict:
     }
 
 
+def _plan_method(args, method: str | None = None):
+    """(method, params, calibration) for a plan or a llama.cpp mixture from ``--method`` (rtn or gptq; or
+    ``method``), ``--act-order`` and the calibration flags."""
+    import argparse
+
+    from ..errors import SchemeError
+    from ..schemes.plan import PLAN_METHODS
+
+    method = method or args.method
+    if method not in PLAN_METHODS:
+        raise SchemeError(f"a plan's formats are made by --method {' or '.join(PLAN_METHODS)}, got {method!r}")
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "scheme": None, "method": method}))
+    return cfg.method, (cfg.method_params if cfg.method != "rtn" else None), cfg.calibration
+
+
+def _with_method(plan, method):
+    import dataclasses
+
+    return dataclasses.replace(plan, method=method[0], params=method[1])
+
+
 def cmd_quantize(args) -> int:
     import llmquant
     from ..errors import SchemeError
     from ..report import format_table
 
     recipe = getattr(args, "plan", None) or getattr(args, "recipe", None)
+    plan_method = None  # for a plan or a llama.cpp mixture: (method, its params, calibration)
     if recipe:
         rest = [f for f in ("scheme", "bits", "group_size", "asym", "granularity", "targets", "observer", "alpha",
-                            "act_order", "head", *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
-        if rest or args.ignore is not None or args.method != "rtn":
+                            "head", *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
+        if args.recipe and args.act_order:
+            rest.append("act_order")
+        if rest or args.ignore is not None or (args.recipe and args.method != "rtn"):
             what = "--plan names each layer's format" if args.plan else "--recipe gives the whole config"
-            raise SchemeError(f"{what}; leave out --method/--scheme/--bits/... (got {', '.join(rest) or '--method/--ignore'})")
+            raise SchemeError(f"{what}; leave out --scheme/--bits/... (got {', '.join(rest) or '--method/--ignore'})")
         if args.plan:
             from ..schemes import Plan, QuantConfig
 
-            config = QuantConfig(method="plan", method_params=Plan.load(args.plan))
+            plan = Plan.load(args.plan)
+            if args.method != "rtn" or args.act_order:  # --method gptq: the plan's formats made by GPTQ
+                plan = _with_method(plan, _plan_method(args))
+            config = QuantConfig(method="plan", method_params=plan,
+                                 calibration=_plan_method(args, plan.method)[2] if plan.calibrated else None)
         else:
             config = llmquant.flows.registry.resolve(llmquant.io.read_recipe(recipe))
     elif args.scheme and llmquant.flows.registry.is_llama_mixture(args.scheme):
-        rest = [f for f in ("bits", "group_size", "asym", "granularity", "targets", "observer", "alpha", "act_order",
+        rest = [f for f in ("bits", "group_size", "asym", "granularity", "targets", "observer", "alpha",
                             "head", *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
-        if rest or args.ignore is not None or args.method != "rtn":
-            raise SchemeError(f"--scheme {args.scheme} is llama.cpp's per-tensor mixture (RTN onto each tensor's "
-                              f"type); leave out --method/--bits/... (got {', '.join(rest) or '--method/--ignore'})")
+        if rest or args.ignore is not None:
+            raise SchemeError(f"--scheme {args.scheme} is llama.cpp's per-tensor mixture (each tensor's type is "
+                              f"llama.cpp's); leave out --bits/... (got {', '.join(rest) or '--ignore'})")
+        plan_method = _plan_method(args)
         config = None  # made from the model once it is loaded
     else:
         config = config_from_args(args)
@@ -157,8 +186,11 @@ def cmd_quantize(args) -> int:
 
         raise CheckpointError(f"there is no interrupted run to resume for {args.output!r}; run without --resume")
     model, tok = llmquant.load_model(args.model, stream=args.stream)
-    if config is None:
-        config = llmquant.flows.registry.resolve(args.scheme, model)
+    if config is None:  # a llama.cpp mixture: its per-tensor types for this model, made by --method
+        from ..schemes import QuantConfig
+
+        plan = _with_method(llmquant.llama_cpp_plan(model, args.scheme), plan_method)
+        config = QuantConfig(method="plan", method_params=plan, calibration=plan_method[2] if plan.calibrated else None)
     summary = llmquant.quantize(model, config, tokenizer=tok, output=args.output, overwrite=args.overwrite,
                                 shard_size=args.shard_size, max_memory=args.max_memory, resume=args.resume)
     if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run reports

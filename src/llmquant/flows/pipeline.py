@@ -106,11 +106,12 @@ def _install(model, results: Result, chosen, stage: Stage, summary) -> None:
         del chosen[n]  # drop the float linear: its memory goes as soon as the model lets go of it
 
 
-def _simulate(chosen, results: Result, cfg) -> None:
+def _simulate(chosen, results: Result, stage: Stage) -> None:
     """Give the float linears their dequantized weights (what the quantized layer computes), in place."""
-    for n, (q, scale, zero, _) in results.items():
+    for n, (q, scale, zero, w) in results.items():
         lin = chosen[n]
-        lin.weight.data = dequantize(q, scale, zero, cfg.weight).to(lin.weight.dtype).to(lin.weight.device)
+        deq = w if q is None else dequantize(q, scale, zero, stage.scheme(n))  # no codes: a float format's weight
+        lin.weight.data = deq.to(lin.weight.dtype).to(lin.weight.device)
 
 
 def make_stages(cfg: QuantConfig) -> list[Stage]:
@@ -406,7 +407,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         if float_prop:  # the quantized layer measures the error; the float outputs feed the next layer
             _install(model, results, chosen, stages[-1], summary)
         else:
-            _simulate(chosen, results, cfg)  # propagate through x @ dequant(W)^T, then swap in the QuantLinears
+            _simulate(chosen, results, stages[-1])  # propagate through x @ dequant(W)^T, then swap in the QuantLinears
         for j, (x, k) in enumerate(zip(xs, kwargs[i])):
             if float_prop and not err[j]:
                 xs[j], ys[j] = ys[j], None
@@ -437,7 +438,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
     rest = {n: m for n, m in chosen.items() if n not in inside}
     if rest:
         log.warning("%s are outside the decoder layers: quantized with RTN", sorted(rest))
-        _install(model, rtn_result(rest, cfg), chosen, RTNStage(cfg), summary)
+        _install(model, rtn_result(rest, stages[-1].scheme), chosen, stages[-1], summary)
 
 
 def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, progress) -> None:

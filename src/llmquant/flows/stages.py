@@ -24,7 +24,7 @@ from ..algorithms.fold import fold_scale_modules
 from ..algorithms.gptq import gptq_quantize
 from ..modules import QuantLinear
 from ..resources import trim_memory
-from ..schemes import QuantConfig
+from ..schemes import FloatFormat, QuantConfig, QuantScheme
 from .distributed import share
 from .folds import FoldPlan, fold_plan, layer_pairs  # noqa: F401  (layer_pairs: re-exported)
 from .stats import StatsCollector
@@ -99,6 +99,11 @@ class Stage:
         """What the progress bar says it makes."""
         return self.cfg.weight.name
 
+    def scheme(self, name: str):
+        """The format linear ``name`` is quantized to: the config's weight scheme (a plan's stage: each
+        linear's own, which may be a float format)."""
+        return self.cfg.weight
+
     def setup(self, model: nn.Module, arch) -> None:
         """Look up what the stage needs of the model (architecture facts) before the first layer."""
 
@@ -119,25 +124,33 @@ class Stage:
     def build(self, name: str, lin: nn.Module, result: tuple) -> tuple[nn.Module, LayerSummary]:
         """The module that replaces ``lin`` for ``quantize``'s result, and its summary row."""
         q, scale, zero, w = result[:4]
-        return make_quant_linear(name, lin, q, scale, zero, self.cfg, weight=w)
+        return make_quant_linear(name, lin, q, scale, zero, self.cfg, weight=w, scheme=self.scheme(name))
 
 
-def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None, activation=None, label=None):
+def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None, activation=None, label=None,
+                      scheme=None):
     """The QuantLinear for codes/qparams of ``lin`` and its summary row; ``weight``: the float weight the
     codes approximate when it is not ``lin.weight`` (e.g. AWQ-scaled), for the SQNR; ``activation``: the
-    activation scheme when it is not ``cfg.activation``."""
+    activation scheme when it is not ``cfg.activation``; ``scheme``: the weight scheme when it is not
+    ``cfg.weight``."""
     w = lin.weight if weight is None else weight
     act = cfg.activation if activation is None else activation
-    qlin = QuantLinear.from_quantized(q, scale, zero, cfg.weight, bias=lin.bias, activation_scheme=act)
+    scheme = cfg.weight if scheme is None else scheme
+    qlin = QuantLinear.from_quantized(q, scale, zero, scheme, bias=lin.bias, activation_scheme=act)
     qlin.to(lin.weight.device)
-    return qlin, layer_row(name, w, None, qlin, orig=lin, scheme=label or cfg.weight.name)
+    return qlin, layer_row(name, w, None, qlin, orig=lin, scheme=label or scheme.name)
 
 
-def rtn_result(linears: dict[str, nn.Module], cfg: QuantConfig) -> Result:
+def rtn_result(linears: dict[str, nn.Module], scheme_of: Callable[[str], object]) -> Result:
+    """RTN codes for ``linears``, each onto ``scheme_of(name)`` (a stage's :meth:`Stage.scheme`); a float
+    format (a plan's bf16/fp16 layer) gives no codes, only the weight rounded to that float type."""
     out: Result = {}
     for n, m in linears.items():
-        w = m.weight.detach().float()
-        out[n] = (*rtn_quantize(w, cfg.weight, name=n), w)
+        w, fmt = m.weight.detach().float(), scheme_of(n)
+        if isinstance(fmt, FloatFormat):
+            out[n] = (None, None, None, w.to(fmt.torch_dtype).float())
+        else:
+            out[n] = (*rtn_quantize(w, fmt, name=n), w)
     return out
 
 
@@ -153,12 +166,12 @@ class RTNStage(Stage):
 
     def quantize(self, ctx: LayerContext) -> Result:
         if self.observer == "minmax":
-            return rtn_result(ctx.linears, self.cfg)
+            return rtn_result(ctx.linears, self.scheme)
         out: Result = {}
         for n, m in ctx.linears.items():
             imp = ctx.scaled(n, ctx.stats.of(n).gram).diagonal() if self.needs_gram else None
             w = m.weight.detach().float()
-            out[n] = (*rtn_quantize(w, self.cfg.weight, name=n, observer=self.observer, importance=imp), w)
+            out[n] = (*rtn_quantize(w, self.scheme(n), name=n, observer=self.observer, importance=imp), w)
         return out
 
 
@@ -167,13 +180,18 @@ class GPTQStage(Stage):
 
     def quantize(self, ctx: LayerContext) -> Result:
         p = self.params
-        jobs = [[n for n in names if n in ctx.linears] for names in ctx.stats.groups().values()]
-        jobs = [names for names in jobs if names]
+        jobs = []  # linears sharing an input and a format: one call (a plan's may differ in format)
+        for names in ctx.stats.groups().values():
+            by_scheme: dict = {}
+            for n in names:
+                if n in ctx.linears and isinstance(self.scheme(n), QuantScheme):
+                    by_scheme.setdefault(self.scheme(n), []).append(n)
+            jobs += by_scheme.values()
 
         def solve(names):
             w = torch.cat([ctx.linears[n].weight.detach().float() for n in names], 0)
             q, scale, zero = gptq_quantize(  # the Hessian is made for this call: GPTQ may work on it in place
-                w, ctx.scaled(names[0], ctx.stats.of(names[0]).hessian), self.cfg.weight,
+                w, ctx.scaled(names[0], ctx.stats.of(names[0]).hessian), self.scheme(names[0]),
                 damp=p.damp, block_size=p.block_size, act_order=p.act_order, static_groups=p.static_groups,
                 observer=p.observer, name="+".join(names), consume_hessian=True,
             )
@@ -285,7 +303,7 @@ def run_block(stages: list[Stage], ctx: LayerContext) -> Result:
         ctx.rtn_fallback = list(unseen)
         for n in unseen:  # the stages work on the linears that saw enough
             ctx.stats.owner.pop(n, None)
-        out.update(rtn_result(unseen, ctx.cfg))
+        out.update(rtn_result(unseen, stages[-1].scheme))
     for s in stages:
         s.transform(ctx)
     out.update({n: r for n, r in stages[-1].quantize(ctx).items() if n not in out})

@@ -18,7 +18,9 @@ Rules are tried in order and the first match wins. An exact name selects that mo
 Embedding: embeddings and the output head are only ever selected by exact name; ``re:`` patterns select
 the Linears inside the model, never the output head). Values: ``"bf16"``, ``"fp16"``, ``"fp32"`` (leave
 as is), a preset (``"W8"``, ``"W4G64"``, ...) or a scheme dict. ``info`` is free-form (the planner writes
-its budget and predictions there) and is ignored when the plan is applied.
+its budget and predictions there) and is ignored when the plan is applied. ``"method"``: ``"rtn"`` (the
+default, no data) or ``"gptq"`` (calibrated: every linear solved onto its own format in one layer-by-layer
+pass; ``"params"`` holds GPTQ's knobs, e.g. ``{"damp": 0.05}``; left out: GPTQ's defaults).
 """
 
 from __future__ import annotations
@@ -30,18 +32,23 @@ from typing import Any, Mapping
 
 from ..errors import SchemeError, SelectionError
 from .formats import Format, format_name, format_to_json, resolve_format
+from .methods import params_to_json, resolve_method_params
 from .names import check_patterns, matches
 
 PLAN_VERSION = 1
 PLAN_FORMAT = "llmquant-plan"
+#: how a plan's integer formats are made: RTN (data-free), or GPTQ on the calibration data, every linear
+#: onto its own format in one layer-by-layer pass
+PLAN_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
 class Plan:
     rules: tuple[tuple[str, Format], ...]  # (exact name or "re:pattern", format), first match wins
-    method: str = "rtn"  # how integer formats are made (data-free methods; others can plug in later)
+    method: str = "rtn"  # how integer formats are made: one of PLAN_METHODS
     info: dict = field(default_factory=dict, compare=False)
     version: int = PLAN_VERSION
+    params: Any = None  # the method's knobs (GPTQParams for "gptq"; None: its defaults)
 
     def __post_init__(self) -> None:
         rules = []
@@ -53,8 +60,20 @@ class Plan:
         if not rules:
             raise SchemeError("the plan has no layers; give at least one 'module name or re:pattern: format'")
         object.__setattr__(self, "rules", tuple(rules))
+        if self.method not in PLAN_METHODS:
+            raise SchemeError(f"a plan's method is one of {', '.join(PLAN_METHODS)} (how its integer formats are "
+                              f"made), got {self.method!r}")
+        if self.method == "rtn" and self.params is not None:
+            raise SchemeError("an rtn plan takes no params (its integer formats are rounded to nearest)")
+        if self.method != "rtn":  # stored resolved: the plan records the knobs it was made with
+            object.__setattr__(self, "params", resolve_method_params(self.method, self.params))
         if self.version != PLAN_VERSION:
             raise SchemeError(f"plan version {self.version} is not supported (this llmquant reads {PLAN_VERSION})")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether applying the plan needs calibration data (its method does)."""
+        return self.method == "gptq"
 
     # ---- serialization ------------------------------------------------------------------------
     @classmethod
@@ -68,6 +87,7 @@ class Plan:
             "method": self.method,
             "layers": {p: format_to_json(f) for p, f in self.rules},
             "info": self.info,
+            **({"params": params_to_json(self.params)} if self.params is not None else {}),
         }
 
     @classmethod
@@ -75,13 +95,13 @@ class Plan:
         if not isinstance(d, Mapping) or not isinstance(d.get("layers"), (Mapping, list)):
             raise SchemeError('a plan is a JSON object with a "layers" object mapping module names or re: patterns to formats')
         layers = d["layers"].items() if isinstance(d["layers"], Mapping) else d["layers"]  # or [[key, format], ...]
-        unknown = set(d) - {"format", "version", "method", "layers", "info"}
+        unknown = set(d) - {"format", "version", "method", "layers", "info", "params"}
         if unknown:
             raise SchemeError(f"unknown plan fields {sorted(unknown)}")
         if d.get("format", PLAN_FORMAT) != PLAN_FORMAT:
             raise SchemeError(f"not an llmquant plan (format {d.get('format')!r})")
         return cls(rules=tuple(tuple(kv) for kv in layers), method=d.get("method", "rtn"), info=dict(d.get("info") or {}),
-                   version=d.get("version", PLAN_VERSION))
+                   version=d.get("version", PLAN_VERSION), params=d.get("params"))
 
     def to_ordered_dict(self) -> dict:
         """to_dict with ``layers`` as a list of [key, format] pairs: keeps the order through sort_keys."""

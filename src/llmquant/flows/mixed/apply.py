@@ -14,12 +14,12 @@ import time
 import torch
 import torch.nn as nn
 
-from ...algorithms import ALGORITHMS
+from ...algorithms import ALGORITHMS, rtn_quantize
 from ...errors import SchemeError
-from ...schemes import FloatFormat, Plan, QuantConfig, resolve_plan
+from ...schemes import FloatFormat, Plan, QuantConfig, format_name, resolve_plan
 from ..heads import build_heads, build_module, head_names
 from ..pipeline import run_stages
-from ..stages import LayerContext, Stage
+from ..stages import GPTQStage, LayerContext, Stage, make_quant_linear, rtn_result
 from ..summary import QuantSummary
 
 log = logging.getLogger(__name__)
@@ -31,23 +31,29 @@ def plan_targets(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan, *, progress: bool = True) -> QuantSummary:
-    """Quantize ``model`` in place as ``plan`` (a Plan, its dict, or a .json path) says; returns a summary."""
+def apply_plan(model: nn.Module, plan, *, calib=None, calibration=None, progress: bool = True) -> QuantSummary:
+    """Quantize ``model`` in place as ``plan`` (a Plan, its dict, or a .json path) says; returns a summary.
+    A GPTQ plan (``plan.method == "gptq"``) needs ``calib`` (token ids, windows x seq_len); ``calibration``:
+    its :class:`CalibSpec` (batching, sequential; None: the defaults)."""
     plan: Plan = resolve_plan(plan)
-    if plan.method not in ALGORITHMS:
-        raise SchemeError(f"plan method {plan.method!r} is not available here; known: {', '.join(ALGORITHMS)}")
-    algo = ALGORITHMS[plan.method]
+    if plan.calibrated and calib is None:
+        raise SchemeError(f"a {plan.method} plan needs calibration data: pass calib= (token ids), or use "
+                          "llmquant.quantize(model, plan), which makes them from the default text")
+    algo = ALGORITHMS.get(plan.method, rtn_quantize)  # GPTQ plans: the embedding and the head by RTN
     heads = head_names(model)
     assign = {n: f for n, f in plan.resolve(plan_targets(model), heads).items() if f != FloatFormat("float32")}
     t0 = time.perf_counter()
-    # the linears that are neither the head nor the embedding run on the pipeline's data-free path (layer by
-    # layer); the embedding and the head (tied or not) after them (heads.build_heads)
-    stage = PlanStage(QuantConfig(method="plan", method_params=plan), assign, algo)
+    # the linears that are neither the head nor the embedding run on the pipeline (layer by layer; data-free
+    # for RTN); the embedding and the head (tied or not) after them (heads.build_heads)
+    cfg = QuantConfig(method="plan", method_params=plan, calibration=calibration if plan.calibrated else None)
+    stage = PlanGPTQStage(cfg, plan.params, assign) if plan.method == "gptq" else PlanStage(cfg, assign, algo)
     layer_linears = [n for n, m in model.named_modules() if n in assign and n not in heads and isinstance(m, nn.Linear)]
     summary = QuantSummary(method=f"plan:{plan.method}", config=plan.to_dict())
     if layer_linears:
-        inner = run_stages(model, stage.cfg, progress=progress, stages=[stage], names=layer_linears)
+        inner = run_stages(model, stage.cfg, calib if plan.calibrated else None, progress=progress, stages=[stage],
+                           names=layer_linears)
         summary.layers, summary.peak_memory_mb = inner.layers, inner.peak_memory_mb
+        summary.layer_errors, summary.rtn_fallback = inner.layer_errors, inner.rtn_fallback
         del model.llmquant_config  # a plan model's recipe is its plan (model.llmquant_plan)
     summary.untied_lm_head = build_heads(model, {n: f for n, f in assign.items() if n not in layer_linears}, algo,
                                          summary)
@@ -61,7 +67,7 @@ def apply_plan(model: nn.Module, plan, *, progress: bool = True) -> QuantSummary
 
 def run_plan(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -> QuantSummary:
     """The ``plan`` method's handler: ``cfg.method_params`` is the :class:`Plan`."""
-    return apply_plan(model, cfg.method_params, progress=progress)
+    return apply_plan(model, cfg.method_params, calib=calib, calibration=cfg.calibration, progress=progress)
 
 
 class PlanStage(Stage):
@@ -80,3 +86,28 @@ class PlanStage(Stage):
 
     def build(self, name, lin, fmt):
         return build_module(name, lin, fmt, self.algo)
+
+
+class PlanGPTQStage(GPTQStage):
+    """GPTQ with each linear onto the plan's format for it, in one layer-by-layer pass: linears sharing an
+    input and a format are solved together; float formats (bf16/fp16) are rounded, not solved."""
+
+    def __init__(self, cfg, params, assign) -> None:
+        super().__init__(cfg, params)
+        self.assign = assign
+
+    label = "GPTQ, formats per layer"
+
+    def scheme(self, name):
+        return self.assign[name]
+
+    def quantize(self, ctx: LayerContext):
+        floats = {n: m for n, m in ctx.linears.items() if isinstance(self.assign[n], FloatFormat)}
+        return {**rtn_result(floats, self.scheme), **super().quantize(ctx)}
+
+    def build(self, name, lin, result):
+        fmt = self.assign[name]
+        if isinstance(fmt, FloatFormat):
+            return build_module(name, lin, fmt, None)
+        q, scale, zero, w = result[:4]
+        return make_quant_linear(name, lin, q, scale, zero, self.cfg, weight=w, scheme=fmt, label=format_name(fmt))

@@ -76,10 +76,12 @@ def _fit(ggml: str, width: int) -> str:
     return "fp16" if width % 32 else ggml
 
 
-def llama_cpp_plan(model: nn.Module, mixture: str = "Q4_K_M", *, head: bool = True) -> Plan:
+def llama_cpp_plan(model: nn.Module, mixture: str = "Q4_K_M", *, head: bool = True, method: str = "rtn",
+                   params=None) -> Plan:
     """The plan that gives every Linear (and, with ``head``, the output head and embedding) of ``model``
     the GGUF type llama.cpp's ``llama-quantize`` would give it for ``mixture`` (``Q4_K_M``, ...), as
-    ``gguf:`` schemes so that the result exports to GGUF exactly."""
+    ``gguf:`` schemes so that the result exports to GGUF exactly. ``method="gptq"`` (with ``params``, a
+    GPTQParams or dict) makes the decoder linears by GPTQ onto those types, in one calibrated pass."""
     key = mixture.upper().removeprefix("GGUF:")
     if key not in MIXTURES:
         raise SchemeError(f"unknown llama.cpp mixture {mixture!r}; known: {', '.join('gguf:' + m for m in MIXTURES)}")
@@ -111,4 +113,4 @@ def llama_cpp_plan(model: nn.Module, mixture: str = "Q4_K_M", *, head: bool = Tr
             ggml = _role_type(key, m.group(2), int(m.group(1)), n_layers, n_gqa)
         t = _fit(ggml, width)
         layers[name] = t if t == "fp16" else f"gguf:{t}"
-    return Plan.from_layers(layers, info={"llama_cpp_mixture": key})
+    return Plan.from_layers(layers, info={"llama_cpp_mixture": key}, method=method, params=params)
