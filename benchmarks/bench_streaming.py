@@ -30,6 +30,10 @@ SHAPES = {
     # Llama-shaped, about 0.84 B parameters (1.67 GB in bf16): TinyLlama's widths with 16 layers
     "0.8b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000),
+    # about 0.9 B parameters: the same widths, 49152 tokens (the default model's tokenizer, so the checkpoint
+    # exports to GGUF and runs in llama.cpp with it; benchmarks/bench_decode_llama_cpp.py --model)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=49152),
     "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=4000),
 }

@@ -13,7 +13,7 @@ from llmquant.errors import SchemeError
 from llmquant.modules import FloatLinear, QuantLinear
 from llmquant.schemes import GPTQParams, Plan, QuantConfig
 
-from conftest import calib_ids
+from conftest import calib_ids, make_tiny_llama
 from test_cli import assert_one_line_error, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,7 +108,7 @@ def test_plan_method_round_trip_and_errors(tiny):
     assert "params" not in Plan.from_layers({"re:.*": "W4G64"}).to_dict()  # rtn plans read as before
     with pytest.raises(SchemeError, match="method is one of rtn, gptq"):
         Plan.from_layers({"re:.*": "W4G64"}, method="awq")
-    with pytest.raises(SchemeError, match="rtn plan takes no params"):
+    with pytest.raises(SchemeError, match="unknown RTNParams fields"):
         Plan.from_layers({"re:.*": "W4G64"}, params={"damp": 0.1})
     with pytest.raises(SchemeError, match="damp"):
         Plan.from_layers({"re:.*": "W4G64"}, method="gptq", params={"damp": 2})
@@ -137,3 +137,62 @@ def test_cli_gptq_plan_and_mixture(tmp_path, tiny_folder, capsys):
                      "-o", str(tmp_path / "c"))
     assert_one_line_error(rc, err, "made by --method rtn or gptq")
     assert not (tmp_path / "c").exists()
+
+
+def test_rtn_with_an_imatrix_file_equals_rtn_on_calibration(tmp_path, tiny_bpe_tokenizer, capsys):
+    """RTN's importance-weighted search reading llama.cpp's imatrix file gives the codes it gives with the same
+    calibration statistics; an rtn plan (llama.cpp's mixture) takes the file too, as llama-quantize --imatrix."""
+    from llmquant.io.imatrix import imatrix_from_calibration, write_imatrix
+    from llmquant.schemes import RTNParams
+
+    ref = _kq_model()
+    calib = calib_ids(4, 64, vocab=512)
+    path = str(write_imatrix(imatrix_from_calibration(ref, calib, progress=False), tmp_path / "im.gguf"))
+    a, b = copy.deepcopy(ref), copy.deepcopy(ref)
+    llmquant.quantize(a, QuantConfig(method="rtn", weight="gguf:Q4_0", method_params=RTNParams(observer="imse")),
+                      calib=calib, progress=False)
+    cfg = QuantConfig(method="rtn", weight="gguf:Q4_0", method_params=RTNParams(observer="imse", imatrix=path))
+    llmquant.quantize(b, cfg, progress=False)
+    sa, sb = _layer_state(a), _layer_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert cfg.to_dict()["method_params"]["imatrix"] == path
+    assert "imatrix" not in QuantConfig(method="rtn").to_dict()["method_params"]  # recipes read as before
+    import dataclasses
+
+    plain = copy.deepcopy(ref)
+    plan = llmquant.llama_cpp_plan(plain, "Q3_K_M")
+    llmquant.quantize(plain, plan, progress=False)
+    weighted = copy.deepcopy(ref)
+    llmquant.quantize(weighted, dataclasses.replace(plan, params=RTNParams(observer="imse", imatrix=path)), progress=False)
+    assert _kl(ref, weighted, calib) < _kl(ref, plain, calib)
+    with pytest.raises(SchemeError, match="observer='imse' with imatrix"):
+        RTNParams(imatrix=path)
+    with pytest.raises(SchemeError, match="imatrix file"):
+        Plan.from_layers({"re:.*": "W4G64"}, params=RTNParams(observer="imse"))
+    from llmquant.flows import quantize as flows_quantize
+
+    with pytest.raises(SchemeError, match="read by llmquant.quantize"):
+        flows_quantize(copy.deepcopy(ref), cfg, progress=False)
+    # an imatrix of another model: refused before any work
+    other = make_tiny_llama(vocab_size=1000)
+    with pytest.raises(llmquant.errors.CalibrationError, match="another model"):
+        llmquant.quantize(other, cfg, progress=False)
+
+
+def test_cli_imatrix(tmp_path, tiny_folder, capsys):
+    (tmp_path / "c.txt").write_text(" ".join(f"word{i % 97} and the number {i}." for i in range(800)))
+    im = tmp_path / "im.gguf"
+    rc, _, err = run(capsys, "imatrix", "--model", str(tiny_folder), "--calib", str(tmp_path / "c.txt"),
+                     "--calib-samples", "2", "--seq-len", "32", "-o", str(im))
+    assert rc == 0, err
+    rc, _, err = run(capsys, "quantize", "--model", str(tiny_folder), "--scheme", "W4G32", "--imatrix", str(im),
+                     "-o", str(tmp_path / "a"))
+    assert rc == 0, err
+    man = json.loads((tmp_path / "a" / "llmquant.json").read_text())
+    assert man["config"]["method_params"] == {"observer": "imse", "imatrix": str(im), "version": 1}
+    rc, _, err = run(capsys, "quantize", "--model", str(tiny_folder), "--method", "gptq", "--imatrix", str(im),
+                     "-o", str(tmp_path / "b"))
+    assert_one_line_error(rc, err, "--imatrix applies to --method rtn")
+    rc, _, err = run(capsys, "quantize", "--model", str(tiny_folder), "--imatrix", str(tmp_path / "none.gguf"),
+                     "-o", str(tmp_path / "c"))
+    assert_one_line_error(rc, err, "is not a file")

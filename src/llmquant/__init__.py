@@ -107,6 +107,7 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
         cfg = cfg.with_(calibration=spec)
     if limit is not None:
         model.llmquant_max_memory = limit
+    _read_imatrices(model, cfg)
     if hasattr(model, "save_pretrained"):  # a transformers model: its save_pretrained writes an llmquant folder
         _io.hf_quantizer.bind_save_pretrained(model)
     try:
@@ -116,6 +117,24 @@ def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bo
     finally:
         if limit is not None:
             del model.llmquant_max_memory
+
+
+def _read_imatrices(model, cfg) -> None:
+    """Read the importance matrix files RTN's params name (``RTNParams(observer="imse", imatrix=PATH)``, in a
+    config or an rtn plan) onto ``model.llmquant_importance`` ({path: {linear: importance}}), where the
+    layer-by-layer methods look them up; a file made for another model is refused here, before any work."""
+    from .schemes import Plan
+
+    params = cfg.method_params if isinstance(cfg.method, tuple) else (cfg.method_params,)
+    paths = {getattr(p.params if isinstance(p, Plan) else p, "imatrix", None) for p in params} - {None}
+    if not paths:
+        return
+    import torch.nn as nn
+
+    from .io.imatrix import importance_for, read_imatrix
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    model.llmquant_importance = {p: importance_for(model, read_imatrix(p), names) for p in sorted(paths)}
 
 
 def _run_settings(model, cfg, calib) -> dict:

@@ -34,6 +34,8 @@ def build_parser() -> A.Parser:
     q.add_argument("--calib-samples", type=A.positive_int, help="calibration windows (default 64)")
     q.add_argument("--seq-len", type=A.seq_len, help="tokens per calibration window (default 512)")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
+    q.add_argument("--imatrix", help="rtn: llama.cpp's importance matrix file (GGUF; `llmquant imatrix` or llama-imatrix) "
+                   "weighting each group's scale search, as llama-quantize --imatrix")
     q.add_argument("--scheme", help="a preset: W8, W4G64, W4G128, W3G32, ... (instead of --bits etc.)")
     q.add_argument("--bits", type=int, help="2..8 (default 4; 8 bits: per channel, fewer: groups of 128)")
     q.add_argument("--group-size", type=int, help="values per scale; omit for per-channel with --bits 8")

@@ -78,6 +78,17 @@ def config_from_args(args):
     if args.act_order and "gptq" not in methods:
         raise SchemeError("--act-order applies to --method gptq only")
     params = None
+    if getattr(args, "imatrix", None):
+        from pathlib import Path
+
+        from ..schemes import RTNParams
+
+        if methods != ["rtn"]:
+            raise SchemeError("--imatrix applies to --method rtn (GPTQ and AWQ weigh errors by their own calibration "
+                              "statistics)")
+        if not Path(args.imatrix).is_file():
+            raise SchemeError(f"--imatrix {args.imatrix!r} is not a file (write one with `llmquant imatrix`)")
+        params = RTNParams(observer="imse", imatrix=args.imatrix)
     if args.act_order:
         gp = GPTQParams(act_order=True)
         params = gp if method == "gptq" else [gp if m == "gptq" else None for m in methods]
@@ -136,7 +147,7 @@ def _plan_method(args, method: str | None = None):
     if method not in PLAN_METHODS:
         raise SchemeError(f"a plan's formats are made by --method {' or '.join(PLAN_METHODS)}, got {method!r}")
     cfg = config_from_args(argparse.Namespace(**{**vars(args), "scheme": None, "method": method}))
-    return cfg.method, (cfg.method_params if cfg.method != "rtn" else None), cfg.calibration
+    return cfg.method, (cfg.method_params if cfg.method != "rtn" or args.imatrix else None), cfg.calibration
 
 
 def _with_method(plan, method):
@@ -155,8 +166,8 @@ def cmd_quantize(args) -> int:
     if recipe:
         rest = [f for f in ("scheme", "bits", "group_size", "asym", "granularity", "targets", "observer", "alpha",
                             "head", *DYNAMIC_FLAGS) if getattr(args, f) not in (None, False)]
-        if args.recipe and args.act_order:
-            rest.append("act_order")
+        if args.recipe:
+            rest += [f for f in ("act_order", "imatrix") if getattr(args, f)]
         if rest or args.ignore is not None or (args.recipe and args.method != "rtn"):
             what = "--plan names each layer's format" if args.plan else "--recipe gives the whole config"
             raise SchemeError(f"{what}; leave out --scheme/--bits/... (got {', '.join(rest) or '--method/--ignore'})")
@@ -164,7 +175,8 @@ def cmd_quantize(args) -> int:
             from ..schemes import Plan, QuantConfig
 
             plan = Plan.load(args.plan)
-            if args.method != "rtn" or args.act_order:  # --method gptq: the plan's formats made by GPTQ
+            if args.method != "rtn" or args.act_order or args.imatrix:  # the plan's formats made by GPTQ, or RTN
+                # weighted by the imatrix
                 plan = _with_method(plan, _plan_method(args))
             config = QuantConfig(method="plan", method_params=plan,
                                  calibration=_plan_method(args, plan.method)[2] if plan.calibrated else None)

@@ -162,17 +162,42 @@ class RTNStage(Stage):
     def __init__(self, cfg: QuantConfig, params=None) -> None:
         super().__init__(cfg, params)
         self.observer = getattr(params, "observer", "minmax")
-        self.needs_data = self.needs_gram = self.observer == "imse"
+        self.imatrix = getattr(params, "imatrix", None)
+        self.needs_data = self.needs_gram = self.observer == "imse" and self.imatrix is None
+        self.importance: dict | None = None  # from the imatrix file, by linear name
+
+    def setup(self, model: nn.Module, arch) -> None:
+        if self.imatrix is not None:
+            self.importance = imatrix_importance(model, self.imatrix)
 
     def quantize(self, ctx: LayerContext) -> Result:
         if self.observer == "minmax":
             return rtn_result(ctx.linears, self.scheme)
         out: Result = {}
         for n, m in ctx.linears.items():
-            imp = ctx.scaled(n, ctx.stats.of(n).gram).diagonal() if self.needs_gram else None
+            if self.importance is not None:
+                imp = self.importance.get(n)  # None: a weight the imatrix has no entry for, rounded by min-max
+                if imp is not None and n in ctx.input_scales:  # an earlier stage folded scales in: X / s
+                    imp = imp / ctx.input_scales[n].to(imp.device).pow(2)
+            else:
+                imp = ctx.scaled(n, ctx.stats.of(n).gram).diagonal() if self.needs_gram else None
+            observer = "minmax" if self.observer == "imse" and imp is None else self.observer
             w = m.weight.detach().float()
-            out[n] = (*rtn_quantize(w, self.scheme(n), name=n, observer=self.observer, importance=imp), w)
+            out[n] = (*rtn_quantize(w, self.scheme(n), name=n, observer=observer, importance=imp), w)
         return out
+
+
+def imatrix_importance(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """Each linear's per-column importance from the imatrix file ``path``, as :func:`llmquant.quantize` read
+    it onto the model (``model.llmquant_importance``: {path: {linear name: (in_features,) tensor}}); files are
+    read above this layer (:mod:`llmquant.io.imatrix`)."""
+    from ..errors import SchemeError
+
+    found = getattr(model, "llmquant_importance", {}).get(path)
+    if found is None:
+        raise SchemeError(f"RTN's imatrix {path!r} is read by llmquant.quantize(); this entry point does not "
+                          "read files: call llmquant.quantize(model, config)")
+    return found
 
 
 class GPTQStage(Stage):

@@ -130,14 +130,29 @@ class RTNParams(_Params):
 
     observer: str = "minmax"  # one of RANGE_SEARCHES
     version: int = PARAMS_VERSION
+    # "imse"'s importance from llama.cpp's importance matrix file (GGUF, ``llmquant imatrix`` or
+    # ``llama-imatrix``) instead of calibration data: RTN as ``llama-quantize --imatrix`` runs it
+    imatrix: str | None = None
 
     def __post_init__(self) -> None:
         _search("RTN", self.observer)
+        if self.imatrix is not None:
+            if not isinstance(self.imatrix, str) or not self.imatrix:
+                raise SchemeError(f"RTN imatrix is the path of an importance matrix file, got {self.imatrix!r}")
+            if self.observer != "imse":
+                raise SchemeError(f"an importance matrix weights the 'imse' range search; RTN observer is "
+                                  f"{self.observer!r}: use observer='imse' with imatrix=")
         self._check_version()
 
     @property
     def calibrated(self) -> bool:
-        return self.observer == "imse"
+        return self.observer == "imse" and self.imatrix is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if d["imatrix"] is None:  # recipes without one read as they did before the field
+            del d["imatrix"]
+        return d
 
 
 def _pairs(v) -> tuple[tuple[str, tuple[str, ...]], ...] | None:

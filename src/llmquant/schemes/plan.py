@@ -20,7 +20,8 @@ the Linears inside the model, never the output head). Values: ``"bf16"``, ``"fp1
 as is), a preset (``"W8"``, ``"W4G64"``, ...) or a scheme dict. ``info`` is free-form (the planner writes
 its budget and predictions there) and is ignored when the plan is applied. ``"method"``: ``"rtn"`` (the
 default, no data) or ``"gptq"`` (calibrated: every linear solved onto its own format in one layer-by-layer
-pass; ``"params"`` holds GPTQ's knobs, e.g. ``{"damp": 0.05}``; left out: GPTQ's defaults).
+pass; ``"params"`` holds GPTQ's knobs, e.g. ``{"damp": 0.05}``; left out: GPTQ's defaults). An rtn plan's
+``"params"`` may name an importance matrix: ``{"observer": "imse", "imatrix": "imatrix.gguf"}``.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ class Plan:
         if self.method not in PLAN_METHODS:
             raise SchemeError(f"a plan's method is one of {', '.join(PLAN_METHODS)} (how its integer formats are "
                               f"made), got {self.method!r}")
-        if self.method == "rtn" and self.params is not None:
-            raise SchemeError("an rtn plan takes no params (its integer formats are rounded to nearest)")
-        if self.method != "rtn":  # stored resolved: the plan records the knobs it was made with
+        if self.method != "rtn" or self.params is not None:  # stored resolved: the knobs it was made with
             object.__setattr__(self, "params", resolve_method_params(self.method, self.params))
+        if self.method == "rtn" and self.params is not None and self.params.calibrated:
+            raise SchemeError("an rtn plan's importance-weighted search ('imse') takes its importance from an "
+                              "imatrix file (imatrix=); for a plan made on calibration data use method 'gptq'")
         if self.version != PLAN_VERSION:
             raise SchemeError(f"plan version {self.version} is not supported (this llmquant reads {PLAN_VERSION})")
 

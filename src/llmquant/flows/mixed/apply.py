@@ -19,7 +19,7 @@ from ...errors import SchemeError
 from ...schemes import FloatFormat, Plan, QuantConfig, format_name, resolve_plan
 from ..heads import build_heads, build_module, head_names
 from ..pipeline import run_stages
-from ..stages import GPTQStage, LayerContext, Stage, make_quant_linear, rtn_result
+from ..stages import GPTQStage, LayerContext, Stage, imatrix_importance, make_quant_linear, rtn_result
 from ..summary import QuantSummary
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ def apply_plan(model: nn.Module, plan, *, calib=None, calibration=None, progress
         raise SchemeError(f"a {plan.method} plan needs calibration data: pass calib= (token ids), or use "
                           "llmquant.quantize(model, plan), which makes them from the default text")
     algo = ALGORITHMS.get(plan.method, rtn_quantize)  # GPTQ plans: the embedding and the head by RTN
+    if plan.method == "rtn" and plan.params is not None:
+        algo = _rtn_with(plan.params, model)
     heads = head_names(model)
     assign = {n: f for n, f in plan.resolve(plan_targets(model), heads).items() if f != FloatFormat("float32")}
     t0 = time.perf_counter()
@@ -63,6 +65,19 @@ def apply_plan(model: nn.Module, plan, *, calib=None, calibration=None, progress
     log.info("%s", summary)
     model.llmquant_plan = plan
     return summary
+
+
+def _rtn_with(params, model):
+    """RTN with ``params``' range search (``imse``: each weight's importance from the imatrix, min-max for a
+    weight it has no entry for)."""
+    importance = imatrix_importance(model, params.imatrix) if params.imatrix is not None else {}
+
+    def algo(w, fmt, *, name=None):
+        imp = importance.get(name)
+        observer = "minmax" if params.observer == "imse" and imp is None else params.observer
+        return rtn_quantize(w.detach().float(), fmt, name=name, observer=observer, importance=imp)
+
+    return algo
 
 
 def run_plan(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -> QuantSummary:
