@@ -97,12 +97,17 @@ def kquant_qparams(xmin: torch.Tensor, xmax: torch.Tensor, scheme: QuantScheme
 _QKX2 = {2: (-0.5, 0.1, 15, False), 4: (-1.0, 0.1, 20, True), 5: (-0.5, 0.1, 15, True)}
 
 
-def _search_min(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_min(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qkx2_quants on groups ``x`` (N, g): per group the scale ``s`` and minimum ``lo <= 0`` of
     ``x ~ s * L + lo`` with the least weighted error (weights ``sqrt(mean x^2) + |x|``; ``|x|`` and absolute
-    error for 2 bits), trying ``(nmax + rmin + rdelta * i) / (max - min)`` for ``i = 0..nstep``."""
+    error for 2 bits), trying ``(nmax + rmin + rdelta * i) / (max - min)`` for ``i = 0..nstep``. Given
+    ``weights`` (N, g) (an importance matrix's, :func:`importance_weights`): squared error weighted by them,
+    as llama.cpp's imatrix path (``make_qkx3_quants``)."""
     rmin, rdelta, nstep, squared = _QKX2.get(nmax.bit_length(), _QKX2[4])
-    w = x.abs() if not squared else x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+    if weights is not None:
+        w, squared = weights, True
+    else:
+        w = x.abs() if not squared else x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
     lo = x.amin(-1, keepdim=True).clamp(max=0)
     hi = x.amax(-1, keepdim=True)
     rng = (hi - lo).clamp(min=1e-30)
@@ -133,11 +138,11 @@ def _search_min(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.where(flat, torch.zeros_like(best_s), best_s), torch.where(flat, lo, best_m)
 
 
-def _search_sym(x: torch.Tensor, nmax: int) -> torch.Tensor:
+def _search_sym(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """make_qx_quants (rmse_type 1): per group the signed scale ``s`` of ``x ~ s * c``, ``c`` in
-    [-nmax, nmax - 1], maximizing ``(sum w x c)^2 / sum w c^2`` with ``w = x^2`` over the starting points
-    ``-(nmax + 0.1 i) / x_e``, ``i = -9..9``, ``x_e`` the group's signed extreme."""
-    w = x * x
+    [-nmax, nmax - 1], maximizing ``(sum w x c)^2 / sum w c^2`` with ``w = x^2`` (or the given ``weights``)
+    over the starting points ``-(nmax + 0.1 i) / x_e``, ``i = -9..9``, ``x_e`` the group's signed extreme."""
+    w = x * x if weights is None else weights
     i = x.abs().argmax(-1, keepdim=True)
     ext = x.gather(-1, i)
     ext = torch.where(ext == 0, torch.ones_like(ext), ext)
@@ -155,14 +160,29 @@ def _search_sym(x: torch.Tensor, nmax: int) -> torch.Tensor:
     return best_s
 
 
-def search_qparams(xg: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+def importance_weights(xg: torch.Tensor, importance: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Per-value error weights from per-column ``importance`` (K,) (mean squared inputs, an importance
+    matrix), as llama.cpp's k-quant quantizers form them with an imatrix: ``imp * sqrt(sigma2 + x^2)``,
+    ``sigma2`` twice the mean square of the value's super-block. ``xg``: (rows, G, group)."""
+    rows, g, n = xg.shape
+    per = scheme.super_group // n  # groups per super-block
+    sigma2 = 2 * xg.float().pow(2).reshape(rows, g // per, per * n).mean(-1, keepdim=True)
+    sigma2 = sigma2.expand(rows, g // per, per * n).reshape(rows, g, n)
+    return importance.float().reshape(1, g, n) * (sigma2 + xg.float().pow(2)).sqrt()
+
+
+def search_qparams(xg: torch.Tensor, scheme: QuantScheme,
+                   importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """llama.cpp's k-quant group search on grouped weights ``xg`` (rows, G, group), then the two-level
-    rounding: what :func:`llmquant.schemes.compute_qparams` gives a k-quant scheme."""
+    rounding: what :func:`llmquant.schemes.compute_qparams` gives a k-quant scheme. ``importance`` (K,):
+    the search weighted as llama.cpp's quantizers weight it with an importance matrix
+    (:func:`importance_weights`; the range search "imse")."""
     rows, g, n = xg.shape
     x = xg.reshape(rows * g, n).float()
+    w = None if importance is None else importance_weights(xg, importance, scheme).reshape(rows * g, n)
     if scheme.symmetric:
-        s = _search_sym(x, -scheme.qmin).reshape(rows, g)
+        s = _search_sym(x, -scheme.qmin, w).reshape(rows, g)
         return two_level_scales(s, scheme)[0], None
-    s, lo = _search_min(x, scheme.qmax)
+    s, lo = _search_min(x, scheme.qmax, w)
     m, _ = two_level_minima(-lo.reshape(rows, g), scheme)
     return two_level_scales(s.reshape(rows, g), scheme)[0], -m

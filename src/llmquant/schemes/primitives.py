@@ -243,8 +243,9 @@ def range_qparams(x: torch.Tensor, scheme: QuantScheme, search: str = "minmax", 
     """Qparams of ``x`` (rows, K) by a weight range search (:data:`RANGE_SEARCHES`): "minmax" is
     :func:`compute_qparams`; "mse" and "imse" shrink each (row, group) range by the ratio of
     :func:`range_ratios` whose round trip has the least squared error, "imse" weighting column ``k``'s error
-    by ``importance[k]`` (required). For k-quant schemes "minmax" is llama.cpp's own group search and the
-    shrunk ranges are rounded onto the two-level grid (:func:`qparams_from_minmax`)."""
+    by ``importance[k]`` (required). For k-quant schemes "minmax" is llama.cpp's own group search, "imse" the
+    same search weighted as llama.cpp weights it with an importance matrix, and "mse"'s shrunk ranges are
+    rounded onto the two-level grid (:func:`qparams_from_minmax`)."""
     if search not in RANGE_SEARCHES:
         raise SchemeError(f"unknown range search {search!r}; known: {', '.join(RANGE_SEARCHES)}")
     if search == "imse" and importance is None:
@@ -252,6 +253,13 @@ def range_qparams(x: torch.Tensor, scheme: QuantScheme, search: str = "minmax", 
                           "(calibration statistics)")
     if search == "minmax":
         return compute_qparams(x, scheme)
+    if search == "imse" and scheme.super_group is not None:  # llama.cpp's own search, importance-weighted
+        from .kquant import search_qparams
+
+        imp = importance.float().to(x.device).reshape(-1)
+        if imp.numel() != x.shape[-1]:
+            raise SchemeError(f"importance has {imp.numel()} values for {x.shape[-1]} columns")
+        return search_qparams(_grouped(x.detach().float(), scheme), scheme, imp)
     x = x.detach().float()
     lo, hi = minmax(x, scheme)
     err = squared_error(x, scheme, importance if search == "imse" else None)
