@@ -10,11 +10,14 @@ import torch.nn.functional as F
 
 import llmquant
 from llmquant.errors import SchemeError, SelectionError, UnsupportedError
+from llmquant.kernels import fbgemm_int8
 from llmquant.modules import QuantLinear
 from llmquant.schemes import compute_qparams, dequantize, quantize_to_int, sqnr_db
 
 
-INT8_KERNELS = ["int8_int_mm"] + (["fbgemm_int8"] if "fbgemm" in torch.backends.quantized.supported_engines else [])
+# fbgemm_int8 runs where its int8 products are exact (VNNI); elsewhere it declines (test below)
+INT8_KERNELS = ["int8_int_mm"] + (["fbgemm_int8"] if "fbgemm" in torch.backends.quantized.supported_engines
+                                  and fbgemm_int8.EXACT_INT8 else [])
 
 
 def _lin(k=200, n=96, bias=True, seed=0):
@@ -44,6 +47,24 @@ def _run(ql, x, kernel):
     finally:
         ql.kernel_override = None
         ql.reset_kernel()
+
+
+def test_fbgemm_int8_only_where_its_products_are_exact(monkeypatch):
+    """Without VNNI fbgemm's uint8 x int8 pair sums saturate at int16: the kernel declines and a W8A8 module
+    runs int8_int_mm (exact int32) instead; with VNNI it is the first choice."""
+    ql = _dyn(_lin(bias=False))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fbgemm_int8, "EXACT_INT8", False)
+    assert not fbgemm_int8.FbgemmInt8().supports(ql, cpu)
+    ql.reset_kernel()
+    ql(torch.randn(2, 200))
+    assert ql.prepared_kernel.name == "int8_int_mm"
+    if fbgemm_int8._AVAILABLE:
+        monkeypatch.setattr(fbgemm_int8, "EXACT_INT8", True)
+        assert fbgemm_int8.FbgemmInt8().supports(ql, cpu)
+        ql.reset_kernel()
+        ql(torch.randn(2, 200))
+        assert ql.prepared_kernel.name == "fbgemm_int8"
 
 
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
