@@ -222,4 +222,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8gemm", &q8gemm, "packed int4/int8 GEMM with activations rounded to int8 per block of 32 (qgemm_q8act.cpp)");
   m.def("q8_quantize", &q8_quantize, "rows of x rounded to int8 per block of 32: (codes int8, scales fp32)");
   m.def("q8_best_isa", &q8_best_isa, "1 when q8gemm's VNNI path runs on this CPU, 0 for the AVX2 path");
+  register_decode_step(m);
 }
