@@ -20,6 +20,8 @@ PROMPT, STEPS = 5, 12
 
 
 def _quantized(family: str, scheme: str | None, kernel: str | None = None, **overrides):
+    if family == "mistral":  # its tiny config's window (8) is shorter than the steps here
+        overrides.setdefault("sliding_window", 64)
     m = make_family(family, **overrides)
     if scheme is not None:
         llmquant.quantize(m, QuantConfig(weight=scheme, head=scheme), progress=False)
@@ -43,18 +45,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-# (family, scheme, kernel, whether every linear runs natively, tolerance relative to the largest logit)
+# Tolerances, relative to the largest logit: the steps differ by fp32 summation order (about 1e-6 through the
+# tiny models); packed_avx2 rounds each activation row to int16 per chunk of 256 (a step of 2^-15 of the chunk's
+# largest value), so a 1e-7 difference upstream moves a few values by a whole int16 step (measured up to 1.1e-4).
+FP32, INT16 = 1e-5, 5e-4
+# (family, scheme, kernel, whether every linear runs natively, tolerance)
 CASES = [
-    ("llama", None, None, True, 1e-5),  # fp32 nn.Linear: at::linear
-    ("llama", "W8", None, True, 1e-5),  # packed_avx2, 8 bits per channel
-    ("llama", "W4G32", None, True, 1e-5),
-    ("llama", "gguf:Q4_0", None, True, 1e-5),
-    ("qwen3", "gguf:Q4_0", None, True, 1e-5),  # q/k norms
-    ("qwen3", None, None, True, 1e-5),
-    ("qwen2", "W4G32", None, True, 1e-5),  # q/k/v biases (stacked bias of a fused call)
-    ("mistral", "W8", None, True, 1e-5),
-    ("llama", "gguf:Q4_0", "fbgemm_fp16", False, 1e-5),  # a kernel without a native spec: the Python callable
-    ("llama", "W4G32", "dequant_cached", False, 1e-5),
+    ("llama", None, None, True, FP32),  # fp32 nn.Linear: at::linear
+    ("llama", "W8", None, True, INT16),  # packed_avx2, 8 bits per channel
+    ("llama", "W4G32", None, True, INT16),
+    ("llama", "gguf:Q4_0", None, True, INT16),
+    ("qwen3", "gguf:Q4_0", None, True, INT16),  # q/k norms
+    ("qwen3", None, None, True, FP32),
+    ("qwen2", "W4G32", None, True, INT16),  # q/k/v biases (stacked bias of a fused call)
+    ("mistral", "W8", None, True, INT16),
+    ("llama", "gguf:Q4_0", "fbgemm_fp16", False, FP32),  # a kernel without a native spec: its Python callable
+    ("llama", "W4G32", "dequant_cached", False, FP32),
 ]
 
 
@@ -87,7 +93,7 @@ def test_gqa_and_wider_heads():
     """8 query heads on 2 kv heads, head_dim 32, more layers, a longer cache."""
     m = _quantized("llama", "W4G32", None, num_attention_heads=8, num_key_value_heads=2, hidden_size=256,
                    intermediate_size=320, num_hidden_layers=3)
-    assert _rel(_decode_logits(m, True, 256), _decode_logits(m, False, 256)) <= 1e-5
+    assert _rel(_decode_logits(m, True, 256), _decode_logits(m, False, 256)) <= INT16
 
 
 def test_greedy_tokens_identical():
@@ -99,11 +105,15 @@ def test_greedy_tokens_identical():
     assert torch.equal(on, off)
 
 
-def test_ragged_width_falls_back_per_linear():
-    """Width 72: no packed kernel takes it; every linear runs through its Python callable, same logits."""
+def test_ragged_width_mixes_native_and_python_linears():
+    """Width 72: packed_avx2 takes only down_proj (160 inputs); the other linears (fbgemm_fp16) run through
+    their Python callables within the same step."""
     m = make_tiny_llama(vocab_size=300)
     llmquant.quantize(m, "W8", progress=False)
-    assert _rel(_decode_logits(m, True, 300), _decode_logits(m, False, 300)) <= 1e-5
+    assert _rel(_decode_logits(m, True, 300), _decode_logits(m, False, 300)) <= INT16
+    lean = LeanModel(m)
+    lean.new_cache(1, 4)
+    assert lean.compiled_step().needs_python
 
 
 def test_switch_off_runs_python_path(monkeypatch):
