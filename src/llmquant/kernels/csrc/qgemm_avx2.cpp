@@ -170,11 +170,11 @@ torch::Tensor qgemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<
   const std::vector<Segment> segs = llmquant_kernels::make_segments(qs, ss, ms, bits, K, gs, N);
   const int64_t G = ss[0].size(1);
   const int64_t nch = (K + XCHUNK - 1) / XCHUNK;
-  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt16));
-  auto xsc = torch::empty({M, nch}, torch::dtype(torch::kFloat32));
-  auto xg = torch::empty({M, G}, torch::dtype(torch::kFloat32));
-  quantize_x(x.data_ptr<float>(), M, K, gs, G, bits == 4, xq.data_ptr<int16_t>(), xsc.data_ptr<float>(), xg.data_ptr<float>());
-  const QX qx{xq.data_ptr<int16_t>(), xsc.data_ptr<float>(), xg.data_ptr<float>(), nch};
+  // scratch as plain vectors, not tensors: a decode call (M = 1) is short enough for tensor bookkeeping to show
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xsc(M * nch), xg(M * G);
+  quantize_x(x.data_ptr<float>(), M, K, gs, G, bits == 4, xq.data(), xsc.data(), xg.data());
+  const QX qx{xq.data(), xsc.data(), xg.data(), nch};
   auto y = torch::empty({M, N}, x.options());
   if (bits == 4)
     gemm_impl<4>(qx, M, K, segs, y, G, gs);
