@@ -14,9 +14,12 @@ the head) becomes a ``LinearSpec``, chosen to compute what the Python path compu
   working; the step then holds the GIL).
 
 Numerics: the linears are the Python path's; norms, RoPE and attention are computed in fp32 by hand-written
-loops that differ from ATen's only in summation order, the MLP activation by ATen's function. Logits agree
-with the Python step to fp32 rounding; greedy tokens are the same except at near-ties (with ``packed_q8act``,
-whose int8 activation rounding can move a 1e-7 difference by a whole code step, runs may part after a while).
+loops that differ from ATen's only in summation order, the MLP activation by ATen's function. The logits
+differ from the Python step's by that order as the kernels carry it: about 1e-6 of the largest logit for
+float linears; ``packed_avx2`` rounds activations to int16, so a 1e-7 difference can move a value by an int16
+step (4e-4 of the largest logit on the default model, same greedy tokens); ``packed_q8act`` rounds them to
+int8 (a code step is 1/127 of a block's largest value): a few %, and greedy runs may part after a while
+(``benchmarks/check_compiled_decode.py``).
 
 When the extension is unavailable, or the model has something the step does not handle (bf16/fp16 compute,
 a non-CPU device), :func:`build` returns None and says why in a debug log; the Python path runs.
