@@ -1,6 +1,7 @@
 """llmquant's lean runtime against llama.cpp (the cyllama wheel) on the default model, in one run.
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_decode_llama_cpp.py [--threads 1 2] [--rounds 3]
+        [--configs fp32 W8 ...] [--compiled both|on|off] [--no-quality]
 
 llama.cpp runs an F32 GGUF exported by llmquant and llama.cpp's own Q8_0, Q4_0 and Q4_K_M made from it with
 its quantizer (``llama_cpp_quantize``). llmquant runs fp32, RTN W8 (int8 per channel, head Q8_0: the
@@ -9,7 +10,9 @@ activations near-exact) and with ``packed_q8act`` (activations rounded to int8 p
 does). Every row is measured ``--rounds`` times, rows interleaved within a round, best kept; per thread count
 ``OMP_NUM_THREADS`` and ``torch.set_num_threads`` are set (llama.cpp: its own thread count). Decode: 64 greedy
 tokens after a 32-token prompt; prefill: 512 tokens. Ratios are against llama.cpp at the matching format, same
-run. Quality: KL(fp32 || config) on 2 windows of 512 tokens of the default text, weight-only and with the
+run. Each llmquant decode row runs with the lean runtime's compiled decode step (``--compiled on``: one C++ call
+per token, :mod:`llmquant.runtime.compiled`) and/or without it (``off``: the Python step); with ``both`` (the
+default) the on rows also give their ratio to the off row of the same config and kernel. Quality: KL(fp32 || config) on 2 windows of 512 tokens of the default text, weight-only and with the
 int8 activation rounding packed_q8act applies (the gguf:Q8_0-act scheme on the linears it runs), and how many
 of each timed run's greedy tokens equal those of the reference path (``dequant_cached``: dequantize, then
 F.linear) with the same activation rounding, before the first difference.
@@ -77,11 +80,12 @@ class Emulated:
             m.reset_kernel()
 
 
-def lean_run(model, kernel, prompt, prefill_ids, threads):
+def lean_run(model, kernel, prompt, prefill_ids, threads, compiled=True):
     """(decode tok/s, prefill tok/s, greedy tokens, kernels) of one measurement; a fresh LeanModel, so the
-    kernels' prepared state (and prefill copies) belong to this row only."""
+    kernels' prepared state (and prefill copies) belong to this row only. ``compiled``: the compiled decode
+    step on or off."""
     set_kernel(model, kernel)
-    lean = LeanModel(model)
+    lean = LeanModel(model, compiled=compiled)
     llmquant.generate(model, prefill_ids, 1, use_eos=False, lean=lean, threads=threads)  # warm-up, prefill copies
     sp = GenerationStats()
     llmquant.generate(model, prefill_ids, 1, use_eos=False, lean=lean, stats=sp, threads=threads)
@@ -99,7 +103,7 @@ def reference_tokens(model, prompt, decode_rounded: bool):
     kernel hands the 32-row prompt pass to packed_avx2's prefill path; the reference kernel reads a module's
     activation scheme at each call)."""
     set_kernel(model, "dequant_cached")
-    lean = LeanModel(model)
+    lean = LeanModel(model, compiled=False)
     cache = lean.new_cache(1, PROMPT + NEW)
     out = [int(lean(prompt, cache)[0].argmax())]
     mods = q8act_modules(model) if decode_rounded else []
@@ -142,7 +146,7 @@ def per_call_error(model, ids) -> float:
     packed_q8act._few_rows = checked
     try:
         set_kernel(model, "packed_q8act")
-        lean = LeanModel(model)
+        lean = LeanModel(model, compiled=False)  # the decode step's calls through Python, where they are checked
         cache = lean.new_cache(1, PROMPT + 1)
         lean(ids[:, :PROMPT], cache)
         lean(ids[:, PROMPT:PROMPT + 1], cache)
@@ -163,7 +167,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", nargs="+", default=list(FORMATS))
+    ap.add_argument("--compiled", choices=["both", "on", "off"], default="both",
+                    help="llmquant decode with the compiled decode step, the Python step, or both")
+    ap.add_argument("--no-quality", action="store_true", help="skip the KL evaluation (speed only)")
+    ap.add_argument("--out", type=Path, default=OUT, help="results path without suffix (.json and .md written)")
     args = ap.parse_args()
+    steps = {"both": [True, False], "on": [True], "off": [False]}[args.compiled]
     t_start = time.perf_counter()
     set_threads(max(args.threads))
     fp32, tok = llmquant.load_model()
@@ -193,7 +202,7 @@ def main() -> None:
     ref = ReferenceLogits(fp32, ids)
     quality = []
     for c, m in models.items():
-        if c == "fp32":
+        if c == "fp32" or args.no_quality:
             continue
         set_kernel(m, None)
         wo = llmquant.evaluate(m, ref, tokenizer=tok, windows=2, seq_len=512, progress=False)
@@ -206,7 +215,7 @@ def main() -> None:
                         "KL int8 activations": round(a8.kl, 4), "top-1 int8 activations": round(a8.top1, 4),
                         "int8-activation linears": f"{n8}/{n}"})
         print("[quality]", quality[-1], flush=True)
-    for ft in sorted({FORMATS[c] for c in args.configs}):
+    for ft in sorted({FORMATS[c] for c in args.configs}) if not args.no_quality else []:
         r = evaluate_llama_cpp(files[ft], ids, ref, threads=max(args.threads))
         quality.append({"config": f"llama.cpp {ft}", "KL weight-only": "", "top-1 weight-only": "",
                         "KL int8 activations": round(r.kl, 4), "top-1 int8 activations": round(r.top1, 4),
@@ -218,16 +227,18 @@ def main() -> None:
     # greedy tokens of the reference path, to compare each timed run's with
     prompt = ids[:1, :PROMPT]  # text: greedy continuations of text have fewer near-ties than random ids
     prefill_ids = ids[1:2, :PREFILL]
-    rows_spec = []
+    kernel_rows = []
     for c in args.configs:
         if c == "fp32":
-            rows_spec.append((c, None))
+            kernel_rows.append((c, None))
         else:
-            rows_spec += [(c, "packed_avx2"), (c, "packed_q8act")]
+            kernel_rows += [(c, "packed_avx2"), (c, "packed_q8act")]
+    rows_spec = [(c, kernel, on) for c, kernel in kernel_rows for on in steps]
     ref_toks = {}
-    for c, kernel in rows_spec:
+    for c, kernel in kernel_rows:
         if c == "fp32":
-            ref_toks[(c, kernel)] = llmquant.generate(models[c], prompt, NEW, use_eos=False)
+            ref_toks[(c, kernel)] = llmquant.generate(models[c], prompt, NEW, use_eos=False,
+                                                      lean=LeanModel(models[c], compiled=False))
         else:
             ref_toks[(c, kernel)] = reference_tokens(models[c], prompt, decode_rounded=kernel == "packed_q8act")
     # the kernel on the model whose linears carry gguf:Q8_0-act (prompt pass rounded too) against the
@@ -262,9 +273,9 @@ def main() -> None:
                 b = best.setdefault(("llama.cpp", ft), {"decode": 0.0, "prefill": 0.0})
                 b["decode"] = max(b["decode"], s.decode_tokens_per_s)
                 b["prefill"] = max(b["prefill"], s.prefill_tokens_per_s)
-            for c, kernel in rows_spec:
-                dec, pre, toks, used = lean_run(models[c], kernel, prompt, prefill_ids, threads)
-                b = best.setdefault((c, kernel), {"decode": 0.0, "prefill": 0.0})
+            for c, kernel, on in rows_spec:
+                dec, pre, toks, used = lean_run(models[c], kernel, prompt, prefill_ids, threads, on)
+                b = best.setdefault((c, kernel, on), {"decode": 0.0, "prefill": 0.0})
                 b["decode"], b["prefill"] = max(b["decode"], dec), max(b["prefill"], pre)
                 b["kernels"] = ",".join(used) or "float"
                 b["same tokens"] = min(b.get("same tokens", NEW), first_diff(toks, ref_toks[(c, kernel)]))
@@ -273,28 +284,34 @@ def main() -> None:
         for ft in llama:
             b = best[("llama.cpp", ft)]
             rows.append({"threads": threads, "engine": "llama.cpp", "format": ft, "kernel": "llama.cpp",
-                         "decode tok/s": round(b["decode"], 1), "prefill tok/s": round(b["prefill"], 1),
-                         "decode x llama.cpp": 1.0, "prefill x llama.cpp": 1.0, "greedy = reference": ""})
-        for c, kernel in rows_spec:
-            b, lc = best[(c, kernel)], best[("llama.cpp", FORMATS[c])]
+                         "compiled step": "", "decode tok/s": round(b["decode"], 1),
+                         "prefill tok/s": round(b["prefill"], 1), "decode x llama.cpp": 1.0, "decode x step off": "",
+                         "prefill x llama.cpp": 1.0, "greedy = reference": ""})
+        for c, kernel, on in rows_spec:
+            b, lc = best[(c, kernel, on)], best[("llama.cpp", FORMATS[c])]
+            off = best.get((c, kernel, False)) if on else None
             rows.append({"threads": threads, "engine": "llmquant", "format": c, "kernel": b["kernels"],
+                         "compiled step": "on" if on else "off",
                          "decode tok/s": round(b["decode"], 1), "prefill tok/s": round(b["prefill"], 1),
                          "decode x llama.cpp": round(b["decode"] / lc["decode"], 2),
+                         "decode x step off": round(b["decode"] / off["decode"], 2) if off else "",
                          "prefill x llama.cpp": round(b["prefill"] / lc["prefill"], 2),
                          "greedy = reference": f"{b['same tokens']}/{NEW}"})
         meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "q8act isa": "AVX512-VNNI" if native.load().q8_best_isa() == 1 else "AVX2",
                 "prompt": PROMPT, "new tokens": NEW, "prefill": PREFILL, "rounds": args.rounds,
+                "configs": args.configs, "compiled": args.compiled,
                 "threads done": args.threads[: args.threads.index(threads) + 1],
                 "seconds": round(time.perf_counter() - t_start), "quality": quality,
                 "greedy tokens equal before the first difference, packed_q8act vs dequant_cached, linears with "
                 "gguf:Q8_0-act": exact_check,
                 "packed_q8act calls vs float64 on the same input (prompt + 1 decode step), largest error / "
                 "(|x_hat| @ |W|^T)": call_err}
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        out = args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         md = format_table(rows) + "\n\nQuality (2 windows of 512 tokens, KL against fp32):\n\n" + format_table(quality)
-        OUT.with_suffix(".md").write_text(md + "\n")
+        out.with_suffix(".md").write_text(md + "\n")
         print(md, flush=True)
     for lc in llama.values():
         lc.close()

@@ -37,6 +37,13 @@ class Kernel:
         cannot run these modules together (the default), and the caller runs them one by one."""
         return None
 
+    def native_spec(self, modules: Sequence, states: Sequence[Any]) -> Any:
+        """The compiled decode step's description (a ``native.load().LinearSpec``) of the one-row product of
+        modules prepared by this kernel that share their input, stacked along the output as :meth:`fuse`
+        stacks them: the same computation on the same prepared tensors, run from C++ with no Python (see
+        :mod:`llmquant.runtime.compiled`). None (the default): the step calls this kernel through Python."""
+        return None
+
 
 KERNELS: dict[str, Kernel] = {}
 

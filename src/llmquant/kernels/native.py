@@ -1,4 +1,5 @@
-"""Build and load llmquant's compiled CPU kernels (``csrc/qgemm_avx2.cpp``, ``csrc/qgemm_q8act.cpp``) on first use.
+"""Build and load llmquant's compiled CPU kernels (``csrc/qgemm_avx2.cpp``, ``csrc/qgemm_q8act.cpp``) and the
+lean runtime's compiled decode step (``csrc/decode_step.cpp``) on first use.
 
 The extension (one module from the files in ``csrc``) is compiled from source with the system C++ compiler through
 ``torch.utils.cpp_extension.load`` (``-O3 -mavx2 -mfma``; the AVX512-VNNI functions of ``qgemm_q8act.cpp``
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 #: The compiled sources; the headers and ``.inc`` files they include are copied and hashed with them.
-SOURCES = [CSRC / "qgemm_avx2.cpp", CSRC / "qgemm_q8act.cpp"]
+SOURCES = [CSRC / "qgemm_avx2.cpp", CSRC / "qgemm_q8act.cpp", CSRC / "decode_step.cpp"]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -75,8 +76,8 @@ def why_unavailable() -> str | None:
 
 
 def load():
-    """The compiled module (functions ``qgemm``, ``dequant``, ``q8gemm``, ``q8_quantize``, ``q8_best_isa``), or
-    None when it cannot be had."""
+    """The compiled module (functions ``qgemm``, ``dequant``, ``q8gemm``, ``q8_quantize``, ``q8_best_isa``;
+    classes ``LinearSpec`` and ``DecodeStep``), or None when it cannot be had."""
     if "module" in _state:
         return _state["module"]
     with _lock:

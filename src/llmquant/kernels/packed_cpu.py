@@ -136,6 +136,13 @@ class PackedAVX2(Kernel):
         cache: dict = {}
         return lambda x: run_fused(states, x, cache)
 
+    def native_spec(self, modules, states):
+        """``qgemm`` on the packed buffers as :func:`run_fused` calls it for fewer than ``LARGE_M`` rows (then
+        the stacked bias added), for states that can run as one call."""
+        if not can_fuse(states):
+            return None
+        return native.load().LinearSpec.packed(*qgemm_args(states), bias=stacked_bias(states))
+
 
 def autocast_bf16(x: torch.Tensor) -> bool:
     """Whether ``x`` is being computed under CPU bf16 autocast (``llmquant.autocast("bf16")``)."""
@@ -145,6 +152,19 @@ def autocast_bf16(x: torch.Tensor) -> bool:
 def can_fuse(states: list[PackedState]) -> bool:
     """True when prepared states (of this kernel) can run as one call: same bits, width and groups."""
     return len({(st.bits, st.in_features, st.group_size, st.groups) for st in states}) == 1
+
+
+def qgemm_args(states: list[PackedState]) -> tuple:
+    """The extension's ``qgemm`` arguments after ``x``: codes, scales, offsets (one per state), bits, group size."""
+    return ([st.codes for st in states], [st.scale for st in states], [st.offsets for st in states],
+            states[0].bits, states[0].group_size)
+
+
+def stacked_bias(states: list[PackedState]) -> torch.Tensor | None:
+    """The states' biases side by side (zeros for those without one); None when none has one."""
+    biases = [st.bias for st in states]
+    return None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(st.out_features) for b, st in zip(biases, states)])
 
 
 class _PrefillCopy:
@@ -181,22 +201,17 @@ def run_fused(states: list[PackedState], x: torch.Tensor, cache: dict | None = N
     def dequant(st: PackedState) -> torch.Tensor:
         return ext.dequant(st.codes, st.scale, st.offsets, bits, st.out_features, k, gs)
 
-    def stacked_bias():
-        biases = [st.bias for st in states]
-        return None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else torch.zeros(st.out_features) for b, st in zip(biases, states)])
-
     if m >= LARGE_M and autocast_bf16(x):
         cache = {} if cache is None else cache
         if "bf16" not in cache:
             w = torch.cat([dequant(st) for st in states])
-            b = stacked_bias()
+            b = stacked_bias(states)
             cache["bf16"] = (w.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16))
         w, b = cache["bf16"]
         return F.linear(x2.to(torch.bfloat16), w, b).reshape(*shape[:-1], n)
     if x2.dtype != torch.float32:
         x2 = x2.float()
-    bias = stacked_bias()
+    bias = stacked_bias(states)
     if m >= LARGE_M and cache is not None and _fbgemm_fp16_available():  # a fused call (fuse() keeps a cache)
         # fbgemm's fp16-weight GEMM, as an unfused module's prefill takes (the same fp16 weights): the stacked
         # weight prepared once and kept within the prefill-copy budget, else prepared for this call
@@ -217,8 +232,7 @@ def run_fused(states: list[PackedState], x: torch.Tensor, cache: dict | None = N
         if few_rows is not None:
             y = few_rows(states, x2.contiguous())
         else:
-            y = ext.qgemm(x2.contiguous(), [st.codes for st in states], [st.scale for st in states],
-                          [st.offsets for st in states], bits, gs)
+            y = ext.qgemm(x2.contiguous(), *qgemm_args(states))
         if bias is not None:
             y = y + bias
     return y.reshape(*shape[:-1], n).to(x.dtype)

@@ -36,7 +36,7 @@ import torch
 
 from . import native
 from .base import register
-from .packed_cpu import LARGE_M, PackedAVX2, PackedState, can_fuse, format_supported, run_fused
+from .packed_cpu import LARGE_M, PackedAVX2, PackedState, can_fuse, format_supported, run_fused, stacked_bias
 from .reference import fake_quant_input
 
 #: ``LLMQUANT_Q8ACT_ISA`` values: the instruction set of the int8 dot products (-1: the best available).
@@ -71,11 +71,15 @@ class Q8State(PackedState):
     isa: int = -1
 
 
-def _few_rows(states: list[Q8State], x2: torch.Tensor) -> torch.Tensor:
+def q8gemm_args(states: list[Q8State]) -> tuple:
+    """The extension's ``q8gemm`` arguments after ``x``: codes, scales, offsets, bits, group size, isa, bases."""
     s0 = states[0]
-    return native.load().q8gemm(x2, [st.codes for st in states], [st.qscale for st in states],
-                                [st.qoffsets for st in states], s0.bits, s0.group_size, s0.isa,
-                                [st.qbase for st in states])
+    return ([st.codes for st in states], [st.qscale for st in states], [st.qoffsets for st in states], s0.bits,
+            s0.group_size, s0.isa, [st.qbase for st in states])
+
+
+def _few_rows(states: list[Q8State], x2: torch.Tensor) -> torch.Tensor:
+    return native.load().q8gemm(x2, *q8gemm_args(states))
 
 
 class PackedQ8Act(PackedAVX2):
@@ -118,6 +122,13 @@ class PackedQ8Act(PackedAVX2):
             return run_fused(states, x, few_rows=_few_rows)
 
         return f
+
+    def native_spec(self, modules, states):
+        """``q8gemm`` as :meth:`run` / :meth:`fuse` call it for fewer than ``LARGE_M`` rows (then the stacked
+        bias added), for modules that can run as one call."""
+        if not can_fuse(states) or len({m.activation_scheme for m in modules}) != 1:
+            return None
+        return native.load().LinearSpec.q8(*q8gemm_args(states), bias=stacked_bias(states))
 
 
 register(PackedQ8Act())

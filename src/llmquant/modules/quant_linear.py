@@ -220,15 +220,28 @@ class QuantLinear(nn.Module):
     def fused_runner(modules: Sequence["QuantLinear"], device: torch.device, dtype: torch.dtype):
         """``x -> (y_1, ..., y_n)`` in one kernel call for modules that share their input (q/k/v, gate/up),
         when one kernel prepared them all and can fuse them (:meth:`Kernel.fuse`); None otherwise."""
-        prepared = [m.prepare_kernel(device, dtype) for m in modules]
-        kernel = prepared[0][0]
-        if any(k is not kernel for k, _ in prepared) or any(m._rotation is not None for m in modules):
-            return None
-        fused = kernel.fuse(modules, [st for _, st in prepared])
+        shared = QuantLinear._one_kernel(modules, device, dtype)
+        fused = None if shared is None else shared[0].fuse(modules, shared[1])
         if fused is None:
             return None
         sizes = [m.out_features for m in modules]
         return lambda x: fused(x).split(sizes, -1)
+
+    @staticmethod
+    def native_spec(modules: Sequence["QuantLinear"], device: torch.device, dtype: torch.dtype):
+        """The compiled decode step's description of these modules' one-row product, outputs side by side, when
+        one kernel prepared them all and has one (:meth:`Kernel.native_spec`); None otherwise."""
+        shared = QuantLinear._one_kernel(modules, device, dtype)
+        return None if shared is None else shared[0].native_spec(modules, shared[1])
+
+    @staticmethod
+    def _one_kernel(modules: Sequence["QuantLinear"], device: torch.device, dtype: torch.dtype):
+        """``(kernel, states)`` when one kernel prepared every module and none rotates its input; else None."""
+        prepared = [m.prepare_kernel(device, dtype) for m in modules]
+        kernel = prepared[0][0]
+        if any(k is not kernel for k, _ in prepared) or any(m._rotation is not None for m in modules):
+            return None
+        return kernel, [st for _, st in prepared]
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half() ... invalidate prepared state
         self.reset_kernel()

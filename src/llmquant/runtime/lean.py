@@ -8,7 +8,8 @@ at build: module lookups, kernel selection and preparation of every quantized li
 q/k/v and gate/up into one kernel call each when their kernel can run them together (``Kernel.fuse``;
 ``packed_avx2``: one pass over the three packed buffers, nothing copied). What runs per token: embedding,
 per layer two RMSNorms, three or four linear calls, RoPE, SDPA against the cache, the MLP, and the head on
-the last position only.
+the last position only. A decode step of one token of a batch of one runs, where it can, as one C++ call
+over all layers (:mod:`llmquant.runtime.compiled`; ``LLMQUANT_COMPILED_DECODE=0`` turns it off).
 
 The weights are the model's own tensors (no copy); the model is not modified.
 """
@@ -16,6 +17,7 @@ The weights are the model's own tensors (no copy); the model is not modified.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -25,6 +27,7 @@ from ..errors import UnsupportedModelError
 from ..models import arch_for, model_types_with
 from ..modules import QuantEmbedding, QuantLinear
 from ..modules.float_modules import FloatEmbedding, FloatLinear
+from . import compiled as _compiled
 
 _ACTS = {
     "silu": F.silu,
@@ -73,15 +76,32 @@ def _upcast_in_rows(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype,
     return f
 
 
-def bind_linears(mods: list[nn.Module], dtype: torch.dtype, fuse: bool = True):
-    """A callable x -> [y_1, ..., y_n] for linears sharing an input; one kernel call when their kernel can
-    fuse them (:meth:`~llmquant.kernels.Kernel.fuse`)."""
+@dataclass
+class LinearGroup:
+    """Linears sharing an input as the lean runtime runs them: ``call`` x -> [y_1, ..., y_n], one kernel call
+    (``fused``) when their kernel can fuse them (:meth:`~llmquant.kernels.Kernel.fuse`), else ``fns`` one by one."""
+
+    mods: list[nn.Module]
+    fns: list[Callable]
+    fused: Callable | None
+
+    @property
+    def call(self) -> Callable:
+        fns = self.fns
+        return self.fused if self.fused is not None else (lambda x: [f(x) for f in fns])
+
+
+def bind_group(mods: list[nn.Module], dtype: torch.dtype, fuse: bool = True) -> LinearGroup:
     fns = [_one_linear(m, dtype) for m in mods]
+    fused = None
     if fuse and len(mods) > 1 and all(isinstance(m, QuantLinear) for m in mods):
         fused = QuantLinear.fused_runner(mods, mods[0].qweight.device, dtype)
-        if fused is not None:
-            return fused
-    return lambda x: [f(x) for f in fns]
+    return LinearGroup(mods, fns, fused)
+
+
+def bind_linears(mods: list[nn.Module], dtype: torch.dtype, fuse: bool = True):
+    """A callable x -> [y_1, ..., y_n] for linears sharing an input (:class:`LinearGroup`'s ``call``)."""
+    return bind_group(mods, dtype, fuse).call
 
 
 @dataclass
@@ -94,6 +114,11 @@ class _Layer:
     down: object
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
+    # the modules behind the callables, for the compiled step
+    qkv_group: LinearGroup
+    gate_up_group: LinearGroup
+    o_mod: nn.Module
+    down_mod: nn.Module
 
 
 class KVCache:
@@ -124,9 +149,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class LeanModel:
     """Callable as ``lean(ids, cache, key_mask=None) -> logits`` (last position, or every one with
-    ``all_logits=True``); appends to ``cache``."""
+    ``all_logits=True``); appends to ``cache``.
 
-    def __init__(self, model: nn.Module, *, fuse: bool = True):
+    ``compiled``: whether one-token steps of a batch of one run as one C++ call (built on the first such step;
+    None: unless ``LLMQUANT_COMPILED_DECODE=0``). Where the step cannot be built, the Python path runs."""
+
+    def __init__(self, model: nn.Module, *, fuse: bool = True, compiled: bool | None = None):
         arch = arch_for(model)
         cfg = getattr(model, "config", None)
         if arch is None or arch.runtime is None:
@@ -143,7 +171,7 @@ class LeanModel:
         act = getattr(cfg, layout.act_attr, "silu")
         if act not in _ACTS:
             raise UnsupportedModelError(f"MLP activation {act!r} is not one the lean runtime knows ({', '.join(_ACTS)})")
-        self.act = _ACTS[act]
+        self.act, self.act_name = _ACTS[act], act
         self.window = getattr(cfg, layout.sliding_window_attr, None) if layout.sliding_window_attr else None
         embed = _get(model, arch.embed)
         norm = _get(model, arch.final_norm)
@@ -162,27 +190,35 @@ class LeanModel:
         self.rotary = _get(model, layout.rotary)
         if self.rotary is None:
             raise UnsupportedModelError(f"no rotary embedding module at {layout.rotary!r}")
-        self.head = _one_linear(_get(model, arch.lm_head), self.dtype)
+        self.head_mod = _get(model, arch.lm_head)
+        self.head = _one_linear(self.head_mod, self.dtype)
         self.layers: list[_Layer] = []
         for layer in _get(model, arch.layers):
             def g(path):
                 return _get(layer, path)
 
             qn, kn = (g(p) if p else None for p in (mods.q_norm, mods.k_norm))
+            qkv, gate_up = (bind_group([g(p) for p in paths], self.dtype, fuse) for paths in (mods.qkv, mods.gate_up))
             self.layers.append(
                 _Layer(
                     in_w=g(mods.input_norm).weight,
                     post_w=g(mods.post_norm).weight,
-                    qkv=bind_linears([g(p) for p in mods.qkv], self.dtype, fuse),
+                    qkv=qkv.call,
                     o=_one_linear(g(mods.o), self.dtype),
-                    gate_up=bind_linears([g(p) for p in mods.gate_up], self.dtype, fuse),
+                    gate_up=gate_up.call,
                     down=_one_linear(g(mods.down), self.dtype),
                     q_norm=None if qn is None else qn.weight,
                     k_norm=None if kn is None else kn.weight,
+                    qkv_group=qkv,
+                    gate_up_group=gate_up,
+                    o_mod=g(mods.o),
+                    down_mod=g(mods.down),
                 )
             )
         self.scale = self.head_dim**-0.5
         self._cos = self._sin = None
+        self.compiled = _compiled.enabled_by_env() if compiled is None else compiled
+        self._step = None  # the compiled step once built; False where it cannot be
 
     # ---- once per cache size --------------------------------------------------------------------
     @torch.inference_mode()
@@ -203,6 +239,12 @@ class LeanModel:
         self._cos, self._sin = cos[0], sin[0]  # (n, head_dim)
 
     # ---- per step ---------------------------------------------------------------------------------
+    def compiled_step(self):
+        """The compiled decode step (built on first use), or None where it cannot run this model."""
+        if self._step is None:
+            self._step = _compiled.build(self) or False
+        return self._step or None
+
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache, key_mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
@@ -227,6 +269,13 @@ class LeanModel:
             mask, causal_flag = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(start), False
         else:
             mask, causal_flag = None, t > 1
+        if t == 1 and b == 1 and key_mask is None and positions is None and cache.k.dtype == torch.float32 \
+                and not torch.is_autocast_enabled(self.device.type):
+            step = self.compiled_step()
+            if step is not None:
+                logits = step.step(self._lookup(ids), cache.k, cache.v, self._cos, self._sin, start)
+                cache.length = end
+                return logits
         h = self._lookup(ids)
         nh, nkv, hd, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
         kc, vc = cache.k, cache.v

@@ -170,11 +170,11 @@ torch::Tensor qgemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<
   const std::vector<Segment> segs = llmquant_kernels::make_segments(qs, ss, ms, bits, K, gs, N);
   const int64_t G = ss[0].size(1);
   const int64_t nch = (K + XCHUNK - 1) / XCHUNK;
-  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt16));
-  auto xsc = torch::empty({M, nch}, torch::dtype(torch::kFloat32));
-  auto xg = torch::empty({M, G}, torch::dtype(torch::kFloat32));
-  quantize_x(x.data_ptr<float>(), M, K, gs, G, bits == 4, xq.data_ptr<int16_t>(), xsc.data_ptr<float>(), xg.data_ptr<float>());
-  const QX qx{xq.data_ptr<int16_t>(), xsc.data_ptr<float>(), xg.data_ptr<float>(), nch};
+  // scratch as plain vectors, not tensors: a decode call (M = 1) is short enough for tensor bookkeeping to show
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xsc(M * nch), xg(M * G);
+  quantize_x(x.data_ptr<float>(), M, K, gs, G, bits == 4, xq.data(), xsc.data(), xg.data());
+  const QX qx{xq.data(), xsc.data(), xg.data(), nch};
   auto y = torch::empty({M, N}, x.options());
   if (bits == 4)
     gemm_impl<4>(qx, M, K, segs, y, G, gs);
@@ -222,4 +222,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8gemm", &q8gemm, "packed int4/int8 GEMM with activations rounded to int8 per block of 32 (qgemm_q8act.cpp)");
   m.def("q8_quantize", &q8_quantize, "rows of x rounded to int8 per block of 32: (codes int8, scales fp32)");
   m.def("q8_best_isa", &q8_best_isa, "1 when q8gemm's VNNI path runs on this CPU, 0 for the AVX2 path");
+  register_decode_step(m);
 }

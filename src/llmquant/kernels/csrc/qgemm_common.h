@@ -1,5 +1,6 @@
 // Shared by llmquant's compiled CPU kernels (qgemm_avx2.cpp, qgemm_q8act.cpp): argument checks, the weight
-// segments of a fused call, a horizontal sum, and the entry points bound in qgemm_avx2.cpp.
+// segments of a fused call, a horizontal sum, and the entry points bound in qgemm_avx2.cpp (decode_step.cpp
+// calls qgemm and q8gemm directly).
 #pragma once
 
 #include <torch/extension.h>
@@ -60,8 +61,15 @@ inline std::vector<Segment> make_segments(const std::vector<torch::Tensor>& qs, 
 
 }  // namespace llmquant_kernels
 
+// qgemm_avx2.cpp
+torch::Tensor qgemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
+                    std::vector<torch::Tensor> ms, int64_t bits, int64_t gs);
+
 // qgemm_q8act.cpp
 torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
                      std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs);
 std::vector<torch::Tensor> q8_quantize(torch::Tensor x);
 int64_t q8_best_isa();
+
+// decode_step.cpp: the classes LinearSpec and DecodeStep, added to the module
+void register_decode_step(pybind11::module& m);

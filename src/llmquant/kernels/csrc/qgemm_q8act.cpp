@@ -217,32 +217,33 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   const int64_t K = x.size(1), M = x.size(0);
   const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;
 
-  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt8));
-  auto d = torch::empty({M, nb}, torch::dtype(torch::kFloat32));
-  auto bs = torch::empty({M, nb}, torch::dtype(torch::kInt32));
-  auto xg = torch::zeros({M, G}, torch::dtype(torch::kFloat32));
-  quantize_rows(x.data_ptr<float>(), M, K, bits == 4, xq.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int32_t>());
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const float* dp = d.data_ptr<float>();
-  const int32_t* bsp = bs.data_ptr<int32_t>();
-  float* xgp = xg.data_ptr<float>();
+  // scratch as plain vectors, not tensors: a decode call (M = 1) is short enough for tensor bookkeeping to show
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> d(M * nb), xg(M * G, 0.f);
+  std::vector<int32_t> bs(M * nb);
+  quantize_rows(x.data_ptr<float>(), M, K, bits == 4, xq.data(), d.data(), bs.data());
+  const int8_t* xqp = xq.data();
+  const float* dp = d.data();
+  const int32_t* bsp = bs.data();
+  float* xgp = xg.data();
   for (int64_t i = 0; i < M; ++i)
     for (int64_t b = 0; b < nb; ++b) xgp[i * G + b / bpg] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b]);
 
   // what each path's dot product already subtracts from the codes: 128 for AVX2 at 8 bits (|w| sign(x, w))
   const int64_t done = (bits == 8 && !use_vnni) ? 128 : 0;
-  std::vector<std::pair<int64_t, torch::Tensor>> corrs;  // one lane-correction buffer per distinct c'
+  std::vector<std::pair<int64_t, std::vector<int32_t>>> corrs;  // one lane-correction buffer per distinct c'
+  corrs.reserve(qs.size());  // no reallocation: the pointers handed out stay valid
   auto corr_for = [&](int64_t c) -> const int32_t* {
     for (auto& kv : corrs)
-      if (kv.first == c) return kv.second.data_ptr<int32_t>();
-    auto t = torch::empty({M * nb * 8}, torch::dtype(torch::kInt32));
-    int32_t* cp = t.data_ptr<int32_t>();
+      if (kv.first == c) return kv.second.data();
+    std::vector<int32_t> t(M * nb * 8);
+    int32_t* cp = t.data();
     for (int64_t i = 0; i < M * nb * 8; ++i) {
       const int8_t* v = xqp + 4 * i;  // lane i % 8 of block i / 8 (rows are whole blocks)
       cp[i] = static_cast<int32_t>(-c * (v[0] + v[1] + v[2] + v[3]));
     }
-    corrs.emplace_back(c, t);
-    return cp;
+    corrs.emplace_back(c, std::move(t));
+    return corrs.back().second.data();
   };
   std::vector<Q8Seg> segs;
   int64_t N = 0;

@@ -1,0 +1,177 @@
+"""The lean runtime's compiled decode step (C++, one call per token) against its Python step: logits per step
+for float, weight-only packed, int8-activation and Python-fallback linears, q/k norms, biases, GQA; greedy
+tokens; the switch; the fallback when the extension is unavailable."""
+
+import pytest
+import torch
+
+import llmquant
+from llmquant.kernels import native, set_kernel
+from llmquant.runtime import LeanModel, compiled
+from llmquant.schemes import QuantConfig
+
+from conftest import make_tiny_llama
+from families import make_family
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(native.load() is None, reason="the compiled extension cannot be built here")]
+
+PROMPT, STEPS = 5, 12
+
+
+def _quantized(family: str, scheme: str | None, kernel: str | None = None, **overrides):
+    if family == "mistral":  # its tiny config's window (8) is shorter than the steps here
+        overrides.setdefault("sliding_window", 64)
+    m = make_family(family, **overrides)
+    if scheme is not None:
+        llmquant.quantize(m, QuantConfig(weight=scheme, head=scheme), progress=False)
+    set_kernel(m, kernel)
+    return m
+
+
+@torch.inference_mode()
+def _decode_logits(model, compiled_on: bool, vocab: int, seed: int = 3) -> torch.Tensor:
+    """Logits of STEPS one-token steps (fixed tokens) after a PROMPT-token prompt, from a fresh LeanModel."""
+    lean = LeanModel(model, compiled=compiled_on)
+    ids = torch.randint(3, vocab, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(seed))
+    cache = lean.new_cache(1, PROMPT + STEPS)
+    lean(ids[:, :PROMPT], cache)
+    out = [lean(ids[:, i:i + 1], cache) for i in range(PROMPT, PROMPT + STEPS)]
+    assert (lean.compiled_step() is not None) == compiled_on
+    return torch.cat(out, 1)[0]  # (STEPS, vocab)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# Tolerances, relative to the largest logit: the steps differ by fp32 summation order (about 1e-6 through the
+# tiny models); packed_avx2 rounds each activation row to int16 per chunk of 256 (a step of 2^-15 of the chunk's
+# largest value), so a 1e-7 difference upstream moves a few values by a whole int16 step (measured up to 1.1e-4).
+FP32, INT16 = 1e-5, 5e-4
+# (family, scheme, kernel, whether every linear runs natively, tolerance)
+CASES = [
+    ("llama", None, None, True, FP32),  # fp32 nn.Linear: at::linear
+    ("llama", "W8", None, True, INT16),  # packed_avx2, 8 bits per channel
+    ("llama", "W4G32", None, True, INT16),
+    ("llama", "gguf:Q4_0", None, True, INT16),
+    ("qwen3", "gguf:Q4_0", None, True, INT16),  # q/k norms
+    ("qwen3", None, None, True, FP32),
+    ("qwen2", "W4G32", None, True, INT16),  # q/k/v biases (stacked bias of a fused call)
+    ("mistral", "W8", None, True, INT16),
+    ("llama", "gguf:Q4_0", "fbgemm_fp16", False, FP32),  # a kernel without a native spec: its Python callable
+    ("llama", "W4G32", "dequant_cached", False, FP32),
+]
+
+
+@pytest.mark.parametrize("family,scheme,kernel,native_only,tol", CASES)
+def test_logits_match_python_step(family, scheme, kernel, native_only, tol):
+    m = _quantized(family, scheme, kernel)
+    py = _decode_logits(m, False, 256)
+    c = _decode_logits(m, True, 256)
+    assert _rel(c, py) <= tol
+    lean = LeanModel(m)
+    lean.new_cache(1, 4)
+    assert lean.compiled_step().needs_python == (not native_only)
+
+
+@pytest.mark.parametrize("scheme", ["gguf:Q4_0", "W8"])
+def test_packed_q8act_logits(scheme):
+    """Int8 activation rounding: an fp32-order difference can move one activation across a rounding boundary
+    of its block (a code step, 1/127 of the block's largest value), so steps agree closely, not to fp32."""
+    m = _quantized("llama", scheme, "packed_q8act")
+    py = _decode_logits(m, False, 256)
+    c = _decode_logits(m, True, 256)
+    lean = LeanModel(m)
+    lean.new_cache(1, 4)
+    assert not lean.compiled_step().needs_python
+    assert _rel(c, py) <= 2e-2
+    assert torch.equal(c.argmax(-1), py.argmax(-1))
+
+
+def test_gqa_and_wider_heads():
+    """8 query heads on 2 kv heads, head_dim 32, more layers, a longer cache."""
+    m = _quantized("llama", "W4G32", None, num_attention_heads=8, num_key_value_heads=2, hidden_size=256,
+                   intermediate_size=320, num_hidden_layers=3)
+    assert _rel(_decode_logits(m, True, 256), _decode_logits(m, False, 256)) <= INT16
+
+
+def test_greedy_tokens_identical():
+    m = make_tiny_llama(vocab_size=512, hidden=128)
+    llmquant.quantize(m, "gguf:Q4_0", progress=False)
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(5))
+    on = llmquant.generate(m, ids, 24, use_eos=False, lean=LeanModel(m, compiled=True))
+    off = llmquant.generate(m, ids, 24, use_eos=False, lean=LeanModel(m, compiled=False))
+    assert torch.equal(on, off)
+
+
+def test_ragged_width_mixes_native_and_python_linears():
+    """Width 72: packed_avx2 takes only down_proj (160 inputs); the other linears (fbgemm_fp16) run through
+    their Python callables within the same step."""
+    m = make_tiny_llama(vocab_size=300)
+    llmquant.quantize(m, "W8", progress=False)
+    assert _rel(_decode_logits(m, True, 300), _decode_logits(m, False, 300)) <= INT16
+    lean = LeanModel(m)
+    lean.new_cache(1, 4)
+    assert lean.compiled_step().needs_python
+
+
+def test_switch_off_runs_python_path(monkeypatch):
+    m = _quantized("llama", "W4G32")
+    monkeypatch.setenv(compiled.ENV, "0")
+    lean = LeanModel(m)
+    lean.new_cache(1, 4)
+    assert not lean.compiled and lean.compiled_step() is None
+    assert torch.equal(_decode_logits(m, False, 256), _decode_logits_env_default(m))
+
+
+@torch.inference_mode()
+def _decode_logits_env_default(model) -> torch.Tensor:
+    lean = LeanModel(model)  # compiled=None: the environment decides
+    ids = torch.randint(3, 256, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(3))
+    cache = lean.new_cache(1, PROMPT + STEPS)
+    lean(ids[:, :PROMPT], cache)
+    return torch.cat([lean(ids[:, i:i + 1], cache) for i in range(PROMPT, PROMPT + STEPS)], 1)[0]
+
+
+def test_extension_unavailable_falls_back(monkeypatch, caplog):
+    m = _quantized("llama", None)
+    expected = _decode_logits(m, False, 256)
+    monkeypatch.setattr(native, "load", lambda: None)
+    monkeypatch.setattr(native, "why_unavailable", lambda: "disabled by the test")
+    with caplog.at_level("DEBUG", logger="llmquant.runtime.compiled"):
+        got = _decode_logits_env_default(m)
+    assert torch.equal(got, expected)
+    assert "extension is unavailable (disabled by the test)" in caplog.text
+
+
+def test_bf16_model_falls_back(caplog):
+    m = _quantized("llama", None).to(torch.bfloat16)
+    lean = LeanModel(m)
+    lean.new_cache(1, 4)
+    with caplog.at_level("DEBUG", logger="llmquant.runtime.compiled"):
+        assert lean.compiled_step() is None
+    assert "computes in fp32" in caplog.text
+
+
+def test_batches_and_masks_take_python_path():
+    """Batch 2 and padded prompts never reach the compiled step; its cache stays consistent with the Python
+    step's when both are used on one cache (prompt in Python, decode compiled)."""
+    m = _quantized("llama", "W4G32")
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(8))
+    a = llmquant.generate(m, ids, 6, use_eos=False, lean=LeanModel(m, compiled=True))
+    b = llmquant.generate(m, ids, 6, use_eos=False, lean=LeanModel(m, compiled=False))
+    assert torch.equal(a, b)
+
+
+def test_spec_runs_like_kernel():
+    """One LinearSpec on its own equals the kernel's Python call on the same row."""
+    m = _quantized("qwen2", "W4G32")
+    attn = m.model.layers[0].self_attn
+    mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+    from llmquant.modules import QuantLinear
+
+    spec = QuantLinear.native_spec(mods, torch.device("cpu"), torch.float32)
+    x = torch.randn(1, 64)
+    want = torch.cat(QuantLinear.fused_runner(mods, torch.device("cpu"), torch.float32)(x), -1)
+    assert torch.equal(spec(x), want)
