@@ -88,4 +88,10 @@ def test_w8a8_dynamic_int_quantized(tmp_path):
     assert qc["format"] == "int-quantized" and qc["config_groups"]["group_0"]["input_activations"]["dynamic"]
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
     assert hf.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.strategy == "token"
+    # against llmquant's reference numerics: an int8 GEMM kernel's fp32 order (1e-6 per layer) moves some
+    # activation across a rounding boundary of the next layer's int8 grid, and whole-model logits then differ
+    # by up to 0.06 on this tiny model (measured with int8_int_mm)
+    from llmquant.kernels import set_kernel
+
+    set_kernel(m, "dequant_cached")
     assert torch.allclose(_logits(hf), _logits(m), atol=1e-4, rtol=0)
