@@ -181,10 +181,16 @@ class RTNStage(Stage):
                     imp = imp / ctx.input_scales[n].to(imp.device).pow(2)
             else:
                 imp = ctx.scaled(n, ctx.stats.of(n).gram).diagonal() if self.needs_gram else None
-            observer = "minmax" if self.observer == "imse" and imp is None else self.observer
             w = m.weight.detach().float()
-            out[n] = (*rtn_quantize(w, self.scheme(n), name=n, observer=observer, importance=imp), w)
+            out[n] = (*rtn_weighted(w, self.scheme(n), n, self.observer, imp), w)
         return out
+
+
+def rtn_weighted(w: torch.Tensor, fmt, name: str, observer: str, importance: torch.Tensor | None):
+    """RTN with ``observer``'s range search; "imse" for a weight without importance (one an imatrix has no
+    entry for) is min-max."""
+    observer = "minmax" if observer == "imse" and importance is None else observer
+    return rtn_quantize(w, fmt, name=name, observer=observer, importance=importance)
 
 
 def imatrix_importance(model: nn.Module, path: str) -> dict[str, torch.Tensor]:

@@ -19,7 +19,8 @@ from ...errors import SchemeError
 from ...schemes import FloatFormat, Plan, QuantConfig, format_name, resolve_plan
 from ..heads import build_heads, build_module, head_names
 from ..pipeline import run_stages
-from ..stages import GPTQStage, LayerContext, Stage, imatrix_importance, make_quant_linear, rtn_result
+from ..stages import (GPTQStage, LayerContext, Stage, imatrix_importance, make_quant_linear, rtn_result,
+                      rtn_weighted)
 from ..summary import QuantSummary
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,7 @@ def _rtn_with(params, model):
     importance = imatrix_importance(model, params.imatrix) if params.imatrix is not None else {}
 
     def algo(w, fmt, *, name=None):
-        imp = importance.get(name)
-        observer = "minmax" if params.observer == "imse" and imp is None else params.observer
-        return rtn_quantize(w.detach().float(), fmt, name=name, observer=observer, importance=imp)
+        return rtn_weighted(w.detach().float(), fmt, name, params.observer, importance.get(name))
 
     return algo
 
