@@ -5,7 +5,13 @@ same file size) made by RTN and by GPTQ (one calibrated pass, every linear onto 
 of llama.cpp's types named (mixtures Q6_K, Q4_K_M, Q3_K_M, Q2_K; one-type files such as Q4_0). KL(p_fp32 || p_file) over the predicted positions of
 the standard evaluation windows; the fp32 reference is llmquant's own fp32 model (transformers).
 
-    PYTHONPATH=src python benchmarks/bench_kquants.py [--windows 8] [--calib 64] [--mixtures Q6_K,Q4_K_M,...] [--out benchmarks/results]
+``--planned``: also llmquant's own planner choosing each tensor's type (the GGUF candidates, head and
+embedding included) under a budget of exactly the tensor bytes of llama.cpp's file for that mixture, from
+Fisher sensitivity measured on calibration windows from the end of the default text (the evaluation
+windows come from its start: the plan is judged on text it did not see); the plan is then made by each
+method, as the mixture rows.
+
+    PYTHONPATH=src python benchmarks/bench_kquants.py [--windows 8] [--calib 64] [--mixtures Q6_K,Q4_K_M,...] [--planned] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import llmquant
 from llmquant.data import calibration_windows
 from llmquant.data.text import token_windows
 from llmquant.eval.llama_cpp import llama_cpp_logits, llama_cpp_quantize
+from llmquant.flows.mixed import plan_from_sensitivity
 from llmquant.flows.mixed.llama_presets import MIXTURES
+from llmquant.schemes import GGUF_CANDIDATES, Plan
 
 
 def _kl_nll(ref_logp: list[torch.Tensor], ids: torch.Tensor, logits: list[np.ndarray]) -> tuple[float, float, float]:
@@ -38,6 +46,13 @@ def _kl_nll(ref_logp: list[torch.Tensor], ids: torch.Tensor, logits: list[np.nda
     return kl / n, float(np.exp(nll / n)), agree / n
 
 
+def _tensor_bytes(path: Path) -> int:
+    """The tensor data of a GGUF file (what a plan's budget counts; the file adds the tokenizer and metadata)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8)
@@ -49,6 +64,10 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq", help="llmquant's methods onto the same types (rtn, gptq)")
     ap.add_argument("--name", default="kquants", help="results file name")
     ap.add_argument("--work", default="/tmp/llmquant-bench-kquants")
+    ap.add_argument("--planned", action="store_true",
+                    help="add rows planned by llmquant's planner at the tensor bytes of llama.cpp's file")
+    ap.add_argument("--sens-windows", type=int, default=8, help="--planned: sensitivity windows (x --sens-seq tokens)")
+    ap.add_argument("--sens-seq", type=int, default=512)
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -72,13 +91,30 @@ def main() -> None:
     f32 = work / "f32.gguf"
     llmquant.export(model, tok, f32, float_type="F32", overwrite=True, progress=False)
     calib = None
+    sens = None
+    if args.planned:
+        t0 = time.perf_counter()
+        sens = llmquant.sensitivity(model, None, GGUF_CANDIDATES, include_head=True, windows=args.sens_windows,
+                                    seq_len=args.sens_seq, progress=False)
+        print(f"sensitivity: {len(sens.units)} tensors x {len(sens.candidates)} types, {time.perf_counter() - t0:.0f} s",
+              flush=True)
     for mixture in args.mixtures.split(","):
         out = work / f"llamacpp-{mixture}.gguf"
         llama_cpp_quantize(f32, out, mixture, threads=args.threads)
-        measure(f"llama.cpp {mixture} (llama_model_quantize)", out)
-        for method in args.methods.split(","):
+        measure(f"llama.cpp {mixture} (llama_model_quantize)", out, f"tensor bytes {_tensor_bytes(out)}")
+        jobs = [(method, mixture) for method in args.methods.split(",")]
+        plan = None
+        if sens is not None:
+            budget = _tensor_bytes(out)
+            plan = plan_from_sensitivity(sens, max_size=budget)
+            print(f"plan at {budget} tensor bytes: {plan.info['formats']} predicted KL {plan.info['predicted_kl']:.4f}",
+                  flush=True)
+            jobs += [(method, "planned") for method in args.methods.split(",")]
+        for method, what in jobs:
             m, _ = llmquant.load_model()
-            if mixture in MIXTURES:  # llama.cpp's per-tensor types, every decoder linear made by `method`
+            if what == "planned":
+                config = Plan(rules=plan.rules, info=plan.info, method=method)
+            elif mixture in MIXTURES:  # llama.cpp's per-tensor types, every decoder linear made by `method`
                 config = llmquant.llama_cpp_plan(m, mixture, method=method)
             else:  # one type for every linear (Q4_0, Q8_0 ...); the tied embedding/head as llama.cpp: Q8_0
                 config = llmquant.QuantConfig(method=method, weight=f"gguf:{mixture}")
@@ -87,10 +123,11 @@ def main() -> None:
             t0 = time.perf_counter()
             llmquant.quantize(m, config, calib=calib if method != "rtn" else None, progress=False)
             secs = time.perf_counter() - t0
-            out = work / f"llmquant-{method}-{mixture}.gguf"
+            out = work / f"llmquant-{method}-{mixture}-{what}.gguf"
             rep = llmquant.export(m, tok, out, overwrite=True, progress=False)
-            measure(f"llmquant {method.upper()} -> gguf:{mixture}", out,
-                    f"quantize {secs:.0f} s; types {rep.type_counts()}")
+            label = (f"llmquant {method.upper()} -> planned at {mixture}'s tensor bytes" if what == "planned"
+                     else f"llmquant {method.upper()} -> gguf:{mixture}")
+            measure(label, out, f"quantize {secs:.0f} s; tensor bytes {_tensor_bytes(out)}; types {rep.type_counts()}")
             del m
 
     outdir = Path(args.out)

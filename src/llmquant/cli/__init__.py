@@ -123,6 +123,9 @@ def build_parser() -> A.Parser:
     _add_sens_args(pl)
     pl.add_argument("--target-bits", type=A.positive_float, help="average bits per weight over the planned layers")
     pl.add_argument("--max-size", help="total stored model size, e.g. 60MB (1 MB = 1e6 bytes)")
+    pl.add_argument("--size", choices=["auto", "folder", "gguf"], default="auto",
+                    help="what the budget counts: an llmquant folder's bytes, or a GGUF file's tensor bytes "
+                         "(auto: gguf when every candidate is a GGUF type, e.g. --candidates gguf)")
     pl.add_argument("-o", "--output", required=True, help="plan file to write")
     pl.set_defaults(func=cmd_plan)
 

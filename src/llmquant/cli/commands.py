@@ -16,7 +16,10 @@ log = logging.getLogger("llmquant")
 def _sens_from_args(args, model, tok):
     import llmquant
 
+    from ..schemes import GGUF_CANDIDATES
+
     cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    cands = [x for c in cands for x in (GGUF_CANDIDATES if c.lower() == "gguf" else (c,))]
     return llmquant.sensitivity(
         model, Path(args.text) if args.text else None, cands, method=args.method, tokenizer=tok,
         windows=args.windows, seq_len=args.seq_len, samples=args.samples, include_head=args.include_head,
@@ -70,7 +73,7 @@ def cmd_plan(args) -> int:
     sens = _sens_from_args(args, model, tok)
     if not llmquant.flows.distributed.is_writer():
         return 0
-    plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=args.max_size)
+    plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=args.max_size, size=args.size)
     plan.save(args.output)
     print(format_table([plan_row(plan)]))
     print(f"wrote {args.output} ({len(plan.rules)} layers; edit it freely, then: llmquant quantize --plan {args.output} -o OUT)")
@@ -84,7 +87,9 @@ def _add_sens_args(p) -> None:
 
     p.add_argument("--model", help="local HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", help="calibration text, .txt or .jsonl (default: pydoc_data.topics, from its end)")
-    p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), help="comma-separated formats")
+    p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
+                   help="comma-separated formats; 'gguf' stands for llama.cpp's types "
+                        "(Q8_0, Q6_K, Q5_1, Q5_K, Q5_0, Q4_1, Q4_K, Q4_0, Q3_K, Q2_K)")
     p.add_argument("--method", choices=["fisher", "kl"], default="fisher",
                    help="fisher: 2nd-order KL estimate (fast, default); kl: measured KL per layer and format (slow)")
     p.add_argument("--include-head", action="store_true", help="plan the output head and embeddings too")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..schemes import gguf_bytes, resolve_scheme
 from . import ggml_kquants as kq
 
 QK = 32  # values per block of the Q*_0 / Q*_1 / Q8_0 types
@@ -49,18 +50,27 @@ class BlockType:
         return self.block_values == QK_K
 
 
+def _bt(name: str, bits: int, offset: bool, code_min: int, code_max: int) -> BlockType:
+    """The block type of preset ``gguf:<name>``; its bytes per block from the one definition of a GGUF
+    tensor's size, :func:`llmquant.schemes.gguf_bytes`."""
+    preset = f"gguf:{name}"
+    scheme = resolve_scheme(preset)
+    values = scheme.super_group or QK
+    return BlockType(name, bits, offset, code_min, code_max, preset, gguf_bytes(scheme, 1, values), values)
+
+
 #: Ordered by size: :func:`exact_blocks` takes the first that represents a layer exactly.
 BLOCK_TYPES: tuple[BlockType, ...] = (
-    BlockType("Q2_K", 2, True, 0, 3, "gguf:Q2_K", 84, QK_K),
-    BlockType("Q3_K", 3, False, -4, 3, "gguf:Q3_K", 110, QK_K),
-    BlockType("Q4_0", 4, False, -8, 7, "gguf:Q4_0", 18),
-    BlockType("Q4_K", 4, True, 0, 15, "gguf:Q4_K", 144, QK_K),
-    BlockType("Q4_1", 4, True, 0, 15, "gguf:Q4_1", 20),
-    BlockType("Q5_0", 5, False, -16, 15, "gguf:Q5_0", 22),
-    BlockType("Q5_K", 5, True, 0, 31, "gguf:Q5_K", 176, QK_K),
-    BlockType("Q5_1", 5, True, 0, 31, "gguf:Q5_1", 24),
-    BlockType("Q6_K", 6, False, -32, 31, "gguf:Q6_K", 210, QK_K),
-    BlockType("Q8_0", 8, False, -128, 127, "gguf:Q8_0", 34),
+    _bt("Q2_K", 2, True, 0, 3),
+    _bt("Q3_K", 3, False, -4, 3),
+    _bt("Q4_0", 4, False, -8, 7),
+    _bt("Q4_K", 4, True, 0, 15),
+    _bt("Q4_1", 4, True, 0, 15),
+    _bt("Q5_0", 5, False, -16, 15),
+    _bt("Q5_K", 5, True, 0, 31),
+    _bt("Q5_1", 5, True, 0, 31),
+    _bt("Q6_K", 6, False, -32, 31),
+    _bt("Q8_0", 8, False, -128, 127),
 )
 BY_NAME = {b.name: b for b in BLOCK_TYPES}
 #: Types a tensor may be re-quantized to with the ``gguf`` package's own (llama.cpp reference) quantizers.
@@ -224,7 +234,6 @@ def exact_blocks(module, types: tuple[BlockType, ...] = BLOCK_TYPES) -> tuple[Bl
 def module_from_blocks(raw: np.ndarray, name: str, k: int, bias: torch.Tensor | None = None):
     """A QuantLinear holding the blocks' values exactly (on its type's preset scheme)."""
     from ..modules import QuantLinear
-    from ..schemes import resolve_scheme
 
     bt = BY_NAME[name]
     scheme = resolve_scheme(bt.preset)

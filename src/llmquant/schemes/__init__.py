@@ -43,10 +43,11 @@ __all__ = [
     "qparams_from_minmax",
 ]
 
-from .formats import DEFAULT_CANDIDATES, FloatFormat, format_bytes, format_name, resolve_format  # noqa: E402
+from .formats import (DEFAULT_CANDIDATES, GGUF_CANDIDATES, FloatFormat, format_bytes, format_name, gguf_bytes,  # noqa: E402
+                      gguf_type, resolve_format)
 from .plan import Plan, is_plan_like, resolve_plan  # noqa: E402
 
 METHOD_PARAMS["plan"] = Plan  # a mixed-precision plan is the "plan" method's knobs
 
-__all__ += ["DEFAULT_CANDIDATES", "FloatFormat", "Plan", "format_bytes", "format_name", "is_plan_like",
+__all__ += ["DEFAULT_CANDIDATES", "GGUF_CANDIDATES", "FloatFormat", "gguf_bytes", "gguf_type", "Plan", "format_bytes", "format_name", "is_plan_like",
             "resolve_format", "resolve_plan"]

@@ -121,3 +121,43 @@ def fake_weight(fmt: Format, weight: torch.Tensor) -> torch.Tensor:
 
 #: The default candidate list of a sensitivity scan, from most to fewest bits.
 DEFAULT_CANDIDATES = ("bf16", "W8", "W4G32", "W4G64", "W4G128", "W3G32", "W3G64", "W3G128", "W2G32")
+#: Candidates for a plan written to GGUF (llama.cpp's block types), from most to fewest bits per weight. The
+#: k-quants hold rows whose width is a multiple of 256 only; the 32-value types hold the other layers.
+GGUF_CANDIDATES = ("gguf:Q8_0", "gguf:Q6_K", "gguf:Q5_1", "gguf:Q5_K", "gguf:Q5_0", "gguf:Q4_1", "gguf:Q4_K",
+                   "gguf:Q4_0", "gguf:Q3_K", "gguf:Q2_K")
+_GGUF_FLOATS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def gguf_type(fmt: Format, in_features: int | None = None) -> str | None:
+    """The GGUF (llama.cpp) tensor type that stores ``fmt`` exactly (``"Q4_K"``, ``"F16"`` ...), or None when
+    no type does, or, given ``in_features``, when rows of that width do not fill whole blocks of the type."""
+    if isinstance(fmt, FloatFormat):
+        return _GGUF_FLOATS[fmt.dtype]
+    name = format_name(fmt)
+    if not name.startswith("gguf:") or fmt.dynamic:
+        return None
+    block = fmt.super_group or fmt.group_size
+    if in_features is not None and in_features % block:
+        return None
+    return name.removeprefix("gguf:")
+
+
+def kquant_scale_bytes(fmt: QuantScheme, out_features: int, in_features: int) -> int:
+    """Bytes of a two-level scheme's scales as llama.cpp stores them: per super-block an fp16 ``d`` (and
+    ``dmin`` with minima), per group a ``sub_scale_bits``-bit multiplier (and one for the minimum)."""
+    supers = out_features * -(-in_features // fmt.super_group)
+    groups = out_features * fmt.num_groups(in_features)
+    per = 1 if fmt.symmetric else 2
+    return per * (2 * supers + -(-groups * fmt.sub_scale_bits // 8))
+
+
+def gguf_bytes(fmt: Format, out_features: int, in_features: int) -> int | None:
+    """Bytes an (out_features, in_features) weight takes in a GGUF file (the tensor data), or None when no
+    GGUF type holds ``fmt`` on rows of ``in_features`` values (see :func:`gguf_type`). For the 32-value
+    block types this equals :func:`format_bytes`; for the k-quants the scales are counted as stored there
+    (Q4_K: 144 bytes per 256 weights, 4.5 bits), not as llmquant keeps them in memory."""
+    if gguf_type(fmt, in_features) is None:
+        return None
+    if isinstance(fmt, QuantScheme) and fmt.super_group is not None:
+        return packed_numel(out_features * in_features, fmt.bits) + kquant_scale_bytes(fmt, out_features, in_features)
+    return format_bytes(fmt, out_features, in_features)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ...errors import BudgetError
 from ...schemes import Plan
-from ...schemes.formats import DEFAULT_CANDIDATES
+from ...schemes.formats import DEFAULT_CANDIDATES, GGUF_CANDIDATES, gguf_bytes, gguf_type, resolve_format
 from .sensitivity import Sensitivity, sensitivity
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,52 @@ def solve_knapsack(damage, cost, budget: int, quantum: int | None = None) -> lis
     return out
 
 
-def plan_from_sensitivity(sens: Sensitivity, *, target_bits: float | None = None, max_size=None, method: str = "rtn") -> Plan:
-    """The plan of least predicted damage within the budget (exactly one of ``target_bits``, ``max_size``)."""
+SIZES = ("auto", "folder", "gguf")
+_NEVER = 1 << 50  # the cost of a candidate that cannot hold a layer (never fits a budget)
+
+
+def _sized(sens: Sensitivity, size: str) -> tuple[str, list[list[int]], list[list[float]]]:
+    """(what the bytes count, bytes[u][c], damage[u][c]) for budgets counted as ``size``: ``folder`` (the
+    bytes an llmquant folder stores, as measured), ``gguf`` (the tensor data of a GGUF file: a candidate
+    that no GGUF type holds on a layer's rows gets infinite damage), ``auto`` (``gguf`` when every candidate
+    is a GGUF type, else ``folder``)."""
+    if size not in SIZES:
+        raise BudgetError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    fmts = [resolve_format(c) for c in sens.candidates]
+    if size == "auto":
+        size = "gguf" if all(gguf_type(f) is not None for f in fmts) else "folder"
+    if size == "folder":
+        return size, sens.nbytes, sens.damage
+    if not any(gguf_type(f) is not None for f in fmts):
+        raise BudgetError(f"no candidate is a GGUF type ({', '.join(sens.candidates)}); plan for GGUF with "
+                          f"GGUF types: {', '.join(GGUF_CANDIDATES)}")
+    nbytes, damage, homeless = [], [], []
+    for u, row in zip(sens.units, sens.damage):
+        b = [gguf_bytes(f, *u.shape) for f in fmts]
+        if all(x is None for x in b):
+            homeless.append(f"{u.name} (rows of {u.shape[1]})")
+        nbytes.append([_NEVER if x is None else x for x in b])
+        damage.append([math.inf if x is None else d for x, d in zip(b, row)])
+    if homeless:
+        raise BudgetError(f"no candidate GGUF type holds {', '.join(homeless[:4])}{' ...' if len(homeless) > 4 else ''}: "
+                          "k-quants need widths that are multiples of 256; add a 32-value type (gguf:Q8_0, "
+                          "gguf:Q4_0 ...) or fp16")
+    return size, nbytes, damage
+
+
+def plan_from_sensitivity(sens: Sensitivity, *, target_bits: float | None = None, max_size=None, method: str = "rtn",
+                          size: str = "auto") -> Plan:
+    """The plan of least predicted damage within the budget (exactly one of ``target_bits``, ``max_size``).
+
+    ``size`` says what the budget's bytes are (see :func:`_sized`): with GGUF candidates
+    (:data:`~llmquant.schemes.GGUF_CANDIDATES`) the default counts the GGUF file's tensor bytes, and each
+    layer only takes types whose blocks fit its rows (the k-quants: widths that are multiples of 256)."""
     if (target_bits is None) == (max_size is None):
         raise BudgetError("give exactly one budget: target_bits (average bits per weight) or max_size (e.g. '60MB')")
+    size, sizes, damages = _sized(sens, size)
     nweights = sum(u.numel for u in sens.units)
-    cheapest = sum(min(r) for r in sens.nbytes)
-    dearest = sum(max(r) for r in sens.nbytes)
+    cheapest = sum(min(r) for r in sizes)
+    dearest = sum(max(x for x in r if x < _NEVER) for r in sizes)
     if target_bits is not None:
         if not 0 < target_bits <= 32:
             raise BudgetError(f"target bits {target_bits} is outside (0, 32]: 32 is the float size; ask for fewer bits")
@@ -101,14 +140,16 @@ def plan_from_sensitivity(sens: Sensitivity, *, target_bits: float | None = None
                               f"({(cheapest + sens.fixed_bytes) / 1e6:.2f} MB including {sens.fixed_bytes / 1e6:.2f} MB "
                               "the plan does not cover); raise it, add a smaller candidate, or plan the embeddings too (include_head)")
         what = f"{total / 1e6:.2f} MB total"
+    if size == "gguf":
+        what += " (GGUF tensor bytes)"
     if budget >= dearest:
         log.info("the budget holds every layer at its largest candidate")
-    pick = solve_knapsack(sens.damage, sens.nbytes, budget)
+    pick = solve_knapsack(damages, sizes, budget)
     layers: dict[str, str] = {}
     for u, c in zip(sens.units, pick):
         for m in u.modules:
             layers[m] = sens.candidates[c]
-    nbytes = sum(sens.nbytes[i][c] for i, c in enumerate(pick))
+    nbytes = sum(sizes[i][c] for i, c in enumerate(pick))
     counts: dict[str, int] = {}
     for c in pick:
         counts[sens.candidates[c]] = counts.get(sens.candidates[c], 0) + 1
@@ -116,7 +157,8 @@ def plan_from_sensitivity(sens: Sensitivity, *, target_bits: float | None = None
         "budget": what,
         "solver": "multiple-choice knapsack, exact DP over bytes",
         "sensitivity": {"method": sens.method, "key": sens.key, "tokens": sens.tokens},
-        "predicted_kl": float(sum(sens.damage[i][c] for i, c in enumerate(pick))),
+        "predicted_kl": float(sum(damages[i][c] for i, c in enumerate(pick))),
+        "bytes": "GGUF tensor data" if size == "gguf" else "llmquant folder",
         "bits_per_weight": 8 * nbytes / nweights,
         "planned_bytes": nbytes,
         "total_bytes": nbytes + sens.fixed_bytes,
@@ -135,11 +177,14 @@ def plan_mixed_precision(
     method: str = "fisher",
     include_head: bool = False,
     sensitivity_result: Sensitivity | None = None,
+    size: str = "auto",
     **sens_kw,
 ) -> Plan:
     """Measure (or reuse, from the disk cache) per-layer sensitivity and solve the budget into a plan.
 
     ``include_head`` plans the output head and embedding too (needed for total-size budgets that should
-    count them at low precision). Apply the plan with ``llmquant.quantize(model, plan)``."""
+    count them at low precision). ``candidates=GGUF_CANDIDATES`` plans llama.cpp types for a GGUF file,
+    the budget counted in GGUF bytes (``size``, see :func:`plan_from_sensitivity`). Apply the plan with
+    ``llmquant.quantize(model, plan)``."""
     sens = sensitivity_result or sensitivity(model, text, candidates, method=method, include_head=include_head, **sens_kw)
-    return plan_from_sensitivity(sens, target_bits=target_bits, max_size=max_size)
+    return plan_from_sensitivity(sens, target_bits=target_bits, max_size=max_size, size=size)
