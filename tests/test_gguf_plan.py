@@ -102,7 +102,9 @@ def test_gguf_plan_errors():
                                 cache=False, progress=False)
     with pytest.raises(BudgetError, match=r"no candidate GGUF type holds .*rows of 160"):
         plan_from_sensitivity(sens, target_bits=4.0)
-    plan_from_sensitivity(sens, target_bits=7.0, size="folder")  # as folder bytes (6-7 bits here), any width
+    assert sens.damage[0] == [float("inf")] * 2  # not measured: no GGUF file could hold them
+    with pytest.raises(BudgetError, match=r"no candidate holds .*rows of 160"):
+        plan_from_sensitivity(sens, target_bits=7.0, size="folder")
     sens = llmquant.sensitivity(model, ids, ("W8", "W4G32"), windows=1, seq_len=32, samples=1, cache=False,
                                 progress=False)
     with pytest.raises(BudgetError, match="no candidate is a GGUF type"):

@@ -146,9 +146,9 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
     u = _inverse_cholesky(h, damp, name)
     del h
 
-    # k-quant grids keep llama.cpp's own group search (a weighted least-squares search already; the
-    # range searches were not measured on them)
-    search = "minmax" if scheme.super_group is not None else observer
+    # k-quant grids: llama.cpp's own group search ("minmax"), weighted by diag H for "imse" (as llama.cpp
+    # weights it by an importance matrix); "mse" has no k-quant form and takes the unweighted search
+    search = observer if scheme.super_group is None or observer == "imse" else "minmax"
 
     def qparams(x, cols_imp):
         return range_qparams(x, scheme, search, cols_imp)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,12 +44,12 @@ from ...data import resolve_text, tokenize, windows as cut_windows
 from ...models import arch_for, tied_lm_head
 from ...modules import select_linears, tensor_bytes, unique_stored, weights_held
 from ...resources import cache_dir
-from ...schemes.formats import DEFAULT_CANDIDATES, FP32, fake_weight, format_bytes, format_name, resolve_format
+from ...schemes.formats import DEFAULT_CANDIDATES, FP32, fake_weight, format_bytes, format_name, gguf_type, resolve_format
 from ...schemes import QuantConfig
 from ..heads import head_format, head_names
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 4  # 3: label samples drawn per window (a seeded generator each); 4: fixed bytes with the int8 head
+CACHE_VERSION = 5  # 3: label samples drawn per window (a seeded generator each); 4: fixed bytes with the int8 head; 5: unfit GGUF types not measured
 
 
 @dataclass
@@ -283,6 +284,9 @@ def _kl_sums(model, units, fmts, ids, progress):
         orig = w.detach().clone()
         row = []
         for f in fmts:
+            if not _fits(f, orig.shape[-1]):
+                row.append(math.inf)
+                continue
             w.data.copy_(fake_weight(f, orig))
             logp = F.log_softmax(run_from(u.block), -1)
             row.append(float(F.kl_div(logp, ref, log_target=True, reduction="sum")))  # >= 0 up to rounding
@@ -291,16 +295,39 @@ def _kl_sums(model, units, fmts, ids, progress):
     return damage
 
 
-def _flush(weights, fmts, grads, acc, diag) -> None:
-    """Add, for each stored gradient G, (<G, dW_c>)^2 to acc[unit, c] and <G*G, dW_c*dW_c> to diag[unit, c].
-    dW_c is remade here one unit and one candidate at a time, so memory stays at one layer's worth (the
-    stored gradients are bf16)."""
+def _fits(fmt, width: int) -> bool:
+    """Whether ``fmt`` can hold rows of ``width`` values: a GGUF type whose blocks do not fill the rows
+    (a k-quant on a width that is not a multiple of 256) cannot be written, and is not measured."""
+    return gguf_type(fmt) is None or gguf_type(fmt, width) is not None
+
+
+KEEP_DELTAS = 1 << 30  # bytes of k-quant weight changes kept between windows (their search is slow)
+
+
+def _delta(f, w0, key, kept):
+    """dW of storing ``w0`` in ``f`` (float32, flat); the k-quants' kept in ``kept`` while within
+    KEEP_DELTAS (the others are cheap to remake, so memory stays at one layer's worth)."""
+    if key in kept:
+        return kept[key]
+    d = fake_weight(f, w0).float().flatten() - w0.float().flatten()
+    if getattr(f, "super_group", None) is not None and kept.get("bytes", 0) + 4 * d.numel() <= KEEP_DELTAS:
+        kept[key] = d
+        kept["bytes"] = kept.get("bytes", 0) + 4 * d.numel()
+    return d
+
+
+def _flush(weights, fmts, grads, acc, diag, kept) -> None:
+    """Add, for each stored gradient G, (<G, dW_c>)^2 to acc[unit, c] and <G*G, dW_c*dW_c> to diag[unit, c]
+    (the stored gradients are bf16); candidates that cannot hold a unit's rows are skipped (infinite damage)."""
     for i, w in enumerate(weights):
         w0 = w.detach()
         G = torch.stack([g[i] for g in grads]).flatten(1)  # (k, n) bf16
         G2 = G.float().pow(2).sum(0)
         for c, f in enumerate(fmts):
-            d = fake_weight(f, w0).float().flatten() - w0.float().flatten()
+            if not _fits(f, w0.shape[-1]):
+                acc[i, c] = diag[i, c] = math.inf
+                continue
+            d = _delta(f, w0, (i, c), kept)
             acc[i, c] += ((G @ d.to(torch.bfloat16)).double() ** 2).sum()
             diag[i, c] += float(G2 @ d.pow(2))
         del G, G2
@@ -319,6 +346,7 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
     for w in {id(w): w for w in weights}.values():
         w.requires_grad_(True)
     mine, _ = distributed.split(ids)
+    kept: dict = {}  # k-quant weight changes, made once
     parts = []  # (window, its (diag, acc) sums, its positions)
     bar = tqdm(total=len(mine) * samples, desc="sensitivity (fisher)", disable=not progress, leave=False)
     try:
@@ -339,10 +367,10 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
                     del grads
                     bar.update(1)
                     if len(pending) == flush_every:
-                        _flush(weights, fmts, pending, acc, diag)
+                        _flush(weights, fmts, pending, acc, diag, kept)
                         pending = []
             if pending:
-                _flush(weights, fmts, pending, acc, diag)
+                _flush(weights, fmts, pending, acc, diag, kept)
             parts.append((i, (diag, acc, logp.shape[0])))
             del logp, probs
     finally:

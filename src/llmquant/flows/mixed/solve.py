@@ -83,28 +83,28 @@ def _sized(sens: Sensitivity, size: str) -> tuple[str, list[list[int]], list[lis
     """(what the bytes count, bytes[u][c], damage[u][c]) for budgets counted as ``size``: ``folder`` (the
     bytes an llmquant folder stores, as measured), ``gguf`` (the tensor data of a GGUF file: a candidate
     that no GGUF type holds on a layer's rows gets infinite damage), ``auto`` (``gguf`` when every candidate
-    is a GGUF type, else ``folder``)."""
+    is a GGUF type, else ``folder``). A GGUF type that cannot hold a layer's rows was not measured on it
+    (infinite damage) in either case."""
     if size not in SIZES:
         raise BudgetError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     fmts = [resolve_format(c) for c in sens.candidates]
     if size == "auto":
         size = "gguf" if all(gguf_type(f) is not None for f in fmts) else "folder"
-    if size == "folder":
-        return size, sens.nbytes, sens.damage
-    if not any(gguf_type(f) is not None for f in fmts):
+    if size == "gguf" and not any(gguf_type(f) is not None for f in fmts):
         raise BudgetError(f"no candidate is a GGUF type ({', '.join(sens.candidates)}); plan for GGUF with "
                           f"GGUF types: {', '.join(GGUF_CANDIDATES)}")
     nbytes, damage, homeless = [], [], []
-    for u, row in zip(sens.units, sens.damage):
-        b = [gguf_bytes(f, *u.shape) for f in fmts]
-        if all(x is None for x in b):
+    for u, row, brow in zip(sens.units, sens.damage, sens.nbytes):
+        b = [gguf_bytes(f, *u.shape) for f in fmts] if size == "gguf" else list(brow)
+        d = [math.inf if x is None else v for x, v in zip(b, row)]
+        if not any(math.isfinite(v) for v in d):
             homeless.append(f"{u.name} (rows of {u.shape[1]})")
-        nbytes.append([_NEVER if x is None else x for x in b])
-        damage.append([math.inf if x is None else d for x, d in zip(b, row)])
+        nbytes.append([_NEVER if x is None or not math.isfinite(v) else x for x, v in zip(b, d)])
+        damage.append(d)
     if homeless:
-        raise BudgetError(f"no candidate GGUF type holds {', '.join(homeless[:4])}{' ...' if len(homeless) > 4 else ''}: "
-                          "k-quants need widths that are multiples of 256; add a 32-value type (gguf:Q8_0, "
-                          "gguf:Q4_0 ...) or fp16")
+        raise BudgetError(f"no candidate {'GGUF type ' if size == 'gguf' else ''}holds {', '.join(homeless[:4])}"
+                          f"{' ...' if len(homeless) > 4 else ''}: k-quants need widths that are multiples of 256; "
+                          "add a 32-value type (gguf:Q8_0, gguf:Q4_0 ...), a preset such as W4G32, or fp16")
     return size, nbytes, damage
 
 

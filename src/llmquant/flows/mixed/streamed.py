@@ -114,7 +114,7 @@ def fisher_scan_streamed(model, units, fmts, ids, samples, progress, seed=0, flu
         hi = mine[-1][0] + 1 if mine else 0
         if [k for k, _ in mine] != list(range(lo, hi)):
             raise SchemeError("planned units of one decoder layer must be consecutive in the model's order")
-        pending, below = [], []
+        pending, below, deltas = [], [], {}  # this layer's k-quant weight changes, made once
         for j, x in enumerate(kept[i]):
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -126,12 +126,12 @@ def fisher_scan_streamed(model, units, fmts, ids, samples, progress, seed=0, flu
                     if weights:
                         pending.append([gw.detach().to(torch.bfloat16) for gw in grads[:-1]])
                     if len(pending) == flush_every:
-                        _flush(weights, fmts, pending, acc[lo:hi], diag[lo:hi])
+                        _flush(weights, fmts, pending, acc[lo:hi], diag[lo:hi], deltas)
                         pending = []
             below.append(ups)
             del y
         if pending:
-            _flush(weights, fmts, pending, acc[lo:hi], diag[lo:hi])
+            _flush(weights, fmts, pending, acc[lo:hi], diag[lo:hi], deltas)
         upstream = below
         kept[i] = None
         _unload(layers[i])
