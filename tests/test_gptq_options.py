@@ -166,6 +166,23 @@ def test_importance_weighted_gptq_beats_min_max_gptq():
         assert e["imse"] < 0.9 * e["minmax"], e
 
 
+@pytest.mark.parametrize("name", ["gguf:Q2_K", "gguf:Q3_K", "gguf:Q6_K"])
+def test_gptq_on_kquants_weights_the_group_search(name):
+    """GPTQ on a k-quant grid: observer "imse" runs llama.cpp's group search weighted by diag H (lower output
+    error on dominant input channels), "minmax" and "mse" its unweighted search (the same codes)."""
+    from llmquant.schemes import resolve_scheme
+    from llmquant.schemes.kquant import two_level_scales
+
+    scheme = resolve_scheme(name)
+    x, w = salient_inputs(k=256), weight(k=256)
+    h = hessian_from_inputs(x)
+    got = {o: gptq_quantize(w, h, scheme, act_order="full", static_groups=True, observer=o) for o in ("minmax", "mse", "imse")}
+    assert all(torch.equal(a, b) for a, b in zip(got["minmax"][:2], got["mse"][:2]))
+    e = {o: out_err(x, w, *r, scheme) for o, r in got.items()}
+    assert e["imse"] < 0.95 * e["minmax"], e
+    assert torch.equal(two_level_scales(got["imse"][1], scheme)[0], got["imse"][1])  # still on the grid
+
+
 def test_params_validate_and_round_trip():
     p = GPTQParams(damp=0.05, act_order="group", static_groups=True, observer="imse")
     assert GPTQParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p

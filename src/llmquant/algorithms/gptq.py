@@ -110,8 +110,8 @@ def gptq_quantize(
     order (:data:`llmquant.schemes.methods.ACT_ORDERS`; True / False mean "full" / "off"). ``static_groups``: every group's qparams
     from the original weights before the sweep (else from the updated weights when the sweep reaches the
     group). ``observer``: the range search for those qparams
-    (:func:`llmquant.schemes.primitives.range_qparams`; "imse" weights each column by ``diag H``; k-quant
-    grids keep llama.cpp's search). The defaults are the paper's algorithm;
+    (:func:`llmquant.schemes.primitives.range_qparams`; "imse" weights each column by ``diag H``; on k-quant
+    grids llama.cpp's own group search, weighted by ``diag H`` for "imse", unweighted otherwise). The defaults are the paper's algorithm;
     :class:`llmquant.schemes.GPTQParams` holds the measured best.
     ``consume_hessian``: the caller gives it up (an fp32 tensor made for this call), so it is worked on in
     place instead of copied (at 8192 inputs each copy is 268 MB).
