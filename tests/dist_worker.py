@@ -49,6 +49,33 @@ def main() -> None:
         qat_train._save = dying
         qat_run(ckpt, steps=4, checkpoint_dir=out, checkpoint_every=2)
         return
+    if "--qat-fsdp" in sys.argv:  # four QAT steps sharded with FSDP2, a checkpoint every two (step 2's kept)
+        import shutil
+
+        from llmquant.flows import qat_train
+
+        save = qat_train._save
+
+        def keeping(folder, model, opt, done, *a):
+            path = save(folder, model, opt, done, *a)
+            if done == 2 and distributed.is_writer():
+                os.makedirs(os.path.join(out, "step2"))
+                shutil.copy(path, os.path.join(out, "step2", os.path.basename(path)))
+            return path
+
+        qat_train._save = keeping
+        losses, state = qat_run(ckpt, steps=4, shard=True, checkpoint_dir=out, checkpoint_every=2)
+        qat_train._save = save
+        # sharded again, resuming step 2's checkpoint (the optimizer state loaded into the shards)
+        if distributed.is_writer():
+            shutil.copytree(os.path.join(out, "step2"), os.path.join(out, "step2-sharded"))
+        distributed.active().check("the copied checkpoint")
+        resumed, rstate = qat_run(ckpt, steps=4, shard=True, checkpoint_dir=os.path.join(out, "step2-sharded"),
+                                  resume=True)
+        if distributed.is_writer():
+            torch.save({"losses": losses, "state": state, "resumed": resumed, "resumed_state": rstate},
+                       os.path.join(out, "qat_fsdp.pt"))
+        return
     cases = ["gptq"] if kill or "--resume" in sys.argv else list(CASES)
     for name in cases:
         m, _ = llmquant.load_model(ckpt)

@@ -189,6 +189,31 @@ def test_qat_checkpoint_of_two_ranks_resumes_in_one_process(ckpt, tmp_path):
         torch.testing.assert_close(state[k], straight[k], rtol=0, atol=1e-5)
 
 
+def test_qat_sharded_with_fsdp2_matches_one_process_and_its_checkpoint_resumes_anywhere(ckpt, tmp_path):
+    """QAT with the model sharded over two ranks (FSDP2): the same losses and trained weights as one process
+    (float32 rounding apart), whole weights again after training, and a checkpoint in the one-process form
+    that one process resumes to where an uninterrupted one-process run ends."""
+    res = _ranks([str(HERE / "dist_worker.py"), str(ckpt), str(tmp_path), "--qat-fsdp"])
+    for r in res:
+        assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "qat_fsdp.pt")
+    losses, state = qat_run(ckpt, steps=4)
+    assert got["losses"] == pytest.approx(losses, rel=1e-5)
+    assert state.keys() == got["state"].keys()
+    for k in state:
+        assert type(got["state"][k]) is torch.Tensor, k  # not a shard
+        torch.testing.assert_close(got["state"][k], state[k], rtol=0, atol=1e-5)
+    assert got["resumed"] == pytest.approx(losses, rel=1e-5)  # two ranks resuming their own step-2 file
+    for k in state:
+        torch.testing.assert_close(got["resumed_state"][k], state[k], rtol=0, atol=1e-5)
+    ck = torch.load(tmp_path / "step2" / "qat_checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and sorted(ck["optimizer"]["state"]) == list(range(len(ck["optimizer"]["state"])))
+    resumed, rstate = qat_run(ckpt, steps=4, checkpoint_dir=tmp_path / "step2", resume=True)
+    assert resumed == pytest.approx(losses, rel=1e-5)
+    for k in state:
+        torch.testing.assert_close(rstate[k], state[k], rtol=0, atol=1e-5)
+
+
 def test_layer_training_is_refused_in_a_distributed_run(ckpt):
     from llmquant.errors import UnsupportedError
     from llmquant.flows import distributed

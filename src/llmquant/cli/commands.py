@@ -295,7 +295,7 @@ def cmd_qat(args) -> int:
     kw = {k: v for k, v in params.to_dict().items() if k not in ("text", "version")}
     extra = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
     res = llmquant.train_qat(model, Path(params.text) if params.text else None, config=cfg, tokenizer=tok,
-                             checkpoint_dir=ckpt_dir, resume=args.resume, **extra, **kw)
+                             checkpoint_dir=ckpt_dir, resume=args.resume, shard=args.shard, **extra, **kw)
     if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run writes and reports
         return 0
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
@@ -331,6 +331,8 @@ def add_qat_parser(sub) -> None:
     t.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT.qat-ckpt)")
     t.add_argument("--checkpoint-every", type=A.positive_int, help="steps between checkpoints (default 50)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    t.add_argument("--shard", action="store_true", help="with torchrun / --workers: shard the model, gradients and "
+                   "optimizer state over the processes (FSDP2) instead of a whole copy in each (DDP)")
     t.add_argument("-o", "--output", required=True, help="output folder (loadable with llmquant.load)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     from . import _add_dist_args

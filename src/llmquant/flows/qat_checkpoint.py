@@ -37,12 +37,20 @@ def qat_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def qat_state_names(model: nn.Module) -> list[str]:
+    """The keys :func:`qat_state` gives, without reading any tensor (a sharded model's are not whole)."""
+    return [f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)
+            for k in m.state_dict(keep_vars=True)]
+
+
 def checkpoint_path(folder: str | os.PathLike) -> Path:
     return Path(folder).expanduser() / CHECKPOINT
 
 
 def save_checkpoint(folder, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, settings: dict,
-                    history: dict) -> Path:
+                    history: dict, *, model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write the checkpoint; ``model_state`` / ``optimizer_state``: the states already gathered (a sharded
+    run), else read from ``model`` and ``optimizer``."""
     path = checkpoint_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -51,8 +59,8 @@ def save_checkpoint(folder, model: nn.Module, optimizer: torch.optim.Optimizer, 
         "step": int(step),
         "settings": settings,
         "history": history,
-        "model": qat_state(model),
-        "optimizer": optimizer.state_dict(),
+        "model": qat_state(model) if model_state is None else model_state,
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
     }
     clear_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -156,6 +156,7 @@ def train_qat(
     explode_factor: float = 10.0,
     seed: int = 0,
     convert: bool = True,
+    shard: bool = False,
     progress: bool = True,
 ) -> QATResult:
     """Fine-tune ``model`` under fake quantization; by default convert it to packed modules at the end.
@@ -167,6 +168,10 @@ def train_qat(
     ``checkpoint_dir`` + ``checkpoint_every``: save every N steps (and at the end); ``resume=True`` continues
     from the checkpoint there. A loss that is NaN/Inf, or above ``explode_factor`` x the first step's loss
     (and above 0.1), raises :class:`TrainingDivergedError` before the step is applied.
+    ``shard``: in a distributed run, shard the model (and the teacher) over the ranks with FSDP2
+    (``fully_shard`` per decoder layer, then the whole model): each rank holds 1/N of the weights,
+    gradients and optimizer state between layers instead of a whole copy (DistributedDataParallel);
+    checkpoints hold the full state either way, so any number of ranks resumes them. One process: ignored.
     """
     if loss not in LOSSES:
         raise SchemeError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -205,14 +210,26 @@ def train_qat(
         "lora_alpha": qat.get("lora_alpha", lora_alpha), "seed": seed,
         "steps": steps, "lr": lr, "lr_qparams": lr_qparams, "weight_decay": weight_decay,
     }
+    group = distributed.active()
+    fsdp = shard and group is not None
     groups, n_train = _param_groups(model, lr, lr_qparams, weight_decay)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    start, history = 0, {"losses": []}
+    ck = None
     if resume:
         ck = ckpt.load_checkpoint(checkpoint_dir)
         ckpt.check_settings(ck["settings"], settings, checkpoint_dir)
         ckpt.restore(model, ck)
-        opt.load_state_dict(ck["optimizer"])
+    if fsdp:  # the optimizer is made on the sharded parameters
+        _shard(model, group)
+        if teacher is not None:
+            _shard(teacher, group)
+        groups, n_train = _param_groups(model, lr, lr_qparams, weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    start, history = 0, {"losses": []}
+    if ck is not None:
+        if fsdp:
+            _load_full_optimizer(model, opt, ck["optimizer"])
+        else:
+            opt.load_state_dict(ck["optimizer"])
         for g, base in zip(opt.param_groups, (lr, lr_qparams)):  # the learning rates asked for now
             g["base_lr"] = base
         start, history = ck["step"], ck["history"]
@@ -224,13 +241,12 @@ def train_qat(
     if gradient_checkpointing:
         _checkpointing_methods(model)[0]()
     model.train()
-    group = distributed.active()
     if group is not None:
         if batch < group.world:
             raise SchemeError(f"a distributed QAT run splits each micro-batch over the ranks: batch ({batch}) must be "
                               f"at least the number of ranks ({group.world})")
         progress = progress and group.rank == 0
-    student = model if group is None else _ddp(model, group)
+    student = model if group is None or fsdp else _ddp(model, group)
     losses = list(history["losses"])
     first = losses[0] if losses else None
     tokens, t0, stopped_by_time = 0, time.perf_counter(), False
@@ -258,7 +274,9 @@ def train_qat(
                         with torch.no_grad():
                             t_logp = F.log_softmax(_logits(teacher, ids).float(), dim=-1)
                     sync = group is None or a == grad_accum - 1
-                    with (contextlib.nullcontext() if sync else student.no_sync()):
+                    if fsdp:
+                        student.set_requires_gradient_sync(sync)
+                    with (contextlib.nullcontext() if sync or fsdp else student.no_sync()):
                         lval = distill_loss(_logits(student, ids), ids, t_logp, loss) * (share / grad_accum)
                         # DistributedDataParallel averages the ranks' gradients: scaled by the number of ranks,
                         # their sum is the gradient of the whole micro-batch's loss
@@ -272,6 +290,7 @@ def train_qat(
                     tokens += ids.numel()
                 params = [p for g in opt.param_groups for p in g["params"]]
                 gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # sharded: every rank's part
                 if not torch.isfinite(gnorm):
                     _diverged(f"the gradient norm became {float(gnorm)} at step {step + 1}", last_saved)
                 if first is None:
@@ -286,7 +305,7 @@ def train_qat(
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(el, 1e-9):.0f}")
                 done = step + 1
                 if checkpoint_dir and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-                    last_saved = _save(checkpoint_dir, model, opt, done, settings, losses, group)
+                    last_saved = _save(checkpoint_dir, model, opt, done, settings, losses, group, fsdp)
                 over = max_seconds is not None and el > max_seconds and done < steps
                 if group is not None:  # rank 0's clock decides, so every rank stops at the same step
                     over = bool(group.broadcast(over, 0, "the time budget"))
@@ -294,13 +313,17 @@ def train_qat(
                     stopped_by_time = True
                     log.info("time budget of %.0f s used after %d steps", max_seconds, done)
                     if checkpoint_dir:
-                        last_saved = _save(checkpoint_dir, model, opt, done, settings, losses, group)
+                        last_saved = _save(checkpoint_dir, model, opt, done, settings, losses, group, fsdp)
                     break
         finally:
             bar.close()
             if gradient_checkpointing:
                 _checkpointing_methods(model)[1]()
             model.eval()
+    if fsdp:  # whole weights again on every rank: converted and saved as from one process
+        _unshard(model)
+        if teacher is not None:
+            _unshard(teacher)
     seconds = time.perf_counter() - t0
     res = QATResult(
         steps=len(losses), start_step=start, losses=losses, seconds=seconds, tokens=tokens,
@@ -323,11 +346,92 @@ def _ddp(model: nn.Module, group):
                                    process_group=group.pg)
 
 
-def _save(folder, model, opt, done: int, settings: dict, losses: list, group):
-    """A checkpoint at step ``done`` (written by rank 0; the others wait for it, so a resume finds it)."""
+def _mesh(group):
+    from torch.distributed.device_mesh import DeviceMesh
+    import torch.distributed as dist
+
+    cuda = group.backend == "nccl"
+    return DeviceMesh.from_group(dist.group.WORLD if cuda or group.pg is None else group.pg, "cuda" if cuda else "cpu")
+
+
+def _shard(model: nn.Module, group) -> None:
+    """FSDP2 on ``model`` in place: each decoder layer its own unit (gathered for its forward and backward
+    only), then the rest (embeddings, norms, head) as the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..models import arch_for
+
+    mesh = _mesh(group)
+    arch = arch_for(model)
+    layers = model.get_submodule(arch.layers) if arch is not None else []
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _unshard(model: nn.Module) -> None:
+    """Undo :func:`_shard`: every parameter gathered whole (a collective: every rank calls it), the FSDP
+    hooks removed and the modules' own classes back, so the model converts, saves and runs as one process's."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for mod in model.modules():
+        if isinstance(mod, FSDPModule):
+            state = mod._get_fsdp_state()
+            for h in (state._pre_forward_hook_handle, state._post_forward_hook_handle):
+                h.remove()
+            mod.__class__ = next(c for c in mod.__class__.__bases__ if c is not FSDPModule)
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):
+                mod._parameters[name] = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _full_optimizer(model: nn.Module, opt) -> dict:
+    """The sharded optimizer's whole state in ``opt.state_dict()``'s own form (parameters numbered in
+    group order), so a one-process run loads it as it is. A collective; rank 0 gets it, the others {}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return {}
+    names = _param_names(model)
+    order = {names[id(p)]: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    return {"state": {order[k]: v for k, v in full["state"].items()},
+            "param_groups": [{**g, "params": [order[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+
+def _load_full_optimizer(model: nn.Module, opt, saved: dict) -> None:
+    """Load an ``opt.state_dict()``-form state (a checkpoint of any number of ranks) into a sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model)
+    by_index = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    full = {"state": {by_index[int(k)]: v for k, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [by_index[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _full_qat_state(model: nn.Module) -> dict:
+    """:func:`qat_checkpoint.qat_state` of a sharded model, gathered whole (a collective; rank 0 gets it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    wanted = set(ckpt.qat_state_names(model))
+    return {k: v for k, v in full.items() if k in wanted}
+
+
+def _save(folder, model, opt, done: int, settings: dict, losses: list, group, fsdp: bool = False):
+    """A checkpoint at step ``done`` (written by rank 0; the others wait for it, so a resume finds it). A
+    sharded run gathers the whole state first (every rank takes part), so the file is the same either way."""
     path = None
+    states = (_full_qat_state(model), _full_optimizer(model, opt)) if fsdp else (None, None)
     if group is None or group.rank == 0:
-        path = ckpt.save_checkpoint(folder, model, opt, done, settings, {"losses": losses})
+        path = ckpt.save_checkpoint(folder, model, opt, done, settings, {"losses": losses},
+                                    model_state=states[0], optimizer_state=states[1])
     if group is not None:
         group.check(f"the checkpoint at step {done}")
         path = ckpt.checkpoint_path(folder)
