@@ -30,7 +30,7 @@ def tokenizer(default_model_and_tokenizer):
     return default_model_and_tokenizer[1]
 
 
-def make_tiny_llama(vocab_size=49152, hidden=72, seed=0, tie=True, layers=2):
+def make_tiny_llama(vocab_size=49152, hidden=72, seed=0, tie=True, layers=2, intermediate=160, heads=4, kv_heads=2):
     """A tiny random Llama: width 72 is not a multiple of 32/64/128, so groups are ragged."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,10 +38,10 @@ def make_tiny_llama(vocab_size=49152, hidden=72, seed=0, tie=True, layers=2):
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=160,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
     )

@@ -42,18 +42,7 @@ def test_gguf_bytes_are_the_gguf_block_sizes():
 
 def _mixed_width_model():
     """Attention and MLP inputs 160 wide (32-value blocks only), down_proj inputs 512 wide (k-quants fit)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=400, hidden_size=160, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=5, num_key_value_heads=1, tie_word_embeddings=True,
-                      max_position_embeddings=128)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return m
+    return make_tiny_llama(vocab_size=400, hidden=160, intermediate=512, heads=5, kv_heads=1)
 
 
 def test_gguf_plan_fits_rows_and_budget_and_exports_exactly(tmp_path, tiny_bpe_tokenizer):

@@ -21,18 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _kq_model(seed=0):
     """One decoder layer 256 wide (k-quant super-blocks fit), weights large enough to quantize visibly."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=128)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return m
+    return make_tiny_llama(vocab_size=512, hidden=256, intermediate=512, seed=seed, layers=1)
 
 
 def _kl(ref, model, ids):
