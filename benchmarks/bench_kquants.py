@@ -29,7 +29,7 @@ import llmquant
 from llmquant.data import calibration_windows
 from llmquant.data.text import token_windows
 from llmquant.eval.llama_cpp import llama_cpp_logits, llama_cpp_quantize
-from llmquant.flows.mixed import plan_from_sensitivity
+from llmquant.flows.mixed import llama_cpp_bytes, plan_from_sensitivity
 from llmquant.flows.mixed.llama_presets import MIXTURES
 from llmquant.schemes import GGUF_CANDIDATES, Plan
 
@@ -106,6 +106,9 @@ def main() -> None:
         plan = None
         if sens is not None:
             budget = _tensor_bytes(out)
+            if mixture in MIXTURES:
+                print(f"llama_cpp_bytes(model, {mixture!r}) = {llama_cpp_bytes(model, mixture)}, the file: {budget}",
+                      flush=True)
             plan = plan_from_sensitivity(sens, max_size=budget)
             print(f"plan at {budget} tensor bytes: {plan.info['formats']} predicted KL {plan.info['predicted_kl']:.4f}",
                   flush=True)

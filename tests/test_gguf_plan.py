@@ -114,6 +114,16 @@ def test_cli_plan_gguf(tmp_path, tiny_bpe_tokenizer, capsys, monkeypatch):
     assert rc == 0, o
     d = json.loads((tmp_path / "p.json").read_text())
     assert d["info"]["bytes"] == "GGUF tensor data" and all(v.startswith("gguf:") for v in d["layers"].values())
+    # a budget of "llama.cpp's Q3_K_M for this model"
+    rc, o, _ = run(capsys, "plan", "--model", str(folder), *fast, "--candidates", "gguf", "--include-head",
+                   "--max-size", "gguf:Q3_K_M", "-o", str(tmp_path / "q3.json"))
+    assert rc == 0 and "llama.cpp's Q3_K_M file" in o, o
+    from llmquant.flows.mixed import llama_cpp_bytes
+
+    q3 = json.loads((tmp_path / "q3.json").read_text())["info"]
+    assert q3["total_bytes"] <= llama_cpp_bytes(_mixed_width_model(), "Q3_K_M")
+    rc, _, err = run(capsys, "plan", "--model", str(folder), *fast, "--max-size", "gguf:Q9_K", "-o", str(tmp_path / "x.json"))
+    assert_one_line_error(rc, err, "not a llama.cpp mixture")
     # widths no GGUF block type fills (72): one line naming the layer
     narrow = tmp_path / "narrow"
     make_tiny_llama(vocab_size=400).save_pretrained(str(narrow))
@@ -123,3 +133,19 @@ def test_cli_plan_gguf(tmp_path, tiny_bpe_tokenizer, capsys, monkeypatch):
     assert_one_line_error(rc, err, "rows of 72")
     assert not (tmp_path / "n.json").exists()
     assert np.isfinite(d["info"]["predicted_kl"])
+
+
+@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q2_K"])
+def test_llama_cpp_bytes_is_the_size_of_llama_cpps_own_file(mixture, tmp_path, tiny_bpe_tokenizer, monkeypatch):
+    """The budget "as large as llama.cpp's Q4_K_M" computed from shapes equals the tensor bytes of the file
+    llama.cpp's own quantizer writes for the model (fallback types included: on rows of 160, Q5_0 for
+    Q4_K_M; IQ4_NL, the size of Q4_0, for Q2_K)."""
+    from llmquant.eval.llama_cpp import llama_cpp_quantize
+    from llmquant.flows.mixed import llama_cpp_bytes
+
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    model = _mixed_width_model()
+    llmquant.export(model, tiny_bpe_tokenizer, tmp_path / "f32.gguf", float_type="F32", progress=False)
+    llama_cpp_quantize(tmp_path / "f32.gguf", tmp_path / "q.gguf", mixture)
+    theirs = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors)
+    assert llama_cpp_bytes(model, mixture) == theirs

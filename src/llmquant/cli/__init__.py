@@ -122,7 +122,8 @@ def build_parser() -> A.Parser:
     pl = sub.add_parser("plan", help="solve a budget into a per-layer mixed-precision plan (JSON)")
     _add_sens_args(pl)
     pl.add_argument("--target-bits", type=A.positive_float, help="average bits per weight over the planned layers")
-    pl.add_argument("--max-size", help="total stored model size, e.g. 60MB (1 MB = 1e6 bytes)")
+    pl.add_argument("--max-size", help="total stored model size, e.g. 60MB (1 MB = 1e6 bytes), or gguf:Q4_K_M "
+                    "(the tensor bytes of llama.cpp's own file of that mixture for this model)")
     pl.add_argument("--size", choices=["auto", "folder", "gguf"], default="auto",
                     help="what the budget counts: an llmquant folder's bytes, or a GGUF file's tensor bytes "
                          "(auto: gguf when every candidate is a GGUF type, e.g. --candidates gguf)")

@@ -63,17 +63,31 @@ def cmd_plan(args) -> int:
 
     if (args.target_bits is None) == (args.max_size is None):
         raise BudgetError("give exactly one of --target-bits B or --max-size S (e.g. 60MB)")
+    like = None  # --max-size gguf:Q4_K_M: the size of llama.cpp's own file of that mixture for this model
     if args.max_size is not None:
+        from ..flows.mixed.llama_presets import MIXTURES
         from ..flows.mixed.solve import parse_size
 
-        parse_size(args.max_size)  # a size it cannot read is reported before the model loads
+        if args.max_size.lower().startswith("gguf:"):
+            like = args.max_size[5:].upper()
+            if like not in MIXTURES:
+                raise BudgetError(f"--max-size {args.max_size}: not a llama.cpp mixture; known: "
+                                  f"{', '.join('gguf:' + m for m in MIXTURES)}")
+        else:
+            parse_size(args.max_size)  # a size it cannot read is reported before the model loads
     _check_out(args.output, True, kind="file")
     _check_side_files(args)
     model, tok = llmquant.load_model(args.model, stream=args.stream)
+    max_size = args.max_size
+    if like is not None:
+        from ..flows.mixed import llama_cpp_bytes
+
+        max_size = llama_cpp_bytes(model, like)
+        print(f"budget: {max_size / 1e6:.2f} MB, the tensor bytes of llama.cpp's {like} file of this model")
     sens = _sens_from_args(args, model, tok)
     if not llmquant.flows.distributed.is_writer():
         return 0
-    plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=args.max_size, size=args.size)
+    plan = plan_from_sensitivity(sens, target_bits=args.target_bits, max_size=max_size, size=args.size)
     plan.save(args.output)
     print(format_table([plan_row(plan)]))
     print(f"wrote {args.output} ({len(plan.rules)} layers; edit it freely, then: llmquant quantize --plan {args.output} -o OUT)")

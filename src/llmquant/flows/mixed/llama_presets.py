@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ...errors import SchemeError
 from ...models import arch_for, config_value, hf_to_gguf_name, tied_lm_head
-from ...schemes import Plan
+from ...schemes import Plan, gguf_bytes
 from ..heads import head_names
 from .apply import plan_targets
 
@@ -114,3 +114,23 @@ def llama_cpp_plan(model: nn.Module, mixture: str = "Q4_K_M", *, head: bool = Tr
         t = _fit(ggml, width)
         layers[name] = t if t == "fp16" else f"gguf:{t}"
     return Plan.from_layers(layers, info={"llama_cpp_mixture": key}, method=method, params=params)
+
+
+def llama_cpp_bytes(model: nn.Module, mixture: str = "Q4_K_M") -> int:
+    """The tensor bytes of the GGUF file llama.cpp's ``llama-quantize`` writes for ``model`` in ``mixture``
+    (what :func:`llama_cpp_plan` gives each tensor, the rest in F32 as llama.cpp keeps norms; a tied head
+    once), computed from the shapes: a planner budget of "the size of llama.cpp's Q4_K_M" without running
+    llama.cpp (``plan_from_sensitivity(sens, max_size=llama_cpp_bytes(model, "Q4_K_M"))``)."""
+    plan = llama_cpp_plan(model, mixture)
+    targets = plan_targets(model)
+    assigned = plan.resolve(targets, head_names(model))
+    total, seen = 0, set()
+    for name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            fmt = assigned.get(name) if pname == "weight" and name in targets else None
+            n = gguf_bytes(fmt, *p.shape) if fmt is not None and p.dim() == 2 else None
+            total += n if n is not None else p.numel() * 4
+    return total
