@@ -8,6 +8,11 @@ the float model on the standard 8 x 512-token windows), so "the results match" i
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_distributed.py --qat-steps 40
     flock /tmp/llmquant-bench.lock python benchmarks/bench_distributed.py --layer-costs 8   # one 8B-shaped layer
+    flock /tmp/llmquant-bench.lock python benchmarks/bench_distributed.py --shard-memory --qat-steps 4
+
+``--shard-memory``: QAT in one process, in two with DistributedDataParallel (each a whole copy) and in two
+sharded with FSDP2 (``--shard``): the largest process's peak resident memory (``/usr/bin/time``), the
+training seconds and the last loss.
 
 Writes benchmarks/results/distributed.{json,md}.
 """
@@ -75,6 +80,35 @@ def layer_costs(windows: int, threads: int) -> dict:
             "codes_bytes_per_layer": (4096 * (4096 + 1024 * 2 + 4096) + 3 * 4096 * 14336) * 2}  # int16 codes sent
 
 
+def shard_memory(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="llmquant-shard-bench-"))
+    base = ["qat", "--bits", "4", "--group-size", "64", "--steps", str(args.qat_steps), "--batch", "2"]
+    rows = []
+    for label, extra in (("1 process", []), ("2 processes, DDP (whole copies)", ["--workers", "2"]),
+                         ("2 processes, FSDP2 (--shard)", ["--workers", "2", "--shard"])):
+        out = tmp / label.split(",")[-1].strip().split()[0]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+        t0 = time.perf_counter()
+        r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, "-m", "llmquant", *base, *extra,
+                            "-o", str(out)], capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if r.returncode:
+            raise SystemExit(f"{label} failed:\n{r.stderr[-3000:]}")
+        rss = int(r.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0]) / 1024
+        table = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+        cols = dict(zip([h.strip() for h in table[0].strip("|").split("|")], [v.strip() for v in table[-1].strip("|").split("|")]))
+        rows.append({"config": label, "wall_s": wall, "train_s": float(cols["minutes"]) * 60,
+                     "last_loss": float(cols["last loss"]), "peak_rss_mb_largest_process": rss})
+        print(rows[-1], flush=True)
+    lines = ["| QAT W4G64, default model | largest process peak RSS MB | train s | command wall s | last loss |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['peak_rss_mb_largest_process']:.0f} | {r['train_s']:.1f} | {r['wall_s']:.1f} | "
+              f"{r['last_loss']:.5f} |" for r in rows]
+    Path(args.out + "_shard.json").write_text(json.dumps({"qat_steps": args.qat_steps, "rows": rows}, indent=1))
+    Path(args.out + "_shard.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -84,7 +118,11 @@ def main() -> None:
     ap.add_argument("--layer-costs", type=int, metavar="WINDOWS",
                     help="only measure one Llama-3-8B-shaped layer's GPTQ phases with this many 512-token windows")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shard-memory", action="store_true", help="QAT: 1 process, 2 with DDP, 2 sharded (FSDP2)")
     args = ap.parse_args()
+    if args.shard_memory:
+        shard_memory(args)
+        return
     if args.layer_costs:
         res = layer_costs(args.layer_costs, args.threads)
         print(json.dumps(res, indent=1))
