@@ -43,8 +43,15 @@ def cmd_sensitivity(args) -> int:
     sens = _sens_from_args(args, model, tok)
     if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run reports
         return 0
-    rows = sorted(sens.rows(), key=lambda r: -max(v for k, v in r.items() if k != "layer"))
+    import math
+
+    def worst(r):  # a GGUF type that cannot hold a layer's rows is inf (not measured): not "sensitive"
+        return max([v for k, v in r.items() if k != "layer" and math.isfinite(v)] or [0.0])
+
+    rows = sorted(sens.rows(), key=lambda r: -worst(r))
     print(format_table(rows[: args.top]))
+    if any(not math.isfinite(v) for r in rows for k, v in r.items() if k != "layer"):
+        print("inf: that GGUF type cannot hold the layer's rows (k-quants need widths that are multiples of 256)")
     print(f"{len(sens.units)} layers x {len(sens.candidates)} candidates, {sens.method}, {sens.tokens} calibration "
           f"tokens, {sens.seconds:.1f}s (cached results come back at once); damage = KL per token, this layer alone")
     if args.json:
