@@ -33,8 +33,9 @@ def old_statistics():
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x2).all():
             raise RuntimeError("NaN/Inf")
-        self._xtx.addmm_(x2.T, x2)
-        self.abs_sum += x2.abs().sum(0)
+        self._xtx += (x2.T @ x2).to(self._xtx.dtype)  # the full product (the accumulator is float64 now)
+        self._mirrored = True
+        self.abs_sum += x2.abs().sum(0).to(self.abs_sum.dtype)
         self.n += x2.shape[0]
 
     saved = stats.InputStats._add

@@ -22,6 +22,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = ["W4G64", "W4G128", "W3G32"]
 METHODS = ["rtn", "gptq", "awq"]
+PASS_OPTIONS = ("bf16", "onepass")  # variant suffixes that set the calibration passes (CalibSpec), not the method
 
 
 def _rss_mb() -> float:
@@ -49,14 +50,16 @@ def weight_scheme(name: str):
 
 
 def frontier_config(method: str, args):
-    """``(method, method_params)`` for the HQQ / AutoRound variants: ``hqq``, ``hqq-z`` (HQQ's zero point
-    alone, no scale update), ``autoround`` (``--ar-steps`` / ``--ar-batch``), and ``awq-hqq`` /
+    """``(method, method_params)`` for the HQQ / AutoRound variants: ``hqq`` (its defaults: the unweighted
+    guard), ``hqq-z`` (HQQ's zero point alone, no scale update), ``hqq-off`` / ``hqq-imse`` (no guard / the
+    importance-weighted guard, calibrated), ``autoround`` (``--ar-steps`` / ``--ar-batch``), and ``awq-hqq`` /
     ``awq-autoround`` (compositions after AWQ's scales)."""
     from llmquant import AutoRoundParams, HQQParams
 
     base, *opts = method.split("-")
     if base == "hqq":
-        return base, HQQParams(optimize_scale=opts != ["z"])
+        guard = next((o for o in opts if o in ("off", "mse", "imse")), "mse")
+        return base, HQQParams(optimize_scale="z" not in opts, guard=guard)
     last = opts[-1] if base == "awq" else base
     params = AutoRoundParams(steps=args.ar_steps, batch=args.ar_batch) if last == "autoround" else None
     return ([base, last], [None, params]) if last != base else (base, params)
@@ -68,8 +71,10 @@ def method_config(method: str):
     plus each option: ``ao`` (act_order "full"), ``gao`` (act_order "group"), ``sg`` (static groups),
     ``mse`` / ``imse`` (the groups' range search), ``d05`` (damp 0.05), ``awq`` (AWQ's scales first);
     ``rtn-mse`` / ``rtn-imse``: RTN with that range search. ``bf16`` (any method): the calibration passes in
-    bfloat16 (``CalibSpec(compute="bfloat16")``), handled by :func:`run_one`."""
-    base, *opts = [o for o in method.split("-") if o != "bf16"]
+    bfloat16 (``CalibSpec(compute="bfloat16")``); ``onepass`` (any calibrated method): one float pass over the
+    whole model gathers every layer's statistics, each layer seeing the float model's inputs
+    (``CalibSpec(sequential=False)``) instead of two passes per layer; both handled by :func:`run_one`."""
+    base, *opts = [o for o in method.split("-") if o not in PASS_OPTIONS]
     if base == "rtn" and opts:
         from llmquant import RTNParams
 
@@ -101,10 +106,14 @@ def run_one(method: str, scheme: str, args) -> dict:
     rss_loaded = _rss_mb()
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
     base, params = method_config(method)
-    if base in ("hqq", "autoround") or (base == "awq" and method.split("-")[-1] in ("hqq", "autoround")):
-        base, params = frontier_config(method, args)
-    bf16 = "bf16" in method.split("-") or args.compute == "bfloat16"
+    parts = method.split("-")
+    core = "-".join(o for o in parts if o not in PASS_OPTIONS)
+    if base in ("hqq", "autoround") or (base == "awq" and core.split("-")[-1] in ("hqq", "autoround")):
+        base, params = frontier_config(core, args)
+    bf16 = "bf16" in parts or args.compute == "bfloat16"
     compute = {"compute": "bfloat16"} if bf16 else {}  # (older llmquant has no compute field)
+    if "onepass" in parts:
+        compute["sequential"] = False
     cfg = QuantConfig(weight=weight_scheme(scheme), method=base, method_params=params,
                       calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len, **compute))
     t0, c0 = time.perf_counter(), _cpu_s()

@@ -179,6 +179,11 @@ def test_cli_gptq_and_bad_calibration(tmp_path, tiny_folder, capsys):
     assert rc == 0 and (out / "llmquant.json").is_file()
     man = json.loads((out / "llmquant.json").read_text())
     assert man["config"]["method"] == "gptq" and man["config"]["calibration"]["samples"] == 3
+    assert man["config"]["calibration"]["sequential"] is True
+    one = tmp_path / "q1"  # --one-pass: one float pass over the whole model (CalibSpec(sequential=False))
+    assert main(["quantize", "--model", str(tiny_folder), "--method", "gptq", "--scheme", "W4G32", "--calib", str(text),
+                 "--calib-samples", "3", "--seq-len", "64", "--one-pass", "-o", str(one)]) == 0
+    assert json.loads((one / "llmquant.json").read_text())["config"]["calibration"]["sequential"] is False
     capsys.readouterr()
     for args, msg in [(["--calib-samples", "500", "--seq-len", "64"], "asked"), (["--seq-len", "100000"], "context")]:
         bad = tmp_path / "bad"

@@ -94,6 +94,69 @@ def test_hqq_zero_only_is_the_paper_and_scale_helps():
     assert both < zero_only < rtn
 
 
+def _group_err(w, got, scheme, imp=None):
+    from llmquant.schemes.primitives import _grouped, group_len
+
+    d = (w - dequantize(*got, scheme)).pow(2)
+    d = d if imp is None else d * imp
+    if scheme.granularity != "group":
+        return _grouped(d, scheme).sum(-1)
+    gs = group_len(scheme, w.shape[1])
+    return F.pad(d, (0, -w.shape[1] % gs)).reshape(w.shape[0], -1, gs).sum(-1)  # (rows, groups)
+
+
+def outlier_channels(seed=0):
+    """Heavy-tailed weights whose largest values sit in a few input columns that carry large activations
+    (as after an RMSNorm with outlier channels): clipping those weights is cheap in the lp weight error and
+    costly in the output."""
+    w = heavy_tailed(rows=64, k=128, seed=seed)
+    cols = torch.tensor([5, 40, 77, 100])
+    w[:, cols] = w[:, cols].sign() * (w.abs().amax(1, keepdim=True) * 1.2)
+    x = torch.randn(1024, 128)
+    x[:, cols] *= 12.0
+    return w, x
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_hqq_guard_never_worse_than_rtn_per_group(scheme):
+    """The guard keeps RTN's qparams wherever HQQ's raise the group's squared weight error (weighted by
+    the importance when one is given): never worse than RTN, group by group; unweighted, better in total."""
+    w, x = outlier_channels()
+    rtn = rtn_quantize(w, scheme)
+    imp = x.pow(2).mean(0)
+    for kw, wt in (({}, None), ({"importance": imp}, imp)):
+        got = hqq_quantize(w, scheme, **kw)
+        e_g, e_r = _group_err(w, got, scheme, wt), _group_err(w, rtn, scheme, wt)
+        assert bool((e_g <= e_r * (1 + 1e-6) + 1e-12).all()), float((e_g - e_r).max())
+        if wt is None:  # (weighted, the guard may keep RTN's everywhere: HQQ clips the heavy columns)
+            assert float(e_g.sum()) < float(e_r.sum())
+    off = _group_err(w, hqq_quantize(w, scheme, guard=False), scheme)
+    assert float(_group_err(w, hqq_quantize(w, scheme), scheme).sum()) <= float(off.sum()) * (1 + 1e-6)
+
+
+def test_hqq_importance_guard_keeps_outlier_columns():
+    """Inputs with outlier channels: HQQ alone (its lp objective knows nothing of the inputs) raises the
+    importance-weighted error of some groups above RTN's; the weighted guard takes RTN's qparams there, and
+    the output error drops below both."""
+    scheme = QuantScheme(bits=4, group_size=32)
+    w, x = outlier_channels()
+    imp = x.pow(2).mean(0)
+    rtn, off = rtn_quantize(w, scheme), hqq_quantize(w, scheme, guard=False)
+    assert int((_group_err(w, off, scheme, imp) > _group_err(w, rtn, scheme, imp)).sum()) > 0
+    weighted = out_err(x, w, *hqq_quantize(w, scheme, importance=imp), scheme)
+    assert weighted < out_err(x, w, *off, scheme) < out_err(x, w, *rtn, scheme)
+
+
+def test_hqq_importance_guard_in_the_pipeline(tiny, calib, rtn_kl):
+    """guard "imse" makes HQQ a calibrated method: it asks for data and, given it, beats RTN."""
+    p = HQQParams(guard="imse")
+    assert p.calibrated and not HQQParams().calibrated
+    m = copy.deepcopy(tiny)
+    llmquant.quantize(m, QuantConfig(weight="W3G32", method="hqq", method_params=p,
+                                     calibration=CalibSpec(batch_size=4)), calib=calib, progress=False)
+    assert _kl(tiny, m) < rtn_kl
+
+
 def test_hqq_refuses_two_level_scales():
     with pytest.raises(SchemeError, match="k-quant"):
         hqq_quantize(torch.randn(8, 256), PRESETS["gguf:Q4_K"])
@@ -258,9 +321,13 @@ def test_params_round_trip_and_validation():
     assert cfg.method_params[1] == AutoRoundParams(steps=7, lr=0.02, batch=2)
     h = QuantConfig(weight="W4G64", method="hqq", method_params=HQQParams(iterations=5, p=0.5, optimize_scale=False))
     assert QuantConfig.from_dict(json.loads(json.dumps(h.to_dict()))) == h
-    for bad in ({"p": 1.5}, {"iterations": -1}, {"kappa": 0.5}, {"optimize_scale": 1}, {"nope": 1}):
+    for bad in ({"p": 1.5}, {"iterations": -1}, {"kappa": 0.5}, {"optimize_scale": 1}, {"nope": 1}, {"guard": "yes"}):
         with pytest.raises(SchemeError):
             HQQParams.from_dict(bad)
+    g = HQQParams(guard="imse")
+    assert HQQParams.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+    # a version 1 recipe (before the guard) ran unguarded, and still does
+    assert HQQParams.from_dict({"iterations": 5, "version": 1}) == HQQParams(iterations=5, guard="off")
     for bad in ({"steps": -1}, {"lr": 0}, {"clip_min": 1.5}, {"batch": 0}, {"minmax": "yes"}):
         with pytest.raises(SchemeError):
             AutoRoundParams.from_dict(bad)

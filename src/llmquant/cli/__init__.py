@@ -33,6 +33,9 @@ def build_parser() -> A.Parser:
     q.add_argument("--calib", help="calibration text: .txt/.jsonl file, or 'default' (the default)")
     q.add_argument("--calib-samples", type=A.positive_int, help="calibration windows (default 64)")
     q.add_argument("--seq-len", type=A.seq_len, help="tokens per calibration window (default 512)")
+    q.add_argument("--one-pass", action="store_true", help="calibrated methods: one float pass over the whole model "
+                   "gathers every layer's statistics (each layer calibrated on the float model's inputs, not the "
+                   "quantized layers' outputs): about half the passes; holds every layer's statistics at once")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     q.add_argument("--imatrix", help="rtn: llama.cpp's importance matrix file (GGUF; `llmquant imatrix` or llama-imatrix) "
                    "weighting each group's scale search, as llama-quantize --imatrix")

@@ -99,6 +99,8 @@ def config_from_args(args):
     if needs_calibration(cfg):
         given = {k: v for k, v in (("source", None if args.calib in (None, "default") else args.calib),
                                    ("samples", args.calib_samples), ("seq_len", args.seq_len)) if v is not None}
+        if getattr(args, "one_pass", False):
+            given["sequential"] = False
         cfg = cfg.with_(calibration=CalibSpec(**given))
     return cfg
 

@@ -9,7 +9,12 @@ from .stages import LayerContext, Result, Stage
 
 
 class HQQStage(Stage):
-    needs_data = needs_gram = False
+    """Data-free, unless its guard is importance-weighted (``HQQParams(guard="imse")``): then the guard weighs
+    each input column by ``diag(X^T X) / n`` of the (scaled, after an earlier stage's fold) inputs."""
+
+    def __init__(self, cfg, params=None) -> None:
+        super().__init__(cfg, params)
+        self.needs_data = self.needs_gram = (params or HQQParams()).calibrated
 
     @property
     def label(self) -> str:
@@ -20,6 +25,8 @@ class HQQStage(Stage):
         out: Result = {}
         for n, m in ctx.linears.items():
             w = m.weight.detach().float()
+            imp = ctx.scaled(n, ctx.stats.of(n).gram).diagonal() if self.needs_gram else None
             out[n] = (*hqq_quantize(w, self.cfg.weight, iterations=p.iterations, p=p.p, beta=p.beta,
-                                    kappa=p.kappa, optimize_scale=p.optimize_scale, name=n), w)
+                                    kappa=p.kappa, optimize_scale=p.optimize_scale, guard=p.guard != "off",
+                                    importance=imp, name=n), w)
         return out
