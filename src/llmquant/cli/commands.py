@@ -324,7 +324,8 @@ def cmd_qat(args) -> int:
     print(format_table([{
         "scheme": scheme.name, "steps": res.steps, "first loss": res.losses[0] if res.losses else float("nan"),
         "last loss": res.losses[-1] if res.losses else float("nan"), "minutes": res.seconds / 60,
-        "tokens/s": res.tokens_per_s, "bits/w": s["bits_per_weight"], "packed MB": s["packed_bytes"] / 1e6,
+        "tokens/s": res.tokens_per_s, "train peak MB": res.peak_rss_mb, "bits/w": s["bits_per_weight"],
+        "packed MB": s["packed_bytes"] / 1e6,
     }]))
     print(f"saved to {args.output} (checkpoint: {ckpt_dir})")
     return 0

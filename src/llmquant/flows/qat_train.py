@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data import token_windows
 from ..errors import CheckpointError, SchemeError, TrainingDivergedError
-from ..resources import PeakMemory
+from ..resources import PeakMemory, trim_memory
 from ..modules.fake_quant import FakeQuantLinear
 from ..schemes import QATParams, resolve_config
 from . import distributed, qat_checkpoint as ckpt
@@ -222,6 +222,7 @@ def train_qat(
         _shard(model, group)
         if teacher is not None:
             _shard(teacher, group)
+        trim_memory()  # the whole weights the shards replaced go back to the system
         groups, n_train = _param_groups(model, lr, lr_qparams, weight_decay)
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     start, history = 0, {"losses": []}
