@@ -47,7 +47,7 @@ def main() -> None:
             return path
 
         qat_train._save = dying
-        qat_run(ckpt, steps=4, checkpoint_dir=out, checkpoint_every=2)
+        qat_run(ckpt, steps=4, checkpoint_dir=out, checkpoint_every=2, shard="--shard" in sys.argv)
         return
     if "--qat-fsdp" in sys.argv:  # four QAT steps sharded with FSDP2, a checkpoint every two (step 2's kept)
         import shutil

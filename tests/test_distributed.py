@@ -176,10 +176,12 @@ def test_too_few_batches_for_the_ranks_is_refused(ckpt):
         distributed._ACTIVE = None
 
 
-def test_qat_checkpoint_of_two_ranks_resumes_in_one_process(ckpt, tmp_path):
-    """QAT with two ranks, rank 1 killed after the step-2 checkpoint: rank 0 names it; one process resumes
-    from step 2 and ends where an uninterrupted one-process run ends (float32 rounding apart)."""
-    res = _ranks([str(HERE / "dist_worker.py"), str(ckpt), str(tmp_path), "--qat-kill"])
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp"])
+def test_qat_checkpoint_of_two_ranks_resumes_in_one_process(ckpt, tmp_path, shard):
+    """QAT with two ranks (whole copies, or sharded with FSDP2), rank 1 killed after the step-2 checkpoint:
+    rank 0 names it; one process resumes from step 2 and ends where an uninterrupted one-process run ends
+    (float32 rounding apart)."""
+    res = _ranks([str(HERE / "dist_worker.py"), str(ckpt), str(tmp_path), "--qat-kill", *(["--shard"] if shard else [])])
     assert res[1].returncode == -9 and res[0].returncode != 0
     assert "rank 1 stopped answering during QAT step" in res[0].stderr, res[0].stderr[-2000:]
     losses, state = qat_run(ckpt, steps=4, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)

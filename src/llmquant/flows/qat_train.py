@@ -248,6 +248,9 @@ def train_qat(
                               f"at least the number of ranks ({group.world})")
         progress = progress and group.rank == 0
     student = model if group is None or fsdp else _ddp(model, group)
+    # FSDP's own collectives (gathers in the forward, reduce-scatters in the backward): a rank that stops
+    # answering becomes the same one clean error as llmquant's collectives give
+    guard = group._guard if fsdp else (lambda what: contextlib.nullcontext())
     losses = list(history["losses"])
     first = losses[0] if losses else None
     tokens, t0, stopped_by_time = 0, time.perf_counter(), False
@@ -272,12 +275,12 @@ def train_qat(
                     ids = ids.to(dev)
                     t_logp = None
                     if loss == "kl":
-                        with torch.no_grad():
+                        with torch.no_grad(), guard("the teacher's sharded forward"):
                             t_logp = F.log_softmax(_logits(teacher, ids).float(), dim=-1)
                     sync = group is None or a == grad_accum - 1
                     if fsdp:
                         student.set_requires_gradient_sync(sync)
-                    with (contextlib.nullcontext() if sync or fsdp else student.no_sync()):
+                    with (contextlib.nullcontext() if sync or fsdp else student.no_sync()), guard("the sharded forward/backward"):
                         lval = distill_loss(_logits(student, ids), ids, t_logp, loss) * (share / grad_accum)
                         # DistributedDataParallel averages the ranks' gradients: scaled by the number of ranks,
                         # their sum is the gradient of the whole micro-batch's loss
@@ -290,8 +293,9 @@ def train_qat(
                     step_loss += part
                     tokens += ids.numel()
                 params = [p for g in opt.param_groups for p in g["params"]]
-                gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
-                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # sharded: every rank's part
+                with guard("the sharded gradient norm"):
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+                    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # every rank's part
                 if not torch.isfinite(gnorm):
                     _diverged(f"the gradient norm became {float(gnorm)} at step {step + 1}", last_saved)
                 if first is None:
