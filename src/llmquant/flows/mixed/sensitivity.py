@@ -304,19 +304,25 @@ def _fits(fmt, width: int) -> bool:
 KEEP_DELTAS = 1 << 30  # bytes of k-quant weight changes kept between windows (their search is slow)
 
 
-def _delta(f, w0, key, kept):
-    """dW of storing ``w0`` in ``f`` (float32, flat); the k-quants' kept in ``kept`` while within
-    KEEP_DELTAS (the others are cheap to remake, so memory stays at one layer's worth)."""
-    if key in kept:
-        return kept[key]
-    d = fake_weight(f, w0).float().flatten() - w0.float().flatten()
-    if getattr(f, "super_group", None) is not None and kept.get("bytes", 0) + 4 * d.numel() <= KEEP_DELTAS:
-        kept[key] = d
-        kept["bytes"] = kept.get("bytes", 0) + 4 * d.numel()
-    return d
+class _Deltas:
+    """dW of storing a unit's weight in a format (float32, flat), by (unit, candidate); the k-quants' kept
+    while within KEEP_DELTAS (the others are cheap to remake, so memory stays at one layer's worth)."""
+
+    def __init__(self) -> None:
+        self.kept: dict = {}
+        self.nbytes = 0
+
+    def get(self, f, w0, key):
+        if key in self.kept:
+            return self.kept[key]
+        d = fake_weight(f, w0).float().flatten() - w0.float().flatten()
+        if getattr(f, "super_group", None) is not None and self.nbytes + 4 * d.numel() <= KEEP_DELTAS:
+            self.kept[key] = d
+            self.nbytes += 4 * d.numel()
+        return d
 
 
-def _flush(weights, fmts, grads, acc, diag, kept) -> None:
+def _flush(weights, fmts, grads, acc, diag, deltas: _Deltas) -> None:
     """Add, for each stored gradient G, (<G, dW_c>)^2 to acc[unit, c] and <G*G, dW_c*dW_c> to diag[unit, c]
     (the stored gradients are bf16); candidates that cannot hold a unit's rows are skipped (infinite damage)."""
     for i, w in enumerate(weights):
@@ -327,7 +333,7 @@ def _flush(weights, fmts, grads, acc, diag, kept) -> None:
             if not _fits(f, w0.shape[-1]):
                 acc[i, c] = diag[i, c] = math.inf
                 continue
-            d = _delta(f, w0, (i, c), kept)
+            d = deltas.get(f, w0, (i, c))
             acc[i, c] += ((G @ d.to(torch.bfloat16)).double() ** 2).sum()
             diag[i, c] += float(G2 @ d.pow(2))
         del G, G2
@@ -346,7 +352,7 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
     for w in {id(w): w for w in weights}.values():
         w.requires_grad_(True)
     mine, _ = distributed.split(ids)
-    kept: dict = {}  # k-quant weight changes, made once
+    deltas = _Deltas()  # k-quant weight changes, made once
     parts = []  # (window, its (diag, acc) sums, its positions)
     bar = tqdm(total=len(mine) * samples, desc="sensitivity (fisher)", disable=not progress, leave=False)
     try:
@@ -367,10 +373,10 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
                     del grads
                     bar.update(1)
                     if len(pending) == flush_every:
-                        _flush(weights, fmts, pending, acc, diag, kept)
+                        _flush(weights, fmts, pending, acc, diag, deltas)
                         pending = []
             if pending:
-                _flush(weights, fmts, pending, acc, diag, kept)
+                _flush(weights, fmts, pending, acc, diag, deltas)
             parts.append((i, (diag, acc, logp.shape[0])))
             del logp, probs
     finally:

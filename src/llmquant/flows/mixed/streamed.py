@@ -74,7 +74,7 @@ def _head_grads(model, layers, last_inputs, batches, samples, seed):
 
 
 def fisher_scan_streamed(model, units, fmts, ids, samples, progress, seed=0, flush_every=4):
-    from .sensitivity import _flush
+    from .sensitivity import _Deltas, _flush
 
     source = getattr(model, "llmquant_layer_source", None)
     found = decoder_layers(model, arch_for(model))
@@ -114,7 +114,7 @@ def fisher_scan_streamed(model, units, fmts, ids, samples, progress, seed=0, flu
         hi = mine[-1][0] + 1 if mine else 0
         if [k for k, _ in mine] != list(range(lo, hi)):
             raise SchemeError("planned units of one decoder layer must be consecutive in the model's order")
-        pending, below, deltas = [], [], {}  # this layer's k-quant weight changes, made once
+        pending, below, deltas = [], [], _Deltas()  # this layer's k-quant weight changes, made once
         for j, x in enumerate(kept[i]):
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
