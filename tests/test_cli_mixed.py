@@ -27,6 +27,20 @@ def test_sensitivity_plan_quantize(tmp_path, tiny_folder, capsys, monkeypatch):
     assert rc == 0 and (out / "llmquant.json").is_file()
     man = json.loads((out / "llmquant.json").read_text())
     assert man["plan"]["layers"] == [[k, v] for k, v in d["layers"].items()]
+    # GPTQ candidates measured by the K-FAC estimate: the plan is made by GPTQ (its file says so) and
+    # quantize --plan calibrates for it without being told the method again
+    gplan = tmp_path / "gplan.json"
+    rc, o, _ = run(capsys, "plan", "--model", str(tiny_folder), *FAST, "--method", "kfac", "--quantizer", "gptq",
+                   "--target-bits", "4.6", "-o", str(gplan))
+    assert rc == 0 and "gptq" in o
+    gd = json.loads(gplan.read_text())
+    assert gd["method"] == "gptq" and gd["params"]["act_order"] == "full" and gd["info"]["sensitivity"]["method"] == "kfac"
+    rc, o, _ = run(capsys, "quantize", "--model", str(tiny_folder), "--plan", str(gplan), "--calib", str(text),
+                   "--calib-samples", "2", "--seq-len", "32", "-o", str(tmp_path / "gq"))
+    assert rc == 0 and json.loads((tmp_path / "gq" / "llmquant.json").read_text())["plan"]["method"] == "gptq"
+    rc, _, err = run(capsys, "plan", "--model", str(tiny_folder), *FAST, "--quantizer", "gptq", "--target-bits", "4.6",
+                     "-o", str(tmp_path / "p4.json"))
+    assert_one_line_error(rc, err, "needs method='kfac'")
     # a hand-written plan naming a layer that does not exist, and impossible budgets: one line, exit 2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"layers": {"model.layers.7.mlp.up_proj": "W8"}}))

@@ -191,3 +191,55 @@ def test_half_precision_and_autocast(tmp_path):
     with pytest.raises(SchemeError):
         with llmquant.autocast("int8"):
             pass
+
+
+def test_kfac_sensitivity_agrees_with_exact_kl(sensitive_model, tmp_path):
+    """The Kronecker-factored estimate ranks (layer, format) pairs as the measured KL does, sizes them within
+    a small factor of it, and finds the planted sensitive layer."""
+    cands = ["bf16", "W8", "W4G32", "W3G32", "W2G32"]
+    kl = sensitivity(sensitive_model, CALIB, cands, method="kl", windows=2, seq_len=64, cache=tmp_path, progress=False)
+    kf = sensitivity(sensitive_model, CALIB, cands, method="kfac", windows=2, seq_len=64, samples=4, cache=tmp_path,
+                     progress=False)
+    agree = kf.agreement(kl)
+    assert agree["pairs"] == 14 * 5 and agree["spearman"] > 0.8, agree
+    j = cands.index("W3G32")
+    total_kl, total_kf = sum(r[j] for r in kl.damage), sum(r[j] for r in kf.damage)
+    assert 0.25 < total_kf / total_kl < 4, (total_kf, total_kl)
+    target = "model.layers.1.mlp.gate_proj"
+    i = [u.name for u in kf.units].index(target)
+    assert kf.damage[i][cands.index("W4G32")] == max(r[cands.index("W4G32")] for r in kf.damage)
+    bits = {n: getattr(f, "bits", 16) for n, f in plan_from_sensitivity(kf, target_bits=4.5).rules}
+    assert bits[target] == 8, bits
+
+
+def test_gptq_candidates_in_sensitivity_and_plans(tmp_path):
+    """quantizer='gptq': each layer solved by GPTQ onto each format. Its damages are below RTN's (exact KL
+    and the K-FAC estimate alike, which agree in rank); the plan made from it is a GPTQ plan with the knobs
+    it was measured with, applies, and lands on the planned formats."""
+    m = make_tiny_llama(seed=2, vocab_size=1024)
+    cands = ["W8", "W4G32", "W3G32", "W2G32"]
+    kw = dict(windows=2, seq_len=64, cache=False, progress=False)
+    rtn = sensitivity(m, CALIB, cands, method="kl", **kw)
+    kl = sensitivity(m, CALIB, cands, method="kl", quantizer="gptq", **kw)
+    kf = sensitivity(m, CALIB, cands, method="kfac", quantizer="gptq", samples=4, **kw)
+    assert kf.agreement(kl)["spearman"] > 0.8
+    for j in range(1, len(cands)):  # 4 bits and below: GPTQ's error is well below RTN's
+        assert sum(r[j] for r in kl.damage) < 0.9 * sum(r[j] for r in rtn.damage), cands[j]
+    plan = plan_from_sensitivity(kf, target_bits=4.6)
+    assert plan.method == "gptq" and plan.params.act_order == "full" and plan.info["sensitivity"]["quantizer"] == "gptq"
+    assert plan_from_sensitivity(kf, target_bits=4.6, method="rtn").method == "rtn"
+    assert plan_from_sensitivity(rtn, target_bits=4.6).method == "rtn"
+    custom = sensitivity(m, CALIB, cands, method="kfac", quantizer="gptq", gptq={"act_order": "off"}, samples=4, **kw)
+    assert plan_from_sensitivity(custom, target_bits=4.6).params.act_order == "off"
+    q = make_tiny_llama(seed=2, vocab_size=1024)
+    llmquant.quantize(q, plan, calib=CALIB[:4 * 64].reshape(4, 64), progress=False)
+    for name, fmt in plan.rules:
+        assert q.get_submodule(name).scheme == fmt
+    with pytest.raises(SchemeError, match="kfac"):
+        sensitivity(m, CALIB, cands, method="fisher", quantizer="gptq", **kw)
+    with pytest.raises(SchemeError, match="quantizer must be one of"):
+        sensitivity(m, CALIB, cands, method="kfac", quantizer="awq", **kw)
+    with pytest.raises(SchemeError, match="goes with quantizer='gptq'"):
+        sensitivity(m, CALIB, cands, method="kfac", gptq={"damp": 0.1}, **kw)
+    with pytest.raises(SchemeError, match="method must be one of"):
+        sensitivity(m, CALIB, cands, method="hessian", **kw)

@@ -23,7 +23,7 @@ def _sens_from_args(args, model, tok):
     return llmquant.sensitivity(
         model, Path(args.text) if args.text else None, cands, method=args.method, tokenizer=tok,
         windows=args.windows, seq_len=args.seq_len, samples=args.samples, include_head=args.include_head,
-        cache=not args.no_cache,
+        cache=not args.no_cache, quantizer=args.quantizer,
     )
 
 
@@ -111,12 +111,17 @@ def _add_sens_args(p) -> None:
     p.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
                    help="comma-separated formats; 'gguf' stands for llama.cpp's types "
                         "(Q8_0, Q6_K, Q5_1, Q5_K, Q5_0, Q4_1, Q4_K, Q4_0, Q3_K, Q2_K)")
-    p.add_argument("--method", choices=["fisher", "kl"], default="fisher",
-                   help="fisher: 2nd-order KL estimate (fast, default); kl: measured KL per layer and format (slow)")
+    p.add_argument("--method", choices=["fisher", "kfac", "kl"], default="fisher",
+                   help="fisher: 2nd-order KL estimate (fast, default); kfac: the same in Kronecker-factored form, "
+                        "weighing errors by the calibration inputs (needed for --quantizer gptq); kl: measured KL "
+                        "per layer and format (slow)")
+    p.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",
+                   help="how each candidate is made when measured: rtn, or gptq on the calibration windows (with "
+                        "--method kfac or kl); a plan from gptq candidates is applied by GPTQ")
     p.add_argument("--include-head", action="store_true", help="plan the output head and embeddings too")
     p.add_argument("--windows", type=A.positive_int, help="calibration windows (default 4)")
     p.add_argument("--seq-len", type=A.seq_len, default=128, help="tokens per calibration window")
-    p.add_argument("--samples", type=A.positive_int, default=2, help="fisher: label draws per window")
+    p.add_argument("--samples", type=A.positive_int, default=2, help="fisher/kfac: label draws per window")
     p.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
     p.add_argument("--stream", action="store_true", help="read one decoder layer at a time from the checkpoint "
                    "(models larger than memory; fisher, decoder-layer linears)")

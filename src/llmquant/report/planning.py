@@ -65,6 +65,7 @@ def plan_row(plan, extra: dict | None = None) -> dict:
         "bits/w (planned)": info.get("bits_per_weight"),
         "total MB": (info.get("total_bytes") or 0) / 1e6 or None,
         "predicted KL": info.get("predicted_kl"),
+        "made by": plan.method,
         "formats": " ".join(f"{k}:{v}" for k, v in sorted((info.get("formats") or {}).items())),
     }
     row.update(extra or {})

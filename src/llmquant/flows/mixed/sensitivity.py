@@ -1,7 +1,7 @@
 """Per-layer sensitivity: the damage of storing one layer alone in each candidate format.
 
 Damage is the mean over predicted positions of KL(p_float || p_perturbed) on calibration windows taken
-from the end of the text (:func:`llmquant.data.windows`, disjoint from evaluation). Two measures:
+from the end of the text (:func:`llmquant.data.windows`, disjoint from evaluation). Three measures:
 
 ``"kl"``      exact: the layer's weight is replaced by its quantized version and the model run again; from
               the cached input of the layer's decoder block, so only that block and the ones after it run.
@@ -19,6 +19,14 @@ from the end of the text (:func:`llmquant.data.windows`, disjoint from evaluatio
               2020, and SqueezeLLM, Kim et al. 2023), which averages over every weight of the layer and
               equals the full form in expectation when rounding errors are uncorrelated. The full-rank
               estimate is kept in ``extra["fisher_full"]``.
+``"kfac"``    the Fisher estimate in Kronecker-factored form (Martens & Grosse 2015): for a linear layer,
+              F ~ A (x) H with A the second moment of the sampled log-likelihood's gradients at the layer's
+              outputs and H = sum_t x_t x_t^T of its calibration inputs, so the damage is
+              1/2 sum_o A_o (dW H dW^T)_oo / T. It weighs an error by the directions the layer's inputs
+              actually take, as GPTQ's objective does, so it can measure GPTQ-made candidates
+              (``quantizer="gptq"``: each layer solved by GPTQ onto each format with that H), whose errors
+              are large weight by weight but cancel on the inputs. Cost about that of ``"fisher"``, plus one
+              GPTQ solve per (layer, format) for GPTQ candidates.
 
 Damages add up across layers to first order, so a plan's predicted KL is the sum of its layers' damages.
 Results are cached on disk (``$LLMQUANT_CACHE/sensitivity``) keyed by model weights, text and settings.
@@ -237,7 +245,7 @@ def _logits(model, ids):
 
 
 @torch.no_grad()
-def _kl_scan(model, units, fmts, ids, progress):
+def _kl_scan(model, units, fmts, ids, progress, make=None, hessians=False):
     """Measured KL of each unit in each format. A distributed run: each rank runs its share of the windows
     (one batch) and the sums are added in rank order (one process's up to the rounding of the batched
     products)."""
@@ -245,16 +253,29 @@ def _kl_scan(model, units, fmts, ids, progress):
 
     mine, _ = distributed.split(ids)
     n = ids.shape[0] * (ids.shape[1] - 1)
-    sums = _kl_sums(model, units, fmts, ids[mine], progress) if mine else [[0.0] * len(fmts) for _ in units]
+    sums = (_kl_sums(model, units, fmts, ids[mine], progress, make, hessians) if mine
+            else [[0.0] * len(fmts) for _ in units])
     total = distributed.sum_in_order([(mine[0] if mine else len(ids), sums)], "the KL sums")
     return [[max(0.0, sum(t[i][j] for t in total)) / n for j in range(len(fmts))] for i in range(len(units))]
 
 
-def _kl_sums(model, units, fmts, ids, progress):
+def _kl_sums(model, units, fmts, ids, progress, make=None, hessians=False):
+    """``make(fmt, w0, H)``: the stored weight (default: the format's RTN); ``hessians``: gather each unit's
+    ``H = sum x x^T`` (of this process's windows) in the reference pass for it."""
+    make = make or (lambda f, w0, h: fake_weight(f, w0))
     arch = arch_for(model)
     blocks = model.get_submodule(arch.layers) if arch else None
     inputs: dict[int, tuple] = {}
     hooks = []
+    H: dict[str, torch.Tensor] = {}
+    if hessians:
+        for u in units:
+            m = model.get_submodule(u.modules[0])
+            if isinstance(m, nn.Linear):
+                def gram(mod, args, out, n=u.modules[0]):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                    H[n] = H[n] + x.T @ x if n in H else x.T @ x
+                hooks.append(m.register_forward_hook(gram))
     if blocks is not None:
         for i, blk in enumerate(blocks):
             def pre(mod, args, kwargs, i=i):
@@ -287,7 +308,7 @@ def _kl_sums(model, units, fmts, ids, progress):
             if not _fits(f, orig.shape[-1]):
                 row.append(math.inf)
                 continue
-            w.data.copy_(fake_weight(f, orig))
+            w.data.copy_(make(f, orig, H.get(u.modules[0])))
             logp = F.log_softmax(run_from(u.block), -1)
             row.append(float(F.kl_div(logp, ref, log_target=True, reduction="sum")))  # >= 0 up to rounding
         w.data.copy_(orig)
@@ -301,6 +322,8 @@ def _fits(fmt, width: int) -> bool:
     return gguf_type(fmt) is None or gguf_type(fmt, width) is not None
 
 
+MEASURES = ("fisher", "kfac", "kl")
+QUANTIZERS = ("rtn", "gptq")
 KEEP_DELTAS = 1 << 30  # bytes of k-quant weight changes kept between windows (their search is slow)
 
 
@@ -392,6 +415,157 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
     return (scale * diag).tolist(), (scale * acc).tolist()
 
 
+class _Curvature:
+    """Second moments gathered from the calibration windows for the ``"kfac"`` measure: per linear part of a
+    unit, ``H = sum_t x_t x_t^T`` of its inputs and ``A_o = sum_t g_to^2`` of the gradients of the sampled
+    log-likelihood at its outputs; per embedding part, ``E2[v, j] = sum_{t: id_t = v} g_tj^2`` of the
+    gradients at its output rows. Float64 sums; the sums themselves are a plain dict (``moments``), so a
+    distributed run can send them."""
+
+    def __init__(self, model, units) -> None:
+        self.lin: dict[str, nn.Linear] = {}
+        self.emb: dict[str, nn.Embedding] = {}
+        for u in units:
+            for n in u.modules:
+                m = model.get_submodule(n)
+                if isinstance(m, nn.Linear):
+                    self.lin[n] = m
+                elif isinstance(m, nn.Embedding):
+                    self.emb[n] = m
+                else:
+                    raise SchemeError(f"the 'kfac' sensitivity measures nn.Linear and nn.Embedding layers; {n} is a "
+                                      f"{type(m).__name__}: use method='fisher'")
+        self.moments = self.zeros()
+
+    def zeros(self) -> dict:
+        return {"H": {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in self.lin.items()},
+                "A": {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in self.lin.items()},
+                "E2": {n: torch.zeros(m.weight.shape, dtype=torch.float64) for n, m in self.emb.items()},
+                "tokens": 0}  # positions that went through the linears
+
+    @staticmethod
+    def add(into: dict, other: dict) -> dict:
+        for k in ("H", "A", "E2"):
+            for n in into[k]:
+                into[k][n] += other[k][n]
+        into["tokens"] += other["tokens"]
+        return into
+
+    def window(self, model, ids, samples: int, gen) -> dict:
+        """This window's sums (one forward, ``samples`` backwards to the layers' outputs)."""
+        part = self.zeros()
+        outs: dict[str, torch.Tensor] = {}
+        hooks = []
+        for n, m in self.lin.items():
+            def hook(mod, args, out, n=n):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                part["H"][n] += x.T @ x
+                outs[n] = out
+            hooks.append(m.register_forward_hook(hook))
+        for n, m in self.emb.items():
+            hooks.append(m.register_forward_hook(lambda mod, args, out, n=n: outs.__setitem__(n, out)))
+        try:
+            with torch.enable_grad():
+                logp = F.log_softmax(_logits(model, ids[None])[0], -1)
+        finally:
+            for h in hooks:
+                h.remove()
+        part["tokens"] = int(ids.numel())
+        probs = logp.detach().exp()
+        names = [n for n in outs if outs[n].requires_grad]
+        for s in range(samples):
+            y = torch.multinomial(probs, 1, generator=gen)
+            grads = torch.autograd.grad(logp.gather(1, y).sum(), [outs[n] for n in names], retain_graph=s < samples - 1,
+                                        allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is None:
+                    continue
+                g = g.detach().reshape(-1, g.shape[-1]).double()
+                if n in part["A"]:
+                    part["A"][n] += g.pow(2).sum(0)
+                else:
+                    part["E2"][n].index_add_(0, ids.reshape(-1), g.pow(2))
+        return part
+
+    def hessian(self, unit) -> torch.Tensor | None:
+        """H of the unit's (first) linear part: what GPTQ solves against."""
+        return next((self.moments["H"][m] for m in unit.modules if m in self.lin), None)
+
+    def damage(self, unit, dw: torch.Tensor) -> float:
+        """The unit's parts' quadratic forms of ``dw`` summed (not yet scaled)."""
+        mo, d = self.moments, dw.double()
+        total = 0.0
+        for n in unit.modules:
+            if n in self.lin:
+                total += float((mo["A"][n] * ((d @ mo["H"][n]) * d).sum(1)).sum()) / max(mo["tokens"], 1)
+            elif n in self.emb:
+                total += float((mo["E2"][n] * d.pow(2)).sum())
+        return total
+
+
+def _quantizer(quantizer: str, gptq):
+    """``(fmt, w0, H or None) -> the weight stored in fmt``: RTN (the formats' own rounding) or GPTQ with
+    ``gptq`` (:class:`~llmquant.schemes.GPTQParams`) on the Hessian ``H`` of the layer's calibration inputs."""
+    if quantizer == "rtn":
+        return lambda f, w0, h: fake_weight(f, w0)
+    from ...algorithms.gptq import gptq_quantize
+    from ...schemes import QuantScheme
+    from ...schemes.primitives import dequantize
+
+    def make(f, w0, h):
+        if not isinstance(f, QuantScheme) or h is None:  # float formats are rounded; the embedding by RTN
+            return fake_weight(f, w0)
+        q, scale, zero = gptq_quantize(w0.detach().float(), h.float().clone(), f, damp=gptq.damp,
+                                       block_size=gptq.block_size, act_order=gptq.act_order,
+                                       static_groups=gptq.static_groups, observer=gptq.observer,
+                                       consume_hessian=True)
+        return dequantize(q, scale, zero, f).to(w0.dtype)
+
+    return make
+
+
+def _kfac_scan(model, units, fmts, ids, samples, progress, make, seed=0):
+    """Damage = 1/2 E_y[sum_o A_o (dW H dW^T)_oo] / T per unit (Kronecker-factored Fisher: the outputs'
+    gradient moments times the inputs' moments, diagonal over output channels; the embedding part as the
+    diagonal Fisher of its rows), with dW made by ``make`` from the same H (so GPTQ's error, which is
+    small in the directions the inputs take, is weighed as the model sees it). Windows are summed in order
+    (a distributed run adds each rank's windows, then the ranks in order: float64 sums, equal to one
+    process's up to their rounding)."""
+    from .. import distributed
+
+    weights = [_weight(model, u) for u in units]
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in {id(w): w for w in weights}.values():
+        w.requires_grad_(True)  # the layers' outputs need a graph
+    curv = _Curvature(model, units)
+    mine, _ = distributed.split(ids)
+    mine_sum = curv.zeros()
+    try:
+        for i in tqdm(mine, desc="sensitivity (kfac)", disable=not progress, leave=False):
+            gen = torch.Generator().manual_seed(seed * 1000003 + i)
+            curv.add(mine_sum, curv.window(model, ids[i], samples, gen))
+    finally:
+        for p, r in saved.items():
+            p.requires_grad_(r)
+    for part in distributed.sum_in_order([(mine[0] if mine else len(ids), mine_sum)], "the K-FAC sums"):
+        curv.add(curv.moments, part)
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    damage = []
+    for u, w in tqdm(list(zip(units, weights)), desc="sensitivity (kfac) candidates", disable=not progress, leave=False):
+        w0 = w.detach().float()
+        h = curv.hessian(u)
+        row = []
+        for f in fmts:
+            if not _fits(f, w0.shape[-1]):
+                row.append(math.inf)
+                continue
+            row.append(0.5 * curv.damage(u, make(f, w0, h).float() - w0) / (samples * n))
+        damage.append(row)
+    return damage
+
+
 def sensitivity(
     model: nn.Module,
     text=None,
@@ -407,18 +581,39 @@ def sensitivity(
     ignore=("lm_head",),
     cache: bool | str | Path = True,
     progress: bool = True,
+    quantizer: str = "rtn",
+    gptq=None,
 ) -> Sensitivity:
     """Damage of storing each layer alone in each candidate format (see the module docstring).
 
     ``text``: None (default text), a path, a string, or a 1-D tensor of token ids. ``windows`` x ``seq_len`` calibration tokens from
-    the end of the text (default 4 x 128). ``cache``: True (default cache
-    folder), False, or a folder.
+    the end of the text (default 4 x 128). ``method``: one of :data:`MEASURES`. ``quantizer``: how each
+    candidate's weight is made, ``"rtn"`` or ``"gptq"`` (GPTQ on the calibration windows' Hessian, with
+    ``gptq``: :class:`~llmquant.schemes.GPTQParams` or its dict, None for the defaults; measured with
+    ``"kfac"`` or ``"kl"``: the diagonal Fisher form cannot see GPTQ's error compensation). A plan made
+    from a GPTQ sensitivity is applied with GPTQ (``plan_from_sensitivity`` takes the method from it).
+    ``cache``: True (default cache folder), False, or a folder.
     """
     from .. import distributed
 
     progress = progress and distributed.is_writer()  # a distributed run: rank 0 shows the progress
-    if method not in ("fisher", "kl"):
-        raise SchemeError(f"sensitivity method must be 'fisher' or 'kl', got {method!r}")
+    if method not in MEASURES:
+        raise SchemeError(f"sensitivity method must be one of {', '.join(map(repr, MEASURES))}, got {method!r}")
+    if quantizer not in QUANTIZERS:
+        raise SchemeError(f"sensitivity quantizer must be one of {', '.join(map(repr, QUANTIZERS))}, got {quantizer!r}")
+    if quantizer == "gptq" and method == "fisher":
+        raise SchemeError("quantizer='gptq' needs method='kfac' (or the exact 'kl'): the diagonal Fisher form weighs "
+                          "each weight's error alone and cannot see how GPTQ's errors cancel on the layer's inputs")
+    if quantizer == "gptq" and method == "kl" and distributed.active() is not None:
+        raise SchemeError("the exact 'kl' measure of GPTQ candidates runs in one process; use method='kfac' in a "
+                          "distributed run")
+    gptq_params = None
+    if quantizer == "gptq":
+        from ...schemes.methods import resolve_method_params
+
+        gptq_params = resolve_method_params("gptq", gptq)
+    elif gptq is not None:
+        raise SchemeError("gptq= (GPTQ's knobs) goes with quantizer='gptq'")
     fmts = [resolve_format(c) for c in candidates]
     if not fmts:
         raise SchemeError("give at least one candidate format")
@@ -429,11 +624,16 @@ def sensitivity(
     streamed = getattr(model, "llmquant_layer_source", None) is not None
     if streamed and method != "fisher":
         raise SchemeError("a streamed model's sensitivity is measured with method='fisher' (the exact 'kl' measure "
-                          "runs the model once per layer and format); load the model whole for 'kl'")
+                          "runs the model once per layer and format; 'kfac' keeps every layer's input moments); "
+                          "load the model whole for 'kl' or 'kfac'")
     settings = {"v": CACHE_VERSION, "model": _streamed_fingerprint(model) if streamed else _fingerprint(model, units),
                 "text": text_key,
                 "candidates": names, "method": method, "windows": windows, "seq_len": seq_len,
-                "samples": samples if method == "fisher" else None, "units": [u.name for u in units]}
+                "samples": samples if method != "kl" else None, "units": [u.name for u in units]}
+    if quantizer != "rtn":  # (absent for RTN: the keys of earlier caches stay valid)
+        from ...schemes.methods import params_to_json
+
+        settings["quantizer"] = {"name": quantizer, "params": params_to_json(gptq_params)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     folder = None if cache is False else (cache_dir() / "sensitivity" if cache is True else Path(cache).expanduser())
     if folder is not None and (folder / f"{key}.json").is_file():
@@ -447,8 +647,11 @@ def sensitivity(
     was_training = model.training
     model.eval()
     extra_damage: dict = {}
+    make = _quantizer(quantizer, gptq_params)
     if method == "kl":
-        damage = _kl_scan(model, units, fmts, ids, progress)
+        damage = _kl_scan(model, units, fmts, ids, progress, make, hessians=quantizer != "rtn")
+    elif method == "kfac":
+        damage = _kfac_scan(model, units, fmts, ids, samples, progress, make)
     else:
         if streamed:
             from .streamed import fisher_scan_streamed

@@ -108,9 +108,12 @@ def _sized(sens: Sensitivity, size: str) -> tuple[str, list[list[int]], list[lis
     return size, nbytes, damage
 
 
-def plan_from_sensitivity(sens: Sensitivity, *, target_bits: float | None = None, max_size=None, method: str = "rtn",
-                          size: str = "auto") -> Plan:
+def plan_from_sensitivity(sens: Sensitivity, *, target_bits: float | None = None, max_size=None,
+                          method: str | None = None, size: str = "auto") -> Plan:
     """The plan of least predicted damage within the budget (exactly one of ``target_bits``, ``max_size``).
+
+    ``method``: how the plan's integer formats are made (None: as the sensitivity measured them, i.e. GPTQ
+    with its knobs for a ``quantizer="gptq"`` sensitivity, else RTN).
 
     ``size`` says what the budget's bytes are (see :func:`_sized`): with GGUF candidates
     (:data:`~llmquant.schemes.GGUF_CANDIDATES`) the default counts the GGUF file's tensor bytes, and each
@@ -164,7 +167,13 @@ def plan_from_sensitivity(sens: Sensitivity, *, target_bits: float | None = None
         "total_bytes": nbytes + sens.fixed_bytes,
         "formats": counts,
     }
-    return Plan.from_layers(layers, method=method, info=info)
+    made = sens.extra.get("settings", {}).get("quantizer") or {"name": "rtn", "params": None}
+    if method is None:
+        method, params = made["name"], made["params"]
+    else:
+        params = made["params"] if method == made["name"] else None
+    info["sensitivity"]["quantizer"] = made["name"]
+    return Plan.from_layers(layers, method=method, params=params, info=info)
 
 
 def plan_mixed_precision(
