@@ -88,10 +88,19 @@ def main() -> None:
     ref, _ = llmquant.load_model(ckpt)
     llmquant.quantize(m, "W3G32", progress=False)
     ev = llmquant.evaluate(m, reference=ref, tokenizer=tok, windows=3, seq_len=32, progress=False).to_dict()
+    sens = sensitivities(ref)
     if distributed.is_writer():
-        torch.save({"losses": losses, "state": state, "eval": ev}, os.path.join(out, "qat_eval.pt"))
+        torch.save({"losses": losses, "state": state, "eval": ev, "sens": sens}, os.path.join(out, "qat_eval.pt"))
         with open(os.path.join(out, "done.json"), "w") as f:
             json.dump({"world": distributed.active().world}, f)
+
+
+def sensitivities(model) -> dict:
+    """Each sensitivity measure's damages on 3 windows of 32 tokens (the test makes the same in one process)."""
+    ids = calib().flatten()
+    return {(meth, q): llmquant.sensitivity(model, ids, ("W8", "W4G32", "W2G32"), method=meth, quantizer=q, windows=3,
+                                            seq_len=32, cache=False, progress=False).damage
+            for meth, q in (("fisher", "rtn"), ("kfac", "rtn"), ("kfac", "gptq"), ("kl", "rtn"))}
 
 
 if __name__ == "__main__":
