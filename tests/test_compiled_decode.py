@@ -55,6 +55,8 @@ CASES = [
     ("llama", "W8", None, True, INT16),  # packed_avx2, 8 bits per channel
     ("llama", "W4G32", None, True, INT16),
     ("llama", "gguf:Q4_0", None, True, INT16),
+    ("llama", "gguf:Q5_0", None, True, INT16),  # 5-bit codes widened to a byte at load
+    ("llama", "W3G32", None, True, INT16),
     ("qwen3", "gguf:Q4_0", None, True, INT16),  # q/k norms
     ("qwen3", None, None, True, FP32),
     ("qwen2", "W4G32", None, True, INT16),  # q/k/v biases (stacked bias of a fused call)

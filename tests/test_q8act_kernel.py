@@ -71,7 +71,8 @@ def _schemes():
             for gs in (32, 64, 128, None):
                 gran = "channel" if gs is None else "group"
                 out.append(QuantScheme(bits=bits, symmetric=sym, granularity=gran, group_size=gs))
-    return out + [PRESETS[p] for p in ("gguf:Q8_0", "gguf:Q4_0", "gguf:Q4_1", "gguf:Q4_K")]
+    return out + [PRESETS[p] for p in ("gguf:Q8_0", "gguf:Q4_0", "gguf:Q4_1", "gguf:Q4_K",
+                                       "gguf:Q5_0", "gguf:Q5_1", "gguf:Q5_K", "W3G32", "W2G64")]
 
 
 def test_extension_builds_and_reports_isa():

@@ -17,8 +17,11 @@ weight (kept within the same budget). Under
 dequantized weight rounded to bf16 once and kept: the opt-in way to a prefill faster than fp32, at
 autocast's numerics (bf16 activations).
 
-Supported: CPU, 4 or 8 bits, per channel, per tensor or groups that are multiples of 32, ``in_features`` a
-multiple of 32, any zero point, no activation quantization. Everything else goes to the next kernel.
+Supported: CPU, 2 to 8 bits, per channel, per tensor or groups that are multiples of 32, ``in_features`` a
+multiple of 32, any zero point, no activation quantization. Everything else goes to the next kernel. Codes
+of 2, 3, 5, 6 or 7 bits (W3G32, gguf:Q5_0 / Q5_1 / Q5_K ...) are widened at load to one byte each and run
+the 8-bit path (1 byte per weight read at run time, kept in the prepared state next to the stored codes);
+their scales, offsets and numerics are as stored.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def format_supported(module, weight_only: bool = True) -> bool:
     """Whether the packed kernels read this module's weights (``weight_only``: and it has no activation scheme)."""
     s = module.scheme
     k = module.in_features
-    if (weight_only and module.activation_scheme is not None) or s.bits not in (4, 8) or k % 32:
+    if (weight_only and module.activation_scheme is not None) or not 2 <= s.bits <= 8 or k % 32:
         return False
     if s.granularity == "group":
         return s.group_size % 32 == 0
@@ -69,9 +72,9 @@ def format_supported(module, weight_only: bool = True) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class PackedState:
-    """What :meth:`PackedAVX2.prepare` builds from a module: its packed codes as stored and one fp32 scale and
-    offset per group, so that ``W = (u - b) * scale + offsets`` for the stored codes ``u`` (``b`` = 128 at 8
-    bits, 0 at 4; see ``csrc/qgemm_avx2.cpp``)."""
+    """What :meth:`PackedAVX2.prepare` builds from a module: its packed codes as stored (or widened to a byte)
+    and one fp32 scale and offset per group, so that ``W = (u - b) * scale + offsets`` for the codes ``u``
+    (``b`` = 128 at 8 bits, 0 at 4; see ``csrc/qgemm_avx2.cpp``)."""
 
     codes: torch.Tensor  # the module's packed ``qweight`` (uint8), not copied
     scale: torch.Tensor  # (out_features, groups) fp32
@@ -81,6 +84,7 @@ class PackedState:
     out_features: int
     in_features: int
     group_size: int  # in_features for per-channel and per-tensor schemes
+    code_shift: int = 0  # added to widened codes (2/3/5/6/7 bits): codes = q - qmin + code_shift
     # many-token states built on first use and kept: "fp16" (fbgemm's prepared weight), "bf16" (autocast)
     prefill: dict = field(default_factory=dict)
 
@@ -92,7 +96,7 @@ class PackedState:
 class PackedAVX2(Kernel):
     name = "packed_avx2"
     numerics = "weight-only: fp32 activations x int4/int8 codes unpacked in registers, fp32 accumulate"
-    runtime_bytes_per_weight = 0.0  # reads the stored packed codes; adds fp32 scales only
+    runtime_bytes_per_weight = 0.0  # reads the stored packed codes (4/8 bits; others widened to 1 byte); adds fp32 scales
 
     def supports(self, module, device) -> bool:
         return device.type == "cpu" and format_supported(module) and native.load() is not None
@@ -104,13 +108,19 @@ class PackedAVX2(Kernel):
         scale = module.scale.float().reshape(-1, module.scale.shape[-1]).expand(n, -1).contiguous()
         z = module.zero_point()
         zf = 0.0 if z is None else z.float().reshape(-1, scale.shape[1]).expand(n, -1)
-        b = 128 if s.bits == 8 else 0
+        bits, codes, shift = s.bits, module.qweight, 0
+        if bits not in (4, 8):  # widened: the stored codes u = q - qmin, one byte each, centred on 128 (so that
+            from ..packing import unpack  # the kernel's (u - 128) * scale + offsets does not cancel in fp32)
+
+            shift = 128 - (1 << (s.bits - 1))
+            bits, codes = 8, unpack(module.qweight, s.bits, n * k) + shift
+        b = 128 - shift if bits == 8 else 0
         if s.zero_point == "min":  # W = (q - qmin) * scale + m, the float minimum m stored as the "zero"
             offsets = (zf + b * scale).contiguous()
         else:
             offsets = ((s.qmin + b - zf) * scale).contiguous()  # W = (u - b) * scale + offsets, u = the stored codes
         bias = None if module.bias is None else module.bias.float()
-        return PackedState(module.qweight.contiguous(), scale, offsets, bias, s.bits, n, k, gs)
+        return PackedState(codes.contiguous(), scale, offsets, bias, bits, n, k, gs, shift)
 
     def run(self, module, state: PackedState, x):
         if x.numel() >= LARGE_M * module.in_features:

@@ -101,7 +101,8 @@ class PackedQ8Act(PackedAVX2):
         half = st.scale.half()
         qscale = half if torch.equal(half.float(), st.scale) else st.scale
         return Q8State(**{f.name: getattr(st, f.name) for f in fields(PackedState)}, qscale=qscale,
-                       qoffsets=torch.empty(0) if symmetric else st.offsets, qbase=-s.qmin if symmetric else 0,
+                       qoffsets=torch.empty(0) if symmetric else st.offsets,
+                       qbase=st.code_shift - s.qmin if symmetric else 0,
                        isa=isa_from_env())
 
     def run(self, module, state: Q8State, x):
