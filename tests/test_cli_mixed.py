@@ -31,7 +31,7 @@ def test_sensitivity_plan_quantize(tmp_path, tiny_folder, capsys, monkeypatch):
     # quantize --plan calibrates for it without being told the method again
     gplan = tmp_path / "gplan.json"
     rc, o, _ = run(capsys, "plan", "--model", str(tiny_folder), *FAST, "--method", "kfac", "--quantizer", "gptq",
-                   "--target-bits", "4.6", "-o", str(gplan))
+                   "--windows", "4", "--target-bits", "4.6", "-o", str(gplan))  # cross-fitted: two folds
     assert rc == 0 and "gptq" in o
     gd = json.loads(gplan.read_text())
     assert gd["method"] == "gptq" and gd["params"]["act_order"] == "full" and gd["info"]["sensitivity"]["method"] == "kfac"

@@ -218,7 +218,9 @@ def test_gptq_candidates_in_sensitivity_and_plans(tmp_path):
     it was measured with, applies, and lands on the planned formats."""
     m = make_tiny_llama(seed=2, vocab_size=1024)
     cands = ["W8", "W4G32", "W3G32", "W2G32"]
-    kw = dict(windows=2, seq_len=64, cache=False, progress=False)
+    # GPTQ is cross-fitted (solved on half the windows, measured on the other half): each half must hold
+    # more tokens than the layers have inputs (72 and 160 here) for its solution to carry over
+    kw = dict(windows=16, seq_len=64, cache=False, progress=False)
     rtn = sensitivity(m, CALIB, cands, method="kl", **kw)
     kl = sensitivity(m, CALIB, cands, method="kl", quantizer="gptq", **kw)
     kf = sensitivity(m, CALIB, cands, method="kfac", quantizer="gptq", samples=4, **kw)
@@ -237,6 +239,8 @@ def test_gptq_candidates_in_sensitivity_and_plans(tmp_path):
         assert q.get_submodule(name).scheme == fmt
     with pytest.raises(SchemeError, match="kfac"):
         sensitivity(m, CALIB, cands, method="fisher", quantizer="gptq", **kw)
+    with pytest.raises(SchemeError, match="at least 2 windows"):
+        sensitivity(m, CALIB, cands, method="kfac", quantizer="gptq", **{**kw, "windows": 1})
     with pytest.raises(SchemeError, match="quantizer must be one of"):
         sensitivity(m, CALIB, cands, method="kfac", quantizer="awq", **kw)
     with pytest.raises(SchemeError, match="goes with quantizer='gptq'"):

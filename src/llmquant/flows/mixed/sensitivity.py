@@ -25,8 +25,11 @@ from the end of the text (:func:`llmquant.data.windows`, disjoint from evaluatio
               1/2 sum_o A_o (dW H dW^T)_oo / T. It weighs an error by the directions the layer's inputs
               actually take, as GPTQ's objective does, so it can measure GPTQ-made candidates
               (``quantizer="gptq"``: each layer solved by GPTQ onto each format with that H), whose errors
-              are large weight by weight but cancel on the inputs. Cost about that of ``"fisher"``, plus one
-              GPTQ solve per (layer, format) for GPTQ candidates.
+              are large weight by weight but cancel on the inputs. Cost about that of ``"fisher"``, plus two
+              GPTQ solves per (layer, format) for GPTQ candidates: those are cross-fitted, solved on the
+              even windows' H and weighed by the odd windows' moments and the other way round (measured on
+              its own calibration tokens a GPTQ solution looks far better than it is on other text: with
+              fewer tokens than inputs it can put its whole error where those tokens do not look).
 
 Damages add up across layers to first order, so a plan's predicted KL is the sum of its layers' damages.
 Results are cached on disk (``$LLMQUANT_CACHE/sensitivity``) keyed by model weights, text and settings.
@@ -245,37 +248,65 @@ def _logits(model, ids):
 
 
 @torch.no_grad()
-def _kl_scan(model, units, fmts, ids, progress, make=None, hessians=False):
+def _kl_scan(model, units, fmts, ids, progress, make=None, cross_fit=False):
     """Measured KL of each unit in each format. A distributed run: each rank runs its share of the windows
     (one batch) and the sums are added in rank order (one process's up to the rounding of the batched
-    products)."""
+    products). ``cross_fit`` (GPTQ candidates; one process): the windows in two folds (even, odd); each
+    unit is solved on one fold's ``H = sum x x^T`` and its KL measured on the other, the two averaged (a
+    GPTQ solution measured on its own calibration tokens fits them, not the text)."""
     from .. import distributed
 
+    if cross_fit:
+        folds = _folds(ids)
+        grams = [_grams(model, units, ids[f]) for f in folds]
+        per = [_kl_sums(model, units, fmts, ids[folds[b]], progress, make, grams[1 - b]) for b in (0, 1)]
+        ns = [len(f) * (ids.shape[1] - 1) for f in folds]
+        return [[max(0.0, 0.5 * sum(per[b][i][j] / ns[b] for b in (0, 1))) for j in range(len(fmts))]
+                for i in range(len(units))]
     mine, _ = distributed.split(ids)
     n = ids.shape[0] * (ids.shape[1] - 1)
-    sums = (_kl_sums(model, units, fmts, ids[mine], progress, make, hessians) if mine
-            else [[0.0] * len(fmts) for _ in units])
+    sums = _kl_sums(model, units, fmts, ids[mine], progress, make) if mine else [[0.0] * len(fmts) for _ in units]
     total = distributed.sum_in_order([(mine[0] if mine else len(ids), sums)], "the KL sums")
     return [[max(0.0, sum(t[i][j] for t in total)) / n for j in range(len(fmts))] for i in range(len(units))]
 
 
-def _kl_sums(model, units, fmts, ids, progress, make=None, hessians=False):
-    """``make(fmt, w0, H)``: the stored weight (default: the format's RTN); ``hessians``: gather each unit's
-    ``H = sum x x^T`` (of this process's windows) in the reference pass for it."""
+def _folds(ids) -> list[list[int]]:
+    """The two cross-fitting folds of the calibration windows (even and odd positions)."""
+    if ids.shape[0] < 2:
+        raise SchemeError("GPTQ candidates are solved on half the calibration windows and measured on the other "
+                          "half: give at least 2 windows")
+    return [list(range(0, ids.shape[0], 2)), list(range(1, ids.shape[0], 2))]
+
+
+@torch.no_grad()
+def _grams(model, units, ids) -> dict:
+    """``H = sum_t x_t x_t^T`` of each unit's (first, linear) module's inputs over ``ids``."""
+    H: dict[str, torch.Tensor] = {}
+    hooks = []
+    for u in units:
+        m = model.get_submodule(u.modules[0])
+        if isinstance(m, nn.Linear):
+            def gram(mod, args, out, n=u.modules[0]):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                H[n] = H[n] + x.T @ x if n in H else x.T @ x
+            hooks.append(m.register_forward_hook(gram))
+    try:
+        for w in ids:
+            _logits(model, w[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return H
+
+
+def _kl_sums(model, units, fmts, ids, progress, make=None, H=None):
+    """``make(fmt, w0, H)``: the stored weight (default: the format's RTN), given ``H[unit's module]``."""
     make = make or (lambda f, w0, h: fake_weight(f, w0))
+    H = H or {}
     arch = arch_for(model)
     blocks = model.get_submodule(arch.layers) if arch else None
     inputs: dict[int, tuple] = {}
     hooks = []
-    H: dict[str, torch.Tensor] = {}
-    if hessians:
-        for u in units:
-            m = model.get_submodule(u.modules[0])
-            if isinstance(m, nn.Linear):
-                def gram(mod, args, out, n=u.modules[0]):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                    H[n] = H[n] + x.T @ x if n in H else x.T @ x
-                hooks.append(m.register_forward_hook(gram))
     if blocks is not None:
         for i, blk in enumerate(blocks):
             def pre(mod, args, kwargs, i=i):
@@ -435,13 +466,13 @@ class _Curvature:
                 else:
                     raise SchemeError(f"the 'kfac' sensitivity measures nn.Linear and nn.Embedding layers; {n} is a "
                                       f"{type(m).__name__}: use method='fisher'")
-        self.moments = self.zeros()
+        self.folds = [self.zeros(), self.zeros()]  # sums of the even and of the odd windows
 
     def zeros(self) -> dict:
         return {"H": {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in self.lin.items()},
                 "A": {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in self.lin.items()},
                 "E2": {n: torch.zeros(m.weight.shape, dtype=torch.float64) for n, m in self.emb.items()},
-                "tokens": 0}  # positions that went through the linears
+                "tokens": 0, "predicted": 0}  # positions through the linears; positions whose next token counts
 
     @staticmethod
     def add(into: dict, other: dict) -> dict:
@@ -449,6 +480,7 @@ class _Curvature:
             for n in into[k]:
                 into[k][n] += other[k][n]
         into["tokens"] += other["tokens"]
+        into["predicted"] += other["predicted"]
         return into
 
     def window(self, model, ids, samples: int, gen) -> dict:
@@ -470,7 +502,7 @@ class _Curvature:
         finally:
             for h in hooks:
                 h.remove()
-        part["tokens"] = int(ids.numel())
+        part["tokens"], part["predicted"] = int(ids.numel()), logp.shape[0]
         probs = logp.detach().exp()
         names = [n for n in outs if outs[n].requires_grad]
         for s in range(samples):
@@ -487,20 +519,22 @@ class _Curvature:
                     part["E2"][n].index_add_(0, ids.reshape(-1), g.pow(2))
         return part
 
-    def hessian(self, unit) -> torch.Tensor | None:
-        """H of the unit's (first) linear part: what GPTQ solves against."""
-        return next((self.moments["H"][m] for m in unit.modules if m in self.lin), None)
+    def hessian(self, unit, mo: dict) -> torch.Tensor | None:
+        """H of the unit's (first) linear part in the moments ``mo``: what GPTQ solves against."""
+        return next((mo["H"][m] for m in unit.modules if m in self.lin), None)
 
-    def damage(self, unit, dw: torch.Tensor) -> float:
-        """The unit's parts' quadratic forms of ``dw`` summed (not yet scaled)."""
-        mo, d = self.moments, dw.double()
+    @staticmethod
+    def damage(unit, dw: torch.Tensor, mo: dict, samples: int) -> float:
+        """Mean KL per predicted position by the moments ``mo``: 1/2 E_y[sum_o A_o (dW H dW^T)_oo] / T per
+        linear part, plus the diagonal form for an embedding part."""
+        d = dw.double()
         total = 0.0
         for n in unit.modules:
-            if n in self.lin:
+            if n in mo["H"]:
                 total += float((mo["A"][n] * ((d @ mo["H"][n]) * d).sum(1)).sum()) / max(mo["tokens"], 1)
-            elif n in self.emb:
+            elif n in mo["E2"]:
                 total += float((mo["E2"][n] * d.pow(2)).sum())
-        return total
+        return 0.5 * total / (samples * max(mo["predicted"], 1))
 
 
 def _quantizer(quantizer: str, gptq):
@@ -524,7 +558,7 @@ def _quantizer(quantizer: str, gptq):
     return make
 
 
-def _kfac_scan(model, units, fmts, ids, samples, progress, make, seed=0):
+def _kfac_scan(model, units, fmts, ids, samples, progress, make, cross_fit=False, seed=0):
     """Damage = 1/2 E_y[sum_o A_o (dW H dW^T)_oo] / T per unit (Kronecker-factored Fisher: the outputs'
     gradient moments times the inputs' moments, diagonal over output channels; the embedding part as the
     diagonal Fisher of its rows), with dW made by ``make`` from the same H (so GPTQ's error, which is
@@ -541,27 +575,32 @@ def _kfac_scan(model, units, fmts, ids, samples, progress, make, seed=0):
         w.requires_grad_(True)  # the layers' outputs need a graph
     curv = _Curvature(model, units)
     mine, _ = distributed.split(ids)
-    mine_sum = curv.zeros()
+    sums = [curv.zeros(), curv.zeros()]  # this process's windows, by fold
     try:
         for i in tqdm(mine, desc="sensitivity (kfac)", disable=not progress, leave=False):
             gen = torch.Generator().manual_seed(seed * 1000003 + i)
-            curv.add(mine_sum, curv.window(model, ids[i], samples, gen))
+            curv.add(sums[i % 2], curv.window(model, ids[i], samples, gen))
     finally:
         for p, r in saved.items():
             p.requires_grad_(r)
-    for part in distributed.sum_in_order([(mine[0] if mine else len(ids), mine_sum)], "the K-FAC sums"):
-        curv.add(curv.moments, part)
-    n = ids.shape[0] * (ids.shape[1] - 1)
+    for part in distributed.sum_in_order([(mine[0] if mine else len(ids), sums)], "the K-FAC sums"):
+        for f in (0, 1):
+            curv.add(curv.folds[f], part[f])
+    whole = curv.add(curv.add(curv.zeros(), curv.folds[0]), curv.folds[1])
+    if cross_fit:
+        _folds(ids)  # at least two windows
     damage = []
     for u, w in tqdm(list(zip(units, weights)), desc="sensitivity (kfac) candidates", disable=not progress, leave=False):
         w0 = w.detach().float()
-        h = curv.hessian(u)
         row = []
         for f in fmts:
             if not _fits(f, w0.shape[-1]):
                 row.append(math.inf)
-                continue
-            row.append(0.5 * curv.damage(u, make(f, w0, h).float() - w0) / (samples * n))
+            elif cross_fit:  # solved on one fold's H, weighed by the other fold's moments; both ways, averaged
+                row.append(0.5 * sum(curv.damage(u, make(f, w0, curv.hessian(u, curv.folds[1 - b])).float() - w0,
+                                                 curv.folds[b], samples) for b in (0, 1)))
+            else:
+                row.append(curv.damage(u, make(f, w0, curv.hessian(u, whole)).float() - w0, whole, samples))
         damage.append(row)
     return damage
 
@@ -633,7 +672,7 @@ def sensitivity(
     if quantizer != "rtn":  # (absent for RTN: the keys of earlier caches stay valid)
         from ...schemes.methods import params_to_json
 
-        settings["quantizer"] = {"name": quantizer, "params": params_to_json(gptq_params)}
+        settings["quantizer"] = {"name": quantizer, "params": params_to_json(gptq_params), "cross_fit": True}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     folder = None if cache is False else (cache_dir() / "sensitivity" if cache is True else Path(cache).expanduser())
     if folder is not None and (folder / f"{key}.json").is_file():
@@ -649,9 +688,9 @@ def sensitivity(
     extra_damage: dict = {}
     make = _quantizer(quantizer, gptq_params)
     if method == "kl":
-        damage = _kl_scan(model, units, fmts, ids, progress, make, hessians=quantizer != "rtn")
+        damage = _kl_scan(model, units, fmts, ids, progress, make, cross_fit=quantizer != "rtn")
     elif method == "kfac":
-        damage = _kfac_scan(model, units, fmts, ids, samples, progress, make)
+        damage = _kfac_scan(model, units, fmts, ids, samples, progress, make, cross_fit=quantizer != "rtn")
     else:
         if streamed:
             from .streamed import fisher_scan_streamed
