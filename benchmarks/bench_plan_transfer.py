@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens per text")
     ap.add_argument("--large", default="16x256", help="the larger calibration amount, windows x tokens")
     ap.add_argument("--kl", action="store_true", help="also plan from the exact-KL measure (slow: ~40x Fisher)")
+    ap.add_argument("--budgets", default=",".join(UNIFORM), help="uniform schemes whose bits/weight the plans get")
     ap.add_argument("--gptq", action="store_true", help="also GPTQ rows: uniform W4G64 and plans applied by GPTQ")
     ap.add_argument("--gptq-calib", type=int, default=16, help="GPTQ calibration windows of 512 tokens")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -171,7 +172,7 @@ def main() -> None:
         logging.info("%s", row)
         del m
 
-    for u in UNIFORM:
+    for u in args.budgets.split(","):
         b = uniform_bits(base, u)
         run(f"uniform {u} ({b:.3f} b/w)", u)
         for label, s in sources.items():

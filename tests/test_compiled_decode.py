@@ -91,6 +91,17 @@ def test_packed_q8act_logits(scheme):
     assert torch.equal(c.argmax(-1), py.argmax(-1))
 
 
+@pytest.mark.parametrize("scheme", ["gguf:Q6_K", "gguf:Q2_K"])
+def test_k_quants_in_groups_of_16(scheme):
+    """Q6_K / Q2_K (groups of 16, codes widened to a byte) run natively; k-quants need rows of 256."""
+    m = _quantized("llama", scheme, None, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                   num_key_value_heads=2)
+    assert _rel(_decode_logits(m, True, 256), _decode_logits(m, False, 256)) <= INT16
+    lean = LeanModel(m)
+    lean.new_cache(1, 4)
+    assert not lean.compiled_step().needs_python
+
+
 def test_gqa_and_wider_heads():
     """8 query heads on 2 kv heads, head_dim 32, more layers, a longer cache."""
     m = _quantized("llama", "W4G32", None, num_attention_heads=8, num_key_value_heads=2, hidden_size=256,

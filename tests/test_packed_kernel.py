@@ -11,7 +11,9 @@ from llmquant.schemes import PRESETS, QuantScheme
 
 SCHEMES = ["W8", "W8G128", "W4", "W4G32", "W4G64", "W4G128A", "gguf:Q8_0", "gguf:Q4_1",
            # codes of other widths, widened to a byte each at load: 3/2 bits, llama.cpp's 5-bit types
-           "W3G32", "W2G32", "gguf:Q5_0", "gguf:Q5_1", "gguf:Q5_K"]
+           "W3G32", "W2G32", "gguf:Q5_0", "gguf:Q5_1", "gguf:Q5_K",
+           # groups of 16 (two per block of 32 on the 8-bit path)
+           "gguf:Q6_K", "gguf:Q3_K", "gguf:Q2_K"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +98,7 @@ def test_fused_call_equals_separate_calls():
 
 
 def test_unsupported_formats_fall_through():
-    m16 = _qlin(PRESETS["gguf:Q6_K"])  # groups of 16: not this kernel
+    m16 = _qlin(QuantScheme(bits=4, group_size=16))  # 4-bit codes in groups of 16: not this kernel
     m72 = _qlin(PRESETS["W4"], k=72)  # in_features not a multiple of 32
     for m in (m16, m72):
         assert not packed_cpu.PackedAVX2().supports(m, torch.device("cpu"))

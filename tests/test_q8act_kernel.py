@@ -72,7 +72,8 @@ def _schemes():
                 gran = "channel" if gs is None else "group"
                 out.append(QuantScheme(bits=bits, symmetric=sym, granularity=gran, group_size=gs))
     return out + [PRESETS[p] for p in ("gguf:Q8_0", "gguf:Q4_0", "gguf:Q4_1", "gguf:Q4_K",
-                                       "gguf:Q5_0", "gguf:Q5_1", "gguf:Q5_K", "W3G32", "W2G64")]
+                                       "gguf:Q5_0", "gguf:Q5_1", "gguf:Q5_K", "W3G32", "W2G64",
+                                       "gguf:Q6_K", "gguf:Q3_K", "gguf:Q2_K")] + [QuantScheme(bits=8, group_size=16)]
 
 
 def test_extension_builds_and_reports_isa():

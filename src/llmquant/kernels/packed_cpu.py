@@ -17,8 +17,9 @@ weight (kept within the same budget). Under
 dequantized weight rounded to bf16 once and kept: the opt-in way to a prefill faster than fp32, at
 autocast's numerics (bf16 activations).
 
-Supported: CPU, 2 to 8 bits, per channel, per tensor or groups that are multiples of 32, ``in_features`` a
-multiple of 32, any zero point, no activation quantization. Everything else goes to the next kernel. Codes
+Supported: CPU, 2 to 8 bits, per channel, per tensor or groups that are multiples of 32 (or of 16 values,
+as llama.cpp's Q6_K / Q3_K / Q2_K, except for 4-bit codes), ``in_features`` a multiple of 32, any zero
+point, no activation quantization. Everything else goes to the next kernel. Codes
 of 2, 3, 5, 6 or 7 bits (W3G32, gguf:Q5_0 / Q5_1 / Q5_K ...) are widened at load to one byte each and run
 the 8-bit path (1 byte per weight read at run time, kept in the prepared state next to the stored codes);
 their scales, offsets and numerics are as stored.
@@ -65,8 +66,8 @@ def format_supported(module, weight_only: bool = True) -> bool:
     k = module.in_features
     if (weight_only and module.activation_scheme is not None) or not 2 <= s.bits <= 8 or k % 32:
         return False
-    if s.granularity == "group":
-        return s.group_size % 32 == 0
+    if s.granularity == "group":  # groups of 16 (Q6_K, Q3_K, Q2_K): on the 8-bit path, two groups per block
+        return s.group_size % 32 == 0 or (s.group_size == 16 and s.bits != 4)
     return s.granularity in ("channel", "tensor")
 
 

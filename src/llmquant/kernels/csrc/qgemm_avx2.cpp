@@ -1,4 +1,4 @@
-// Packed int4 / int8 weight-only GEMM for x86 CPUs with AVX2 + FMA (llmquant, issue 7).
+// Packed int4 / int8 weight-only GEMM for x86 CPUs with AVX2 + FMA.
 //
 // Weights are read in llmquant's own packed format (src/llmquant/packing.py), unchanged: unsigned codes
 // u = q - qmin, row-major (out_features x in_features); for 4 bits byte j holds u[2j] in its low nibble and
@@ -75,6 +75,20 @@ void gemm_rows(const QX& x, int64_t i0, int64_t K, const uint8_t* q, const float
         tc[i] = _mm256_setzero_ps();
         a[i][0] = a[i][1] = _mm256_setzero_si256();
       }
+      if (BITS == 8 && gs == 16) {  // two groups per block of 32: the two halves (wa, wb) take their own scales
+        for (int64_t k = c0; k < c1; k += 32) {
+          __m256i wa, wb;
+          load_block<BITS>(qr + k, wa, wb);
+          const __m256 s0 = _mm256_set1_ps(sr[k / 16]), s1 = _mm256_set1_ps(sr[k / 16 + 1]);
+          for (int i = 0; i < MT; ++i) {
+            const int16_t* xr = x.xq + (i0 + i) * K + k;
+            const __m256i pa = _mm256_madd_epi16(wa, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
+            const __m256i pb = _mm256_madd_epi16(wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16)));
+            tc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), s0, tc[i]);
+            tc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), s1, tc[i]);
+          }
+        }
+      } else
       for (int64_t k = c0, g = c0 / gs; k < c1; ++g) {  // the groups (or parts of groups) in this chunk
         const int64_t ke = std::min(c1, (g + 1) * gs);
         for (; k < ke; k += 32) {
@@ -143,15 +157,16 @@ void quantize_x(const float* x, int64_t M, int64_t K, int64_t gs, int64_t G, boo
       const float sc = amax > 0.f ? amax / 32767.f : 1.f;
       const float inv = 1.f / sc;
       int16_t* qr = xq + i * K;
-      for (int64_t k = c0; k < c1; k += 32) {  // 32-blocks never straddle a group (gs is a multiple of 32)
-        int32_t sum = 0;
+      for (int64_t k = c0; k < c1; k += 32) {  // 32-blocks never straddle a group (gs a multiple of 32, or 16:
+        int32_t sum[2] = {0, 0};                // then each half of the block is a group)
         for (int64_t t = 0; t < 32; ++t) {
           const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k + t] * inv));
           const int16_t vq = static_cast<int16_t>(std::max(-32767, std::min(32767, v)));
           qr[k + (interleave ? (t >> 1) + 16 * (t & 1) : t)] = vq;
-          sum += vq;
+          sum[gs == 16 && t >= 16] += vq;
         }
-        xgr[k / gs] += sc * static_cast<float>(sum);
+        xgr[k / gs] += sc * static_cast<float>(sum[0]);
+        if (gs == 16) xgr[k / gs + 1] += sc * static_cast<float>(sum[1]);
       }
       xs[i * nch + j] = sc;
     }

@@ -215,7 +215,7 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
               "one scale, offset and base per weight");
   const bool use_vnni = isa == -1 ? q8_best_isa() == 1 : isa == 1;
   const int64_t K = x.size(1), M = x.size(0);
-  const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;
+  const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;  // bpg 0: groups of 16 (8 bits), two per block
 
   // scratch as plain vectors, not tensors: a decode call (M = 1) is short enough for tensor bookkeeping to show
   std::vector<int8_t> xq(M * K);
@@ -227,7 +227,17 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   const int32_t* bsp = bs.data();
   float* xgp = xg.data();
   for (int64_t i = 0; i < M; ++i)
-    for (int64_t b = 0; b < nb; ++b) xgp[i * G + b / bpg] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b]);
+    for (int64_t b = 0; b < nb; ++b) {
+      if (bpg) {
+        xgp[i * G + b / bpg] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b]);
+      } else {  // groups of 16 (natural code order at 8 bits): each half of the block
+        const int8_t* v = xqp + i * K + b * 32;
+        int32_t h = 0;
+        for (int t = 0; t < 16; ++t) h += v[t];
+        xgp[i * G + 2 * b] += dp[i * nb + b] * static_cast<float>(h);
+        xgp[i * G + 2 * b + 1] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b] - h);
+      }
+    }
 
   // what each path's dot product already subtracts from the codes: 128 for AVX2 at 8 bits (|w| sign(x, w))
   const int64_t done = (bits == 8 && !use_vnni) ? 128 : 0;
