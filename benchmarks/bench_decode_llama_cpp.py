@@ -1,7 +1,13 @@
 """llmquant's lean runtime against llama.cpp (the cyllama wheel) on the default model, in one run.
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_decode_llama_cpp.py [--threads 1 2] [--rounds 3]
-        [--configs fp32 W8 ...] [--compiled both|on|off] [--no-quality]
+        [--configs fp32 W8 ...] [--compiled both|on|off] [--no-quality] [--model DIR] [--prefill N] [--new N]
+
+``--model DIR``: a local Hugging Face folder instead of the default model (e.g. the random-weight ~1B Llama of
+``benchmarks/bench_streaming.py write DIR --shape 1b``); a folder without a tokenizer uses the default model's
+(its vocabulary must match: the GGUF files then carry the default model's GGUF tokenizer). Its GGUF files are
+cached apart from the default model's, keyed by the folder's path and weight files. The KL rows are skipped for
+it (against a random-weight model they say nothing); greedy tokens against the reference path are still checked.
 
 llama.cpp runs an F32 GGUF exported by llmquant and llama.cpp's own Q8_0, Q4_0 and Q4_K_M made from it with
 its quantizer (``llama_cpp_quantize``). llmquant runs fp32, RTN W8 (int8 per channel, head Q8_0: the
@@ -17,7 +23,7 @@ int8 activation rounding packed_q8act applies (the gguf:Q8_0-act scheme on the l
 of each timed run's greedy tokens equal those of the reference path (``dequant_cached``: dequantize, then
 F.linear) with the same activation rounding, before the first difference.
 
-Writes benchmarks/results/decode_llama_cpp.{json,md} after each thread count.
+Writes benchmarks/results/decode_llama_cpp.{json,md} (``--out``) after each thread count.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -162,7 +169,40 @@ def first_diff(a, b) -> int:
     return int(d[0]) if len(d) else int(a.shape[1])
 
 
+def model_key(folder: Path) -> str:
+    """A cache folder name for a checkpoint: its name and a hash of its resolved path and weight files (name,
+    size, modification time), so a rewritten checkpoint gets fresh GGUF files."""
+    folder = folder.expanduser().resolve()
+    h = hashlib.sha1(str(folder).encode())
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{folder.name}-{h.hexdigest()[:12]}"
+
+
+def load(folder: Path | None):
+    """(fp32 model, tokenizer, GGUF cache folder, tokenizer GGUF for the export or None)."""
+    work = cache_dir() / "bench_decode_llama_cpp"
+    if folder is None:
+        fp32, tok = llmquant.load_model()
+        return fp32, tok, work, None
+    from llmquant.io.hf import default_model_file, gguf_tokenizer
+
+    fp32, tok = llmquant.load_model(folder)
+    tok_gguf = None
+    if tok is None:  # a bare checkpoint: the default model's tokenizer, copied into the GGUF files as it is there
+        tok_gguf = default_model_file()
+        tok = gguf_tokenizer(tok_gguf)
+        if len(tok) > fp32.config.vocab_size:
+            raise SystemExit(f"{folder} has no tokenizer and {fp32.config.vocab_size} tokens: the default model's "
+                             f"tokenizer ({len(tok)}) does not fit it")
+        print(f"[setup] {folder} has no tokenizer: using the default model's", flush=True)
+    return fp32, tok, work / model_key(folder), tok_gguf
+
+
 def main() -> None:
+    global PROMPT, NEW, PREFILL
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
@@ -171,16 +211,28 @@ def main() -> None:
                     help="llmquant decode with the compiled decode step, the Python step, or both")
     ap.add_argument("--no-quality", action="store_true", help="skip the KL evaluation (speed only)")
     ap.add_argument("--out", type=Path, default=OUT, help="results path without suffix (.json and .md written)")
+    ap.add_argument("--model", type=Path, help="a local Hugging Face folder instead of the default model "
+                    "(no KL rows: see the module doc)")
+    ap.add_argument("--prefill", type=int, default=PREFILL, help="prefill length in tokens (at most 512)")
+    ap.add_argument("--new", type=int, default=NEW, help="greedy tokens decoded after the prompt")
     args = ap.parse_args()
+    if not 16 <= args.prefill <= 512 or args.new < 2:
+        ap.error("--prefill takes 16..512 tokens, --new at least 2")
+    PREFILL, NEW = args.prefill, args.new
     steps = {"both": [True, False], "on": [True], "off": [False]}[args.compiled]
     t_start = time.perf_counter()
     set_threads(max(args.threads))
-    fp32, tok = llmquant.load_model()
-    work = cache_dir() / "bench_decode_llama_cpp"
+    fp32, tok, work, tok_gguf = load(args.model)
+    if args.model is not None and not args.no_quality:
+        print("[setup] --model: KL rows skipped (a random-weight model's KL says nothing); greedy tokens "
+              "against the reference path are still checked", flush=True)
+        args.no_quality = True
+    n_params = sum(p.numel() for p in fp32.parameters())
     work.mkdir(parents=True, exist_ok=True)
     files = {"F32": work / "f32.gguf"}
     if not files["F32"].exists():
-        llmquant.export(fp32, tok, files["F32"], float_type="F32", progress=False)
+        kw = {"tokenizer_gguf": tok_gguf} if tok_gguf is not None else {}
+        llmquant.export(fp32, tok, files["F32"], float_type="F32", progress=False, **kw)
     for ft in sorted({FORMATS[c] for c in args.configs} - {"F32"}):
         files[ft] = work / f"{ft.lower()}.gguf"
         if not files[ft].exists():
@@ -196,10 +248,13 @@ def main() -> None:
             llmquant.quantize(m, c, progress=False)
             models[c] = m
     print(f"[setup] quantized ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    if "fp32" not in args.configs and args.no_quality:  # the float model is not needed any more
+        del fp32, m
+        gc.collect()
 
     # quality: KL against fp32 on 2 windows of 512 tokens, weight-only and with packed_q8act's rounding
     ids = token_windows(tok, None, 2, 512)
-    ref = ReferenceLogits(fp32, ids)
+    ref = ReferenceLogits(fp32, ids) if not args.no_quality else None
     quality = []
     for c, m in models.items():
         if c == "fp32" or args.no_quality:
@@ -221,7 +276,8 @@ def main() -> None:
                         "KL int8 activations": round(r.kl, 4), "top-1 int8 activations": round(r.top1, 4),
                         "int8-activation linears": "all" if ft != "F32" else "none"})
         print("[quality]", quality[-1], flush=True)
-    ref.close()
+    if ref is not None:
+        ref.close()
     print(f"[setup] quality done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     # greedy tokens of the reference path, to compare each timed run's with
@@ -297,7 +353,9 @@ def main() -> None:
                          "decode x step off": round(b["decode"] / off["decode"], 2) if off else "",
                          "prefill x llama.cpp": round(b["prefill"] / lc["prefill"], 2),
                          "greedy = reference": f"{b['same tokens']}/{NEW}"})
-        meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        meta = {"model": str(args.model) if args.model is not None else "default (SmolLM2-135M-Instruct)",
+                "parameters": n_params,
+                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "q8act isa": "AVX512-VNNI" if native.load().q8_best_isa() == 1 else "AVX2",
                 "prompt": PROMPT, "new tokens": NEW, "prefill": PREFILL, "rounds": args.rounds,
                 "configs": args.configs, "compiled": args.compiled,
@@ -310,7 +368,8 @@ def main() -> None:
         out = args.out
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-        md = format_table(rows) + "\n\nQuality (2 windows of 512 tokens, KL against fp32):\n\n" + format_table(quality)
+        md = format_table(rows) + "\n\nQuality (2 windows of 512 tokens, KL against fp32):\n\n" + (
+            format_table(quality) if quality else "not measured" + (" (--model: random weights)" if args.model else ""))
         out.with_suffix(".md").write_text(md + "\n")
         print(md, flush=True)
     for lc in llama.values():

@@ -53,7 +53,7 @@ def write(folder: Path, shape: str) -> None:
         model = LlamaForCausalLM(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
-    writer = ShardWriter(folder, 2 * 10**9)
+    writer = ShardWriter(folder, 2 * 10**9, metadata={"format": "pt"})  # a plain float checkpoint, no llmquant manifest
     n = 0
     for name, p in model.state_dict().items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":

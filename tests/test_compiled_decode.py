@@ -109,6 +109,28 @@ def test_gqa_and_wider_heads():
     assert _rel(_decode_logits(m, True, 256), _decode_logits(m, False, 256)) <= INT16
 
 
+@pytest.mark.parametrize("scheme,kernel,tol", [("gguf:Q4_0", None, INT16), ("W8", None, INT16),
+                                               ("gguf:Q8_0", "packed_q8act", 2e-2)])
+def test_one_b_head_layout(scheme, kernel, tol):
+    """The ~1B benchmark checkpoint's attention layout (bench_streaming.py --shape 1b: 32 query heads on 4 kv
+    heads, head_dim 64, intermediate 2.75 x hidden) at a tenth of its width: 16 heads on 2 kv heads (groups
+    of 8), head_dim 64; every linear native, logits and greedy tokens as the Python step's."""
+    m = _quantized("llama", scheme, kernel, num_attention_heads=16, num_key_value_heads=2, hidden_size=1024,
+                   intermediate_size=2816, num_hidden_layers=2)
+    lean = LeanModel(m)
+    lean.new_cache(1, 4)
+    assert (lean.n_heads, lean.n_kv, lean.head_dim) == (16, 2, 64)
+    assert not lean.compiled_step().needs_python
+    c, py = _decode_logits(m, True, 256), _decode_logits(m, False, 256)
+    assert _rel(c, py) <= tol
+    assert torch.equal(c.argmax(-1), py.argmax(-1))
+    if kernel is None:  # weight-only: whole greedy runs agree too
+        ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+        on = llmquant.generate(m, ids, 16, use_eos=False, lean=LeanModel(m, compiled=True))
+        off = llmquant.generate(m, ids, 16, use_eos=False, lean=LeanModel(m, compiled=False))
+        assert torch.equal(on, off)
+
+
 def test_greedy_tokens_identical():
     m = make_tiny_llama(vocab_size=512, hidden=128)
     llmquant.quantize(m, "gguf:Q4_0", progress=False)

@@ -369,3 +369,27 @@ def test_sensitivity_streams_layer_by_layer(shards, tmp_path, tiny_bpe_tokenizer
     assert main(["plan", "--model", str(folder), "--stream", "--text", str(text), "--windows", "2", "--seq-len", "32",
                  "--candidates", "W4G32,W8", "--target-bits", "6", "--no-cache", "-o", str(tmp_path / "p.json")]) == 0
     assert len(json.loads((tmp_path / "p.json").read_text())["layers"]) == len(a.units)
+
+
+def test_shard_writer_plain_float_checkpoint_loads(tmp_path):
+    """A float checkpoint written tensor by tensor with ShardWriter (as benchmarks/bench_streaming.py writes its
+    random ones) loads whole and streamed when its shards carry plain metadata; with the default metadata
+    (producer: llmquant) it is taken for an llmquant folder missing its manifest and refused."""
+    from llmquant.io.shards import ShardWriter
+
+    src = make_tiny_llama(vocab_size=VOCAB, layers=2, tie=False)
+    sd = src.state_dict()
+    for meta, folder in (({"format": "pt"}, tmp_path / "plain"), (None, tmp_path / "marked")):
+        folder.mkdir()
+        w = ShardWriter(folder, 40_000, metadata=meta)
+        for name, t in sd.items():
+            w.add(name, t)
+        w.close()
+        src.config.save_pretrained(str(folder))
+        assert len(list(folder.glob("*.safetensors"))) > 1
+    for stream in (False, True):
+        m, _ = llmquant.load_model(tmp_path / "plain", stream=stream)
+        if not stream:
+            assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
+    with pytest.raises(CorruptFileError, match="producer: llmquant"):
+        llmquant.load_model(tmp_path / "marked")

@@ -125,11 +125,15 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 class ShardWriter:
     """Tensors into safetensors shards of at most ``shard_bytes`` each (a tensor larger than that gets a
     shard of its own) in ``folder``. ``add`` writes at once; ``close`` finishes the last shard and the
-    index and returns ``{name: {"shape", "dtype", "sha256"}}`` for the manifest."""
+    index and returns ``{name: {"shape", "dtype", "sha256"}}`` for the manifest. ``metadata``: each shard's
+    header metadata (default: ``producer: llmquant``, which marks a folder whose manifest it needs; a plain
+    float checkpoint written with this class passes ``{"format": "pt"}``, so loaders take it as one)."""
 
-    def __init__(self, folder: str | os.PathLike, shard_bytes: int | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike, shard_bytes: int | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
         self.shard_bytes = shard_bytes or DEFAULT_SHARD_BYTES
+        self.metadata = dict(metadata) if metadata is not None else {"format": "pt", "producer": "llmquant"}
         self.entries: dict[str, dict] = {}
         self.files: list[str] = []  # finished shards, in order
         self.weight_map: dict[str, str] = {}
@@ -173,7 +177,7 @@ class ShardWriter:
         part.flush()
         name = f".shard-{len(self.files):05d}.safetensors"
         header = dict(self._header)
-        header["__metadata__"] = {"format": "pt", "producer": "llmquant"}
+        header["__metadata__"] = dict(self.metadata)
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         with open(self.folder / name, "wb") as out, open(part.name, "rb") as src:
