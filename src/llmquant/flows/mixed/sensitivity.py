@@ -257,6 +257,8 @@ def _kl_scan(model, units, fmts, ids, progress, make=None, cross_fit=False):
     from .. import distributed
 
     if cross_fit:
+        from .kfac import _folds, _grams
+
         folds = _folds(ids)
         grams = [_grams(model, units, ids[f]) for f in folds]
         per = [_kl_sums(model, units, fmts, ids[folds[b]], progress, make, grams[1 - b]) for b in (0, 1)]
@@ -268,35 +270,6 @@ def _kl_scan(model, units, fmts, ids, progress, make=None, cross_fit=False):
     sums = _kl_sums(model, units, fmts, ids[mine], progress, make) if mine else [[0.0] * len(fmts) for _ in units]
     total = distributed.sum_in_order([(mine[0] if mine else len(ids), sums)], "the KL sums")
     return [[max(0.0, sum(t[i][j] for t in total)) / n for j in range(len(fmts))] for i in range(len(units))]
-
-
-def _folds(ids) -> list[list[int]]:
-    """The two cross-fitting folds of the calibration windows (even and odd positions)."""
-    if ids.shape[0] < 2:
-        raise SchemeError("GPTQ candidates are solved on half the calibration windows and measured on the other "
-                          "half: give at least 2 windows")
-    return [list(range(0, ids.shape[0], 2)), list(range(1, ids.shape[0], 2))]
-
-
-@torch.no_grad()
-def _grams(model, units, ids) -> dict:
-    """``H = sum_t x_t x_t^T`` of each unit's (first, linear) module's inputs over ``ids``."""
-    H: dict[str, torch.Tensor] = {}
-    hooks = []
-    for u in units:
-        m = model.get_submodule(u.modules[0])
-        if isinstance(m, nn.Linear):
-            def gram(mod, args, out, n=u.modules[0]):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                H[n] = H[n] + x.T @ x if n in H else x.T @ x
-            hooks.append(m.register_forward_hook(gram))
-    try:
-        for w in ids:
-            _logits(model, w[None])
-    finally:
-        for h in hooks:
-            h.remove()
-    return H
 
 
 def _kl_sums(model, units, fmts, ids, progress, make=None, H=None):
@@ -446,165 +419,6 @@ def _fisher_scan(model, units, fmts, ids, samples, progress, seed=0, flush_every
     return (scale * diag).tolist(), (scale * acc).tolist()
 
 
-class _Curvature:
-    """Second moments gathered from the calibration windows for the ``"kfac"`` measure: per linear part of a
-    unit, ``H = sum_t x_t x_t^T`` of its inputs and ``A_o = sum_t g_to^2`` of the gradients of the sampled
-    log-likelihood at its outputs; per embedding part, ``E2[v, j] = sum_{t: id_t = v} g_tj^2`` of the
-    gradients at its output rows. Float64 sums; the sums themselves are a plain dict (``moments``), so a
-    distributed run can send them."""
-
-    def __init__(self, model, units) -> None:
-        self.lin: dict[str, nn.Linear] = {}
-        self.emb: dict[str, nn.Embedding] = {}
-        for u in units:
-            for n in u.modules:
-                m = model.get_submodule(n)
-                if isinstance(m, nn.Linear):
-                    self.lin[n] = m
-                elif isinstance(m, nn.Embedding):
-                    self.emb[n] = m
-                else:
-                    raise SchemeError(f"the 'kfac' sensitivity measures nn.Linear and nn.Embedding layers; {n} is a "
-                                      f"{type(m).__name__}: use method='fisher'")
-        self.folds = [self.zeros(), self.zeros()]  # sums of the even and of the odd windows
-
-    def zeros(self) -> dict:
-        return {"H": {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in self.lin.items()},
-                "A": {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in self.lin.items()},
-                "E2": {n: torch.zeros(m.weight.shape, dtype=torch.float64) for n, m in self.emb.items()},
-                "tokens": 0, "predicted": 0}  # positions through the linears; positions whose next token counts
-
-    @staticmethod
-    def add(into: dict, other: dict) -> dict:
-        for k in ("H", "A", "E2"):
-            for n in into[k]:
-                into[k][n] += other[k][n]
-        into["tokens"] += other["tokens"]
-        into["predicted"] += other["predicted"]
-        return into
-
-    def window(self, model, ids, samples: int, gen) -> dict:
-        """This window's sums (one forward, ``samples`` backwards to the layers' outputs)."""
-        part = self.zeros()
-        outs: dict[str, torch.Tensor] = {}
-        hooks = []
-        for n, m in self.lin.items():
-            def hook(mod, args, out, n=n):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                part["H"][n] += x.T @ x
-                outs[n] = out
-            hooks.append(m.register_forward_hook(hook))
-        for n, m in self.emb.items():
-            hooks.append(m.register_forward_hook(lambda mod, args, out, n=n: outs.__setitem__(n, out)))
-        try:
-            with torch.enable_grad():
-                logp = F.log_softmax(_logits(model, ids[None])[0], -1)
-        finally:
-            for h in hooks:
-                h.remove()
-        part["tokens"], part["predicted"] = int(ids.numel()), logp.shape[0]
-        probs = logp.detach().exp()
-        names = [n for n in outs if outs[n].requires_grad]
-        for s in range(samples):
-            y = torch.multinomial(probs, 1, generator=gen)
-            grads = torch.autograd.grad(logp.gather(1, y).sum(), [outs[n] for n in names], retain_graph=s < samples - 1,
-                                        allow_unused=True)
-            for n, g in zip(names, grads):
-                if g is None:
-                    continue
-                g = g.detach().reshape(-1, g.shape[-1]).double()
-                if n in part["A"]:
-                    part["A"][n] += g.pow(2).sum(0)
-                else:
-                    part["E2"][n].index_add_(0, ids.reshape(-1), g.pow(2))
-        return part
-
-    def hessian(self, unit, mo: dict) -> torch.Tensor | None:
-        """H of the unit's (first) linear part in the moments ``mo``: what GPTQ solves against."""
-        return next((mo["H"][m] for m in unit.modules if m in self.lin), None)
-
-    @staticmethod
-    def damage(unit, dw: torch.Tensor, mo: dict, samples: int) -> float:
-        """Mean KL per predicted position by the moments ``mo``: 1/2 E_y[sum_o A_o (dW H dW^T)_oo] / T per
-        linear part, plus the diagonal form for an embedding part."""
-        d = dw.double()
-        total = 0.0
-        for n in unit.modules:
-            if n in mo["H"]:
-                total += float((mo["A"][n] * ((d @ mo["H"][n]) * d).sum(1)).sum()) / max(mo["tokens"], 1)
-            elif n in mo["E2"]:
-                total += float((mo["E2"][n] * d.pow(2)).sum())
-        return 0.5 * total / (samples * max(mo["predicted"], 1))
-
-
-def _quantizer(quantizer: str, gptq):
-    """``(fmt, w0, H or None) -> the weight stored in fmt``: RTN (the formats' own rounding) or GPTQ with
-    ``gptq`` (:class:`~llmquant.schemes.GPTQParams`) on the Hessian ``H`` of the layer's calibration inputs."""
-    if quantizer == "rtn":
-        return lambda f, w0, h: fake_weight(f, w0)
-    from ...algorithms.gptq import gptq_quantize
-    from ...schemes import QuantScheme
-    from ...schemes.primitives import dequantize
-
-    def make(f, w0, h):
-        if not isinstance(f, QuantScheme) or h is None:  # float formats are rounded; the embedding by RTN
-            return fake_weight(f, w0)
-        q, scale, zero = gptq_quantize(w0.detach().float(), h.float().clone(), f, damp=gptq.damp,
-                                       block_size=gptq.block_size, act_order=gptq.act_order,
-                                       static_groups=gptq.static_groups, observer=gptq.observer,
-                                       consume_hessian=True)
-        return dequantize(q, scale, zero, f).to(w0.dtype)
-
-    return make
-
-
-def _kfac_scan(model, units, fmts, ids, samples, progress, make, cross_fit=False, seed=0):
-    """Damage = 1/2 E_y[sum_o A_o (dW H dW^T)_oo] / T per unit (Kronecker-factored Fisher: the outputs'
-    gradient moments times the inputs' moments, diagonal over output channels; the embedding part as the
-    diagonal Fisher of its rows), with dW made by ``make`` from the same H (so GPTQ's error, which is
-    small in the directions the inputs take, is weighed as the model sees it). Windows are summed in order
-    (a distributed run adds each rank's windows, then the ranks in order: float64 sums, equal to one
-    process's up to their rounding)."""
-    from .. import distributed
-
-    weights = [_weight(model, u) for u in units]
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for w in {id(w): w for w in weights}.values():
-        w.requires_grad_(True)  # the layers' outputs need a graph
-    curv = _Curvature(model, units)
-    mine, _ = distributed.split(ids)
-    sums = [curv.zeros(), curv.zeros()]  # this process's windows, by fold
-    try:
-        for i in tqdm(mine, desc="sensitivity (kfac)", disable=not progress, leave=False):
-            gen = torch.Generator().manual_seed(seed * 1000003 + i)
-            curv.add(sums[i % 2], curv.window(model, ids[i], samples, gen))
-    finally:
-        for p, r in saved.items():
-            p.requires_grad_(r)
-    for part in distributed.sum_in_order([(mine[0] if mine else len(ids), sums)], "the K-FAC sums"):
-        for f in (0, 1):
-            curv.add(curv.folds[f], part[f])
-    whole = curv.add(curv.add(curv.zeros(), curv.folds[0]), curv.folds[1])
-    if cross_fit:
-        _folds(ids)  # at least two windows
-    damage = []
-    for u, w in tqdm(list(zip(units, weights)), desc="sensitivity (kfac) candidates", disable=not progress, leave=False):
-        w0 = w.detach().float()
-        row = []
-        for f in fmts:
-            if not _fits(f, w0.shape[-1]):
-                row.append(math.inf)
-            elif cross_fit:  # solved on one fold's H, weighed by the other fold's moments; both ways, averaged
-                row.append(0.5 * sum(curv.damage(u, make(f, w0, curv.hessian(u, curv.folds[1 - b])).float() - w0,
-                                                 curv.folds[b], samples) for b in (0, 1)))
-            else:
-                row.append(curv.damage(u, make(f, w0, curv.hessian(u, whole)).float() - w0, whole, samples))
-        damage.append(row)
-    return damage
-
-
 def sensitivity(
     model: nn.Module,
     text=None,
@@ -686,6 +500,8 @@ def sensitivity(
     was_training = model.training
     model.eval()
     extra_damage: dict = {}
+    from .kfac import _kfac_scan, _quantizer
+
     make = _quantizer(quantizer, gptq_params)
     if method == "kl":
         damage = _kl_scan(model, units, fmts, ids, progress, make, cross_fit=quantizer != "rtn")
