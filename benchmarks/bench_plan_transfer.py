@@ -30,18 +30,18 @@ import copy
 import glob
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import llmquant
 from llmquant.data import default_text, tokenize, windows as cut_windows
 from llmquant.flows.mixed import plan_from_sensitivity, sensitivity
 from llmquant.flows.mixed.sensitivity import Sensitivity
 from llmquant.report import format_table
+
+from bench_mixed import accuracy, reference_logp  # the same KL against a reference computed once
 
 OUT = Path("benchmarks/results/plan_transfer")
 HELD_OUT = ("types", "string-methods", "formatstrings", "debugger", "bltin-", "specialattrs")
@@ -66,23 +66,6 @@ def texts() -> dict[str, str]:
     if vim:
         out["vim"] = "\n\n".join(Path(p).read_text(errors="replace") for p in vim)
     return out
-
-
-@torch.inference_mode()
-def reference_logp(model, ids):
-    return [F.log_softmax(model(w[None]).logits[0, :-1].float(), -1) for w in ids]
-
-
-@torch.inference_mode()
-def kl_to(model, ids, ref) -> dict:
-    nll = kl = 0.0
-    n = 0
-    for w, r in zip(ids, ref):
-        logp = F.log_softmax(model(w[None]).logits[0, :-1].float(), -1)
-        nll += float(F.nll_loss(logp, w[1:], reduction="sum"))
-        kl += float(F.kl_div(logp, r, log_target=True, reduction="sum"))
-        n += w.numel() - 1
-    return {"KL": kl / n, "ppl": math.exp(nll / n)}
 
 
 def averaged(parts: list[Sensitivity]) -> Sensitivity:
@@ -164,7 +147,7 @@ def main() -> None:
         quantize_s = time.perf_counter() - t0
         row = {"config": label}
         for k in evals:
-            row[f"KL {k}"] = kl_to(m, ev[k], refs[k])["KL"]
+            row[f"KL {k}"] = accuracy(m, ev[k], refs[k])["KL"]
         row["predicted KL"] = predicted
         row["formats"] = formats
         row["quantize s"] = quantize_s
