@@ -100,7 +100,7 @@ def sensitivities(model) -> dict:
     ids = calib().flatten()
     return {(meth, q): llmquant.sensitivity(model, ids, ("W8", "W4G32", "W2G32"), method=meth, quantizer=q, windows=3,
                                             seq_len=32, cache=False, progress=False).damage
-            for meth, q in (("fisher", "rtn"), ("kfac", "rtn"), ("kfac", "gptq"), ("kl", "rtn"))}
+            for meth, q in (("fisher", "rtn"), ("kfac", "rtn"), ("kfac", "gptq"), ("kfac", "awq"), ("kl", "rtn"))}
 
 
 if __name__ == "__main__":

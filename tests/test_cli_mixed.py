@@ -38,6 +38,13 @@ def test_sensitivity_plan_quantize(tmp_path, tiny_folder, capsys, monkeypatch):
     rc, o, _ = run(capsys, "quantize", "--model", str(tiny_folder), "--plan", str(gplan), "--calib", str(text),
                    "--calib-samples", "2", "--seq-len", "32", "-o", str(tmp_path / "gq"))
     assert rc == 0 and json.loads((tmp_path / "gq" / "llmquant.json").read_text())["plan"]["method"] == "gptq"
+    aplan = tmp_path / "aplan.json"  # AWQ candidates: the same, made and applied by AWQ
+    rc, o, _ = run(capsys, "plan", "--model", str(tiny_folder), *FAST, "--method", "kfac", "--quantizer", "awq",
+                   "--windows", "4", "--target-bits", "4.6", "-o", str(aplan))
+    assert rc == 0 and json.loads(aplan.read_text())["method"] == "awq"
+    rc, o, _ = run(capsys, "quantize", "--model", str(tiny_folder), "--plan", str(aplan), "--calib", str(text),
+                   "--calib-samples", "2", "--seq-len", "32", "-o", str(tmp_path / "aq"))
+    assert rc == 0 and json.loads((tmp_path / "aq" / "llmquant.json").read_text())["plan"]["method"] == "awq"
     rc, _, err = run(capsys, "plan", "--model", str(tiny_folder), *FAST, "--quantizer", "gptq", "--target-bits", "4.6",
                      "-o", str(tmp_path / "p4.json"))
     assert_one_line_error(rc, err, "needs method='kfac'")

@@ -1,5 +1,6 @@
 """Mixed precision: the knapsack solver, plan files, applying plans, sensitivity, budgets, half precision."""
 
+import copy
 import itertools
 import json
 import random
@@ -212,6 +213,37 @@ def test_kfac_sensitivity_agrees_with_exact_kl(sensitive_model, tmp_path):
     assert bits[target] == 8, bits
 
 
+def test_awq_candidates_in_sensitivity_and_plans(sensitive_model):
+    """quantizer='awq': each layer's AWQ scale and clipping searched for each format, on one half of the
+    windows and measured on the other. The planted layer's outlier weights meet inputs the norm zeroes, so
+    AWQ's candidates drop them and come out far below RTN's at 4 and 3 bits, by the exact KL and the K-FAC
+    estimate alike (which agree in rank); the plan is an AWQ plan with the knobs it was measured with, and
+    applies onto its formats."""
+    m = sensitive_model
+    cands = ["W8", "W4G32", "W3G32"]
+    kw = dict(windows=4, seq_len=64, cache=False, progress=False)
+    rtn = sensitivity(m, CALIB, cands, method="kl", **kw)
+    kl = sensitivity(m, CALIB, cands, method="kl", quantizer="awq", **kw)
+    kf = sensitivity(m, CALIB, cands, method="kfac", quantizer="awq", params={"grid": 10}, samples=4, **kw)
+    assert kf.agreement(kl)["spearman"] > 0.8
+    i = [u.name for u in kl.units].index("model.layers.1.mlp.gate_proj")
+    for j in (1, 2):
+        assert kl.damage[i][j] < 0.2 * rtn.damage[i][j], (cands[j], kl.damage[i][j], rtn.damage[i][j])
+        assert sum(r[j] for r in kl.damage) < 0.5 * sum(r[j] for r in rtn.damage)
+    plan = plan_from_sensitivity(kf, target_bits=4.5)
+    assert plan.method == "awq" and plan.params.grid == 10 and plan.info["sensitivity"]["quantizer"] == "awq"
+    q = copy.deepcopy(m)
+    llmquant.quantize(q, plan, calib=CALIB[:4 * 64].reshape(4, 64), progress=False)
+    for name, fmt in plan.rules:
+        assert q.get_submodule(name).scheme == fmt
+    with pytest.raises(SchemeError, match="needs method='kfac'"):
+        sensitivity(m, CALIB, cands, method="fisher", quantizer="awq", **kw)
+    with pytest.raises(SchemeError, match="goes with quantizer='gptq' or 'awq'"):
+        sensitivity(m, CALIB, cands, method="kfac", params={"grid": 4}, **kw)
+    with pytest.raises(SchemeError, match="unknown AWQParams fields"):
+        sensitivity(m, CALIB, cands, method="kfac", quantizer="awq", params={"damp": 0.1}, **kw)
+
+
 def test_gptq_candidates_in_sensitivity_and_plans(tmp_path):
     """quantizer='gptq': each layer solved by GPTQ onto each format. Its damages are below RTN's (exact KL
     and the K-FAC estimate alike, which agree in rank); the plan made from it is a GPTQ plan with the knobs
@@ -242,7 +274,7 @@ def test_gptq_candidates_in_sensitivity_and_plans(tmp_path):
     with pytest.raises(SchemeError, match="at least 2 windows"):
         sensitivity(m, CALIB, cands, method="kfac", quantizer="gptq", **{**kw, "windows": 1})
     with pytest.raises(SchemeError, match="quantizer must be one of"):
-        sensitivity(m, CALIB, cands, method="kfac", quantizer="awq", **kw)
+        sensitivity(m, CALIB, cands, method="kfac", quantizer="hqq", **kw)
     with pytest.raises(SchemeError, match="goes with quantizer='gptq'"):
         sensitivity(m, CALIB, cands, method="kfac", gptq={"damp": 0.1}, **kw)
     with pytest.raises(SchemeError, match="method must be one of"):

@@ -3,6 +3,7 @@ one calibrated layer-by-layer pass, each linear onto its own format."""
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -34,12 +35,14 @@ def _layer_state(model):
     return {k: v for k, v in model.state_dict().items() if ".layers." in k}
 
 
-def test_one_format_plan_is_plain_gptq(tiny):
-    """A GPTQ plan giving every decoder linear one format makes the same codes as GPTQ on that scheme."""
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_one_format_plan_is_plain_method(tiny, method):
+    """A GPTQ (AWQ) plan giving every decoder linear one format makes the same codes (and, for AWQ, the same
+    folded norms) as GPTQ (AWQ) on that scheme."""
     calib = calib_ids(3, 32)
     a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
-    llmquant.quantize(a, Plan.from_layers({"re:.*layers.*": "W4G32"}, method="gptq"), calib=calib, progress=False)
-    llmquant.quantize(b, QuantConfig(method="gptq", weight="W4G32"), calib=calib, progress=False)
+    llmquant.quantize(a, Plan.from_layers({"re:.*layers.*": "W4G32"}, method=method), calib=calib, progress=False)
+    llmquant.quantize(b, QuantConfig(method=method, weight="W4G32"), calib=calib, progress=False)
     sa, sb = _layer_state(a), _layer_state(b)
     assert sa.keys() == sb.keys() and any(k.endswith("qweight") for k in sa)
     for k in sa:
@@ -89,14 +92,44 @@ def test_gptq_plan_float_layers_and_params(tiny):
     assert plan.params == GPTQParams(act_order="off", damp=0.05)
 
 
+def test_awq_plan_mixed_formats_saves_and_reloads(tmp_path, tiny, tokenizer):
+    """An AWQ plan with int8, 3-bit and bf16 linears sharing inputs: one scale per input (searched with each
+    linear on its own format; the bf16 one adds no error), each linear on its planned format, closer to the
+    float model than the same plan by RTN on the calibration windows, every layer's SQNR finite, and a saved
+    folder (folded norms included) that reloads to the same logits with AWQ's knobs in its recipe."""
+    calib = calib_ids(4, 32)
+    layers = {"re:.*self_attn.q_proj": "W8", "re:.*self_attn.k_proj": "bf16", "re:.*layers.*": "W3G32"}
+    made = {}
+    for method in ("rtn", "awq"):
+        m = copy.deepcopy(tiny)
+        s = llmquant.quantize(m, Plan.from_layers(layers, method=method, params={"grid": 10} if method == "awq" else None),
+                              calib=calib, progress=False)
+        assert all(math.isfinite(r.sqnr_db) for r in s.layers)
+        made[method] = m
+    m = made["awq"]
+    assert isinstance(m.get_submodule("model.layers.0.self_attn.k_proj"), FloatLinear)
+    assert m.get_submodule("model.layers.0.self_attn.q_proj").scheme.bits == 8
+    assert m.get_submodule("model.layers.1.mlp.up_proj").scheme.bits == 3
+    norms = [n for n, _ in tiny.named_parameters() if "layernorm" in n]
+    assert any(not torch.equal(m.get_parameter(n), tiny.get_parameter(n)) for n in norms)  # scales folded
+    assert _kl(tiny, m, calib) < 0.9 * _kl(tiny, made["rtn"], calib)
+    llmquant.save(m, tokenizer, tmp_path / "folder")
+    recipe = json.loads((tmp_path / "folder" / "llmquant.json").read_text())["plan"]
+    assert recipe["method"] == "awq" and recipe["params"]["grid"] == 10
+    back, _ = llmquant.load(tmp_path / "folder")
+    with torch.no_grad():
+        assert torch.equal(back(calib[:2]).logits, m(calib[:2]).logits)
+
+
 def test_plan_method_round_trip_and_errors(tiny):
     p = Plan.from_layers({"re:.*": "W4G64"}, method="gptq", params={"damp": 0.05})
     d = p.to_dict()
     assert d["params"]["damp"] == 0.05 and Plan.from_dict(json.loads(json.dumps(d))) == p
     assert p.calibrated and not Plan.from_layers({"re:.*": "W4G64"}).calibrated
     assert "params" not in Plan.from_layers({"re:.*": "W4G64"}).to_dict()  # rtn plans read as before
-    with pytest.raises(SchemeError, match="method is one of rtn, gptq"):
-        Plan.from_layers({"re:.*": "W4G64"}, method="awq")
+    with pytest.raises(SchemeError, match="method is one of rtn, gptq, awq"):
+        Plan.from_layers({"re:.*": "W4G64"}, method="hqq")
+    assert Plan.from_layers({"re:.*": "W4G64"}, method="awq").calibrated
     with pytest.raises(SchemeError, match="unknown RTNParams fields"):
         Plan.from_layers({"re:.*": "W4G64"}, params={"damp": 0.1})
     with pytest.raises(SchemeError, match="damp"):
@@ -122,9 +155,9 @@ def test_cli_gptq_plan_and_mixture(tmp_path, tiny_folder, capsys):
     assert rc == 0, err
     man = json.loads((tmp_path / "b" / "llmquant.json").read_text())
     assert man["plan"]["method"] == "gptq" and man["plan"]["info"]["llama_cpp_mixture"] == "Q4_K_M"
-    rc, _, err = run(capsys, "quantize", "--model", str(tiny_folder), "--scheme", "gguf:Q4_K_M", "--method", "awq",
+    rc, _, err = run(capsys, "quantize", "--model", str(tiny_folder), "--scheme", "gguf:Q4_K_M", "--method", "hqq",
                      "-o", str(tmp_path / "c"))
-    assert_one_line_error(rc, err, "made by --method rtn or gptq")
+    assert_one_line_error(rc, err, "made by --method rtn or gptq or awq")
     assert not (tmp_path / "c").exists()
 
 

@@ -37,24 +37,30 @@ def awq_scales(x_absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @torch.no_grad()
 def awq_search_scale(
-    weights: list[torch.Tensor], gram: torch.Tensor, x_absmean: torch.Tensor, scheme: QuantScheme, grid: int = 20
+    weights: list[torch.Tensor], gram: torch.Tensor, x_absmean: torch.Tensor, scheme, grid: int = 20
 ) -> tuple[torch.Tensor, float, dict[float, float]]:
     """The per-input-channel scale ``s`` (in_features,) that minimizes the summed output error of the
     linears ``weights`` (all fed by the same input) after quantization; also the chosen alpha and the loss
-    at each alpha tried (alpha 0 is plain RTN)."""
-    w = torch.cat([t.detach().float() for t in weights], dim=0)
-    check_finite(w)
+    at each alpha tried (alpha 0 is plain RTN). ``scheme``: one :class:`QuantScheme` for all, or one per
+    weight (a mixed-precision plan's; a float format there adds no error)."""
+    schemes = list(scheme) if isinstance(scheme, (list, tuple)) else [scheme] * len(weights)
+    if len(schemes) != len(weights):
+        raise ValueError(f"{len(schemes)} schemes for {len(weights)} weights")
+    parts = [(t.detach().float(), f) for t, f in zip(weights, schemes) if isinstance(f, QuantScheme)]
+    for w, _ in parts:
+        check_finite(w)
     g = gram.float()
     losses: dict[float, float] = {}
-    best, best_s = float("inf"), None
-    for i in range(grid):
+    best, best_s, best_alpha = float("inf"), torch.ones_like(x_absmean, dtype=torch.float32), 0.0
+    for i in range(grid if parts else 0):
         alpha = i / grid
         s = awq_scales(x_absmean, alpha)
-        delta = fake_quantize(w * s, scheme) / s - w
-        loss = output_error(delta, g)
+        loss = sum(output_error(fake_quantize(w * s, f) / s - w, g) for w, f in parts)
         losses[alpha] = loss
         if loss < best:
             best, best_s, best_alpha = loss, s, alpha
+    if not parts:
+        losses[0.0] = 0.0
     return best_s, best_alpha, losses
 
 

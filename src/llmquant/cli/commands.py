@@ -113,11 +113,11 @@ def _add_sens_args(p) -> None:
                         "(Q8_0, Q6_K, Q5_1, Q5_K, Q5_0, Q4_1, Q4_K, Q4_0, Q3_K, Q2_K)")
     p.add_argument("--method", choices=["fisher", "kfac", "kl"], default="fisher",
                    help="fisher: 2nd-order KL estimate (fast, default); kfac: the same in Kronecker-factored form, "
-                        "weighing errors by the calibration inputs (needed for --quantizer gptq); kl: measured KL "
+                        "weighing errors by the calibration inputs (needed for --quantizer gptq/awq); kl: measured KL "
                         "per layer and format (slow)")
-    p.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",
-                   help="how each candidate is made when measured: rtn, or gptq on the calibration windows (with "
-                        "--method kfac or kl); a plan from gptq candidates is applied by GPTQ")
+    p.add_argument("--quantizer", choices=["rtn", "gptq", "awq"], default="rtn",
+                   help="how each candidate is made when measured: rtn, or gptq / awq on the calibration windows "
+                        "(with --method kfac or kl); a plan from gptq (awq) candidates is applied by GPTQ (AWQ)")
     p.add_argument("--include-head", action="store_true", help="plan the output head and embeddings too")
     p.add_argument("--windows", type=A.positive_int, help="calibration windows (default 4)")
     p.add_argument("--seq-len", type=A.seq_len, default=128, help="tokens per calibration window")

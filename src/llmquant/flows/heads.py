@@ -135,8 +135,9 @@ def build_heads(model: nn.Module, assign: dict, algo, summary: QuantSummary) -> 
     return untied
 
 
-def build_module(name: str, mod: nn.Module, fmt, algo):
-    """The module that stores ``mod`` (a Linear or an Embedding) in format ``fmt``, and its summary row."""
+def build_module(name: str, mod: nn.Module, fmt, algo, ref=None):
+    """The module that stores ``mod`` (a Linear or an Embedding) in format ``fmt``, and its summary row;
+    ``ref``: the float weight its SQNR is taken against when it is not ``mod``'s (a calibrated run's)."""
     w = mod.weight
     linear = isinstance(mod, (nn.Linear, FloatLinear))
     if isinstance(fmt, FloatFormat):
@@ -154,5 +155,5 @@ def build_module(name: str, mod: nn.Module, fmt, algo):
         deq = qlin.dequantize_weight(dtype=torch.float32, device=w.device)
     bias = getattr(mod, "bias", None)
     nbytes = format_bytes(fmt, *w.shape) + (0 if bias is None else bias.numel() * bias.element_size())
-    return new, layer_row(name, w, deq, new, orig=mod, scheme=format_name(fmt), kernel=kernel, packed_bytes=nbytes,
+    return new, layer_row(name, w if ref is None else ref, deq, new, orig=mod, scheme=format_name(fmt), kernel=kernel, packed_bytes=nbytes,
                           bits_per_weight=8 * format_bytes(fmt, *w.shape) / w.numel())

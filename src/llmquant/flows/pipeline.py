@@ -110,7 +110,8 @@ def _simulate(chosen, results: Result, stage: Stage) -> None:
     """Give the float linears their dequantized weights (what the quantized layer computes), in place."""
     for n, (q, scale, zero, w) in results.items():
         lin = chosen[n]
-        deq = w if q is None else dequantize(q, scale, zero, stage.scheme(n))  # no codes: a float format's weight
+        fmt = stage.scheme(n)
+        deq = w.to(fmt.torch_dtype) if q is None else dequantize(q, scale, zero, fmt)  # no codes: a float format
         lin.weight.data = deq.to(lin.weight.dtype).to(lin.weight.device)
 
 

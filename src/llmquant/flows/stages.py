@@ -143,12 +143,12 @@ def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None, 
 
 def rtn_result(linears: dict[str, nn.Module], scheme_of: Callable[[str], object]) -> Result:
     """RTN codes for ``linears``, each onto ``scheme_of(name)`` (a stage's :meth:`Stage.scheme`); a float
-    format (a plan's bf16/fp16 layer) gives no codes, only the weight rounded to that float type."""
+    format (a plan's bf16/fp16 layer) gives no codes, only the float weight (rounded when it is installed)."""
     out: Result = {}
     for n, m in linears.items():
         w, fmt = m.weight.detach().float(), scheme_of(n)
         if isinstance(fmt, FloatFormat):
-            out[n] = (None, None, None, w.to(fmt.torch_dtype).float())
+            out[n] = (None, None, None, w)
         else:
             out[n] = (*rtn_quantize(w, fmt, name=n), w)
     return out
@@ -274,8 +274,8 @@ class AWQStage(Stage):
 
         def search(job):
             st = col.of(job[1][0])
-            return awq_search_scale([ctx.linears[n].weight for n in job[1]], st.gram, st.absmean, self.cfg.weight,
-                                    grid=p.grid)
+            return awq_search_scale([ctx.linears[n].weight for n in job[1]], st.gram, st.absmean,
+                                    [self.scheme(n) for n in job[1]], grid=p.grid)
 
         def fold(job, found):
             (src, names), (s, alpha, losses) = job, found
@@ -305,14 +305,17 @@ class AWQStage(Stage):
     def quantize(self, ctx: LayerContext) -> Result:
         p = self.params
         names = [n for n in ctx.linears if n in ctx.stats.owner]
+        floats = {n: ctx.linears[n] for n in names if not isinstance(self.scheme(n), QuantScheme)}  # a plan's bf16
+        names = [n for n in names if n not in floats]
 
         def clip(n):
             g = ctx.scaled(n, ctx.stats.of(n).gram)
-            return awq_clip_quantize(ctx.linears[n].weight.detach().float(), g, self.cfg.weight, grid=p.clip_grid,
+            return awq_clip_quantize(ctx.linears[n].weight.detach().float(), g, self.scheme(n), grid=p.clip_grid,
                                      max_shrink=p.max_shrink, clip=p.clip)
 
         done = share(names, clip, lambda n: ctx.linears[n].weight.numel(), "AWQ clipping")
-        return {n: (*r, ctx.linears[n].weight.detach().float()) for n, r in zip(names, done)}
+        return {**rtn_result(floats, self.scheme),
+                **{n: (*r, ctx.linears[n].weight.detach().float()) for n, r in zip(names, done)}}
 
 
 #: a linear that saw fewer calibration tokens than this (and than a quarter of what the block's busiest linear

@@ -19,8 +19,10 @@ Embedding: embeddings and the output head are only ever selected by exact name; 
 the Linears inside the model, never the output head). Values: ``"bf16"``, ``"fp16"``, ``"fp32"`` (leave
 as is), a preset (``"W8"``, ``"W4G64"``, ...) or a scheme dict. ``info`` is free-form (the planner writes
 its budget and predictions there) and is ignored when the plan is applied. ``"method"``: ``"rtn"`` (the
-default, no data) or ``"gptq"`` (calibrated: every linear solved onto its own format in one layer-by-layer
-pass; ``"params"`` holds GPTQ's knobs, e.g. ``{"damp": 0.05}``; left out: GPTQ's defaults). An rtn plan's
+default, no data), ``"gptq"`` (calibrated: every linear solved onto its own format in one layer-by-layer
+pass; ``"params"`` holds GPTQ's knobs, e.g. ``{"damp": 0.05}``; left out: GPTQ's defaults) or ``"awq"``
+(calibrated: AWQ's scales searched for each group of linears sharing an input, each weighed on its own
+format, then each linear's clipping search onto its format; ``"params"``: AWQ's knobs). An rtn plan's
 ``"params"`` may name an importance matrix: ``{"observer": "imse", "imatrix": "imatrix.gguf"}``.
 """
 
@@ -38,9 +40,9 @@ from .names import check_patterns, matches
 
 PLAN_VERSION = 1
 PLAN_FORMAT = "llmquant-plan"
-#: how a plan's integer formats are made: RTN (data-free), or GPTQ on the calibration data, every linear
-#: onto its own format in one layer-by-layer pass
-PLAN_METHODS = ("rtn", "gptq")
+#: how a plan's integer formats are made: RTN (data-free), or GPTQ / AWQ on the calibration data, every
+#: linear onto its own format in one layer-by-layer pass
+PLAN_METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Plan:
     method: str = "rtn"  # how integer formats are made: one of PLAN_METHODS
     info: dict = field(default_factory=dict, compare=False)
     version: int = PLAN_VERSION
-    params: Any = None  # the method's knobs (GPTQParams for "gptq"; None: its defaults)
+    params: Any = None  # the method's knobs (GPTQParams for "gptq", AWQParams for "awq"; None: its defaults)
 
     def __post_init__(self) -> None:
         rules = []
@@ -68,14 +70,14 @@ class Plan:
             object.__setattr__(self, "params", resolve_method_params(self.method, self.params))
         if self.method == "rtn" and self.params is not None and self.params.calibrated:
             raise SchemeError("an rtn plan's importance-weighted search ('imse') takes its importance from an "
-                              "imatrix file (imatrix=); for a plan made on calibration data use method 'gptq'")
+                              "imatrix file (imatrix=); for a plan made on calibration data use method 'gptq' or 'awq'")
         if self.version != PLAN_VERSION:
             raise SchemeError(f"plan version {self.version} is not supported (this llmquant reads {PLAN_VERSION})")
 
     @property
     def calibrated(self) -> bool:
         """Whether applying the plan needs calibration data (its method does)."""
-        return self.method == "gptq"
+        return self.method in ("gptq", "awq")
 
     # ---- serialization ------------------------------------------------------------------------
     @classmethod

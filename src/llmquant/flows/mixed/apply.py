@@ -19,7 +19,7 @@ from ...errors import SchemeError
 from ...schemes import FloatFormat, Plan, QuantConfig, format_name, resolve_plan
 from ..heads import build_heads, build_module, head_names
 from ..pipeline import run_stages
-from ..stages import (GPTQStage, LayerContext, Stage, imatrix_importance, make_quant_linear, rtn_result,
+from ..stages import (AWQStage, GPTQStage, LayerContext, Stage, imatrix_importance, make_quant_linear, rtn_result,
                       rtn_weighted)
 from ..summary import QuantSummary
 
@@ -34,13 +34,13 @@ def plan_targets(model: nn.Module) -> dict[str, nn.Module]:
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan, *, calib=None, calibration=None, progress: bool = True) -> QuantSummary:
     """Quantize ``model`` in place as ``plan`` (a Plan, its dict, or a .json path) says; returns a summary.
-    A GPTQ plan (``plan.method == "gptq"``) needs ``calib`` (token ids, windows x seq_len); ``calibration``:
+    A GPTQ or AWQ plan (``plan.method`` "gptq" / "awq") needs ``calib`` (token ids, windows x seq_len); ``calibration``:
     its :class:`CalibSpec` (batching, sequential; None: the defaults)."""
     plan: Plan = resolve_plan(plan)
     if plan.calibrated and calib is None:
         raise SchemeError(f"a {plan.method} plan needs calibration data: pass calib= (token ids), or use "
                           "llmquant.quantize(model, plan), which makes them from the default text")
-    algo = ALGORITHMS.get(plan.method, rtn_quantize)  # GPTQ plans: the embedding and the head by RTN
+    algo = ALGORITHMS.get(plan.method, rtn_quantize)  # GPTQ / AWQ plans: the embedding and the head by RTN
     if plan.method == "rtn" and plan.params is not None:
         algo = _rtn_with(plan.params, model)
     heads = head_names(model)
@@ -49,7 +49,8 @@ def apply_plan(model: nn.Module, plan, *, calib=None, calibration=None, progress
     # the linears that are neither the head nor the embedding run on the pipeline (layer by layer; data-free
     # for RTN); the embedding and the head (tied or not) after them (heads.build_heads)
     cfg = QuantConfig(method="plan", method_params=plan, calibration=calibration if plan.calibrated else None)
-    stage = PlanGPTQStage(cfg, plan.params, assign) if plan.method == "gptq" else PlanStage(cfg, assign, algo)
+    calibrated = {"gptq": PlanGPTQStage, "awq": PlanAWQStage}
+    stage = calibrated[plan.method](cfg, plan.params, assign) if plan.method in calibrated else PlanStage(cfg, assign, algo)
     layer_linears = [n for n, m in model.named_modules() if n in assign and n not in heads and isinstance(m, nn.Linear)]
     summary = QuantSummary(method=f"plan:{plan.method}", config=plan.to_dict())
     if layer_linears:
@@ -102,26 +103,37 @@ class PlanStage(Stage):
         return build_module(name, lin, fmt, self.algo)
 
 
-class PlanGPTQStage(GPTQStage):
-    """GPTQ with each linear onto the plan's format for it, in one layer-by-layer pass: linears sharing an
-    input and a format are solved together; float formats (bf16/fp16) are rounded, not solved."""
+class _PlanFormats:
+    """A calibrated stage with each linear onto the plan's format for it (float formats: rounded, not solved)."""
 
     def __init__(self, cfg, params, assign) -> None:
         super().__init__(cfg, params)
         self.assign = assign
 
-    label = "GPTQ, formats per layer"
-
     def scheme(self, name):
         return self.assign[name]
+
+    def build(self, name, lin, result):
+        fmt = self.assign[name]
+        q, scale, zero, w = result[:4]
+        if isinstance(fmt, FloatFormat):
+            return build_module(name, lin, fmt, None, ref=w)
+        return make_quant_linear(name, lin, q, scale, zero, self.cfg, weight=w, scheme=fmt, label=format_name(fmt))
+
+
+class PlanGPTQStage(_PlanFormats, GPTQStage):
+    """GPTQ with each linear onto the plan's format for it, in one layer-by-layer pass: linears sharing an
+    input and a format are solved together; float formats (bf16/fp16) are rounded, not solved."""
+
+    label = "GPTQ, formats per layer"
 
     def quantize(self, ctx: LayerContext):
         floats = {n: m for n, m in ctx.linears.items() if isinstance(self.assign[n], FloatFormat)}
         return {**rtn_result(floats, self.scheme), **super().quantize(ctx)}
 
-    def build(self, name, lin, result):
-        fmt = self.assign[name]
-        if isinstance(fmt, FloatFormat):
-            return build_module(name, lin, fmt, None)
-        q, scale, zero, w = result[:4]
-        return make_quant_linear(name, lin, q, scale, zero, self.cfg, weight=w, scheme=fmt, label=format_name(fmt))
+
+class PlanAWQStage(_PlanFormats, AWQStage):
+    """AWQ with each linear onto the plan's format for it: one scale per group of linears sharing an input,
+    searched with each linear's error on its own format; then each linear's clipping search on its format."""
+
+    label = "AWQ, formats per layer"

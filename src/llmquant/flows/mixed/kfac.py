@@ -1,15 +1,18 @@
-"""The ``"kfac"`` sensitivity measure and GPTQ-made candidates (see :mod:`.sensitivity` for the measures).
+"""The ``"kfac"`` sensitivity measure and GPTQ- / AWQ-made candidates (see :mod:`.sensitivity` for the
+measures).
 
 Kronecker-factored Fisher (Martens & Grosse 2015): for a linear layer F ~ A (x) H, A the second moment of the
 sampled log-likelihood's gradients at its outputs, H = sum_t x_t x_t^T of its calibration inputs; a weight
-change dW costs 1/2 sum_o A_o (dW H dW^T)_oo / T. GPTQ candidates are solved against H, cross-fitted over two
-folds of the windows (solved on one, measured on the other), since a GPTQ solution measured on its own
-calibration tokens fits them rather than the text.
+change dW costs 1/2 sum_o A_o (dW H dW^T)_oo / T. GPTQ candidates are solved against H, AWQ candidates search
+their scales and clipping on H and the inputs' mean magnitudes; both are cross-fitted over two folds of the
+windows (made on one, measured on the other), since a solution measured on its own calibration tokens fits
+them rather than the text.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -27,24 +30,39 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x
 
 
+def absum(x: torch.Tensor) -> torch.Tensor:
+    """``sum_t |x_t|`` (float64, per input feature) of inputs ``x`` (..., in_features)."""
+    return x.detach().reshape(-1, x.shape[-1]).abs().sum(0, dtype=torch.float64)
+
+
+class Inputs(NamedTuple):
+    """What a candidate is made from: a linear's calibration inputs' ``H = sum x x^T``, ``sum |x|`` and count."""
+
+    H: torch.Tensor
+    absum: torch.Tensor
+    n: int
+
+
 def _folds(ids) -> list[list[int]]:
     """The two cross-fitting folds of the calibration windows (even and odd positions)."""
     if ids.shape[0] < 2:
-        raise SchemeError("GPTQ candidates are solved on half the calibration windows and measured on the other "
-                          "half: give at least 2 windows")
+        raise SchemeError("GPTQ / AWQ candidates are made on half the calibration windows and measured on the "
+                          "other half: give at least 2 windows")
     return [list(range(0, ids.shape[0], 2)), list(range(1, ids.shape[0], 2))]
 
 
 @torch.no_grad()
-def _grams(model, units, ids) -> dict:
-    """``H = sum_t x_t x_t^T`` of each unit's (first, linear) module's inputs over ``ids``."""
-    H: dict[str, torch.Tensor] = {}
+def _grams(model, units, ids) -> dict[str, Inputs]:
+    """The :class:`Inputs` of each unit's (first, linear) module over ``ids``."""
+    got: dict[str, list] = {}
     hooks = []
     for u in units:
         m = model.get_submodule(u.modules[0])
         if isinstance(m, nn.Linear):
             def hook(mod, args, out, n=u.modules[0]):
-                H[n] = H[n] + gram(args[0]) if n in H else gram(args[0])
+                x = args[0]
+                part = [gram(x), absum(x), x.numel() // x.shape[-1]]
+                got[n] = [a + b for a, b in zip(got[n], part)] if n in got else part
             hooks.append(m.register_forward_hook(hook))
     try:
         for w in ids:
@@ -52,15 +70,15 @@ def _grams(model, units, ids) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    return H
+    return {n: Inputs(*v) for n, v in got.items()}
 
 
 class _Curvature:
     """Second moments gathered from the calibration windows for the ``"kfac"`` measure: per linear part of a
     unit, ``H = sum_t x_t x_t^T`` of its inputs and ``A_o = sum_t g_to^2`` of the gradients of the sampled
     log-likelihood at its outputs; per embedding part, ``E2[v, j] = sum_{t: id_t = v} g_tj^2`` of the
-    gradients at its output rows. Float64 sums; the sums themselves are a plain dict (``moments``), so a
-    distributed run can send them."""
+    gradients at its output rows; per linear part also ``X1 = sum_t |x_t|`` (AWQ's statistic). Float64 sums;
+    the sums themselves are a plain dict (``moments``), so a distributed run can send them."""
 
     def __init__(self, model, units) -> None:
         self.lin: dict[str, nn.Linear] = {}
@@ -80,12 +98,13 @@ class _Curvature:
     def zeros(self) -> dict:
         return {"H": {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in self.lin.items()},
                 "A": {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in self.lin.items()},
+                "X1": {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in self.lin.items()},
                 "E2": {n: torch.zeros(m.weight.shape, dtype=torch.float64) for n, m in self.emb.items()},
                 "tokens": 0, "predicted": 0}  # positions through the linears; positions whose next token counts
 
     @staticmethod
     def add(into: dict, other: dict) -> dict:
-        for k in ("H", "A", "E2"):
+        for k in ("H", "A", "E2", "X1"):
             for n in into[k]:
                 into[k][n] += other[k][n]
         into["tokens"] += other["tokens"]
@@ -100,6 +119,7 @@ class _Curvature:
         for n, m in self.lin.items():
             def hook(mod, args, out, n=n):
                 part["H"][n] += gram(args[0])
+                part["X1"][n] += absum(args[0])
                 outs[n] = out
             hooks.append(m.register_forward_hook(hook))
         for n, m in self.emb.items():
@@ -127,9 +147,10 @@ class _Curvature:
                     part["E2"][n].index_add_(0, ids.reshape(-1), g.pow(2))
         return part
 
-    def hessian(self, unit, mo: dict) -> torch.Tensor | None:
-        """H of the unit's (first) linear part in the moments ``mo``: what GPTQ solves against."""
-        return next((mo["H"][m] for m in unit.modules if m in self.lin), None)
+    def inputs(self, unit, mo: dict) -> Inputs | None:
+        """The :class:`Inputs` of the unit's (first) linear part in the moments ``mo``: what GPTQ solves
+        against and AWQ searches on."""
+        return next((Inputs(mo["H"][m], mo["X1"][m], mo["tokens"]) for m in unit.modules if m in self.lin), None)
 
     @staticmethod
     def damage(unit, dw: torch.Tensor, mo: dict, samples: int) -> float:
@@ -145,21 +166,38 @@ class _Curvature:
         return 0.5 * total / (samples * max(mo["predicted"], 1))
 
 
-def _quantizer(quantizer: str, gptq):
-    """``(fmt, w0, H or None) -> the weight stored in fmt``: RTN (the formats' own rounding) or GPTQ with
-    ``gptq`` (:class:`~llmquant.schemes.GPTQParams`) on the Hessian ``H`` of the layer's calibration inputs."""
+def _quantizer(quantizer: str, params):
+    """``(fmt, w0, inputs or None) -> the weight stored in fmt``: RTN (the formats' own rounding), GPTQ with
+    ``params`` (:class:`~llmquant.schemes.GPTQParams`) on the Hessian of the layer's calibration inputs
+    (:class:`Inputs`), or AWQ with ``params`` (:class:`~llmquant.schemes.AWQParams`): the scale searched for
+    this linear alone (in a model, the linears sharing an input share one), then its clipping search. Float
+    formats, and embeddings (no inputs), are rounded as RTN does."""
     if quantizer == "rtn":
-        return lambda f, w0, h: fake_weight(f, w0)
-    from ...algorithms.gptq import gptq_quantize
+        return lambda f, w0, inp: fake_weight(f, w0)
     from ...schemes import QuantScheme
     from ...schemes.primitives import dequantize
 
-    def make(f, w0, h):
-        if not isinstance(f, QuantScheme) or h is None:  # float formats are rounded; the embedding by RTN
+    if quantizer == "awq":
+        from ...algorithms.awq import awq_clip_quantize, awq_search_scale
+
+        def make(f, w0, inp):
+            if not isinstance(f, QuantScheme) or inp is None:
+                return fake_weight(f, w0)
+            w, g = w0.detach().float(), inp.H.float() / max(inp.n, 1)
+            s = awq_search_scale([w], g, (inp.absum / max(inp.n, 1)).float(), f, grid=params.grid)[0]
+            q, scale, zero = awq_clip_quantize(w * s, g / s[None, :] / s[:, None], f, grid=params.clip_grid,
+                                               max_shrink=params.max_shrink, clip=params.clip)
+            return (dequantize(q, scale, zero, f) / s).to(w0.dtype)
+
+        return make
+    from ...algorithms.gptq import gptq_quantize
+
+    def make(f, w0, inp):
+        if not isinstance(f, QuantScheme) or inp is None:  # float formats are rounded; the embedding by RTN
             return fake_weight(f, w0)
-        q, scale, zero = gptq_quantize(w0.detach().float(), h.float().clone(), f, damp=gptq.damp,
-                                       block_size=gptq.block_size, act_order=gptq.act_order,
-                                       static_groups=gptq.static_groups, observer=gptq.observer,
+        q, scale, zero = gptq_quantize(w0.detach().float(), inp.H.float().clone(), f, damp=params.damp,
+                                       block_size=params.block_size, act_order=params.act_order,
+                                       static_groups=params.static_groups, observer=params.observer,
                                        consume_hessian=True)
         return dequantize(q, scale, zero, f).to(w0.dtype)
 
@@ -204,10 +242,10 @@ def _kfac_scan(model, units, fmts, ids, samples, progress, make, cross_fit=False
         for f in fmts:
             if not _fits(f, w0.shape[-1]):
                 row.append(math.inf)
-            elif cross_fit:  # solved on one fold's H, weighed by the other fold's moments; both ways, averaged
-                row.append(0.5 * sum(curv.damage(u, make(f, w0, curv.hessian(u, curv.folds[1 - b])).float() - w0,
+            elif cross_fit:  # made on one fold's inputs, weighed by the other fold's moments; both ways, averaged
+                row.append(0.5 * sum(curv.damage(u, make(f, w0, curv.inputs(u, curv.folds[1 - b])).float() - w0,
                                                  curv.folds[b], samples) for b in (0, 1)))
             else:
-                row.append(curv.damage(u, make(f, w0, curv.hessian(u, whole)).float() - w0, whole, samples))
+                row.append(curv.damage(u, make(f, w0, curv.inputs(u, whole)).float() - w0, whole, samples))
         damage.append(row)
     return damage

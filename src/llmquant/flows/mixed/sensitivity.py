@@ -30,6 +30,8 @@ from the end of the text (:func:`llmquant.data.windows`, disjoint from evaluatio
               even windows' H and weighed by the odd windows' moments and the other way round (measured on
               its own calibration tokens a GPTQ solution looks far better than it is on other text: with
               fewer tokens than inputs it can put its whole error where those tokens do not look).
+              ``quantizer="awq"``: each layer's AWQ scale and clipping searched for each format on the
+              same statistics (its inputs' Gram matrix and mean magnitudes), cross-fitted in the same way.
 
 Damages add up across layers to first order, so a plan's predicted KL is the sum of its layers' damages.
 Results are cached on disk (``$LLMQUANT_CACHE/sensitivity``) keyed by model weights, text and settings.
@@ -251,9 +253,9 @@ def _logits(model, ids):
 def _kl_scan(model, units, fmts, ids, progress, make=None, cross_fit=False):
     """Measured KL of each unit in each format. A distributed run: each rank runs its share of the windows
     (one batch) and the sums are added in rank order (one process's up to the rounding of the batched
-    products). ``cross_fit`` (GPTQ candidates; one process): the windows in two folds (even, odd); each
-    unit is solved on one fold's ``H = sum x x^T`` and its KL measured on the other, the two averaged (a
-    GPTQ solution measured on its own calibration tokens fits them, not the text)."""
+    products). ``cross_fit`` (GPTQ / AWQ candidates; one process): the windows in two folds (even, odd);
+    each unit is made from one fold's input statistics and its KL measured on the other, the two averaged (a
+    solution measured on its own calibration tokens fits them, not the text)."""
     from .. import distributed
 
     if cross_fit:
@@ -273,8 +275,9 @@ def _kl_scan(model, units, fmts, ids, progress, make=None, cross_fit=False):
 
 
 def _kl_sums(model, units, fmts, ids, progress, make=None, H=None):
-    """``make(fmt, w0, H)``: the stored weight (default: the format's RTN), given ``H[unit's module]``."""
-    make = make or (lambda f, w0, h: fake_weight(f, w0))
+    """``make(fmt, w0, inputs)``: the stored weight (default: the format's RTN), given ``H[unit's module]``
+    (its :class:`~.kfac.Inputs` on the other fold)."""
+    make = make or (lambda f, w0, inp: fake_weight(f, w0))
     H = H or {}
     arch = arch_for(model)
     blocks = model.get_submodule(arch.layers) if arch else None
@@ -327,7 +330,7 @@ def _fits(fmt, width: int) -> bool:
 
 
 MEASURES = ("fisher", "kfac", "kl")
-QUANTIZERS = ("rtn", "gptq")
+QUANTIZERS = ("rtn", "gptq", "awq")
 KEEP_DELTAS = 1 << 30  # bytes of k-quant weight changes kept between windows (their search is slow)
 
 
@@ -435,16 +438,20 @@ def sensitivity(
     cache: bool | str | Path = True,
     progress: bool = True,
     quantizer: str = "rtn",
+    params=None,
     gptq=None,
 ) -> Sensitivity:
     """Damage of storing each layer alone in each candidate format (see the module docstring).
 
     ``text``: None (default text), a path, a string, or a 1-D tensor of token ids. ``windows`` x ``seq_len`` calibration tokens from
     the end of the text (default 4 x 128). ``method``: one of :data:`MEASURES`. ``quantizer``: how each
-    candidate's weight is made, ``"rtn"`` or ``"gptq"`` (GPTQ on the calibration windows' Hessian, with
-    ``gptq``: :class:`~llmquant.schemes.GPTQParams` or its dict, None for the defaults; measured with
-    ``"kfac"`` or ``"kl"``: the diagonal Fisher form cannot see GPTQ's error compensation). A plan made
-    from a GPTQ sensitivity is applied with GPTQ (``plan_from_sensitivity`` takes the method from it).
+    candidate's weight is made, ``"rtn"``, ``"gptq"`` (GPTQ on the calibration windows' Hessian) or
+    ``"awq"`` (AWQ's scale and clipping searched on the calibration windows' statistics); ``params``: that
+    quantizer's knobs (:class:`~llmquant.schemes.GPTQParams` / :class:`~llmquant.schemes.AWQParams` or
+    their dict; None: the defaults; ``gptq=`` is the same for GPTQ). GPTQ and AWQ candidates are measured
+    with ``"kfac"`` or ``"kl"``: the diagonal Fisher form cannot see GPTQ's error compensation, and does
+    not gather the inputs' statistics both need. A plan made from such a sensitivity is applied with the
+    same method and knobs (``plan_from_sensitivity`` takes them from it).
     ``cache``: True (default cache folder), False, or a folder.
     """
     from .. import distributed
@@ -454,19 +461,24 @@ def sensitivity(
         raise SchemeError(f"sensitivity method must be one of {', '.join(map(repr, MEASURES))}, got {method!r}")
     if quantizer not in QUANTIZERS:
         raise SchemeError(f"sensitivity quantizer must be one of {', '.join(map(repr, QUANTIZERS))}, got {quantizer!r}")
-    if quantizer == "gptq" and method == "fisher":
-        raise SchemeError("quantizer='gptq' needs method='kfac' (or the exact 'kl'): the diagonal Fisher form weighs "
-                          "each weight's error alone and cannot see how GPTQ's errors cancel on the layer's inputs")
-    if quantizer == "gptq" and method == "kl" and distributed.active() is not None:
-        raise SchemeError("the exact 'kl' measure of GPTQ candidates runs in one process; use method='kfac' in a "
-                          "distributed run")
-    gptq_params = None
-    if quantizer == "gptq":
+    if quantizer != "rtn" and method == "fisher":
+        raise SchemeError(f"quantizer={quantizer!r} needs method='kfac' (or the exact 'kl'): the diagonal Fisher form "
+                          "weighs each weight's error alone (it cannot see how GPTQ's errors cancel on the layer's "
+                          "inputs) and does not gather the inputs' statistics GPTQ and AWQ are made from")
+    if quantizer != "rtn" and method == "kl" and distributed.active() is not None:
+        raise SchemeError(f"the exact 'kl' measure of {quantizer.upper()} candidates runs in one process; use "
+                          "method='kfac' in a distributed run")
+    if gptq is not None:
+        if quantizer != "gptq" or params is not None:
+            raise SchemeError("gptq= (GPTQ's knobs) goes with quantizer='gptq' (and not with params=)")
+        params = gptq
+    qparams = None
+    if quantizer != "rtn":
         from ...schemes.methods import resolve_method_params
 
-        gptq_params = resolve_method_params("gptq", gptq)
-    elif gptq is not None:
-        raise SchemeError("gptq= (GPTQ's knobs) goes with quantizer='gptq'")
+        qparams = resolve_method_params(quantizer, params)
+    elif params is not None:
+        raise SchemeError("params= (the quantizer's knobs) goes with quantizer='gptq' or 'awq'")
     fmts = [resolve_format(c) for c in candidates]
     if not fmts:
         raise SchemeError("give at least one candidate format")
@@ -486,7 +498,7 @@ def sensitivity(
     if quantizer != "rtn":  # (absent for RTN: the keys of earlier caches stay valid)
         from ...schemes.methods import params_to_json
 
-        settings["quantizer"] = {"name": quantizer, "params": params_to_json(gptq_params), "cross_fit": True}
+        settings["quantizer"] = {"name": quantizer, "params": params_to_json(qparams), "cross_fit": True}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     folder = None if cache is False else (cache_dir() / "sensitivity" if cache is True else Path(cache).expanduser())
     if folder is not None and (folder / f"{key}.json").is_file():
@@ -502,7 +514,7 @@ def sensitivity(
     extra_damage: dict = {}
     from .kfac import _kfac_scan, _quantizer
 
-    make = _quantizer(quantizer, gptq_params)
+    make = _quantizer(quantizer, qparams)
     if method == "kl":
         damage = _kl_scan(model, units, fmts, ids, progress, make, cross_fit=quantizer != "rtn")
     elif method == "kfac":
