@@ -90,7 +90,10 @@ def main() -> None:
     ap.add_argument("--kl", action="store_true", help="also plan from the exact-KL measure (slow: ~40x Fisher)")
     ap.add_argument("--budgets", default=",".join(UNIFORM), help="uniform schemes whose bits/weight the plans get")
     ap.add_argument("--gptq", action="store_true", help="also GPTQ rows: uniform W4G64 and plans applied by GPTQ")
-    ap.add_argument("--gptq-calib", type=int, default=16, help="GPTQ calibration windows of 512 tokens")
+    ap.add_argument("--gptq-calib", type=int, default=16, help="GPTQ / AWQ calibration windows of 512 tokens")
+    ap.add_argument("--awq", action="store_true", help="also AWQ rows: uniform W4G64 and plans applied by AWQ")
+    ap.add_argument("--no-rtn-plans", action="store_true",
+                    help="skip the RTN plan rows (their sensitivities are still measured, or read from the cache)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -133,19 +136,20 @@ def main() -> None:
         exact = sources["kl (exact), pydoc end 4x128"]
         agreement_kl = {k: s.agreement(exact)["spearman"] for k, s in sources.items()}
     gptq_sens = sens("pydoc", lw, ls, "kfac", "gptq") if args.gptq else None
+    awq_sens = sens("pydoc", lw, ls, "kfac", "awq") if args.awq else None
 
     base = next(iter(sources.values()))
     rows = []
 
     calib = cut_windows(ids["pydoc"], args.gptq_calib, 512, split="calib")
 
-    def run(label, what, predicted=None, formats=None):
+    def run(label, what, predicted=None, formats=None, method="RTN"):
         m = copy.deepcopy(fp32)
         t0 = time.perf_counter()
-        needs = getattr(what, "calibrated", False) or getattr(what, "method", None) == "gptq"
+        needs = getattr(what, "calibrated", False) or getattr(what, "method", None) in ("gptq", "awq")
         llmquant.quantize(m, what, calib=calib if needs else None, progress=False)
         quantize_s = time.perf_counter() - t0
-        row = {"config": label}
+        row = {"config": label, "method": method, "uniform": label.startswith("uniform")}
         for k in evals:
             row[f"KL {k}"] = accuracy(m, ev[k], refs[k])["KL"]
         row["predicted KL"] = predicted
@@ -158,28 +162,28 @@ def main() -> None:
     for u in args.budgets.split(","):
         b = uniform_bits(base, u)
         run(f"uniform {u} ({b:.3f} b/w)", u)
-        for label, s in sources.items():
+        for label, s in sources.items() if not args.no_rtn_plans else ():
             plan = plan_from_sensitivity(s, target_bits=b)
             run(f"plan @ {b:.3f} b/w from {label}", plan, plan.info["predicted_kl"],
                 " ".join(f"{k}:{v}" for k, v in sorted(plan.info["formats"].items())))
-    if gptq_sens is not None:
-        from llmquant.schemes import GPTQParams, QuantConfig, resolve_scheme
+    from llmquant.schemes import AWQParams, GPTQParams, QuantConfig, resolve_scheme
 
+    for name, made, knobs in (("GPTQ", gptq_sens, GPTQParams()), ("AWQ", awq_sens, AWQParams())):
+        if made is None:
+            continue
         b = uniform_bits(base, "W4G64")
-        gp = QuantConfig(method="gptq", weight=resolve_scheme("W4G64"), method_params=GPTQParams())
-        run(f"uniform W4G64 GPTQ ({b:.3f} b/w)", gp)
+        run(f"uniform W4G64 {name} ({b:.3f} b/w)",
+            QuantConfig(method=name.lower(), weight=resolve_scheme("W4G64"), method_params=knobs), method=name)
         for label, s in ((f"kfac, pydoc end {L}", sources[f"kfac, pydoc end {L}"]),
-                         (f"kfac of GPTQ candidates, pydoc end {L}", gptq_sens)):
-            plan = plan_from_sensitivity(s, target_bits=b, method="gptq")
-            run(f"GPTQ plan @ {b:.3f} b/w from {label}", plan, plan.info["predicted_kl"],
-                " ".join(f"{k}:{v}" for k, v in sorted(plan.info["formats"].items())))
+                         (f"kfac of {name} candidates, pydoc end {L}", made)):
+            plan = plan_from_sensitivity(s, target_bits=b, method=name.lower())
+            run(f"{name} plan @ {b:.3f} b/w from {label}", plan, plan.info["predicted_kl"],
+                " ".join(f"{k}:{v}" for k, v in sorted(plan.info["formats"].items())), method=name)
     # ratio to the uniform row of the same budget (and method), per evaluation text
     for r in rows:
         if "plan" in r["config"]:
             b = r["config"].split("@ ")[1].split(" ")[0]
-            kind = "GPTQ" if r["config"].startswith("GPTQ") else ""
-            u = next(x for x in rows if x["config"].startswith("uniform") and f"({b} b/w)" in x["config"]
-                     and ("GPTQ" in x["config"]) == bool(kind))
+            u = next(x for x in rows if x["uniform"] and f"({b} b/w)" in x["config"] and x["method"] == r["method"])
             for k in evals:
                 r[f"x uniform {k}"] = r[f"KL {k}"] / u[f"KL {k}"]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,

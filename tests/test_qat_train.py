@@ -129,3 +129,71 @@ def test_cli_qat(tmp_path, tiny_folder, capsys):
     rc = main(["qat", "--model", str(tiny_folder), "--bits", "3", "--group-size", "32", "--steps", "2",
                "--resume", "--checkpoint-dir", str(tmp_path / "nothing"), "-o", str(tmp_path / "q2")])
     assert rc == 2 and "no QAT checkpoint" in capsys.readouterr().err
+    plan = tmp_path / "plan.json"  # a plan's formats trained: each layer keeps its own, resumable as any QAT run
+    plan.write_text('{"layers": {"re:.*mlp.*": "W3G32", "re:.*layers.*": "W8"}}')
+    rc = main(["qat", "--model", str(tiny_folder), "--plan", str(plan), "--steps", "2", "--seq-len", "32",
+               "--batch", "1", "-o", str(tmp_path / "p")])
+    assert rc == 0 and "plan (2 rules)" in capsys.readouterr().out
+    m, _ = llmquant.load(tmp_path / "p")
+    assert m.model.layers[1].mlp.down_proj.scheme.bits == 3 and m.model.layers[1].self_attn.o_proj.scheme.bits == 8
+    assert m.llmquant_plan.method == "qat" and m.llmquant_plan.params.steps == 2
+    assert ckpt.load_checkpoint(f"{tmp_path / 'p'}.qat-ckpt")["step"] == 2
+    rc = main(["qat", "--model", str(tiny_folder), "--plan", str(plan), "--bits", "4", "-o", str(tmp_path / "p2")])
+    assert rc == 2 and "--plan names each layer's format" in capsys.readouterr().err
+
+
+def test_frozen_quant_linear_passes_input_gradients():
+    """A packed QuantLinear inside a graph (the int8 head while QAT trains the layers before it): the input's
+    gradient is the one through its dequantized weight, for the one-row and the many-row kernel paths."""
+    from llmquant.algorithms import rtn_quantize
+    from llmquant.schemes import resolve_scheme
+
+    torch.manual_seed(0)
+    for name in ("W8", "W4G32", "W3G32"):
+        f = resolve_scheme(name)
+        ql = QuantLinear.from_quantized(*rtn_quantize(torch.randn(64, 96), f), f)
+        wd = ql.dequantize_weight(torch.float32)
+        for rows in (1, 40):
+            x = torch.randn(rows, 96, requires_grad=True)
+            y = ql(x)
+            (y * y).sum().backward()
+            torch.testing.assert_close(x.grad, (2 * y.detach()) @ wd, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert not ql(torch.randn(3, 96)).requires_grad
+
+
+def test_qat_plan_trains_each_layer_in_its_format(tmp_path, tokenizer):
+    """A QAT plan: the plan's formats made by RTN (least-squares clipping), then trained end to end, each
+    linear in its own format; the distillation loss falls well below the RTN plan's, bf16 layers and the
+    int8 head stay as planned, and the folder reloads to the same logits with the plan (method qat) as its
+    recipe. k-quant formats cannot be trained: a clear error."""
+    from llmquant.schemes import Plan
+
+    text = default_text()[5000:6200]
+    (tmp_path / "t.txt").write_text(text)
+    wins = windows(tokenize(tokenizer, text), 4, 32, split="calib")
+    teacher = make_tiny_llama()
+    teacher.llmquant_tokenizer = tokenizer
+    layers = {"re:.*self_attn.k_proj": "bf16", "re:.*self_attn.q_proj": "W8", "re:.*layers.*": "W3G32",
+              "lm_head": "W8", "model.embed_tokens": "W8"}
+    rtn = copy.deepcopy(teacher)
+    llmquant.quantize(rtn, Plan.from_layers(layers, params={"observer": "mse"}), progress=False)
+    m = copy.deepcopy(teacher)
+    params = dict(steps=6, lr=3e-3, seq_len=32, batch=4, text=str(tmp_path / "t.txt"))
+    s = llmquant.quantize(m, Plan.from_layers(layers, method="qat", params=params), progress=False)
+    assert len(s.calibration["qat"]["losses"]) == 6
+    assert s.calibration["qat"]["losses"][0] == pytest.approx(_kl(rtn, teacher, wins), rel=1e-3)  # started from RTN
+    assert _kl(m, teacher, wins) < 0.75 * _kl(rtn, teacher, wins)  # (the frozen int8 head and bf16 layers stay)
+    assert m.get_submodule("model.layers.0.mlp.up_proj").scheme.bits == 3
+    assert m.get_submodule("model.layers.1.self_attn.q_proj").scheme.bits == 8
+    for n in ("model.layers.0.self_attn.k_proj", "lm_head"):  # frozen as planned
+        assert torch.equal(m.get_submodule(n).state_dict()["weight" if "k_proj" in n else "qweight"],
+                           rtn.get_submodule(n).state_dict()["weight" if "k_proj" in n else "qweight"])
+    llmquant.save(m, tokenizer, tmp_path / "out")
+    back, _ = llmquant.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(back(wins).logits, m(wins).logits)
+    assert back.llmquant_plan.method == "qat" and back.llmquant_plan.params.steps == 6
+    with pytest.raises(llmquant.errors.SchemeError, match="cannot be trained"):
+        llmquant.quantize(copy.deepcopy(teacher), Plan.from_layers({"re:.*layers.*": "gguf:Q4_1"}, method="qat"),
+                          progress=False)

@@ -302,6 +302,10 @@ def cmd_qat(args) -> int:
     from ..report import format_table
     from ..schemes import QATParams, QuantConfig, scheme_for
 
+    if args.plan and (args.bits is not None or args.group_size is not None or args.asym):
+        from ..errors import SchemeError
+
+        raise SchemeError("--plan names each layer's format; leave out --bits/--group-size/--asym")
     scheme = scheme_for(args.bits, args.group_size, symmetric=not args.asym)
     given = {f: getattr(args, k) for k, f in QAT_FLAGS.items() if getattr(args, k) not in (None, False)}
     if args.frozen_scales:
@@ -310,6 +314,13 @@ def cmd_qat(args) -> int:
         given["max_seconds"] = args.max_minutes * 60
     params = QATParams(**given)
     cfg = QuantConfig(weight=scheme, method="qat", method_params=params)
+    plan = None
+    if args.plan:  # the plan's formats, trained (read before the model is loaded: its errors come first)
+        import dataclasses
+
+        from ..schemes import resolve_plan
+
+        plan = dataclasses.replace(resolve_plan(args.plan), method="qat", params=params)
     _check_out(args.output, args.overwrite)
     ckpt_dir = args.checkpoint_dir or f"{args.output.rstrip('/')}.qat-ckpt"
     _check_out(ckpt_dir, True)  # checkpoints are written during training, resumed from with --resume
@@ -320,17 +331,25 @@ def cmd_qat(args) -> int:
     model, tok = llmquant.load_model(args.model)
     kw = {k: v for k, v in params.to_dict().items() if k not in ("text", "version")}
     extra = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
-    res = llmquant.train_qat(model, Path(params.text) if params.text else None, config=cfg, tokenizer=tok,
-                             checkpoint_dir=ckpt_dir, resume=args.resume, shard=args.shard, **extra, **kw)
+    train = dict(checkpoint_dir=ckpt_dir, resume=args.resume, shard=args.shard, **extra)
+    if plan is not None:
+        from ..flows.mixed import apply_plan
+
+        summary = apply_plan(model, plan, train=train)
+        res, s = summary.calibration["qat"], summary.to_dict()
+    else:
+        r = llmquant.train_qat(model, Path(params.text) if params.text else None, config=cfg, tokenizer=tok,
+                               **train, **kw)
+        res, s = r.to_dict(), r.summary
     if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run writes and reports
         return 0
     llmquant.save(model, tok, args.output, overwrite=args.overwrite)
-    s = res.summary
+    losses = res["losses"]
     print(format_table([{
-        "scheme": scheme.name, "steps": res.steps, "first loss": res.losses[0] if res.losses else float("nan"),
-        "last loss": res.losses[-1] if res.losses else float("nan"), "minutes": res.seconds / 60,
-        "tokens/s": res.tokens_per_s, "train peak MB": res.peak_rss_mb, "bits/w": s["bits_per_weight"],
-        "packed MB": s["packed_bytes"] / 1e6,
+        "scheme": f"plan ({len(plan.rules)} rules)" if plan else scheme.name, "steps": res["steps"],
+        "first loss": losses[0] if losses else float("nan"), "last loss": losses[-1] if losses else float("nan"),
+        "minutes": res["seconds"] / 60, "tokens/s": res["tokens_per_s"], "train peak MB": res["peak_rss_mb"],
+        "bits/w": s["bits_per_weight"], "packed MB": s["packed_bytes"] / 1e6,
     }]))
     print(f"saved to {args.output} (checkpoint: {ckpt_dir})")
     return 0
@@ -342,6 +361,8 @@ def add_qat_parser(sub) -> None:
     t.add_argument("--bits", type=int, help="2..8 (default 4; 8 bits: per channel, fewer: groups of 128)")
     t.add_argument("--group-size", type=int, help="values per scale (default: 128 below 8 bits)")
     t.add_argument("--asym", action="store_true", help="asymmetric (learned zero points)")
+    t.add_argument("--plan", help="a mixed-precision plan (JSON, from `llmquant plan`): train each layer in the "
+                   "plan's format for it instead of one scheme")
     t.add_argument("--steps", type=A.positive_int, help="optimizer steps (default 100)")
     t.add_argument("--lr", type=A.positive_float, help="AdamW learning rate, weights and step sizes (default 5e-5)")
     t.add_argument("--seq-len", type=A.seq_len, help="tokens per training window (default 256)")

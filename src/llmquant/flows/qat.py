@@ -160,12 +160,7 @@ def convert_qat(model: nn.Module, *, progress: bool = True) -> QuantSummary:
         cfg = cfg.with_(method="qat", method_params=QATParams())
     t0 = time.perf_counter()
     summary = QuantSummary(method="qat", config=cfg.to_dict())
-    for name, fq in tqdm(mods, desc="convert_qat", disable=not progress, leave=False):
-        ql = to_quant_linear(fq)
-        w = fq.merged_weight().detach().float()
-        summary.layers.append(layer_row(name, w, None, ql, orig=fq,
-                                        scheme=fq.scheme.name))
-        replace_module(model, name, ql)
+    convert_fake_quant(model, summary, progress)
     from .heads import quantize_heads
 
     quantize_heads(model, cfg, summary)  # the embedding and output head (cfg.head), as every weight-only method
@@ -176,6 +171,17 @@ def convert_qat(model: nn.Module, *, progress: bool = True) -> QuantSummary:
     model.eval()
     log.info("%s", summary)
     return summary
+
+
+@torch.no_grad()
+def convert_fake_quant(model: nn.Module, summary: QuantSummary, progress: bool = True) -> None:
+    """Each :class:`FakeQuantLinear` of ``model`` becomes its packed :class:`QuantLinear` (in its own
+    scheme), its row in ``summary``; nothing else changes."""
+    for name, fq in tqdm(fake_quant_modules(model), desc="convert_qat", disable=not progress, leave=False):
+        ql = to_quant_linear(fq)
+        w = fq.merged_weight().detach().float()
+        summary.layers.append(layer_row(name, w, None, ql, orig=fq, scheme=fq.scheme.name))
+        replace_module(model, name, ql)
 
 
 def run_qat(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -> QuantSummary:

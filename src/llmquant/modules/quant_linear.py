@@ -28,6 +28,30 @@ from ..schemes.primitives import scale_torch_dtype
 from .storage import tensor_bytes
 
 
+class _InputGrad(torch.autograd.Function):
+    """A frozen QuantLinear in a graph: its kernel's output, and the input's gradient through the weight as
+    the module computes it (``dL/dx = dL/dy W``; straight through an activation rounding). The weight is
+    dequantized for each backward, a block of rows at a time, and not kept."""
+
+    @staticmethod
+    def forward(ctx, x, mod, kernel, state):
+        ctx.mod = mod
+        return kernel.run(mod, state, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        mod = ctx.mod
+        step = max(1, (1 << 22) // max(mod.in_features, 1))
+        while step < mod.out_features and (step * mod.in_features) % 8:
+            step += 1
+        gx = None
+        for r0 in range(0, mod.out_features, step):
+            r1 = min(r0 + step, mod.out_features)
+            part = g[..., r0:r1] @ mod.dequantize_weight(g.dtype, g.device, rows=(r0, r1))
+            gx = part if gx is None else gx + part
+        return gx, None, None, None
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
@@ -255,6 +279,8 @@ class QuantLinear(nn.Module):
         kernel, state = self.prepare_kernel(x.device, x.dtype)
         if self._rotation is not None:  # the stored weights are rotated alike (see QuantScheme.rotation)
             x = rotate_blocks(x, self._rotation.shape[0], self._rotation)
+        if x.requires_grad and torch.is_grad_enabled():  # inside a graph (QAT, a sensitivity scan): the
+            return _InputGrad.apply(x, self, kernel, state)  # kernels have no backward of their own
         return kernel.run(self, state, x)
 
     def __getstate__(self):  # deepcopy / pickle: drop opaque kernel state, it is rebuilt on use

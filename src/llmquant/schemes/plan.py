@@ -22,7 +22,9 @@ its budget and predictions there) and is ignored when the plan is applied. ``"me
 default, no data), ``"gptq"`` (calibrated: every linear solved onto its own format in one layer-by-layer
 pass; ``"params"`` holds GPTQ's knobs, e.g. ``{"damp": 0.05}``; left out: GPTQ's defaults) or ``"awq"``
 (calibrated: AWQ's scales searched for each group of linears sharing an input, each weighed on its own
-format, then each linear's clipping search onto its format; ``"params"``: AWQ's knobs). An rtn plan's
+format, then each linear's clipping search onto its format; ``"params"``: AWQ's knobs) or ``"qat"`` (the
+formats made by RTN, then trained end to end under fake quantization, each linear in its own format, by
+distilling the float model; ``"params"``: QAT's knobs, e.g. ``{"steps": 200}``). An rtn plan's
 ``"params"`` may name an importance matrix: ``{"observer": "imse", "imatrix": "imatrix.gguf"}``.
 """
 
@@ -40,9 +42,9 @@ from .names import check_patterns, matches
 
 PLAN_VERSION = 1
 PLAN_FORMAT = "llmquant-plan"
-#: how a plan's integer formats are made: RTN (data-free), or GPTQ / AWQ on the calibration data, every
-#: linear onto its own format in one layer-by-layer pass
-PLAN_METHODS = ("rtn", "gptq", "awq")
+#: how a plan's integer formats are made: RTN (data-free), GPTQ / AWQ on the calibration data (every linear
+#: onto its own format in one layer-by-layer pass), or QAT (every linear trained in its own format)
+PLAN_METHODS = ("rtn", "gptq", "awq", "qat")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Plan:
     method: str = "rtn"  # how integer formats are made: one of PLAN_METHODS
     info: dict = field(default_factory=dict, compare=False)
     version: int = PLAN_VERSION
-    params: Any = None  # the method's knobs (GPTQParams for "gptq", AWQParams for "awq"; None: its defaults)
+    params: Any = None  # the method's knobs (GPTQParams / AWQParams / QATParams; None: its defaults)
 
     def __post_init__(self) -> None:
         rules = []

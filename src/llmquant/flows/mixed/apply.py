@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from ...algorithms import ALGORITHMS, rtn_quantize
 from ...errors import SchemeError
-from ...schemes import FloatFormat, Plan, QuantConfig, format_name, resolve_plan
+from ...modules import QuantLinear
+from ...schemes import FloatFormat, Plan, QuantConfig, QuantScheme, format_name, resolve_plan
 from ..heads import build_heads, build_module, head_names
 from ..pipeline import run_stages
 from ..stages import (AWQStage, GPTQStage, LayerContext, Stage, imatrix_importance, make_quant_linear, rtn_result,
@@ -31,12 +32,20 @@ def plan_targets(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
 
 
-@torch.no_grad()
-def apply_plan(model: nn.Module, plan, *, calib=None, calibration=None, progress: bool = True) -> QuantSummary:
+def apply_plan(model: nn.Module, plan, *, calib=None, calibration=None, progress: bool = True,
+               train: dict | None = None) -> QuantSummary:
     """Quantize ``model`` in place as ``plan`` (a Plan, its dict, or a .json path) says; returns a summary.
     A GPTQ or AWQ plan (``plan.method`` "gptq" / "awq") needs ``calib`` (token ids, windows x seq_len); ``calibration``:
-    its :class:`CalibSpec` (batching, sequential; None: the defaults)."""
+    its :class:`CalibSpec` (batching, sequential; None: the defaults). A QAT plan trains the plan's formats
+    (:func:`_apply_plan_qat`; ``train``: more keywords for :func:`llmquant.train_qat`, e.g. checkpoints)."""
     plan: Plan = resolve_plan(plan)
+    if plan.method == "qat":
+        return _apply_plan_qat(model, plan, progress, train or {})
+    with torch.no_grad():
+        return _apply(model, plan, calib, calibration, progress)
+
+
+def _apply(model: nn.Module, plan: Plan, calib, calibration, progress: bool) -> QuantSummary:
     if plan.calibrated and calib is None:
         raise SchemeError(f"a {plan.method} plan needs calibration data: pass calib= (token ids), or use "
                           "llmquant.quantize(model, plan), which makes them from the default text")
@@ -66,6 +75,60 @@ def apply_plan(model: nn.Module, plan, *, calib=None, calibration=None, progress
     summary.seconds = time.perf_counter() - t0
     log.info("%s", summary)
     model.llmquant_plan = plan
+    return summary
+
+
+def _apply_plan_qat(model: nn.Module, plan: Plan, progress: bool, train: dict) -> QuantSummary:
+    """The plan's formats trained end to end: the plan made by RTN (least-squares clipping for
+    ``init="mse"``) is the starting point; every planned integer linear then trains under fake quantization
+    in its own format (:func:`llmquant.prepare_qat` on the packed modules), distilling the float model as
+    ``plan.params`` (:class:`~llmquant.schemes.QATParams`) says, and is packed again in that format. The
+    embedding / head and bf16/fp16 layers keep their planned formats and stay frozen."""
+    import copy
+    import dataclasses
+    from pathlib import Path
+
+    from ..qat import convert_fake_quant, prepare_qat
+    from ..qat_train import train_qat
+
+    p = plan.params
+    for pat, fmt in plan.rules:
+        if isinstance(fmt, QuantScheme) and (fmt.super_group is not None or fmt.zero_point == "min"):
+            raise SchemeError(f"a QAT plan trains each format's scales and zero points; {pat}: {format_name(fmt)} "
+                              "(a k-quant's two-level scales, or a stored float minimum as gguf:Q4_1) cannot be "
+                              "trained: use a W-preset for it, or make the plan with method 'rtn', 'gptq' or 'awq'")
+    teacher = copy.deepcopy(model) if p.loss == "kl" else None
+    start = dataclasses.replace(plan, method="rtn", params={"observer": "mse"} if p.init == "mse" else None)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        made = _apply(model, start, None, None, progress)
+    heads = set(head_names(model))
+    trained = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in heads]
+    if not trained:
+        raise SchemeError("the QAT plan gives no decoder linear an integer format: nothing to train")
+    first = model.get_submodule(trained[0]).scheme
+    prepare_qat(model, QuantConfig(weight=first, targets=tuple(trained)), learn_scales=p.learn_scales,
+                lora_rank=p.lora_rank, lora_alpha=p.lora_alpha, init="rtn", progress=progress)
+    model.llmquant_qat["config"] = QuantConfig(weight=first, targets=tuple(trained), method="qat",
+                                               method_params=p).to_dict()
+    kw = {k: v for k, v in p.to_dict().items()
+          if k not in ("text", "version", "learn_scales", "lora_rank", "lora_alpha", "init")}
+    res = train_qat(model, Path(p.text) if p.text else None, teacher=teacher, convert=False, progress=progress,
+                    **kw, **train)
+    del teacher
+    summary = QuantSummary(method="plan:qat", config=plan.to_dict())
+    convert_fake_quant(model, summary, progress)
+    rows = {r.name: r for r in summary.layers}
+    summary.layers = [rows.get(r.name, r) for r in made.layers]
+    summary.untied_lm_head, summary.head = made.untied_lm_head, made.head
+    summary.calibration = {"qat": {k: v for k, v in res.to_dict().items() if k != "summary"}}
+    summary.seconds = time.perf_counter() - t0
+    for attr in ("llmquant_qat", "llmquant_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.llmquant_plan = plan
+    model.eval()
+    log.info("%s", summary)
     return summary
 
 
