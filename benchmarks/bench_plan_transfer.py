@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--gptq", action="store_true", help="also GPTQ rows: uniform W4G64 and plans applied by GPTQ")
     ap.add_argument("--gptq-calib", type=int, default=16, help="GPTQ / AWQ calibration windows of 512 tokens")
     ap.add_argument("--awq", action="store_true", help="also AWQ rows: uniform W4G64 and plans applied by AWQ")
+    ap.add_argument("--qat", type=int, default=0, metavar="STEPS",
+                    help="also QAT rows with this many steps: uniform W4G64 and the default plan, trained")
     ap.add_argument("--no-rtn-plans", action="store_true",
                     help="skip the RTN plan rows (their sensitivities are still measured, or read from the cache)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -166,8 +168,19 @@ def main() -> None:
             plan = plan_from_sensitivity(s, target_bits=b)
             run(f"plan @ {b:.3f} b/w from {label}", plan, plan.info["predicted_kl"],
                 " ".join(f"{k}:{v}" for k, v in sorted(plan.info["formats"].items())))
-    from llmquant.schemes import AWQParams, GPTQParams, QuantConfig, resolve_scheme
+    from llmquant.schemes import AWQParams, GPTQParams, Plan, QuantConfig, resolve_scheme
 
+    if args.qat:
+        from llmquant.schemes import QATParams
+
+        b = uniform_bits(base, "W4G64")
+        knobs = QATParams(steps=args.qat)
+        run(f"uniform W4G64 QAT, {args.qat} steps ({b:.3f} b/w)",
+            QuantConfig(method="qat", weight=resolve_scheme("W4G64"), method_params=knobs), method="QAT")
+        plan = plan_from_sensitivity(base, target_bits=b, method="qat")
+        plan = Plan(rules=plan.rules, method="qat", params=knobs, info=plan.info)
+        run(f"QAT plan @ {b:.3f} b/w from the default fisher plan, {args.qat} steps", plan, plan.info["predicted_kl"],
+            " ".join(f"{k}:{v}" for k, v in sorted(plan.info["formats"].items())), method="QAT")
     for name, made, knobs in (("GPTQ", gptq_sens, GPTQParams()), ("AWQ", awq_sens, AWQParams())):
         if made is None:
             continue

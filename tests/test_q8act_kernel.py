@@ -128,6 +128,36 @@ def test_matches_exact_integer_reference(scheme, monkeypatch):
             assert ((y.double() - ref).abs() <= 2e-6 * mag + 1e-6).all(), ((y.double() - ref).abs() / mag).max()
 
 
+@pytest.mark.parametrize("scheme", _schemes(), ids=lambda s: f"b{s.bits}{'s' if s.symmetric else 'a'}{s.group_size or 'ch'}"
+                         + ("k" if s.super_group else "") + ("z" if s.zero_point == "min" else ""))
+def test_many_rows_match_exact_integer_reference(scheme, monkeypatch):
+    """Many rows of x in one call (prefill): on VNNI the 8-output-row tiles (lanes = weight rows, the weight
+    blocks transposed once per chunk of 256 rows of x), the segment's last rows by the row kernel; the same
+    exact integer block sums as the reference, also across a chunk boundary and with 2 threads."""
+    ext = _ext()
+    if ext is None:
+        return
+    k = 320 if scheme.group_size == 128 else 256
+    m = _qlin(scheme, n=61, k=k, bias=False)  # 7 tiles of 8 rows and 5 rows left
+    for isa in _isas(ext):
+        monkeypatch.setenv("LLMQUANT_Q8ACT_ISA", isa)
+        m.kernel_override = "packed_q8act"
+        m.reset_kernel()
+        m(torch.randn(1, k))
+        args = packed_q8act.q8gemm_args([m.kernel_state])
+        for rows in (8, 13, 260):
+            x = torch.randn(rows, k) * 3
+            x[rows // 2, :32] = 0.0  # an all-zero block
+            y = ext.q8gemm(x, *args)
+            ref, mag = _exact(m, x)
+            assert ((y.double() - ref).abs() <= 2e-6 * mag + 1e-6).all(), ((y.double() - ref).abs() / mag).max()
+            torch.set_num_threads(2)
+            try:
+                assert torch.equal(ext.q8gemm(x, *args), y)
+            finally:
+                torch.set_num_threads(1)
+
+
 def test_isa_paths_agree_and_threads_do_not_change_results(monkeypatch):
     ext = _ext()
     if ext is None:
@@ -185,21 +215,36 @@ def test_fused_call_equals_separate_calls():
             assert torch.allclose(fused(x), sep, rtol=0, atol=2e-3 * float(sep.abs().max()))
 
 
-def test_prefill_runs_packed_avx2_on_the_input_the_module_sees():
-    if _ext() is None:
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_prefill_on_the_input_the_module_sees(mode, monkeypatch):
+    """Prefill with LLMQUANT_Q8ACT_PREFILL=fp32 (or without VNNI): packed_avx2's path on the input as the
+    module's activation scheme sees it. int8 (the default) on VNNI: the int8 kernel, exact block sums."""
+    ext = _ext()
+    if ext is None:
         return
+    monkeypatch.setenv("LLMQUANT_Q8ACT_PREFILL", mode)
+    int8 = mode == "int8" and ext.q8_best_isa() == 1
     x = torch.randn(2, 10, 256)  # 20 rows: prefill
-    m = _qlin(PRESETS["W4G64"])  # weight-only: packed_avx2's prefill, unchanged
+    m = _qlin(PRESETS["W4G64"])
     m.kernel_override = "packed_avx2"
     expect = m(x)
     m.kernel_override = "packed_q8act"
-    assert torch.equal(m(x), expect) and m.prepared_kernel.name == "packed_q8act"
+    y = m(x)
+    assert m.prepared_kernel.name == "packed_q8act"
+    if int8:  # weight-only module, int8 prefill: the integer reference
+        ref, mag = _exact(m, x.reshape(-1, 256))
+        assert ((y.reshape(-1, y.shape[-1]).double() - ref).abs() <= 2e-6 * mag + 1e-6).all()
+    else:
+        assert torch.equal(y, expect)
     a = _qlin(PRESETS["gguf:Q4_0"], act=ACT)  # activations rounded as llama.cpp: prefill rounds them too
     a.kernel_override = "reference"
     ref = a(x)
     a.kernel_override = "packed_q8act"
     y = a(x)
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    monkeypatch.setenv("LLMQUANT_Q8ACT_PREFILL", "fp16")
+    with pytest.raises(LLMQuantError, match="LLMQUANT_Q8ACT_PREFILL"):
+        a(x)
 
 
 def test_selection_is_opt_in_and_q8_0_act_modules_are_exact():

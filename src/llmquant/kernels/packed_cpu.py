@@ -189,12 +189,13 @@ def _fbgemm_fp16_available() -> bool:
 
 
 def run_fused(states: list[PackedState], x: torch.Tensor, cache: dict | None = None,
-              few_rows=None) -> torch.Tensor:
+              few_rows=None, prefill=None) -> torch.Tensor:
     """``x @ [W_1; W_2; ...]^T (+ biases)`` for modules prepared by :class:`PackedAVX2` that share the input
     (fused QKV or gate/up: one pass, one thread launch, buffers left where they are).
 
     ``few_rows(states, x2)``, when given, computes the product (without bias) for fewer than ``LARGE_M`` rows
-    of fp32 ``x2`` in place of the int16-activation kernel (``packed_q8act``'s int8 one).
+    of fp32 ``x2`` in place of the int16-activation kernel (``packed_q8act``'s int8 one); ``prefill(states,
+    x2)`` the same for more rows (``packed_q8act``'s int8 prefill), in place of the GEMMs below.
 
     ``cache``: a fused call's dict (from :meth:`PackedAVX2.fuse`) for its many-token weights. Under bf16
     autocast, many-token inputs take a bf16 GEMM (output bf16, as autocast's linear) with the stacked
@@ -223,7 +224,11 @@ def run_fused(states: list[PackedState], x: torch.Tensor, cache: dict | None = N
     if x2.dtype != torch.float32:
         x2 = x2.float()
     bias = stacked_bias(states)
-    if m >= LARGE_M and cache is not None and _fbgemm_fp16_available():  # a fused call (fuse() keeps a cache)
+    if m >= LARGE_M and prefill is not None:
+        y = prefill(states, x2.contiguous())
+        if bias is not None:
+            y = y + bias
+    elif m >= LARGE_M and cache is not None and _fbgemm_fp16_available():  # a fused call (fuse() keeps a cache)
         # fbgemm's fp16-weight GEMM, as an unfused module's prefill takes (the same fp16 weights): the stacked
         # weight prepared once and kept within the prefill-copy budget, else prepared for this call
         packed = cache.get("fp16")

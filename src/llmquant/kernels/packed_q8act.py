@@ -16,7 +16,10 @@ takes it for such a module. For a module whose activation scheme is ``gguf:Q8_0-
 :func:`llmquant.eval.llama_cpp.emulate_llama_cpp` gives Q4_0 / Q8_0 layers) it computes exactly the
 module's numerics, up to fp32 summation order.
 
-Rows of ``x`` below ``packed_cpu.LARGE_M`` run the int8 kernel; prefill (more rows) runs ``packed_avx2``'s
+Prefill (``packed_cpu.LARGE_M`` rows of ``x`` or more) on AVX512-VNNI, with weight groups of 32 values or
+more, runs the int8 kernel too (its many-row path: tiles of 8 output rows, one per int32 lane, the same block
+sums), as llama.cpp's prefill does: the int8 activation rounding then applies to the prompt as well
+(``LLMQUANT_Q8ACT_PREFILL=fp32``, read at each call, keeps it off). Otherwise prefill runs ``packed_avx2``'s
 prefill path (fbgemm's fp16-weight GEMM, or a dequantized fp32 GEMM) on the input as the module's
 activation scheme sees it (rounded to int8 blocks for ``gguf:Q8_0-act`` modules, as is for weight-only ones).
 
@@ -48,6 +51,18 @@ def q8_0_activation():
     from ..schemes import PRESETS
 
     return PRESETS["gguf:Q8_0-act"]
+
+
+def int8_prefill(states) -> bool:
+    """Whether a many-row call of these prepared modules runs the int8 kernel (see the module docstring)."""
+    mode = os.environ.get("LLMQUANT_Q8ACT_PREFILL", "int8").lower()
+    if mode not in ("int8", "fp32"):
+        from ..errors import LLMQuantError
+
+        raise LLMQuantError(f"LLMQUANT_Q8ACT_PREFILL must be int8 or fp32, got {mode!r}")
+    s0 = states[0]
+    isa = native.load().q8_best_isa() if s0.isa == -1 else s0.isa
+    return mode == "int8" and isa == 1 and s0.group_size % 32 == 0
 
 
 def isa_from_env() -> int:
@@ -85,7 +100,8 @@ def _few_rows(states: list[Q8State], x2: torch.Tensor) -> torch.Tensor:
 class PackedQ8Act(PackedAVX2):
     name = "packed_q8act"
     numerics = ("activations rounded to int8 per block of 32 (llama.cpp's Q8_0), integer dot products with "
-                "int4/int8 codes, scales applied in fp32; prefill: packed_avx2's")
+                "int4/int8 codes, scales applied in fp32; prefill the same on AVX512-VNNI (groups of 32+), "
+                "else packed_avx2's")
     runtime_bytes_per_weight = 0.0
 
     def supports(self, module, device) -> bool:
@@ -107,6 +123,8 @@ class PackedQ8Act(PackedAVX2):
 
     def run(self, module, state: Q8State, x):
         if x.numel() >= LARGE_M * module.in_features:
+            if int8_prefill([state]):
+                return run_fused([state], x, prefill=_few_rows)
             return super().run(module, state, fake_quant_input(module, x))
         return run_fused([state], x, few_rows=_few_rows)
 
@@ -119,6 +137,8 @@ class PackedQ8Act(PackedAVX2):
 
         def f(x: torch.Tensor) -> torch.Tensor:
             if x.numel() >= LARGE_M * first.in_features:
+                if int8_prefill(states):
+                    return run_fused(states, x, prefill=_few_rows)
                 return run_fused(states, fake_quant_input(first, x), cache)
             return run_fused(states, x, few_rows=_few_rows)
 

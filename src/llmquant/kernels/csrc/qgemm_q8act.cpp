@@ -45,6 +45,7 @@ struct Q8X {
   const int8_t* q;
   const float* d;
   const float* xg;
+  const int32_t* bs;  // (M, nb): each block's sum of codes
 };
 
 // One weight segment of a fused call, its pointers shifted so that global output row n addresses its row;
@@ -56,6 +57,7 @@ struct Q8Seg {
   const int32_t* corr;
   bool half;
   int64_t start, rows;
+  int32_t base;  // the codes' integer base (b with offsets, c without): the prefill path subtracts it per block
 };
 
 namespace avx2 {
@@ -99,8 +101,110 @@ inline __m256i dot(const Wv& w, __m256i xv, const int32_t* corr) {
   return _mm256_dpbusd_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)), w.u, xv);
 }
 #include "qgemm_q8act_rows.inc"
+
+// Prefill (many rows of x): 8 output rows at a time, one per int32 lane. Each weight block of the 8 rows is
+// unpacked and transposed once (lane j holds row n + j's four codes of each k-quad) and serves every row of x
+// in the chunk; x's four codes of a k-quad are broadcast to the lanes. Per (block, row of x): eight vpdpbusd
+// from -c times the block's sum of codes (the base), one conversion, one FMA with the 8 rows' scale times the
+// block's d. The same sums as the row kernel (exact int32 per block, fp32 after), in another order.
+constexpr int64_t PREFILL_CHUNK = 256;  // rows of x whose accumulators (8 floats each) stay in L1
+
+// R rows of x against one block of 8 weight rows (w: the transposed codes): R independent chains of eight
+// vpdpbusd (enough in flight to hide their latency at R = 8), then acc[i] += (s8 * d[i]) * sum.
+template <int R>
+inline __attribute__((always_inline)) void rows_of_x(const __m256i (&w)[8], const int8_t* xb, const float* db,
+                                                     const int32_t* sb, float* acc, int64_t K, int64_t nb,
+                                                     __m256 s8, int32_t base) {
+  __m256i p[R];
+  for (int j = 0; j < R; ++j) p[j] = _mm256_set1_epi32(-base * sb[j * nb]);
+  for (int k = 0; k < 8; ++k)
+    for (int j = 0; j < R; ++j)
+      p[j] = _mm256_dpbusd_epi32(p[j], w[k], _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + j * K + 4 * k)));
+  for (int j = 0; j < R; ++j) {
+    float* a = acc + j * 8;
+    _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), _mm256_mul_ps(s8, _mm256_set1_ps(db[j * nb])),
+                                       _mm256_load_ps(a)));
+  }
+}
+
+template <int BITS, bool HALF, bool OFFS>
+void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, float* y, int64_t ldy, int64_t G,
+              int64_t gs, int64_t n) {
+  const int64_t nb = K / 32, bpg = gs / 32, row_bytes = K * BITS / 8;
+  const __m128i m0f = _mm_set1_epi8(0x0F);
+  const uint8_t* qr[8];
+  for (int r = 0; r < 8; ++r) qr[r] = sg.q + (n + r) * row_bytes;
+  auto scales = [&](int64_t g) __attribute__((always_inline)) {
+    alignas(32) float t[8];
+    for (int r = 0; r < 8; ++r) {
+      if constexpr (HALF)
+        t[r] = _cvtsh_ss(static_cast<const uint16_t*>(sg.s)[(n + r) * G + g]);
+      else
+        t[r] = static_cast<const float*>(sg.s)[(n + r) * G + g];
+    }
+    return _mm256_load_ps(t);
+  };
+  alignas(64) float acc[PREFILL_CHUNK * 8];
+  for (int64_t c0 = i0; c0 < i1; c0 += PREFILL_CHUNK) {
+    const int64_t c1 = std::min(i1, c0 + PREFILL_CHUNK), m = c1 - c0;
+    std::fill(acc, acc + m * 8, 0.f);
+    __m256 s8 = scales(0);
+    for (int64_t b = 0; b < nb; ++b) {
+      if (b && b % bpg == 0) s8 = scales(b / bpg);
+      __m256i u[8];
+      for (int r = 0; r < 8; ++r) {
+        if constexpr (BITS == 4) {
+          const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[r] + b * 16));
+          u[r] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m0f), _mm_and_si128(p, m0f));
+        } else {
+          u[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr[r] + b * 32));
+        }
+      }
+      __m256i t[8], v[8], w[8];  // 8 x 8 transpose of 32-bit elements: w[k] lane j = u[j] element k
+      for (int r = 0; r < 8; r += 2) {
+        t[r] = _mm256_unpacklo_epi32(u[r], u[r + 1]);
+        t[r + 1] = _mm256_unpackhi_epi32(u[r], u[r + 1]);
+      }
+      for (int r = 0; r < 8; r += 4) {
+        v[r] = _mm256_unpacklo_epi64(t[r], t[r + 2]);
+        v[r + 1] = _mm256_unpackhi_epi64(t[r], t[r + 2]);
+        v[r + 2] = _mm256_unpacklo_epi64(t[r + 1], t[r + 3]);
+        v[r + 3] = _mm256_unpackhi_epi64(t[r + 1], t[r + 3]);
+      }
+      for (int k = 0; k < 4; ++k) {
+        w[k] = _mm256_permute2x128_si256(v[k], v[k + 4], 0x20);
+        w[k + 4] = _mm256_permute2x128_si256(v[k], v[k + 4], 0x31);
+      }
+      const int8_t* xb = x.q + c0 * K + b * 32;
+      const float* db = x.d + c0 * nb + b;
+      const int32_t* sb = x.bs + c0 * nb + b;
+      int64_t i = 0;
+      for (; i + 8 <= m; i += 8) rows_of_x<8>(w, xb + i * K, db + i * nb, sb + i * nb, acc + i * 8, K, nb, s8, sg.base);
+      for (; i + 4 <= m; i += 4) rows_of_x<4>(w, xb + i * K, db + i * nb, sb + i * nb, acc + i * 8, K, nb, s8, sg.base);
+      for (; i < m; ++i) rows_of_x<1>(w, xb + i * K, db + i * nb, sb + i * nb, acc + i * 8, K, nb, s8, sg.base);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      __m256 r = _mm256_load_ps(acc + i * 8);
+      if constexpr (OFFS) {  // + sum_g o[n + j, g] xg[i, g]
+        const float* xg = x.xg + (c0 + i) * G;
+        for (int64_t g = 0; g < G; ++g) {
+          alignas(32) float o[8];
+          for (int j = 0; j < 8; ++j) o[j] = sg.mn[(n + j) * G + g];
+          r = _mm256_fmadd_ps(_mm256_load_ps(o), _mm256_set1_ps(xg[g]), r);
+        }
+      }
+      _mm256_storeu_ps(y + (c0 + i) * ldy + n, r);
+    }
+  }
+}
 }  // namespace vnni
 #pragma GCC pop_options
+
+using PrefillFn = void (*)(const Q8X&, const Q8Seg&, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
+                           int64_t);
+
+//: rows of x from which q8gemm takes the prefill path (VNNI, groups of 32 or more)
+constexpr int64_t PREFILL_MIN_M = 8;
 
 using RowsFn = void (*)(const Q8X&, const Q8Seg&, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int64_t,
                         int64_t);
@@ -270,10 +374,11 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
     const int64_t sz = half ? 2 : 4;
     segs.push_back({qs[j].data_ptr<uint8_t>() - N * row_bytes,
                     static_cast<const char*>(sp) - N * G * sz,
-                    offs ? ms[j].data_ptr<float>() - N * G : nullptr, corr_for(c), half, N, rows});
+                    offs ? ms[j].data_ptr<float>() - N * G : nullptr, corr_for(c), half, N, rows,
+                    static_cast<int32_t>(c + done)});
     N += rows;
   }
-  const Q8X qx{xqp, dp, xgp};
+  const Q8X qx{xqp, dp, xgp, bsp};
 
   RowsFn fn[5][2][2] = {};
   if (bits == 4)
@@ -282,6 +387,27 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
     pick<8>(use_vnni, fn);
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
+  if (use_vnni && bpg >= 1 && M >= PREFILL_MIN_M) {  // prefill: tiles of 8 output rows, every row of x
+    PrefillFn pf[2][2];
+    if (bits == 4) {
+      pf[0][0] = vnni::prefill8<4, false, false>, pf[0][1] = vnni::prefill8<4, false, true>;
+      pf[1][0] = vnni::prefill8<4, true, false>, pf[1][1] = vnni::prefill8<4, true, true>;
+    } else {
+      pf[0][0] = vnni::prefill8<8, false, false>, pf[0][1] = vnni::prefill8<8, false, true>;
+      pf[1][0] = vnni::prefill8<8, true, false>, pf[1][1] = vnni::prefill8<8, true, true>;
+    }
+    at::parallel_for(0, (N + 7) / 8, 1, [&](int64_t t0, int64_t t1) {
+      for (const Q8Seg& sg : segs) {
+        const int h = sg.half ? 1 : 0, o = sg.mn ? 1 : 0;
+        const int64_t n0 = std::max(t0 * 8, sg.start), n1 = std::min(t1 * 8, sg.start + sg.rows);
+        int64_t n = n0;
+        for (; n + 8 <= n1; n += 8) pf[h][o](qx, sg, 0, M, K, yp, N, G, gs, n);
+        if (n < n1)  // a segment's last rows when they are fewer than 8: the row kernel
+          for (int64_t i = 0; i < M; ++i) fn[1][h][o](qx, sg, i, K, yp, N, G, gs, n, n1);
+      }
+    });
+    return y;
+  }
   const int64_t grain = std::max<int64_t>(8, N / (4 * at::get_num_threads()));
   at::parallel_for(0, N, grain, [&](int64_t b0, int64_t b1) {
     for (const Q8Seg& sg : segs) {  // the part of [b0, b1) that falls in this segment
