@@ -213,6 +213,13 @@ def test_kfac_sensitivity_agrees_with_exact_kl(sensitive_model, tmp_path):
     assert bits[target] == 8, bits
 
 
+def _lands_on_its_formats(q, plan):
+    """Apply a calibrated plan to ``q``: every planned layer ends in its planned format."""
+    llmquant.quantize(q, plan, calib=CALIB[:4 * 64].reshape(4, 64), progress=False)
+    for name, fmt in plan.rules:
+        assert q.get_submodule(name).scheme == fmt
+
+
 def test_awq_candidates_in_sensitivity_and_plans(sensitive_model):
     """quantizer='awq': each layer's AWQ scale and clipping searched for each format, on one half of the
     windows and measured on the other. The planted layer's outlier weights meet inputs the norm zeroes, so
@@ -232,10 +239,7 @@ def test_awq_candidates_in_sensitivity_and_plans(sensitive_model):
         assert sum(r[j] for r in kl.damage) < 0.5 * sum(r[j] for r in rtn.damage)
     plan = plan_from_sensitivity(kf, target_bits=4.5)
     assert plan.method == "awq" and plan.params.grid == 10 and plan.info["sensitivity"]["quantizer"] == "awq"
-    q = copy.deepcopy(m)
-    llmquant.quantize(q, plan, calib=CALIB[:4 * 64].reshape(4, 64), progress=False)
-    for name, fmt in plan.rules:
-        assert q.get_submodule(name).scheme == fmt
+    _lands_on_its_formats(copy.deepcopy(m), plan)
     with pytest.raises(SchemeError, match="needs method='kfac'"):
         sensitivity(m, CALIB, cands, method="fisher", quantizer="awq", **kw)
     with pytest.raises(SchemeError, match="goes with quantizer='gptq' or 'awq'"):
@@ -265,10 +269,7 @@ def test_gptq_candidates_in_sensitivity_and_plans(tmp_path):
     assert plan_from_sensitivity(rtn, target_bits=4.6).method == "rtn"
     custom = sensitivity(m, CALIB, cands, method="kfac", quantizer="gptq", gptq={"act_order": "off"}, samples=4, **kw)
     assert plan_from_sensitivity(custom, target_bits=4.6).params.act_order == "off"
-    q = make_tiny_llama(seed=2, vocab_size=1024)
-    llmquant.quantize(q, plan, calib=CALIB[:4 * 64].reshape(4, 64), progress=False)
-    for name, fmt in plan.rules:
-        assert q.get_submodule(name).scheme == fmt
+    _lands_on_its_formats(make_tiny_llama(seed=2, vocab_size=1024), plan)
     with pytest.raises(SchemeError, match="kfac"):
         sensitivity(m, CALIB, cands, method="fisher", quantizer="gptq", **kw)
     with pytest.raises(SchemeError, match="at least 2 windows"):
