@@ -130,7 +130,8 @@ def test_matches_exact_integer_reference(scheme, monkeypatch):
 
 @pytest.mark.parametrize("scheme", _schemes(), ids=lambda s: f"b{s.bits}{'s' if s.symmetric else 'a'}{s.group_size or 'ch'}"
                          + ("k" if s.super_group else "") + ("z" if s.zero_point == "min" else ""))
-def test_many_rows_match_exact_integer_reference(scheme, monkeypatch):
+@pytest.mark.parametrize("layout", ["rows", "tiled"])
+def test_many_rows_match_exact_integer_reference(scheme, layout, monkeypatch):
     """Many rows of x in one call (prefill): on VNNI the 8-output-row tiles (lanes = weight rows, the weight
     blocks transposed once per chunk of 256 rows of x), the segment's last rows by the row kernel; the same
     exact integer block sums as the reference, also across a chunk boundary and with 2 threads."""
@@ -139,13 +140,14 @@ def test_many_rows_match_exact_integer_reference(scheme, monkeypatch):
         return
     k = 320 if scheme.group_size == 128 else 256
     m = _qlin(scheme, n=61, k=k, bias=False)  # 7 tiles of 8 rows and 5 rows left
+    monkeypatch.setenv("LLMQUANT_Q8ACT_LAYOUT", layout)
     for isa in _isas(ext):
         monkeypatch.setenv("LLMQUANT_Q8ACT_ISA", isa)
         m.kernel_override = "packed_q8act"
         m.reset_kernel()
         m(torch.randn(1, k))
         args = packed_q8act.q8gemm_args([m.kernel_state])
-        for rows in (8, 13, 260):
+        for rows in (1, 3, 8, 13, 260):
             x = torch.randn(rows, k) * 3
             x[rows // 2, :32] = 0.0  # an all-zero block
             y = ext.q8gemm(x, *args)
@@ -158,25 +160,36 @@ def test_many_rows_match_exact_integer_reference(scheme, monkeypatch):
                 torch.set_num_threads(1)
 
 
-def test_isa_paths_agree_and_threads_do_not_change_results(monkeypatch):
+def test_isa_paths_and_layouts_agree_and_threads_do_not_change_results(monkeypatch):
+    """The row layout: both instruction sets compute the same int32 block sums, then the same fp32 operations
+    (equal bit for bit). The tiled layout (VNNI): the same block sums added in another order (equal to
+    rounding); the number of threads changes neither."""
     ext = _ext()
     if ext is None:
         return
     m = _qlin(PRESETS["gguf:Q8_0"], n=301)
     x = torch.randn(3, 256)
     m.kernel_override = "packed_q8act"
-    outs = []
-    for isa in _isas(ext):
-        monkeypatch.setenv("LLMQUANT_Q8ACT_ISA", isa)
-        m.reset_kernel()
-        outs.append(m(x))
-        torch.set_num_threads(2)
-        try:
-            assert torch.equal(m(x), outs[-1])  # rows are split between threads, each computed as on one
-        finally:
-            torch.set_num_threads(1)
-    for y in outs[1:]:  # both paths compute the same int32 block sums, then the same fp32 operations
-        assert torch.equal(y, outs[0])
+    outs = {}
+    for layout in ("rows", "tiled"):
+        monkeypatch.setenv("LLMQUANT_Q8ACT_LAYOUT", layout)
+        for isa in _isas(ext):
+            monkeypatch.setenv("LLMQUANT_Q8ACT_ISA", isa)
+            m.reset_kernel()
+            outs[layout, isa] = y = m(x)
+            assert (m.kernel_state.tiled is not None) == (layout == "tiled" and isa == "vnni")
+            torch.set_num_threads(2)
+            try:
+                assert torch.equal(m(x), y)  # rows are split between threads, each computed as on one
+            finally:
+                torch.set_num_threads(1)
+    assert torch.equal(outs["rows", "avx2"], outs["rows", _isas(ext)[-1]])
+    for y in outs.values():
+        torch.testing.assert_close(y, outs["rows", "avx2"], rtol=1e-6, atol=1e-5)
+    monkeypatch.setenv("LLMQUANT_Q8ACT_LAYOUT", "columns")
+    m.reset_kernel()
+    with pytest.raises(LLMQuantError, match="LLMQUANT_Q8ACT_LAYOUT"):
+        m(x)
 
 
 def test_isa_switch(monkeypatch):

@@ -41,6 +41,7 @@ struct LinearPart {
   Kind kind = Kind::Dense;
   std::vector<torch::Tensor> codes, scales, offsets;  // packed / q8: one per stacked weight
   std::vector<int64_t> bases;                         // q8: integer base per weight (used where offsets are empty)
+  std::vector<int64_t> tiled_rows;                    // q8: rows per weight in the tiled layout (empty: row layout)
   int64_t bits = 0, gs = 0, isa = -1;
   torch::Tensor weight, bias;  // dense: weight (N, K), optional bias; packed / q8: optional stacked bias
   py::object fn;               // python: x (1, K) -> y (..., N)
@@ -53,7 +54,7 @@ struct LinearPart {
         if (bias.defined()) y.add_(bias);
         return y;
       case Kind::Q8:
-        y = q8gemm(x, codes, scales, offsets, bits, gs, isa, bases);
+        y = q8gemm(x, codes, scales, offsets, bits, gs, isa, bases, tiled_rows);
         if (bias.defined()) y.add_(bias);
         return y;
       case Kind::Dense:
@@ -328,16 +329,18 @@ void register_decode_step(py::module& m) {
       .def_static(
           "q8",
           [](std::vector<torch::Tensor> codes, std::vector<torch::Tensor> scales, std::vector<torch::Tensor> offsets,
-             int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> bases, std::optional<torch::Tensor> bias) {
+             int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> bases, std::vector<int64_t> tiled_rows,
+             std::optional<torch::Tensor> bias) {
             LinearPart p;
             p.kind = Kind::Q8;
             p.codes = std::move(codes), p.scales = std::move(scales), p.offsets = std::move(offsets);
-            p.bits = bits, p.gs = gs, p.isa = isa, p.bases = std::move(bases);
+            p.bits = bits, p.gs = gs, p.isa = isa, p.bases = std::move(bases), p.tiled_rows = std::move(tiled_rows);
             if (auto b = as_fp32(bias)) p.bias = *b;
             return LinearSpec::one(std::move(p));
           },
           py::arg("codes"), py::arg("scales"), py::arg("offsets"), py::arg("bits"), py::arg("group_size"),
-          py::arg("isa"), py::arg("bases"), py::arg("bias") = py::none(), "q8gemm's arguments (packed_q8act)")
+          py::arg("isa"), py::arg("bases"), py::arg("tiled_rows") = std::vector<int64_t>{}, py::arg("bias") = py::none(),
+          "q8gemm's arguments (packed_q8act)")
       .def_static(
           "dense",
           [](torch::Tensor weight, std::optional<torch::Tensor> bias) {

@@ -234,7 +234,10 @@ torch::Tensor dequant(torch::Tensor q, torch::Tensor s, torch::Tensor mn, int64_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm", &qgemm, "packed int4/int8 weight-only GEMM (AVX2+FMA)");
   m.def("dequant", &dequant, "packed int4/int8 weights to fp32");
-  m.def("q8gemm", &q8gemm, "packed int4/int8 GEMM with activations rounded to int8 per block of 32 (qgemm_q8act.cpp)");
+  m.def("q8gemm", &q8gemm, "packed int4/int8 GEMM with activations rounded to int8 per block of 32 (qgemm_q8act.cpp)",
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("offsets"), py::arg("bits"), py::arg("group_size"),
+        py::arg("isa"), py::arg("bases"), py::arg("tiled_rows") = std::vector<int64_t>{});
+  m.def("q8_tile", &q8_tile, "packed codes (row layout) to q8gemm's tiled layout (rows padded to 8)");
   m.def("q8_quantize", &q8_quantize, "rows of x rounded to int8 per block of 32: (codes int8, scales fp32)");
   m.def("q8_best_isa", &q8_best_isa, "1 when q8gemm's VNNI path runs on this CPU, 0 for the AVX2 path");
   register_decode_step(m);

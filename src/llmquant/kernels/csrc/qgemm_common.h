@@ -68,7 +68,9 @@ torch::Tensor qgemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<
 
 // qgemm_q8act.cpp
 torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
-                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs);
+                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs,
+                     std::vector<int64_t> tiled_rows);
+torch::Tensor q8_tile(torch::Tensor q, int64_t bits, int64_t rows, int64_t K);
 std::vector<torch::Tensor> q8_quantize(torch::Tensor x);
 int64_t q8_best_isa();
 

@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace {
 
@@ -127,14 +128,69 @@ inline __attribute__((always_inline)) void rows_of_x(const __m256i (&w)[8], cons
   }
 }
 
-template <int BITS, bool HALF, bool OFFS>
+// R <= 4 rows of x (decode, small batches) against one tile of 8 weight rows, every block: accumulators in
+// registers, two sets (even and odd blocks), and each row's eight vpdpbusd split over 8 / R chains so that
+// enough of them are in flight; the rows' sums, the offsets' term, stored (``rows`` valid ones).
+template <int R, typename Codes, typename Scales, typename Offs>
+inline __attribute__((always_inline)) void few8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t K, float* y,
+                                                int64_t ldy, int64_t G, int64_t nb, int64_t bpg, int64_t n,
+                                                int64_t rows, Codes&& codes, Scales&& scales, Offs&& offs) {
+  constexpr int C = R == 1 ? 4 : (R == 2 ? 2 : 1);  // chains per row of x
+  __m256 acc[2][R];
+  for (int j = 0; j < R; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+  __m256 s8 = scales(0);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (b && b % bpg == 0) s8 = scales(b / bpg);
+    __m256i w[8];
+    codes(b, w);
+    for (int j = 0; j < R; ++j) {
+      const int8_t* xb = x.q + (i0 + j) * K + b * 32;
+      __m256i p[C];
+      p[0] = _mm256_set1_epi32(-sg.base * x.bs[(i0 + j) * nb + b]);
+      for (int c = 1; c < C; ++c) p[c] = _mm256_setzero_si256();
+      for (int k = 0; k < 8; ++k)
+        p[k % C] = _mm256_dpbusd_epi32(p[k % C], w[k], _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + 4 * k)));
+      for (int c = 1; c < C; ++c) p[0] = _mm256_add_epi32(p[0], p[c]);
+      acc[b & 1][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[0]), _mm256_mul_ps(s8, _mm256_set1_ps(x.d[(i0 + j) * nb + b])),
+                                      acc[b & 1][j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    __m256 r = _mm256_add_ps(acc[0][j], acc[1][j]);
+    if (sg.mn) r = _mm256_add_ps(r, offs(i0 + j));
+    if (rows == 8) {
+      _mm256_storeu_ps(y + (i0 + j) * ldy + n, r);
+    } else {
+      alignas(32) float o[8];
+      _mm256_store_ps(o, r);
+      for (int64_t q = 0; q < rows; ++q) y[(i0 + j) * ldy + n + q] = o[q];
+    }
+  }
+}
+
+//
+// TILED: the weights in the tiled layout (q8_tile): per tile of 8 rows (n = 8 t) and block, the codes already
+// in lanes (4 bits: four 32-byte vectors, vector k holding each row's bytes 4k..4k+3 of the block, low nibbles
+// k-quad k, high nibbles k-quad k + 4; 8 bits: eight vectors), then the 8 rows' scales (and offsets) of each
+// group together; ``rows`` <= 8 valid rows in the tile (the padding rows are computed, not stored).
+template <int BITS, bool HALF, bool OFFS, bool TILED = false>
 void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, float* y, int64_t ldy, int64_t G,
-              int64_t gs, int64_t n) {
+              int64_t gs, int64_t n, int64_t rows = 8) {
   const int64_t nb = K / 32, bpg = gs / 32, row_bytes = K * BITS / 8;
   const __m128i m0f = _mm_set1_epi8(0x0F);
+  const __m256i m0f2 = _mm256_set1_epi8(0x0F);
   const uint8_t* qr[8];
+  const int64_t t8 = n - sg.start;  // the tile's first row within its segment (tiled: a multiple of 8)
   for (int r = 0; r < 8; ++r) qr[r] = sg.q + (n + r) * row_bytes;
+  const uint8_t* qt = sg.q + (sg.start + t8) * row_bytes;  // tiled: the tile's codes (sg.q addresses row 0)
   auto scales = [&](int64_t g) __attribute__((always_inline)) {
+    if constexpr (TILED) {
+      const int64_t at = (t8 * G + g * 8) + sg.start * G;
+      if constexpr (HALF)
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(sg.s) + at)));
+      else
+        return _mm256_loadu_ps(static_cast<const float*>(sg.s) + at);
+    }
     alignas(32) float t[8];
     for (int r = 0; r < 8; ++r) {
       if constexpr (HALF)
@@ -144,14 +200,21 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
     }
     return _mm256_load_ps(t);
   };
-  alignas(64) float acc[PREFILL_CHUNK * 8];
-  for (int64_t c0 = i0; c0 < i1; c0 += PREFILL_CHUNK) {
-    const int64_t c1 = std::min(i1, c0 + PREFILL_CHUNK), m = c1 - c0;
-    std::fill(acc, acc + m * 8, 0.f);
-    __m256 s8 = scales(0);
-    for (int64_t b = 0; b < nb; ++b) {
-      if (b && b % bpg == 0) s8 = scales(b / bpg);
-      __m256i u[8];
+  // the 8 rows' codes of block b in lanes: w[k] lane j = row n + j's four codes of k-quad k
+  auto codes = [&](int64_t b, __m256i (&w)[8]) __attribute__((always_inline)) {
+    __m256i u[8], t[8], v[8];
+      if constexpr (TILED) {
+        const uint8_t* qb = qt + b * (BITS == 4 ? 128 : 256);
+        for (int k = 0; k < (BITS == 4 ? 4 : 8); ++k) {
+          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 32 * k));
+          if constexpr (BITS == 4) {
+            w[k] = _mm256_and_si256(c, m0f2);
+            w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(c, 4), m0f2);
+          } else {
+            w[k] = c;
+          }
+        }
+      } else {
       for (int r = 0; r < 8; ++r) {
         if constexpr (BITS == 4) {
           const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[r] + b * 16));
@@ -160,7 +223,7 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
           u[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr[r] + b * 32));
         }
       }
-      __m256i t[8], v[8], w[8];  // 8 x 8 transpose of 32-bit elements: w[k] lane j = u[j] element k
+      // 8 x 8 transpose of 32-bit elements: w[k] lane j = u[j] element k
       for (int r = 0; r < 8; r += 2) {
         t[r] = _mm256_unpacklo_epi32(u[r], u[r + 1]);
         t[r + 1] = _mm256_unpackhi_epi32(u[r], u[r + 1]);
@@ -175,6 +238,40 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
         w[k] = _mm256_permute2x128_si256(v[k], v[k + 4], 0x20);
         w[k + 4] = _mm256_permute2x128_si256(v[k], v[k + 4], 0x31);
       }
+      }
+  };
+  auto offs = [&](int64_t i) __attribute__((always_inline)) {  // sum_g o[n + j, g] xg[i, g] for the 8 rows
+    const float* xg = x.xg + i * G;
+    __m256 r = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      if constexpr (TILED) {
+        r = _mm256_fmadd_ps(_mm256_loadu_ps(sg.mn + sg.start * G + t8 * G + g * 8), _mm256_set1_ps(xg[g]), r);
+      } else {
+        alignas(32) float o[8];
+        for (int j = 0; j < 8; ++j) o[j] = sg.mn[(n + j) * G + g];
+        r = _mm256_fmadd_ps(_mm256_load_ps(o), _mm256_set1_ps(xg[g]), r);
+      }
+    }
+    return r;
+  };
+  if (i1 - i0 <= 4) {  // decode and small batches: the accumulators stay in registers across the blocks
+    switch (i1 - i0) {
+      case 1: return few8<1>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
+      case 2: return few8<2>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
+      case 3: return few8<3>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
+      case 4: return few8<4>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
+      default: return;
+    }
+  }
+  alignas(64) float acc[PREFILL_CHUNK * 8];
+  for (int64_t c0 = i0; c0 < i1; c0 += PREFILL_CHUNK) {
+    const int64_t c1 = std::min(i1, c0 + PREFILL_CHUNK), m = c1 - c0;
+    std::fill(acc, acc + m * 8, 0.f);
+    __m256 s8 = scales(0);
+    for (int64_t b = 0; b < nb; ++b) {
+      if (b && b % bpg == 0) s8 = scales(b / bpg);
+      __m256i w[8];
+      codes(b, w);
       const int8_t* xb = x.q + c0 * K + b * 32;
       const float* db = x.d + c0 * nb + b;
       const int32_t* sb = x.bs + c0 * nb + b;
@@ -185,15 +282,14 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
     }
     for (int64_t i = 0; i < m; ++i) {
       __m256 r = _mm256_load_ps(acc + i * 8);
-      if constexpr (OFFS) {  // + sum_g o[n + j, g] xg[i, g]
-        const float* xg = x.xg + (c0 + i) * G;
-        for (int64_t g = 0; g < G; ++g) {
-          alignas(32) float o[8];
-          for (int j = 0; j < 8; ++j) o[j] = sg.mn[(n + j) * G + g];
-          r = _mm256_fmadd_ps(_mm256_load_ps(o), _mm256_set1_ps(xg[g]), r);
-        }
+      if constexpr (OFFS) r = _mm256_add_ps(r, offs(c0 + i));
+      if (rows == 8) {
+        _mm256_storeu_ps(y + (c0 + i) * ldy + n, r);
+      } else {
+        alignas(32) float o[8];
+        _mm256_store_ps(o, r);
+        for (int64_t j = 0; j < rows; ++j) y[(c0 + i) * ldy + n + j] = o[j];
       }
-      _mm256_storeu_ps(y + (c0 + i) * ldy + n, r);
     }
   }
 }
@@ -201,7 +297,7 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
 #pragma GCC pop_options
 
 using PrefillFn = void (*)(const Q8X&, const Q8Seg&, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
-                           int64_t);
+                           int64_t, int64_t);
 
 //: rows of x from which q8gemm takes the prefill path (VNNI, groups of 32 or more)
 constexpr int64_t PREFILL_MIN_M = 8;
@@ -289,6 +385,27 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool interleave, int8_t
 
 }  // namespace
 
+// Packed codes (rows, K * bits / 8), row layout, to the tiled layout prefill8<..., TILED> reads: rows padded
+// with zero codes to a multiple of 8; per tile and block of 32, the 8 rows' bytes of the block in lanes.
+torch::Tensor q8_tile(torch::Tensor q, int64_t bits, int64_t rows, int64_t K) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(K % 32 == 0 && q.dtype() == torch::kUInt8 && q.is_contiguous() && q.numel() == rows * K * bits / 8,
+              "bad packed codes");
+  const int64_t T = (rows + 7) / 8, nb = K / 32, bb = bits == 4 ? 16 : 32, row_bytes = K * bits / 8;
+  auto out = torch::zeros({T * 8 * row_bytes}, torch::dtype(torch::kUInt8));
+  const uint8_t* src = q.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* tb = dst + (t * nb + b) * 8 * bb;  // bb / 4 vectors of 32 bytes: vector k, lane j = row j's 4 bytes
+      for (int64_t j = 0; j < 8 && t * 8 + j < rows; ++j) {
+        const uint8_t* rb = src + (t * 8 + j) * row_bytes + b * bb;
+        for (int64_t k = 0; k < bb / 4; ++k) std::memcpy(tb + 32 * k + 4 * j, rb + 4 * k, 4);
+      }
+    }
+  return out;
+}
+
 int64_t q8_best_isa() {
   static const bool has = cpu_has_vnni();
   return has ? 1 : 0;
@@ -311,7 +428,8 @@ std::vector<torch::Tensor> q8_quantize(torch::Tensor x) {
 // (an empty tensor) and the integer base cs[j] of W = (u - c) * s. isa: -1 the best this CPU has, 0 the
 // AVX2 path, 1 the VNNI path (an error where the CPU lacks it).
 torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
-                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs) {
+                     std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs,
+                     std::vector<int64_t> tiled_rows) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be 2-D contiguous fp32");
   TORCH_CHECK(isa >= -1 && isa <= 1, "isa must be -1 (best), 0 (AVX2) or 1 (VNNI)");
   TORCH_CHECK(isa != 1 || q8_best_isa() == 1, "this CPU has no AVX512-VNNI");
@@ -320,6 +438,9 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   const bool use_vnni = isa == -1 ? q8_best_isa() == 1 : isa == 1;
   const int64_t K = x.size(1), M = x.size(0);
   const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;  // bpg 0: groups of 16 (8 bits), two per block
+  const bool tiled = !tiled_rows.empty();
+  TORCH_CHECK(!tiled || (use_vnni && bpg >= 1 && tiled_rows.size() == qs.size()),
+              "the tiled layout (q8_tile) runs on the VNNI path, groups of 32 or more, one row count per weight");
 
   // scratch as plain vectors, not tensors: a decode call (M = 1) is short enough for tensor bookkeeping to show
   std::vector<int8_t> xq(M * K);
@@ -363,9 +484,10 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   int64_t N = 0;
   const int64_t row_bytes = K * bits / 8;
   for (size_t j = 0; j < qs.size(); ++j) {
-    const int64_t rows = ss[j].size(0);
+    const int64_t rows = tiled ? tiled_rows[j] : ss[j].size(0);
     const bool half = ss[j].dtype() == torch::kFloat16;
-    llmquant_kernels::check_args(qs[j], ss[j], ms[j], bits, rows, K, gs, true);
+    llmquant_kernels::check_args(qs[j], ss[j], ms[j], bits, ss[j].size(0), K, gs, true);
+    TORCH_CHECK(!tiled || (ss[j].size(0) == (rows + 7) / 8 * 8), "a tiled weight holds its rows padded to 8");
     TORCH_CHECK(ss[j].size(1) == G, "all weights must have the same groups");
     const bool offs = ms[j].numel() > 0;
     // offsets: the codes' base is b (0 at 4 bits, 128 at 8); none: the integer base c
@@ -387,6 +509,28 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
     pick<8>(use_vnni, fn);
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
+  if (tiled) {  // every tile of 8 rows (a segment's last one partly padding), every row of x
+    PrefillFn pf[2][2];
+    if (bits == 4) {
+      pf[0][0] = vnni::prefill8<4, false, false, true>, pf[0][1] = vnni::prefill8<4, false, true, true>;
+      pf[1][0] = vnni::prefill8<4, true, false, true>, pf[1][1] = vnni::prefill8<4, true, true, true>;
+    } else {
+      pf[0][0] = vnni::prefill8<8, false, false, true>, pf[0][1] = vnni::prefill8<8, false, true, true>;
+      pf[1][0] = vnni::prefill8<8, true, false, true>, pf[1][1] = vnni::prefill8<8, true, true, true>;
+    }
+    std::vector<std::pair<const Q8Seg*, int64_t>> tiles;
+    for (const Q8Seg& sg : segs)
+      for (int64_t n = sg.start; n < sg.start + sg.rows; n += 8) tiles.emplace_back(&sg, n);
+    const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(tiles.size()) / (4 * at::get_num_threads()));
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const Q8Seg& sg = *tiles[t].first;
+        const int64_t n = tiles[t].second;
+        pf[sg.half ? 1 : 0][sg.mn ? 1 : 0](qx, sg, 0, M, K, yp, N, G, gs, n, std::min<int64_t>(8, sg.start + sg.rows - n));
+      }
+    });
+    return y;
+  }
   if (use_vnni && bpg >= 1 && M >= PREFILL_MIN_M) {  // prefill: tiles of 8 output rows, every row of x
     PrefillFn pf[2][2];
     if (bits == 4) {
@@ -401,7 +545,7 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
         const int h = sg.half ? 1 : 0, o = sg.mn ? 1 : 0;
         const int64_t n0 = std::max(t0 * 8, sg.start), n1 = std::min(t1 * 8, sg.start + sg.rows);
         int64_t n = n0;
-        for (; n + 8 <= n1; n += 8) pf[h][o](qx, sg, 0, M, K, yp, N, G, gs, n);
+        for (; n + 8 <= n1; n += 8) pf[h][o](qx, sg, 0, M, K, yp, N, G, gs, n, 8);
         if (n < n1)  // a segment's last rows when they are fewer than 8: the row kernel
           for (int64_t i = 0; i < M; ++i) fn[1][h][o](qx, sg, i, K, yp, N, G, gs, n, n1);
       }
