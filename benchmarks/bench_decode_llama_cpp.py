@@ -45,6 +45,7 @@ from llmquant.data.text import token_windows
 from llmquant.eval import ReferenceLogits
 from llmquant.eval.llama_cpp import LlamaCpp, evaluate_llama_cpp, llama_cpp_quantize
 from llmquant.kernels import KERNELS, native, set_kernel
+from types import SimpleNamespace
 from llmquant.modules import QuantLinear
 from llmquant.report import format_table
 from llmquant.resources import cache_dir
@@ -105,16 +106,24 @@ def lean_run(model, kernel, prompt, prefill_ids, threads, compiled=True):
 
 @torch.inference_mode()
 def reference_tokens(model, prompt, decode_rounded: bool):
-    """Greedy tokens of the reference path (dequant_cached: dequantize once, then F.linear): the prompt pass
-    weight-only, the decode steps with activations rounded as packed_q8act rounds them when asked (that
-    kernel hands the 32-row prompt pass to packed_avx2's prefill path; the reference kernel reads a module's
-    activation scheme at each call)."""
+    """Greedy tokens of the reference path (dequant_cached: dequantize once, then F.linear), with activations
+    rounded as packed_q8act rounds them when asked: the decode steps, and the prompt pass too where that
+    kernel runs it in int8 (AVX512-VNNI; else it hands it to packed_avx2's fp32 prefill). The reference kernel
+    reads a module's activation scheme at each call."""
+    from llmquant.kernels.packed_q8act import int8_prefill
+
     set_kernel(model, "dequant_cached")
     lean = LeanModel(model, compiled=False)
     cache = lean.new_cache(1, PROMPT + NEW)
-    out = [int(lean(prompt, cache)[0].argmax())]
     mods = q8act_modules(model) if decode_rounded else []
+    def group(m):
+        return m.scheme.group_size if m.scheme.granularity == "group" else m.in_features
+
+    prompt_int8 = [m for m in mods if int8_prefill([SimpleNamespace(isa=-1, group_size=group(m))])]
     try:
+        for m in prompt_int8:  # the linears whose prompt pass packed_q8act runs in int8
+            m.activation_scheme = ACT
+        out = [int(lean(prompt, cache)[0].argmax())]
         for m in mods:
             m.activation_scheme = ACT
         for _ in range(NEW - 1):
