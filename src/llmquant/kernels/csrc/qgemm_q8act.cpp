@@ -128,6 +128,17 @@ inline __attribute__((always_inline)) void rows_of_x(const __m256i (&w)[8], cons
   }
 }
 
+// The first ``rows`` (<= 8) lanes of r to dst.
+inline void store8(float* dst, __m256 r, int64_t rows) {
+  if (rows == 8) {
+    _mm256_storeu_ps(dst, r);
+    return;
+  }
+  alignas(32) float o[8];
+  _mm256_store_ps(o, r);
+  for (int64_t j = 0; j < rows; ++j) dst[j] = o[j];
+}
+
 // R <= 4 rows of x (decode, small batches) against one tile of 8 weight rows, every block: accumulators in
 // registers, two sets (even and odd blocks), and each row's eight vpdpbusd split over 8 / R chains so that
 // enough of them are in flight; the rows' sums, the offsets' term, stored (``rows`` valid ones).
@@ -158,13 +169,7 @@ inline __attribute__((always_inline)) void few8(const Q8X& x, const Q8Seg& sg, i
   for (int j = 0; j < R; ++j) {
     __m256 r = _mm256_add_ps(acc[0][j], acc[1][j]);
     if (sg.mn) r = _mm256_add_ps(r, offs(i0 + j));
-    if (rows == 8) {
-      _mm256_storeu_ps(y + (i0 + j) * ldy + n, r);
-    } else {
-      alignas(32) float o[8];
-      _mm256_store_ps(o, r);
-      for (int64_t q = 0; q < rows; ++q) y[(i0 + j) * ldy + n + q] = o[q];
-    }
+    store8(y + (i0 + j) * ldy + n, r, rows);
   }
 }
 
@@ -283,13 +288,7 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
     for (int64_t i = 0; i < m; ++i) {
       __m256 r = _mm256_load_ps(acc + i * 8);
       if constexpr (OFFS) r = _mm256_add_ps(r, offs(c0 + i));
-      if (rows == 8) {
-        _mm256_storeu_ps(y + (c0 + i) * ldy + n, r);
-      } else {
-        alignas(32) float o[8];
-        _mm256_store_ps(o, r);
-        for (int64_t j = 0; j < rows; ++j) y[(c0 + i) * ldy + n + j] = o[j];
-      }
+      store8(y + (c0 + i) * ldy + n, r, rows);
     }
   }
 }
