@@ -92,9 +92,10 @@ def _apply_plan_qat(model: nn.Module, plan: Plan, progress: bool, train: dict) -
     from ..qat_train import train_qat
 
     p = plan.params
-    for pat, fmt in plan.rules:
-        if isinstance(fmt, QuantScheme) and (fmt.super_group is not None or fmt.zero_point == "min"):
-            raise SchemeError(f"a QAT plan trains each format's scales and zero points; {pat}: {format_name(fmt)} "
+    heads = head_names(model)
+    for name, fmt in plan.resolve(plan_targets(model), heads).items():  # the linears QAT trains
+        if name not in heads and isinstance(fmt, QuantScheme) and (fmt.super_group is not None or fmt.zero_point == "min"):
+            raise SchemeError(f"a QAT plan trains each format's scales and zero points; {name}: {format_name(fmt)} "
                               "(a k-quant's two-level scales, or a stored float minimum as gguf:Q4_1) cannot be "
                               "trained: use a W-preset for it, or make the plan with method 'rtn', 'gptq' or 'awq'")
     teacher = copy.deepcopy(model) if p.loss == "kl" else None
@@ -102,7 +103,6 @@ def _apply_plan_qat(model: nn.Module, plan: Plan, progress: bool, train: dict) -
     t0 = time.perf_counter()
     with torch.no_grad():
         made = _apply(model, start, None, None, progress)
-    heads = set(head_names(model))
     trained = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in heads]
     if not trained:
         raise SchemeError("the QAT plan gives no decoder linear an integer format: nothing to train")
