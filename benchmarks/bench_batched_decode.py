@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="+", default=["packed_avx2", "packed_q8act"])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=OUT, help="results path without suffix (.json and .md written)")
     args = ap.parse_args()
     fp32, tok = llmquant.load_model()
     prompts = token_windows(tok, None, max(args.batches), 512)[:, :32]
@@ -68,10 +69,11 @@ def main() -> None:
             rows.append({"threads": threads, "config": c, "kernel": k, "batch": b, "decode tok/s (all sequences)": round(tps, 1),
                          "per sequence": round(tps / b, 1), f"x batch {args.batches[0]}": round(tps / one, 2)})
             print(rows[-1], flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cpu": platform.processor() or platform.machine(), "new_tokens": args.new, "rounds": args.rounds}
-    Path(f"{OUT}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    Path(f"{OUT}.md").write_text(format_table(rows) + "\n")
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    Path(f"{out}.md").write_text(format_table(rows) + "\n")
     print(format_table(rows))
 
 
