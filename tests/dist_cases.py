@@ -4,6 +4,7 @@ import torch
 
 import llmquant
 from llmquant import CalibSpec, QuantConfig, QuantScheme
+from llmquant.schemes import Plan
 
 VOCAB = 1000
 ONE = CalibSpec(batch_size=1)  # six batches of one window: three per rank
@@ -14,6 +15,9 @@ CASES = {
     "static": QuantConfig(weight="W8", activation=QuantScheme(bits=8, granularity="tensor"), method="static",
                           observer="mse"),
     "smoothquant": QuantConfig(method="smoothquant"),
+    # an AWQ plan: one scale per shared input searched with each linear on its own format
+    "awq_plan": QuantConfig(method="plan", calibration=ONE, method_params=Plan.from_layers(
+        {"re:.*self_attn\\.(q|k|v)_proj": "W8", "re:.*layers.*": "W4G32"}, method="awq")),
 }
 
 
