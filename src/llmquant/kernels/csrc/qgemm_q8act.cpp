@@ -445,7 +445,14 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   std::vector<int8_t> xq(M * K);
   std::vector<float> d(M * nb), xg(M * G, 0.f);
   std::vector<int32_t> bs(M * nb);
-  quantize_rows(x.data_ptr<float>(), M, K, bits == 4, xq.data(), d.data(), bs.data());
+  const float* xp = x.data_ptr<float>();
+  if (M >= PREFILL_MIN_M) {  // a prompt: its rows are rounded in parallel (each row on its own, as on one thread)
+    at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
+      quantize_rows(xp + i0 * K, i1 - i0, K, bits == 4, xq.data() + i0 * K, d.data() + i0 * nb, bs.data() + i0 * nb);
+    });
+  } else {
+    quantize_rows(xp, M, K, bits == 4, xq.data(), d.data(), bs.data());
+  }
   const int8_t* xqp = xq.data();
   const float* dp = d.data();
   const int32_t* bsp = bs.data();
@@ -463,6 +470,9 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
       }
     }
 
+  // the row kernel reads per-lane corrections (also for a segment's last rows below a whole tile in the row
+  // layout's many-row path); the tiled layout subtracts the base per block instead
+  const bool row_kernel = !tiled;
   // what each path's dot product already subtracts from the codes: 128 for AVX2 at 8 bits (|w| sign(x, w))
   const int64_t done = (bits == 8 && !use_vnni) ? 128 : 0;
   std::vector<std::pair<int64_t, std::vector<int32_t>>> corrs;  // one lane-correction buffer per distinct c'
@@ -495,7 +505,7 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
     const int64_t sz = half ? 2 : 4;
     segs.push_back({qs[j].data_ptr<uint8_t>() - N * row_bytes,
                     static_cast<const char*>(sp) - N * G * sz,
-                    offs ? ms[j].data_ptr<float>() - N * G : nullptr, corr_for(c), half, N, rows,
+                    offs ? ms[j].data_ptr<float>() - N * G : nullptr, row_kernel ? corr_for(c) : nullptr, half, N, rows,
                     static_cast<int32_t>(c + done)});
     N += rows;
   }
