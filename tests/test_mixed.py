@@ -125,13 +125,19 @@ def sensitive_model():
     return m
 
 
-def test_sensitive_layer_kept_at_higher_precision(sensitive_model, tmp_path):
+def _exact_and_estimate(model, tmp_path, method):
+    """Exact KL and the ``method`` estimate on the same windows, checked to rank the 14 x 5 pairs alike."""
     cands = ["bf16", "W8", "W4G32", "W3G32", "W2G32"]
-    kl = sensitivity(sensitive_model, CALIB, cands, method="kl", windows=2, seq_len=64, cache=tmp_path, progress=False)
-    fi = sensitivity(sensitive_model, CALIB, cands, method="fisher", windows=2, seq_len=64, samples=4, cache=tmp_path,
-                     progress=False)
-    agree = fi.agreement(kl)
+    kl = sensitivity(model, CALIB, cands, method="kl", windows=2, seq_len=64, cache=tmp_path, progress=False)
+    est = sensitivity(model, CALIB, cands, method=method, windows=2, seq_len=64, samples=4, cache=tmp_path,
+                      progress=False)
+    agree = est.agreement(kl)
     assert agree["pairs"] == 14 * 5 and agree["spearman"] > 0.8, agree
+    return cands, kl, est
+
+
+def test_sensitive_layer_kept_at_higher_precision(sensitive_model, tmp_path):
+    cands, kl, fi = _exact_and_estimate(sensitive_model, tmp_path, "fisher")
     target = "model.layers.1.mlp.gate_proj"
     for sens in (kl, fi):
         i = [u.name for u in sens.units].index(target)
@@ -197,12 +203,7 @@ def test_half_precision_and_autocast(tmp_path):
 def test_kfac_sensitivity_agrees_with_exact_kl(sensitive_model, tmp_path):
     """The Kronecker-factored estimate ranks (layer, format) pairs as the measured KL does, sizes them within
     a small factor of it, and finds the planted sensitive layer."""
-    cands = ["bf16", "W8", "W4G32", "W3G32", "W2G32"]
-    kl = sensitivity(sensitive_model, CALIB, cands, method="kl", windows=2, seq_len=64, cache=tmp_path, progress=False)
-    kf = sensitivity(sensitive_model, CALIB, cands, method="kfac", windows=2, seq_len=64, samples=4, cache=tmp_path,
-                     progress=False)
-    agree = kf.agreement(kl)
-    assert agree["pairs"] == 14 * 5 and agree["spearman"] > 0.8, agree
+    cands, kl, kf = _exact_and_estimate(sensitive_model, tmp_path, "kfac")
     j = cands.index("W3G32")
     total_kl, total_kf = sum(r[j] for r in kl.damage), sum(r[j] for r in kf.damage)
     assert 0.25 < total_kf / total_kl < 4, (total_kf, total_kl)

@@ -59,25 +59,30 @@ def q8_0_activation():
     return PRESETS["gguf:Q8_0-act"]
 
 
-def int8_prefill(states) -> bool:
-    """Whether a many-row call of these prepared modules runs the int8 kernel (see the module docstring)."""
-    mode = os.environ.get("LLMQUANT_Q8ACT_PREFILL", "int8").lower()
-    if mode not in ("int8", "fp32"):
+def _env_choice(name: str, choices, default: str) -> str:
+    """The value of environment variable ``name`` (lower case), one of ``choices``."""
+    value = os.environ.get(name, default).lower()
+    if value not in choices:
         from ..errors import LLMQuantError
 
-        raise LLMQuantError(f"LLMQUANT_Q8ACT_PREFILL must be int8 or fp32, got {mode!r}")
-    s0 = states[0]
-    isa = native.load().q8_best_isa() if s0.isa == -1 else s0.isa
-    return mode == "int8" and isa == 1 and s0.group_size % 32 == 0
+        raise LLMQuantError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _tiles(isa: int, group_size: int) -> bool:
+    """Whether the VNNI path with 8-row tiles applies: ``isa`` (-1: the best) resolves to VNNI, and the weight
+    groups hold 32 values or more."""
+    return (native.load().q8_best_isa() if isa == -1 else isa) == 1 and group_size % 32 == 0
+
+
+def int8_prefill(states) -> bool:
+    """Whether a many-row call of these prepared modules runs the int8 kernel (see the module docstring)."""
+    mode = _env_choice("LLMQUANT_Q8ACT_PREFILL", ("int8", "fp32"), "int8")
+    return mode == "int8" and _tiles(states[0].isa, states[0].group_size)
 
 
 def isa_from_env() -> int:
-    name = os.environ.get("LLMQUANT_Q8ACT_ISA", "auto").lower()
-    if name not in ISAS:
-        from ..errors import LLMQuantError
-
-        raise LLMQuantError(f"LLMQUANT_Q8ACT_ISA must be one of {', '.join(ISAS)}, got {name!r}")
-    return ISAS[name]
+    return ISAS[_env_choice("LLMQUANT_Q8ACT_ISA", ISAS, "auto")]
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,13 +103,14 @@ class Q8State(PackedState):
 def q8gemm_args(states: list[Q8State]) -> tuple:
     """The extension's ``q8gemm`` arguments after ``x``: codes, scales, offsets, bits, group size, isa, bases,
     and the rows of each weight when they are in the tiled layout (all of them tiled; else an empty list)."""
-    if all(st.tiled is not None for st in states):
-        s0 = states[0]
-        return ([st.tiled[0] for st in states], [st.tiled[1] for st in states], [st.tiled[2] for st in states],
-                s0.bits, s0.group_size, s0.isa, [st.qbase for st in states], [st.out_features for st in states])
     s0 = states[0]
-    return ([st.codes for st in states], [st.qscale for st in states], [st.qoffsets for st in states], s0.bits,
-            s0.group_size, s0.isa, [st.qbase for st in states], [])
+    if all(st.tiled is not None for st in states):
+        codes, scales, offsets = (list(t) for t in zip(*(st.tiled for st in states)))
+        rows = [st.out_features for st in states]
+    else:
+        codes, scales, offsets = [st.codes for st in states], [st.qscale for st in states], [st.qoffsets for st in states]
+        rows = []
+    return codes, scales, offsets, s0.bits, s0.group_size, s0.isa, [st.qbase for st in states], rows
 
 
 def _tile_groups(t: torch.Tensor) -> torch.Tensor:
@@ -119,16 +125,9 @@ def _tile_groups(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tiled(st: PackedState, qscale, qoffsets, isa: int) -> tuple | None:
-    layout = os.environ.get("LLMQUANT_Q8ACT_LAYOUT", "tiled").lower()
-    if layout not in ("tiled", "rows"):
-        from ..errors import LLMQuantError
-
-        raise LLMQuantError(f"LLMQUANT_Q8ACT_LAYOUT must be tiled or rows, got {layout!r}")
-    ext = native.load()
-    vnni = (ext.q8_best_isa() if isa == -1 else isa) == 1
-    if layout == "rows" or not vnni or st.group_size % 32:
+    if _env_choice("LLMQUANT_Q8ACT_LAYOUT", ("tiled", "rows"), "tiled") == "rows" or not _tiles(isa, st.group_size):
         return None
-    return (ext.q8_tile(st.codes, st.bits, st.out_features, st.in_features), _tile_groups(qscale),
+    return (native.load().q8_tile(st.codes, st.bits, st.out_features, st.in_features), _tile_groups(qscale),
             _tile_groups(qoffsets))
 
 

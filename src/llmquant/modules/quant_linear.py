@@ -41,12 +41,8 @@ class _InputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         mod = ctx.mod
-        step = max(1, (1 << 22) // max(mod.in_features, 1))
-        while step < mod.out_features and (step * mod.in_features) % 8:
-            step += 1
         gx = None
-        for r0 in range(0, mod.out_features, step):
-            r1 = min(r0 + step, mod.out_features)
+        for r0, r1 in mod.row_blocks():
             part = g[..., r0:r1] @ mod.dequantize_weight(g.dtype, g.device, rows=(r0, r1))
             gx = part if gx is None else gx + part
         return gx, None, None, None
@@ -170,15 +166,20 @@ class QuantLinear(nn.Module):
         return (self.scheme.granularity != "tensor" and (r0 * self.in_features) % 8 == 0
                 and ((r1 * self.in_features) % 8 == 0 or r1 == self.out_features))
 
-    def weight_sqnr_db(self, ref: torch.Tensor, block: int = 1 << 22) -> float:
-        """SQNR (dB) of this module's weight against the float weight ``ref`` (out, in), a block of rows at a
-        time: the temporaries are those of ``block`` weights, not of the whole matrix."""
+    def row_blocks(self, block: int = 1 << 22):
+        """``(r0, r1)`` ranges of output rows of about ``block`` weights each, starting on whole bytes of the
+        packed codes (so that :meth:`dequantize_weight` unpacks only their bytes)."""
         step = max(1, block // max(self.in_features, 1))
         while step < self.out_features and (step * self.in_features) % 8:
             step += 1
-        signal = noise = 0.0
         for r0 in range(0, self.out_features, step):
-            r1 = min(r0 + step, self.out_features)
+            yield r0, min(r0 + step, self.out_features)
+
+    def weight_sqnr_db(self, ref: torch.Tensor, block: int = 1 << 22) -> float:
+        """SQNR (dB) of this module's weight against the float weight ``ref`` (out, in), a block of rows at a
+        time: the temporaries are those of ``block`` weights, not of the whole matrix."""
+        signal = noise = 0.0
+        for r0, r1 in self.row_blocks(block):
             a = ref[r0:r1].detach().double()
             d = self.dequantize_weight(torch.float32, ref.device, rows=(r0, r1)).double()
             noise += float((a - d).pow(2).sum())

@@ -180,26 +180,26 @@ def _quantizer(quantizer: str, params):
     if quantizer == "awq":
         from ...algorithms.awq import awq_clip_quantize, awq_search_scale
 
-        def make(f, w0, inp):
-            if not isinstance(f, QuantScheme) or inp is None:
-                return fake_weight(f, w0)
-            w, g = w0.detach().float(), inp.H.float() / max(inp.n, 1)
+        def solve(f, w, inp):
+            g = inp.H.float() / max(inp.n, 1)
             s = awq_search_scale([w], g, (inp.absum / max(inp.n, 1)).float(), f, grid=params.grid)[0]
             q, scale, zero = awq_clip_quantize(w * s, g / s[None, :] / s[:, None], f, grid=params.clip_grid,
                                                max_shrink=params.max_shrink, clip=params.clip)
-            return (dequantize(q, scale, zero, f) / s).to(w0.dtype)
+            return dequantize(q, scale, zero, f) / s
+    else:
+        from ...algorithms.gptq import gptq_quantize
 
-        return make
-    from ...algorithms.gptq import gptq_quantize
+        def solve(f, w, inp):
+            q, scale, zero = gptq_quantize(w, inp.H.float().clone(), f, damp=params.damp,
+                                           block_size=params.block_size, act_order=params.act_order,
+                                           static_groups=params.static_groups, observer=params.observer,
+                                           consume_hessian=True)
+            return dequantize(q, scale, zero, f)
 
     def make(f, w0, inp):
         if not isinstance(f, QuantScheme) or inp is None:  # float formats are rounded; the embedding by RTN
             return fake_weight(f, w0)
-        q, scale, zero = gptq_quantize(w0.detach().float(), inp.H.float().clone(), f, damp=params.damp,
-                                       block_size=params.block_size, act_order=params.act_order,
-                                       static_groups=params.static_groups, observer=params.observer,
-                                       consume_hessian=True)
-        return dequantize(q, scale, zero, f).to(w0.dtype)
+        return solve(f, w0.detach().float(), inp).to(w0.dtype)
 
     return make
 

@@ -298,6 +298,13 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
 using PrefillFn = void (*)(const Q8X&, const Q8Seg&, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
                            int64_t, int64_t);
 
+// pf[half][offs]: prefill8 for the row layout (TILED false) or the tiled one
+template <int BITS, bool TILED>
+void pick_prefill(PrefillFn pf[2][2]) {
+  pf[0][0] = vnni::prefill8<BITS, false, false, TILED>, pf[0][1] = vnni::prefill8<BITS, false, true, TILED>;
+  pf[1][0] = vnni::prefill8<BITS, true, false, TILED>, pf[1][1] = vnni::prefill8<BITS, true, true, TILED>;
+}
+
 //: rows of x from which q8gemm takes the prefill path (VNNI, groups of 32 or more)
 constexpr int64_t PREFILL_MIN_M = 8;
 
@@ -518,15 +525,9 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
     pick<8>(use_vnni, fn);
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
+  PrefillFn pf[2][2];
   if (tiled) {  // every tile of 8 rows (a segment's last one partly padding), every row of x
-    PrefillFn pf[2][2];
-    if (bits == 4) {
-      pf[0][0] = vnni::prefill8<4, false, false, true>, pf[0][1] = vnni::prefill8<4, false, true, true>;
-      pf[1][0] = vnni::prefill8<4, true, false, true>, pf[1][1] = vnni::prefill8<4, true, true, true>;
-    } else {
-      pf[0][0] = vnni::prefill8<8, false, false, true>, pf[0][1] = vnni::prefill8<8, false, true, true>;
-      pf[1][0] = vnni::prefill8<8, true, false, true>, pf[1][1] = vnni::prefill8<8, true, true, true>;
-    }
+    bits == 4 ? pick_prefill<4, true>(pf) : pick_prefill<8, true>(pf);
     std::vector<std::pair<const Q8Seg*, int64_t>> tiles;
     for (const Q8Seg& sg : segs)
       for (int64_t n = sg.start; n < sg.start + sg.rows; n += 8) tiles.emplace_back(&sg, n);
@@ -541,14 +542,7 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
     return y;
   }
   if (use_vnni && bpg >= 1 && M >= PREFILL_MIN_M) {  // prefill: tiles of 8 output rows, every row of x
-    PrefillFn pf[2][2];
-    if (bits == 4) {
-      pf[0][0] = vnni::prefill8<4, false, false>, pf[0][1] = vnni::prefill8<4, false, true>;
-      pf[1][0] = vnni::prefill8<4, true, false>, pf[1][1] = vnni::prefill8<4, true, true>;
-    } else {
-      pf[0][0] = vnni::prefill8<8, false, false>, pf[0][1] = vnni::prefill8<8, false, true>;
-      pf[1][0] = vnni::prefill8<8, true, false>, pf[1][1] = vnni::prefill8<8, true, true>;
-    }
+    bits == 4 ? pick_prefill<4, false>(pf) : pick_prefill<8, false>(pf);
     at::parallel_for(0, (N + 7) / 8, 1, [&](int64_t t0, int64_t t1) {
       for (const Q8Seg& sg : segs) {
         const int h = sg.half ? 1 : 0, o = sg.mn ? 1 : 0;
