@@ -1,7 +1,8 @@
 """llmquant's lean runtime against llama.cpp (the cyllama wheel) on the default model, in one run.
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_decode_llama_cpp.py [--threads 1 2] [--rounds 3]
-        [--configs fp32 W8 ...] [--compiled both|on|off] [--no-quality] [--model DIR] [--prefill N] [--new N]
+        [--configs fp32 W8 ...] [--kernels packed_avx2 packed_q8act] [--compiled both|on|off] [--no-quality]
+        [--model DIR] [--prefill N] [--new N]
 
 ``--model DIR``: a local Hugging Face folder instead of the default model (e.g. the random-weight ~1B Llama of
 ``benchmarks/bench_streaming.py write DIR --shape 1b``); a folder without a tokenizer uses the default model's
@@ -218,6 +219,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(FORMATS))
     ap.add_argument("--compiled", choices=["both", "on", "off"], default="both",
                     help="llmquant decode with the compiled decode step, the Python step, or both")
+    ap.add_argument("--kernels", nargs="+", choices=["packed_avx2", "packed_q8act"],
+                    default=["packed_avx2", "packed_q8act"], help="the llmquant kernels measured (default both)")
     ap.add_argument("--no-quality", action="store_true", help="skip the KL evaluation (speed only)")
     ap.add_argument("--out", type=Path, default=OUT, help="results path without suffix (.json and .md written)")
     ap.add_argument("--model", type=Path, help="a local Hugging Face folder instead of the default model "
@@ -297,7 +300,7 @@ def main() -> None:
         if c == "fp32":
             kernel_rows.append((c, None))
         else:
-            kernel_rows += [(c, "packed_avx2"), (c, "packed_q8act")]
+            kernel_rows += [(c, k) for k in args.kernels]
     rows_spec = [(c, kernel, on) for c, kernel in kernel_rows for on in steps]
     ref_toks = {}
     for c, kernel in kernel_rows:

@@ -3,8 +3,8 @@ GEMM (what the fp32-numerics prefill runs), on one linear of each shape, in one 
 
     flock -x /tmp/llmquant-bench.lock python benchmarks/bench_q8act_layout.py [--threads 1 2]
 
-Shapes: the default model's MLP (576 -> 1536) and a ~1B model's (2048 -> 5632), Q4_0 and Q8_0 codes of random
-weights; rows of x: 1 (decode), 4 (a small batch) and 512 (prefill). Best of 7 repetitions of a timed loop.
+Shapes: the default model's MLP (576 -> 1536) and a ~1B model's (2048 -> 5632), Q4_0, Q8_0 and Q6_K codes of
+random weights (``--formats``); rows of x: 1 (decode), 4 (a small batch) and 512 (prefill). Best of 7 repetitions of a timed loop.
 Results: benchmarks/results/q8act_layout.{json,md}.
 """
 
@@ -48,6 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 512])
+    ap.add_argument("--formats", nargs="+", default=["gguf:Q4_0", "gguf:Q8_0", "gguf:Q6_K"],
+                    help="GGUF presets (gguf:Q6_K: groups of 16, codes widened to one byte)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     ext = native.load()
@@ -56,7 +58,7 @@ def main() -> None:
     rows_out = []
     torch.manual_seed(0)
     for shape_name, (n, k) in SHAPES.items():
-        for fmt in ("gguf:Q4_0", "gguf:Q8_0"):
+        for fmt in args.formats:
             f = resolve_scheme(fmt)
             ql = QuantLinear.from_quantized(*rtn_quantize(torch.randn(n, k) * 0.02, f), f)
             args_of = {}

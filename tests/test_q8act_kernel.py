@@ -146,6 +146,8 @@ def test_many_rows_match_exact_integer_reference(scheme, layout, monkeypatch):
         m.kernel_override = "packed_q8act"
         m.reset_kernel()
         m(torch.randn(1, k))
+        # every group size takes the tiled layout on VNNI (groups of 16: two scales per block of 32)
+        assert (m.kernel_state.tiled is not None) == (layout == "tiled" and isa == "vnni")
         args = packed_q8act.q8gemm_args([m.kernel_state])
         for rows in (1, 3, 8, 13, 260):
             x = torch.randn(rows, k) * 3

@@ -16,14 +16,14 @@ takes it for such a module. For a module whose activation scheme is ``gguf:Q8_0-
 :func:`llmquant.eval.llama_cpp.emulate_llama_cpp` gives Q4_0 / Q8_0 layers) it computes exactly the
 module's numerics, up to fp32 summation order.
 
-Prefill (``packed_cpu.LARGE_M`` rows of ``x`` or more) on AVX512-VNNI, with weight groups of 32 values or
-more, runs the int8 kernel too (its many-row path: tiles of 8 output rows, one per int32 lane, the same block
+Prefill (``packed_cpu.LARGE_M`` rows of ``x`` or more) on AVX512-VNNI (any groups: 32 values or more, or 16
+at 8 bits, as Q6_K's, each half block then with its own scale), runs the int8 kernel too (its many-row path: tiles of 8 output rows, one per int32 lane, the same block
 sums), as llama.cpp's prefill does: the int8 activation rounding then applies to the prompt as well
 (``LLMQUANT_Q8ACT_PREFILL=fp32``, read at each call, keeps it off). Otherwise prefill runs ``packed_avx2``'s
 prefill path (fbgemm's fp16-weight GEMM, or a dequantized fp32 GEMM) on the input as the module's
 activation scheme sees it (rounded to int8 blocks for ``gguf:Q8_0-act`` modules, as is for weight-only ones).
 
-On AVX512-VNNI (groups of 32 values or more) the kernel reads the codes in a tiled layout made when the model
+On AVX512-VNNI the kernel reads the codes in a tiled layout made when the model
 is prepared (8 output rows per tile, each block's codes already in the int32 lanes, the 8 rows' scales
 together): the same sums as the row layout, fewer instructions per block for decode and prefill alike, at the
 cost of a copy of the codes in memory (half a byte per weight at 4 bits, one at 8); ``LLMQUANT_Q8ACT_LAYOUT=rows``
@@ -32,8 +32,8 @@ cost of a copy of the codes in memory (half a byte per weight at 4 bits, one at 
 The instruction set is the best the CPU has (VNNI's ``vpdpbusd`` when AVX512-VNNI is there, else AVX2's
 ``vpmaddubsw``); ``LLMQUANT_Q8ACT_ISA=avx2`` (read when a module is prepared) forces the AVX2 path.
 
-Supported: what ``packed_avx2`` supports (CPU, 4 or 8 bits, ``in_features`` and groups multiples of 32),
-weight-only or with the ``gguf:Q8_0-act`` activation scheme.
+Supported: what ``packed_avx2`` supports (CPU, 4 or 8 bits, ``in_features`` a multiple of 32, groups of 32
+values or more, or of 16 with 8-bit or widened codes), weight-only or with the ``gguf:Q8_0-act`` activation scheme.
 """
 
 from __future__ import annotations
@@ -69,16 +69,16 @@ def _env_choice(name: str, choices, default: str) -> str:
     return value
 
 
-def _tiles(isa: int, group_size: int) -> bool:
-    """Whether the VNNI path with 8-row tiles applies: ``isa`` (-1: the best) resolves to VNNI, and the weight
-    groups hold 32 values or more."""
-    return (native.load().q8_best_isa() if isa == -1 else isa) == 1 and group_size % 32 == 0
+def _tiles(isa: int) -> bool:
+    """Whether the VNNI path with 8-row tiles applies: ``isa`` (-1: the best) resolves to VNNI (every group
+    size the kernel reads: multiples of 32, and 16 at 8 bits)."""
+    return (native.load().q8_best_isa() if isa == -1 else isa) == 1
 
 
 def int8_prefill(states) -> bool:
     """Whether a many-row call of these prepared modules runs the int8 kernel (see the module docstring)."""
     mode = _env_choice("LLMQUANT_Q8ACT_PREFILL", ("int8", "fp32"), "int8")
-    return mode == "int8" and _tiles(states[0].isa, states[0].group_size)
+    return mode == "int8" and _tiles(states[0].isa)
 
 
 def isa_from_env() -> int:
@@ -96,7 +96,7 @@ class Q8State(PackedState):
     qbase: int = 0  # -qmin for a symmetric scheme
     isa: int = -1
     # the codes, scales and offsets in q8gemm's tiled layout (8 rows per tile, each block's codes in lanes;
-    # VNNI, groups of 32+; ``LLMQUANT_Q8ACT_LAYOUT=rows`` keeps the row layout): (codes, scales, offsets)
+    # VNNI; ``LLMQUANT_Q8ACT_LAYOUT=rows`` keeps the row layout): (codes, scales, offsets)
     tiled: tuple | None = None
 
 
@@ -125,7 +125,7 @@ def _tile_groups(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tiled(st: PackedState, qscale, qoffsets, isa: int) -> tuple | None:
-    if _env_choice("LLMQUANT_Q8ACT_LAYOUT", ("tiled", "rows"), "tiled") == "rows" or not _tiles(isa, st.group_size):
+    if _env_choice("LLMQUANT_Q8ACT_LAYOUT", ("tiled", "rows"), "tiled") == "rows" or not _tiles(isa):
         return None
     return (native.load().q8_tile(st.codes, st.bits, st.out_features, st.in_features), _tile_groups(qscale),
             _tile_groups(qoffsets))
@@ -138,7 +138,7 @@ def _few_rows(states: list[Q8State], x2: torch.Tensor) -> torch.Tensor:
 class PackedQ8Act(PackedAVX2):
     name = "packed_q8act"
     numerics = ("activations rounded to int8 per block of 32 (llama.cpp's Q8_0), integer dot products with "
-                "int4/int8 codes, scales applied in fp32; prefill the same on AVX512-VNNI (groups of 32+), "
+                "int4/int8 codes, scales applied in fp32; prefill the same on AVX512-VNNI, "
                 "else packed_avx2's")
     runtime_bytes_per_weight = 0.0
 

@@ -47,6 +47,7 @@ struct Q8X {
   const float* d;
   const float* xg;
   const int32_t* bs;  // (M, nb): each block's sum of codes
+  const int32_t* hs;  // (M, nb): groups of 16, the sum of each block's first 16 codes (else nullptr)
 };
 
 // One weight segment of a fused call, its pointers shifted so that global output row n addresses its row;
@@ -111,16 +112,39 @@ inline __m256i dot(const Wv& w, __m256i xv, const int32_t* corr) {
 constexpr int64_t PREFILL_CHUNK = 256;  // rows of x whose accumulators (8 floats each) stay in L1
 
 // R rows of x against one block of 8 weight rows (w: the transposed codes): R independent chains of eight
-// vpdpbusd (enough in flight to hide their latency at R = 8), then acc[i] += (s8 * d[i]) * sum.
-template <int R>
+// vpdpbusd (enough in flight to hide their latency at R = 8), then acc[i] += (s8 * d[i]) * sum. G16 (groups
+// of 16, 8 bits): two chains of four per row, k-quads 0-3 (group 2b, scales s8) and 4-7 (group 2b + 1, s8b),
+// each from -base times its half's sum of codes (hb: the first halves' sums).
+template <int R, bool G16 = false>
 inline __attribute__((always_inline)) void rows_of_x(const __m256i (&w)[8], const int8_t* xb, const float* db,
-                                                     const int32_t* sb, float* acc, int64_t K, int64_t nb,
-                                                     __m256 s8, int32_t base) {
+                                                     const int32_t* sb, const int32_t* hb, float* acc, int64_t K,
+                                                     int64_t nb, __m256 s8, __m256 s8b, int32_t base) {
+  auto xk = [&](int j, int k) __attribute__((always_inline)) {
+    return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + j * K + 4 * k));
+  };
+  if constexpr (G16) {
+    __m256i p[R], q[R];
+    for (int j = 0; j < R; ++j) {
+      p[j] = _mm256_set1_epi32(-base * hb[j * nb]);
+      q[j] = _mm256_set1_epi32(-base * (sb[j * nb] - hb[j * nb]));
+    }
+    for (int k = 0; k < 4; ++k)
+      for (int j = 0; j < R; ++j) {
+        p[j] = _mm256_dpbusd_epi32(p[j], w[k], xk(j, k));
+        q[j] = _mm256_dpbusd_epi32(q[j], w[k + 4], xk(j, k + 4));
+      }
+    for (int j = 0; j < R; ++j) {
+      float* a = acc + j * 8;
+      const __m256 dj = _mm256_set1_ps(db[j * nb]);
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), _mm256_mul_ps(s8, dj), _mm256_load_ps(a));
+      _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[j]), _mm256_mul_ps(s8b, dj), t));
+    }
+    return;
+  }
   __m256i p[R];
   for (int j = 0; j < R; ++j) p[j] = _mm256_set1_epi32(-base * sb[j * nb]);
   for (int k = 0; k < 8; ++k)
-    for (int j = 0; j < R; ++j)
-      p[j] = _mm256_dpbusd_epi32(p[j], w[k], _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + j * K + 4 * k)));
+    for (int j = 0; j < R; ++j) p[j] = _mm256_dpbusd_epi32(p[j], w[k], xk(j, k));
   for (int j = 0; j < R; ++j) {
     float* a = acc + j * 8;
     _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), _mm256_mul_ps(s8, _mm256_set1_ps(db[j * nb])),
@@ -141,14 +165,40 @@ inline void store8(float* dst, __m256 r, int64_t rows) {
 
 // R <= 4 rows of x (decode, small batches) against one tile of 8 weight rows, every block: accumulators in
 // registers, two sets (even and odd blocks), and each row's eight vpdpbusd split over 8 / R chains so that
-// enough of them are in flight; the rows' sums, the offsets' term, stored (``rows`` valid ones).
-template <int R, typename Codes, typename Scales, typename Offs>
+// enough of them are in flight; the rows' sums, the offsets' term, stored (``rows`` valid ones). G16 (groups
+// of 16): each half block its own chains and scales, the two sets of accumulators one per half.
+template <int R, bool G16, typename Codes, typename Scales, typename Offs>
 inline __attribute__((always_inline)) void few8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t K, float* y,
                                                 int64_t ldy, int64_t G, int64_t nb, int64_t bpg, int64_t n,
                                                 int64_t rows, Codes&& codes, Scales&& scales, Offs&& offs) {
   constexpr int C = R == 1 ? 4 : (R == 2 ? 2 : 1);  // chains per row of x
   __m256 acc[2][R];
   for (int j = 0; j < R; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+  if constexpr (G16) {
+    constexpr int CH = C > 1 ? C / 2 : 1;  // chains per half block
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256 sl = scales(2 * b), sh = scales(2 * b + 1);
+      __m256i w[8];
+      codes(b, w);
+      for (int j = 0; j < R; ++j) {
+        const int8_t* xb = x.q + (i0 + j) * K + b * 32;
+        const int32_t h = x.hs[(i0 + j) * nb + b];
+        __m256i pl[CH], ph[CH];
+        pl[0] = _mm256_set1_epi32(-sg.base * h);
+        ph[0] = _mm256_set1_epi32(-sg.base * (x.bs[(i0 + j) * nb + b] - h));
+        for (int c = 1; c < CH; ++c) pl[c] = ph[c] = _mm256_setzero_si256();
+        for (int k = 0; k < 4; ++k) {
+          pl[k % CH] = _mm256_dpbusd_epi32(pl[k % CH], w[k], _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + 4 * k)));
+          ph[k % CH] = _mm256_dpbusd_epi32(ph[k % CH], w[k + 4],
+                                           _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + 16 + 4 * k)));
+        }
+        for (int c = 1; c < CH; ++c) pl[0] = _mm256_add_epi32(pl[0], pl[c]), ph[0] = _mm256_add_epi32(ph[0], ph[c]);
+        const __m256 dj = _mm256_set1_ps(x.d[(i0 + j) * nb + b]);
+        acc[0][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl[0]), _mm256_mul_ps(sl, dj), acc[0][j]);
+        acc[1][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph[0]), _mm256_mul_ps(sh, dj), acc[1][j]);
+      }
+    }
+  } else {
   __m256 s8 = scales(0);
   for (int64_t b = 0; b < nb; ++b) {
     if (b && b % bpg == 0) s8 = scales(b / bpg);
@@ -166,6 +216,7 @@ inline __attribute__((always_inline)) void few8(const Q8X& x, const Q8Seg& sg, i
                                       acc[b & 1][j]);
     }
   }
+  }
   for (int j = 0; j < R; ++j) {
     __m256 r = _mm256_add_ps(acc[0][j], acc[1][j]);
     if (sg.mn) r = _mm256_add_ps(r, offs(i0 + j));
@@ -178,7 +229,7 @@ inline __attribute__((always_inline)) void few8(const Q8X& x, const Q8Seg& sg, i
 // in lanes (4 bits: four 32-byte vectors, vector k holding each row's bytes 4k..4k+3 of the block, low nibbles
 // k-quad k, high nibbles k-quad k + 4; 8 bits: eight vectors), then the 8 rows' scales (and offsets) of each
 // group together; ``rows`` <= 8 valid rows in the tile (the padding rows are computed, not stored).
-template <int BITS, bool HALF, bool OFFS, bool TILED = false>
+template <int BITS, bool HALF, bool OFFS, bool TILED = false, bool G16 = false>
 void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, float* y, int64_t ldy, int64_t G,
               int64_t gs, int64_t n, int64_t rows = 8) {
   const int64_t nb = K / 32, bpg = gs / 32, row_bytes = K * BITS / 8;
@@ -261,10 +312,10 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
   };
   if (i1 - i0 <= 4) {  // decode and small batches: the accumulators stay in registers across the blocks
     switch (i1 - i0) {
-      case 1: return few8<1>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
-      case 2: return few8<2>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
-      case 3: return few8<3>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
-      case 4: return few8<4>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
+      case 1: return few8<1, G16>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
+      case 2: return few8<2, G16>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
+      case 3: return few8<3, G16>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
+      case 4: return few8<4, G16>(x, sg, i0, K, y, ldy, G, nb, bpg, n, rows, codes, scales, offs);
       default: return;
     }
   }
@@ -272,18 +323,26 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
   for (int64_t c0 = i0; c0 < i1; c0 += PREFILL_CHUNK) {
     const int64_t c1 = std::min(i1, c0 + PREFILL_CHUNK), m = c1 - c0;
     std::fill(acc, acc + m * 8, 0.f);
-    __m256 s8 = scales(0);
+    __m256 s8 = scales(0), s8b = s8;
     for (int64_t b = 0; b < nb; ++b) {
-      if (b && b % bpg == 0) s8 = scales(b / bpg);
+      if constexpr (G16)
+        s8 = scales(2 * b), s8b = scales(2 * b + 1);
+      else if (b && b % bpg == 0)
+        s8 = scales(b / bpg);
       __m256i w[8];
       codes(b, w);
       const int8_t* xb = x.q + c0 * K + b * 32;
       const float* db = x.d + c0 * nb + b;
       const int32_t* sb = x.bs + c0 * nb + b;
+      const int32_t* hb = G16 ? x.hs + c0 * nb + b : nullptr;
+      auto at = [&](int64_t i) { return G16 ? hb + i * nb : nullptr; };
       int64_t i = 0;
-      for (; i + 8 <= m; i += 8) rows_of_x<8>(w, xb + i * K, db + i * nb, sb + i * nb, acc + i * 8, K, nb, s8, sg.base);
-      for (; i + 4 <= m; i += 4) rows_of_x<4>(w, xb + i * K, db + i * nb, sb + i * nb, acc + i * 8, K, nb, s8, sg.base);
-      for (; i < m; ++i) rows_of_x<1>(w, xb + i * K, db + i * nb, sb + i * nb, acc + i * 8, K, nb, s8, sg.base);
+      for (; i + 8 <= m; i += 8)
+        rows_of_x<8, G16>(w, xb + i * K, db + i * nb, sb + i * nb, at(i), acc + i * 8, K, nb, s8, s8b, sg.base);
+      for (; i + 4 <= m; i += 4)
+        rows_of_x<4, G16>(w, xb + i * K, db + i * nb, sb + i * nb, at(i), acc + i * 8, K, nb, s8, s8b, sg.base);
+      for (; i < m; ++i)
+        rows_of_x<1, G16>(w, xb + i * K, db + i * nb, sb + i * nb, at(i), acc + i * 8, K, nb, s8, s8b, sg.base);
     }
     for (int64_t i = 0; i < m; ++i) {
       __m256 r = _mm256_load_ps(acc + i * 8);
@@ -298,14 +357,25 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
 using PrefillFn = void (*)(const Q8X&, const Q8Seg&, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
                            int64_t, int64_t);
 
-// pf[half][offs]: prefill8 for the row layout (TILED false) or the tiled one
-template <int BITS, bool TILED>
+// pf[half][offs]: prefill8 for the row layout (TILED false) or the tiled one; G16: groups of 16 (8 bits)
+template <int BITS, bool TILED, bool G16 = false>
 void pick_prefill(PrefillFn pf[2][2]) {
-  pf[0][0] = vnni::prefill8<BITS, false, false, TILED>, pf[0][1] = vnni::prefill8<BITS, false, true, TILED>;
-  pf[1][0] = vnni::prefill8<BITS, true, false, TILED>, pf[1][1] = vnni::prefill8<BITS, true, true, TILED>;
+  pf[0][0] = vnni::prefill8<BITS, false, false, TILED, G16>, pf[0][1] = vnni::prefill8<BITS, false, true, TILED, G16>;
+  pf[1][0] = vnni::prefill8<BITS, true, false, TILED, G16>, pf[1][1] = vnni::prefill8<BITS, true, true, TILED, G16>;
 }
 
-//: rows of x from which q8gemm takes the prefill path (VNNI, groups of 32 or more)
+// the prefill8 variants for these bits and groups (bpg 0: groups of 16, 8 bits only)
+template <bool TILED>
+void pick_prefill(int64_t bits, int64_t bpg, PrefillFn pf[2][2]) {
+  if (bits == 4)
+    pick_prefill<4, TILED>(pf);
+  else if (bpg)
+    pick_prefill<8, TILED>(pf);
+  else
+    pick_prefill<8, TILED, true>(pf);
+}
+
+//: rows of x from which q8gemm takes the prefill path (VNNI; groups of 32 or more, or of 16 at 8 bits)
 constexpr int64_t PREFILL_MIN_M = 8;
 
 using RowsFn = void (*)(const Q8X&, const Q8Seg&, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int64_t,
@@ -445,13 +515,15 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   const int64_t K = x.size(1), M = x.size(0);
   const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;  // bpg 0: groups of 16 (8 bits), two per block
   const bool tiled = !tiled_rows.empty();
-  TORCH_CHECK(!tiled || (use_vnni && bpg >= 1 && tiled_rows.size() == qs.size()),
-              "the tiled layout (q8_tile) runs on the VNNI path, groups of 32 or more, one row count per weight");
+  const bool g16 = bpg == 0;
+  TORCH_CHECK(!g16 || (bits == 8 && gs == 16), "groups of 16 need 8-bit codes");
+  TORCH_CHECK(!tiled || (use_vnni && tiled_rows.size() == qs.size()),
+              "the tiled layout (q8_tile) runs on the VNNI path, one row count per weight");
 
   // scratch as plain vectors, not tensors: a decode call (M = 1) is short enough for tensor bookkeeping to show
   std::vector<int8_t> xq(M * K);
   std::vector<float> d(M * nb), xg(M * G, 0.f);
-  std::vector<int32_t> bs(M * nb);
+  std::vector<int32_t> bs(M * nb), hs(g16 ? M * nb : 0);
   const float* xp = x.data_ptr<float>();
   if (M >= PREFILL_MIN_M) {  // a prompt: its rows are rounded in parallel (each row on its own, as on one thread)
     at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
@@ -472,6 +544,7 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
         const int8_t* v = xqp + i * K + b * 32;
         int32_t h = 0;
         for (int t = 0; t < 16; ++t) h += v[t];
+        hs[i * nb + b] = h;
         xgp[i * G + 2 * b] += dp[i * nb + b] * static_cast<float>(h);
         xgp[i * G + 2 * b + 1] += dp[i * nb + b] * static_cast<float>(bsp[i * nb + b] - h);
       }
@@ -516,7 +589,7 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
                     static_cast<int32_t>(c + done)});
     N += rows;
   }
-  const Q8X qx{xqp, dp, xgp, bsp};
+  const Q8X qx{xqp, dp, xgp, bsp, g16 ? hs.data() : nullptr};
 
   RowsFn fn[5][2][2] = {};
   if (bits == 4)
@@ -527,7 +600,7 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   float* yp = y.data_ptr<float>();
   PrefillFn pf[2][2];
   if (tiled) {  // every tile of 8 rows (a segment's last one partly padding), every row of x
-    bits == 4 ? pick_prefill<4, true>(pf) : pick_prefill<8, true>(pf);
+    pick_prefill<true>(bits, bpg, pf);
     std::vector<std::pair<const Q8Seg*, int64_t>> tiles;
     for (const Q8Seg& sg : segs)
       for (int64_t n = sg.start; n < sg.start + sg.rows; n += 8) tiles.emplace_back(&sg, n);
@@ -541,8 +614,8 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
     });
     return y;
   }
-  if (use_vnni && bpg >= 1 && M >= PREFILL_MIN_M) {  // prefill: tiles of 8 output rows, every row of x
-    bits == 4 ? pick_prefill<4, false>(pf) : pick_prefill<8, false>(pf);
+  if (use_vnni && M >= PREFILL_MIN_M) {  // prefill: tiles of 8 output rows, every row of x
+    pick_prefill<false>(bits, bpg, pf);
     at::parallel_for(0, (N + 7) / 8, 1, [&](int64_t t0, int64_t t1) {
       for (const Q8Seg& sg : segs) {
         const int h = sg.half ? 1 : 0, o = sg.mn ? 1 : 0;
