@@ -1,7 +1,8 @@
 """llmquant's lean runtime against llama.cpp (the cyllama wheel) on the default model, in one run.
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_decode_llama_cpp.py [--threads 1 2] [--rounds 3]
-        [--configs fp32 W8 ...] [--kernels packed_avx2 packed_q8act] [--compiled both|on|off] [--no-quality]
+        [--configs fp32 W8 ...] [--kernels packed_avx2 packed_q8act] [--q8act-layouts tiled tiled8 rows]
+        [--compiled both|on|off] [--no-quality]
         [--model DIR] [--prefill N] [--new N]
 
 ``--model DIR``: a local Hugging Face folder instead of the default model (e.g. the random-weight ~1B Llama of
@@ -93,8 +94,16 @@ def lean_run(model, kernel, prompt, prefill_ids, threads, compiled=True):
     """(decode tok/s, prefill tok/s, greedy tokens, kernels) of one measurement; a fresh LeanModel, so the
     kernels' prepared state (and prefill copies) belong to this row only. ``compiled``: the compiled decode
     step on or off."""
-    set_kernel(model, kernel)
-    lean = LeanModel(model, compiled=compiled)
+    kernel, _, layout = (kernel or "").partition("@")
+    saved = os.environ.get("LLMQUANT_Q8ACT_LAYOUT")
+    if layout:  # packed_q8act's layout, read when the LeanModel prepares the kernels
+        os.environ["LLMQUANT_Q8ACT_LAYOUT"] = layout
+    try:
+        set_kernel(model, kernel or None)
+        lean = LeanModel(model, compiled=compiled)
+    finally:
+        if layout:
+            os.environ.pop("LLMQUANT_Q8ACT_LAYOUT") if saved is None else os.environ.__setitem__("LLMQUANT_Q8ACT_LAYOUT", saved)
     llmquant.generate(model, prefill_ids, 1, use_eos=False, lean=lean, threads=threads)  # warm-up, prefill copies
     sp = GenerationStats()
     llmquant.generate(model, prefill_ids, 1, use_eos=False, lean=lean, stats=sp, threads=threads)
@@ -221,6 +230,8 @@ def main() -> None:
                     help="llmquant decode with the compiled decode step, the Python step, or both")
     ap.add_argument("--kernels", nargs="+", choices=["packed_avx2", "packed_q8act"],
                     default=["packed_avx2", "packed_q8act"], help="the llmquant kernels measured (default both)")
+    ap.add_argument("--q8act-layouts", nargs="+", default=[""], choices=["", "tiled", "tiled8", "rows"],
+                    help="packed_q8act rows, one per LLMQUANT_Q8ACT_LAYOUT value (default: one row, the default)")
     ap.add_argument("--no-quality", action="store_true", help="skip the KL evaluation (speed only)")
     ap.add_argument("--out", type=Path, default=OUT, help="results path without suffix (.json and .md written)")
     ap.add_argument("--model", type=Path, help="a local Hugging Face folder instead of the default model "
@@ -300,7 +311,9 @@ def main() -> None:
         if c == "fp32":
             kernel_rows.append((c, None))
         else:
-            kernel_rows += [(c, k) for k in args.kernels]
+            kernel_rows += [(c, k) for k in args.kernels if k != "packed_q8act"]
+            if "packed_q8act" in args.kernels:  # one row per tiled layout asked for ("" : the default)
+                kernel_rows += [(c, "packed_q8act" + (f"@{lay}" if lay else "")) for lay in args.q8act_layouts]
     rows_spec = [(c, kernel, on) for c, kernel in kernel_rows for on in steps]
     ref_toks = {}
     for c, kernel in kernel_rows:
@@ -308,7 +321,7 @@ def main() -> None:
             ref_toks[(c, kernel)] = llmquant.generate(models[c], prompt, NEW, use_eos=False,
                                                       lean=LeanModel(models[c], compiled=False))
         else:
-            ref_toks[(c, kernel)] = reference_tokens(models[c], prompt, decode_rounded=kernel == "packed_q8act")
+            ref_toks[(c, kernel)] = reference_tokens(models[c], prompt, decode_rounded=kernel.startswith("packed_q8act"))
     # the kernel on the model whose linears carry gguf:Q8_0-act (prompt pass rounded too) against the
     # reference kernel on that model
     exact_check = {}
@@ -345,7 +358,7 @@ def main() -> None:
                 dec, pre, toks, used = lean_run(models[c], kernel, prompt, prefill_ids, threads, on)
                 b = best.setdefault((c, kernel, on), {"decode": 0.0, "prefill": 0.0})
                 b["decode"], b["prefill"] = max(b["decode"], dec), max(b["prefill"], pre)
-                b["kernels"] = ",".join(used) or "float"
+                b["kernels"] = (",".join(used) or "float") + (f" ({kernel.partition('@')[2]})" if "@" in kernel else "")
                 b["same tokens"] = min(b.get("same tokens", NEW), first_diff(toks, ref_toks[(c, kernel)]))
             print(f"[speed] threads {threads} round {rnd + 1}/{args.rounds} done "
                   f"({time.perf_counter() - t_start:.0f} s)", flush=True)

@@ -1,5 +1,6 @@
-"""packed_q8act's int8 GEMM: the row layout against the tiled layout (AVX512-VNNI), and fbgemm's fp16-weight
-GEMM (what the fp32-numerics prefill runs), on one linear of each shape, in one process.
+"""packed_q8act's int8 GEMM: the row layout against the tiled layout (AVX512-VNNI; for Q6_K's widened codes also
+``tiled8``, the tiles at 8 bits instead of 6), and fbgemm's fp16-weight GEMM (what the fp32-numerics prefill
+runs), on one linear of each shape, in one process.
 
     flock -x /tmp/llmquant-bench.lock python benchmarks/bench_q8act_layout.py [--threads 1 2]
 
@@ -62,7 +63,8 @@ def main() -> None:
             f = resolve_scheme(fmt)
             ql = QuantLinear.from_quantized(*rtn_quantize(torch.randn(n, k) * 0.02, f), f)
             args_of = {}
-            for layout in ("rows", "tiled"):
+            # tiled8 differs from tiled only for codes widened from 2-6 bits (tiled at 6 bits by default)
+            for layout in ("rows", "tiled") + (("tiled8",) if f.bits not in (4, 8) else ()):
                 os.environ["LLMQUANT_Q8ACT_LAYOUT"] = layout
                 args_of[layout] = q8gemm_args([KERNELS["packed_q8act"].prepare(ql, torch.device("cpu"), torch.float32)])
             fp16 = torch.ops.quantized.linear_prepack_fp16(ql.dequantize_weight(torch.float32), None)

@@ -130,11 +130,12 @@ def test_matches_exact_integer_reference(scheme, monkeypatch):
 
 @pytest.mark.parametrize("scheme", _schemes(), ids=lambda s: f"b{s.bits}{'s' if s.symmetric else 'a'}{s.group_size or 'ch'}"
                          + ("k" if s.super_group else "") + ("z" if s.zero_point == "min" else ""))
-@pytest.mark.parametrize("layout", ["rows", "tiled"])
+@pytest.mark.parametrize("layout", ["rows", "tiled", "tiled8"])
 def test_many_rows_match_exact_integer_reference(scheme, layout, monkeypatch):
     """Many rows of x in one call (prefill): on VNNI the 8-output-row tiles (lanes = weight rows, the weight
     blocks transposed once per chunk of 256 rows of x), the segment's last rows by the row kernel; the same
-    exact integer block sums as the reference, also across a chunk boundary and with 2 threads."""
+    exact integer block sums as the reference, also across a chunk boundary and with 2 threads. ``tiled``
+    keeps codes widened from 2-6 bits at 6 bits in the tiles, ``tiled8`` at 8."""
     ext = _ext()
     if ext is None:
         return
@@ -147,7 +148,10 @@ def test_many_rows_match_exact_integer_reference(scheme, layout, monkeypatch):
         m.reset_kernel()
         m(torch.randn(1, k))
         # every group size takes the tiled layout on VNNI (groups of 16: two scales per block of 32)
-        assert (m.kernel_state.tiled is not None) == (layout == "tiled" and isa == "vnni")
+        st = m.kernel_state
+        assert (st.tiled is not None) == (layout != "rows" and isa == "vnni")
+        if st.tiled is not None:
+            assert st.tiled[3] == (6 if layout == "tiled" and scheme.bits <= 6 and scheme.bits not in (4, 8) else st.bits)
         args = packed_q8act.q8gemm_args([m.kernel_state])
         for rows in (1, 3, 8, 13, 260):
             x = torch.randn(rows, k) * 3

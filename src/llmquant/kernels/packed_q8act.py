@@ -26,8 +26,10 @@ activation scheme sees it (rounded to int8 blocks for ``gguf:Q8_0-act`` modules,
 On AVX512-VNNI the kernel reads the codes in a tiled layout made when the model
 is prepared (8 output rows per tile, each block's codes already in the int32 lanes, the 8 rows' scales
 together): the same sums as the row layout, fewer instructions per block for decode and prefill alike, at the
-cost of a copy of the codes in memory (half a byte per weight at 4 bits, one at 8); ``LLMQUANT_Q8ACT_LAYOUT=rows``
-(read when a module is prepared) keeps the row layout.
+cost of a copy of the codes in memory (half a byte per weight at 4 bits, one at 8). Codes widened to a byte from
+2-6 bits (Q6_K, Q5_K, Q3_K, ...) are tiled at 6 bits (a low-nibble vector and two bits each, unpacked in
+registers): three quarters of the bytes to read. ``LLMQUANT_Q8ACT_LAYOUT`` (read when a module is prepared):
+``tiled`` (default), ``tiled8`` (widened codes tiled at 8 bits) or ``rows`` (the row layout only).
 
 The instruction set is the best the CPU has (VNNI's ``vpdpbusd`` when AVX512-VNNI is there, else AVX2's
 ``vpmaddubsw``); ``LLMQUANT_Q8ACT_ISA=avx2`` (read when a module is prepared) forces the AVX2 path.
@@ -96,7 +98,8 @@ class Q8State(PackedState):
     qbase: int = 0  # -qmin for a symmetric scheme
     isa: int = -1
     # the codes, scales and offsets in q8gemm's tiled layout (8 rows per tile, each block's codes in lanes;
-    # VNNI; ``LLMQUANT_Q8ACT_LAYOUT=rows`` keeps the row layout): (codes, scales, offsets)
+    # VNNI; ``LLMQUANT_Q8ACT_LAYOUT=rows`` keeps the row layout), and the tiles' bits (6 for codes widened from
+    # 2-6 bits): (codes, scales, offsets, bits)
     tiled: tuple | None = None
 
 
@@ -104,13 +107,14 @@ def q8gemm_args(states: list[Q8State]) -> tuple:
     """The extension's ``q8gemm`` arguments after ``x``: codes, scales, offsets, bits, group size, isa, bases,
     and the rows of each weight when they are in the tiled layout (all of them tiled; else an empty list)."""
     s0 = states[0]
-    if all(st.tiled is not None for st in states):
-        codes, scales, offsets = (list(t) for t in zip(*(st.tiled for st in states)))
-        rows = [st.out_features for st in states]
+    bits = s0.bits
+    if all(st.tiled is not None for st in states) and len({st.tiled[3] for st in states}) == 1:
+        codes, scales, offsets, tbits = (list(t) for t in zip(*(st.tiled for st in states)))
+        rows, bits = [st.out_features for st in states], tbits[0]
     else:
         codes, scales, offsets = [st.codes for st in states], [st.qscale for st in states], [st.qoffsets for st in states]
         rows = []
-    return codes, scales, offsets, s0.bits, s0.group_size, s0.isa, [st.qbase for st in states], rows
+    return codes, scales, offsets, bits, s0.group_size, s0.isa, [st.qbase for st in states], rows
 
 
 def _tile_groups(t: torch.Tensor) -> torch.Tensor:
@@ -124,11 +128,19 @@ def _tile_groups(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 8, g).transpose(1, 2).contiguous().reshape(-1, g)
 
 
+#: ``LLMQUANT_Q8ACT_LAYOUT`` values: ``tiled`` (codes widened from 2-6 bits tiled at 6 bits), ``tiled8`` (at 8
+#: bits, as stored in memory), ``rows`` (no tiled copy).
+LAYOUTS = ("tiled", "tiled8", "rows")
+
+
 def _tiled(st: PackedState, qscale, qoffsets, isa: int) -> tuple | None:
-    if _env_choice("LLMQUANT_Q8ACT_LAYOUT", ("tiled", "rows"), "tiled") == "rows" or not _tiles(isa):
+    layout = _env_choice("LLMQUANT_Q8ACT_LAYOUT", LAYOUTS, "tiled")
+    if layout == "rows" or not _tiles(isa):
         return None
-    return (native.load().q8_tile(st.codes, st.bits, st.out_features, st.in_features), _tile_groups(qscale),
-            _tile_groups(qoffsets))
+    # widened codes (q - qmin + code_shift, 2-6 bits) lie in [96, 159]: 6 bits a code in the tiles
+    bits = 6 if layout == "tiled" and st.bits == 8 and st.code_shift >= 96 else st.bits
+    return (native.load().q8_tile(st.codes, bits, st.out_features, st.in_features), _tile_groups(qscale),
+            _tile_groups(qoffsets), bits)
 
 
 def _few_rows(states: list[Q8State], x2: torch.Tensor) -> torch.Tensor:

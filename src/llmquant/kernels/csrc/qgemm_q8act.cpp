@@ -227,7 +227,9 @@ inline __attribute__((always_inline)) void few8(const Q8X& x, const Q8Seg& sg, i
 //
 // TILED: the weights in the tiled layout (q8_tile): per tile of 8 rows (n = 8 t) and block, the codes already
 // in lanes (4 bits: four 32-byte vectors, vector k holding each row's bytes 4k..4k+3 of the block, low nibbles
-// k-quad k, high nibbles k-quad k + 4; 8 bits: eight vectors), then the 8 rows' scales (and offsets) of each
+// k-quad k, high nibbles k-quad k + 4; 8 bits: eight vectors; 6 bits (BITS 6, tiled only): 8-bit codes c in
+// [96, 159] kept as c - 96, their low nibbles as the 4-bit layout's four vectors, then two vectors of the top
+// two bits, vector m's bits 2h, 2h + 1 those of k-quad m + 2h), then the 8 rows' scales (and offsets) of each
 // group together; ``rows`` <= 8 valid rows in the tile (the padding rows are computed, not stored).
 template <int BITS, bool HALF, bool OFFS, bool TILED = false, bool G16 = false>
 void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, float* y, int64_t ldy, int64_t G,
@@ -259,7 +261,21 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
   // the 8 rows' codes of block b in lanes: w[k] lane j = row n + j's four codes of k-quad k
   auto codes = [&](int64_t b, __m256i (&w)[8]) __attribute__((always_inline)) {
     __m256i u[8], t[8], v[8];
-      if constexpr (TILED) {
+      if constexpr (TILED && BITS == 6) {
+        const uint8_t* qb = qt + b * 192;
+        const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 128));
+        const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 160));
+        const __m256i m30 = _mm256_set1_epi8(0x30);
+        // k-quad k's top bits: bits 2 (k / 2), 2 (k / 2) + 1 of vector k % 2, moved to bits 4, 5 (shifts of
+        // 16-bit lanes: what crosses into the other byte lands outside bits 4, 5 and is masked off)
+        const __m256i hb[8] = {_mm256_slli_epi16(h0, 4), _mm256_slli_epi16(h1, 4), _mm256_slli_epi16(h0, 2),
+                               _mm256_slli_epi16(h1, 2), h0, h1, _mm256_srli_epi16(h0, 2), _mm256_srli_epi16(h1, 2)};
+        for (int k = 0; k < 4; ++k) {
+          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 32 * k));
+          w[k] = _mm256_or_si256(_mm256_and_si256(c, m0f2), _mm256_and_si256(hb[k], m30));
+          w[k + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m0f2), _mm256_and_si256(hb[k + 4], m30));
+        }
+      } else if constexpr (TILED) {
         const uint8_t* qb = qt + b * (BITS == 4 ? 128 : 256);
         for (int k = 0; k < (BITS == 4 ? 4 : 8); ++k) {
           const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 32 * k));
@@ -364,9 +380,12 @@ void pick_prefill(PrefillFn pf[2][2]) {
   pf[1][0] = vnni::prefill8<BITS, true, false, TILED, G16>, pf[1][1] = vnni::prefill8<BITS, true, true, TILED, G16>;
 }
 
-// the prefill8 variants for these bits and groups (bpg 0: groups of 16, 8 bits only)
+// the prefill8 variants for these bits and groups (bpg 0: groups of 16, 8 or 6 bits; 6: tiled only)
 template <bool TILED>
 void pick_prefill(int64_t bits, int64_t bpg, PrefillFn pf[2][2]) {
+  if constexpr (TILED) {
+    if (bits == 6) return bpg ? pick_prefill<6, true>(pf) : pick_prefill<6, true, true>(pf);
+  }
   if (bits == 4)
     pick_prefill<4, TILED>(pf);
   else if (bpg)
@@ -463,13 +482,36 @@ void quantize_rows(const float* x, int64_t M, int64_t K, bool interleave, int8_t
 
 // Packed codes (rows, K * bits / 8), row layout, to the tiled layout prefill8<..., TILED> reads: rows padded
 // with zero codes to a multiple of 8; per tile and block of 32, the 8 rows' bytes of the block in lanes.
+// bits 6: 8-bit codes in [96, 159] (widened 2- to 6-bit codes) packed to 6 bits as c - 96 (see prefill8).
 torch::Tensor q8_tile(torch::Tensor q, int64_t bits, int64_t rows, int64_t K) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  TORCH_CHECK(K % 32 == 0 && q.dtype() == torch::kUInt8 && q.is_contiguous() && q.numel() == rows * K * bits / 8,
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
+  const int64_t in_bits = bits == 6 ? 8 : bits;
+  TORCH_CHECK(K % 32 == 0 && q.dtype() == torch::kUInt8 && q.is_contiguous() && q.numel() == rows * K * in_bits / 8,
               "bad packed codes");
-  const int64_t T = (rows + 7) / 8, nb = K / 32, bb = bits == 4 ? 16 : 32, row_bytes = K * bits / 8;
-  auto out = torch::zeros({T * 8 * row_bytes}, torch::dtype(torch::kUInt8));
+  const int64_t T = (rows + 7) / 8, nb = K / 32, bb = in_bits == 4 ? 16 : 32, row_bytes = K * in_bits / 8;
   const uint8_t* src = q.data_ptr<uint8_t>();
+  if (bits == 6) {
+    for (int64_t i = 0; i < rows * K; ++i)
+      TORCH_CHECK(src[i] >= 96 && src[i] <= 159, "6-bit tiles hold 8-bit codes in [96, 159]");
+    auto out = torch::zeros({T * 8 * K * 6 / 8}, torch::dtype(torch::kUInt8));
+    uint8_t* dst = out.data_ptr<uint8_t>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* tb = dst + (t * nb + b) * 192;  // 4 vectors of low nibbles, then 2 of top bits
+        for (int64_t j = 0; j < 8; ++j) {
+          const bool pad = t * 8 + j >= rows;  // padding rows: code 96 (0 in the tile), as 8-bit padding is 0
+          const uint8_t* rb = src + (t * 8 + j) * row_bytes + b * 32;
+          for (int64_t k = 0; k < 8; ++k)
+            for (int64_t e = 0; e < 4; ++e) {
+              const int c = pad ? 0 : rb[4 * k + e] - 96, p = 4 * j + e;
+              tb[32 * (k % 4) + p] |= static_cast<uint8_t>((c & 15) << (4 * (k / 4)));
+              tb[128 + 32 * (k % 2) + p] |= static_cast<uint8_t>((c >> 4) << (2 * (k / 2)));
+            }
+        }
+      }
+    return out;
+  }
+  auto out = torch::zeros({T * 8 * row_bytes}, torch::dtype(torch::kUInt8));
   uint8_t* dst = out.data_ptr<uint8_t>();
   for (int64_t t = 0; t < T; ++t)
     for (int64_t b = 0; b < nb; ++b) {
@@ -502,7 +544,9 @@ std::vector<torch::Tensor> q8_quantize(torch::Tensor x) {
 // y (M, sum N_j) = Q8_0(x) @ [W_1; W_2; ...]^T for weights sharing the input. Per weight j: packed codes,
 // scales (fp32 or fp16), and either offsets (W = (u - b) * s + o, b = 0 / 128 at 4 / 8 bits) or no offsets
 // (an empty tensor) and the integer base cs[j] of W = (u - c) * s. isa: -1 the best this CPU has, 0 the
-// AVX2 path, 1 the VNNI path (an error where the CPU lacks it).
+// AVX2 path, 1 the VNNI path (an error where the CPU lacks it). tiled_rows: the weights are in q8_tile's
+// layout (VNNI), their row counts; bits 6: q8_tile's 6-bit tiles of 8-bit codes (offsets and bases as for 8
+// bits: the kernel takes the 96 off).
 torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> ss,
                      std::vector<torch::Tensor> ms, int64_t bits, int64_t gs, int64_t isa, std::vector<int64_t> cs,
                      std::vector<int64_t> tiled_rows) {
@@ -516,9 +560,10 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;  // bpg 0: groups of 16 (8 bits), two per block
   const bool tiled = !tiled_rows.empty();
   const bool g16 = bpg == 0;
-  TORCH_CHECK(!g16 || (bits == 8 && gs == 16), "groups of 16 need 8-bit codes");
+  TORCH_CHECK(!g16 || (bits != 4 && gs == 16), "groups of 16 need 8-bit codes");
   TORCH_CHECK(!tiled || (use_vnni && tiled_rows.size() == qs.size()),
               "the tiled layout (q8_tile) runs on the VNNI path, one row count per weight");
+  TORCH_CHECK(bits != 6 || tiled, "6-bit codes come in the tiled layout only");
 
   // scratch as plain vectors, not tensors: a decode call (M = 1) is short enough for tensor bookkeeping to show
   std::vector<int8_t> xq(M * K);
@@ -575,12 +620,16 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   for (size_t j = 0; j < qs.size(); ++j) {
     const int64_t rows = tiled ? tiled_rows[j] : ss[j].size(0);
     const bool half = ss[j].dtype() == torch::kFloat16;
-    llmquant_kernels::check_args(qs[j], ss[j], ms[j], bits, ss[j].size(0), K, gs, true);
+    if (bits == 6)  // q8_tile's 6-bit tiles: the 8-bit codes' checks, on a 6-bit size
+      TORCH_CHECK(qs[j].dtype() == torch::kUInt8 && qs[j].is_contiguous() && qs[j].numel() == ss[j].size(0) * K * 6 / 8,
+                  "bad 6-bit tiles");
+    llmquant_kernels::check_args(bits == 6 ? torch::empty({ss[j].size(0) * K}, torch::kUInt8) : qs[j], ss[j], ms[j],
+                                 bits == 6 ? 8 : bits, ss[j].size(0), K, gs, true);
     TORCH_CHECK(!tiled || (ss[j].size(0) == (rows + 7) / 8 * 8), "a tiled weight holds its rows padded to 8");
     TORCH_CHECK(ss[j].size(1) == G, "all weights must have the same groups");
     const bool offs = ms[j].numel() > 0;
-    // offsets: the codes' base is b (0 at 4 bits, 128 at 8); none: the integer base c
-    const int64_t c = (offs ? (bits == 8 ? 128 : 0) : cs[j]) - done;
+    // offsets: the codes' base is b (0 at 4 bits, 128 at 8); none: the integer base c; 6-bit tiles: 96 less
+    const int64_t c = (offs ? (bits == 4 ? 0 : 128) : cs[j]) - done - (bits == 6 ? 96 : 0);
     const void* sp = half ? static_cast<const void*>(ss[j].data_ptr<at::Half>()) : static_cast<const void*>(ss[j].data_ptr<float>());
     const int64_t sz = half ? 2 : 4;
     segs.push_back({qs[j].data_ptr<uint8_t>() - N * row_bytes,
