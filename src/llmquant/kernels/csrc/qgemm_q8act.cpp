@@ -48,6 +48,13 @@ struct Q8X {
   const float* xg;
   const int32_t* bs;  // (M, nb): each block's sum of codes
   const int32_t* hs;  // (M, nb): groups of 16, the sum of each block's first 16 codes (else nullptr)
+  // many rows (the prefill path): the same block-major, so that one block of consecutive rows is contiguous:
+  // codes (nb, M, 32), d, bs and hs (nb, M)
+  int64_t M;
+  const int8_t* qb;
+  const float* db;
+  const int32_t* bsb;
+  const int32_t* hsb;
 };
 
 // One weight segment of a fused call, its pointers shifted so that global output row n addresses its row;
@@ -114,19 +121,20 @@ constexpr int64_t PREFILL_CHUNK = 256;  // rows of x whose accumulators (8 float
 // R rows of x against one block of 8 weight rows (w: the transposed codes): R independent chains of eight
 // vpdpbusd (enough in flight to hide their latency at R = 8), then acc[i] += (s8 * d[i]) * sum. G16 (groups
 // of 16, 8 bits): two chains of four per row, k-quads 0-3 (group 2b, scales s8) and 4-7 (group 2b + 1, s8b),
-// each from -base times its half's sum of codes (hb: the first halves' sums).
+// each from -base times its half's sum of codes (hb: the first halves' sums). Row j of x at xb + j xs, its
+// d, sum and half sum at j ds.
 template <int R, bool G16 = false>
 inline __attribute__((always_inline)) void rows_of_x(const __m256i (&w)[8], const int8_t* xb, const float* db,
-                                                     const int32_t* sb, const int32_t* hb, float* acc, int64_t K,
-                                                     int64_t nb, __m256 s8, __m256 s8b, int32_t base) {
+                                                     const int32_t* sb, const int32_t* hb, float* acc, int64_t xs,
+                                                     int64_t ds, __m256 s8, __m256 s8b, int32_t base) {
   auto xk = [&](int j, int k) __attribute__((always_inline)) {
-    return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + j * K + 4 * k));
+    return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xb + j * xs + 4 * k));
   };
   if constexpr (G16) {
     __m256i p[R], q[R];
     for (int j = 0; j < R; ++j) {
-      p[j] = _mm256_set1_epi32(-base * hb[j * nb]);
-      q[j] = _mm256_set1_epi32(-base * (sb[j * nb] - hb[j * nb]));
+      p[j] = _mm256_set1_epi32(-base * hb[j * ds]);
+      q[j] = _mm256_set1_epi32(-base * (sb[j * ds] - hb[j * ds]));
     }
     for (int k = 0; k < 4; ++k)
       for (int j = 0; j < R; ++j) {
@@ -135,19 +143,19 @@ inline __attribute__((always_inline)) void rows_of_x(const __m256i (&w)[8], cons
       }
     for (int j = 0; j < R; ++j) {
       float* a = acc + j * 8;
-      const __m256 dj = _mm256_set1_ps(db[j * nb]);
+      const __m256 dj = _mm256_set1_ps(db[j * ds]);
       const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), _mm256_mul_ps(s8, dj), _mm256_load_ps(a));
       _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[j]), _mm256_mul_ps(s8b, dj), t));
     }
     return;
   }
   __m256i p[R];
-  for (int j = 0; j < R; ++j) p[j] = _mm256_set1_epi32(-base * sb[j * nb]);
+  for (int j = 0; j < R; ++j) p[j] = _mm256_set1_epi32(-base * sb[j * ds]);
   for (int k = 0; k < 8; ++k)
     for (int j = 0; j < R; ++j) p[j] = _mm256_dpbusd_epi32(p[j], w[k], xk(j, k));
   for (int j = 0; j < R; ++j) {
     float* a = acc + j * 8;
-    _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), _mm256_mul_ps(s8, _mm256_set1_ps(db[j * nb])),
+    _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), _mm256_mul_ps(s8, _mm256_set1_ps(db[j * ds])),
                                        _mm256_load_ps(a)));
   }
 }
@@ -347,18 +355,19 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
         s8 = scales(b / bpg);
       __m256i w[8];
       codes(b, w);
-      const int8_t* xb = x.q + c0 * K + b * 32;
-      const float* db = x.d + c0 * nb + b;
-      const int32_t* sb = x.bs + c0 * nb + b;
-      const int32_t* hb = G16 ? x.hs + c0 * nb + b : nullptr;
-      auto at = [&](int64_t i) { return G16 ? hb + i * nb : nullptr; };
+      // the block-major copies: row i of the chunk at 32 i (codes) and i (d, sums)
+      const int8_t* xb = x.qb + (b * x.M + c0) * 32;
+      const float* db = x.db + b * x.M + c0;
+      const int32_t* sb = x.bsb + b * x.M + c0;
+      const int32_t* hb = G16 ? x.hsb + b * x.M + c0 : nullptr;
+      auto at = [&](int64_t i) { return G16 ? hb + i : nullptr; };
       int64_t i = 0;
       for (; i + 8 <= m; i += 8)
-        rows_of_x<8, G16>(w, xb + i * K, db + i * nb, sb + i * nb, at(i), acc + i * 8, K, nb, s8, s8b, sg.base);
+        rows_of_x<8, G16>(w, xb + i * 32, db + i, sb + i, at(i), acc + i * 8, 32, 1, s8, s8b, sg.base);
       for (; i + 4 <= m; i += 4)
-        rows_of_x<4, G16>(w, xb + i * K, db + i * nb, sb + i * nb, at(i), acc + i * 8, K, nb, s8, s8b, sg.base);
+        rows_of_x<4, G16>(w, xb + i * 32, db + i, sb + i, at(i), acc + i * 8, 32, 1, s8, s8b, sg.base);
       for (; i < m; ++i)
-        rows_of_x<1, G16>(w, xb + i * K, db + i * nb, sb + i * nb, at(i), acc + i * 8, K, nb, s8, s8b, sg.base);
+        rows_of_x<1, G16>(w, xb + i * 32, db + i, sb + i, at(i), acc + i * 8, 32, 1, s8, s8b, sg.base);
     }
     for (int64_t i = 0; i < m; ++i) {
       __m256 r = _mm256_load_ps(acc + i * 8);
@@ -638,7 +647,23 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
                     static_cast<int32_t>(c + done)});
     N += rows;
   }
-  const Q8X qx{xqp, dp, xgp, bsp, g16 ? hs.data() : nullptr};
+  // many rows on VNNI (prefill8's chunks): block-major copies of the rounded x, made in parallel
+  std::vector<int8_t> xqb;
+  std::vector<float> dbm;
+  std::vector<int32_t> bsb, hsb;
+  if (use_vnni && M > 4) {
+    xqb.resize(M * K), dbm.resize(M * nb), bsb.resize(M * nb), hsb.resize(g16 ? M * nb : 0);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t i = 0; i < M; ++i) {
+          std::memcpy(xqb.data() + (b * M + i) * 32, xqp + i * K + b * 32, 32);
+          dbm[b * M + i] = dp[i * nb + b];
+          bsb[b * M + i] = bsp[i * nb + b];
+          if (g16) hsb[b * M + i] = hs[i * nb + b];
+        }
+    });
+  }
+  const Q8X qx{xqp, dp, xgp, bsp, g16 ? hs.data() : nullptr, M, xqb.data(), dbm.data(), bsb.data(), hsb.data()};
 
   RowsFn fn[5][2][2] = {};
   if (bits == 4)
