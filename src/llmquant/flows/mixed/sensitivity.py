@@ -33,6 +33,21 @@ from the end of the text (:func:`llmquant.data.windows`, disjoint from evaluatio
               ``quantizer="awq"``: each layer's AWQ scale and clipping searched for each format on the
               same statistics (its inputs' Gram matrix and mean magnitudes), cross-fitted in the same way.
 
+QAT-made candidates (``quantizer="qat"``, with ``"kfac"`` or ``"kl"``; :mod:`.qat_candidates`): for each
+integer candidate format, one QAT run of a copy of the model with every planned layer in that format (a
+uniform plan applied by QAT, :class:`~llmquant.schemes.QATParams` as ``params``); each layer's candidate is
+its trained, dequantized weight, measured alone with the rest of the model float. The runs train on the
+tokens *before* the measurement windows (those are the text's last ``windows x seq_len`` tokens), so no
+measured token was trained on and no cross-fitting is needed; ``QATParams.text`` is not used for them (it is
+carried into the plan). Float candidates (bf16 / fp16) are rounded, as a QAT plan keeps such layers;
+formats QAT cannot train (k-quants, a stored float minimum as gguf:Q4_1) are refused. Each format's trained
+weights are cached (``<cache>/qat``), so another measure or a subset of the formats trains nothing. A
+distributed run (``"kfac"`` only, as for GPTQ / AWQ candidates) trains each format on every rank together.
+Cost: one QAT run per integer format on top of the measure. A plan made from it is a QAT plan with the
+same knobs. Caveat: QAT trains the layers jointly, each repairing the others' errors, while the damage is
+measured one layer at a time: it ranks layers by what they keep after training, not what they contribute
+to the trained whole.
+
 Damages add up across layers to first order, so a plan's predicted KL is the sum of its layers' damages.
 Results are cached on disk (``$LLMQUANT_CACHE/sensitivity``) keyed by model weights, text and settings.
 """
