@@ -171,7 +171,8 @@ def train_qat(
     ``model``: a float model (prepared here with ``config``; for ``loss="kl"`` a frozen copy of it is the
     teacher) or one already prepared with :func:`prepare_qat` (then pass ``teacher=``). ``text``: None (the
     default text), a ``Path`` to a .txt/.jsonl file, a string, or 1-D token ids (a tensor). One step =
-    ``grad_accum`` micro-batches of ``batch`` windows of ``seq_len`` tokens. ``max_seconds`` ends training early (a fixed time budget).
+    ``grad_accum`` micro-batches of ``batch`` windows of ``seq_len`` tokens. ``max_seconds`` ends training early
+    (a fixed time budget).
     ``checkpoint_dir`` + ``checkpoint_every``: save every N steps (and at the end); ``resume=True`` continues
     from the checkpoint there. A loss that is NaN/Inf, or above ``explode_factor`` x the first step's loss
     (and above 0.1), raises :class:`TrainingDivergedError` before the step is applied.

@@ -167,8 +167,8 @@ class _Curvature:
 
 
 def _quantizer(quantizer: str, params):
-    """``(fmt, w0, inputs or None, unit=None) -> the weight stored in fmt``: RTN (the formats' own rounding), GPTQ with
-    ``params`` (:class:`~llmquant.schemes.GPTQParams`) on the Hessian of the layer's calibration inputs
+    """``(fmt, w0, inputs or None, unit=None) -> the weight stored in fmt``: RTN (the formats' own rounding),
+    GPTQ with ``params`` (:class:`~llmquant.schemes.GPTQParams`) on the Hessian of the layer's calibration inputs
     (:class:`Inputs`), or AWQ with ``params`` (:class:`~llmquant.schemes.AWQParams`): the scale searched for
     this linear alone (in a model, the linears sharing an input share one), then its clipping search. Float
     formats, and embeddings (no inputs), are rounded as RTN does."""
@@ -243,8 +243,8 @@ def _kfac_scan(model, units, fmts, ids, samples, progress, make, cross_fit=False
             if not _fits(f, w0.shape[-1]):
                 row.append(math.inf)
             elif cross_fit:  # made on one fold's inputs, weighed by the other fold's moments; both ways, averaged
-                row.append(0.5 * sum(curv.damage(u, make(f, w0, curv.inputs(u, curv.folds[1 - b]), unit=u).float() - w0,
-                                                 curv.folds[b], samples) for b in (0, 1)))
+                row.append(0.5 * sum(curv.damage(u, make(f, w0, curv.inputs(u, curv.folds[1 - b]), unit=u).float()
+                                                 - w0, curv.folds[b], samples) for b in (0, 1)))
             else:
                 row.append(curv.damage(u, make(f, w0, curv.inputs(u, whole), unit=u).float() - w0, whole, samples))
         damage.append(row)
