@@ -20,7 +20,10 @@ windows): the default protocol (the end of the default text, 4 x 128 tokens), th
 the language-reference topics only ("pydoc-A", disjoint from pydoc-B), each other domain in-domain, and a
 mix (the damages averaged over pydoc-A, licenses and vim: each layer's damage weighted equally per text).
 ``--kl`` adds the exact-KL measure (method="kl") on the default protocol's windows for comparison with the
-Fisher estimate from the same windows. Results: benchmarks/results/plan_transfer.{json,md}.
+Fisher estimate from the same windows. ``--qat STEPS --qat-candidates`` adds plans for QAT at uniform W4G64's
+bits/weight measured by kfac over ``--qat-formats`` on RTN candidates and on QAT-made candidates
+(``sensitivity(..., quantizer="qat")``: one QAT run of STEPS per integer format, trained on the text before the
+16 x 256 measurement windows), each applied by QAT with STEPS, against uniform W4G64 QAT with STEPS. Results: benchmarks/results/plan_transfer.{json,md}.
 """
 
 from __future__ import annotations
@@ -94,6 +97,11 @@ def main() -> None:
     ap.add_argument("--awq", action="store_true", help="also AWQ rows: uniform W4G64 and plans applied by AWQ")
     ap.add_argument("--qat", type=int, default=0, metavar="STEPS",
                     help="also QAT rows with this many steps: uniform W4G64 and the default plan, trained")
+    ap.add_argument("--qat-candidates", action="store_true",
+                    help="with --qat: also plans measured by kfac on --qat-formats, once on RTN candidates and once on "
+                         "QAT-made candidates (one QAT run per integer format, the same steps), each applied by QAT")
+    ap.add_argument("--qat-formats", default="bf16,W8,W4G64,W4G128,W3G64",
+                    help="the candidate formats of the --qat-candidates plans")
     ap.add_argument("--no-rtn-plans", action="store_true",
                     help="skip the RTN plan rows (their sensitivities are still measured, or read from the cache)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -108,13 +116,15 @@ def main() -> None:
     refs = {k: reference_logp(fp32, ev[k]) for k in evals}
     lw, ls = (int(x) for x in args.large.split("x"))
 
-    def sens(key, n, seq, method="fisher", quantizer="rtn"):
+    def sens(key, n, seq, method="fisher", quantizer="rtn", candidates=None, params=None):
         # calibration from the end of the text; checked disjoint from its evaluation windows
         cal = cut_windows(ids[key], n, seq, split="calib")
         if key in ev:
             first = ids[key].numel() - n * seq
             assert first >= ev[key].numel(), f"{key}: calibration overlaps evaluation"
-        s = sensitivity(fp32, ids[key], method=method, windows=n, seq_len=seq, progress=False, quantizer=quantizer)
+        more = {} if candidates is None else {"candidates": candidates}
+        s = sensitivity(fp32, ids[key], method=method, windows=n, seq_len=seq, progress=False, quantizer=quantizer,
+                        params=params, **more)
         assert s.tokens == cal.shape[0] * (cal.shape[1] - 1)
         logging.info("sensitivity %s %dx%d %s %s: %.0f s", key, n, seq, method, quantizer, s.seconds)
         return s
@@ -181,6 +191,18 @@ def main() -> None:
         plan = Plan(rules=plan.rules, method="qat", params=knobs, info=plan.info)
         run(f"QAT plan @ {b:.3f} b/w from the default fisher plan, {args.qat} steps", plan, plan.info["predicted_kl"],
             " ".join(f"{k}:{v}" for k, v in sorted(plan.info["formats"].items())), method="QAT")
+        if args.qat_candidates:
+            fm = args.qat_formats.split(",")
+            made = {"RTN": sens("pydoc", lw, ls, "kfac", candidates=fm),
+                    "QAT": sens("pydoc", lw, ls, "kfac", "qat", candidates=fm, params=knobs)}
+            qat_sens = {k: {"seconds": s.seconds, "tokens": s.tokens, "candidates": s.candidates,
+                            **({"qat": s.extra["qat"]} if "qat" in s.extra else {})} for k, s in made.items()}
+            for k, s in made.items():
+                plan = plan_from_sensitivity(s, target_bits=b, method="qat")
+                plan = Plan(rules=plan.rules, method="qat", params=knobs, info=plan.info)
+                run(f"QAT plan @ {b:.3f} b/w from kfac of {k} candidates ({','.join(fm)}), pydoc end {L}, "
+                    f"{args.qat} steps", plan, plan.info["predicted_kl"],
+                    " ".join(f"{k}:{v}" for k, v in sorted(plan.info["formats"].items())), method="QAT")
     for name, made, knobs in (("GPTQ", gptq_sens, GPTQParams()), ("AWQ", awq_sens, AWQParams())):
         if made is None:
             continue
@@ -207,6 +229,8 @@ def main() -> None:
                               **({"spearman_vs_exact_kl": agreement_kl[k]} if args.kl else {})}
                           for k, s in sources.items()},
               "rows": rows, "wall_s": time.perf_counter() - t_start}
+    if args.qat and args.qat_candidates:
+        result["qat_candidates_sensitivity"] = qat_sens
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     cols = (["config"] + [f"KL {k}" for k in evals] + [f"x uniform {k}" for k in evals]

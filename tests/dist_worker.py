@@ -95,12 +95,18 @@ def main() -> None:
             json.dump({"world": distributed.active().world}, f)
 
 
+# QAT candidates: two steps on the 96 tokens before the windows, each batch of 2 split over the 2 ranks
+QAT_KNOBS = {"steps": 2, "seq_len": 16, "batch": 2, "lr": 1e-4}
+
+
 def sensitivities(model) -> dict:
     """Each sensitivity measure's damages on 3 windows of 32 tokens (the test makes the same in one process)."""
     ids = calib().flatten()
     return {(meth, q): llmquant.sensitivity(model, ids, ("W8", "W4G32", "W2G32"), method=meth, quantizer=q, windows=3,
-                                            seq_len=32, cache=False, progress=False).damage
-            for meth, q in (("fisher", "rtn"), ("kfac", "rtn"), ("kfac", "gptq"), ("kfac", "awq"), ("kl", "rtn"))}
+                                            seq_len=32, cache=False, progress=False,
+                                            params=QAT_KNOBS if q == "qat" else None).damage
+            for meth, q in (("fisher", "rtn"), ("kfac", "rtn"), ("kfac", "gptq"), ("kfac", "awq"), ("kl", "rtn"),
+                            ("kfac", "qat"))}
 
 
 if __name__ == "__main__":

@@ -98,14 +98,16 @@ def test_qat_and_evaluation_match_one_process(two_ranks, ckpt):
         assert got["eval"][k] == ev[k], k
     # sensitivity: each rank measures its windows; Fisher's per-window sums are added in window order (the
     # same numbers), K-FAC's moments per rank then in rank order (float64: equal to rounding), exact KL's
-    # sums per rank (one batch each: the batched products round differently)
+    # sums per rank (one batch each: the batched products round differently); QAT candidates trained on both
+    # ranks together (DDP: the trained weights equal one process's up to fp32 rounding)
     from dist_worker import sensitivities
 
     one = sensitivities(ref)
     assert got["sens"].keys() == one.keys()
     for key, damage in one.items():
         flat = [v for row in damage for v in row]
-        assert [v for row in got["sens"][key] for v in row] == pytest.approx(flat, rel=1e-5 if key[0] == "kl" else 1e-9), key
+        rel = 1e-5 if key[0] == "kl" else 1e-4 if key[1] == "qat" else 1e-9
+        assert [v for row in got["sens"][key] for v in row] == pytest.approx(flat, rel=rel), key
 
 
 @pytest.fixture(scope="module")

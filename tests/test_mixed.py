@@ -243,7 +243,7 @@ def test_awq_candidates_in_sensitivity_and_plans(sensitive_model):
     _lands_on_its_formats(copy.deepcopy(m), plan)
     with pytest.raises(SchemeError, match="needs method='kfac'"):
         sensitivity(m, CALIB, cands, method="fisher", quantizer="awq", **kw)
-    with pytest.raises(SchemeError, match="goes with quantizer='gptq' or 'awq'"):
+    with pytest.raises(SchemeError, match="goes with quantizer='gptq', 'awq' or 'qat'"):
         sensitivity(m, CALIB, cands, method="kfac", params={"grid": 4}, **kw)
     with pytest.raises(SchemeError, match="unknown AWQParams fields"):
         sensitivity(m, CALIB, cands, method="kfac", quantizer="awq", params={"damp": 0.1}, **kw)

@@ -23,8 +23,29 @@ def _sens_from_args(args, model, tok):
     return llmquant.sensitivity(
         model, Path(args.text) if args.text else None, cands, method=args.method, tokenizer=tok,
         windows=args.windows, seq_len=args.seq_len, samples=args.samples, include_head=args.include_head,
-        cache=not args.no_cache, quantizer=args.quantizer,
+        cache=not args.no_cache, quantizer=args.quantizer, params=_quantizer_params(args),
     )
+
+
+def _quantizer_params(args) -> dict | None:
+    """--quantizer-params: a JSON object of the quantizer's knobs (checked before the model loads)."""
+    from ..errors import SchemeError
+
+    raw = getattr(args, "quantizer_params", None)
+    if raw is None:
+        return None
+    if args.quantizer == "rtn":
+        raise SchemeError("--quantizer-params goes with --quantizer gptq, awq or qat")
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SchemeError(f"--quantizer-params is not valid JSON ({e.msg}); write it like '{{\"steps\": 40}}'") from None
+    if not isinstance(d, dict):
+        raise SchemeError(f"--quantizer-params must be a JSON object of the quantizer's knobs, got {raw!r}")
+    from ..schemes.methods import resolve_method_params
+
+    resolve_method_params(args.quantizer, d)  # unknown or bad knobs: one line, before the model loads
+    return d
 
 
 def _check_side_files(args) -> None:
@@ -39,6 +60,7 @@ def cmd_sensitivity(args) -> int:
     from ..report import format_table, sensitivity_chart
 
     _check_side_files(args)
+    _quantizer_params(args)
     model, tok = llmquant.load_model(args.model, stream=args.stream)
     sens = _sens_from_args(args, model, tok)
     if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run reports
@@ -84,6 +106,7 @@ def cmd_plan(args) -> int:
             parse_size(args.max_size)  # a size it cannot read is reported before the model loads
     _check_out(args.output, True, kind="file")
     _check_side_files(args)
+    _quantizer_params(args)
     model, tok = llmquant.load_model(args.model, stream=args.stream)
     max_size = args.max_size
     if like is not None:
@@ -115,9 +138,13 @@ def _add_sens_args(p) -> None:
                    help="fisher: 2nd-order KL estimate (fast, default); kfac: the same in Kronecker-factored form, "
                         "weighing errors by the calibration inputs (needed for --quantizer gptq/awq); kl: measured KL "
                         "per layer and format (slow)")
-    p.add_argument("--quantizer", choices=["rtn", "gptq", "awq"], default="rtn",
-                   help="how each candidate is made when measured: rtn, or gptq / awq on the calibration windows "
-                        "(with --method kfac or kl); a plan from gptq (awq) candidates is applied by GPTQ (AWQ)")
+    p.add_argument("--quantizer", choices=["rtn", "gptq", "awq", "qat"], default="rtn",
+                   help="how each candidate is made when measured: rtn, or gptq / awq on the calibration windows, or "
+                        "qat (one QAT run per integer format, on the text before the calibration windows) (with "
+                        "--method kfac or kl); a plan from gptq / awq / qat candidates is applied by that method")
+    p.add_argument("--quantizer-params", metavar="JSON",
+                   help="the quantizer's knobs as a JSON object, e.g. '{\"steps\": 40}' for qat (QATParams; "
+                        "GPTQParams / AWQParams for gptq / awq); carried into the plan")
     p.add_argument("--include-head", action="store_true", help="plan the output head and embeddings too")
     p.add_argument("--windows", type=A.positive_int, help="calibration windows (default 4)")
     p.add_argument("--seq-len", type=A.seq_len, default=128, help="tokens per calibration window")
@@ -320,7 +347,10 @@ def cmd_qat(args) -> int:
 
         from ..schemes import resolve_plan
 
-        plan = dataclasses.replace(resolve_plan(args.plan), method="qat", params=params)
+        plan = resolve_plan(args.plan)
+        if plan.method == "qat" and plan.params is not None:  # a QAT plan keeps its knobs, unless flags say otherwise
+            params = QATParams(**{**plan.params.to_dict(), **given})
+        plan = dataclasses.replace(plan, method="qat", params=params)
     _check_out(args.output, args.overwrite)
     ckpt_dir = args.checkpoint_dir or f"{args.output.rstrip('/')}.qat-ckpt"
     _check_out(ckpt_dir, True)  # checkpoints are written during training, resumed from with --resume
@@ -362,7 +392,8 @@ def add_qat_parser(sub) -> None:
     t.add_argument("--group-size", type=int, help="values per scale (default: 128 below 8 bits)")
     t.add_argument("--asym", action="store_true", help="asymmetric (learned zero points)")
     t.add_argument("--plan", help="a mixed-precision plan (JSON, from `llmquant plan`): train each layer in the "
-                   "plan's format for it instead of one scheme")
+                   "plan's format for it instead of one scheme (a plan measured on QAT candidates keeps its QAT "
+                   "knobs; flags given here override them)")
     t.add_argument("--steps", type=A.positive_int, help="optimizer steps (default 100)")
     t.add_argument("--lr", type=A.positive_float, help="AdamW learning rate, weights and step sizes (default 5e-5)")
     t.add_argument("--seq-len", type=A.seq_len, help="tokens per training window (default 256)")

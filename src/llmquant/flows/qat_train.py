@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import token_windows
+from ..data import token_windows, windows as cut_windows
 from ..errors import CheckpointError, SchemeError, TrainingDivergedError
 from ..resources import PeakMemory, trim_memory
 from ..modules.fake_quant import FakeQuantLinear
@@ -65,7 +65,14 @@ class QATResult:
 
 
 def _windows(model, text, tokenizer, seq_len: int, needed: int) -> torch.Tensor:
-    """Up to ``needed`` training windows from the end of the text (as many as there is room for)."""
+    """Up to ``needed`` training windows from the end of the text (as many as there is room for); ``text``
+    may be 1-D token ids (a tensor), cut the same way."""
+    if isinstance(text, torch.Tensor):
+        ids = text.flatten().long()
+        if ids.numel() < seq_len:
+            raise SchemeError(f"the training tokens ({ids.numel()}) do not fill one window of {seq_len}; give more "
+                              "text or a shorter seq_len")
+        return cut_windows(ids, needed, seq_len, split="calib", at_most=True)
     tokenizer = tokenizer or getattr(model, "llmquant_tokenizer", None)
     return token_windows(tokenizer, text, needed, seq_len, split="calib", purpose="train", at_most=True)
 
@@ -163,8 +170,9 @@ def train_qat(
 
     ``model``: a float model (prepared here with ``config``; for ``loss="kl"`` a frozen copy of it is the
     teacher) or one already prepared with :func:`prepare_qat` (then pass ``teacher=``). ``text``: None (the
-    default text), a ``Path`` to a .txt/.jsonl file, or a string. One step = ``grad_accum`` micro-batches of
-    ``batch`` windows of ``seq_len`` tokens. ``max_seconds`` ends training early (a fixed time budget).
+    default text), a ``Path`` to a .txt/.jsonl file, a string, or 1-D token ids (a tensor). One step =
+    ``grad_accum`` micro-batches of ``batch`` windows of ``seq_len`` tokens. ``max_seconds`` ends training early
+    (a fixed time budget).
     ``checkpoint_dir`` + ``checkpoint_every``: save every N steps (and at the end); ``resume=True`` continues
     from the checkpoint there. A loss that is NaN/Inf, or above ``explode_factor`` x the first step's loss
     (and above 0.1), raises :class:`TrainingDivergedError` before the step is applied.

@@ -83,7 +83,9 @@ def _apply_plan_qat(model: nn.Module, plan: Plan, progress: bool, train: dict) -
     ``init="mse"``) is the starting point; every planned integer linear then trains under fake quantization
     in its own format (:func:`llmquant.prepare_qat` on the packed modules), distilling the float model as
     ``plan.params`` (:class:`~llmquant.schemes.QATParams`) says, and is packed again in that format. The
-    embedding / head and bf16/fp16 layers keep their planned formats and stay frozen."""
+    embedding / head and bf16/fp16 layers keep their planned formats and stay frozen. ``train["text"]``, when
+    given, is the training text instead of ``plan.params.text`` (e.g. token ids, as QAT-made sensitivity
+    candidates train on)."""
     import copy
     import dataclasses
     from pathlib import Path
@@ -113,8 +115,9 @@ def _apply_plan_qat(model: nn.Module, plan: Plan, progress: bool, train: dict) -
                                                method_params=p).to_dict()
     kw = {k: v for k, v in p.to_dict().items()
           if k not in ("text", "version", "learn_scales", "lora_rank", "lora_alpha", "init")}
-    res = train_qat(model, Path(p.text) if p.text else None, teacher=teacher, convert=False, progress=progress,
-                    **kw, **train)
+    train = dict(train)
+    text = train.pop("text") if "text" in train else (Path(p.text) if p.text else None)
+    res = train_qat(model, text, teacher=teacher, convert=False, progress=progress, **kw, **train)
     del teacher
     summary = QuantSummary(method="plan:qat", config=plan.to_dict())
     convert_fake_quant(model, summary, progress)

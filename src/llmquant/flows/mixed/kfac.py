@@ -167,13 +167,13 @@ class _Curvature:
 
 
 def _quantizer(quantizer: str, params):
-    """``(fmt, w0, inputs or None) -> the weight stored in fmt``: RTN (the formats' own rounding), GPTQ with
-    ``params`` (:class:`~llmquant.schemes.GPTQParams`) on the Hessian of the layer's calibration inputs
+    """``(fmt, w0, inputs or None, unit=None) -> the weight stored in fmt``: RTN (the formats' own rounding),
+    GPTQ with ``params`` (:class:`~llmquant.schemes.GPTQParams`) on the Hessian of the layer's calibration inputs
     (:class:`Inputs`), or AWQ with ``params`` (:class:`~llmquant.schemes.AWQParams`): the scale searched for
     this linear alone (in a model, the linears sharing an input share one), then its clipping search. Float
     formats, and embeddings (no inputs), are rounded as RTN does."""
     if quantizer == "rtn":
-        return lambda f, w0, inp: fake_weight(f, w0)
+        return lambda f, w0, inp, unit=None: fake_weight(f, w0)
     from ...schemes import QuantScheme
     from ...schemes.primitives import dequantize
 
@@ -196,7 +196,7 @@ def _quantizer(quantizer: str, params):
                                            consume_hessian=True)
             return dequantize(q, scale, zero, f)
 
-    def make(f, w0, inp):
+    def make(f, w0, inp, unit=None):
         if not isinstance(f, QuantScheme) or inp is None:  # float formats are rounded; the embedding by RTN
             return fake_weight(f, w0)
         return solve(f, w0.detach().float(), inp).to(w0.dtype)
@@ -243,9 +243,9 @@ def _kfac_scan(model, units, fmts, ids, samples, progress, make, cross_fit=False
             if not _fits(f, w0.shape[-1]):
                 row.append(math.inf)
             elif cross_fit:  # made on one fold's inputs, weighed by the other fold's moments; both ways, averaged
-                row.append(0.5 * sum(curv.damage(u, make(f, w0, curv.inputs(u, curv.folds[1 - b])).float() - w0,
-                                                 curv.folds[b], samples) for b in (0, 1)))
+                row.append(0.5 * sum(curv.damage(u, make(f, w0, curv.inputs(u, curv.folds[1 - b]), unit=u).float()
+                                                 - w0, curv.folds[b], samples) for b in (0, 1)))
             else:
-                row.append(curv.damage(u, make(f, w0, curv.inputs(u, whole)).float() - w0, whole, samples))
+                row.append(curv.damage(u, make(f, w0, curv.inputs(u, whole), unit=u).float() - w0, whole, samples))
         damage.append(row)
     return damage

@@ -33,6 +33,21 @@ from the end of the text (:func:`llmquant.data.windows`, disjoint from evaluatio
               ``quantizer="awq"``: each layer's AWQ scale and clipping searched for each format on the
               same statistics (its inputs' Gram matrix and mean magnitudes), cross-fitted in the same way.
 
+QAT-made candidates (``quantizer="qat"``, with ``"kfac"`` or ``"kl"``; :mod:`.qat_candidates`): for each
+integer candidate format, one QAT run of a copy of the model with every planned layer in that format (a
+uniform plan applied by QAT, :class:`~llmquant.schemes.QATParams` as ``params``); each layer's candidate is
+its trained, dequantized weight, measured alone with the rest of the model float. The runs train on the
+tokens *before* the measurement windows (those are the text's last ``windows x seq_len`` tokens), so no
+measured token was trained on and no cross-fitting is needed; ``QATParams.text`` is not used for them (it is
+carried into the plan). Float candidates (bf16 / fp16) are rounded, as a QAT plan keeps such layers;
+formats QAT cannot train (k-quants, a stored float minimum as gguf:Q4_1) are refused. Each format's trained
+weights are cached (``<cache>/qat``), so another measure or a subset of the formats trains nothing. A
+distributed run (``"kfac"`` only, as for GPTQ / AWQ candidates) trains each format on every rank together.
+Cost: one QAT run per integer format on top of the measure. A plan made from it is a QAT plan with the
+same knobs. Caveat: QAT trains the layers jointly, each repairing the others' errors, while the damage is
+measured one layer at a time: it ranks layers by what they keep after training, not what they contribute
+to the trained whole.
+
 Damages add up across layers to first order, so a plan's predicted KL is the sum of its layers' damages.
 Results are cached on disk (``$LLMQUANT_CACHE/sensitivity``) keyed by model weights, text and settings.
 """
@@ -229,15 +244,22 @@ def _fixed_bytes(model: nn.Module, units: list[Unit]) -> tuple[int, int]:
     return fixed, 4 * params
 
 
-def _windows(tokenizer, text, n: int, seq_len: int) -> tuple[torch.Tensor, str]:
-    """(calibration windows, a hash of the text for the cache key) of ``text`` or of token ids (a tensor)."""
+def _tokens(tokenizer, text) -> tuple[torch.Tensor, str]:
+    """(1-D token ids, a hash of the text for the cache key) of ``text`` or of token ids (a tensor)."""
     if isinstance(text, torch.Tensor):  # already tokenized
         tokens = text.flatten().long()
-        return cut_windows(tokens, n, seq_len, split="calib"), hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+        return tokens, hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
     if tokenizer is None:
         raise SchemeError("sensitivity needs a tokenizer: pass tokenizer= or load the model with llmquant.load_model")
     raw = resolve_text(text)
-    return cut_windows(tokenize(tokenizer, raw), n, seq_len, split="calib"), hashlib.sha256(raw.encode()).hexdigest()
+    return tokenize(tokenizer, raw), hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _windows(tokenizer, text, n: int, seq_len: int) -> tuple[torch.Tensor, str]:
+    """(calibration windows, a hash of the text for the cache key) of ``text`` or of token ids (a tensor):
+    the last ``n x seq_len`` tokens (:func:`llmquant.data.windows`, ``split="calib"``)."""
+    tokens, key = _tokens(tokenizer, text)
+    return cut_windows(tokens, n, seq_len, split="calib"), key
 
 
 # ---- measures ----------------------------------------------------------------------------------
@@ -275,9 +297,9 @@ def _kl_scan(model, units, fmts, ids, progress, make=None, cross_fit=False):
 
 
 def _kl_sums(model, units, fmts, ids, progress, make=None, H=None):
-    """``make(fmt, w0, inputs)``: the stored weight (default: the format's RTN), given ``H[unit's module]``
+    """``make(fmt, w0, inputs, unit=)``: the stored weight (default: the format's RTN), given ``H[unit's module]``
     (its :class:`~.kfac.Inputs` on the other fold)."""
-    make = make or (lambda f, w0, inp: fake_weight(f, w0))
+    make = make or (lambda f, w0, inp, unit=None: fake_weight(f, w0))
     H = H or {}
     arch = arch_for(model)
     blocks = model.get_submodule(arch.layers) if arch else None
@@ -315,7 +337,7 @@ def _kl_sums(model, units, fmts, ids, progress, make=None, H=None):
             if not _fits(f, orig.shape[-1]):
                 row.append(math.inf)
                 continue
-            w.data.copy_(make(f, orig, H.get(u.modules[0])))
+            w.data.copy_(make(f, orig, H.get(u.modules[0]), unit=u))
             logp = F.log_softmax(run_from(u.block), -1)
             row.append(float(F.kl_div(logp, ref, log_target=True, reduction="sum")))  # >= 0 up to rounding
         w.data.copy_(orig)
@@ -330,7 +352,7 @@ def _fits(fmt, width: int) -> bool:
 
 
 MEASURES = ("fisher", "kfac", "kl")
-QUANTIZERS = ("rtn", "gptq", "awq")
+QUANTIZERS = ("rtn", "gptq", "awq", "qat")
 KEEP_DELTAS = 1 << 30  # bytes of k-quant weight changes kept between windows (their search is slow)
 
 
@@ -446,12 +468,15 @@ def sensitivity(
     ``text``: None (default text), a path, a string, or a 1-D tensor of token ids. ``windows`` x ``seq_len`` calibration tokens from
     the end of the text (default 4 x 128). ``method``: one of :data:`MEASURES`. ``quantizer``: how each
     candidate's weight is made, ``"rtn"``, ``"gptq"`` (GPTQ on the calibration windows' Hessian) or
-    ``"awq"`` (AWQ's scale and clipping searched on the calibration windows' statistics); ``params``: that
-    quantizer's knobs (:class:`~llmquant.schemes.GPTQParams` / :class:`~llmquant.schemes.AWQParams` or
-    their dict; None: the defaults; ``gptq=`` is the same for GPTQ). GPTQ and AWQ candidates are measured
-    with ``"kfac"`` or ``"kl"``: the diagonal Fisher form cannot see GPTQ's error compensation, and does
-    not gather the inputs' statistics both need. A plan made from such a sensitivity is applied with the
-    same method and knobs (``plan_from_sensitivity`` takes them from it).
+    ``"awq"`` (AWQ's scale and clipping searched on the calibration windows' statistics) or ``"qat"`` (one
+    QAT run per integer format, every planned layer in it, trained on the text before the measurement
+    windows: :mod:`.qat_candidates`); ``params``: that quantizer's knobs (:class:`~llmquant.schemes.GPTQParams`
+    / :class:`~llmquant.schemes.AWQParams` / :class:`~llmquant.schemes.QATParams` or their dict; None: the
+    defaults; ``gptq=`` is the same for GPTQ). GPTQ, AWQ and QAT candidates are measured with ``"kfac"`` or
+    ``"kl"``: the diagonal Fisher form weighs each weight's error alone, blind to errors that cancel on the
+    layer's inputs (what GPTQ solves for and training learns), and does not gather the inputs' statistics
+    GPTQ and AWQ need. A plan made from such a sensitivity is applied with the same method and knobs
+    (``plan_from_sensitivity`` takes them from it).
     ``cache``: True (default cache folder), False, or a folder.
     """
     from .. import distributed
@@ -461,6 +486,10 @@ def sensitivity(
         raise SchemeError(f"sensitivity method must be one of {', '.join(map(repr, MEASURES))}, got {method!r}")
     if quantizer not in QUANTIZERS:
         raise SchemeError(f"sensitivity quantizer must be one of {', '.join(map(repr, QUANTIZERS))}, got {quantizer!r}")
+    if quantizer == "qat" and method == "fisher":
+        raise SchemeError("quantizer='qat' needs method='kfac' (or the exact 'kl'): the diagonal Fisher form weighs "
+                          "each weight's error alone, blind to the errors training shapes to cancel on the layer's "
+                          "inputs")
     if quantizer != "rtn" and method == "fisher":
         raise SchemeError(f"quantizer={quantizer!r} needs method='kfac' (or the exact 'kl'): the diagonal Fisher form "
                           "weighs each weight's error alone (it cannot see how GPTQ's errors cancel on the layer's "
@@ -478,13 +507,18 @@ def sensitivity(
 
         qparams = resolve_method_params(quantizer, params)
     elif params is not None:
-        raise SchemeError("params= (the quantizer's knobs) goes with quantizer='gptq' or 'awq'")
+        raise SchemeError("params= (the quantizer's knobs) goes with quantizer='gptq', 'awq' or 'qat'")
     fmts = [resolve_format(c) for c in candidates]
     if not fmts:
         raise SchemeError("give at least one candidate format")
+    if quantizer == "qat":
+        from .qat_candidates import check_formats
+
+        check_formats(fmts)
     names = [format_name(f) for f in fmts]
     windows = windows or 4
-    ids, text_key = _windows(tokenizer or getattr(model, "llmquant_tokenizer", None), text, windows, seq_len)
+    all_ids, text_key = _tokens(tokenizer or getattr(model, "llmquant_tokenizer", None), text)
+    ids = cut_windows(all_ids, windows, seq_len, split="calib")  # the last windows x seq_len tokens
     units = plan_units(model, include_head=include_head, targets=targets, ignore=ignore)
     streamed = getattr(model, "llmquant_layer_source", None) is not None
     if streamed and method != "fisher":
@@ -498,7 +532,9 @@ def sensitivity(
     if quantizer != "rtn":  # (absent for RTN: the keys of earlier caches stay valid)
         from ...schemes.methods import params_to_json
 
-        settings["quantizer"] = {"name": quantizer, "params": params_to_json(qparams), "cross_fit": True}
+        settings["quantizer"] = {"name": quantizer, "params": params_to_json(qparams), "cross_fit": quantizer != "qat"}
+        if quantizer == "qat":
+            settings["quantizer"]["trained_on"] = "the tokens before the measurement windows"
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     folder = None if cache is False else (cache_dir() / "sensitivity" if cache is True else Path(cache).expanduser())
     if folder is not None and (folder / f"{key}.json").is_file():
@@ -514,11 +550,22 @@ def sensitivity(
     extra_damage: dict = {}
     from .kfac import _kfac_scan, _quantizer
 
-    make = _quantizer(quantizer, qparams)
+    cross_fit = quantizer in ("gptq", "awq")  # calibrated on half the windows, measured on the other half
+    if quantizer == "qat":  # trained on the tokens before the measurement windows (the text's last ones)
+        from .qat_candidates import qat_candidates
+
+        end = all_ids.numel() - ids.numel()
+        assert torch.equal(all_ids[end:], ids.flip(0).reshape(-1)), "the measurement windows are the text's end"
+        make = qat_candidates(model, units, fmts, all_ids[:end], qparams, fingerprint=settings["model"],
+                              text_key=text_key, folder=folder, progress=progress)
+        extra_damage["qat"] = {"train_tokens": [0, end], "measured_tokens": [end, int(all_ids.numel())],
+                               "formats": make.info}
+    else:
+        make = _quantizer(quantizer, qparams)
     if method == "kl":
-        damage = _kl_scan(model, units, fmts, ids, progress, make, cross_fit=quantizer != "rtn")
+        damage = _kl_scan(model, units, fmts, ids, progress, make, cross_fit=cross_fit)
     elif method == "kfac":
-        damage = _kfac_scan(model, units, fmts, ids, samples, progress, make, cross_fit=quantizer != "rtn")
+        damage = _kfac_scan(model, units, fmts, ids, samples, progress, make, cross_fit=cross_fit)
     else:
         if streamed:
             from .streamed import fisher_scan_streamed

@@ -113,7 +113,8 @@ def plan_from_sensitivity(sens: Sensitivity, *, target_bits: float | None = None
     """The plan of least predicted damage within the budget (exactly one of ``target_bits``, ``max_size``).
 
     ``method``: how the plan's integer formats are made (None: as the sensitivity measured them, i.e. GPTQ
-    with its knobs for a ``quantizer="gptq"`` sensitivity, AWQ for ``"awq"``, else RTN).
+    with its knobs for a ``quantizer="gptq"`` sensitivity, AWQ for ``"awq"``, QAT with its
+    :class:`~llmquant.schemes.QATParams` for ``"qat"``, else RTN).
 
     ``size`` says what the budget's bytes are (see :func:`_sized`): with GGUF candidates
     (:data:`~llmquant.schemes.GGUF_CANDIDATES`) the default counts the GGUF file's tensor bytes, and each
