@@ -2,7 +2,7 @@
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_decode_llama_cpp.py [--threads 1 2] [--rounds 3]
         [--configs fp32 W8 ...] [--kernels packed_avx2 packed_q8act] [--q8act-layouts tiled tiled8 rows]
-        [--compiled both|on|off] [--no-quality]
+        [--compiled both|on|off] [--no-quality] [--lock FILE]
         [--model DIR] [--prefill N] [--new N]
 
 ``--model DIR``: a local Hugging Face folder instead of the default model (e.g. the random-weight ~1B Llama of
@@ -232,6 +232,8 @@ def main() -> None:
                     default=["packed_avx2", "packed_q8act"], help="the llmquant kernels measured (default both)")
     ap.add_argument("--q8act-layouts", nargs="+", default=[""], choices=["", "tiled", "tiled8", "rows"],
                     help="packed_q8act rows, one per LLMQUANT_Q8ACT_LAYOUT value (default: one row, the default)")
+    ap.add_argument("--lock", type=Path, help="take this exclusive flock (e.g. /tmp/llmquant-bench.lock) for the "
+                    "timed rounds only, not for the setup")
     ap.add_argument("--no-quality", action="store_true", help="skip the KL evaluation (speed only)")
     ap.add_argument("--out", type=Path, default=OUT, help="results path without suffix (.json and .md written)")
     ap.add_argument("--model", type=Path, help="a local Hugging Face folder instead of the default model "
@@ -342,6 +344,13 @@ def main() -> None:
     print(f"[check] packed_q8act calls vs float64 on the same inputs, largest relative error: {call_err}", flush=True)
     print(f"[setup] references done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
+    if args.lock is not None:  # the timed part alone: wait for the exclusive lock (setup ran beside others)
+        import fcntl
+
+        lock_fd = open(args.lock, "a")
+        print(f"[setup] waiting for the exclusive lock {args.lock}", flush=True)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        print(f"[setup] lock held ({time.perf_counter() - t_start:.0f} s)", flush=True)
     llama = {ft: LlamaCpp(files[ft], threads=1) for ft in sorted({FORMATS[c] for c in args.configs})}
     rows = []
     for threads in args.threads:
