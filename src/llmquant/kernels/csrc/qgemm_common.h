@@ -30,12 +30,14 @@ struct Segment {
   int64_t start, rows;
 };
 
+// stored_bits: the bits per code of q when it differs from the codes' bits (q8gemm's 6-bit tiles of 8-bit codes)
 inline void check_args(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& mn, int64_t bits,
-                       int64_t N, int64_t K, int64_t gs, bool half_scales = false) {
+                       int64_t N, int64_t K, int64_t gs, bool half_scales = false, int64_t stored_bits = 0) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(K % 32 == 0 && (gs % 32 == 0 || (gs == 16 && bits == 8)),
               "in_features and group size must be multiples of 32 (groups of 16: 8-bit codes only)");
-  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous() && q.numel() == N * K * bits / 8, "bad packed weights");
+  TORCH_CHECK(q.dtype() == torch::kUInt8 && q.is_contiguous() && q.numel() == N * K * (stored_bits ? stored_bits : bits) / 8,
+              "bad packed weights");
   TORCH_CHECK((s.dtype() == torch::kFloat32 || (half_scales && s.dtype() == torch::kFloat16)) && s.is_contiguous() && s.size(0) == N && s.size(1) == (K + gs - 1) / gs,
               "bad scales");
   TORCH_CHECK(mn.numel() == 0 || (mn.dtype() == torch::kFloat32 && mn.is_contiguous() && mn.sizes() == s.sizes()),

@@ -568,8 +568,7 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   const int64_t K = x.size(1), M = x.size(0);
   const int64_t G = ss[0].size(1), nb = K / 32, bpg = gs / 32;  // bpg 0: groups of 16 (8 bits), two per block
   const bool tiled = !tiled_rows.empty();
-  const bool g16 = bpg == 0;
-  TORCH_CHECK(!g16 || (bits != 4 && gs == 16), "groups of 16 need 8-bit codes");
+  const bool g16 = bpg == 0;  // (check_args: groups of 16 with 8-bit codes only)
   TORCH_CHECK(!tiled || (use_vnni && tiled_rows.size() == qs.size()),
               "the tiled layout (q8_tile) runs on the VNNI path, one row count per weight");
   TORCH_CHECK(bits != 6 || tiled, "6-bit codes come in the tiled layout only");
@@ -629,11 +628,8 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
   for (size_t j = 0; j < qs.size(); ++j) {
     const int64_t rows = tiled ? tiled_rows[j] : ss[j].size(0);
     const bool half = ss[j].dtype() == torch::kFloat16;
-    if (bits == 6)  // q8_tile's 6-bit tiles: the 8-bit codes' checks, on a 6-bit size
-      TORCH_CHECK(qs[j].dtype() == torch::kUInt8 && qs[j].is_contiguous() && qs[j].numel() == ss[j].size(0) * K * 6 / 8,
-                  "bad 6-bit tiles");
-    llmquant_kernels::check_args(bits == 6 ? torch::empty({ss[j].size(0) * K}, torch::kUInt8) : qs[j], ss[j], ms[j],
-                                 bits == 6 ? 8 : bits, ss[j].size(0), K, gs, true);
+    // q8_tile's 6-bit tiles: the 8-bit codes' checks, on a 6-bit size
+    llmquant_kernels::check_args(qs[j], ss[j], ms[j], bits == 6 ? 8 : bits, ss[j].size(0), K, gs, true, bits);
     TORCH_CHECK(!tiled || (ss[j].size(0) == (rows + 7) / 8 * 8), "a tiled weight holds its rows padded to 8");
     TORCH_CHECK(ss[j].size(1) == G, "all weights must have the same groups");
     const bool offs = ms[j].numel() > 0;
@@ -647,11 +643,12 @@ torch::Tensor q8gemm(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector
                     static_cast<int32_t>(c + done)});
     N += rows;
   }
-  // many rows on VNNI (prefill8's chunks): block-major copies of the rounded x, made in parallel
+  // the calls that run prefill8's chunks (the tiled layout past 4 rows, the row layout's prefill path) read
+  // block-major copies of the rounded x, made in parallel
   std::vector<int8_t> xqb;
   std::vector<float> dbm;
   std::vector<int32_t> bsb, hsb;
-  if (use_vnni && M > 4) {
+  if (tiled ? M > 4 : use_vnni && M >= PREFILL_MIN_M) {
     xqb.resize(M * K), dbm.resize(M * nb), bsb.resize(M * nb), hsb.resize(g16 ? M * nb : 0);
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
