@@ -22,7 +22,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = ["W4G64", "W4G128", "W3G32"]
 METHODS = ["rtn", "gptq", "awq"]
-PASS_OPTIONS = ("bf16", "onepass")  # variant suffixes that set the calibration passes (CalibSpec), not the method
+PASS_OPTIONS = ("bf16", "onepass", "twopass")  # variant suffixes that set the calibration passes (CalibSpec), not the method
 
 
 def _rss_mb() -> float:
@@ -73,7 +73,9 @@ def method_config(method: str):
     ``rtn-mse`` / ``rtn-imse``: RTN with that range search. ``bf16`` (any method): the calibration passes in
     bfloat16 (``CalibSpec(compute="bfloat16")``); ``onepass`` (any calibrated method): one float pass over the
     whole model gathers every layer's statistics, each layer seeing the float model's inputs
-    (``CalibSpec(sequential=False)``) instead of two passes per layer; both handled by :func:`run_one`."""
+    (``CalibSpec(sequential=False)``) instead of layer by layer; ``twopass``: each layer in two passes (float
+    statistics, then quantized outputs: ``CalibSpec(true_sequential=False)``) instead of one; all handled by
+    :func:`run_one`."""
     base, *opts = [o for o in method.split("-") if o not in PASS_OPTIONS]
     if base == "rtn" and opts:
         from llmquant import RTNParams
@@ -114,6 +116,8 @@ def run_one(method: str, scheme: str, args) -> dict:
     compute = {"compute": "bfloat16"} if bf16 else {}  # (older llmquant has no compute field)
     if "onepass" in parts:
         compute["sequential"] = False
+    if "twopass" in parts:
+        compute["true_sequential"] = False
     cfg = QuantConfig(weight=weight_scheme(scheme), method=base, method_params=params,
                       calibration=CalibSpec(samples=args.calib_samples, seq_len=args.seq_len, **compute))
     t0, c0 = time.perf_counter(), _cpu_s()

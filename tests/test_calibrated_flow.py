@@ -60,17 +60,40 @@ def test_calibrated_quantize_makes_rtn_format_quantlinears(tiny, calib, method):
 
 
 def test_layer_by_layer_and_whole_model_agree(tiny, calib):
-    """Layer 0 sees the same (float) inputs either way, so its codes are identical; later layers differ
-    only by what quantized inputs change, far less than quantization itself changes the model."""
+    """Layer 0 sees the same (float) inputs either way, so its codes are identical when each layer is
+    calibrated in two passes (float statistics for all its linears); later layers differ only by what
+    quantized inputs change, far less than quantization itself changes the model."""
     a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
     cfg = QuantConfig(weight="W4G32", method="gptq")
-    llmquant.quantize(a, cfg, calib=calib, progress=False)
+    llmquant.quantize(a, cfg.with_(calibration=CalibSpec(true_sequential=False)), calib=calib, progress=False)
     llmquant.quantize(b, cfg.with_(calibration=CalibSpec(sequential=False)), calib=calib, progress=False)
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
         qa, qb = a.model.layers[0].get_submodule(name), b.model.layers[0].get_submodule(name)
         assert torch.equal(qa.codes(), qb.codes()) and torch.equal(qa.scale, qb.scale)
     ev = torch.randint(0, VOCAB, (4, 48), generator=torch.Generator().manual_seed(3))
     assert _kl(a, b, ev) < 0.25 * _kl(tiny, a, ev)
+
+
+def test_one_pass_layers_calibrate_each_linear_after_the_ones_before_it(tiny, calib):
+    """The default (true sequential): one pass per layer, each linear's statistics taken with the linears
+    before it already quantized. The first linears of layer 0 (q/k/v, whose input no quantized linear
+    changes) get the two-pass pipeline's codes exactly, solved together as there; the ones after them are
+    calibrated on quantized inputs, so they differ; the model is as close to the float one either way."""
+    a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    cfg = QuantConfig(weight="W4G32", method="gptq")
+    sa = llmquant.quantize(a, cfg, calib=calib, progress=False)
+    sb = llmquant.quantize(b, cfg.with_(calibration=CalibSpec(true_sequential=False)), calib=calib, progress=False)
+    assert sa.true_sequential and not sb.true_sequential
+    layer_a, layer_b = a.model.layers[0], b.model.layers[0]
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        qa, qb = layer_a.get_submodule(name), layer_b.get_submodule(name)
+        assert torch.equal(qa.codes(), qb.codes()) and torch.equal(qa.scale, qb.scale)
+    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert not torch.equal(layer_a.get_submodule(name).codes(), layer_b.get_submodule(name).codes())
+    ev = torch.randint(0, VOCAB, (4, 48), generator=torch.Generator().manual_seed(3))
+    ka, kb = _kl(tiny, a, ev), _kl(tiny, b, ev)
+    assert ka < 1.25 * kb
+    assert len(sa.layer_errors) == len(sb.layer_errors) == 3 and all(e > 0 for e in sa.layer_errors)
 
 
 def test_act_order_and_ragged_groups_in_the_flow(tiny, calib):

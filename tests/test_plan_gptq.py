@@ -171,7 +171,8 @@ def test_rtn_with_an_imatrix_file_equals_rtn_on_calibration(tmp_path, tiny_bpe_t
     calib = calib_ids(4, 64, vocab=512)
     path = str(write_imatrix(imatrix_from_calibration(ref, calib, progress=False), tmp_path / "im.gguf"))
     a, b = copy.deepcopy(ref), copy.deepcopy(ref)
-    llmquant.quantize(a, QuantConfig(method="rtn", weight="gguf:Q4_0", method_params=RTNParams(observer="imse")),
+    llmquant.quantize(a, QuantConfig(method="rtn", weight="gguf:Q4_0", method_params=RTNParams(observer="imse"),
+                                     calibration=llmquant.CalibSpec(true_sequential=False)),  # float inputs per layer
                       calib=calib, progress=False)
     cfg = QuantConfig(method="rtn", weight="gguf:Q4_0", method_params=RTNParams(observer="imse", imatrix=path))
     llmquant.quantize(b, cfg, progress=False)

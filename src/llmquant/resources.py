@@ -10,6 +10,7 @@ lifetime peak (``getrusage``). MB are decimal (1e6 bytes), as llmquant quotes si
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -102,8 +103,12 @@ class PeakMemory:
 
 def trim_memory() -> None:
     """Hand freed heap memory back to the system (glibc's ``malloc_trim``; nothing elsewhere). Layer after
-    layer of freed float weights otherwise stays resident as free heap space in the allocator."""
+    layer of freed float weights otherwise stays resident as free heap space in the allocator. Inside
+    :func:`trims_deferred` it waits for the end of the block."""
     global _LIBC
+    if _DEFER:
+        _DEFER[-1] = True
+        return
     if _LIBC is None:
         try:
             import ctypes
@@ -117,3 +122,18 @@ def trim_memory() -> None:
 
 
 _LIBC = None
+_DEFER: list[bool] = []
+
+
+@contextlib.contextmanager
+def trims_deferred():
+    """Calls of :func:`trim_memory` inside wait until the block ends, then one trim runs (if any was asked):
+    for work whose allocations are made again at once (a one-pass layer's batches resume after each linear's
+    quantizer; trimming between them costs about an eighth of the pass in page faults)."""
+    _DEFER.append(False)
+    try:
+        yield
+    finally:
+        asked = _DEFER.pop()
+        if asked:
+            trim_memory()

@@ -36,6 +36,9 @@ def build_parser() -> A.Parser:
     q.add_argument("--one-pass", action="store_true", help="calibrated methods: one float pass over the whole model "
                    "gathers every layer's statistics (each layer calibrated on the float model's inputs, not the "
                    "quantized layers' outputs): about half the passes; holds every layer's statistics at once")
+    q.add_argument("--two-pass", action="store_true", help="gptq / imse rtn / hqq: calibrate each decoder layer in "
+                   "two passes (float statistics for all its linears, then the quantized outputs) instead of one "
+                   "pass in which each linear sees the linears before it already quantized (less memory)")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     q.add_argument("--imatrix", help="rtn: llama.cpp's importance matrix file (GGUF; `llmquant imatrix` or llama-imatrix) "
                    "weighting each group's scale search, as llama-quantize --imatrix")

@@ -8,6 +8,8 @@ The estimate (bytes):
     work         the quantizer's temporaries: 4 copies of the largest weight; for GPTQ/AWQ statistics
                  one in x in Gram matrix per distinct input and GPTQ's inverse
     activations  2 copies (inputs and outputs) of the calibration hidden states of one layer
+    staged       a layer calibrated in one pass (true sequential) holds every batch's activations inside the
+                 layer at once: two hidden states and the widest linear input per token
 A spilled run keeps one batch of each in memory instead of all of them.
 """
 
@@ -35,6 +37,7 @@ class Estimate:
     work: int
     activations: int  # all windows, both copies
     one_batch: int  # one batch, both copies
+    staged: int = 0  # more, for a layer calibrated in one pass (every batch inside the layer at once)
 
     @property
     def in_memory(self) -> int:
@@ -48,7 +51,7 @@ class Estimate:
 def estimate(layers, chosen: dict, stages, batches, hidden: int | None,
              dtype: torch.dtype = torch.float32) -> Estimate:
     size = torch.tensor([], dtype=dtype).element_size()
-    layer = work = 0
+    layer = work = widest = 0
     for lay in layers or []:
         params = list(lay.parameters())
         numel = sum(p.numel() for p in params)
@@ -56,6 +59,7 @@ def estimate(layers, chosen: dict, stages, batches, hidden: int | None,
         layer = max(layer, numel * size + read)
         lin = [m for m in lay.modules() if isinstance(m, nn.Linear)]
         if lin:
+            widest = max(widest, *(m.in_features for m in lin))
             w = 4 * max(m.in_features * m.out_features for m in lin) * 4
             if any(s.needs_gram for s in stages):
                 ins = {m.in_features for m in lin}
@@ -63,12 +67,13 @@ def estimate(layers, chosen: dict, stages, batches, hidden: int | None,
             work = max(work, w)
     if not layers:  # no decoder layers: the quantized linears one at a time
         work = max((4 * m.weight.numel() * 4 for m in chosen.values() if hasattr(m, "weight")), default=0)
-    acts = one = 0
+    acts = one = staged = 0
     if batches and hidden:
         tokens = [b.numel() if not b.is_floating_point() else b.shape[0] for b in batches]
         acts = 2 * sum(tokens) * hidden * 4
         one = 3 * max(tokens) * hidden * 4
-    return Estimate(rss_bytes(), layer, work, acts, one)
+        staged = sum(tokens) * (2 * hidden + widest) * 4
+    return Estimate(rss_bytes(), layer, work, acts, one, staged)
 
 
 def check(est: Estimate, max_memory: int | None) -> bool:

@@ -12,6 +12,8 @@ class HQQStage(Stage):
     """Data-free, unless its guard is importance-weighted (``HQQParams(guard="imse")``): then the guard weighs
     each input column by ``diag(X^T X) / n`` of the (scaled, after an earlier stage's fold) inputs."""
 
+    per_linear = True
+
     def __init__(self, cfg, params=None) -> None:
         super().__init__(cfg, params)
         self.needs_data = self.needs_gram = (params or HQQParams()).calibrated

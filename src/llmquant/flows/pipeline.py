@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError
 from ..models import arch_for
 from ..modules import replace_module, select_linears
-from ..resources import PeakMemory, trim_memory
+from ..resources import PeakMemory, trim_memory, trims_deferred
 from . import budget, distributed
 from ..schemes import CalibSpec, QuantConfig, dequantize
 from ..schemes.primitives import all_finite
 from .passes import TailSkip, _Stop, _raise_stop, _run, decoder_layers, model_device, record_layer_inputs
 from .stages import ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, rtn_result, run_block  # noqa: F401
+from .staged import staged_pass
 from .stats import StatsCollector
 from .summary import QuantSummary, untie_if_needed
 
@@ -302,20 +303,24 @@ def _observing(stages: list[Stage], ctx: LayerContext):
         yield
 
 
-def _budget(model, layers, chosen, stages, batches, summary) -> bool:
-    """Check the run against the budget (``max_memory=``) before any work; True: spill the activations."""
+def _budget(model, layers, chosen, stages, batches, summary, staged: bool = False) -> tuple[bool, bool]:
+    """Check the run against the budget (``max_memory=``) before any work; returns (spill the activations,
+    calibrate each layer in one pass): the one-pass layer (``staged``, asked) holds every batch's activations
+    inside the layer at once, so it is kept only when that fits the budget too."""
     limit = getattr(model, "llmquant_max_memory", None)
     if limit is None:
-        return False
+        return False, staged
     cfg = getattr(model, "config", None)
     est = budget.estimate(layers, chosen, stages, batches, getattr(cfg, "hidden_size", None))
     spill = budget.check(est, limit)
+    staged = staged and (est.minimum if spill else est.in_memory) + est.staged <= limit
     summary.memory_budget = {"max_memory_mb": limit / 1e6, "estimate_mb": est.in_memory / 1e6,
-                             "minimum_mb": est.minimum / 1e6, "activations_spilled": spill}
+                             "minimum_mb": est.minimum / 1e6, "activations_spilled": spill,
+                             "true_sequential": staged}
     if spill:
         log.info("activations (%.0f MB) do not fit the budget of %.0f MB: spilled to disk", est.activations / 1e6,
                  limit / 1e6)
-    return spill
+    return spill, staged
 
 
 def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks) -> None:
@@ -330,7 +335,12 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
     if group is not None and not local:
         raise CalibrationError(f"{len(batches)} calibration batches cannot be shared by {group.world} ranks: give "
                                f"at least {group.world} batches (more windows, or a smaller batch size)")
-    spill = _budget(model, layers, chosen, stages, local, summary)
+    float_prop = any(s.propagate_float for s in stages)
+    targets = any(s.needs_targets for s in stages)
+    spec = cfg.calibration or CalibSpec()
+    staged = spec.true_sequential and not float_prop and not targets and all(per_linear(s) for s in stages)
+    spill, staged = _budget(model, layers, chosen, stages, local, summary, staged)
+    summary.true_sequential = staged
     store = (lambda: budget.SpilledList()) if spill else list
     xs, kwargs = record_layer_inputs(model, layers, local, kw, store=store())
     shared = None
@@ -339,14 +349,14 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         if group.broadcast(getattr(hooks.checkpoint, "resumable", False), 0, "the checkpoint settings"):
             shared = (group, gidx, shapes)
     start = _resume(hooks, model, found, chosen, summary, xs, shared)
-    float_prop = any(s.propagate_float for s in stages)
-    targets = any(s.needs_targets for s in stages)
     # a float pass whose outputs go unused may stop at the last linear's input, unless a stage watches more
     skip_tail = all(type(s).observe is Stage.observe for s in stages)
-    spec = cfg.calibration or CalibSpec()
+    bf16 = spec.compute == "bfloat16"  # the statistics' products too
     # the layer's output error is measured on the batches holding the first error_windows windows
     sizes = [b.shape[0] for b in batches]
     want, err_batches = min(s.error_windows for s in stages), 0
+    if staged:  # the float outputs cost a forward of their own here: fewer windows
+        want = min(want, STAGED_ERROR_WINDOWS)
     while err_batches < len(sizes) and sum(sizes[:err_batches]) < want:
         err_batches += 1
     err = [g < err_batches for g in gidx]
@@ -369,6 +379,11 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         hooks.source.load(i, prefix, layer)
         lin = {n: m for n, m in chosen.items() if n.startswith(prefix + ".")}
         inside |= set(lin)
+        if staged:
+            parts = _staged_layer(model, layer, prefix, lin, chosen, cfg, stages, spec, xs, kwargs[i], err, gidx,
+                                  summary, hooks, group, clock)
+            _finish_layer(model, found, i, layer, prefix, parts, len(lin), xs, summary, hooks, shared, bar, t, clock)
+            continue
 
         def float_pass(keep: bool):
             ys = store()  # float outputs: all of them when they feed the next layer, else those the error needs
@@ -385,7 +400,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
                     del y
             return ys
 
-        ctx = LayerContext(layer, prefix, lin, StatsCollector(lin), cfg, rerun=lambda: float_pass(False))
+        ctx = LayerContext(layer, prefix, lin, StatsCollector(lin, bf16), cfg, rerun=lambda: float_pass(False))
         with _observing(stages, ctx):
             ys = float_pass(True)
         clock("float pass")
@@ -426,20 +441,124 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
         clock("quantized pass")
         nlin = len(lin)
         del results, lin
-        num = den = 0.0
-        for a, b in distributed.sum_in_order(parts, "the layer's output error"):  # one process's order
-            num += a
-            den += b
-        err_i = num / max(den, 1e-30)
-        summary.layer_errors.append(err_i)
-        _layer_done(hooks, model, found, i, layer, xs, summary, shared)
-        clock("write")
-        bar.set_postfix(layer=i, rel_mse=f"{err_i:.2e}", s=f"{time.perf_counter() - t:.1f}")
-        log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, nlin, err_i, time.perf_counter() - t)
+        _finish_layer(model, found, i, layer, prefix, parts, nlin, xs, summary, hooks, shared, bar, t, clock)
     rest = {n: m for n, m in chosen.items() if n not in inside}
     if rest:
         log.warning("%s are outside the decoder layers: quantized with RTN", sorted(rest))
         _install(model, rtn_result(rest, stages[-1].scheme), chosen, stages[-1], summary)
+
+
+def _finish_layer(model, found, i, layer, prefix, parts, nlin, xs, summary, hooks, shared, bar, t, clock) -> None:
+    """Layer ``i`` is quantized: its output error (``parts``: (global batch, numerator, denominator)) goes in
+    the summary, and it is written and checkpointed."""
+    num = den = 0.0
+    for a, b in distributed.sum_in_order(parts, "the layer's output error"):  # one process's order
+        num += a
+        den += b
+    err_i = num / max(den, 1e-30)
+    summary.layer_errors.append(err_i)
+    _layer_done(hooks, model, found, i, layer, xs, summary, shared)
+    clock("write")
+    bar.set_postfix(layer=i, rel_mse=f"{err_i:.2e}", s=f"{time.perf_counter() - t:.1f}")
+    log.info("%s: %d linears, output rel. MSE %.3e, %.1fs", prefix, nlin, err_i, time.perf_counter() - t)
+
+
+#: a layer calibrated in one pass measures its output error on this many windows at most: the float outputs it
+#: is compared with cost a forward pass of their own there
+STAGED_ERROR_WINDOWS = 4
+
+
+def per_linear(stage: Stage) -> bool:
+    """Whether ``stage`` quantizes each linear from its own input statistics alone (no transform of the layer,
+    no hooks of its own, no float targets): then the layer can be calibrated in one pass (:mod:`.staged`)."""
+    return (stage.per_linear and type(stage).observe is Stage.observe and type(stage).transform is Stage.transform
+            and not stage.propagate_float and not stage.needs_targets)
+
+
+def _staged_layer(model, layer, prefix, lin, chosen, cfg, stages, spec, xs, kwargs, err, gidx, summary, hooks,
+                  group, clock) -> list:
+    """One decoder layer in one pass (:func:`.staged.staged_pass`): each linear quantized once every batch has
+    reached it, on the outputs of the linears before it already quantized; ``xs`` becomes the layer's
+    outputs. Returns the output error's parts (global batch, numerator, denominator). Linears that share an
+    input (found on the float pass of the first batch) are quantized together when the first of them is
+    reached, on its statistics: one GPTQ call and one Hessian inverse, as in the two-pass pipeline."""
+    dev = model_device(model)
+    shared = StatsCollector(lin, accumulate=False)
+    with _compute(spec, dev):  # the float layer's outputs on the batches the output error is measured on
+        with shared:
+            y0 = _run(layer, xs[0], kwargs[0])
+        ys = [y0 if err[0] else None] + [_run(layer, x, k) if err[j] else None
+                                          for j, (x, k) in enumerate(zip(xs, kwargs)) if j]
+        del y0
+    together = {n: names for names in shared.groups().values() for n in names}
+    where = group.where if group is not None else ""
+    for y in ys:
+        if y is not None:
+            _check(y, f"{prefix} (float)")
+    clock("float pass")
+    col = StatsCollector(lin, spec.compute == "bfloat16")
+    finished: set[str] = set()
+    results: Result = {}
+    order = list(lin)
+
+    def on_linear(name: str) -> list[str]:
+        clock("quantized pass")
+        if group is not None:  # "decoder layer 3 (model.layers.3) at mlp.down_proj"
+            group.where = f"{where} at {name[len(prefix) + 1:]}"
+        own = col.owner.get(name, name)
+        if own not in finished:
+            if hooks.reduce_stats is not None:  # the sums over every rank's batches, this input only
+                view = StatsCollector({})
+                view.owner = {name: own} if name in col.owner else {}
+                view.stats = {own: col.stats[own]} if own in col.stats else {}
+                hooks.reduce_stats(view)
+                col.owner.update(view.owner)
+                col.stats.update(view.stats)
+                own = col.owner.get(name, name)
+            if own in col.stats:
+                col.stats[own].finish()
+            finished.add(own)
+        clock("reduce")
+        names = [name]
+        for other in together.get(name, ()):  # its input's other readers, not called yet
+            if other != name and other not in col.owner and other not in results:
+                col.owner[other] = own
+                names.append(other)
+        ctx = LayerContext(layer, prefix, {n: lin[n] for n in names}, col, cfg,
+                           tokens_seen=max((st.n for st in col.stats.values()), default=0))
+        for s in stages:
+            s.reduce(ctx)
+        got = run_block(stages, ctx)
+        summary.rtn_fallback.extend(ctx.rtn_fallback)
+        _simulate(chosen, got, stages[-1])  # what the quantized linear computes, for the batches that go on
+        results.update(got)
+        clock("quantize")
+        return names
+
+    def choose(waited: list[str]) -> str | None:  # a distributed run: the first any rank waits on
+        first = order.index(waited[0]) if waited else len(order)
+        first = min(group.gather(first, "the next linear to quantize"))
+        return order[first] if first < len(order) else None
+
+    def batch(x, k):
+        def run():
+            with _compute(spec, dev):
+                return _run(layer, x, k)
+        return run
+
+    with trims_deferred():  # the batches' activations are made again after each linear: keep the heap
+        outs = staged_pass(lin, [batch(x, k) for x, k in zip(xs, kwargs)], col._hook, on_linear,
+                           choose if group is not None else None)
+    parts = []
+    for j, yq in enumerate(outs):
+        _check(yq, f"{prefix} (quantized)")
+        if ys[j] is not None:
+            parts.append((gidx[j], (float((yq.float() - ys[j].float()).pow(2).sum()), float(ys[j].float().pow(2).sum()))))
+        xs[j], ys[j] = yq, None
+    del outs
+    _install(model, results, chosen, stages[-1], summary)
+    clock("quantized pass")
+    return parts
 
 
 def _whole_model(model, found, arch, chosen, cfg, stages, batches, kw, summary, progress) -> None:

@@ -59,6 +59,7 @@ class LayerContext:
     kwargs: list | None = None
     targets: list | None = None
     rtn_fallback: list = field(default_factory=list)  # linears quantized with RTN for want of calibration tokens
+    tokens_seen: int = 0  # the most tokens any linear of the block saw (when ``linears`` is part of the block)
 
     def rel(self, name: str) -> str:
         return name[len(self.prefix) + 1 :] if self.prefix else name
@@ -90,6 +91,7 @@ class Stage:
     calib_batch: int | None = None
     split_blocks = True
     error_windows = ERROR_WINDOWS  # calibration windows the layer's output error is measured on (memory, time)
+    per_linear = False  # quantize() treats each linear on its own statistics: a layer may go in one pass
 
     def __init__(self, cfg: QuantConfig, params=None) -> None:
         self.cfg, self.params = cfg, params
@@ -159,6 +161,8 @@ class RTNStage(Stage):
     importance-weighted search ("imse"), whose importance is each input's mean square ``diag(X^T X) / n``
     (of the scaled inputs after an earlier stage's fold)."""
 
+    per_linear = True
+
     def __init__(self, cfg: QuantConfig, params=None) -> None:
         super().__init__(cfg, params)
         self.observer = getattr(params, "observer", "minmax")
@@ -208,6 +212,8 @@ def imatrix_importance(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
 
 class GPTQStage(Stage):
     """GPTQ (algorithms/gptq.py); linears sharing an input share H and are solved in one call."""
+
+    per_linear = True
 
     def quantize(self, ctx: LayerContext) -> Result:
         p = self.params
@@ -330,7 +336,7 @@ def run_block(stages: list[Stage], ctx: LayerContext) -> Result:
     out: Result = {}
     if any(s.needs_gram for s in stages):
         seen = {n: ctx.stats.of(n).n for n in ctx.linears if n in ctx.stats.owner}
-        least = min(MIN_CALIB_TOKENS, max(seen.values(), default=0) // 4)
+        least = min(MIN_CALIB_TOKENS, max(max(seen.values(), default=0), ctx.tokens_seen) // 4)
         unseen = {n: m for n, m in ctx.linears.items() if seen.get(n, 0) < max(least, 1)}
         for n in unseen:
             log.warning("%s saw %d calibration tokens; quantized with RTN", n, seen.get(n, 0))

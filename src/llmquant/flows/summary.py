@@ -47,6 +47,7 @@ class QuantSummary:
     peak_memory_mb: float = 0.0  # the process's peak resident memory while quantizing (MB, 1e6 bytes)
     memory_budget: dict = field(default_factory=dict)  # max_memory=: the budget, the estimate, whether it spilled
     resumed_after: int = 0  # decoder layers taken from an interrupted run's checkpoint (resume)
+    true_sequential: bool = False  # layers calibrated in one pass, each linear after the ones before it (staged)
     # a layer-by-layer calibrated run: seconds spent in each phase, summed over the layers ("float pass"
     # with the statistics hooks, "reduce" across ranks, "quantize" (the stages), "quantized pass", "write")
     phase_seconds: dict = field(default_factory=dict)
@@ -94,6 +95,7 @@ class QuantSummary:
             "peak_memory_mb": self.peak_memory_mb,
             "memory_budget": self.memory_budget,
             "resumed_after": self.resumed_after,
+            "true_sequential": self.true_sequential,
             "phase_seconds": self.phase_seconds,
             "rtn_fallback": self.rtn_fallback,
             "head": self.head,

@@ -197,12 +197,19 @@ class CalibSpec(_Params):
     seq_len: int = 512  # tokens per window
     batch_size: int = 4  # windows per forward pass (memory: activations of one batch inside a layer)
     sequential: bool = True  # layer by layer, feeding quantized outputs on; False: one float pass for all
+    # layer by layer, methods that quantize each linear on its own statistics (GPTQ, imse RTN / HQQ): one pass
+    # per layer in which each linear is calibrated after the ones before it are quantized (the GPTQ paper's
+    # "true sequential"); False: a float pass for the statistics, then a quantized pass for the outputs
+    true_sequential: bool = True
     # the layer passes' arithmetic: "float32", or "bfloat16" (autocast: matrix products in bfloat16, the
     # statistics still accumulated in float32); the quantizers always work on the float32 weights
     compute: str = "float32"
-    version: int = PARAMS_VERSION
+    VERSION = 2  # 2: true_sequential was added (version 1 dicts load with it off, as they ran)
+    version: int = 2
 
     def __post_init__(self) -> None:
+        if not isinstance(self.true_sequential, bool) or not isinstance(self.sequential, bool):
+            raise SchemeError("calibration sequential / true_sequential must be true or false")
         for k in ("samples", "seq_len", "batch_size"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -210,6 +217,13 @@ class CalibSpec(_Params):
         if self.compute not in ("float32", "bfloat16"):
             raise SchemeError(f"calibration compute must be 'float32' or 'bfloat16', got {self.compute!r}")
         self._check_version()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Version 1 (before true_sequential) calibrated every layer in two passes."""
+        if d.get("version") == 1:
+            d = {"true_sequential": False, **d, "version": cls.VERSION}
+        return super().from_dict(d)
 
 
 @dataclass(frozen=True)
