@@ -131,6 +131,7 @@ def run_one(method: str, scheme: str, args) -> dict:
         "quantize_s": seconds, "quantize_cpu_s": cpu, "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded, "fp32_model_mb": fp32_mb,
         "layer_errors": getattr(summary, "layer_errors", None), "bits_per_weight": summary.bits_per_weight,
         "weight_scheme": cfg.weight.name, "method_params": params_to_json(cfg.method_params),
+        "phase_seconds": {k: round(v, 2) for k, v in getattr(summary, "phase_seconds", {}).items()},
     }
 
 

@@ -36,6 +36,9 @@ def build_parser() -> A.Parser:
     q.add_argument("--one-pass", action="store_true", help="calibrated methods: one float pass over the whole model "
                    "gathers every layer's statistics (each layer calibrated on the float model's inputs, not the "
                    "quantized layers' outputs): about half the passes; holds every layer's statistics at once")
+    q.add_argument("--calib-compute", choices=["float32", "bfloat16"], help="calibrated methods: the calibration "
+                   "passes' arithmetic (default float32; bfloat16: autocast, about 0.7x GPTQ's time on a CPU with "
+                   "bfloat16 dot products, KL +2%% measured at W4G64)")
     q.add_argument("--two-pass", action="store_true", help="gptq / imse rtn / hqq: calibrate each decoder layer in "
                    "two passes (float statistics for all its linears, then the quantized outputs) instead of one "
                    "pass in which each linear sees the linears before it already quantized (less memory)")

@@ -101,6 +101,8 @@ def config_from_args(args):
                                    ("samples", args.calib_samples), ("seq_len", args.seq_len)) if v is not None}
         if getattr(args, "one_pass", False):
             given["sequential"] = False
+        if getattr(args, "calib_compute", None):
+            given["compute"] = args.calib_compute
         if getattr(args, "two_pass", False):
             given["true_sequential"] = False
         cfg = cfg.with_(calibration=CalibSpec(**given))
