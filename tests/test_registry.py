@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llmquant
-from llmquant import AWQParams, GPTQParams, QuantConfig
+from llmquant import CalibSpec, AWQParams, GPTQParams, QuantConfig
 from llmquant.errors import SchemeError
 from llmquant.flows import METHODS, Method, register_method
 from llmquant.flows.passes import record_layer_inputs
@@ -186,17 +186,20 @@ def test_pipeline_hooks_see_every_layer_in_order(tiny, calib):
     def done(i, prefix, layer, summary):
         events.append(("done", prefix, len(summary.layers)))
 
-    for method, data in (("gptq", calib), ("rtn", None)):
+    # gptq in one pass per layer reduces each distinct input's statistics when its linears are reached (q/k/v,
+    # o, gate/up, down); in two passes, all of them after the float pass
+    for method, data, spec, reduces in (("gptq", calib, None, 4), ("gptq", calib, CalibSpec(true_sequential=False), 1),
+                                        ("rtn", None, None, 0)):
         events.clear()
         m = copy.deepcopy(tiny)
-        run_stages(m, QuantConfig(weight="W4G32", method=method), data, progress=False,
+        run_stages(m, QuantConfig(weight="W4G32", method=method, calibration=spec), data, progress=False,
                    hooks=Hooks(source=Source(), reduce_stats=reduce if data is not None else None, on_layer_done=[done]))
         want = []
         for i in range(2):
             p = f"model.layers.{i}"
-            want += [("load", p)] + ([("reduce", p)] if data is not None else [])
+            want += [("load", p)] + [("reduce", p)] * reduces
             want += [("done", p, 7 * (i + 1)), ("release", p)]
-        assert events == want, method
+        assert events == want, (method, spec)
 
 
 def test_cli_composition_and_recipe(tmp_path, tiny_folder, capsys):

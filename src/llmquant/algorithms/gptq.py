@@ -67,12 +67,23 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
                            "give more (or more varied) calibration text")
 
 
-def _column_qparams(scale: torch.Tensor, zero: torch.Tensor | None, col: int, scheme: QuantScheme):
-    """(rows,) scale and zero (or None) that apply to column ``col``."""
-    g = col // scheme.group_size if scheme.granularity == "group" else 0
-    s = scale[:, g].float()
-    z = None if zero is None else zero[:, g].float()
-    return s, z
+class _ColumnQparams:
+    """(rows,) scale and zero (or None) of each column: the qparams' columns, as float32 rows of a transposed
+    copy made once (a group's are read again only after the sweep set them: ``refresh``)."""
+
+    def __init__(self, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> None:
+        self.scale, self.zero, self.scheme = scale, zero, scheme
+        self.st = scale.float().T.contiguous()
+        self.zt = None if zero is None else zero.float().T.contiguous()
+
+    def refresh(self, g: int) -> None:
+        self.st[g] = self.scale[:, g].float()
+        if self.zt is not None:
+            self.zt[g] = self.zero[:, g].float()
+
+    def __call__(self, col: int):
+        g = col // self.scheme.group_size if self.scheme.granularity == "group" else 0
+        return self.st[g], None if self.zt is None else self.zt[g]
 
 
 def column_order(diag: torch.Tensor, act_order: bool | str, group_size: int | None) -> torch.Tensor | None:
@@ -116,9 +127,7 @@ def gptq_quantize(
     ``consume_hessian``: the caller gives it up (an fp32 tensor made for this call), so it is worked on in
     place instead of copied (at 8192 inputs each copy is 268 MB).
     """
-    with _few_threads(weight.device):
-        return _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian, static_groups,
-                     observer)
+    return _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian, static_groups, observer)
 
 
 def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_hessian=False, static_groups=False,
@@ -175,8 +184,9 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
     # work on W^T (columns in processing order) so that a column is a contiguous row of memory: one copy
     wt = (w.T[perm] if perm is not None else w.T).contiguous()
     del w
-    qcodes = _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done,
-                          lambda cur, g: qparams(cur, imp[g * scheme.group_size : (g + 1) * scheme.group_size]))
+    with _few_threads(wt.device):  # the loop alone: the range search and the factorizations are large ops
+        qcodes = _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done,
+                              lambda cur, g: qparams(cur, imp[g * scheme.group_size : (g + 1) * scheme.group_size]))
     qcodes = qcodes.T
     if perm is not None:
         qcodes = qcodes[:, torch.argsort(perm)]
@@ -201,6 +211,7 @@ def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos
     """GPTQ's loop over columns (rows of ``wt``), in blocks with lazy batch updates; returns codes (cols, rows)."""
     cols, rows = wt.shape
     qcodes = torch.zeros(cols, rows, dtype=torch.int16, device=wt.device)
+    column_qparams = _ColumnQparams(scale, zero, scheme)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wt[i1:i2].clone()
@@ -218,8 +229,9 @@ def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos
                     scale[:, g] = s_g[:, 0]
                     if zero is not None:
                         zero[:, g] = z_g[:, 0]
+                    column_qparams.refresh(g)
                     done[g] = True
-            s, z = _column_qparams(scale, zero, col, scheme)
+            s, z = column_qparams(col)
             wc = w1[i]
             q = round_to_grid(wc, s, z, scheme)  # the primitives' rounding on one column
             deq = from_grid(q, s, z, scheme)
