@@ -506,6 +506,9 @@ def _staged_layer(model, layer, prefix, lin, chosen, cfg, stages, spec, xs, kwar
     results: Result = {}
     order = list(lin)
 
+    def most_tokens() -> int:  # what the layer's busiest linear saw so far (RTN fallback for starved experts)
+        return max((st.n for st in col.stats.values()), default=0)
+
     def on_linear(name: str) -> list[str]:
         clock("quantized pass")
         if group is not None:  # "decoder layer 3 (model.layers.3) at mlp.down_proj"
@@ -529,8 +532,7 @@ def _staged_layer(model, layer, prefix, lin, chosen, cfg, stages, spec, xs, kwar
             if other != name and other not in col.owner and other not in results:
                 col.owner[other] = own
                 names.append(other)
-        ctx = LayerContext(layer, prefix, {n: lin[n] for n in names}, col, cfg,
-                           tokens_seen=max((st.n for st in col.stats.values()), default=0))
+        ctx = LayerContext(layer, prefix, {n: lin[n] for n in names}, col, cfg, tokens_seen=most_tokens())
         for s in stages:
             s.reduce(ctx)
         got = run_block(stages, ctx)
@@ -556,14 +558,15 @@ def _staged_layer(model, layer, prefix, lin, chosen, cfg, stages, spec, xs, kwar
                            choose if group is not None else None)
     left = {n: m for n, m in lin.items() if n not in results}  # no batch called them (unrouted experts)
     if left:
-        ctx = LayerContext(layer, prefix, left, col, cfg, tokens_seen=max((st.n for st in col.stats.values()), default=0))
+        ctx = LayerContext(layer, prefix, left, col, cfg, tokens_seen=most_tokens())
         results.update(run_block(stages, ctx))  # RTN, with a warning, for want of calibration tokens
         summary.rtn_fallback.extend(ctx.rtn_fallback)
     parts = []
     for j, yq in enumerate(outs):
         _check(yq, f"{prefix} (quantized)")
         if ys[j] is not None:
-            parts.append((gidx[j], (float((yq.float() - ys[j].float()).pow(2).sum()), float(ys[j].float().pow(2).sum()))))
+            yf = ys[j].float()
+            parts.append((gidx[j], (float((yq.float() - yf).pow(2).sum()), float(yf.pow(2).sum()))))
         xs[j], ys[j] = yq, None
     del outs
     _install(model, results, chosen, stages[-1], summary)

@@ -5,9 +5,10 @@ Every calibration batch runs through the layer in its own thread, and the thread
 time, the others wait): a batch stops at each linear that is not quantized yet, after the linear's input
 statistics have been gathered. When every batch has stopped (or finished), the linear they wait on is
 quantized (``on_linear``, which may quantize the linears that share its input with it at the same time),
-its float weight replaced by what the quantized one computes, and the batches go on. So each linear is calibrated on the outputs of the linears before it, already quantized, and the
-layer's outputs, which feed the next layer, come out of the same pass: one forward per layer where the
-two-pass pipeline needs a float pass for the statistics and a quantized pass for the outputs.
+its float weight replaced by what the quantized one computes, and the batches go on. So each linear is
+calibrated on the outputs of the linears before it, already quantized, and the layer's outputs, which feed
+the next layer, come out of the same pass: one forward per layer where the two-pass pipeline needs a float
+pass for the statistics and a quantized pass for the outputs.
 
 Linears are taken in the order the batches reach them. When the batches wait on different linears (a
 mixture of experts whose router skipped some for some batches), the one first in the layer's module order
@@ -72,10 +73,10 @@ def staged_pass(linears: dict[str, nn.Module], batches: list[Callable[[], object
     at every linear of ``linears`` (name -> module) before it is quantized; ``stats_hook(name)``: the forward
     pre-hook that gathers the linear's input statistics (called before the stop); ``on_linear(name)``:
     quantize the linear (every batch that will call it has stopped there), and return the names of the linears
-    it quantized (None: ``name`` alone; others that share its input and no batch has called yet may join); ``choose(waited)``: which of the
-    waited linears goes next (None: none is left), e.g. agreed over the ranks of a distributed run (default:
-    the first in ``linears``' order). Returns the batches' outputs, in order. The batches run under the
-    caller's grad mode; an error in one ends the others and is raised."""
+    it quantized (None: ``name`` alone; others that share its input and no batch has called yet may join);
+    ``choose(waited)``: which of the waited linears goes next (None: none is left), e.g. agreed over the ranks
+    of a distributed run (default: the first in ``linears``' order). Returns the batches' outputs, in order.
+    The batches run under the caller's grad mode; an error in one ends the others and is raised."""
     order = {n: i for i, n in enumerate(linears)}
     done: set[str] = set()
     turn = threading.Semaphore(0)
