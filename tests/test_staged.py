@@ -130,3 +130,16 @@ def test_a_budget_without_room_for_the_one_pass_layer_takes_two_passes(monkeypat
                                        calibration=CalibSpec(true_sequential=False)), calib=calib, progress=False)
     sa, sb = m.state_dict(), ref.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_owner_probe_finds_shared_inputs_without_accumulating():
+    from llmquant.flows.stats import StatsCollector
+
+    m = make_tiny_llama(vocab_size=1000, layers=1)
+    lin = {n: mod for n, mod in m.model.layers[0].named_modules() if isinstance(mod, nn.Linear)}
+    probe = StatsCollector(lin, accumulate=False)
+    with probe, torch.no_grad():
+        m(calib_ids(1, 16))
+    groups = sorted(sorted(g) for g in probe.groups().values())
+    assert ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"] in groups
+    assert ["mlp.gate_proj", "mlp.up_proj"] in groups and not probe.stats

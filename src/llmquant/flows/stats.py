@@ -135,8 +135,9 @@ class StatsCollector(PreHooks):
             if own is None:  # first call: is this the tensor another linear just saw?
                 own = next((o for ref, o in self._recent if ref() is x), name)
                 self.owner[name] = own
-                if own == name and self.accumulate:
-                    self.stats[name] = InputStats(x.shape[-1], x.device, self.bf16)
+                if own == name:
+                    if self.accumulate:
+                        self.stats[name] = InputStats(x.shape[-1], x.device, self.bf16)
                     self._recent = [(r, o) for r, o in self._recent if r() is not None][-8:]
                     self._recent.append((weakref.ref(x), name))
             if own == name and self.accumulate:
