@@ -15,6 +15,7 @@ A spilled run keeps one batch of each in memory instead of all of them.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import torch.nn as nn
 
 from ..errors import BudgetError
 from ..resources import rss_bytes
+
+log = logging.getLogger(__name__)
 
 
 def _gb(b: float) -> str:
@@ -138,3 +141,23 @@ class SpilledList:
 
     def close(self) -> None:
         self._f.close()
+
+
+def decide(model, layers, chosen, stages, batches, summary, staged: bool = False) -> tuple[bool, bool]:
+    """Check the run against the budget (``max_memory=``) before any work; returns (spill the activations,
+    calibrate each layer in one pass): the one-pass layer (``staged``, asked) holds every batch's activations
+    inside the layer at once, so it is kept only when that fits the budget too."""
+    limit = getattr(model, "llmquant_max_memory", None)
+    if limit is None:
+        return False, staged
+    cfg = getattr(model, "config", None)
+    est = estimate(layers, chosen, stages, batches, getattr(cfg, "hidden_size", None))
+    spill = check(est, limit)
+    staged = staged and (est.minimum if spill else est.in_memory) + est.staged <= limit
+    summary.memory_budget = {"max_memory_mb": limit / 1e6, "estimate_mb": est.in_memory / 1e6,
+                             "minimum_mb": est.minimum / 1e6, "activations_spilled": spill,
+                             "true_sequential": staged}
+    if spill:
+        log.info("activations (%.0f MB) do not fit the budget of %.0f MB: spilled to disk", est.activations / 1e6,
+                 limit / 1e6)
+    return spill, staged

@@ -44,7 +44,8 @@ from . import budget, distributed
 from ..schemes import CalibSpec, QuantConfig, dequantize
 from ..schemes.primitives import all_finite
 from .passes import TailSkip, _Stop, _raise_stop, _run, decoder_layers, model_device, record_layer_inputs
-from .stages import ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, rtn_result, run_block  # noqa: F401
+from .stages import (ERROR_WINDOWS, LayerContext, Result, RTNStage, Stage, per_linear, rtn_result,  # noqa: F401
+                     run_block)
 from .staged import staged_pass
 from .stats import StatsCollector
 from .summary import QuantSummary, untie_if_needed
@@ -209,7 +210,7 @@ def calibrated_stages(stages: list[Stage]) -> bool:
 def _data_free(model, found, chosen, cfg, stages, summary, progress, hooks) -> None:
     """Stages that need no data (RTN, dynamic, plans): each linear on its own, layer by layer, in model order."""
     layers = [] if found is None else [(f"{found[0]}.{i}", layer) for i, layer in enumerate(found[1])]
-    _budget(model, [lay for _, lay in layers], chosen, stages, None, summary)
+    budget.decide(model, [lay for _, lay in layers], chosen, stages, None, summary)
     names = list(chosen)
     start = _resume(hooks, model, found, chosen, summary) if layers else 0
     with tqdm(total=len(names), initial=len(names) - len(chosen), desc=f"quantize ({'+'.join(cfg.methods)}, "
@@ -308,26 +309,6 @@ def _observing(stages: list[Stage], ctx: LayerContext):
         yield
 
 
-def _budget(model, layers, chosen, stages, batches, summary, staged: bool = False) -> tuple[bool, bool]:
-    """Check the run against the budget (``max_memory=``) before any work; returns (spill the activations,
-    calibrate each layer in one pass): the one-pass layer (``staged``, asked) holds every batch's activations
-    inside the layer at once, so it is kept only when that fits the budget too."""
-    limit = getattr(model, "llmquant_max_memory", None)
-    if limit is None:
-        return False, staged
-    cfg = getattr(model, "config", None)
-    est = budget.estimate(layers, chosen, stages, batches, getattr(cfg, "hidden_size", None))
-    spill = budget.check(est, limit)
-    staged = staged and (est.minimum if spill else est.in_memory) + est.staged <= limit
-    summary.memory_budget = {"max_memory_mb": limit / 1e6, "estimate_mb": est.in_memory / 1e6,
-                             "minimum_mb": est.minimum / 1e6, "activations_spilled": spill,
-                             "true_sequential": staged}
-    if spill:
-        log.info("activations (%.0f MB) do not fit the budget of %.0f MB: spilled to disk", est.activations / 1e6,
-                 limit / 1e6)
-    return spill, staged
-
-
 def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progress, hooks) -> None:
     path, layers = found
     group = distributed.active()
@@ -344,7 +325,7 @@ def _sequential(model, found, chosen, cfg, stages, batches, kw, summary, progres
     targets = any(s.needs_targets for s in stages)
     spec = cfg.calibration or CalibSpec()
     staged = spec.true_sequential and not float_prop and not targets and all(per_linear(s) for s in stages)
-    spill, staged = _budget(model, layers, chosen, stages, local, summary, staged)
+    spill, staged = budget.decide(model, layers, chosen, stages, local, summary, staged)
     summary.true_sequential = staged
     store = (lambda: budget.SpilledList()) if spill else list
     xs, kwargs = record_layer_inputs(model, layers, local, kw, store=store())
@@ -471,13 +452,6 @@ def _finish_layer(model, found, i, layer, prefix, parts, nlin, xs, summary, hook
 #: a layer calibrated in one pass measures its output error on this many windows at most: the float outputs it
 #: is compared with cost a forward pass of their own there
 STAGED_ERROR_WINDOWS = 4
-
-
-def per_linear(stage: Stage) -> bool:
-    """Whether ``stage`` quantizes each linear from its own input statistics alone (no transform of the layer,
-    no hooks of its own, no float targets): then the layer can be calibrated in one pass (:mod:`.staged`)."""
-    return (stage.per_linear and type(stage).observe is Stage.observe and type(stage).transform is Stage.transform
-            and not stage.propagate_float and not stage.needs_targets)
 
 
 def _staged_layer(model, layer, prefix, lin, chosen, cfg, stages, spec, xs, kwargs, err, gidx, summary, hooks,

@@ -348,3 +348,10 @@ def run_block(stages: list[Stage], ctx: LayerContext) -> Result:
         s.transform(ctx)
     out.update({n: r for n, r in stages[-1].quantize(ctx).items() if n not in out})
     return out
+
+
+def per_linear(stage: Stage) -> bool:
+    """Whether ``stage`` quantizes each linear from its own input statistics alone (no transform of the layer,
+    no hooks of its own, no float targets): then the layer can be calibrated in one pass (:mod:`.staged`)."""
+    return (stage.per_linear and type(stage).observe is Stage.observe and type(stage).transform is Stage.transform
+            and not stage.propagate_float and not stage.needs_targets)
