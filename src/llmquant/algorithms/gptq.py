@@ -25,7 +25,8 @@ may be ragged when the group size does not divide the width.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+import os
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -152,7 +153,10 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
     perm = column_order(imp, act_order, scheme.group_size if grouped else None)
     if perm is not None:
         h = h[perm[:, None], perm]  # one gather, one copy
-    u = _inverse_cholesky(h, damp, name)
+    # small factorizations on one thread: at this size a thread hand-off costs more than it saves (a 576-wide
+    # cholesky_inverse took 0.94 s on 2 threads of a busy 2-core machine, 3 ms on one)
+    with _few_threads(w.device) if cols <= _SMALL_FACTOR else nullcontext():
+        u = _inverse_cholesky(h, damp, name)
     del h
 
     # k-quant grids: llama.cpp's own group search ("minmax"), weighted by diag H for "imse" (as llama.cpp
@@ -184,13 +188,19 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
     # work on W^T (columns in processing order) so that a column is a contiguous row of memory: one copy
     wt = (w.T[perm] if perm is not None else w.T).contiguous()
     del w
-    with _few_threads(wt.device):  # the loop alone: the range search and the factorizations are large ops
+    # the Python loop on one thread (the range search and the factorizations are large ops and keep them all);
+    # the compiled loop splits the rows over every thread itself
+    with nullcontext() if _native_loop(wt) is not None else _few_threads(wt.device):
         qcodes = _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done,
                               lambda cur, g: qparams(cur, imp[g * scheme.group_size : (g + 1) * scheme.group_size]))
     qcodes = qcodes.T
     if perm is not None:
         qcodes = qcodes[:, torch.argsort(perm)]
     return qcodes.contiguous(), scale, zero
+
+
+#: Widths whose Hessian factorizations run on one thread.
+_SMALL_FACTOR = 2048
 
 
 @contextmanager
@@ -207,11 +217,34 @@ def _few_threads(device):
             torch.set_num_threads(n)
 
 
+def _native_loop(wt):
+    """The compiled column loop (``kernels/csrc/gptq_loop.cpp``) when it applies: fp32 on the CPU with the
+    extension built; None otherwise (the Python loop below computes the same)."""
+    if wt.device.type != "cpu" or wt.dtype != torch.float32 or os.environ.get("LLMQUANT_GPTQ_LOOP") == "python":
+        return None
+    from ..kernels import native
+
+    mod = native.load()
+    return mod if mod is not None and hasattr(mod, "gptq_columns") else None
+
+
+def _grid_mode(scheme) -> int:
+    """gptq_columns' rounding rule: 0 symmetric, 1 zero point added, 2 float minimum (round_to_grid's cases)."""
+    if scheme.symmetric:
+        return 0
+    return 2 if scheme.zero_point == "min" else 1
+
+
 def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done, group_qparams):
     """GPTQ's loop over columns (rows of ``wt``), in blocks with lazy batch updates; returns codes (cols, rows)."""
     cols, rows = wt.shape
     qcodes = torch.zeros(cols, rows, dtype=torch.int16, device=wt.device)
     column_qparams = _ColumnQparams(scale, zero, scheme)
+    mod = _native_loop(wt)
+    if mod is not None:
+        _native_column_loop(mod, wt, u, qcodes, scale, zero, column_qparams, scheme, block_size, grouped,
+                            orig_list, pos_of, done, group_qparams)
+        return qcodes
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wt[i1:i2].clone()
@@ -240,6 +273,46 @@ def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos
             if i + 1 < i2 - i1:
                 w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
             err1[i] = e
+        if i2 < cols:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
+    return qcodes
+
+
+def _native_column_loop(mod, wt, u, qcodes, scale, zero, column_qparams, scheme, block_size, grouped, orig_list,
+                        pos_of, done, group_qparams):
+    """:func:`_column_loop` with each block's columns in compiled code, in runs that end where a group's
+    qparams are still to be computed from the current weights (dynamic groups); the rows over all threads."""
+    cols, rows = wt.shape
+    u = u.contiguous()  # LAPACK's factor may be column-major; the loop reads its rows
+    if grouped:
+        gidx_all = torch.tensor(orig_list, dtype=torch.int64).div_(scheme.group_size, rounding_mode="floor")
+    else:
+        gidx_all = torch.zeros(cols, dtype=torch.int64)
+    g_list = gidx_all.tolist()
+    mode, qmin, qmax = _grid_mode(scheme), float(scheme.qmin), float(scheme.qmax)
+    zt = column_qparams.zt if column_qparams.zt is not None else torch.empty(0)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = wt[i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        gidx = gidx_all[i1:i2]
+        a = 0
+        while a < i2 - i1:
+            b = a
+            while b < i2 - i1 and (not grouped or done[g_list[i1 + b]] or b == a):
+                if grouped and not done[g_list[i1 + b]]:  # b == a: a group starts here; its qparams first
+                    g = g_list[i1 + b]
+                    members = pos_of[g * scheme.group_size : min((g + 1) * scheme.group_size, cols)]
+                    s_g, z_g = group_qparams(_current_columns(wt, w1, err1, u, members, i1, i2, b), g)
+                    scale[:, g] = s_g[:, 0]
+                    if zero is not None:
+                        zero[:, g] = z_g[:, 0]
+                    column_qparams.refresh(g)
+                    done[g] = True
+                b += 1
+            mod.gptq_columns(w1, u1, column_qparams.st, zt, gidx, a, b, mode, qmin, qmax, qcodes[i1:i2], err1)
+            a = b
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
     return qcodes

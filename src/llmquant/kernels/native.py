@@ -1,5 +1,6 @@
-"""Build and load llmquant's compiled CPU kernels (``csrc/qgemm_avx2.cpp``, ``csrc/qgemm_q8act.cpp``) and the
-lean runtime's compiled decode step (``csrc/decode_step.cpp``) on first use.
+"""Build and load llmquant's compiled CPU kernels (``csrc/qgemm_avx2.cpp``, ``csrc/qgemm_q8act.cpp``), the
+lean runtime's compiled decode step (``csrc/decode_step.cpp``) and GPTQ's column loop (``csrc/gptq_loop.cpp``)
+on first use.
 
 The extension (one module from the files in ``csrc``) is compiled from source with the system C++ compiler through
 ``torch.utils.cpp_extension.load`` (``-O3 -mavx2 -mfma``; the AVX512-VNNI functions of ``qgemm_q8act.cpp``
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 #: The compiled sources; the headers and ``.inc`` files they include are copied and hashed with them.
-SOURCES = [CSRC / "qgemm_avx2.cpp", CSRC / "qgemm_q8act.cpp", CSRC / "decode_step.cpp"]
+SOURCES = [CSRC / "qgemm_avx2.cpp", CSRC / "qgemm_q8act.cpp", CSRC / "decode_step.cpp", CSRC / "gptq_loop.cpp"]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -76,7 +77,8 @@ def why_unavailable() -> str | None:
 
 
 def load():
-    """The compiled module (functions ``qgemm``, ``dequant``, ``q8gemm``, ``q8_quantize``, ``q8_best_isa``;
+    """The compiled module (functions ``qgemm``, ``dequant``, ``q8gemm``, ``q8_quantize``, ``q8_best_isa``,
+    ``gptq_columns``;
     classes ``LinearSpec`` and ``DecodeStep``), or None when it cannot be had."""
     if "module" in _state:
         return _state["module"]

@@ -241,4 +241,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_quantize", &q8_quantize, "rows of x rounded to int8 per block of 32: (codes int8, scales fp32)");
   m.def("q8_best_isa", &q8_best_isa, "1 when q8gemm's VNNI path runs on this CPU, 0 for the AVX2 path");
   register_decode_step(m);
+  register_gptq(m);
 }

@@ -78,3 +78,4 @@ int64_t q8_best_isa();
 
 // decode_step.cpp: the classes LinearSpec and DecodeStep, added to the module
 void register_decode_step(pybind11::module& m);
+void register_gptq(pybind11::module& m);  // gptq_loop.cpp
