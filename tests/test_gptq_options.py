@@ -386,3 +386,16 @@ def test_grouped_range_search_is_the_round_trip_search(name):
             s, z = range_qparams(x, scheme, search, imp)
             assert torch.equal(s, s_ref)
             assert (z is None and z_ref is None) or torch.equal(z, z_ref)
+
+
+@pytest.mark.parametrize("name", ["W4G64", "W2G64", "gguf:Q4_1", "W8", "gguf:Q4_K"])
+def test_sqnr_from_codes_is_the_modules_own(name):
+    """A summary row's SQNR computed from the codes at hand equals the one from the module's unpacked codes."""
+    from llmquant.modules import QuantLinear
+
+    scheme = llmquant.schemes.PRESETS[name]
+    w = weight(rows=40, k=512)
+    q, s, z = rtn_quantize(w, scheme)
+    m = QuantLinear.from_quantized(q, s, z, scheme)
+    for block in (1 << 22, 1024):
+        assert m.weight_sqnr_db(w, block, codes=q) == pytest.approx(m.weight_sqnr_db(w, block), rel=1e-12)

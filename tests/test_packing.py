@@ -71,3 +71,18 @@ def test_row_blocks_dequantize_and_sqnr_as_the_whole(name):
         for r0, r1 in [(0, o), (1, o), (0, 1), (o // 3, o)]:
             assert torch.equal(ql.dequantize_weight(rows=(r0, r1)), full[r0:r1])
         assert ql.weight_sqnr_db(w, block=1000) == pytest.approx(sqnr_db(w, full), rel=1e-9)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 5, 8, 13, 4096 + 3])
+def test_byte_aligned_widths_pack_as_the_general_stream(bits, n):
+    """1/2/4-bit codes take byte operations; the bytes are those of the general little-endian stream
+    (value i at bit i * bits), written out here by hand."""
+    u = torch.randint(0, 2**bits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    bitstream = 0
+    for i, v in enumerate(u.tolist()):
+        bitstream |= v << (i * bits)
+    want = torch.tensor(list(bitstream.to_bytes(packed_numel(n, bits), "little")), dtype=torch.uint8)
+    got = pack(u, bits)
+    assert torch.equal(got, want)
+    assert torch.equal(unpack(got, bits, n), u)

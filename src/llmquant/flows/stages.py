@@ -140,7 +140,7 @@ def make_quant_linear(name, lin, q, scale, zero, cfg: QuantConfig, weight=None, 
     scheme = cfg.weight if scheme is None else scheme
     qlin = QuantLinear.from_quantized(q, scale, zero, scheme, bias=lin.bias, activation_scheme=act)
     qlin.to(lin.weight.device)
-    return qlin, layer_row(name, w, None, qlin, orig=lin, scheme=label or scheme.name)
+    return qlin, layer_row(name, w, None, qlin, orig=lin, scheme=label or scheme.name, codes=q)
 
 
 def rtn_result(linears: dict[str, nn.Module], scheme_of: Callable[[str], object]) -> Result:

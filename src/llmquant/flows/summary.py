@@ -120,11 +120,12 @@ def _param_bytes(mod: nn.Module) -> int:
 
 def layer_row(name: str, ref: torch.Tensor, approx: torch.Tensor | None, new: nn.Module, *, orig: nn.Module,
               scheme: str, kernel: str | None = None, packed_bytes: int | None = None,
-              bits_per_weight: float | None = None) -> LayerSummary:
+              bits_per_weight: float | None = None, codes: torch.Tensor | None = None) -> LayerSummary:
     """The summary row of module ``name``: ``ref`` is the float weight the new module approximates (its
     SQNR is taken against ``approx``, the new module's weight as it computes it; None: a QuantLinear's own,
     dequantized a block of rows at a time), ``orig`` the module it replaces (for the float bytes). Sizes
-    default to the new module's own count (``packed_bytes()``)."""
+    default to the new module's own count (``packed_bytes()``). ``codes``: the QuantLinear's codes, when at hand
+    (its SQNR then needs no unpacking)."""
     nbytes = new.packed_bytes() if packed_bytes is None else packed_bytes
     bits = getattr(new, "weight_bits", None) if bits_per_weight is None else bits_per_weight
     if bits is None:
@@ -132,7 +133,8 @@ def layer_row(name: str, ref: torch.Tensor, approx: torch.Tensor | None, new: nn
     return LayerSummary(
         name=name, shape=tuple(ref.shape), scheme=scheme, bits_per_weight=bits, packed_bytes=int(nbytes),
         float_bytes=_param_bytes(orig),
-        sqnr_db=new.weight_sqnr_db(ref) if approx is None else sqnr_db(ref.float(), approx),
+        sqnr_db=(new.weight_sqnr_db(ref, codes=codes) if codes is not None else new.weight_sqnr_db(ref))
+        if approx is None else sqnr_db(ref.float(), approx),
         kernel=kernel if kernel is not None else new.kernel.name,
     )
 

@@ -175,13 +175,20 @@ class QuantLinear(nn.Module):
         for r0 in range(0, self.out_features, step):
             yield r0, min(r0 + step, self.out_features)
 
-    def weight_sqnr_db(self, ref: torch.Tensor, block: int = 1 << 22) -> float:
+    def weight_sqnr_db(self, ref: torch.Tensor, block: int = 1 << 22, codes: torch.Tensor | None = None) -> float:
         """SQNR (dB) of this module's weight against the float weight ``ref`` (out, in), a block of rows at a
-        time: the temporaries are those of ``block`` weights, not of the whole matrix."""
+        time: the temporaries are those of ``block`` weights, not of the whole matrix. ``codes``: the signed
+        codes this module was built from (:meth:`from_quantized`'s ``q``), read instead of unpacking its own."""
         signal = noise = 0.0
+        z_all = self.zero_point()
         for r0, r1 in self.row_blocks(block):
             a = ref[r0:r1].detach().double()
-            d = self.dequantize_weight(torch.float32, ref.device, rows=(r0, r1)).double()
+            if codes is None or self.scheme.granularity == "tensor":
+                d = self.dequantize_weight(torch.float32, ref.device, rows=(r0, r1))
+            else:  # what dequantize_weight computes, from the codes at hand
+                z = None if z_all is None else z_all[r0:r1].to(ref.device)
+                d = dequantize(codes[r0:r1].to(ref.device), self.scale[r0:r1].to(ref.device), z, self.scheme)
+            d = d.double()
             noise += float((a - d).pow(2).sum())
             signal += float(a.pow(2).sum())
             del a, d
