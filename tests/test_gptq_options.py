@@ -399,3 +399,17 @@ def test_sqnr_from_codes_is_the_modules_own(name):
     m = QuantLinear.from_quantized(q, s, z, scheme)
     for block in (1 << 22, 1024):
         assert m.weight_sqnr_db(w, block, codes=q) == pytest.approx(m.weight_sqnr_db(w, block), rel=1e-12)
+
+
+def test_inverse_cholesky_factor_against_float64():
+    """The upper factor U with U^T U = (H + damp mean(diag H) I)^-1, from one factorization of the reversed H,
+    is upper triangular and equals the float64 factor of the inverse."""
+    from llmquant.algorithms.gptq import _inverse_cholesky
+
+    x = skewed_inputs(k=96)
+    h = hessian_from_inputs(x)
+    u = _inverse_cholesky(h, 0.01, "w")
+    hd = h.double() + 0.01 * h.double().diagonal().mean() * torch.eye(96, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
+    assert torch.equal(u, u.triu())
+    assert float((u.double() - ref).abs().max() / ref.abs().max()) < 1e-5
