@@ -413,3 +413,28 @@ def test_inverse_cholesky_factor_against_float64():
     ref = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
     assert torch.equal(u, u.triu())
     assert float((u.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", [W4, W3, W2A, QuantScheme(bits=4, group_size=32, signed_scale=True),
+                                    QuantScheme(bits=4, group_size=32, symmetric=False, zero_point="float"),
+                                    QuantScheme(bits=4, group_size=32, symmetric=False, zero_point="min"),
+                                    QuantScheme(bits=8, group_size=32, restricted_range=True), QuantScheme(bits=4)],
+                         ids=lambda s: s.name)
+def test_compiled_range_search_is_the_pytorch_search(scheme):
+    """The compiled search (what RTN and GPTQ call) picks the PyTorch search's ratio in every group but for
+    near-ties (float32 vs float64 sums), and its total error is the same to 1e-6; K not a multiple of 8 too."""
+    from llmquant.algorithms.search import range_qparams as compiled
+    from llmquant.kernels import native
+    from llmquant.schemes import dequantize, quantize_to_int
+
+    if native.load() is None:
+        pytest.fail(f"the compiled kernels must build on the test machine: {native.why_unavailable()}")
+    for k in (256, 100) if scheme.granularity == "channel" else (256,):
+        w = weight(rows=200, k=k) * torch.rand(k, generator=torch.Generator().manual_seed(1))
+        imp = torch.rand(k, generator=torch.Generator().manual_seed(2))
+        for search in ("mse", "imse"):
+            (s_t, z_t), (s_c, z_c) = range_qparams(w, scheme, search, imp), compiled(w, scheme, search, imp)
+            assert (s_t == s_c).float().mean() >= 0.995
+            err = [float(((dequantize(quantize_to_int(w, s, z, scheme), s, z, scheme) - w).pow(2)
+                          * (imp if search == "imse" else 1)).sum()) for s, z in ((s_t, z_t), (s_c, z_c))]
+            assert err[1] == pytest.approx(err[0], rel=1e-6)

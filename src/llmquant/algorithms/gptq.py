@@ -33,7 +33,8 @@ import torch
 from ..errors import CalibrationError, SchemeError
 from ..schemes import QuantScheme, check_finite
 from ..schemes.methods import act_order_name
-from ..schemes.primitives import from_grid, range_qparams, round_to_grid, scale_torch_dtype
+from ..schemes.primitives import from_grid, round_to_grid, scale_torch_dtype
+from .search import range_qparams
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..schemes import QuantScheme, check_finite, quantize_to_int
-from ..schemes.primitives import range_qparams
+from .search import range_qparams
 
 
 def rtn_quantize(
