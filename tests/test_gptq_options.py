@@ -438,3 +438,19 @@ def test_compiled_range_search_is_the_pytorch_search(scheme):
             err = [float(((dequantize(quantize_to_int(w, s, z, scheme), s, z, scheme) - w).pow(2)
                           * (imp if search == "imse" else 1)).sum()) for s, z in ((s_t, z_t), (s_c, z_c))]
             assert err[1] == pytest.approx(err[0], rel=1e-6)
+
+
+def test_compiled_column_loop_rows_over_threads(monkeypatch):
+    """From 1024 rows the compiled loop splits the rows over the threads: the same codes as on one thread
+    (rows are independent; each row's arithmetic is unchanged)."""
+    x, w = skewed_inputs(k=128), weight(rows=1100, k=128)
+    h = hessian_from_inputs(x)
+    monkeypatch.setenv("LLMQUANT_GPTQ_LOOP", "native")
+    one = gptq_quantize(w, h, W4)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = gptq_quantize(w, h, W4)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

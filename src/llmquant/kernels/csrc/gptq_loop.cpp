@@ -1,7 +1,7 @@
 // GPTQ's column loop (llmquant.algorithms.gptq._column_loop) for one block of columns, compiled: in Python it
 // is a dozen small tensor operations per column, thousands of columns per layer. Each row of W (an output
-// channel) is independent in this loop: the rows are split over threads, each running the whole block on its
-// own rows with no synchronisation.
+// channel) is independent in this loop: the rows are split over threads (from 1024 rows on), each running the
+// whole block on its own rows with no synchronisation.
 //
 // Layout as in Python: the block's columns are rows of W^T, ``w1`` (n, rows) in processing order; ``u1`` the
 // (n, n) block of the upper Cholesky factor of H^-1 (any row stride); ``st`` / ``zt`` the (groups, rows)
@@ -58,8 +58,10 @@ void gptq_columns(torch::Tensor w1, torch::Tensor u1, torch::Tensor st, torch::T
   const float qmin = static_cast<float>(qmin_d), qmax = static_cast<float>(qmax_d);
   constexpr int64_t kChunk = 64;  // rows per task: the block's columns of 64 rows stay in L1/L2
   const int64_t chunks = (rows + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < chunks; ++t) {
+  // threads from 1024 rows on: below, a call is too short for a hand-off (on a busy machine a waiting
+  // thread costs more than the call)
+  at::parallel_for(0, chunks, 16, [&](int64_t ta, int64_t tb) {
+  for (int64_t t = ta; t < tb; ++t) {
     const int64_t r0 = t * kChunk, r1 = std::min(rows, r0 + kChunk);
     for (int64_t i = c0; i < c1; ++i) {
       const float* s = S + G[i] * rows;
@@ -93,6 +95,7 @@ void gptq_columns(torch::Tensor w1, torch::Tensor u1, torch::Tensor st, torch::T
       }
     }
   }
+  });
 }
 
 // One group's round-trip error for the qparams (s, z): sum_i imp_i (x_hat_i - x_i)^2, the rounding as
