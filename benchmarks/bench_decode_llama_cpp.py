@@ -1,9 +1,9 @@
 """llmquant's lean runtime against llama.cpp (the cyllama wheel) on the default model, in one run.
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_decode_llama_cpp.py [--threads 1 2] [--rounds 3]
-        [--configs fp32 W8 ...] [--kernels packed_avx2 packed_q8act] [--q8act-layouts tiled tiled8 rows]
+        [--configs fp32 W8 ...] [--kernels packed_avx2 packed_q8act] [--q8act-layouts tiled tiled8 rows tiled:float]
         [--compiled both|on|off] [--no-quality] [--lock FILE]
-        [--model DIR] [--prefill N] [--new N]
+        [--model DIR] [--prefill N] [--new N] [--reuse-quantized]
 
 ``--model DIR``: a local Hugging Face folder instead of the default model (e.g. the random-weight ~1B Llama of
 ``benchmarks/bench_streaming.py write DIR --shape 1b``); a folder without a tokenizer uses the default model's
@@ -94,16 +94,18 @@ def lean_run(model, kernel, prompt, prefill_ids, threads, compiled=True):
     """(decode tok/s, prefill tok/s, greedy tokens, kernels) of one measurement; a fresh LeanModel, so the
     kernels' prepared state (and prefill copies) belong to this row only. ``compiled``: the compiled decode
     step on or off."""
-    kernel, _, layout = (kernel or "").partition("@")
-    saved = os.environ.get("LLMQUANT_Q8ACT_LAYOUT")
-    if layout:  # packed_q8act's layout, read when the LeanModel prepares the kernels
-        os.environ["LLMQUANT_Q8ACT_LAYOUT"] = layout
+    kernel, _, spec = (kernel or "").partition("@")
+    layout, _, scales = spec.partition(":")
+    # packed_q8act's layout and k-quant scales, read when the LeanModel prepares the kernels
+    env = {k: v for k, v in (("LLMQUANT_Q8ACT_LAYOUT", layout), ("LLMQUANT_Q8ACT_SCALES", scales)) if v}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         set_kernel(model, kernel or None)
         lean = LeanModel(model, compiled=compiled)
     finally:
-        if layout:
-            os.environ.pop("LLMQUANT_Q8ACT_LAYOUT") if saved is None else os.environ.__setitem__("LLMQUANT_Q8ACT_LAYOUT", saved)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     llmquant.generate(model, prefill_ids, 1, use_eos=False, lean=lean, threads=threads)  # warm-up, prefill copies
     sp = GenerationStats()
     llmquant.generate(model, prefill_ids, 1, use_eos=False, lean=lean, stats=sp, threads=threads)
@@ -230,8 +232,10 @@ def main() -> None:
                     help="llmquant decode with the compiled decode step, the Python step, or both")
     ap.add_argument("--kernels", nargs="+", choices=["packed_avx2", "packed_q8act"],
                     default=["packed_avx2", "packed_q8act"], help="the llmquant kernels measured (default both)")
-    ap.add_argument("--q8act-layouts", nargs="+", default=[""], choices=["", "tiled", "tiled8", "rows"],
-                    help="packed_q8act rows, one per LLMQUANT_Q8ACT_LAYOUT value (default: one row, the default)")
+    ap.add_argument("--q8act-layouts", nargs="+", default=[""],
+                    choices=[f"{lay}{sc}" for lay in ("", "tiled", "tiled8", "rows") for sc in ("", ":int", ":float")],
+                    help="packed_q8act rows, one per LLMQUANT_Q8ACT_LAYOUT value, optionally with an "
+                    "LLMQUANT_Q8ACT_SCALES value after a colon (tiled:float; default: one row, the defaults)")
     ap.add_argument("--lock", type=Path, help="take this exclusive flock (e.g. /tmp/llmquant-bench.lock) for the "
                     "timed rounds only, not for the setup")
     ap.add_argument("--no-quality", action="store_true", help="skip the KL evaluation (speed only)")
@@ -240,6 +244,9 @@ def main() -> None:
                     "(no KL rows: see the module doc)")
     ap.add_argument("--prefill", type=int, default=PREFILL, help="prefill length in tokens (at most 512)")
     ap.add_argument("--new", type=int, default=NEW, help="greedy tokens decoded after the prompt")
+    ap.add_argument("--reuse-quantized", action="store_true", help="save each quantized model in the GGUF cache "
+                    "folder (quantized-<config>) and load it in later runs with this flag instead of quantizing again "
+                    "(delete the folder after a change to the quantizer)")
     args = ap.parse_args()
     if not 16 <= args.prefill <= 512 or args.new < 2:
         ap.error("--prefill takes 16..512 tokens, --new at least 2")
@@ -268,10 +275,17 @@ def main() -> None:
     for c in args.configs:
         if c == "fp32":
             models[c] = fp32
+            continue
+        saved = work / f"quantized-{c.replace(':', '_')}"
+        if args.reuse_quantized and saved.exists():
+            m = llmquant.load(saved)[0]  # bit-identical weights to the run that saved it
+            print(f"[setup] {c}: reusing {saved}", flush=True)
         else:
             m = copy.deepcopy(fp32)
             llmquant.quantize(m, c, progress=False)
-            models[c] = m
+            if args.reuse_quantized:
+                llmquant.save(m, None, saved, overwrite=True)
+        models[c] = m
     print(f"[setup] quantized ({time.perf_counter() - t_start:.0f} s)", flush=True)
     if "fp32" not in args.configs and args.no_quality:  # the float model is not needed any more
         del fp32, m
