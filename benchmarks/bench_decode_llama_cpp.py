@@ -1,7 +1,7 @@
 """llmquant's lean runtime against llama.cpp (the cyllama wheel) on the default model, in one run.
 
     flock /tmp/llmquant-bench.lock python benchmarks/bench_decode_llama_cpp.py [--threads 1 2] [--rounds 3]
-        [--configs fp32 W8 ...] [--kernels packed_avx2 packed_q8act] [--q8act-layouts tiled tiled8 rows tiled:float]
+        [--configs fp32 W8 ...] [--kernels packed_avx2 packed_q8act] [--q8act-layouts tiled tiled8 rows]
         [--compiled both|on|off] [--no-quality] [--lock FILE]
         [--model DIR] [--prefill N] [--new N] [--reuse-quantized]
 
@@ -95,9 +95,9 @@ def lean_run(model, kernel, prompt, prefill_ids, threads, compiled=True):
     kernels' prepared state (and prefill copies) belong to this row only. ``compiled``: the compiled decode
     step on or off."""
     kernel, _, spec = (kernel or "").partition("@")
-    layout, _, scales = spec.partition(":")
-    # packed_q8act's layout and k-quant scales, read when the LeanModel prepares the kernels
-    env = {k: v for k, v in (("LLMQUANT_Q8ACT_LAYOUT", layout), ("LLMQUANT_Q8ACT_SCALES", scales)) if v}
+    layout = spec
+    # packed_q8act's layout, read when the LeanModel prepares the kernels
+    env = {k: v for k, v in (("LLMQUANT_Q8ACT_LAYOUT", layout),) if v}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -233,9 +233,8 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="+", choices=["packed_avx2", "packed_q8act"],
                     default=["packed_avx2", "packed_q8act"], help="the llmquant kernels measured (default both)")
     ap.add_argument("--q8act-layouts", nargs="+", default=[""],
-                    choices=[f"{lay}{sc}" for lay in ("", "tiled", "tiled8", "rows") for sc in ("", ":int", ":float")],
-                    help="packed_q8act rows, one per LLMQUANT_Q8ACT_LAYOUT value, optionally with an "
-                    "LLMQUANT_Q8ACT_SCALES value after a colon (tiled:float; default: one row, the defaults)")
+                    choices=["", "tiled", "tiled8", "rows"],
+                    help="packed_q8act rows, one per LLMQUANT_Q8ACT_LAYOUT value (default: one row, the default)")
     ap.add_argument("--lock", type=Path, help="take this exclusive flock (e.g. /tmp/llmquant-bench.lock) for the "
                     "timed rounds only, not for the setup")
     ap.add_argument("--no-quality", action="store_true", help="skip the KL evaluation (speed only)")
