@@ -454,3 +454,16 @@ def test_compiled_column_loop_rows_over_threads(monkeypatch):
     finally:
         torch.set_num_threads(n)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("n,leaf", [(96, 16), (131, 32), (40, 256)])
+def test_lower_inverse_by_halves_against_float64(n, leaf):
+    """The triangular inverse by halves (odd sizes included) is lower triangular and equals float64's."""
+    from llmquant.algorithms.gptq import _lower_inverse
+
+    x = skewed_inputs(k=n, n=4 * n)
+    low = torch.linalg.cholesky(hessian_from_inputs(x) + 0.01 * torch.eye(n))
+    inv = _lower_inverse(low, leaf)
+    ref = torch.linalg.inv(low.double())
+    assert torch.equal(inv, inv.tril())
+    assert float((inv.double() - ref).abs().max() / ref.abs().max()) < 1e-5
