@@ -226,3 +226,19 @@ def test_gptq_after_awq_scales(tiny, calib):
     r = copy.deepcopy(tiny)
     llmquant.quantize(r, "W3G32", progress=False)
     assert _kl(tiny, m, ev) < _kl(tiny, r, ev)
+
+
+def test_mean_sqnr_leaves_out_layers_stored_exactly():
+    """A layer whose weight is already on its grid (SQNR inf, as the default model's int8-exact embedding)
+    does not make the summary's mean SQNR infinite."""
+    from llmquant.flows.summary import LayerSummary, QuantSummary
+
+    def row(name, db):
+        return LayerSummary(name=name, shape=(4, 4), scheme="W4", bits_per_weight=4.0, packed_bytes=8,
+                            float_bytes=64, sqnr_db=db, kernel="reference")
+
+    s = QuantSummary(method="rtn", config={})
+    s.layers = [row("a", 20.0), row("b", 30.0), row("lm_head", float("inf"))]
+    assert s.mean_sqnr_db == 25.0
+    s.layers = [row("lm_head", float("inf"))]
+    assert s.mean_sqnr_db == float("inf")

@@ -7,6 +7,7 @@ thing whichever method made a model.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +73,12 @@ class QuantSummary:
 
     @property
     def mean_sqnr_db(self) -> float:
-        return sum(l.sqnr_db for l in self.layers) / max(len(self.layers), 1)
+        """The mean over the rows whose weights changed; rows stored exactly (infinite SQNR, e.g. an embedding
+        already on its int8 grid) are left out, so that one of them does not make the mean infinite."""
+        finite = [l.sqnr_db for l in self.layers if math.isfinite(l.sqnr_db)]
+        if not finite:
+            return float("inf") if self.layers else 0.0
+        return sum(finite) / len(finite)
 
     @property
     def kernels(self) -> list[str]:
