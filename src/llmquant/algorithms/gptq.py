@@ -51,16 +51,14 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     for attempt in range(6):
         d = damp * (10**attempt) if damp > 0 else (0.0 if attempt == 0 else 1e-4 * 10**attempt)
         try:
-            # H + d * mean * I with the damping added to the diagonal only, and each factor freed as soon as
-            # the next is made
-            # One factorization and one triangular inverse: with J the order-reversing permutation and
-            # J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular: the factor
-            # wanted (2-3x faster than factorizing H, inverting it and factorizing H^-1, and closer to a float64
-            # reference)
+            # H + d * mean * I (the damping on the diagonal only), then one factorization and one triangular
+            # inverse: with J the order-reversing permutation and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J),
+            # and J L^-1 J is upper triangular, the factor wanted (2-3x faster than factorizing H, inverting it
+            # and factorizing H^-1, and closer to a float64 reference); row-major, as the column loops read rows
             lower = h.flip(0, 1)
             lower.diagonal().add_(d * mean_diag)
             lower = torch.linalg.cholesky(lower)
-            upper = _lower_inverse(lower).flip(0, 1)
+            upper = _lower_inverse(lower).flip(0, 1).contiguous()
             del lower
             if attempt:
                 log.warning("%s: Hessian needed dampening %.3g (asked %.3g) to be invertible", name, d, damp)
@@ -211,9 +209,11 @@ def _gptq(weight, hessian, scheme, damp, block_size, act_order, name, consume_he
     del w
     # the Python loop on one thread (the range search and the factorizations are large ops and keep them all);
     # the compiled loop splits the rows over every thread itself
-    with nullcontext() if _native_loop(wt) is not None else _few_threads(wt.device):
+    mod = _native_loop(wt)
+    with nullcontext() if mod is not None else _few_threads(wt.device):
         qcodes = _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done,
-                              lambda cur, g: qparams(cur, imp[g * scheme.group_size : (g + 1) * scheme.group_size]))
+                              lambda cur, g: qparams(cur, imp[g * scheme.group_size : (g + 1) * scheme.group_size]),
+                              mod)
     qcodes = qcodes.T
     if perm is not None:
         qcodes = qcodes[:, torch.argsort(perm)]
@@ -245,8 +245,7 @@ def _native_loop(wt):
         return None
     from ..kernels import native
 
-    mod = native.load()
-    return mod if mod is not None and hasattr(mod, "gptq_columns") else None
+    return native.load()
 
 
 def _grid_mode(scheme) -> int:
@@ -256,83 +255,53 @@ def _grid_mode(scheme) -> int:
     return 2 if scheme.zero_point == "min" else 1
 
 
-def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done, group_qparams):
-    """GPTQ's loop over columns (rows of ``wt``), in blocks with lazy batch updates; returns codes (cols, rows)."""
+def _column_loop(wt, u, scale, zero, scheme, block_size, grouped, orig_list, pos_of, done, group_qparams, mod=None):
+    """GPTQ's loop over columns (rows of ``wt``), in blocks with lazy batch updates; returns codes (cols, rows).
+    A block's columns go in runs that end where a group's qparams are still to be computed from the current
+    weights (dynamic groups); ``mod``: the compiled loop (:func:`_native_loop`), one call per run with the rows
+    over the threads, else the columns one at a time in PyTorch."""
     cols, rows = wt.shape
     qcodes = torch.zeros(cols, rows, dtype=torch.int16, device=wt.device)
     column_qparams = _ColumnQparams(scale, zero, scheme)
-    mod = _native_loop(wt)
+    group_of = [c // scheme.group_size for c in orig_list] if grouped else [0] * cols  # by processing position
     if mod is not None:
-        _native_column_loop(mod, wt, u, qcodes, scale, zero, column_qparams, scheme, block_size, grouped,
-                            orig_list, pos_of, done, group_qparams)
-        return qcodes
+        gidx_all = torch.tensor(group_of, dtype=torch.int64)
+        zt = column_qparams.zt if column_qparams.zt is not None else torch.empty(0)
+        mode, qmin, qmax = _grid_mode(scheme), float(scheme.qmin), float(scheme.qmax)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
+        n = i2 - i1
         w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            col = orig_list[j] if grouped else j
-            if grouped:
-                g = col // scheme.group_size
-                if not done[g]:  # first column of this group reached: its qparams from current weights
-                    members = pos_of[g * scheme.group_size : min((g + 1) * scheme.group_size, cols)]
-                    cur = _current_columns(wt, w1, err1, u, members, i1, i2, i)
-                    s_g, z_g = group_qparams(cur, g)
-                    scale[:, g] = s_g[:, 0]
-                    if zero is not None:
-                        zero[:, g] = z_g[:, 0]
-                    column_qparams.refresh(g)
-                    done[g] = True
-            s, z = column_qparams(col)
-            wc = w1[i]
-            q = round_to_grid(wc, s, z, scheme)  # the primitives' rounding on one column
-            deq = from_grid(q, s, z, scheme)
-            qcodes[j] = q.to(torch.int16)
-            e = (wc - deq).div_(u1[i, i])
-            if i + 1 < i2 - i1:
-                w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
-            err1[i] = e
-        if i2 < cols:
-            wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
-    return qcodes
-
-
-def _native_column_loop(mod, wt, u, qcodes, scale, zero, column_qparams, scheme, block_size, grouped, orig_list,
-                        pos_of, done, group_qparams):
-    """:func:`_column_loop` with each block's columns in compiled code, in runs that end where a group's
-    qparams are still to be computed from the current weights (dynamic groups); the rows over all threads."""
-    cols, rows = wt.shape
-    u = u.contiguous()  # LAPACK's factor may be column-major; the loop reads its rows
-    if grouped:
-        gidx_all = torch.tensor(orig_list, dtype=torch.int64).div_(scheme.group_size, rounding_mode="floor")
-    else:
-        gidx_all = torch.zeros(cols, dtype=torch.int64)
-    g_list = gidx_all.tolist()
-    mode, qmin, qmax = _grid_mode(scheme), float(scheme.qmin), float(scheme.qmax)
-    zt = column_qparams.zt if column_qparams.zt is not None else torch.empty(0)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = wt[i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        gidx = gidx_all[i1:i2]
         a = 0
-        while a < i2 - i1:
-            b = a
-            while b < i2 - i1 and (not grouped or done[g_list[i1 + b]] or b == a):
-                if grouped and not done[g_list[i1 + b]]:  # b == a: a group starts here; its qparams first
-                    g = g_list[i1 + b]
-                    members = pos_of[g * scheme.group_size : min((g + 1) * scheme.group_size, cols)]
-                    s_g, z_g = group_qparams(_current_columns(wt, w1, err1, u, members, i1, i2, b), g)
-                    scale[:, g] = s_g[:, 0]
-                    if zero is not None:
-                        zero[:, g] = z_g[:, 0]
-                    column_qparams.refresh(g)
-                    done[g] = True
+        while a < n:
+            g = group_of[i1 + a]
+            if grouped and not done[g]:  # first column of this group reached: its qparams from current weights
+                members = pos_of[g * scheme.group_size : min((g + 1) * scheme.group_size, cols)]
+                s_g, z_g = group_qparams(_current_columns(wt, w1, err1, u, members, i1, i2, a), g)
+                scale[:, g] = s_g[:, 0]
+                if zero is not None:
+                    zero[:, g] = z_g[:, 0]
+                column_qparams.refresh(g)
+                done[g] = True
+            b = a + 1
+            while b < n and (not grouped or done[group_of[i1 + b]]):
                 b += 1
-            mod.gptq_columns(w1, u1, column_qparams.st, zt, gidx, a, b, mode, qmin, qmax, qcodes[i1:i2], err1)
+            if mod is not None:
+                mod.gptq_columns(w1, u1, column_qparams.st, zt, gidx_all[i1:i2], a, b, mode, qmin, qmax,
+                                 qcodes[i1:i2], err1)
+            else:
+                for i in range(a, b):
+                    s, z = column_qparams(orig_list[i1 + i] if grouped else i1 + i)
+                    wc = w1[i]
+                    q = round_to_grid(wc, s, z, scheme)  # the primitives' rounding on one column
+                    deq = from_grid(q, s, z, scheme)
+                    qcodes[i1 + i] = q.to(torch.int16)
+                    e = (wc - deq).div_(u1[i, i])
+                    if i + 1 < n:
+                        w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
+                    err1[i] = e
             a = b
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)

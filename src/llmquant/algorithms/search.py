@@ -29,25 +29,33 @@ def _kind(scheme: QuantScheme) -> int | None:
 def range_qparams(x: torch.Tensor, scheme: QuantScheme, search: str = "minmax",
                   importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`llmquant.schemes.primitives.range_qparams` (default ratios), compiled where it applies."""
-    kind = _kind(scheme)
-    if (search in ("mse", "imse") and kind is not None and x.dim() == 2 and x.device.type == "cpu"
-            and (search == "mse" or importance is not None) and os.environ.get("LLMQUANT_NATIVE_SEARCH") != "0"):
-        k = x.shape[-1]
-        gs = k if scheme.granularity == "channel" else P.group_len(scheme, k)
-        mod = None
-        if k % gs == 0:
-            from ..kernels import native
+    out = _compiled(x, scheme, search, importance)
+    return out if out is not None else P.range_qparams(x, scheme, search, importance)
 
-            mod = native.load()
-        if mod is not None and hasattr(mod, "range_search"):
-            x = x.detach().float().contiguous()
-            imp = torch.empty(0)
-            if search == "imse":
-                imp = importance.detach().float().reshape(-1).contiguous().cpu()
-                if imp.numel() != k:
-                    return P.range_qparams(x, scheme, search, importance)  # its error message
-            lo, hi = P.minmax(x, scheme)
-            r = mod.range_search(x, lo.contiguous(), hi.contiguous(), imp, P.range_ratios(), gs, kind,
-                                 float(scheme.qmin), float(scheme.qmax))
-            return P.qparams_from_minmax(lo * r, hi * r, scheme)
-    return P.range_qparams(x, scheme, search, importance)
+
+def _compiled(x, scheme, search, importance):
+    """The compiled search's qparams, or None where it does not apply (bad arguments included: the PyTorch
+    search gives their error)."""
+    kind = _kind(scheme)
+    if (search not in ("mse", "imse") or kind is None or x.dim() != 2 or x.device.type != "cpu"
+            or os.environ.get("LLMQUANT_NATIVE_SEARCH") == "0"):
+        return None
+    k = x.shape[-1]
+    gs = k if scheme.granularity == "channel" else P.group_len(scheme, k)
+    imp = torch.empty(0)
+    if search == "imse":
+        if importance is None or importance.numel() != k:
+            return None
+        imp = importance.detach().float().reshape(-1).contiguous().cpu()
+    if k % gs:
+        return None
+    from ..kernels import native
+
+    mod = native.load()
+    if mod is None:
+        return None
+    x = x.detach().float().contiguous()
+    lo, hi = P.minmax(x, scheme)
+    r = mod.range_search(x, lo.contiguous(), hi.contiguous(), imp, P.range_ratios(), gs, kind,
+                         float(scheme.qmin), float(scheme.qmax))
+    return P.qparams_from_minmax(lo * r, hi * r, scheme)

@@ -139,8 +139,7 @@ def layer_row(name: str, ref: torch.Tensor, approx: torch.Tensor | None, new: nn
     return LayerSummary(
         name=name, shape=tuple(ref.shape), scheme=scheme, bits_per_weight=bits, packed_bytes=int(nbytes),
         float_bytes=_param_bytes(orig),
-        sqnr_db=(new.weight_sqnr_db(ref, codes=codes) if codes is not None else new.weight_sqnr_db(ref))
-        if approx is None else sqnr_db(ref.float(), approx),
+        sqnr_db=new.weight_sqnr_db(ref, codes=codes) if approx is None else sqnr_db(ref.float(), approx),
         kernel=kernel if kernel is not None else new.kernel.name,
     )
 

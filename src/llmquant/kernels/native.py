@@ -78,8 +78,7 @@ def why_unavailable() -> str | None:
 
 def load():
     """The compiled module (functions ``qgemm``, ``dequant``, ``q8gemm``, ``q8_quantize``, ``q8_best_isa``,
-    ``gptq_columns``;
-    classes ``LinearSpec`` and ``DecodeStep``), or None when it cannot be had."""
+    ``gptq_columns``, ``range_search``; classes ``LinearSpec`` and ``DecodeStep``), or None when it cannot be had."""
     if "module" in _state:
         return _state["module"]
     with _lock:

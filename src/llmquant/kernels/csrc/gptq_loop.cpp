@@ -31,6 +31,15 @@ namespace {
 
 enum Mode : int64_t { kSymmetric = 0, kZero = 1, kMin = 2 };
 
+// round_to_grid then from_grid of one value: the code goes to ``*q``, the value it stands for is returned
+inline float round_trip(float x, float s, float z, int64_t mode, float qmin, float qmax, float* q) {
+  float v = mode == kMin ? (x - z) / s + qmin : (mode == kZero ? x / s + z : x / s);
+  v = std::min(std::max(std::nearbyint(v), qmin), qmax);
+  *q = v;
+  if (mode == kMin) return (v - qmin) * s + z;
+  return (mode == kZero ? v - z : v) * s;
+}
+
 void gptq_columns(torch::Tensor w1, torch::Tensor u1, torch::Tensor st, torch::Tensor zt, torch::Tensor gidx,
                   int64_t c0, int64_t c1, int64_t mode, double qmin_d, double qmax_d, torch::Tensor codes,
                   torch::Tensor err) {
@@ -71,19 +80,8 @@ void gptq_columns(torch::Tensor w1, torch::Tensor u1, torch::Tensor st, torch::T
       int16_t* q_out = Q + i * rows;
       const float uii = U[i * ld + i];
       for (int64_t r = r0; r < r1; ++r) {
-        float q, deq;
-        if (mode == kMin) {
-          q = (w[r] - z[r]) / s[r] + qmin;
-        } else {
-          q = w[r] / s[r];
-          if (mode == kZero) q = q + z[r];
-        }
-        q = std::min(std::max(std::nearbyint(q), qmin), qmax);
-        if (mode == kMin) {
-          deq = (q - qmin) * s[r] + z[r];
-        } else {
-          deq = (mode == kZero ? q - z[r] : q) * s[r];
-        }
+        float q;
+        const float deq = round_trip(w[r], s[r], z ? z[r] : 0.0f, mode, qmin, qmax, &q);
         q_out[r] = static_cast<int16_t>(q);
         e[r] = (w[r] - deq) / uii;
       }
@@ -100,7 +98,7 @@ void gptq_columns(torch::Tensor w1, torch::Tensor u1, torch::Tensor st, torch::T
 
 // One group's round-trip error for the qparams (s, z): sum_i imp_i (x_hat_i - x_i)^2, the rounding as
 // round_to_grid / from_grid compute it, eight values at a time (AVX2), summed in float lanes then in double.
-double group_error(const float* xv, const float* iv, int64_t gs, int64_t kind, float s, float z, float qmin,
+double group_error(const float* xv, const float* iv, int64_t gs, int64_t mode, float s, float z, float qmin,
                    float qmax) {
   const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vlo = _mm256_set1_ps(qmin),
                vhi = _mm256_set1_ps(qmax);
@@ -109,17 +107,17 @@ double group_error(const float* xv, const float* iv, int64_t gs, int64_t kind, f
   for (; i + 8 <= gs; i += 8) {
     const __m256 x = _mm256_loadu_ps(xv + i);
     __m256 q, deq;
-    if (kind == 4) {
+    if (mode == kMin) {
       q = _mm256_add_ps(_mm256_div_ps(_mm256_sub_ps(x, vz), vs), vlo);
     } else {
       q = _mm256_div_ps(x, vs);
-      if (kind >= 2) q = _mm256_add_ps(q, vz);
+      if (mode == kZero) q = _mm256_add_ps(q, vz);
     }
     q = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vlo), vhi);
-    if (kind == 4) {
+    if (mode == kMin) {
       deq = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(q, vlo), vs), vz);
     } else {
-      deq = _mm256_mul_ps(kind >= 2 ? _mm256_sub_ps(q, vz) : q, vs);
+      deq = _mm256_mul_ps(mode == kZero ? _mm256_sub_ps(q, vz) : q, vs);
     }
     __m256 d = _mm256_sub_ps(deq, x);
     d = _mm256_mul_ps(d, d);
@@ -131,18 +129,8 @@ double group_error(const float* xv, const float* iv, int64_t gs, int64_t kind, f
   double e = 0.0;
   for (float v : lanes) e += v;
   for (; i < gs; ++i) {
-    float q, deq;
-    if (kind == 4) {
-      q = std::min(std::max(std::nearbyint((xv[i] - z) / s + qmin), qmin), qmax);
-      deq = (q - qmin) * s + z;
-    } else if (kind <= 1) {
-      q = std::min(std::max(std::nearbyint(xv[i] / s), qmin), qmax);
-      deq = q * s;
-    } else {
-      q = std::min(std::max(std::nearbyint(xv[i] / s + z), qmin), qmax);
-      deq = (q - z) * s;
-    }
-    float d = deq - xv[i];
+    float q;
+    float d = round_trip(xv[i], s, z, mode, qmin, qmax, &q) - xv[i];
     d = d * d;
     if (iv) d = d * iv[i];
     e += d;
@@ -168,6 +156,7 @@ torch::Tensor range_search(torch::Tensor x, torch::Tensor lo, torch::Tensor hi, 
   TORCH_CHECK(imp.numel() == 0 || (imp.dtype() == torch::kFloat32 && imp.is_contiguous() && imp.numel() == K),
               "imp: (K,) fp32 or empty");
   TORCH_CHECK(kind >= 0 && kind <= 4, "range_search: kind 0..4");
+  const int64_t mode = kind <= 1 ? kSymmetric : kind == 4 ? kMin : kZero;  // the round trip's rule
   auto best = torch::ones({rows, G}, torch::kFloat32);
   const float* X = x.data_ptr<float>();
   const float* LO = lo.data_ptr<float>();
@@ -206,7 +195,7 @@ torch::Tensor range_search(torch::Tensor x, torch::Tensor lo, torch::Tensor hi, 
             if (kind == 2) z = std::min(std::max(std::nearbyint(z), qmin), qmax);
           }
         }
-        const double e = group_error(xv, iv, gs, kind, s, z, qmin, qmax);
+        const double e = group_error(xv, iv, gs, mode, s, z, qmin, qmax);
         if (e < best_e) {
           best_e = e;
           best_r = ratio;
