@@ -1,6 +1,7 @@
 """The lean runtime's compiled decode step (C++, one call per token) against its Python step: logits per step
-for float, weight-only packed, int8-activation and Python-fallback linears, q/k norms, biases, GQA; greedy
-tokens; the switch; the fallback when the extension is unavailable."""
+for float, weight-only packed, int8-activation and Python-fallback linears, q/k norms, biases, GQA; batches
+(left-padded, per-row positions and key masks); greedy tokens; the switch; the fallback when the extension is
+unavailable."""
 
 import pytest
 import torch
@@ -189,14 +190,99 @@ def test_bf16_model_falls_back(caplog):
     assert "computes in fp32" in caplog.text
 
 
-def test_batches_and_masks_take_python_path():
-    """Batch 2 and padded prompts never reach the compiled step; its cache stays consistent with the Python
-    step's when both are used on one cache (prompt in Python, decode compiled)."""
+@torch.inference_mode()
+def _batched_logits(model, compiled_on: bool, batch: int = 3, seed: int = 4) -> torch.Tensor:
+    """Per-step logits (batch, STEPS, vocab) of a left-padded batch (row r padded by 2r tokens) decoded with
+    fixed tokens, each row with its own RoPE positions and key mask, as generate() drives the runtime. With
+    the compiled step on, the Python step's linears are made to fail after the prompt: every decode step must
+    run compiled."""
+    lean = LeanModel(model, compiled=compiled_on)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (batch, PROMPT + STEPS), generator=g)
+    mask = torch.ones(batch, PROMPT, dtype=torch.bool)
+    for r in range(batch):
+        mask[r, :min(2 * r, PROMPT - 1)] = False
+    cache = lean.new_cache(batch, PROMPT + STEPS)
+    key_mask = torch.ones(batch, cache.max_len, dtype=torch.bool)
+    key_mask[:, :PROMPT] = mask
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    lean(ids[:, :PROMPT], cache, key_mask, positions)
+    if compiled_on:
+        def fail(x):
+            raise AssertionError("a decode step ran in Python")
+
+        for L in lean.layers:
+            L.qkv = L.gate_up = L.o = L.down = fail
+    pos = positions[:, -1:]
+    out = []
+    for i in range(PROMPT, PROMPT + STEPS):
+        pos = pos + 1
+        out.append(lean(ids[:, i:i + 1], cache, key_mask, pos))
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("family,scheme,kernel,tol", [
+    ("llama", None, None, FP32), ("llama", "W4G32", None, INT16), ("qwen3", "gguf:Q4_0", None, INT16),
+    ("qwen2", "W4G32", None, INT16), ("llama", "gguf:Q4_0", "packed_q8act", 2e-2),
+    ("llama", "W8", "packed_q8act", 2e-2)])
+def test_batched_left_padded_matches_python_step(family, scheme, kernel, tol):
+    """A batch of 3 left-padded sequences (RoPE positions and key mask per row) through the compiled step:
+    the Python step's logits at every step, for float, packed_avx2 and packed_q8act linears, q/k norms, biases."""
+    m = _quantized(family, scheme, kernel)
+    c, py = _batched_logits(m, True), _batched_logits(m, False)
+    assert _rel(c, py) <= tol
+    assert torch.equal(c.argmax(-1), py.argmax(-1))
+
+
+def test_batched_rows_are_independent():
+    """Each row of an unpadded batch decodes as it would alone (float linears: fp32 order only)."""
+    m = _quantized("llama", None)
+    lean = LeanModel(m, compiled=True)
+    ids = torch.randint(3, 256, (2, PROMPT + 4), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        cache = lean.new_cache(2, PROMPT + 4)
+        lean(ids[:, :PROMPT], cache)
+        both = torch.cat([lean(ids[:, i:i + 1], cache) for i in range(PROMPT, PROMPT + 4)], 1)
+        for r in range(2):
+            c1 = lean.new_cache(1, PROMPT + 4)
+            lean(ids[r:r + 1, :PROMPT], c1)
+            one = torch.cat([lean(ids[r:r + 1, i:i + 1], c1) for i in range(PROMPT, PROMPT + 4)], 1)
+            assert _rel(both[r], one[0]) <= FP32
+
+
+def test_batched_greedy_and_large_batches():
+    """Left-padded generate() with the step on = off (weight-only int4: same tokens); a batch of MAX_BATCH
+    rows (a prefill to the packed kernels) runs the Python step and agrees as well."""
     m = _quantized("llama", "W4G32")
-    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(8))
-    a = llmquant.generate(m, ids, 6, use_eos=False, lean=LeanModel(m, compiled=True))
-    b = llmquant.generate(m, ids, 6, use_eos=False, lean=LeanModel(m, compiled=False))
-    assert torch.equal(a, b)
+    ids = torch.randint(3, 256, (3, 6), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    kw = dict(use_eos=False, attention_mask=mask)
+    on = llmquant.generate(m, ids, 10, lean=LeanModel(m, compiled=True), **kw)
+    off = llmquant.generate(m, ids, 10, lean=LeanModel(m, compiled=False), **kw)
+    assert torch.equal(on, off)
+    big = torch.randint(3, 256, (compiled.MAX_BATCH, 4), generator=torch.Generator().manual_seed(9))
+    lean = LeanModel(m, compiled=True)
+    on = llmquant.generate(m, big, 3, use_eos=False, lean=lean)
+    assert lean._step is None  # never built: no step was eligible
+    assert torch.equal(on, llmquant.generate(m, big, 3, use_eos=False, lean=LeanModel(m, compiled=False)))
+
+
+def test_step_checks_its_inputs():
+    m = _quantized("llama", None)
+    lean = LeanModel(m, compiled=True)
+    cache = lean.new_cache(2, 8)
+    step = lean.compiled_step()
+    h = torch.zeros(2, lean.final_w.numel())
+    with pytest.raises(RuntimeError, match="batch = h's rows"):
+        step.step(h[:1], cache.k, cache.v, lean._cos, lean._sin, 0)
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        step.step(h, cache.k, cache.v, lean._cos, lean._sin, 0, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="key_mask"):
+        step.step(h, cache.k, cache.v, lean._cos, lean._sin, 3, None, torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="outside the table"):
+        step.step(h, cache.k, cache.v, lean._cos, lean._sin, 0, torch.tensor([0, 99]))
 
 
 def test_spec_runs_like_kernel():

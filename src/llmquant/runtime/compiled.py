@@ -1,9 +1,10 @@
-"""The lean runtime's compiled decode step: one new token of a batch of one through the whole decoder in C++
-(``kernels/csrc/decode_step.cpp``), with no Python between the operations.
+"""The lean runtime's compiled decode step: one new token of each sequence of a batch through the whole decoder
+in C++ (``kernels/csrc/decode_step.cpp``), with no Python between the operations.
 
-:class:`~llmquant.runtime.LeanModel` builds it on its first eligible call (batch 1, one token, no key mask or
-positions, fp32 on CPU, no autocast) and uses it from then on; ``LLMQUANT_COMPILED_DECODE=0`` (or
-``LeanModel(model, compiled=False)``) keeps every step in Python. Each linear group (q/k/v, o, gate/up, down,
+:class:`~llmquant.runtime.LeanModel` builds it on its first eligible call (one token per sequence, fewer than
+:data:`MAX_BATCH` sequences, fp32 on CPU, no autocast) and uses it from then on; a left-padded batch passes
+each row's RoPE position and its key mask. The rows go through each linear together, as the Python step's
+do. ``LLMQUANT_COMPILED_DECODE=0`` (or ``LeanModel(model, compiled=False)``) keeps every step in Python. Each linear group (q/k/v, o, gate/up, down,
 the head) becomes a ``LinearSpec``, chosen to compute what the Python path computes:
 
 - the kernel's own C++ on its prepared tensors where the kernel has a native spec
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import native
+from ..kernels.packed_cpu import LARGE_M
 from ..modules import QuantLinear
 from ..modules.float_modules import FloatLinear
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Environment switch: "0" keeps every decode step in Python.
 ENV = "LLMQUANT_COMPILED_DECODE"
+
+#: Batches from this many rows are a prefill to the packed kernels (another GEMM): the Python step runs them.
+MAX_BATCH = LARGE_M
 
 #: The lean runtime's activation names -> the step's.
 ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -115,4 +120,4 @@ def build(lean: "LeanModel"):
     return step
 
 
-__all__ = ["ACTS", "ENV", "build", "enabled_by_env", "group_spec", "why_not"]
+__all__ = ["ACTS", "ENV", "MAX_BATCH", "build", "enabled_by_env", "group_spec", "why_not"]

@@ -8,7 +8,7 @@ at build: module lookups, kernel selection and preparation of every quantized li
 q/k/v and gate/up into one kernel call each when their kernel can run them together (``Kernel.fuse``;
 ``packed_avx2``: one pass over the three packed buffers, nothing copied). What runs per token: embedding,
 per layer two RMSNorms, three or four linear calls, RoPE, SDPA against the cache, the MLP, and the head on
-the last position only. A decode step of one token of a batch of one runs, where it can, as one C++ call
+the last position only. A decode step (one token for each sequence of a batch of up to 15) runs, where it can, as one C++ call
 over all layers (:mod:`llmquant.runtime.compiled`; ``LLMQUANT_COMPILED_DECODE=0`` turns it off).
 
 The weights are the model's own tensors (no copy); the model is not modified.
@@ -151,7 +151,7 @@ class LeanModel:
     """Callable as ``lean(ids, cache, key_mask=None) -> logits`` (last position, or every one with
     ``all_logits=True``); appends to ``cache``.
 
-    ``compiled``: whether one-token steps of a batch of one run as one C++ call (built on the first such step;
+    ``compiled``: whether one-token steps (batches below ``compiled.MAX_BATCH``) run as one C++ call (built on the first such step;
     None: unless ``LLMQUANT_COMPILED_DECODE=0``). Where the step cannot be built, the Python path runs."""
 
     def __init__(self, model: nn.Module, *, fuse: bool = True, compiled: bool | None = None):
@@ -269,11 +269,13 @@ class LeanModel:
             mask, causal_flag = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(start), False
         else:
             mask, causal_flag = None, t > 1
-        if t == 1 and b == 1 and key_mask is None and positions is None and cache.k.dtype == torch.float32 \
+        if t == 1 and b < _compiled.MAX_BATCH and cache.k.dtype == torch.float32 \
                 and not torch.is_autocast_enabled(self.device.type):
             step = self.compiled_step()
             if step is not None:
-                logits = step.step(self._lookup(ids), cache.k, cache.v, self._cos, self._sin, start)
+                logits = step.step(self._lookup(ids), cache.k, cache.v, self._cos, self._sin, start,
+                                   None if positions is None else positions.reshape(b),
+                                   key_mask)
                 cache.length = end
                 return logits
         h = self._lookup(ids)

@@ -1,6 +1,7 @@
-// The lean runtime's decode step in C++: one new token of a batch of one through every layer of a
+// The lean runtime's decode step in C++: one new token of each sequence of a batch through every layer of a
 // Llama-family decoder (pre-norm, RoPE, GQA attention against a preallocated KV cache, gated MLP) and the
-// head, with no Python between the operations (llmquant.runtime.compiled builds it from a LeanModel).
+// head, with no Python between the operations (llmquant.runtime.compiled builds it from a LeanModel). The
+// batch's rows go through each linear together (one call reads each weight once for all of them).
 //
 // Each linear (a group sharing its input, stacked along the output: q/k/v, gate/up) is a LinearSpec: a list
 // of parts whose outputs are concatenated, each part one of
@@ -16,7 +17,8 @@
 // sin), the k/v rows written into the cache at the position, attention of the query row against the cached
 // positions 0..pos (GQA: query head h reads kv head h / (heads / kv_heads); scores scaled, softmax with the
 // maximum subtracted, fp32 throughout), the MLP activation through ATen's own function (at::silu_ etc.), the
-// residual adds. These differ from the Python path's ATen ops only in fp32 summation order.
+// residual adds. These differ from the Python path's ATen ops only in fp32 summation order. A left-padded
+// batch gives each row its own RoPE position and a key mask (pad positions take no part in its attention).
 #include "qgemm_common.h"
 
 #include <ATen/Parallel.h>
@@ -44,7 +46,7 @@ struct LinearPart {
   std::vector<int64_t> tiled_rows;                    // q8: rows per weight in the tiled layout (empty: row layout)
   int64_t bits = 0, gs = 0, isa = -1;
   torch::Tensor weight, bias;  // dense: weight (N, K), optional bias; packed / q8: optional stacked bias
-  py::object fn;               // python: x (1, K) -> y (..., N)
+  py::object fn;               // python: x (B, K) -> y (..., N)
 
   torch::Tensor run(const torch::Tensor& x) const {
     torch::Tensor y;
@@ -81,7 +83,7 @@ struct LinearSpec {
     return false;
   }
 
-  // x (1, K) fp32 contiguous -> y (1, N) fp32 contiguous
+  // x (B, K) fp32 contiguous -> y (B, N) fp32 contiguous
   torch::Tensor run(const torch::Tensor& x) const {
     if (parts.size() == 1) return parts[0].run(x);
     std::vector<torch::Tensor> ys;
@@ -145,7 +147,7 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t hd) {
 
 }  // namespace
 
-// Every layer of a decoder for one new token (batch 1); see the top of the file.
+// Every layer of a decoder for one new token of each sequence of a batch; see the top of the file.
 class DecodeStep {
  public:
   DecodeStep(std::vector<torch::Tensor> in_norms, std::vector<torch::Tensor> post_norms,
@@ -184,109 +186,140 @@ class DecodeStep {
   bool needs_python() const { return needs_python_; }
   int64_t layers() const { return static_cast<int64_t>(in_norms_.size()); }
 
-  // h: the new token's embedding (hidden values, fp32); kc, vc: (layers, 1, kv_heads, max_len, head_dim) fp32;
-  // cos, sin: (n, head_dim) fp32 RoPE tables, n > pos; pos: the token's position (the cache's length).
-  // Writes the cache at pos and returns the logits (1, 1, vocab).
+  // h: the new tokens' embeddings (B rows of hidden values, fp32); kc, vc: (layers, B, kv_heads, max_len,
+  // head_dim) fp32; cos, sin: (n, head_dim) fp32 RoPE tables; pos: the cache position the tokens are written
+  // at (the cache's length). positions: None (every row's RoPE position is pos) or (B,) int64, each row's
+  // own (a left-padded batch); key_mask: None or (B, >= pos + 1) bool, true at the cache positions a row
+  // attends to. Writes the cache at pos and returns the logits (B, 1, vocab).
   torch::Tensor step(torch::Tensor h_in, torch::Tensor kc, torch::Tensor vc, torch::Tensor cos, torch::Tensor sin,
-                     int64_t pos) {
-    TORCH_CHECK(h_in.numel() == d_ && h_in.dtype() == torch::kFloat32, "h must be one fp32 row of hidden values");
+                     int64_t pos, std::optional<torch::Tensor> positions, std::optional<torch::Tensor> key_mask) {
+    TORCH_CHECK(h_in.dtype() == torch::kFloat32 && h_in.numel() % d_ == 0 && h_in.numel() > 0,
+                "h must be rows of hidden values, fp32");
+    const int64_t B = h_in.numel() / d_;
     TORCH_CHECK(kc.dtype() == torch::kFloat32 && vc.dtype() == torch::kFloat32 && kc.is_contiguous() &&
                     vc.is_contiguous() && kc.dim() == 5 && kc.sizes() == vc.sizes() && kc.size(0) == layers() &&
-                    kc.size(1) == 1 && kc.size(2) == nkv_ && kc.size(4) == hd_,
-                "the cache must be (layers, 1, kv_heads, max_len, head_dim) fp32 contiguous");
+                    kc.size(1) == B && kc.size(2) == nkv_ && kc.size(4) == hd_,
+                "the cache must be (layers, batch, kv_heads, max_len, head_dim) fp32 contiguous, batch = h's rows");
     const int64_t max_len = kc.size(3);
     TORCH_CHECK(pos >= 0 && pos < max_len, "position ", pos, " outside the cache (", max_len, ")");
     TORCH_CHECK(cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32 && cos.dim() == 2 &&
-                    cos.size(0) > pos && cos.size(1) == hd_ && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
-                    sin.is_contiguous(),
-                "cos/sin must be (n > pos, head_dim) fp32 contiguous");
+                    cos.size(1) == hd_ && cos.is_contiguous() && sin.sizes() == cos.sizes() && sin.is_contiguous(),
+                "cos/sin must be (n, head_dim) fp32 contiguous");
+    std::vector<int64_t> rope_pos(static_cast<size_t>(B), pos);
+    if (positions) {
+      torch::Tensor p = positions->reshape({-1}).to(torch::kLong).contiguous();
+      TORCH_CHECK(p.numel() == B, "positions must have one entry per row");
+      std::copy(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + B, rope_pos.begin());
+    }
+    for (int64_t r : rope_pos) TORCH_CHECK(r >= 0 && r < cos.size(0), "RoPE position ", r, " outside the table");
+    const int64_t len = pos + 1;
+    torch::Tensor mask;
+    if (key_mask) {
+      mask = key_mask->to(torch::kBool).contiguous();
+      TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) >= len, "key_mask must be (batch, >= pos + 1)");
+    }
+    const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    const int64_t mstride = mask.defined() ? mask.size(1) : 0;
     std::optional<py::gil_scoped_release> nogil;
     if (!needs_python_) nogil.emplace();
 
-    torch::Tensor h = h_in.reshape({1, d_}).clone();
-    torch::Tensor x = torch::empty({1, d_}, h.options());
-    torch::Tensor attn = torch::empty({1, nh_ * hd_}, h.options());
+    torch::Tensor h = h_in.reshape({B, d_}).clone();
+    torch::Tensor x = torch::empty({B, d_}, h.options());
+    torch::Tensor attn = torch::empty({B, nh_ * hd_}, h.options());
     float* hp = h.data_ptr<float>();
     float* xp = x.data_ptr<float>();
     float* ap = attn.data_ptr<float>();
-    const float* cr = cos.data_ptr<float>() + pos * hd_;
-    const float* sr = sin.data_ptr<float>() + pos * hd_;
-    const int64_t len = pos + 1;
-    std::vector<float> scores(static_cast<size_t>(nh_ * len));
-    const int64_t group = nh_ / nkv_, qn = nh_ * hd_, kn = nkv_ * hd_;
+    const float* cos0 = cos.data_ptr<float>();
+    const float* sin0 = sin.data_ptr<float>();
+    std::vector<float> scores(static_cast<size_t>(B * nh_ * len));
+    const int64_t group = nh_ / nkv_, qn = nh_ * hd_, kn = nkv_ * hd_, row = qn + 2 * kn;
+    const int64_t per_head = nkv_ * max_len * hd_;  // one (layer, row)'s keys or values
 
     for (int64_t i = 0; i < layers(); ++i) {
-      rms_norm(hp, in_norms_[i].data_ptr<float>(), xp, d_, eps_);
+      norm_rows(hp, in_norms_[i], xp, B);
       torch::Tensor qkv = qkv_[i].run(x);
-      TORCH_CHECK(qkv.numel() == qn + 2 * kn, "q/k/v output size");
-      float* q = qkv.data_ptr<float>();
-      float* k = q + qn;
-      const float* v = k + kn;
+      TORCH_CHECK(qkv.numel() == B * row, "q/k/v output size");
       const float* qw = q_norms_[i] ? q_norms_[i]->data_ptr<float>() : nullptr;
       const float* kw = k_norms_[i] ? k_norms_[i]->data_ptr<float>() : nullptr;
-      float* kl = kc.data_ptr<float>() + i * nkv_ * max_len * hd_;  // layer i, head 0, position 0
-      float* vl = vc.data_ptr<float>() + i * nkv_ * max_len * hd_;
-      for (int64_t j = 0; j < nh_; ++j) {
-        if (qw) rms_norm(q + j * hd_, qw, q + j * hd_, hd_, eps_);
-        rope(q + j * hd_, cr, sr, hd_);
+      float* kl = kc.data_ptr<float>() + i * B * per_head;  // layer i, row 0, head 0, position 0
+      float* vl = vc.data_ptr<float>() + i * B * per_head;
+      for (int64_t b = 0; b < B; ++b) {
+        float* q = qkv.data_ptr<float>() + b * row;
+        const float* k = q + qn;
+        const float* v = k + kn;
+        const float* cr = cos0 + rope_pos[b] * hd_;
+        const float* sr = sin0 + rope_pos[b] * hd_;
+        for (int64_t j = 0; j < nh_; ++j) {
+          if (qw) rms_norm(q + j * hd_, qw, q + j * hd_, hd_, eps_);
+          rope(q + j * hd_, cr, sr, hd_);
+        }
+        for (int64_t j = 0; j < nkv_; ++j) {
+          float* kd = kl + b * per_head + (j * max_len + pos) * hd_;
+          std::copy(k + j * hd_, k + (j + 1) * hd_, kd);
+          if (kw) rms_norm(kd, kw, kd, hd_, eps_);
+          rope(kd, cr, sr, hd_);
+          std::copy(v + j * hd_, v + (j + 1) * hd_, vl + b * per_head + (j * max_len + pos) * hd_);
+        }
       }
-      for (int64_t j = 0; j < nkv_; ++j) {
-        float* kd = kl + (j * max_len + pos) * hd_;
-        std::copy(k + j * hd_, k + (j + 1) * hd_, kd);
-        if (kw) rms_norm(kd, kw, kd, hd_, eps_);
-        rope(kd, cr, sr, hd_);
-        std::copy(v + j * hd_, v + (j + 1) * hd_, vl + (j * max_len + pos) * hd_);
-      }
-      // attention of each query head against positions 0..pos of its kv head; parallel over heads only when
-      // there is enough work to pay for the threads
-      const int64_t grain = len * hd_ >= 16384 ? 1 : nh_;
-      at::parallel_for(0, nh_, grain, [&](int64_t h0, int64_t h1) {
-        for (int64_t j = h0; j < h1; ++j) {
-          const float* qh = q + j * hd_;
-          const float* kh = kl + (j / group) * max_len * hd_;
-          const float* vh = vl + (j / group) * max_len * hd_;
-          float* s = scores.data() + j * len;
+      // attention of each (row, query head) against positions 0..pos of its kv head (those the row's mask
+      // allows); parallel over them only when there is enough work to pay for the threads
+      const int64_t units = B * nh_, grain = len * hd_ >= 16384 ? 1 : units;
+      at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t b = u / nh_, j = u % nh_;
+          const float* qh = qkv.data_ptr<float>() + b * row + j * hd_;
+          const float* kh = kl + b * per_head + (j / group) * max_len * hd_;
+          const float* vh = vl + b * per_head + (j / group) * max_len * hd_;
+          const bool* allowed = mp ? mp + b * mstride : nullptr;
+          float* s = scores.data() + u * len;
           float mx = -INFINITY;
           for (int64_t t = 0; t < len; ++t) {
+            if (allowed && !allowed[t]) continue;
             s[t] = dot(qh, kh + t * hd_, hd_) * scale_;
             mx = std::max(mx, s[t]);
           }
           float sum = 0.f;
           for (int64_t t = 0; t < len; ++t) {
+            if (allowed && !allowed[t]) continue;
             s[t] = std::exp(s[t] - mx);
             sum += s[t];
           }
           const float inv = 1.f / sum;
-          float* out = ap + j * hd_;
+          float* out = ap + u * hd_;
           std::fill(out, out + hd_, 0.f);
-          for (int64_t t = 0; t < len; ++t) axpy(s[t] * inv, vh + t * hd_, out, hd_);
+          for (int64_t t = 0; t < len; ++t)
+            if (!allowed || allowed[t]) axpy(s[t] * inv, vh + t * hd_, out, hd_);
         }
       });
-      add_into(hp, o_[i].run(attn));
-      rms_norm(hp, post_norms_[i].data_ptr<float>(), xp, d_, eps_);
+      add_into(hp, o_[i].run(attn), B);
+      norm_rows(hp, post_norms_[i], xp, B);
       torch::Tensor gu = gate_up_[i].run(x);
       const int64_t inter = gu.size(1) / 2;  // gate, then up
       torch::Tensor gate = gu.narrow(1, 0, inter);
       activate(gate);
       gate.mul_(gu.narrow(1, inter, inter));
-      add_into(hp, down_[i].run(gate));
+      add_into(hp, down_[i].run(gate.contiguous()), B);
     }
-    rms_norm(hp, final_norm_.data_ptr<float>(), xp, d_, eps_);
+    norm_rows(hp, final_norm_, xp, B);
     torch::Tensor logits = head_.run(x);
-    return logits.view({1, 1, -1});
+    return logits.view({B, 1, -1});
   }
 
-  // One linear spec run on its own (tests): x (1, K) -> (1, N).
+  // One linear spec run on its own (tests): x (..., K) -> (rows, N).
   static torch::Tensor run_spec(const LinearSpec& spec, torch::Tensor x) {
-    TORCH_CHECK(x.dtype() == torch::kFloat32, "x must be fp32");
-    return spec.run(x.reshape({1, -1}).contiguous());
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1, "x must be fp32");
+    return spec.run(x.reshape({-1, x.size(-1)}).contiguous());
   }
 
  private:
-  void add_into(float* hp, const torch::Tensor& y) const {
-    TORCH_CHECK(y.numel() == d_ && y.is_contiguous(), "linear output size");
+  void add_into(float* hp, const torch::Tensor& y, int64_t rows) const {
+    TORCH_CHECK(y.numel() == rows * d_ && y.is_contiguous(), "linear output size");
     const float* yp = y.data_ptr<float>();
-    for (int64_t j = 0; j < d_; ++j) hp[j] += yp[j];
+    for (int64_t j = 0; j < rows * d_; ++j) hp[j] += yp[j];
+  }
+
+  void norm_rows(const float* hp, const torch::Tensor& w, float* xp, int64_t rows) const {
+    for (int64_t b = 0; b < rows; ++b) rms_norm(hp + b * d_, w.data_ptr<float>(), xp + b * d_, d_, eps_);
   }
 
   void activate(torch::Tensor& g) const {  // ATen's functions: the Python path's numerics
@@ -360,7 +393,7 @@ void register_decode_step(py::module& m) {
             p.fn = fn;
             return LinearSpec::one(std::move(p));
           },
-          py::arg("fn"), "a Python callable x (1, K) -> y (1, N)")
+          py::arg("fn"), "a Python callable x (B, K) -> y (B, N)")
       .def_static(
           "join",
           [](const std::vector<LinearSpec>& specs) {
@@ -371,7 +404,7 @@ void register_decode_step(py::module& m) {
           "the specs' outputs side by side")
       .def_property_readonly("needs_python", &LinearSpec::needs_python)
       .def("__call__", &DecodeStep::run_spec, py::arg("x"));
-  py::class_<DecodeStep>(m, "DecodeStep", "A decoder's whole decode step for one token of a batch of one")
+  py::class_<DecodeStep>(m, "DecodeStep", "A decoder's whole decode step: one new token of each sequence of a batch")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<std::optional<torch::Tensor>>,
                     std::vector<std::optional<torch::Tensor>>, std::vector<LinearSpec>, std::vector<LinearSpec>,
                     std::vector<LinearSpec>, std::vector<LinearSpec>, torch::Tensor, LinearSpec, int64_t, int64_t,
@@ -381,7 +414,7 @@ void register_decode_step(py::module& m) {
            py::arg("n_heads"), py::arg("n_kv"), py::arg("head_dim"), py::arg("hidden"),
            py::arg("eps"), py::arg("scale"), py::arg("act"))
       .def("step", &DecodeStep::step, py::arg("h"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"),
-           py::arg("sin"), py::arg("pos"))
+           py::arg("sin"), py::arg("pos"), py::arg("positions") = py::none(), py::arg("key_mask") = py::none())
       .def_property_readonly("needs_python", &DecodeStep::needs_python)
       .def_property_readonly("layers", &DecodeStep::layers);
 }
