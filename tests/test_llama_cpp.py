@@ -78,3 +78,21 @@ def test_rtn_kquant_matches_llama_cpp_quantizer(tmp_path, tiny_bpe_tokenizer, mo
         ours = dequantize(*rtn_quantize(w, s), s)
         ratio = float(((ours - w) ** 2).mean() / ((theirs - w) ** 2).mean())
         assert 0.97 < ratio < 1.04, (name, ratio)
+
+
+def test_batched_decode_equals_one_sequence_at_a_time(tmp_path, tiny_bpe_tokenizer, monkeypatch):
+    """llama.cpp's batched decode (one sequence id per prompt, one KV cache; the benchmarks' llama.cpp side of
+    batched serving) gives each sequence the greedy tokens its logits give alone."""
+    from llmquant.eval.llama_cpp import LlamaCpp
+
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    m = make_tiny_llama(vocab_size=400, hidden=256, layers=2)
+    llmquant.export(m, tiny_bpe_tokenizer, tmp_path / "m.gguf", float_type="F32", progress=False)
+    prompts = [IDS[i:i + 12] for i in (0, 5, 17)]
+    with LlamaCpp(tmp_path / "m.gguf") as cpp:
+        out, tps = cpp.batched_decode(prompts, 6)
+        assert tps > 0 and [len(o) for o in out] == [6, 6, 6]
+        for p, o in zip(prompts, out):
+            assert cpp.logits(p + o[:-1]).argmax(-1)[len(p) - 1:].tolist() == o
+        with pytest.raises(ValueError, match="one length"):
+            cpp.batched_decode([IDS[:3], IDS[:4]], 4)

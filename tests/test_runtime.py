@@ -205,3 +205,21 @@ def test_streamed_bf16_model_generates_as_its_forward(tmp_path, monkeypatch):
     set_kernel(q, None)  # prepared again: no prefill copy may be kept now
     assert llmquant.generate(q, prompt, max_new_tokens=6, use_eos=False)[0].tolist() == ref
     assert not any(getattr(getattr(m, "kernel_state", None), "prefill", {}).get("fp16") for m in q.modules())
+
+
+def test_prefill_budget_follows_machine_memory(monkeypatch):
+    """The prefill-copy budget: the environment's MB when set, else an eighth of the memory limit (the
+    machine's, or a cgroup's lower one), never below 512 MB."""
+    import llmquant.kernels.packed_cpu as packed
+    from llmquant import resources
+
+    total = resources.memory_limit_bytes()
+    assert total > 1e9  # this machine's memory is known
+    monkeypatch.delenv("LLMQUANT_PREFILL_CACHE_MB", raising=False)
+    assert packed._prefill_budget() == max(512_000_000, total // 8)
+    monkeypatch.setattr(packed, "memory_limit_bytes", lambda: 2_000_000_000)
+    assert packed._prefill_budget() == 512_000_000
+    monkeypatch.setattr(packed, "memory_limit_bytes", lambda: 64_000_000_000)
+    assert packed._prefill_budget() == 8_000_000_000
+    monkeypatch.setenv("LLMQUANT_PREFILL_CACHE_MB", "100")
+    assert packed._prefill_budget() == 100_000_000

@@ -35,6 +35,23 @@ def rss_bytes() -> int:
         return 0
 
 
+def memory_limit_bytes() -> int:
+    """The most memory this process may use: the machine's physical memory, or its memory cgroup's limit
+    where that is lower (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``); 0 where unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        total = 0
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            v = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if v.isdigit() and 0 < int(v) < (total or 1 << 62):
+            total = int(v)
+    return total
+
+
 def _mark_bytes() -> int:
     """Peak resident memory since the last reset (Linux VmHWM), else the process's lifetime peak."""
     try:

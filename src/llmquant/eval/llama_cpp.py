@@ -107,6 +107,44 @@ class LlamaCpp:
         return SpeedResult(prefill_tokens_per_s=prefill_len / best, decode_tokens_per_s=decode, prefill_len=prefill_len,
                            prompt_len=prompt_len, new_tokens=new_tokens, threads=self.threads)
 
+    def batched_decode(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[list[list[int]], float]:
+        """Greedy decode of several sequences at once, as a server batches its users: the prompts (of equal
+        length) prefilled as one batch, then each step one batch of one token per sequence (its own sequence
+        id in one KV cache). Returns the new tokens of each sequence (the first from the prefill) and the
+        decode's tokens per second over all sequences (steps after the first token), as the lean runtime's
+        :class:`~llmquant.runtime.GenerationStats` counts them."""
+        import time
+
+        n, t = len(prompts), len(prompts[0])
+        if any(len(p) != t for p in prompts) or new_tokens < 2:
+            raise ValueError("prompts of one length, and at least 2 new tokens")
+        cp = self._cpp.LlamaContextParams()
+        cp.n_ctx = n * (t + new_tokens + 1)
+        cp.n_batch = cp.n_ubatch = max(n * t, 8)
+        cp.n_seq_max, cp.kv_unified = n, True
+        cp.n_threads = cp.n_threads_batch = self.threads
+        ctx = self._cpp.LlamaContext(self.model, cp)
+        try:
+            b = self._cpp.LlamaBatch(n_tokens=n * t, embd=0, n_seq_max=n)
+            for s, p in enumerate(prompts):
+                for i, tok in enumerate(p):
+                    b.add(int(tok), i, [s], i == t - 1)
+            ctx.decode(b)
+            toks = [int(np.argmax(ctx.get_logits_ith(s * t + t - 1))) for s in range(n)]
+            out = [[x] for x in toks]
+            start = time.perf_counter()
+            for step in range(new_tokens - 1):
+                b = self._cpp.LlamaBatch(n_tokens=n, embd=0, n_seq_max=n)
+                for s, tok in enumerate(toks):
+                    b.add(tok, t + step, [s], True)
+                ctx.decode(b)
+                toks = [int(np.argmax(ctx.get_logits_ith(s))) for s in range(n)]
+                for s, x in enumerate(toks):
+                    out[s].append(x)
+            return out, n * (new_tokens - 1) / max(time.perf_counter() - start, 1e-9)
+        finally:
+            ctx.close()
+
     def close(self) -> None:
         if getattr(self, "model", None) is not None:
             self.model.close()

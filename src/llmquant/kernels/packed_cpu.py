@@ -7,7 +7,8 @@ group: nothing is dequantized into memory. Numerics are weight-only, ``x @ dequa
 summation order (see ``csrc/qgemm_avx2.cpp`` for the algebra). Batches of at least ``LARGE_M`` rows
 (prefill) go through fbgemm's fp16-weight GEMM instead (the ``fbgemm_fp16`` kernel, prepared on the first
 such call and kept: 2 more bytes per weight at run time once a prompt has been processed, up to
-``PREFILL_CACHE_BYTES`` for all modules together; past it, dequantized for each such call). At 512 tokens
+``PREFILL_CACHE_BYTES`` for all modules together, by default an eighth of the machine's memory; past it,
+dequantized for each such call). At 512 tokens
 with 2 threads on a quiet machine it measured as fast as fp32 (benchmarks/results/kernels.md), where
 dequantizing to fp32 per call was about 10% slower than fp32; no weight-only path beats fp32 there.
 Without fbgemm they dequantize the weight to fp32 for the call and run PyTorch's float GEMM. Fused calls
@@ -34,16 +35,27 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..resources import memory_limit_bytes
 from . import native
 from .base import KERNELS, Kernel, register
 
 #: Rows of x from which the dequantize-then-float-GEMM path is taken.
 LARGE_M = 16
 
-#: The most bytes of fp16 prefill weights kept across all modules (``LLMQUANT_PREFILL_CACHE_MB``, default
-#: 512): a small model keeps all of them (the default model's are 212 MB); an 8B model's would be 14 GB,
-#: so past the budget a module prepares its fp16 weight for each many-token call instead of keeping it.
-PREFILL_CACHE_BYTES = int(float(os.environ.get("LLMQUANT_PREFILL_CACHE_MB", "512")) * 1e6)
+
+def _prefill_budget() -> int:
+    """``LLMQUANT_PREFILL_CACHE_MB`` if set, else an eighth of the memory this process may use (the machine's,
+    or its cgroup's limit), at least 512 MB."""
+    env = os.environ.get("LLMQUANT_PREFILL_CACHE_MB")
+    if env is not None:
+        return int(float(env) * 1e6)
+    return max(512_000_000, memory_limit_bytes() // 8)
+
+
+#: The most bytes of fp16 prefill weights kept across all modules (see :func:`_prefill_budget`): the default
+#: model's are 212 MB, a ~1B model's 1.6 GB (kept on a 16 GB machine), an 8B model's 14 GB; past the budget
+#: a module prepares its fp16 weight for each many-token call instead of keeping it (2-3x slower prefill).
+PREFILL_CACHE_BYTES = _prefill_budget()
 _kept = [0]
 
 
