@@ -20,10 +20,11 @@ def _fmt(v: Any) -> str:
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A Markdown table (readable as plain text) of ``rows``; ``columns`` picks and orders the keys."""
+    """A Markdown table (readable as plain text) of ``rows``; ``columns`` picks and orders the keys (default:
+    every row's keys, in the order first seen; a row without one shows its cell empty)."""
     if not rows:
         return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
