@@ -46,7 +46,7 @@ import llmquant
 from llmquant.data.text import token_windows
 from llmquant.eval import ReferenceLogits
 from llmquant.eval.llama_cpp import LlamaCpp, evaluate_llama_cpp, llama_cpp_quantize
-from llmquant.kernels import KERNELS, native, set_kernel
+from llmquant.kernels import KERNELS, native, packed_cpu, set_kernel
 from types import SimpleNamespace
 from llmquant.modules import QuantLinear
 from llmquant.report import format_table
@@ -406,6 +406,7 @@ def main() -> None:
                 "q8act isa": "AVX512-VNNI" if native.load().q8_best_isa() == 1 else "AVX2",
                 "prompt": PROMPT, "new tokens": NEW, "prefill": PREFILL, "rounds": args.rounds,
                 "configs": args.configs, "compiled": args.compiled,
+                "prefill-copy budget MB": round(packed_cpu.PREFILL_CACHE_BYTES / 1e6),
                 "threads done": args.threads[: args.threads.index(threads) + 1],
                 "seconds": round(time.perf_counter() - t_start), "quality": quality,
                 "greedy tokens equal before the first difference, packed_q8act vs dequant_cached, linears with "
