@@ -211,7 +211,10 @@ CASES = [
     (["export", "{tiny}", "--packed", "--format", "gguf", "-o", "{new}"], "packed loading reads GGUF files only"),
     (["export", "{tampered}", "--format", "gguf", "-o", "{new}"], "fails its manifest_sha256 check"),
     # ---- generate / chat ----
-    (["generate"], "required: --prompt"),
+    (["generate"], "give the text to continue: --prompt TEXT"),
+    (["generate", "--prompts-file", "{base}/nope.txt"], "cannot read --prompts-file"),
+    (["generate", "--prompts-file", "{empty_txt}"], "has no prompt (every line is blank)"),
+    (["generate", "--prompt", "hi", "--prompt", " "], "the prompt is empty"),
     (["generate", "--prompt", "   "], "the prompt is empty"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens: must be an integer >= 1"),

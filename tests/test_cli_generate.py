@@ -25,6 +25,16 @@ def test_generate_and_chat(tmp_path, tiny_folder, capsys, monkeypatch):
     assert len(o.strip().splitlines()) >= 2 and e.count("threads 1") == 2
     assert main(["generate", *argv, "--prompt", "def f(x):", "--temperature", "0", "--no-stream"]) == 0  # 0: greedy
     assert capsys.readouterr()[0] == tok.decode(ids[0], skip_special_tokens=True) + "\n"
+    # several prompts: one batch, each continuation after its prompt, as the Python API's batch gives them
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("class A:\n\nimport os\n")
+    assert main(["generate", *argv, "--prompt", "def f(x):", "--prompts-file", str(pf)]) == 0
+    o, e = capsys.readouterr()
+    prompts = ["def f(x):", "class A:", "import os"]
+    batch = llmquant.generate(model, prompts, 6, threads=1)
+    want = "".join(f"--- [{i + 1}/3] {p}\n{tok.decode(r, skip_special_tokens=True)}\n"
+                   for i, (p, r) in enumerate(zip(prompts, batch)))
+    assert o == want and "over 3 sequences" in e
     rc = main(["generate", *argv, "--prompt", "x", "--temperature", "-1"])
     assert rc == 2 and "temperature" in capsys.readouterr().err
     torch.set_num_threads(2)

@@ -153,8 +153,11 @@ def build_parser() -> A.Parser:
 
     g = sub.add_parser("generate", help="generate text with the lean runtime (streamed)")
     _add_generation_args(g)
-    g.add_argument("--prompt", required=True, type=A.nonempty("the prompt"))
-    g.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    g.add_argument("--prompt", action="append", type=A.nonempty("the prompt"),
+                   help="the text to continue; repeat it to generate for several prompts as one batch")
+    g.add_argument("--prompts-file", 
+                   help="a text file, one prompt per line (blank lines skipped), generated as one batch")
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end (always, for several prompts)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat on stdin with the model's chat template (/exit to quit)")

@@ -500,7 +500,8 @@ def _load_for_generation(args):
 def _print_stats(st) -> None:
     print(
         f"[{st.prompt_tokens} prompt tokens: {st.prefill_tok_s:.1f} tok/s; {st.new_tokens} new: "
-        f"{st.decode_tok_s:.1f} tok/s; threads {st.threads}; kernels {','.join(st.kernels) or 'float'}]",
+        f"{st.decode_tok_s:.1f} tok/s{f' over {st.batch} sequences' if st.batch > 1 else ''}; threads {st.threads}; "
+        f"kernels {','.join(st.kernels) or 'float'}]",
         file=sys.stderr,
     )
 
@@ -509,17 +510,41 @@ def cmd_generate(args) -> int:
     import llmquant
     from ..runtime import GenerationStats
 
+    prompts = _prompts(args)
     model, tok = _load_for_generation(args)
     st = GenerationStats()
-    stream = None if args.no_stream else _Streamer(tok)
-    ids = llmquant.generate(model, args.prompt, callback=stream, stats=st, **_gen_kwargs(args))
-    if stream is None:
+    stream = None if args.no_stream or len(prompts) > 1 else _Streamer(tok)
+    ids = llmquant.generate(model, prompts if len(prompts) > 1 else prompts[0], callback=stream, stats=st,
+                            **_gen_kwargs(args))
+    if len(prompts) > 1:  # one batch: each continuation after its prompt
+        for i, (p, row) in enumerate(zip(prompts, ids)):
+            print(f"--- [{i + 1}/{len(prompts)}] {p}")
+            print(tok.decode(row, skip_special_tokens=True))
+    elif stream is None:
         print(tok.decode(ids[0], skip_special_tokens=True))
     else:
         stream.out.write("\n")
     if args.stats:
         _print_stats(st)
     return 0
+
+
+def _prompts(args) -> list[str]:
+    """The prompts of ``generate``: each --prompt, then the lines of --prompts-file (at least one in all)."""
+    from ..errors import GenerationError
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GenerationError(f"cannot read --prompts-file {args.prompts_file}: {e}") from e
+        prompts += [ln for ln in lines if ln.strip()]
+        if not any(ln.strip() for ln in lines):
+            raise GenerationError(f"--prompts-file {args.prompts_file} has no prompt (every line is blank)")
+    if not prompts:
+        raise GenerationError("give the text to continue: --prompt TEXT (repeat it for a batch) or --prompts-file FILE")
+    return prompts
 
 
 def cmd_chat(args) -> int:
