@@ -57,6 +57,9 @@ struct QX {
 constexpr int64_t XCHUNK = 256;
 
 // Rows [n0, n1) of y for MT consecutive rows of x (MT = 1 or 2). mn holds the offsets m - c*s (always given).
+// Each row of x keeps two float accumulators per chunk (groups, or the two halves of a block of 32 at groups of
+// 16, alternate between them) so that consecutive groups' multiply-adds do not wait on each other, and the
+// offsets' sum over the groups runs 8 groups per vector: both only reorder fp32 sums.
 template <int BITS, int MT>
 void gemm_rows(const QX& x, int64_t i0, int64_t K, const uint8_t* q, const float* s, const float* mn, float* y,
                int64_t ldy, int64_t G, int64_t gs, int64_t n0, int64_t n1) {
@@ -69,10 +72,10 @@ void gemm_rows(const QX& x, int64_t i0, int64_t K, const uint8_t* q, const float
     for (int i = 0; i < MT; ++i) tot[i] = _mm256_setzero_ps();
     for (int64_t j = 0; j < x.nch; ++j) {
       const int64_t c0 = j * XCHUNK, c1 = std::min(K, c0 + XCHUNK);
-      __m256 tc[MT];
+      __m256 tc[MT][2];
       __m256i a[MT][2];
       for (int i = 0; i < MT; ++i) {
-        tc[i] = _mm256_setzero_ps();
+        tc[i][0] = tc[i][1] = _mm256_setzero_ps();
         a[i][0] = a[i][1] = _mm256_setzero_si256();
       }
       if (BITS == 8 && gs == 16) {  // two groups per block of 32: the two halves (wa, wb) take their own scales
@@ -84,8 +87,8 @@ void gemm_rows(const QX& x, int64_t i0, int64_t K, const uint8_t* q, const float
             const int16_t* xr = x.xq + (i0 + i) * K + k;
             const __m256i pa = _mm256_madd_epi16(wa, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
             const __m256i pb = _mm256_madd_epi16(wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16)));
-            tc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), s0, tc[i]);
-            tc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), s1, tc[i]);
+            tc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), s0, tc[i][0]);
+            tc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), s1, tc[i][1]);
           }
         }
       } else
@@ -102,17 +105,21 @@ void gemm_rows(const QX& x, int64_t i0, int64_t K, const uint8_t* q, const float
         }
         const __m256 sg = _mm256_set1_ps(sr[g]);  // apply the group's scale
         for (int i = 0; i < MT; ++i) {
-          tc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a[i][0], a[i][1])), sg, tc[i]);
+          tc[i][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a[i][0], a[i][1])), sg, tc[i][g & 1]);
           a[i][0] = a[i][1] = _mm256_setzero_si256();
         }
       }
-      for (int i = 0; i < MT; ++i) tot[i] = _mm256_fmadd_ps(tc[i], _mm256_set1_ps(x.xs[(i0 + i) * x.nch + j]), tot[i]);
+      for (int i = 0; i < MT; ++i)
+        tot[i] = _mm256_fmadd_ps(_mm256_add_ps(tc[i][0], tc[i][1]), _mm256_set1_ps(x.xs[(i0 + i) * x.nch + j]), tot[i]);
     }
     const float* mr = mn + n * G;
     for (int i = 0; i < MT; ++i) {
       const float* xg = x.xg + (i0 + i) * G;
-      float r = 0.f;
-      for (int64_t g = 0; g < G; ++g) r += mr[g] * xg[g];
+      __m256 r8 = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= G; g += 8) r8 = _mm256_fmadd_ps(_mm256_loadu_ps(mr + g), _mm256_loadu_ps(xg + g), r8);
+      float r = hsum(r8);
+      for (; g < G; ++g) r += mr[g] * xg[g];
       y[(i0 + i) * ldy + n] = hsum(tot[i]) + r;
     }
   }
