@@ -323,14 +323,20 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
   auto offs = [&](int64_t i) __attribute__((always_inline)) {  // sum_g o[n + j, g] xg[i, g] for the 8 rows
     const float* xg = x.xg + i * G;
     __m256 r = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      if constexpr (TILED) {
-        r = _mm256_fmadd_ps(_mm256_loadu_ps(sg.mn + sg.start * G + t8 * G + g * 8), _mm256_set1_ps(xg[g]), r);
-      } else {
-        alignas(32) float o[8];
-        for (int j = 0; j < 8; ++j) o[j] = sg.mn[(n + j) * G + g];
-        r = _mm256_fmadd_ps(_mm256_load_ps(o), _mm256_set1_ps(xg[g]), r);
-      }
+    if constexpr (TILED) {  // four chains of groups (a multiply-add need not wait for the one before)
+      const float* o = sg.mn + sg.start * G + t8 * G;
+      __m256 r4[4] = {r, r, r, r};
+      int64_t g = 0;
+      for (; g + 4 <= G; g += 4)
+        for (int u = 0; u < 4; ++u)
+          r4[u] = _mm256_fmadd_ps(_mm256_loadu_ps(o + (g + u) * 8), _mm256_set1_ps(xg[g + u]), r4[u]);
+      for (; g < G; ++g) r4[0] = _mm256_fmadd_ps(_mm256_loadu_ps(o + g * 8), _mm256_set1_ps(xg[g]), r4[0]);
+      return _mm256_add_ps(_mm256_add_ps(r4[0], r4[1]), _mm256_add_ps(r4[2], r4[3]));
+    }
+    for (int64_t g = 0; g < G; ++g) {  // the row layout: the 8 rows' offsets gathered
+      alignas(32) float o[8];
+      for (int j = 0; j < 8; ++j) o[j] = sg.mn[(n + j) * G + g];
+      r = _mm256_fmadd_ps(_mm256_load_ps(o), _mm256_set1_ps(xg[g]), r);
     }
     return r;
   };
