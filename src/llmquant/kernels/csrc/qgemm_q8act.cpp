@@ -208,8 +208,10 @@ inline __attribute__((always_inline)) void few8(const Q8X& x, const Q8Seg& sg, i
     }
   } else {
   __m256 s8 = scales(0);
+  int64_t g = 0, left = bpg;  // the group advances every bpg blocks (counted: no division per block)
   for (int64_t b = 0; b < nb; ++b) {
-    if (b && b % bpg == 0) s8 = scales(b / bpg);
+    if (left == 0) s8 = scales(++g), left = bpg;
+    --left;
     __m256i w[8];
     codes(b, w);
     for (int j = 0; j < R; ++j) {
@@ -354,11 +356,14 @@ void prefill8(const Q8X& x, const Q8Seg& sg, int64_t i0, int64_t i1, int64_t K, 
     const int64_t c1 = std::min(i1, c0 + PREFILL_CHUNK), m = c1 - c0;
     std::fill(acc, acc + m * 8, 0.f);
     __m256 s8 = scales(0), s8b = s8;
+    int64_t g = 0, left = bpg;
     for (int64_t b = 0; b < nb; ++b) {
-      if constexpr (G16)
+      if constexpr (G16) {
         s8 = scales(2 * b), s8b = scales(2 * b + 1);
-      else if (b && b % bpg == 0)
-        s8 = scales(b / bpg);
+      } else {
+        if (left == 0) s8 = scales(++g), left = bpg;
+        --left;
+      }
       __m256i w[8];
       codes(b, w);
       // the block-major copies: row i of the chunk at 32 i (codes) and i (d, sums)
