@@ -1,5 +1,6 @@
-"""One decode call (one row of x) of the default ``packed_avx2`` kernel on a ~1B model's MLP shape (2048 -> 5632),
-the weights out of cache: 12 such matrices (random weights) are called in turn, each read from memory.
+"""One decode call (one row of x) of the default ``packed_avx2`` kernel (or ``--kernel``) on a ~1B model's MLP shape
+(2048 -> 5632, or ``--shape``), the weights out of cache: 12 such matrices (random weights) are called in turn,
+each read from memory.
 
     flock -x /tmp/llmquant-bench.lock python benchmarks/bench_packed_avx2_decode.py --threads 1 --configs gguf:Q4_0 W8
 
@@ -25,14 +26,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--configs", nargs="+", default=["gguf:Q4_0", "W8", "W4G64", "gguf:Q4_K"])
     ap.add_argument("--matrices", type=int, default=12)
+    ap.add_argument("--kernel", default="packed_avx2", help="the kernel (packed_q8act: int8 activations)")
+    ap.add_argument("--shape", default="2048x5632", help="in x out features (default: a ~1B model's MLP up)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     for cfg in args.configs:
-        m = nn.ModuleList([nn.Linear(2048, 5632, bias=False) for _ in range(args.matrices)])
+        k, n = (int(v) for v in args.shape.split("x"))
+        m = nn.ModuleList([nn.Linear(k, n, bias=False) for _ in range(args.matrices)])
         llmquant.quantize(m, QuantConfig(weight=cfg), progress=False)
-        set_kernel(m, "packed_avx2")
-        x = torch.randn(1, 2048)
+        set_kernel(m, args.kernel)
+        x = torch.randn(1, k)
         with torch.inference_mode():
             for lin in m:
                 lin(x)
@@ -43,7 +47,9 @@ def main() -> None:
                     for lin in m:
                         lin(x)
                 best = min(best, (time.perf_counter() - t) / (4 * len(m)))
-        print(f"{cfg}: {best * 1e6:.0f} us per call ({args.threads} thread(s), {args.matrices} matrices in turn)", flush=True)
+        mb = k * n * {"W8": 1.0}.get(cfg, 0.5) / 1e6
+        print(f"{cfg} {args.kernel} {args.shape}: {best * 1e6:.0f} us per call ({args.threads} thread(s), "
+              f"{args.matrices} matrices in turn; codes alone {mb / best / 1e3:.1f} GB/s)", flush=True)
 
 
 if __name__ == "__main__":
