@@ -24,12 +24,20 @@ def load_saved(folder, *, device="cpu"):
     return model, tok
 
 
-def load_model(path=None, *, dtype=None, packed=False, stream=False):
+def load_model(path=None, *, dtype=None, packed=False, stream=False, shard=False):
     """``(model, tokenizer)``: the default model when ``path`` is None, a local Hugging Face folder, a local
     ``.gguf`` file, or a folder saved by :func:`llmquant.io.save` (quantized). ``packed=True`` (GGUF only):
     the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 linears become packed QuantLinear modules holding its own codes.
     ``stream=True`` (a Hugging Face folder with safetensors, or a .gguf file, the default model's included):
-    the decoder layers stay in the checkpoint until ``quantize`` reaches them (:mod:`llmquant.io.streaming`)."""
+    the decoder layers stay in the checkpoint until ``quantize`` reaches them (:mod:`llmquant.io.streaming`).
+    ``shard=True`` (the same sources as ``stream``): no weight is read; every parameter stays on the meta
+    device until :func:`llmquant.train_qat` with ``shard=True``, in a distributed run, shards the model and
+    each rank reads only its own rows of each tensor (``load_streaming(empty=True)``)."""
+    if shard:
+        if packed or stream:
+            raise ModelNotFoundError("shard=True leaves every weight in the file for a sharded QAT run; it goes "
+                                     "with neither packed=True nor stream=True")
+        return load_streaming(path, dtype=dtype or torch.float32, empty=True)
     if stream:
         if packed:
             raise ModelNotFoundError("stream=True reads float weights layer by layer; packed=True keeps a GGUF "
