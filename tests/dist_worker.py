@@ -76,6 +76,9 @@ def main() -> None:
             torch.save({"losses": losses, "state": state, "resumed": resumed, "resumed_state": rstate},
                        os.path.join(out, "qat_fsdp.pt"))
         return
+    if "--qat-shard-load" in sys.argv:
+        qat_shard_load(ckpt, out)
+        return
     cases = ["gptq"] if kill or "--resume" in sys.argv else list(CASES)
     for name in cases:
         m, _ = llmquant.load_model(ckpt)
@@ -93,6 +96,45 @@ def main() -> None:
         torch.save({"losses": losses, "state": state, "eval": ev, "sens": sens}, os.path.join(out, "qat_eval.pt"))
         with open(os.path.join(out, "done.json"), "w") as f:
             json.dump({"world": distributed.active().world}, f)
+
+
+def qat_shard_load(ckpt, out) -> None:
+    """Sharded QAT (four steps, a checkpoint every two) on the model loaded whole then sharded, and on the
+    model loaded sharded (each rank reading its own rows; what each rank holds after the read recorded),
+    then resumed, loaded sharded, from the latter's step-2 checkpoint."""
+    import shutil
+
+    from torch.distributed.tensor import DTensor
+
+    from llmquant.flows import fsdp, qat_train
+
+    save, fill = qat_train._save, fsdp.fill
+    held = {}
+
+    def keeping(folder, model, opt, done, *a):
+        path = save(folder, model, opt, done, *a)
+        if done == 2 and distributed.is_writer():
+            shutil.copytree(folder, f"{folder}-step2")
+        return path
+
+    def recording(model, teacher, source):  # each parameter's shard right after the read
+        fill(model, teacher, source)
+        for who, m in (("student", model), ("teacher", teacher)):
+            for n, p in m.named_parameters():
+                held[f"{who}.{n}"] = (type(p).__name__, tuple(p.shape), p.to_local().numel() if isinstance(p, DTensor)
+                                      else p.numel(), p.is_meta)
+
+    qat_train._save, fsdp.fill = keeping, recording
+    runs = {}
+    for tag, lazy in (("whole", False), ("sharded", True)):
+        runs[tag] = qat_run(ckpt, steps=4, load_sharded=lazy, shard=True, checkpoint_dir=os.path.join(out, tag),
+                            checkpoint_every=2, save=os.path.join(out, f"{tag}-out"))
+    qat_train._save = save
+    distributed.active().check("the copied checkpoint")
+    runs["resumed"] = qat_run(ckpt, steps=4, load_sharded=True, shard=True, resume=True,
+                              checkpoint_dir=os.path.join(out, "sharded-step2"), save=os.path.join(out, "resumed-out"))
+    torch.save({"runs": runs, "held": held, "rank": distributed.active().rank},
+               os.path.join(out, f"qat_shard_load.{distributed.active().rank}.pt"))
 
 
 # QAT candidates: two steps on the 96 tokens before the windows, each batch of 2 split over the 2 ranks

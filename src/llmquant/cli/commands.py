@@ -358,7 +358,7 @@ def cmd_qat(args) -> int:
         from ..flows.qat_checkpoint import load_checkpoint
 
         load_checkpoint(ckpt_dir)
-    model, tok = llmquant.load_model(args.model)
+    model, tok = _load_for_qat(args, plan)
     kw = {k: v for k, v in params.to_dict().items() if k not in ("text", "version")}
     extra = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
     train = dict(checkpoint_dir=ckpt_dir, resume=args.resume, shard=args.shard, **extra)
@@ -383,6 +383,24 @@ def cmd_qat(args) -> int:
     }]))
     print(f"saved to {args.output} (checkpoint: {ckpt_dir})")
     return 0
+
+
+def _load_for_qat(args, plan):
+    """The model for ``qat``: with --shard in a distributed run, no weight read now (each rank reads only its
+    own rows once the model is sharded); a source that cannot be read that way, or a plan, loads whole."""
+    import llmquant
+    from ..errors import UnsupportedError
+
+    if not (args.shard and llmquant.flows.distributed.active() is not None):
+        return llmquant.load_model(args.model)
+    if plan is not None:
+        log.warning("--shard with --plan: each process loads the whole model before it is sharded")
+        return llmquant.load_model(args.model)
+    try:
+        return llmquant.load_model(args.model, shard=True)
+    except UnsupportedError as e:
+        log.warning("%s; each process loads it whole before it is sharded", str(e).split("; load it whole")[0])
+        return llmquant.load_model(args.model)
 
 
 def add_qat_parser(sub) -> None:
@@ -411,7 +429,8 @@ def add_qat_parser(sub) -> None:
     t.add_argument("--checkpoint-every", type=A.positive_int, help="steps between checkpoints (default 50)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     t.add_argument("--shard", action="store_true", help="with torchrun / --workers: shard the model, gradients and "
-                   "optimizer state over the processes (FSDP2) instead of a whole copy in each (DDP)")
+                   "optimizer state over the processes (FSDP2) instead of a whole copy in each (DDP); each process "
+                   "reads only its own rows of the weights (a safetensors folder or a .gguf file)")
     t.add_argument("-o", "--output", required=True, help="output folder (loadable with llmquant.load)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     from . import _add_dist_args

@@ -12,8 +12,8 @@ from .folder import MANIFEST, load
 from .gguf_import import load_gguf_packed
 from .hf import load_float_model
 from .hf_quantizer import bind_save_pretrained
-from .streaming import load_streaming
-from ..errors import ModelNotFoundError
+from .streaming import INDEX, SINGLE, load_streaming
+from ..errors import ModelNotFoundError, UnsupportedError
 
 
 def load_saved(folder, *, device="cpu"):
@@ -37,6 +37,7 @@ def load_model(path=None, *, dtype=None, packed=False, stream=False, shard=False
         if packed or stream:
             raise ModelNotFoundError("shard=True leaves every weight in the file for a sharded QAT run; it goes "
                                      "with neither packed=True nor stream=True")
+        _check_shardable(path)
         return load_streaming(path, dtype=dtype or torch.float32, empty=True)
     if stream:
         if packed:
@@ -55,3 +56,19 @@ def load_model(path=None, *, dtype=None, packed=False, stream=False, shard=False
     model.llmquant_source = source
     bind_save_pretrained(model)
     return model, tok
+
+
+def _check_shardable(path) -> None:
+    """Refuse, with :class:`UnsupportedError`, a source whose tensors' rows cannot be read apart: a folder
+    saved by llmquant (packed codes), a folder without safetensors weights."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return  # a .gguf file (read one tensor at a time), or a path the loader names as missing
+    if (p / MANIFEST).is_file():
+        raise UnsupportedError(f"{str(p)!r} was saved by llmquant (quantized): its packed weights cannot be loaded "
+                               "sharded; load it whole (without shard=True)")
+    if not ((p / SINGLE).is_file() or (p / INDEX).is_file()):
+        raise UnsupportedError(f"{str(p)!r} holds no {SINGLE} (nor {INDEX}): only safetensors folders and .gguf files "
+                               "load sharded; load it whole (without shard=True), or save it as safetensors")

@@ -318,6 +318,8 @@ def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         raise ModelNotFoundError(f"streaming needs to know where {type(model).__name__}'s decoder layers are: add "
                                  "its family to llmquant.models.arch")
     if empty:
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()  # the skeleton's head is the embedding's parameter, as a whole load's is
         model.eval()
         model.llmquant_row_source = _row_source(model, ckpt, dtype)
         return _finish(model, folder, p, gguf)
