@@ -100,8 +100,9 @@ def main() -> None:
 
 def qat_shard_load(ckpt, out) -> None:
     """Sharded QAT (four steps, a checkpoint every two) on the model loaded whole then sharded, and on the
-    model loaded sharded (each rank reading its own rows; what each rank holds after the read recorded),
-    then resumed, loaded sharded, from the latter's step-2 checkpoint."""
+    model loaded sharded (each rank reading its own rows; what each rank holds after the read recorded;
+    only the writer gathering the trained model: the others' left empty, None), then resumed, loaded
+    sharded, from the latter's step-2 checkpoint."""
     import shutil
 
     from torch.distributed.tensor import DTensor
@@ -126,9 +127,10 @@ def qat_shard_load(ckpt, out) -> None:
 
     qat_train._save, fsdp.fill = keeping, recording
     runs = {}
-    for tag, lazy in (("whole", False), ("sharded", True)):
+    for tag, lazy in (("whole", False), ("sharded", True)):  # loaded sharded: only the writer gathers it whole
         runs[tag] = qat_run(ckpt, steps=4, load_sharded=lazy, shard=True, checkpoint_dir=os.path.join(out, tag),
-                            checkpoint_every=2, save=os.path.join(out, f"{tag}-out"))
+                            checkpoint_every=2, save=os.path.join(out, f"{tag}-out"), keep_whole=not lazy)
+        runs[tag] = runs[tag][0], {k: None if v.is_meta else v for k, v in runs[tag][1].items()}
     qat_train._save = save
     distributed.active().check("the copied checkpoint")
     runs["resumed"] = qat_run(ckpt, steps=4, load_sharded=True, shard=True, resume=True,

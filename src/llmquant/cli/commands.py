@@ -369,7 +369,7 @@ def cmd_qat(args) -> int:
         res, s = summary.calibration["qat"], summary.to_dict()
     else:
         r = llmquant.train_qat(model, Path(params.text) if params.text else None, config=cfg, tokenizer=tok,
-                               **train, **kw)
+                               keep_whole=False, **train, **kw)  # sharded: only rank 0, the writer, gathers it
         res, s = r.to_dict(), r.summary
     if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run writes and reports
         return 0

@@ -44,12 +44,15 @@ def shard(model: nn.Module, group) -> None:
     fully_shard(model, mesh=m)
 
 
-def unshard(model: nn.Module) -> None:
+def unshard(model: nn.Module, keep: bool = True) -> None:
     """Undo :func:`shard`: every parameter gathered whole (a collective: every rank calls it), the FSDP
-    hooks removed and the modules' own classes back, so the model converts, saves and runs as one process's."""
+    hooks removed and the modules' own classes back, so the model converts, saves and runs as one process's;
+    a parameter shared by two modules (a tied head) stays one. ``keep=False``: this rank takes part in the
+    gathers (one parameter at a time) but keeps nothing: its parameters are left on the meta device."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    whole: dict[int, nn.Parameter] = {}
     for mod in model.modules():
         if isinstance(mod, FSDPModule):
             state = mod._get_fsdp_state()
@@ -58,7 +61,11 @@ def unshard(model: nn.Module) -> None:
             mod.__class__ = next(c for c in mod.__class__.__bases__ if c is not FSDPModule)
         for name, p in list(mod.named_parameters(recurse=False)):
             if isinstance(p, DTensor):
-                mod._parameters[name] = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
+                if id(p) not in whole:
+                    full = p.full_tensor().detach()
+                    whole[id(p)] = nn.Parameter(full.clone() if keep else torch.empty_like(full, device="meta"),
+                                                requires_grad=p.requires_grad)
+                mod._parameters[name] = whole[id(p)]
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:

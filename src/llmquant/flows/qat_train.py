@@ -164,6 +164,7 @@ def train_qat(
     seed: int = 0,
     convert: bool = True,
     shard: bool = False,
+    keep_whole: bool = True,
     progress: bool = True,
 ) -> QATResult:
     """Fine-tune ``model`` under fake quantization; by default convert it to packed modules at the end.
@@ -183,6 +184,9 @@ def train_qat(
     A model from ``load_model(..., shard=True)`` (no weights read yet) is sharded as it is and each rank
     reads only its own rows of every tensor: no process holds the whole model while loading (the same
     training as loading it whole, bit for bit); it needs ``shard=True`` in a distributed run.
+    ``keep_whole=False`` (sharded): only rank 0 (the writer) gets the whole trained model back (and converts
+    it); the other ranks free their shards and are left with the model on the meta device, so no rank but
+    the writer ever holds it whole.
     """
     if loss not in LOSSES:
         raise SchemeError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -354,7 +358,7 @@ def train_qat(
     if own_teacher:
         teacher = None  # its shards (or its copy) go now
     if fsdp:  # whole weights again on every rank: converted and saved as from one process
-        F2.unshard(model)
+        F2.unshard(model, keep=keep_whole or group.rank == 0)
         if teacher is not None:  # the caller's teacher, given back whole
             F2.unshard(teacher)
     seconds = time.perf_counter() - t0
@@ -365,7 +369,7 @@ def train_qat(
     )
     log.info("QAT: %d steps, loss %.4f -> %.4f, %.0f s, %.0f tokens/s", res.steps,
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), seconds, res.tokens_per_s)
-    if convert:
+    if convert and not any(p.is_meta for p in model.parameters()):  # keep_whole=False: the writer alone
         res.summary = convert_qat(model, progress=progress).to_dict()
     return res
 
