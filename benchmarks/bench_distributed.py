@@ -14,7 +14,8 @@ the float model on the standard 8 x 512-token windows), so "the results match" i
 sharded with FSDP2 (``--shard``), the model either loaded whole by every process then sharded (as before
 each rank read its own rows; the qat command's loader swapped for a whole load) or read by rows (what
 ``--shard`` does now): the largest process's peak resident memory (``/usr/bin/time``), the training
-seconds, the last loss, and whether the saved tensors equal those of the run that loads whole.
+seconds, the last loss, and whether the saved tensors equal those of the run that loads whole; and rank 0's
+peak before the training loop (loading, preparing, sharding: the qat command's "load peak MB").
 
 Writes benchmarks/results/distributed.{json,md}.
 """
@@ -133,15 +134,17 @@ def shard_memory(args) -> None:
         cols = dict(zip([h.strip() for h in table[0].strip("|").split("|")], [v.strip() for v in table[-1].strip("|").split("|")]))
         rows.append({"config": label, "wall_s": wall, "train_s": float(cols["minutes"]) * 60,
                      "last_loss": float(cols["last loss"]), "peak_rss_mb_largest_process": rss,
-                     "train_loop_peak_mb_rank0": float(cols["train peak MB"]), "tensors": _tensors(out)})
+                     "train_loop_peak_mb_rank0": float(cols["train peak MB"]),
+                     "load_peak_mb_rank0": float(cols["load peak MB"]), "tensors": _tensors(out)})
         print({k: v for k, v in rows[-1].items() if k != "tensors"}, flush=True)
     ref = rows[2]["tensors"]
     for r in rows:  # the saved tensors (sha256) of each run against the sharded run that loads whole
         r["tensors_identical_to_whole_then_sharded"] = r.pop("tensors") == ref
-    lines = ["| QAT W4G64, default model | training loop peak RSS MB (rank 0) | largest process peak RSS MB (whole run) "
-             "| train s | command wall s | last loss | saved tensors = loaded whole then sharded |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['config']} | {r['train_loop_peak_mb_rank0']:.0f} | {r['peak_rss_mb_largest_process']:.0f} | "
+    lines = ["| QAT W4G64, default model | peak RSS MB before training (rank 0) | training loop peak RSS MB (rank 0) | "
+             "largest process peak RSS MB (whole run) | train s | command wall s | last loss | "
+             "saved tensors = loaded whole then sharded |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['load_peak_mb_rank0']:.0f} | {r['train_loop_peak_mb_rank0']:.0f} | "
+              f"{r['peak_rss_mb_largest_process']:.0f} | "
               f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['last_loss']:.5f} | "
               f"{'yes' if r['tensors_identical_to_whole_then_sharded'] else 'no'} |" for r in rows]
     Path(args.out + "_shard.json").write_text(json.dumps({"qat_steps": args.qat_steps, "rows": rows}, indent=1))

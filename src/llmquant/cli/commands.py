@@ -378,7 +378,8 @@ def cmd_qat(args) -> int:
     print(format_table([{
         "scheme": f"plan ({len(plan.rules)} rules)" if plan else scheme.name, "steps": res["steps"],
         "first loss": losses[0] if losses else float("nan"), "last loss": losses[-1] if losses else float("nan"),
-        "minutes": res["seconds"] / 60, "tokens/s": res["tokens_per_s"], "train peak MB": res["peak_rss_mb"],
+        "minutes": res["seconds"] / 60, "tokens/s": res["tokens_per_s"], "load peak MB": res.get("setup_peak_rss_mb", 0.0),
+        "train peak MB": res["peak_rss_mb"],
         "bits/w": s["bits_per_weight"], "packed MB": s["packed_bytes"] / 1e6,
     }]))
     print(f"saved to {args.output} (checkpoint: {ckpt_dir})")

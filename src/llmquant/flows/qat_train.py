@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data import token_windows, windows as cut_windows
 from ..errors import CheckpointError, SchemeError, TrainingDivergedError
-from ..resources import PeakMemory, trim_memory
+from ..resources import PeakMemory, peak_rss_mb, trim_memory
 from ..modules.fake_quant import FakeQuantLinear
 from ..schemes import QATParams, resolve_config
 from . import distributed, fsdp as F2, qat_checkpoint as ckpt
@@ -51,6 +51,7 @@ class QATResult:
     trainable_params: int
     stopped_by_time: bool = False
     peak_rss_mb: float = 0.0  # peak resident memory of the training loop, MB (see llmquant.resources)
+    setup_peak_rss_mb: float = 0.0  # the process's peak before the training loop (loading, preparing, sharding), MB
     checkpoint: str | None = None
     summary: dict | None = field(default=None)  # convert_qat's QuantSummary.to_dict() when converted
 
@@ -250,6 +251,7 @@ def train_qat(
             for m in (model, teacher):
                 if m is not None and hasattr(m, "llmquant_row_source"):
                     del m.llmquant_row_source
+            rows = None  # the file's mapping (GGUF) goes with it
             if ck is not None:
                 ckpt.restore(model, ck)
         trim_memory()  # the whole weights the shards replaced go back to the system
@@ -287,6 +289,7 @@ def train_qat(
     last_saved = ckpt.checkpoint_path(checkpoint_dir) if (checkpoint_dir and resume) else None
     bar = tqdm(total=steps, initial=start, desc=f"qat ({settings['config']['weight'].get('bits')}-bit, {loss})",
                disable=not progress)
+    setup_peak = peak_rss_mb()
     with PeakMemory() as mem:
         try:
             for step in range(start, steps):
@@ -365,6 +368,7 @@ def train_qat(
     res = QATResult(
         steps=len(losses), start_step=start, losses=losses, seconds=seconds, tokens=tokens,
         trainable_params=n_train, stopped_by_time=stopped_by_time, peak_rss_mb=mem.peak_mb,
+        setup_peak_rss_mb=setup_peak,
         checkpoint=None if last_saved is None else str(last_saved),
     )
     log.info("QAT: %d steps, loss %.4f -> %.4f, %.0f s, %.0f tokens/s", res.steps,
