@@ -107,6 +107,7 @@ def qat_shard_load(ckpt, out) -> None:
 
     from torch.distributed.tensor import DTensor
 
+    from llmquant import QuantScheme
     from llmquant.flows import fsdp, qat_train
 
     save, fill = qat_train._save, fsdp.fill
@@ -135,6 +136,9 @@ def qat_shard_load(ckpt, out) -> None:
     distributed.active().check("the copied checkpoint")
     runs["resumed"] = qat_run(ckpt, steps=4, load_sharded=True, shard=True, resume=True,
                               checkpoint_dir=os.path.join(out, "sharded-step2"), save=os.path.join(out, "resumed-out"))
+    # frozen asymmetric step sizes (whole on every rank: computed from each linear's weight gathered whole)
+    frozen = dict(steps=2, shard=True, config=QuantScheme(bits=4, group_size=32, symmetric=False), learn_scales=False)
+    runs["frozen-whole"], runs["frozen-sharded"] = (qat_run(ckpt, load_sharded=lazy, **frozen) for lazy in (False, True))
     torch.save({"runs": runs, "held": held, "rank": distributed.active().rank},
                os.path.join(out, f"qat_shard_load.{distributed.active().rank}.pt"))
 

@@ -256,6 +256,9 @@ def test_qat_loaded_sharded_matches_loaded_whole_and_holds_one_shard_per_rank(ck
         runs = got["runs"]
         assert runs["sharded"][0] == runs["whole"][0] and len(runs["whole"][0]) == 4
         assert runs["resumed"][0] == runs["whole"][0]
+        assert runs["frozen-sharded"][0] == runs["frozen-whole"][0]
+        for k, v in runs["frozen-whole"][1].items():
+            assert torch.equal(runs["frozen-sharded"][1][k], v), k
         for tag in ("sharded", "resumed"):
             if tag == "sharded" and got["rank"] == 1:  # freed (and not converted): only the writer gathers it whole
                 kept = {k.rsplit(".", 1)[1] for k, v in runs[tag][1].items() if v is not None}

@@ -360,8 +360,10 @@ def train_qat(
             model.eval()
     if own_teacher:
         teacher = None  # its shards (or its copy) go now
-    if fsdp:  # whole weights again on every rank: converted and saved as from one process
-        F2.unshard(model, keep=keep_whole or group.rank == 0)
+    whole_here = not fsdp or keep_whole or group.rank == 0
+    if fsdp:  # whole weights again (on rank 0 alone, keep_whole=False): converted and saved as from one process
+        trim_memory()  # first the training loop's freed activations go back to the system
+        F2.unshard(model, keep=whole_here)
         if teacher is not None:  # the caller's teacher, given back whole
             F2.unshard(teacher)
     seconds = time.perf_counter() - t0
@@ -373,7 +375,7 @@ def train_qat(
     )
     log.info("QAT: %d steps, loss %.4f -> %.4f, %.0f s, %.0f tokens/s", res.steps,
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), seconds, res.tokens_per_s)
-    if convert and not any(p.is_meta for p in model.parameters()):  # keep_whole=False: the writer alone
+    if convert and whole_here:
         res.summary = convert_qat(model, progress=progress).to_dict()
     return res
 
