@@ -14,8 +14,9 @@ the float model on the standard 8 x 512-token windows), so "the results match" i
 sharded with FSDP2 (``--shard``), the model either loaded whole by every process then sharded (as before
 each rank read its own rows; the qat command's loader swapped for a whole load) or read by rows (what
 ``--shard`` does now): the largest process's peak resident memory (``/usr/bin/time``), the training
-seconds, the last loss, and whether the saved tensors equal those of the run that loads whole; and rank 0's
-peak before the training loop (loading, preparing, sharding: the qat command's "load peak MB").
+seconds, the last loss, and whether the saved tensors equal those of the run that loads whole; and rank
+0's peak before the training loop (loading, preparing, sharding: the qat command's "load peak MB"). MB
+are 1e6 bytes, as llmquant reports them (``/usr/bin/time``'s KiB converted).
 
 Writes benchmarks/results/distributed.{json,md}.
 """
@@ -106,7 +107,7 @@ def _ranks_timed(driver: list[str], argv: list[str], env: dict, world: int = 2) 
     outs = [p.communicate() for p in procs]
     if any(p.returncode for p in procs):
         return "", 0.0, "\n".join(e[-3000:] for _, e in outs)
-    rss = max(int(e.rsplit("MAXRSS_KB ", 1)[1].split()[0]) for _, e in outs) / 1024
+    rss = max(int(e.rsplit("MAXRSS_KB ", 1)[1].split()[0]) for _, e in outs) * 1024 / 1e6  # KiB -> MB (1e6 B)
     return outs[0][0], rss, ""
 
 
@@ -126,7 +127,7 @@ def shard_memory(args) -> None:
             r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, "-m", "llmquant", *base, *extra,
                                 "-o", str(out)], capture_output=True, text=True, env=env)
             stdout, err = r.stdout, r.stderr[-3000:] if r.returncode else ""
-            rss = 0.0 if err else int(r.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0]) / 1024
+            rss = 0.0 if err else int(r.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0]) * 1024 / 1e6
         wall = time.perf_counter() - t0
         if err:
             raise SystemExit(f"{label} failed:\n{err}")
