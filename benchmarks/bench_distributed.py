@@ -11,8 +11,12 @@ the float model on the standard 8 x 512-token windows), so "the results match" i
     flock /tmp/llmquant-bench.lock python benchmarks/bench_distributed.py --shard-memory --qat-steps 4
 
 ``--shard-memory``: QAT in one process, in two with DistributedDataParallel (each a whole copy) and in two
-sharded with FSDP2 (``--shard``): the largest process's peak resident memory (``/usr/bin/time``), the
-training seconds and the last loss.
+sharded with FSDP2 (``--shard``), the model either loaded whole by every process then sharded (as before
+each rank read its own rows; the qat command's loader swapped for a whole load) or read by rows (what
+``--shard`` does now): the largest process's peak resident memory (``/usr/bin/time``), the training
+seconds, the last loss, and whether the saved tensors equal those of the run that loads whole; and rank
+0's peak before the training loop (loading, preparing, sharding: the qat command's "load peak MB"). MB
+are 1e6 bytes, as llmquant reports them (``/usr/bin/time``'s KiB converted).
 
 Writes benchmarks/results/distributed.{json,md}.
 """
@@ -80,31 +84,70 @@ def layer_costs(windows: int, threads: int) -> dict:
             "codes_bytes_per_layer": (4096 * (4096 + 1024 * 2 + 4096) + 3 * 4096 * 14336) * 2}  # int16 codes sent
 
 
+# the sharded run as it was before each rank read only its own rows: every process loads the whole model,
+# copies it as the teacher, then shards both (the qat command's loader swapped for a whole load)
+WHOLE_THEN_SHARD = ("import sys, llmquant, llmquant.cli.commands as c; "
+                    "c._load_for_qat = lambda args, plan: llmquant.load_model(args.model); "
+                    "from llmquant.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _ranks_timed(driver: list[str], argv: list[str], env: dict, world: int = 2) -> tuple[str, float, str]:
+    """``world`` ranks of ``driver argv`` with torchrun's environment (as ``--workers`` sets it), each under
+    ``/usr/bin/time``: (rank 0's stdout, the largest process's peak RSS in MB, the stderr of a failure)."""
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    procs = [subprocess.Popen(["/usr/bin/time", "-f", "MAXRSS_KB %M", *driver, *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                                   "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", "RANK": str(r),
+                                   "LOCAL_RANK": str(r)}) for r in range(world)]
+    outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        return "", 0.0, "\n".join(e[-3000:] for _, e in outs)
+    rss = max(int(e.rsplit("MAXRSS_KB ", 1)[1].split()[0]) for _, e in outs) * 1024 / 1e6  # KiB -> MB (1e6 B)
+    return outs[0][0], rss, ""
+
+
 def shard_memory(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llmquant-shard-bench-"))
     base = ["qat", "--bits", "4", "--group-size", "64", "--steps", str(args.qat_steps), "--batch", "2"]
     rows = []
     for label, extra in (("1 process", []), ("2 processes, DDP (whole copies)", ["--workers", "2"]),
-                         ("2 processes, FSDP2 (--shard)", ["--workers", "2", "--shard"])):
-        out = tmp / label.split(",")[-1].strip().split()[0]
+                         ("2 processes, FSDP2 (--shard), loaded whole then sharded", None),
+                         ("2 processes, FSDP2 (--shard), each rank reads its rows", ["--workers", "2", "--shard"])):
+        out = tmp / str(len(rows))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
         t0 = time.perf_counter()
-        r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, "-m", "llmquant", *base, *extra,
-                            "-o", str(out)], capture_output=True, text=True, env=env)
+        if extra is None:
+            stdout, rss, err = _ranks_timed([sys.executable, "-c", WHOLE_THEN_SHARD], [*base, "--shard", "-o", str(out)], env)
+        else:
+            r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, "-m", "llmquant", *base, *extra,
+                                "-o", str(out)], capture_output=True, text=True, env=env)
+            stdout, err = r.stdout, r.stderr[-3000:] if r.returncode else ""
+            rss = 0.0 if err else int(r.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0]) * 1024 / 1e6
         wall = time.perf_counter() - t0
-        if r.returncode:
-            raise SystemExit(f"{label} failed:\n{r.stderr[-3000:]}")
-        rss = int(r.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0]) / 1024
-        table = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+        if err:
+            raise SystemExit(f"{label} failed:\n{err}")
+        table = [ln for ln in stdout.splitlines() if ln.startswith("|")]
         cols = dict(zip([h.strip() for h in table[0].strip("|").split("|")], [v.strip() for v in table[-1].strip("|").split("|")]))
         rows.append({"config": label, "wall_s": wall, "train_s": float(cols["minutes"]) * 60,
                      "last_loss": float(cols["last loss"]), "peak_rss_mb_largest_process": rss,
-                     "train_loop_peak_mb_rank0": float(cols["train peak MB"])})
-        print(rows[-1], flush=True)
-    lines = ["| QAT W4G64, default model | training loop peak RSS MB (rank 0) | largest process peak RSS MB (whole run) "
-             "| train s | command wall s | last loss |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['config']} | {r['train_loop_peak_mb_rank0']:.0f} | {r['peak_rss_mb_largest_process']:.0f} | "
-              f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['last_loss']:.5f} |" for r in rows]
+                     "train_loop_peak_mb_rank0": float(cols["train peak MB"]),
+                     "load_peak_mb_rank0": float(cols["load peak MB"]), "tensors": _tensors(out)})
+        print({k: v for k, v in rows[-1].items() if k != "tensors"}, flush=True)
+    ref = rows[2]["tensors"]
+    for r in rows:  # the saved tensors (sha256) of each run against the sharded run that loads whole
+        r["tensors_identical_to_whole_then_sharded"] = r.pop("tensors") == ref
+    lines = ["| QAT W4G64, default model | peak RSS MB before training (rank 0) | training loop peak RSS MB (rank 0) | "
+             "largest process peak RSS MB (whole run) | train s | command wall s | last loss | "
+             "saved tensors = loaded whole then sharded |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['load_peak_mb_rank0']:.0f} | {r['train_loop_peak_mb_rank0']:.0f} | "
+              f"{r['peak_rss_mb_largest_process']:.0f} | "
+              f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['last_loss']:.5f} | "
+              f"{'yes' if r['tensors_identical_to_whole_then_sharded'] else 'no'} |" for r in rows]
     Path(args.out + "_shard.json").write_text(json.dumps({"qat_steps": args.qat_steps, "rows": rows}, indent=1))
     Path(args.out + "_shard.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -4,6 +4,7 @@ import torch
 
 import llmquant
 from llmquant import CalibSpec, QuantConfig, QuantScheme
+from llmquant.flows import distributed
 from llmquant.schemes import Plan
 
 VOCAB = 1000
@@ -25,9 +26,12 @@ def calib() -> torch.Tensor:
     return torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(1))
 
 
-def qat_run(ckpt, steps=3, **kw):
-    """A few QAT steps on the tiny model: (losses, trained state)."""
-    m, tok = llmquant.load_model(ckpt)
-    res = llmquant.train_qat(m, None, config="W4G32", tokenizer=tok, steps=steps, batch=2, seq_len=32, lr=1e-3,
-                             progress=False, convert=False, **kw)
+def qat_run(ckpt, steps=3, load_sharded=False, save=None, config="W4G32", **kw):
+    """A few QAT steps on the tiny model: (losses, trained state). ``load_sharded``: loaded with
+    ``shard=True`` (each rank reads its own rows); ``save``: converted and saved there (by the writer)."""
+    m, tok = llmquant.load_model(ckpt, shard=load_sharded)
+    res = llmquant.train_qat(m, None, config=config, tokenizer=tok, steps=steps, batch=2, seq_len=32, lr=1e-3,
+                             progress=False, convert=save is not None, **kw)
+    if save is not None and distributed.is_writer():
+        llmquant.save(m, tok, save)
     return res.losses, {k: v.clone() for k, v in m.state_dict().items()}

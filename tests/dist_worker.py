@@ -76,6 +76,9 @@ def main() -> None:
             torch.save({"losses": losses, "state": state, "resumed": resumed, "resumed_state": rstate},
                        os.path.join(out, "qat_fsdp.pt"))
         return
+    if "--qat-shard-load" in sys.argv:
+        qat_shard_load(ckpt, out)
+        return
     cases = ["gptq"] if kill or "--resume" in sys.argv else list(CASES)
     for name in cases:
         m, _ = llmquant.load_model(ckpt)
@@ -93,6 +96,51 @@ def main() -> None:
         torch.save({"losses": losses, "state": state, "eval": ev, "sens": sens}, os.path.join(out, "qat_eval.pt"))
         with open(os.path.join(out, "done.json"), "w") as f:
             json.dump({"world": distributed.active().world}, f)
+
+
+def qat_shard_load(ckpt, out) -> None:
+    """Sharded QAT (four steps, a checkpoint every two) on the model loaded whole then sharded, and on the
+    model loaded sharded (each rank reading its own rows; what each rank holds after the read recorded;
+    only the writer gathering the trained model: the others' left empty, None), then resumed, loaded
+    sharded, from the latter's step-2 checkpoint."""
+    import shutil
+
+    from torch.distributed.tensor import DTensor
+
+    from llmquant import QuantScheme
+    from llmquant.flows import fsdp, qat_train
+
+    save, fill = qat_train._save, fsdp.fill
+    held = {}
+
+    def keeping(folder, model, opt, done, *a):
+        path = save(folder, model, opt, done, *a)
+        if done == 2 and distributed.is_writer():
+            shutil.copytree(folder, f"{folder}-step2")
+        return path
+
+    def recording(model, teacher, source):  # each parameter's shard right after the read
+        fill(model, teacher, source)
+        for who, m in (("student", model), ("teacher", teacher)):
+            for n, p in m.named_parameters():
+                held[f"{who}.{n}"] = (type(p).__name__, tuple(p.shape), p.to_local().numel() if isinstance(p, DTensor)
+                                      else p.numel(), p.is_meta)
+
+    qat_train._save, fsdp.fill = keeping, recording
+    runs = {}
+    for tag, lazy in (("whole", False), ("sharded", True)):  # loaded sharded: only the writer gathers it whole
+        runs[tag] = qat_run(ckpt, steps=4, load_sharded=lazy, shard=True, checkpoint_dir=os.path.join(out, tag),
+                            checkpoint_every=2, save=os.path.join(out, f"{tag}-out"), keep_whole=not lazy)
+        runs[tag] = runs[tag][0], {k: None if v.is_meta else v for k, v in runs[tag][1].items()}
+    qat_train._save = save
+    distributed.active().check("the copied checkpoint")
+    runs["resumed"] = qat_run(ckpt, steps=4, load_sharded=True, shard=True, resume=True,
+                              checkpoint_dir=os.path.join(out, "sharded-step2"), save=os.path.join(out, "resumed-out"))
+    # frozen asymmetric step sizes (whole on every rank: computed from each linear's weight gathered whole)
+    frozen = dict(steps=2, shard=True, config=QuantScheme(bits=4, group_size=32, symmetric=False), learn_scales=False)
+    runs["frozen-whole"], runs["frozen-sharded"] = (qat_run(ckpt, load_sharded=lazy, **frozen) for lazy in (False, True))
+    torch.save({"runs": runs, "held": held, "rank": distributed.active().rank},
+               os.path.join(out, f"qat_shard_load.{distributed.active().rank}.pt"))
 
 
 # QAT candidates: two steps on the 96 tokens before the windows, each batch of 2 split over the 2 ranks

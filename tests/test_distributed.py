@@ -5,6 +5,7 @@ environment, the c10d rendezvous of two "nodes", and ``--workers``; a rank kille
 with one error naming the rank and the layer, writes nothing, and the run resumes from its checkpoint."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -239,3 +240,44 @@ def test_layer_training_is_refused_in_a_distributed_run(ckpt):
             llmquant.quantize(m, llmquant.QuantConfig(weight="W4G32", method="blockqat"), calib=calib(), progress=False)
     finally:
         distributed._ACTIVE = None
+
+
+def test_qat_loaded_sharded_matches_loaded_whole_and_holds_one_shard_per_rank(ckpt, tmp_path):
+    """Sharded QAT of a model loaded with shard=True (each rank reads only its rows of every tensor from the
+    safetensors file) gives the same losses, trained weights and saved codes, bit for bit, as loading it
+    whole then sharding; after the read each rank holds half of every parameter (student and teacher) and
+    no whole one; only the writer gathers the trained model whole (the other rank's is left empty); the
+    step-2 checkpoint resumes, loaded sharded, to the same end; the tied head stays tied, as in one process."""
+    res = _ranks([str(HERE / "dist_worker.py"), str(ckpt), str(tmp_path), "--qat-shard-load"])
+    for r in res:
+        assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"qat_shard_load.{r}.pt") for r in (0, 1)]
+    for got in ranks:
+        runs = got["runs"]
+        assert runs["sharded"][0] == runs["whole"][0] and len(runs["whole"][0]) == 4
+        assert runs["resumed"][0] == runs["whole"][0]
+        assert runs["frozen-sharded"][0] == runs["frozen-whole"][0]
+        for k, v in runs["frozen-whole"][1].items():
+            assert torch.equal(runs["frozen-sharded"][1][k], v), k
+        for tag in ("sharded", "resumed"):
+            if tag == "sharded" and got["rank"] == 1:  # freed (and not converted): only the writer gathers it whole
+                kept = {k.rsplit(".", 1)[1] for k, v in runs[tag][1].items() if v is not None}
+                assert kept == {"initialized"}, kept  # buffers only: every parameter is empty
+                continue
+            assert runs[tag][1].keys() == runs["whole"][1].keys()
+            for k, v in runs["whole"][1].items():
+                assert torch.equal(runs[tag][1][k], v), (tag, k)
+    assert _tensors(tmp_path / "sharded-out") == _tensors(tmp_path / "whole-out") == _tensors(tmp_path / "resumed-out")
+    qat_run(ckpt, steps=4, save=tmp_path / "one-out")
+    assert _tensors(tmp_path / "one-out").keys() == _tensors(tmp_path / "whole-out").keys()  # the tied head stored once
+    m, _ = llmquant.load_model(ckpt)
+    whole = {n: p.numel() for n, p in m.named_parameters()}
+    for got in ranks:
+        held = got["held"]
+        assert {k.split(".", 1)[1] for k in held if k.startswith("teacher.")} == set(whole)
+        for k, (kind, shape, numel, meta) in held.items():
+            assert kind == "DTensor" and not meta, k  # a shard, read
+            half = -(-shape[0] // 2)  # torch.chunk's halves of the rows: rank 0 the first, rank 1 the rest
+            assert numel == (half if got["rank"] == 0 else shape[0] - half) * math.prod(shape[1:]), k
+        teacher = sum(n for k, (_, _, n, _) in held.items() if k.startswith("teacher."))
+        assert abs(teacher - sum(whole.values()) / 2) <= sum(whole.values()) * 0.01

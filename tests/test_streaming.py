@@ -393,3 +393,69 @@ def test_shard_writer_plain_float_checkpoint_loads(tmp_path):
             assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
     with pytest.raises(CorruptFileError, match="producer: llmquant"):
         llmquant.load_model(tmp_path / "marked")
+
+
+def _rows_equal_whole(path):
+    """Every parameter of ``path`` loaded with shard=True: on the meta device, and any block of its rows
+    read from the file equals those rows of the model loaded whole (the tied head is the embedding)."""
+    whole, _ = llmquant.load_model(path)
+    empty, _ = llmquant.load_model(path, shard=True)
+    assert all(p.is_meta for p in empty.parameters()) and not any(b.is_meta for b in empty.buffers())
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    src, ref = empty.llmquant_row_source, dict(whole.named_parameters())
+    assert [n for n, _ in empty.named_parameters()] == list(ref)
+    for n, p in empty.named_parameters():
+        for start, stop in ((0, (p.shape[0] + 1) // 2), ((p.shape[0] + 1) // 2, p.shape[0]), (1, 2)):
+            got = src.rows(n, start, stop)
+            assert got.dtype == ref[n].dtype and torch.equal(got, ref[n][start:stop]), (n, start, stop)
+
+
+def test_loaded_sharded_reads_rows_of_every_tensor(shards, tmp_path, tiny_bpe_tokenizer, monkeypatch):
+    """load_model(shard=True) reads nothing, and the rows it reads later are the model's: from safetensors
+    shards (bf16 and fp32 files, read as fp32) and from a .gguf file (q/k rows in Hugging Face order)."""
+    _rows_equal_whole(shards)
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    llmquant.export(make_tiny_llama(vocab_size=400, hidden=64, layers=2), tiny_bpe_tokenizer, tmp_path / "m.gguf",
+                    progress=False)
+    _rows_equal_whole(tmp_path / "m.gguf")
+
+
+def test_what_cannot_be_loaded_sharded_is_refused(shards, tmp_path):
+    """A folder llmquant saved (packed codes) or one without safetensors weights cannot be read by rows: a
+    clear error, and the qat CLI loads it whole instead (saying so); a model loaded with shard=True is only
+    trained sharded in a distributed run."""
+    import argparse
+    import logging
+
+    from llmquant.cli.commands import _load_for_qat
+    from llmquant.flows import distributed
+
+    m, tok = llmquant.load_model(shards)
+    llmquant.quantize(m, "W4G32", progress=False)
+    llmquant.save(m, tok, tmp_path / "q")
+    with pytest.raises(UnsupportedError, match="saved by llmquant.*cannot be loaded sharded"):
+        llmquant.load_model(tmp_path / "q", shard=True)
+    (tmp_path / "nosafe").mkdir()
+    (tmp_path / "nosafe" / "config.json").write_text((shards / "config.json").read_text())
+    with pytest.raises(UnsupportedError, match="holds no model.safetensors"):
+        llmquant.load_model(tmp_path / "nosafe", shard=True)
+    empty, _ = llmquant.load_model(shards, shard=True)
+    with pytest.raises(SchemeError, match="loaded with shard=True"):
+        llmquant.train_qat(empty, torch.arange(200) % VOCAB, steps=1, batch=2, seq_len=32, progress=False)
+    distributed._ACTIVE = distributed.Group(0, 2, 5.0, "gloo")  # nothing collective happens in the load
+    try:
+        args = argparse.Namespace(model=str(tmp_path / "q"), shard=True)
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("llmquant").addHandler(handler)
+        try:
+            whole, _ = _load_for_qat(args, None)
+        finally:
+            logging.getLogger("llmquant").removeHandler(handler)
+        assert not any(p.is_meta for p in whole.parameters())
+        assert any("loads it whole" in r.getMessage() for r in records)
+        lazy, _ = _load_for_qat(argparse.Namespace(model=str(shards), shard=True), None)
+        assert all(p.is_meta for p in lazy.parameters())
+    finally:
+        distributed._ACTIVE = None

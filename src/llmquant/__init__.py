@@ -36,7 +36,7 @@ from .runtime import generate
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 
-def load_model(path=None, *, dtype=None, packed=False, stream=False):
+def load_model(path=None, *, dtype=None, packed=False, stream=False, shard=False):
     """``(model, tokenizer)``: the default SmolLM2 model when ``path`` is None, a local Hugging Face folder,
     a local ``.gguf`` file, or a folder saved by :func:`save` (quantized).
 
@@ -44,8 +44,11 @@ def load_model(path=None, *, dtype=None, packed=False, stream=False):
     linears become packed QuantLinear modules holding its own codes and scales, instead of floats.
     ``stream=True`` (a Hugging Face folder with safetensors weights): only the embeddings and the head are
     read now; each decoder layer is read when :func:`quantize` reaches it, so a model larger than memory can
-    be quantized by any method that runs layer by layer (bit-identical to loading it whole)."""
-    return _io.load_model(path, dtype=dtype, packed=packed, stream=stream)
+    be quantized by any method that runs layer by layer (bit-identical to loading it whole).
+    ``shard=True`` (the same sources): no weight is read now, every parameter stays on the meta device; for
+    :func:`train_qat` with ``shard=True`` in a distributed run, whose ranks each read only their own rows
+    of every tensor (the same training as loading it whole, without a whole copy in any process)."""
+    return _io.load_model(path, dtype=dtype, packed=packed, stream=stream, shard=shard)
 
 
 def quantize(model, config="W4G128", *, calib=None, tokenizer=None, progress: bool = True, output=None,

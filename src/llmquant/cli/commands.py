@@ -358,7 +358,7 @@ def cmd_qat(args) -> int:
         from ..flows.qat_checkpoint import load_checkpoint
 
         load_checkpoint(ckpt_dir)
-    model, tok = llmquant.load_model(args.model)
+    model, tok = _load_for_qat(args, plan)
     kw = {k: v for k, v in params.to_dict().items() if k not in ("text", "version")}
     extra = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
     train = dict(checkpoint_dir=ckpt_dir, resume=args.resume, shard=args.shard, **extra)
@@ -369,7 +369,7 @@ def cmd_qat(args) -> int:
         res, s = summary.calibration["qat"], summary.to_dict()
     else:
         r = llmquant.train_qat(model, Path(params.text) if params.text else None, config=cfg, tokenizer=tok,
-                               **train, **kw)
+                               keep_whole=False, **train, **kw)  # sharded: only rank 0, the writer, gathers it
         res, s = r.to_dict(), r.summary
     if not llmquant.flows.distributed.is_writer():  # rank 0 of a distributed run writes and reports
         return 0
@@ -378,11 +378,30 @@ def cmd_qat(args) -> int:
     print(format_table([{
         "scheme": f"plan ({len(plan.rules)} rules)" if plan else scheme.name, "steps": res["steps"],
         "first loss": losses[0] if losses else float("nan"), "last loss": losses[-1] if losses else float("nan"),
-        "minutes": res["seconds"] / 60, "tokens/s": res["tokens_per_s"], "train peak MB": res["peak_rss_mb"],
+        "minutes": res["seconds"] / 60, "tokens/s": res["tokens_per_s"], "load peak MB": res.get("setup_peak_rss_mb", 0.0),
+        "train peak MB": res["peak_rss_mb"],
         "bits/w": s["bits_per_weight"], "packed MB": s["packed_bytes"] / 1e6,
     }]))
     print(f"saved to {args.output} (checkpoint: {ckpt_dir})")
     return 0
+
+
+def _load_for_qat(args, plan):
+    """The model for ``qat``: with --shard in a distributed run, no weight read now (each rank reads only its
+    own rows once the model is sharded); a source that cannot be read that way, or a plan, loads whole."""
+    import llmquant
+    from ..errors import UnsupportedError
+
+    if not (args.shard and llmquant.flows.distributed.active() is not None):
+        return llmquant.load_model(args.model)
+    if plan is not None:
+        log.warning("--shard with --plan: each process loads the whole model before it is sharded")
+        return llmquant.load_model(args.model)
+    try:
+        return llmquant.load_model(args.model, shard=True)
+    except UnsupportedError as e:
+        log.warning("%s; each process loads it whole before it is sharded", str(e).split("; load it whole")[0])
+        return llmquant.load_model(args.model)
 
 
 def add_qat_parser(sub) -> None:
@@ -411,7 +430,8 @@ def add_qat_parser(sub) -> None:
     t.add_argument("--checkpoint-every", type=A.positive_int, help="steps between checkpoints (default 50)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     t.add_argument("--shard", action="store_true", help="with torchrun / --workers: shard the model, gradients and "
-                   "optimizer state over the processes (FSDP2) instead of a whole copy in each (DDP)")
+                   "optimizer state over the processes (FSDP2) instead of a whole copy in each (DDP); each process "
+                   "reads only its own rows of the weights (a safetensors folder or a .gguf file)")
     t.add_argument("-o", "--output", required=True, help="output folder (loadable with llmquant.load)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     from . import _add_dist_args

@@ -82,6 +82,9 @@ def prepare_qat(
         if isinstance(lin, QuantLinear):  # a PTQ result (e.g. GPTQ) as the starting point
             fq = _from_quant_linear(lin, **opts)
         elif init_fn is not None:
+            if lin.weight.is_meta:
+                raise SchemeError(f"QAT init {init!r} needs {name}'s whole weight, which is not loaded (a model loaded "
+                                  "with shard=True): use init='mse' or 'rtn', or load the model whole")
             q, scale, zero = init_fn(lin.weight.detach(), cfg.weight, name)
             with torch.no_grad():
                 start = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=lin.weight.device)

@@ -123,8 +123,11 @@ def check_settings(saved: dict, now: dict, path) -> None:
 
 
 def restore(model: nn.Module, ck: dict) -> None:
-    """Put the checkpoint's QAT tensors into ``model`` (prepared the same way)."""
-    mine = qat_state(model)
+    """Put the checkpoint's QAT tensors into ``model`` (prepared the same way; sharded with FSDP2 or not:
+    a shard gets its own rows)."""
+    from .fsdp import copy_rows
+
+    mine = qat_state_names(model)
     saved = ck["model"]
     if set(mine) != set(saved):
         missing, extra = sorted(set(mine) - set(saved))[:3], sorted(set(saved) - set(mine))[:3]
@@ -137,4 +140,4 @@ def restore(model: nn.Module, ck: dict) -> None:
             cur = getattr(owner, attr)
             if cur.shape != t.shape:
                 raise CheckpointError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, the model {tuple(cur.shape)}")
-            cur.copy_(t.to(cur.device))
+            copy_rows(cur, t.to(cur.device))

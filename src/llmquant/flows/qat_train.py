@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from ..data import token_windows, windows as cut_windows
 from ..errors import CheckpointError, SchemeError, TrainingDivergedError
-from ..resources import PeakMemory, trim_memory
+from ..resources import PeakMemory, peak_rss_mb, trim_memory
 from ..modules.fake_quant import FakeQuantLinear
 from ..schemes import QATParams, resolve_config
-from . import distributed, qat_checkpoint as ckpt
+from . import distributed, fsdp as F2, qat_checkpoint as ckpt
 from .qat import convert_qat, has_fake_quant, prepare_qat
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class QATResult:
     trainable_params: int
     stopped_by_time: bool = False
     peak_rss_mb: float = 0.0  # peak resident memory of the training loop, MB (see llmquant.resources)
+    setup_peak_rss_mb: float = 0.0  # the process's peak before the training loop (loading, preparing, sharding), MB
     checkpoint: str | None = None
     summary: dict | None = field(default=None)  # convert_qat's QuantSummary.to_dict() when converted
 
@@ -164,6 +165,7 @@ def train_qat(
     seed: int = 0,
     convert: bool = True,
     shard: bool = False,
+    keep_whole: bool = True,
     progress: bool = True,
 ) -> QATResult:
     """Fine-tune ``model`` under fake quantization; by default convert it to packed modules at the end.
@@ -180,6 +182,12 @@ def train_qat(
     (``fully_shard`` per decoder layer, then the whole model): each rank holds 1/N of the weights,
     gradients and optimizer state between layers instead of a whole copy (DistributedDataParallel);
     checkpoints hold the full state either way, so any number of ranks resumes them. One process: ignored.
+    A model from ``load_model(..., shard=True)`` (no weights read yet) is sharded as it is and each rank
+    reads only its own rows of every tensor: no process holds the whole model while loading (the same
+    training as loading it whole, bit for bit); it needs ``shard=True`` in a distributed run.
+    ``keep_whole=False`` (sharded): only rank 0 (the writer) gets the whole trained model back (and converts
+    it); the other ranks free their shards and are left with the model on the meta device, so no rank but
+    the writer ever holds it whole.
     """
     if loss not in LOSSES:
         raise SchemeError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -191,11 +199,18 @@ def train_qat(
     warmup = min(10, steps // 10) if warmup is None else warmup
     windows = _windows(model, text, tokenizer, seq_len, steps * batch * grad_accum)
 
+    group = distributed.active()
+    fsdp = shard and group is not None
+    rows = getattr(model, "llmquant_row_source", None)  # load_model(shard=True): the weights are still in the file
+    if rows is not None and not fsdp:
+        raise SchemeError("the model was loaded with shard=True (its weights are still in the file): train it with "
+                          "shard=True in a distributed run (torchrun / --workers), or load it whole")
     prepared = has_fake_quant(model)
-    if loss == "kl" and teacher is None:
+    own_teacher = loss == "kl" and teacher is None  # made here: dropped after training, never gathered whole
+    if own_teacher:
         if prepared:
             raise SchemeError("the model is already prepared for QAT: pass teacher= (the unquantized model) for loss='kl'")
-        teacher = copy.deepcopy(model)
+        teacher = copy.deepcopy(model, {id(rows): rows})  # the row source is shared, not copied
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     if not prepared:
@@ -218,25 +233,34 @@ def train_qat(
         "lora_alpha": qat.get("lora_alpha", lora_alpha), "seed": seed,
         "steps": steps, "lr": lr, "lr_qparams": lr_qparams, "weight_decay": weight_decay,
     }
-    group = distributed.active()
-    fsdp = shard and group is not None
     groups, n_train = _param_groups(model, lr, lr_qparams, weight_decay)
     ck = None
     if resume:
         ck = ckpt.load_checkpoint(checkpoint_dir)
         ckpt.check_settings(ck["settings"], settings, checkpoint_dir)
-        ckpt.restore(model, ck)
+        if rows is None:
+            ckpt.restore(model, ck)
     if fsdp:  # the optimizer is made on the sharded parameters
-        _shard(model, group)
+        F2.shard(model, group)
         if teacher is not None:
-            _shard(teacher, group)
+            F2.shard(teacher, group)
+        if rows is not None:  # each rank reads its own rows of every tensor, then the step sizes of its rows
+            F2.fill(model, teacher, rows)
+            with group._guard("the initial step sizes"):  # a per-tensor one gathers its weight whole
+                F2.init_qparams(model)
+            for m in (model, teacher):
+                if m is not None and hasattr(m, "llmquant_row_source"):
+                    del m.llmquant_row_source
+            rows = None  # the file's mapping (GGUF) goes with it
+            if ck is not None:
+                ckpt.restore(model, ck)
         trim_memory()  # the whole weights the shards replaced go back to the system
         groups, n_train = _param_groups(model, lr, lr_qparams, weight_decay)
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     start, history = 0, {"losses": []}
     if ck is not None:
         if fsdp:
-            _load_full_optimizer(model, opt, ck["optimizer"])
+            F2.load_full_optimizer(model, opt, ck["optimizer"])
         else:
             opt.load_state_dict(ck["optimizer"])
         for g, base in zip(opt.param_groups, (lr, lr_qparams)):  # the learning rates asked for now
@@ -265,6 +289,7 @@ def train_qat(
     last_saved = ckpt.checkpoint_path(checkpoint_dir) if (checkpoint_dir and resume) else None
     bar = tqdm(total=steps, initial=start, desc=f"qat ({settings['config']['weight'].get('bits')}-bit, {loss})",
                disable=not progress)
+    setup_peak = peak_rss_mb()
     with PeakMemory() as mem:
         try:
             for step in range(start, steps):
@@ -333,19 +358,24 @@ def train_qat(
             if gradient_checkpointing:
                 _checkpointing_methods(model)[1]()
             model.eval()
-    if fsdp:  # whole weights again on every rank: converted and saved as from one process
-        _unshard(model)
-        if teacher is not None:
-            _unshard(teacher)
+    if own_teacher:
+        teacher = None  # its shards (or its copy) go now
+    whole_here = not fsdp or keep_whole or group.rank == 0
+    if fsdp:  # whole weights again (on rank 0 alone, keep_whole=False): converted and saved as from one process
+        trim_memory()  # first the training loop's freed activations go back to the system
+        F2.unshard(model, keep=whole_here)
+        if teacher is not None:  # the caller's teacher, given back whole
+            F2.unshard(teacher)
     seconds = time.perf_counter() - t0
     res = QATResult(
         steps=len(losses), start_step=start, losses=losses, seconds=seconds, tokens=tokens,
         trainable_params=n_train, stopped_by_time=stopped_by_time, peak_rss_mb=mem.peak_mb,
+        setup_peak_rss_mb=setup_peak,
         checkpoint=None if last_saved is None else str(last_saved),
     )
     log.info("QAT: %d steps, loss %.4f -> %.4f, %.0f s, %.0f tokens/s", res.steps,
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), seconds, res.tokens_per_s)
-    if convert:
+    if convert and whole_here:
         res.summary = convert_qat(model, progress=progress).to_dict()
     return res
 
@@ -359,89 +389,11 @@ def _ddp(model: nn.Module, group):
                                    process_group=group.pg)
 
 
-def _mesh(group):
-    from torch.distributed.device_mesh import DeviceMesh
-    import torch.distributed as dist
-
-    cuda = group.backend == "nccl"
-    return DeviceMesh.from_group(dist.group.WORLD if cuda or group.pg is None else group.pg, "cuda" if cuda else "cpu")
-
-
-def _shard(model: nn.Module, group) -> None:
-    """FSDP2 on ``model`` in place: each decoder layer its own unit (gathered for its forward and backward
-    only), then the rest (embeddings, norms, head) as the root's."""
-    from torch.distributed.fsdp import fully_shard
-
-    from ..models import arch_for
-
-    mesh = _mesh(group)
-    arch = arch_for(model)
-    layers = model.get_submodule(arch.layers) if arch is not None else []
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def _unshard(model: nn.Module) -> None:
-    """Undo :func:`_shard`: every parameter gathered whole (a collective: every rank calls it), the FSDP
-    hooks removed and the modules' own classes back, so the model converts, saves and runs as one process's."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
-    for mod in model.modules():
-        if isinstance(mod, FSDPModule):
-            state = mod._get_fsdp_state()
-            for h in (state._pre_forward_hook_handle, state._post_forward_hook_handle):
-                h.remove()
-            mod.__class__ = next(c for c in mod.__class__.__bases__ if c is not FSDPModule)
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if isinstance(p, DTensor):
-                mod._parameters[name] = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
-def _full_optimizer(model: nn.Module, opt) -> dict:
-    """The sharded optimizer's whole state in ``opt.state_dict()``'s own form (parameters numbered in
-    group order), so a one-process run loads it as it is. A collective; rank 0 gets it, the others {}."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:
-        return {}
-    names = _param_names(model)
-    order = {names[id(p)]: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    return {"state": {order[k]: v for k, v in full["state"].items()},
-            "param_groups": [{**g, "params": [order[n] for n in g["params"]]} for g in full["param_groups"]]}
-
-
-def _load_full_optimizer(model: nn.Module, opt, saved: dict) -> None:
-    """Load an ``opt.state_dict()``-form state (a checkpoint of any number of ranks) into a sharded optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = _param_names(model)
-    by_index = [names[id(p)] for g in opt.param_groups for p in g["params"]]
-    full = {"state": {by_index[int(k)]: v for k, v in saved["state"].items()},
-            "param_groups": [{**g, "params": [by_index[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
-    set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
-
-
-def _full_qat_state(model: nn.Module) -> dict:
-    """:func:`qat_checkpoint.qat_state` of a sharded model, gathered whole (a collective; rank 0 gets it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    wanted = set(ckpt.qat_state_names(model))
-    return {k: v for k, v in full.items() if k in wanted}
-
-
 def _save(folder, model, opt, done: int, settings: dict, losses: list, group, fsdp: bool = False):
     """A checkpoint at step ``done`` (written by rank 0; the others wait for it, so a resume finds it). A
     sharded run gathers the whole state first (every rank takes part), so the file is the same either way."""
     path = None
-    states = (_full_qat_state(model), _full_optimizer(model, opt)) if fsdp else (None, None)
+    states = (F2.full_qat_state(model), F2.full_optimizer(model, opt)) if fsdp else (None, None)
     if group is None or group.rank == 0:
         path = ckpt.save_checkpoint(folder, model, opt, done, settings, {"losses": losses},
                                     model_state=states[0], optimizer_state=states[1])

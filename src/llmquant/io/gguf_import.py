@@ -179,8 +179,13 @@ class GGUFCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return {n: self.tensor(n, dtype) for n in names}
+    def read(self, names: list[str], dtype: torch.dtype | None = None,
+             rows: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors; ``rows`` (``{name: (start, stop)}``): only those rows are kept, the tensor
+        being dequantized whole first (one at a time: GGUF's q/k rows are stored in another order)."""
+        rows = rows or {}
+        return {n: self.tensor(n, dtype)[slice(*rows[n])].clone() if n in rows else self.tensor(n, dtype)
+                for n in names}
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         from gguf.quants import dequantize

@@ -9,6 +9,12 @@ embeddings/head, and one float layer at a time. Tensors are read memory-mapped (
 stored dtype and converted to the compute dtype (fp32 by default) layer by layer, never the whole model.
 A ``.gguf`` file streams the same way through :class:`~llmquant.io.gguf_import.GGUFCheckpoint` (each tensor
 dequantized from the memory-mapped file when read; the embedding, block-quantized, is dequantized at load).
+
+``load_streaming(folder, empty=True)`` reads no weight at all: every parameter stays on the meta device and
+``model.llmquant_row_source`` (a :class:`RowSource`) reads any rows of any of them later. A sharded QAT run
+(``train_qat(shard=True)``) builds its shards on that skeleton and fills each rank's rows from the file, so
+no rank holds the whole model (safetensors: only the rows' bytes are read; GGUF: one tensor at a time is
+dequantized whole, its rows kept).
 """
 
 from __future__ import annotations
@@ -79,13 +85,16 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], dtype: torch.dtype | None = None,
+             rows: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
         """The named tensors, each in its own memory, floats in ``dtype``. Read with plain file reads, one
         tensor at a time (no mapping that would keep the pages resident): the transient memory is the
-        largest tensor in its stored and its compute dtype."""
+        largest tensor in its stored and its compute dtype. ``rows``: ``{name: (start, stop)}`` reads only
+        those rows (first dimension) of the named tensors: their bytes, nothing else of the tensor."""
         missing = [n for n in names if n not in self.where]
         if missing:
             raise CorruptFileError(f"the checkpoint in {self.folder} has no tensor {missing[0]!r}")
+        rows = rows or {}
         out: dict[str, torch.Tensor] = {}
         for f in sorted({self.where[n] for n in names}):
             slices = self._slices(f)
@@ -97,12 +106,20 @@ class SafetensorsCheckpoint:
                     if sl.dtype not in TORCH_DTYPES:
                         raise CorruptFileError(f"{self.folder / f}: tensor {n!r} has dtype {sl.dtype}, which llmquant "
                                                "cannot read")
-                    buf = bytearray(sl.nbytes)
-                    fh.seek(sl.offset)
-                    if fh.readinto(buf) != sl.nbytes:
+                    offset, nbytes, shape = sl.offset, sl.nbytes, sl.shape
+                    if n in rows:
+                        start, stop = rows[n]
+                        if not shape or not 0 <= start <= stop <= shape[0]:
+                            raise CorruptFileError(f"{self.folder / f}: tensor {n!r} of shape {shape} has no rows "
+                                                   f"{start}:{stop}")
+                        row = nbytes // shape[0] if shape[0] else 0
+                        offset, nbytes, shape = offset + start * row, (stop - start) * row, (stop - start, *shape[1:])
+                    buf = bytearray(nbytes)
+                    fh.seek(offset)
+                    if fh.readinto(buf) != nbytes:
                         raise CorruptFileError(f"{self.folder / f} ends inside tensor {n!r}: the shard is truncated")
-                    t = (torch.frombuffer(buf, dtype=TORCH_DTYPES[sl.dtype]) if sl.nbytes
-                         else torch.empty(0, dtype=TORCH_DTYPES[sl.dtype])).reshape(sl.shape)
+                    t = (torch.frombuffer(buf, dtype=TORCH_DTYPES[sl.dtype]) if nbytes
+                         else torch.empty(0, dtype=TORCH_DTYPES[sl.dtype])).reshape(shape)
                     del buf
                     out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
@@ -221,19 +238,52 @@ def _map_embeddings(model: nn.Module, ckpt: SafetensorsCheckpoint, dtype: torch.
     return out
 
 
+class RowSource:
+    """Where the weights of a model loaded with ``load_streaming(empty=True)`` are: every parameter stays in
+    the checkpoint (on the meta device in the model) until a sharded run asks for its rows -- each rank
+    reads only the rows of its own shard (:func:`llmquant.train_qat` with ``shard=True``). A tied head
+    reads the embedding's tensor."""
+
+    def __init__(self, ckpt, dtype: torch.dtype, aliases: dict[str, str]) -> None:
+        self.ckpt, self.dtype, self.aliases = ckpt, dtype, aliases
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of parameter ``name``, in the model's dtype."""
+        key = self.aliases.get(name, name)
+        return self.ckpt.read([key], self.dtype, rows={key: (start, stop)})[key]
+
+
+def _row_source(model: nn.Module, ckpt, dtype: torch.dtype) -> RowSource:
+    """The model's :class:`RowSource`, every parameter checked to be in the checkpoint."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    aliases = {}
+    if head is not None and emb is not None and id(head) in names and id(emb) in names:
+        h, e = f"{names[id(head)]}.weight", f"{names[id(emb)]}.weight"
+        if h not in ckpt and (head.weight is emb.weight or getattr(model.config, "tie_word_embeddings", False)):
+            aliases[h] = e  # tied: stored once, under the embedding's name
+    missing = [n for n, _ in model.named_parameters() if aliases.get(n, n) not in ckpt]
+    if missing:
+        raise CorruptFileError(f"the checkpoint in {ckpt.folder} has no tensor {missing[0]!r} (and {len(missing) - 1} "
+                               "more the model's config needs): it is incomplete or not this config's")
+    return RowSource(ckpt, dtype, aliases)
+
+
 def is_streamed(model: nn.Module) -> bool:
     """True while some of ``model``'s weights are still to be read from its checkpoint."""
     return getattr(model, "llmquant_layer_source", None) is not None
 
 
-def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, empty: bool = False):
     """``(model, tokenizer)`` with the decoder layers left in the checkpoint until the pipeline reads them.
 
     Quantize it with :func:`llmquant.quantize` (any method that runs layer by layer: rtn, gptq, awq,
     static, smoothquant, dynamic, plans); the result is bit-identical to quantizing the model loaded whole.
+    ``empty=True``: no weight is read at all (every parameter on the meta device, a :class:`RowSource` as
+    ``model.llmquant_row_source``), for a sharded QAT run whose ranks each read their own rows.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .hf import _offline_env, default_model_file
 
@@ -267,6 +317,12 @@ def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     if layers_path is None:
         raise ModelNotFoundError(f"streaming needs to know where {type(model).__name__}'s decoder layers are: add "
                                  "its family to llmquant.models.arch")
+    if empty:
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()  # the skeleton's head is the embedding's parameter, as a whole load's is
+        model.eval()
+        model.llmquant_row_source = _row_source(model, ckpt, dtype)
+        return _finish(model, folder, p, gguf)
     skip = (layers_path,)  # read by the pipeline, layer by layer
     if gguf is None:
         passthrough = _map_embeddings(model, ckpt, dtype)
@@ -281,6 +337,13 @@ def load_streaming(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     model.llmquant_passthrough = passthrough
     model.eval()
     model.llmquant_layer_source = SafetensorsLayerSource(ckpt, dtype)
+    return _finish(model, folder, p, gguf)
+
+
+def _finish(model: nn.Module, folder, p: Path, gguf: Path | None):
+    """The streamed (or empty) model's source and tokenizer: ``(model, tokenizer)``."""
+    from transformers import AutoTokenizer
+
     model.llmquant_source = "default" if folder is None else str(p.resolve())
     if gguf is not None:
         from .hf import gguf_tokenizer

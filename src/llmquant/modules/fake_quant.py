@@ -137,6 +137,7 @@ class FakeQuantizer(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.learn = learn
+        self.observer = "minmax"  # what init_from uses when given a tensor (from_linear records its choice)
         self.g = 1.0 / math.sqrt(max(n_per_scale, 1) * max(scheme.qmax, 1))
         scale = torch.ones(shape)
         zero = None if scheme.symmetric else torch.zeros(shape)
@@ -157,14 +158,20 @@ class FakeQuantizer(nn.Module):
         """Set the qparams from ``x`` by an observer (``minmax``: RTN's; ``mse``: :func:`mse_qparams`) or
         from given ``scale`` / ``zero`` (e.g. GPTQ's)."""
         if scale is None:
-            if observer == "mse":
-                scale, zero = mse_qparams(x, self.scheme)
-            else:
-                scale, zero = compute_qparams(x.detach(), self.scheme)
+            self.observer = observer
+            scale, zero = self.qparams_of(x, observer)
         self.scale.copy_(scale.float().reshape(self.scale.shape))
         if self.zero is not None:
             self.zero.copy_(zero.float().reshape(self.zero.shape))
         self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def qparams_of(self, x: torch.Tensor, observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (scale, zero) the ``observer`` gives for ``x`` (``minmax``: RTN's; ``mse``: :func:`mse_qparams`);
+        per row or group, a block of ``x``'s rows gets those rows' qparams."""
+        if observer == "mse":
+            return mse_qparams(x, self.scheme)
+        return compute_qparams(x.detach(), self.scheme)
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The qparams as the forward uses (and the packed module will store) them: the step kept positive
@@ -231,12 +238,13 @@ class FakeQuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, *, bias: bool = False,
                  activation_scheme: QuantScheme | None = None, learn_scales: bool = True,
-                 lora_rank: int = 0, lora_alpha: float | None = None) -> None:
+                 lora_rank: int = 0, lora_alpha: float | None = None, device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.activation_scheme = scheme, activation_scheme
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # device: where the float weight and bias are made ("meta": filled later, e.g. each rank's shard)
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         rows = 1 if scheme.granularity == "tensor" else out_features
         per = {"tensor": out_features * in_features, "group": min(scheme.group_size or in_features, in_features)}.get(
             scheme.granularity, in_features)
@@ -258,10 +266,15 @@ class FakeQuantLinear(nn.Module):
                     init_qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                     observer: str = "minmax") -> "FakeQuantLinear":
         """Wrap ``lin``'s weight; qparams from the ``observer`` (``minmax``: RTN's, or ``mse``) on it, or
-        ``init_qparams`` = (scale, zero)."""
+        ``init_qparams`` = (scale, zero). A weight on the meta device stays there, the qparams unset
+        (``weight_quantizer.initialized`` False) until the weight is filled and they are set from it."""
+        meta = lin.weight.is_meta
         m = cls(lin.in_features, lin.out_features, scheme, bias=lin.bias is not None,
                 activation_scheme=activation_scheme, learn_scales=learn_scales, lora_rank=lora_rank,
-                lora_alpha=lora_alpha)
+                lora_alpha=lora_alpha, device="meta" if meta else None)
+        if meta:
+            m.weight_quantizer.observer = observer
+            return m
         m.to(lin.weight.device)
         with torch.no_grad():
             m.weight.copy_(lin.weight.float())
