@@ -7,7 +7,8 @@ import sys
 
 from . import args as A
 from .quantize import cmd_quantize
-from .commands import _add_generation_args, _add_sens_args, add_imatrix_parser, add_qat_parser, cmd_chat, cmd_compare, cmd_demo, cmd_eval, cmd_export, cmd_generate, cmd_inspect, cmd_plan, cmd_sensitivity
+from .commands import _add_sens_args, add_imatrix_parser, add_qat_parser, cmd_compare, cmd_demo, cmd_eval, cmd_export, cmd_inspect, cmd_plan, cmd_sensitivity
+from .generation import _add_generation_args, cmd_chat, cmd_generate
 
 log = logging.getLogger("llmquant")
 
@@ -155,7 +156,7 @@ def build_parser() -> A.Parser:
     _add_generation_args(g)
     g.add_argument("--prompt", action="append", type=A.nonempty("the prompt"),
                    help="the text to continue; repeat it to generate for several prompts as one batch")
-    g.add_argument("--prompts-file", 
+    g.add_argument("--prompts-file",
                    help="a text file, one prompt per line (blank lines skipped), generated as one batch")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end (always, for several prompts)")
     g.set_defaults(func=cmd_generate)

@@ -255,6 +255,16 @@ class LeanModel:
         end = start + t
         if end > cache.max_len:
             raise ValueError(f"cache holds {cache.max_len} positions, {end} needed")
+        # the compiled step takes positions and key mask as they are: the Python step's tables below are not made
+        if t == 1 and b < _compiled.MAX_BATCH and cache.k.dtype == torch.float32 \
+                and not torch.is_autocast_enabled(self.device.type):
+            step = self.compiled_step()
+            if step is not None:
+                logits = step.step(self._lookup(ids), cache.k, cache.v, self._cos, self._sin, start,
+                                   None if positions is None else positions.reshape(b),
+                                   key_mask)
+                cache.length = end
+                return logits
         if positions is None:
             cos, sin = self._cos[start:end], self._sin[start:end]  # (T, hd), broadcast over batch and heads
         else:
@@ -269,15 +279,6 @@ class LeanModel:
             mask, causal_flag = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(start), False
         else:
             mask, causal_flag = None, t > 1
-        if t == 1 and b < _compiled.MAX_BATCH and cache.k.dtype == torch.float32 \
-                and not torch.is_autocast_enabled(self.device.type):
-            step = self.compiled_step()
-            if step is not None:
-                logits = step.step(self._lookup(ids), cache.k, cache.v, self._cos, self._sin, start,
-                                   None if positions is None else positions.reshape(b),
-                                   key_mask)
-                cache.length = end
-                return logits
         h = self._lookup(ids)
         nh, nkv, hd, eps = self.n_heads, self.n_kv, self.head_dim, self.eps
         kc, vc = cache.k, cache.v
